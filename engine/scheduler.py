@@ -1,0 +1,254 @@
+"""Continuous batching: ``schedule()`` returns a plan, the runner executes it, and
+``update_from_output()`` applies the sampled tokens.
+
+Every step fills a token budget: running requests first (decodes and unfinished prefill
+chunks, in admission order), then waiting requests (FCFS or priority), whose prompts are
+chunked to fit when chunked prefill is on. When a running request cannot get a block, the
+latest-admitted (or lowest-priority) running request is preempted: its blocks are freed and
+it is recomputed later (its full blocks usually come back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # computed this step, from request.num_computed_tokens on
+    sample: bool  # the step reaches the request's last known token: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    # (request, index into ``scheduled`` whose last-token logits it samples from). An n > 1
+    # child samples its first token from its parent's row.
+    sample_rows: list[tuple[Request, int]]
+    block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the forward pass
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class SchedulerStats:
+    num_prompt_tokens: int = 0  # prompt tokens of requests admitted for the first time
+    num_cached_tokens: int = 0  # of those, served from the prefix cache
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._pending_copies: list[tuple[int, int]] = []
+
+    # ---- queue management ---------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        for child in request.children:
+            self.requests[child.request_id] = child
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request wherever it is; its blocks are freed. Unknown ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, FinishReason.ABORT)
+        return request
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Finish a request for a reason found above the scheduler (a stop string)."""
+        self._finish(request, reason)
+
+    # ---- planning ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        bm = self.block_manager
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget and not cfg.enable_chunked_prefill and request.num_computed_tokens == 0:
+                i += 1
+                continue
+            num_new = min(num_new, budget)
+            while bm.allocate(request.request_id, request.num_computed_tokens + num_new) is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1
+                self.running.remove(victim)
+                for k, s in enumerate(scheduled):
+                    if s.request is victim:
+                        budget += s.num_new_tokens
+                        del scheduled[k]
+                        break
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
+                budget -= num_new
+                i += 1
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                request = self._next_waiting()
+                cached = bm.match_prefix(request.token_ids)
+                num_cached = len(cached) * bm.block_size
+                num_new = request.num_tokens - num_cached
+                if num_new > budget:
+                    if not cfg.enable_chunked_prefill:
+                        break
+                    num_new = budget
+                if bm.allocate(request.request_id, num_cached + num_new, cached) is None:
+                    break
+                self.waiting.remove(request)
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens = num_cached
+                    self.stats.num_prompt_tokens += request.num_prompt_tokens
+                    self.stats.num_cached_tokens += num_cached
+                request.num_computed_tokens = num_cached
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
+                budget -= num_new
+
+        sample_rows: list[tuple[Request, int]] = []
+        for k, s in enumerate(scheduled):
+            if s.sample:
+                sample_rows.append((s.request, k))
+                if s.request.num_output_tokens == 0:
+                    sample_rows.extend((child, k) for child in s.request.children)
+        copies, self._pending_copies = self._pending_copies, []
+        return SchedulerOutput(scheduled, sample_rows, copies, preempted)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
+        """Advance every scheduled request; append sampled tokens. Returns the requests that
+        got a new token (finished ones included, with ``finish_reason`` set)."""
+        bm = self.block_manager
+        updated: list[Request] = []
+        for s in output.scheduled:
+            request = s.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            bm.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+        for request, _ in output.sample_rows:
+            if request.is_finished:
+                continue
+            token = sampled[request.request_id]
+            if request.parent is not None and request.status is RequestStatus.WAITING:
+                if not self._fork(request):
+                    continue  # no block for its private tail: it was queued to prefill by itself
+            request.append_token(token.token_id)
+            if token.logprob is not None:
+                request.logprobs.append(token.logprob)
+            reason = request.check_stop_token()
+            if reason is not None:
+                self._finish(request, reason)
+            updated.append(request)
+        for s in output.scheduled:
+            if s.sample:
+                s.request.children = []  # forked, or queued to prefill alone
+        return updated
+
+    # ---- internals -----------------------------------------------------------------------
+    def _samples(self, request: Request, num_new: int) -> bool:
+        return request.num_computed_tokens + num_new == request.num_tokens
+
+    def _next_waiting(self) -> Request:
+        if self.config.policy == "priority":
+            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        return self.waiting[0]
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _fork(self, child: Request) -> bool:
+        """Share the parent's prompt blocks with an n > 1 child that sampled from its row."""
+        parent = child.parent
+        assert parent is not None
+        copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_prompt_tokens)
+        if copies is None:
+            # Out of blocks: the child prefills by itself later (its prefix is cached).
+            child.parent = None
+            self.waiting.append(child)
+            return False
+        self._pending_copies.extend(copies)
+        child.parent = None
+        child.num_computed_tokens = parent.num_prompt_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+        return True
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
+        if reason is FinishReason.ABORT:
+            for child in request.children:
+                if child.status is RequestStatus.WAITING:
+                    self._finish(child, reason)
+        elif request.children and request.num_output_tokens == 0:
+            # Parent done before forking (cannot happen today); let children prefill alone.
+            for child in request.children:
+                child.parent = None
+                self.waiting.append(child)
+        request.children = []
