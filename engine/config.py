@@ -112,6 +112,10 @@ class ModelArch:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // num_heads
+        # transformers >= 5 writes rope_theta and the scaling together as ``rope_parameters``.
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = cfg.get("rope_scaling") or rope
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -124,8 +128,8 @@ class ModelArch:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=RopeScaling.from_hf(cfg.get("rope_scaling")),
+            rope_theta=float(rope_theta),
+            rope_scaling=RopeScaling.from_hf(rope_scaling),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
@@ -223,6 +227,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -73,6 +73,9 @@ class LLMEngine:
                                           config.cache.enable_prefix_caching)
         # A lone request must always fit in the cache, so the context is capped by it too.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.cache.block_size)
+        if not config.scheduler.enable_chunked_prefill:
+            # Unchunked, a prompt (or a preempted sequence's recompute) must fit one step's budget.
+            self.max_model_len = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.eos_token_ids = tuple(dict.fromkeys((*eos, *self.arch.eos_token_ids)))

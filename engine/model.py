@@ -107,8 +107,12 @@ class DecoderLayer(nn.Module):
         v = v.view(t, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        o = attn.forward(q, k, v, kv[:, self.layer_idx], meta, self.scale)
+        fused = getattr(attn, "forward_with_rotary", None)  # rotary fused with the cache write
+        if fused is not None:
+            o = fused(q, k, v, *cos_sin, kv[:, self.layer_idx], meta, self.scale)
+        else:
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            o = attn.forward(q, k, v, kv[:, self.layer_idx], meta, self.scale)
         x = x + self.o_proj(o.reshape(t, a.q_size))
         gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)

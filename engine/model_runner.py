@@ -7,6 +7,7 @@ import torch
 
 from engine.attention import AttentionMetadata, make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
+from engine.cuda_graphs import capture_decode_graphs
 from engine.loader import TORCH_DTYPES, build_model
 from engine.request import Request
 from engine.sampler import Sampler
@@ -30,6 +31,8 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, config.scheduler.max_num_seqs,
+                                            max_model_len, self.block_size, config.enforce_eager, progress)
 
     @property
     def bytes_per_block(self) -> int:
@@ -49,7 +52,10 @@ class ModelRunner:
         order = sorted(range(len(output.scheduled)), key=lambda k: output.scheduled[k].num_new_tokens != 1)
         batch = [output.scheduled[k] for k in order]
         input_ids, positions, meta, last_index = self._prepare(batch, block_tables)
-        hidden = self.model(input_ids, positions, self.kv, meta, self.attn)
+        if self.graphs is not None and self.graphs.covers(meta):
+            hidden = self.graphs.forward(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv, meta, self.attn)
         if not output.sample_rows:
             return {}
         where = {k: pos for pos, k in enumerate(order)}

@@ -172,13 +172,18 @@ class Scheduler:
                 continue
             request.num_computed_tokens += s.num_new_tokens
             bm.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+        # Fork n > 1 children before any token is appended: their parent may finish on this
+        # very token (max_tokens=1, EOS) and free the blocks they share.
+        to_update: list[Request] = []
         for request, _ in output.sample_rows:
             if request.is_finished:
                 continue
-            token = sampled[request.request_id]
             if request.parent is not None and request.status is RequestStatus.WAITING:
                 if not self._fork(request):
                     continue  # no block for its private tail: it was queued to prefill by itself
+            to_update.append(request)
+        for request in to_update:
+            token = sampled[request.request_id]
             request.append_token(token.token_id)
             if token.logprob is not None:
                 request.logprobs.append(token.logprob)

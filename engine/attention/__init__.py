@@ -48,7 +48,13 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes the new tokens' K/V into the paged cache and returns their attention output."""
+    """Writes the new tokens' K/V into the paged cache and returns their attention output.
+
+    A backend may also offer ``forward_with_rotary(q, k, v, cos, sin, kv_layer, meta, scale)``,
+    taking q and k before rotary (``cos``/``sin``: ``[T, 1, head_dim]``) and applying it itself,
+    fused with the cache write; the model calls it where it exists. A backend whose launches
+    read no host-side lengths but those in ``meta`` sets ``supports_cuda_graphs = True``.
+    """
 
     def forward(
         self,

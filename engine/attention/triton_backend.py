@@ -1,0 +1,79 @@
+"""The GPU attention backend: Triton kernels over the paged KV cache.
+
+A step's batch (decodes first, then prefill chunks) runs as at most three launches per layer:
+the fused rotary + cache write over every new token, the split-K decode kernel over the
+decodes, and the prefill kernel over the chunks, which reads its keys (cached context and
+the chunk itself) back from the cache. The torch backend (``torch_ref``) is the oracle.
+
+Host-side lengths in ``AttentionMetadata`` only size the launches (how many decodes, the longest
+chunk, the longest context); no launch reads a device value on the host, so a decode-only step
+can be captured in a CUDA graph (whose metadata holds the bounds the graph was captured for).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.attention.triton_decode import decode_attention, num_splits_for
+from engine.attention.triton_prefill import prefill_attention
+from engine.attention.triton_rope_cache import rope_and_write_kv
+
+
+class TritonAttention:
+    supports_cuda_graphs = True  # launches are sized from host metadata only
+
+    def __init__(self) -> None:
+        self._num_sms: int | None = None
+
+    def num_sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            self._num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 4)
+        return self._num_sms
+
+    def forward_with_rotary(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], not yet rotated (rotated in place)
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim], not yet rotated
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        cos: torch.Tensor,  # [T, 1, head_dim], each new token's rotary table row
+        sin: torch.Tensor,
+        kv_layer: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim] view
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        rope_and_write_kv(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
+        return self._attend(q, kv_layer, meta, scale)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], rotary applied
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """The plain backend contract (rotary already applied): write the cache, then attend."""
+        num_tokens, _, head_dim = k.shape
+        ones = torch.ones(num_tokens, 1, head_dim, dtype=q.dtype, device=q.device)
+        q = q.contiguous()
+        rope_and_write_kv(q, k, v, ones, torch.zeros_like(ones), kv_layer, meta.slot_mapping)
+        return self._attend(q, kv_layer, meta, scale)
+
+    def _attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        nd = meta.num_decodes
+        if nd:
+            longest = max(meta.seq_lens_host[:nd])
+            splits = num_splits_for(nd, kv_layer.shape[3], longest, self.num_sms(q.device))
+            decode_attention(q[:nd], kv_layer, meta.seq_lens, meta.block_tables, scale, splits, out=out[:nd])
+        num_prefills = meta.num_seqs - nd
+        if num_prefills:
+            prefill_attention(
+                q, kv_layer, meta.query_start_loc, meta.seq_lens, meta.block_tables, nd, num_prefills,
+                max(meta.query_lens_host[nd:]), scale, out,
+            )
+        return out

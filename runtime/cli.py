@@ -1,0 +1,111 @@
+"""The ``tandem`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from engine.sampling_params import SamplingParams
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="HF model directory, .gguf file, 'default' (SmolLM2-135M-Instruct) or dummy:<preset>")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget in GiB")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def _llm(args: argparse.Namespace):
+    from engine.llm import LLM
+
+    print(f"loading {args.model} ({args.dtype}, {args.device})...", file=sys.stderr)
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+               num_threads=args.threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _sampling(args)
+    for prompt in args.prompt:
+        t0 = time.perf_counter()
+        if args.raw:
+            result = llm.generate(prompt, params)[0]
+        else:
+            result = llm.chat([{"role": "user", "content": prompt}], params)
+        dt = time.perf_counter() - t0
+        out = result.outputs[0]
+        print(out.text)
+        print(f"[{len(out.token_ids)} tokens in {dt:.2f}s, {len(out.token_ids) / dt:.1f} tok/s, "
+              f"finish: {out.finish_reason.value if out.finish_reason else '?'}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _sampling(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = llm.chat(messages, params).outputs[0].text
+        print(reply)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from prompts offline (chat template applied unless --raw)")
+    _add_engine_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with the model")
+    _add_engine_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
