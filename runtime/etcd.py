@@ -1,0 +1,655 @@
+"""The control-plane client: one etcd lease per process, worker registration, discovery, metrics keys.
+
+Built on `aetcd` (asyncio, grpcio). Only one gRPC etcd client library may live in a process
+(they register the same protobuf descriptors), so nothing else here imports `etcd3`.
+
+Keys (DESIGN.md, "Planes"):
+
+    /tandem/{ns}/workers/{role}/{worker_id}   WorkerInfo JSON           bound to the lease
+    /tandem/{ns}/metrics/{role}/{worker_id}   metrics JSON, ~1 Hz        bound to the lease
+    /tandem/{ns}/planner/decision             the planner's last decision
+
+What the lease protects: every key this process writes with a lease (registrations, metrics)
+dies with the process, within `lease_ttl_s` of its last keep-alive. If the lease is lost while
+the process lives (etcd restarted, a long partition, someone revoked it), the keep-alive task
+grants a new lease, re-puts every lease-bound key it owns, bumps `num_lease_losses` and calls
+`on_lease_lost`. Writes of lease-bound keys that find the lease gone heal it the same way.
+
+Everything runs on the event loop that called `connect()`; the client is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aetcd
+import aetcd.rpc
+import aetcd.watcher
+import grpc
+
+from runtime.settings import check_name, split_endpoint
+
+if TYPE_CHECKING:
+    from runtime.settings import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_KEEPALIVE_FAILURES_BEFORE_RECONNECT = 3
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+
+def workers_prefix(ns: str, role: str) -> str:
+    return f"/tandem/{check_name('namespace', ns)}/workers/{check_name('role', role)}/"
+
+
+def worker_key(ns: str, role: str, worker_id: str) -> str:
+    return workers_prefix(ns, role) + check_name("worker id", worker_id)
+
+
+def metrics_prefix(ns: str, role: str) -> str:
+    return f"/tandem/{check_name('namespace', ns)}/metrics/{check_name('role', role)}/"
+
+
+def metrics_key(ns: str, role: str, worker_id: str) -> str:
+    return metrics_prefix(ns, role) + check_name("worker id", worker_id)
+
+
+def planner_decision_key(ns: str) -> str:
+    return f"/tandem/{check_name('namespace', ns)}/planner/decision"
+
+
+# -- JSON at the edge -----------------------------------------------------------------------
+
+
+def encode_json(obj: Any) -> bytes:
+    """A dataclass instance or a mapping as compact JSON bytes."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a dataclass instance or a mapping, got {type(obj).__name__}")
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_json(cls: type[T], data: bytes | str) -> T:
+    """Build dataclass `cls` from a JSON object; unknown keys are ignored (newer writers)."""
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{cls.__name__}: not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    try:
+        return cls(**{k: v for k, v in raw.items() if k in names})
+    except TypeError as exc:
+        raise ValueError(f"{cls.__name__}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker publishes under `/tandem/{ns}/workers/{role}/{worker_id}`.
+
+    `transport` is opaque to the control plane: kv_transfer puts its agent metadata there.
+    """
+
+    worker_id: str
+    role: str
+    endpoint: str  # host:port of the worker's gRPC service
+    model: str
+    block_size: int
+    transport: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics_url: str = ""  # where Prometheus scrapes this process, if it serves /metrics
+    pid: int = 0
+    started_at_s: float = 0.0  # unix time
+
+    def __post_init__(self) -> None:
+        check_name("worker id", self.worker_id)
+        check_name("role", self.role)
+        if not isinstance(self.endpoint, str) or not self.endpoint:
+            raise ValueError(f"worker {self.worker_id}: empty endpoint")
+        if not isinstance(self.model, str):
+            raise ValueError(f"worker {self.worker_id}: model must be a string")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"worker {self.worker_id}: block_size must be a positive int")
+        if not isinstance(self.transport, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.transport.items()
+        ):
+            raise ValueError(f"worker {self.worker_id}: transport must map str to str")
+
+    def to_json(self) -> bytes:
+        return encode_json(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> WorkerInfo:
+        return decode_json(cls, data)
+
+
+class WorkerEventKind(enum.StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEvent:
+    """A change in one role's worker set. For REMOVED, `info` is the last one seen (if any)."""
+
+    kind: WorkerEventKind
+    role: str
+    worker_id: str
+    info: WorkerInfo | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseLost:
+    """Passed to `on_lease_lost` once a new lease is granted and owned keys are re-put."""
+
+    old_lease_id: int
+    new_lease_id: int
+
+
+LeaseLostCallback = Callable[[LeaseLost], Awaitable[None] | None]
+
+
+async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
+    """Cancel `task` and wait (bounded) for it to end."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.error("task %s did not stop within %.1fs", task.get_name(), timeout_s)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("task %s had failed: %r", task.get_name(), task.exception())
+
+
+# -- aetcd with TLS and a fixed target ------------------------------------------------------
+
+
+class _Client(aetcd.Client):
+    """aetcd.Client whose `connect` opens a TLS channel when given credentials.
+
+    aetcd 1.0 only ever opens insecure channels, so `connect` is reimplemented here against
+    aetcd 1.0's internals (stubs and watcher); the package is pinned for that reason.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        username: str | None,
+        password: str | None,
+        timeout_s: float,
+    ) -> None:
+        options = {
+            "grpc.keepalive_time_ms": 10_000,  # etcd's default min ping interval is 5 s
+            "grpc.keepalive_timeout_ms": 5_000,
+            "grpc.keepalive_permit_without_calls": 1,
+        }
+        super().__init__(username=username, password=password, timeout=timeout_s, options=options)  # type: ignore[arg-type]
+        self._target = target
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            async with asyncio.timeout(self._connect_wait_timeout):
+                await self._connected.wait()
+            return
+        rpc = aetcd.rpc
+        try:
+            self._is_connecting = True
+            opts = list(self._options.items())
+            if self._credentials is not None:
+                self.channel = rpc.secure_channel(self._target, self._credentials, options=opts)
+            else:
+                self.channel = rpc.insecure_channel(self._target, options=opts)
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                try:
+                    resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                except rpc.AioRpcError as exc:
+                    await self.channel.close()
+                    aetcd.exceptions._handle_exception(exc)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+    async def probe(self) -> None:
+        """One round trip to the server (connect is lazy without auth)."""
+        await self.connect()
+        try:
+            await self.maintenancestub.Status(
+                aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata
+            )
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+
+
+# -- the client -----------------------------------------------------------------------------
+
+
+class ControlPlane:
+    """A process's connection to etcd: its lease, its registrations, its metrics keys.
+
+        async with ControlPlane(["127.0.0.1:2379"], namespace="dev", lease_ttl_s=10) as cp:
+            await cp.register("decode", "d0", WorkerInfo(...))
+            async with cp.workers("prefill") as prefill:   # a live WorkerSet
+                ...
+
+    `close()` revokes the lease (keys vanish at once); `close(revoke=False)` behaves like a
+    crash: keys vanish when the TTL runs out.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        namespace: str = "default",
+        lease_ttl_s: int = 10,
+        user: str | None = None,
+        password: str | None = None,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        request_timeout_s: float = 5.0,
+        on_lease_lost: LeaseLostCallback | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoints")
+        parsed = [split_endpoint(e) for e in endpoints]
+        self.endpoints = [target for target, _ in parsed]
+        self.namespace = check_name("namespace", namespace)
+        if not isinstance(lease_ttl_s, int) or lease_ttl_s < 2:
+            raise ValueError(f"lease_ttl_s must be an int >= 2 (etcd's minimum), got {lease_ttl_s!r}")
+        if (user is None) != (password is None):
+            raise ValueError("etcd user and password go together")
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("etcd cert_file and key_file go together")
+        self.lease_ttl_s = lease_ttl_s
+        self.request_timeout_s = request_timeout_s
+        self.on_lease_lost = on_lease_lost
+        self._user, self._password = user, password
+        self._credentials: grpc.ChannelCredentials | None = None
+        if ca_file or cert_file or any(https for _, https in parsed):
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+                private_key=Path(key_file).read_bytes() if key_file else None,
+                certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+            )
+        self._client: _Client | None = None
+        self._endpoint_index = 0
+        self._lease_id = 0
+        self._lease_lost = False  # the lease is known (or presumed) dead; grant a new one
+        self._resync_needed = False  # a new lease was granted; owned keys not yet re-put
+        self._lost_lease_id = 0
+        self._owned: dict[str, bytes] = {}  # lease-bound keys we wrote -> last value
+        self._lock = asyncio.Lock()  # serializes lease changes with lease-bound writes
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._publishers: list[MetricsPublisher] = []
+        self._last_refresh = 0.0
+        self._closed = False
+        self.num_lease_losses = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ClusterConfig,
+        endpoints: Sequence[str] | None = None,
+        on_lease_lost: LeaseLostCallback | None = None,
+    ) -> ControlPlane:
+        """From the cluster config; `endpoints` overrides it (an embedded etcd's endpoint)."""
+        endpoints = list(endpoints or config.etcd_endpoints)
+        if not endpoints:
+            raise ValueError("config asks for an embedded etcd: pass its endpoint as `endpoints`")
+        return cls(
+            endpoints,
+            namespace=config.namespace,
+            lease_ttl_s=config.lease_ttl_s,
+            user=config.etcd_user,
+            password=config.etcd_password,
+            ca_file=config.etcd_ca_file,
+            cert_file=config.etcd_cert_file,
+            key_file=config.etcd_key_file,
+            on_lease_lost=on_lease_lost,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def lease_id(self) -> int:
+        return self._lease_id
+
+    @property
+    def lease_ok(self) -> bool:
+        """False while the lease is lost and our keys are not yet back under a new one."""
+        return self._client is not None and not (self._lease_lost or self._resync_needed)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def client(self) -> aetcd.Client:
+        """The underlying aetcd client (changes on reconnect; do not keep it)."""
+        if self._client is None:
+            raise RuntimeError("ControlPlane is not connected")
+        return self._client
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def connect(self) -> ControlPlane:
+        """Connect to the first reachable endpoint, grant the lease, start the keep-alive."""
+        if self._closed:
+            raise RuntimeError("ControlPlane is closed")
+        self._client = await self._connect_any()
+        lease = await self._client.lease(self.lease_ttl_s)
+        self._lease_id = lease.id
+        self._last_refresh = time.monotonic()
+        self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="etcd-keepalive")
+        log.info("etcd lease %x (ttl %ds) on %s", self._lease_id, self.lease_ttl_s, self.endpoints)
+        return self
+
+    async def close(self, *, revoke: bool = True) -> None:
+        """Stop publishers and keep-alive; revoke the lease unless `revoke=False`; disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        for publisher in list(self._publishers):
+            await publisher.stop()
+        if self._keepalive_task is not None:
+            await stop_task(self._keepalive_task)
+        if self._client is not None:
+            if revoke and self._lease_id:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.request_timeout_s):
+                        await self._client.revoke_lease(self._lease_id)
+            with contextlib.suppress(Exception):
+                await self._client.close()
+        self._owned.clear()
+
+    async def __aenter__(self) -> ControlPlane:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _connect_any(self) -> _Client:
+        errors = []
+        for i in range(len(self.endpoints)):
+            index = (self._endpoint_index + i) % len(self.endpoints)
+            client = _Client(
+                self.endpoints[index],
+                credentials=self._credentials,
+                username=self._user,
+                password=self._password,
+                timeout_s=self.request_timeout_s,
+            )
+            try:
+                async with asyncio.timeout(self.request_timeout_s + 1):
+                    await client.probe()
+            except (aetcd.ClientError, OSError, TimeoutError) as exc:
+                errors.append(f"{self.endpoints[index]}: {exc!r}")
+                with contextlib.suppress(Exception):
+                    await client.close()
+                continue
+            self._endpoint_index = index
+            return client
+        raise ConnectionError("no etcd endpoint reachable: " + "; ".join(errors))
+
+    async def _reconnect(self) -> None:
+        old = self._client
+        self._endpoint_index += 1
+        self._client = await self._connect_any()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+        log.warning("etcd reconnected to %s", self.endpoints[self._endpoint_index])
+
+    # -- lease ------------------------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        interval = self.lease_ttl_s / 3
+        failures = 0
+        while not self._closed:
+            try:
+                await self._keepalive_tick()
+                failures = 0
+                delay = interval
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.warning("etcd keep-alive failed (%d in a row): %r", failures, exc)
+                if time.monotonic() - self._last_refresh > self.lease_ttl_s:
+                    self._lease_lost = True  # the server has surely expired it by now
+                if failures >= _KEEPALIVE_FAILURES_BEFORE_RECONNECT or isinstance(
+                    exc, aetcd.exceptions.UnauthenticatedError
+                ):
+                    with contextlib.suppress(Exception):
+                        await self._reconnect()
+                delay = min(interval, 1.0)
+            await asyncio.sleep(delay)
+
+    async def _keepalive_tick(self) -> None:
+        if self._lease_lost or self._resync_needed:
+            async with self._lock:
+                await self._heal_lease_locked()
+            return
+        async with asyncio.timeout(self.request_timeout_s):
+            reply = await self.client.refresh_lease(self._lease_id)
+        if reply is None or reply.TTL <= 0:
+            log.warning("etcd lease %x expired or revoked", self._lease_id)
+            self._lease_lost = True
+            async with self._lock:
+                await self._heal_lease_locked()
+        self._last_refresh = time.monotonic()
+
+    async def _heal_lease_locked(self) -> None:
+        """Grant a new lease if ours is lost, then re-put every owned key under it."""
+        if self._lease_lost:
+            lease = await self.client.lease(self.lease_ttl_s)
+            if not self._resync_needed:
+                self._lost_lease_id = self._lease_id
+                self.num_lease_losses += 1
+            self._lease_id = lease.id
+            self._lease_lost = False
+            self._resync_needed = True
+            self._last_refresh = time.monotonic()
+        if self._resync_needed:
+            for key, value in list(self._owned.items()):
+                await self.client.put(key.encode(), value, lease=self._lease_id)
+            self._resync_needed = False
+            log.warning(
+                "etcd lease %x replaced by %x; %d keys re-put",
+                self._lost_lease_id,
+                self._lease_id,
+                len(self._owned),
+            )
+            if self.on_lease_lost is not None:
+                try:
+                    result = self.on_lease_lost(LeaseLost(self._lost_lease_id, self._lease_id))
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("on_lease_lost callback failed")
+
+    async def _put_owned(self, key: str, value: bytes) -> None:
+        async with self._lock:
+            self._owned[key] = value
+            if self._lease_lost or self._resync_needed:
+                await self._heal_lease_locked()  # puts `key` too
+                return
+            try:
+                await self.client.put(key.encode(), value, lease=self._lease_id)
+            except aetcd.ClientError as exc:
+                if "lease not found" not in str(exc):
+                    raise
+                self._lease_lost = True
+                await self._heal_lease_locked()
+
+    # -- registration -----------------------------------------------------------------------
+
+    async def register(self, role: str, worker_id: str, info: WorkerInfo) -> None:
+        """Publish `info` under this process's lease; it disappears when the process dies."""
+        if (info.role, info.worker_id) != (role, worker_id):
+            raise ValueError(f"WorkerInfo is for {info.role}/{info.worker_id}, not {role}/{worker_id}")
+        await self._put_owned(worker_key(self.namespace, role, worker_id), info.to_json())
+
+    async def deregister(self, role: str, worker_id: str) -> None:
+        """Remove a registration now (a draining worker), keeping the lease for the rest."""
+        await self.delete(worker_key(self.namespace, role, worker_id))
+
+    async def list_workers(self, role: str) -> dict[str, WorkerInfo]:
+        """A one-off read of a role's registrations (for a live view use `workers`)."""
+        prefix = workers_prefix(self.namespace, role)
+        return {
+            key[len(prefix) :]: info
+            for key, value in (await self.get_prefix(prefix)).items()
+            if (info := _parse_worker(key, value)) is not None
+        }
+
+    async def watch_workers(self, role: str) -> WorkerWatch:
+        """A snapshot of `role`'s workers (`.snapshot`) and then its add/update/remove events."""
+        from runtime.discovery import WorkerWatch
+
+        return await WorkerWatch.open(self, role)
+
+    def workers(self, role: str, on_event: Callable[[WorkerEvent], None] | None = None) -> WorkerSet:
+        """A live `{worker_id: WorkerInfo}` for `role`; use as `async with` (or start/stop)."""
+        from runtime.discovery import WorkerSet
+
+        return WorkerSet(self, role, on_event=on_event)
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    async def put_metrics(self, role: str, worker_id: str, metrics: Any) -> None:
+        """Write a dataclass or mapping as JSON under the metrics key, bound to the lease."""
+        await self._put_owned(metrics_key(self.namespace, role, worker_id), encode_json(metrics))
+
+    async def get_metrics(self, role: str, cls: type[T]) -> dict[str, T]:
+        """Every `role` worker's metrics as `cls` instances; unparsable values are skipped."""
+        prefix = metrics_prefix(self.namespace, role)
+        out: dict[str, T] = {}
+        for key, value in (await self.get_prefix(prefix)).items():
+            try:
+                out[key[len(prefix) :]] = decode_json(cls, value)
+            except ValueError as exc:
+                log.warning("skipping metrics at %s: %s", key, exc)
+        return out
+
+    def start_metrics_publisher(
+        self, role: str, worker_id: str, sample: Callable[[], Any], interval_s: float = 1.0
+    ) -> MetricsPublisher:
+        """Call `sample()` and `put_metrics` its result every `interval_s` until `stop()`/close."""
+        publisher = MetricsPublisher(self, role, worker_id, sample, interval_s)
+        self._publishers.append(publisher)
+        publisher.start()
+        return publisher
+
+    # -- planner ----------------------------------------------------------------------------
+
+    async def put_planner_decision(self, decision: Any) -> None:
+        """Store the planner's last decision (not lease-bound: it outlives the planner)."""
+        await self.put(planner_decision_key(self.namespace), encode_json(decision))
+
+    async def get_planner_decision(self, cls: type[T]) -> T | None:
+        value = await self.get(planner_decision_key(self.namespace))
+        return None if value is None else decode_json(cls, value)
+
+    # -- basics -----------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes | str, *, lease: bool = False) -> None:
+        """Put a key; with `lease=True` it is bound to (and re-put with) this process's lease."""
+        data = value.encode() if isinstance(value, str) else value
+        if lease:
+            await self._put_owned(key, data)
+        else:
+            await self.client.put(key.encode(), data)
+
+    async def get(self, key: str) -> bytes | None:
+        result = await self.client.get(key.encode())
+        return None if result is None else bytes(result.value)
+
+    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        result = await self.client.get_prefix(prefix.encode())
+        return {kv.key.decode(): bytes(kv.value) for kv in result.kvs}
+
+    async def delete(self, key: str) -> bool:
+        """Delete a key (and stop re-putting it if it was lease-bound). True if it existed."""
+        async with self._lock:
+            self._owned.pop(key, None)
+            return await self.client.delete(key.encode()) is not None
+
+
+def _parse_worker(key: str, value: bytes) -> WorkerInfo | None:
+    try:
+        return WorkerInfo.from_json(value)
+    except ValueError as exc:
+        log.warning("ignoring bad registration at %s: %s", key, exc)
+        return None
+
+
+class MetricsPublisher:
+    """Writes `sample()` to a worker's metrics key about every `interval_s`; errors are logged."""
+
+    def __init__(
+        self, plane: ControlPlane, role: str, worker_id: str, sample: Callable[[], Any], interval_s: float
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be > 0")
+        self.plane, self.role, self.worker_id = plane, role, worker_id
+        self.sample, self.interval_s = sample, interval_s
+        self.num_published = 0
+        self._task: asyncio.Task[None] | None = None
+        metrics_key(plane.namespace, role, worker_id)  # validate names now
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"metrics-{self.role}-{self.worker_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await stop_task(self._task)
+            self._task = None
+        with contextlib.suppress(ValueError):
+            self.plane._publishers.remove(self)
+
+    async def _run(self) -> None:
+        while not self.plane.closed:
+            started = time.monotonic()
+            try:
+                await self.plane.put_metrics(self.role, self.worker_id, self.sample())
+                self.num_published += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("metrics publish for %s/%s failed: %r", self.role, self.worker_id, exc)
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+
+if TYPE_CHECKING:
+    from runtime.discovery import WorkerSet, WorkerWatch

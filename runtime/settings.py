@@ -1,0 +1,268 @@
+"""One config for every tandem service: `ClusterConfig`, from file < env < CLI flags.
+
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)           # --config PATH plus one flag per field
+    config = settings.from_args(parser.parse_args())
+
+Sources, later ones winning: the dataclass defaults; a YAML or JSON file (`--config` or
+`TANDEM_CONFIG`) holding a flat mapping of field names; env vars `TANDEM_<FIELD>` (e.g.
+`TANDEM_NAMESPACE`, `TANDEM_ETCD_ENDPOINTS=h1:2379,h2:2379`); CLI flags (`--namespace`).
+Every field gets its env var and flag from its name, so adding a field with a default and a
+`help` is all it takes. The config is validated when built and never mutated afterwards;
+make variants with `dataclasses.replace`. Defaults bind 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "TANDEM_"
+CONFIG_ENV = "TANDEM_CONFIG"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or inconsistent; the message names it and its source."""
+
+
+def check_name(kind: str, value: str) -> str:
+    """Validate an etcd key segment (namespace, role, worker id): no '/', not empty."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValueError(f"bad {kind} {value!r}: use letters, digits and _ . : @ - (no '/')")
+    return value
+
+
+def split_endpoint(endpoint: str) -> tuple[str, bool]:
+    """'host:port', 'http://host:port' or 'https://host:port' -> ('host:port', is_https)."""
+    is_https = endpoint.startswith("https://")
+    target = endpoint.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad etcd endpoint {endpoint!r}: expected host:port")
+    return target, is_https
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Settings shared by every process of one tandem cluster."""
+
+    namespace: str = _field("default", "cluster namespace: etcd keys live under /tandem/{namespace}/")
+    etcd_endpoints: tuple[str, ...] = _field((), "etcd host:port list; empty starts an embedded etcd")
+    etcd_user: str | None = _field(None, "etcd user (with --etcd-password)")
+    etcd_password: str | None = _field(None, "etcd password (prefer TANDEM_ETCD_PASSWORD to a flag)")
+    etcd_ca_file: str | None = _field(None, "CA bundle to verify etcd's TLS certificate")
+    etcd_cert_file: str | None = _field(None, "client certificate for etcd mutual TLS")
+    etcd_key_file: str | None = _field(None, "client key for etcd mutual TLS")
+    lease_ttl_s: int = _field(10, "etcd lease TTL: a dead process's keys vanish within this")
+    metrics_interval_s: float = _field(1.0, "how often workers write their metrics key")
+    host: str = _field("127.0.0.1", "address the services bind")
+    port: int = _field(8000, "the router's OpenAI HTTP port")
+    grpc_port: int = _field(8001, "the router's KServe gRPC port")
+    metrics_port: int = _field(0, "Prometheus /metrics port of this process (0 picks a free one)")
+    model: str = _field("", "model to serve (empty: the engine's default model)")
+    log_level: str = _field("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            coerced = _coerce(f.name, _HINTS[f.name], value, "value")
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        self._validate()
+
+    @property
+    def embedded_etcd(self) -> bool:
+        """True when no etcd endpoints are configured: `tandem serve` starts its own."""
+        return not self.etcd_endpoints
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> typing.NoReturn:
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        try:
+            check_name("namespace", self.namespace)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for endpoint in self.etcd_endpoints:
+            try:
+                split_endpoint(endpoint)
+            except ValueError as exc:
+                fail("etcd_endpoints", str(exc))
+        if (self.etcd_user is None) != (self.etcd_password is None):
+            fail("etcd_user", "etcd_user and etcd_password go together")
+        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
+            fail("etcd_cert_file", "etcd_cert_file and etcd_key_file go together")
+        for name in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                fail(name, "no such file")
+        if not 2 <= self.lease_ttl_s <= 3600:
+            fail("lease_ttl_s", "must be between 2 (etcd's minimum) and 3600 seconds")
+        if not 0 < self.metrics_interval_s <= 60:
+            fail("metrics_interval_s", "must be in (0, 60] seconds")
+        if not self.host:
+            fail("host", "must not be empty")
+        ports = {"port": self.port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        for name, port in ports.items():
+            if not 0 <= port <= 65535:
+                fail(name, "must be in 0..65535")
+        taken = [p for p in ports.values() if p]
+        if len(taken) != len(set(taken)):
+            fail("port", f"port, grpc_port and metrics_port must differ: {ports}")
+        if self.log_level not in _LOG_LEVELS:
+            fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+
+
+_HINTS: dict[str, Any] = typing.get_type_hints(ClusterConfig)
+_FIELDS = {f.name: f for f in dataclasses.fields(ClusterConfig)}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, hint: Any, raw: Any, source: str) -> Any:
+    """Convert `raw` (a string from env/CLI, or a YAML/JSON value) to the field's type."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # `X | None`
+        if raw is None or raw == "":
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{name}: expected {expected}, got {raw!r} (from {source})")
+
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise bad("a boolean")
+    if hint is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+            return int(raw)
+        raise bad("an integer")
+    if hint is float:
+        if isinstance(raw, float):
+            return raw
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if hint is str:
+        if isinstance(raw, str):
+            return raw
+        raise bad("a string")
+    if typing.get_origin(hint) is tuple and args[1:] == (Ellipsis,):
+        if isinstance(raw, str):
+            raw_items: list[Any] = [s.strip() for s in raw.split(",") if s.strip()]
+        elif isinstance(raw, list | tuple):
+            raw_items = list(raw)
+        else:
+            raise bad("a list or a comma-separated string")
+        items = tuple(_coerce(name, args[0], item, source) for item in raw_items)
+        return raw if isinstance(raw, tuple) and items == raw else items
+    raise TypeError(f"ClusterConfig.{name}: unsupported field type {hint!r}")
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The flat mapping in a .yaml/.yml/.json file, field names checked and values typed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} does not parse: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at top level")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(_FIELDS)})")
+        out[name] = _coerce(name, _HINTS[name], value, str(path))
+    return out
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from `TANDEM_<FIELD>` variables (other TANDEM_ variables are ignored)."""
+    out = {}
+    for name in _FIELDS:
+        env_name = _env_name(name)
+        if env_name in env:
+            out[name] = _coerce(name, _HINTS[name], env[env_name], env_name)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ClusterConfig:
+    """Defaults < file (`path`, else `$TANDEM_CONFIG`) < env < `overrides` (raw values allowed)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get(CONFIG_ENV) or None
+    if path:
+        values.update(read_config_file(path))
+    values.update(read_env(env))
+    for name, raw in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, _HINTS[name], raw, "override")
+    return ClusterConfig(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and one flag per `ClusterConfig` field (defaults stay in the dataclass)."""
+    group = parser.add_argument_group("cluster config (flags > TANDEM_* env > --config file)")
+    group.add_argument("--config", metavar="PATH", default=None, help=f"YAML or JSON file (or ${CONFIG_ENV})")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = f.default
+        help_text = f"{f.metadata['help']} [env {_env_name(name)}; default {default!r}]"
+        if _HINTS[name] is bool:
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(
+                flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text
+            )
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Build the config from parsed `add_arguments` flags on top of env and the config file."""
+    overrides = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+    return load_config(getattr(args, "config", None), env=env, overrides=overrides)

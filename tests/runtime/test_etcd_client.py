@@ -1,0 +1,362 @@
+"""The control-plane client against a real etcd: leases, registration, discovery, metrics keys."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from runtime_testlib import child_env, run
+
+from runtime.etcd import (
+    ControlPlane,
+    LeaseLost,
+    WorkerEvent,
+    WorkerEventKind,
+    WorkerInfo,
+    metrics_key,
+    planner_decision_key,
+    worker_key,
+)
+from runtime.etcd_server import EtcdServer, free_port
+from runtime.settings import ClusterConfig
+
+TTL_S = 2
+# A dead lease is reaped within its TTL plus etcd's expiry check granularity (~0.5 s).
+EXPIRY_SLACK_S = 2.0
+
+
+def info(worker_id: str, role: str = "decode", **kw: object) -> WorkerInfo:
+    fields: dict[str, object] = dict(
+        worker_id=worker_id, role=role, endpoint="127.0.0.1:9000", model="smollm2", block_size=16
+    )
+    fields.update(kw)
+    return WorkerInfo(**fields)  # type: ignore[arg-type]
+
+
+def plane(etcd: EtcdServer, namespace: str, **kw: object) -> ControlPlane:
+    return ControlPlane([etcd.endpoint], namespace=namespace, lease_ttl_s=TTL_S, **kw)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueMetrics:
+    num_waiting: int
+    num_running: int
+    kv_usage: float = 0.0
+
+
+# -- values and keys ------------------------------------------------------------------------
+
+
+def test_keys_follow_design() -> None:
+    assert worker_key("prod", "prefill", "p0") == "/tandem/prod/workers/prefill/p0"
+    assert metrics_key("prod", "router", "r0") == "/tandem/prod/metrics/router/r0"
+    assert planner_decision_key("prod") == "/tandem/prod/planner/decision"
+    for bad in ("", "a/b", "/x"):
+        with pytest.raises(ValueError, match="bad"):
+            worker_key("prod", "decode", bad)
+
+
+def test_worker_info_json_round_trip_and_validation() -> None:
+    original = info("d0", transport={"kind": "nixl", "agent": "abc"}, pid=42)
+    assert WorkerInfo.from_json(original.to_json()) == original
+    newer = json.loads(original.to_json()) | {"field_from_the_future": 1}
+    assert WorkerInfo.from_json(json.dumps(newer)) == original
+    with pytest.raises(ValueError, match="block_size"):
+        info("d0", block_size=0)
+    with pytest.raises(ValueError, match="transport"):
+        info("d0", transport={"n": 1})
+    with pytest.raises(ValueError, match="not JSON"):
+        WorkerInfo.from_json(b"{nope")
+    with pytest.raises(ValueError, match="endpoint"):
+        WorkerInfo.from_json(json.dumps({"worker_id": "d0", "role": "decode"}))
+
+
+def test_bad_client_arguments() -> None:
+    with pytest.raises(ValueError, match="no etcd endpoints"):
+        ControlPlane([])
+    with pytest.raises(ValueError, match="host:port"):
+        ControlPlane(["localhost"])
+    with pytest.raises(ValueError, match="lease_ttl_s"):
+        ControlPlane(["127.0.0.1:2379"], lease_ttl_s=1)
+    with pytest.raises(ValueError, match="go together"):
+        ControlPlane(["127.0.0.1:2379"], user="root")
+
+
+# -- connection -----------------------------------------------------------------------------
+
+
+def test_unreachable_endpoint_fails_fast_and_failover_works(etcd: EtcdServer, namespace: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="no etcd endpoint reachable"):
+            await ControlPlane([dead], request_timeout_s=1.0).connect()
+        assert time.monotonic() - started < 5
+        async with ControlPlane([dead, etcd.endpoint], namespace=namespace, request_timeout_s=1.0) as cp:
+            await cp.put(f"/tandem/{namespace}/x", "1")
+            assert await cp.get(f"/tandem/{namespace}/x") == b"1"
+
+    run(main())
+
+
+def test_from_config(etcd: EtcdServer, namespace: str) -> None:
+    config = ClusterConfig(namespace=namespace, etcd_endpoints=(etcd.endpoint,), lease_ttl_s=3)
+
+    async def main() -> None:
+        async with ControlPlane.from_config(config) as cp:
+            assert cp.namespace == namespace and cp.lease_ttl_s == 3 and cp.lease_ok
+
+    run(main())
+    with pytest.raises(ValueError, match="embedded"):
+        ControlPlane.from_config(ClusterConfig())
+
+
+# -- basics ---------------------------------------------------------------------------------
+
+
+def test_put_get_delete_prefix_and_planner_decision(etcd: EtcdServer, namespace: str) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Decision:
+        num_prefill: int
+        num_decode: int
+        reason: str
+
+    async def main() -> None:
+        async with plane(etcd, namespace) as cp:
+            base = f"/tandem/{namespace}/scratch/"
+            await cp.put(base + "a", b"1")
+            await cp.put(base + "b", "2")
+            assert await cp.get(base + "a") == b"1"
+            assert await cp.get(base + "missing") is None
+            assert await cp.get_prefix(base) == {base + "a": b"1", base + "b": b"2"}
+            assert await cp.delete(base + "a") is True
+            assert await cp.delete(base + "a") is False
+            assert await cp.get_planner_decision(Decision) is None
+            await cp.put_planner_decision(Decision(2, 3, "prefill queue above threshold"))
+            assert await cp.get_planner_decision(Decision) == Decision(2, 3, "prefill queue above threshold")
+        async with plane(etcd, namespace) as cp:  # not lease-bound: outlives its writer
+            assert (await cp.get_planner_decision(Decision)) is not None
+
+    run(main())
+
+
+# -- registration and discovery -------------------------------------------------------------
+
+
+def test_register_discover_deregister(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        async with plane(etcd, namespace) as worker, plane(etcd, namespace) as router:
+            await worker.register("decode", "d0", info("d0"))
+            await worker.register("prefill", "p0", info("p0", role="prefill"))
+            assert await router.list_workers("decode") == {"d0": info("d0")}
+            assert set(await router.list_workers("prefill")) == {"p0"}
+            raw = await router.client.get(worker_key(namespace, "decode", "d0").encode())
+            assert raw is not None and raw.lease == worker.lease_id
+            with pytest.raises(ValueError, match="not decode/d1"):
+                await worker.register("decode", "d1", info("d0"))
+            await worker.deregister("decode", "d0")
+            assert await router.list_workers("decode") == {}
+            assert set(await router.list_workers("prefill")) == {"p0"}
+        async with plane(etcd, namespace) as router:  # close() revoked the lease: keys gone at once
+            assert await router.list_workers("prefill") == {}
+
+    run(main())
+
+
+def test_watch_gives_snapshot_then_events(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        async with plane(etcd, namespace) as worker, plane(etcd, namespace) as router:
+            await worker.register("decode", "d0", info("d0"))
+            watch = await router.watch_workers("decode")
+            try:
+                assert watch.snapshot == {"d0": info("d0")}
+                await worker.register("decode", "d1", info("d1"))
+                await worker.register("prefill", "p0", info("p0", role="prefill"))  # other role: unseen
+                d1_endpoint = "127.0.0.1:9001"
+                await worker.register("decode", "d1", info("d1", endpoint=d1_endpoint))
+                await worker.register("decode", "d1", info("d1", endpoint=d1_endpoint))  # no-op
+                await worker.deregister("decode", "d0")
+                events = [await watch.next_event(5) for _ in range(3)]
+                assert events == [
+                    WorkerEvent(WorkerEventKind.ADDED, "decode", "d1", info("d1")),
+                    WorkerEvent(WorkerEventKind.UPDATED, "decode", "d1", info("d1", endpoint=d1_endpoint)),
+                    WorkerEvent(WorkerEventKind.REMOVED, "decode", "d0", info("d0")),
+                ]
+                assert await watch.next_event(0.5) is None
+            finally:
+                await watch.close()
+            assert [e async for e in watch] == []
+
+    run(main())
+
+
+def test_worker_set_is_live(etcd: EtcdServer, namespace: str) -> None:
+    seen: list[WorkerEvent] = []
+
+    async def main() -> None:
+        async with (
+            plane(etcd, namespace) as router,
+            plane(etcd, namespace) as worker,
+            router.workers("prefill", on_event=seen.append) as prefill,
+        ):
+            assert len(prefill) == 0
+            await worker.register("prefill", "p0", info("p0", role="prefill"))
+            await worker.register("prefill", "p1", info("p1", role="prefill"))
+            assert await prefill.wait_until(lambda w: set(w) == {"p0", "p1"}, 5)
+            assert prefill.get("p0") == info("p0", role="prefill") and "p1" in prefill
+            await worker.deregister("prefill", "p0")
+            assert await prefill.wait_until(lambda w: set(w) == {"p1"}, 5)
+            assert not await prefill.wait_until(lambda w: not w, 0.2)
+        assert [(e.kind, e.worker_id) for e in seen] == [
+            (WorkerEventKind.ADDED, "p0"), (WorkerEventKind.ADDED, "p1"), (WorkerEventKind.REMOVED, "p0")
+        ]  # fmt: skip
+
+    run(main())
+
+
+# -- lease loss -----------------------------------------------------------------------------
+
+
+def test_revoked_lease_is_regranted_and_keys_reput(etcd: EtcdServer, namespace: str) -> None:
+    losses: list[LeaseLost] = []
+
+    async def main() -> None:
+        async with (
+            plane(etcd, namespace, on_lease_lost=losses.append) as worker,
+            plane(etcd, namespace) as router,
+        ):
+            await worker.register("decode", "d0", info("d0"))
+            await worker.put_metrics("decode", "d0", QueueMetrics(1, 2))
+            async with router.workers("decode") as decode:
+                old_lease = worker.lease_id
+                await router.client.revoke_lease(old_lease)  # as if etcd had expired it
+                assert await decode.wait_until(lambda w: "d0" not in w, 5)
+                # The keep-alive notices within TTL/3 and restores both keys under a new lease.
+                assert await decode.wait_until(lambda w: "d0" in w, TTL_S + EXPIRY_SLACK_S)
+                for _ in range(100):  # the callback runs once every owned key is back
+                    if losses:
+                        break
+                    await asyncio.sleep(0.02)
+                assert worker.lease_id != old_lease and worker.lease_ok and worker.num_lease_losses == 1
+                assert losses == [LeaseLost(old_lease, worker.lease_id)]
+                assert await router.get_metrics("decode", QueueMetrics) == {"d0": QueueMetrics(1, 2)}
+
+    run(main())
+
+
+def test_write_after_silent_lease_loss_heals(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        async with plane(etcd, namespace) as worker, plane(etcd, namespace) as router:
+            await worker.register("decode", "d0", info("d0"))
+            await router.client.revoke_lease(worker.lease_id)
+            # Registering at once, before the keep-alive has noticed: the write itself heals the lease.
+            await worker.register("decode", "d1", info("d1"))
+            assert set(await router.list_workers("decode")) == {"d0", "d1"}
+            assert worker.num_lease_losses == 1
+
+    run(main())
+
+
+def test_stopped_keepalive_lets_keys_expire_within_ttl(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        async with plane(etcd, namespace) as router, router.workers("decode") as decode:
+            worker = await plane(etcd, namespace).connect()
+            await worker.register("decode", "d0", info("d0"))
+            assert await decode.wait_until(lambda w: "d0" in w, 5)
+            await worker.close(revoke=False)  # like a crash: no revoke, no more keep-alives
+            started = time.monotonic()
+            assert await decode.wait_until(lambda w: "d0" not in w, TTL_S + EXPIRY_SLACK_S)
+            assert time.monotonic() - started <= TTL_S + EXPIRY_SLACK_S
+
+    run(main())
+
+
+_CHILD = """
+import asyncio, sys
+from runtime.etcd import ControlPlane, WorkerInfo
+
+async def main(endpoint, namespace):
+    cp = await ControlPlane([endpoint], namespace=namespace, lease_ttl_s=2).connect()
+    await cp.register("decode", "child", WorkerInfo("child", "decode", "127.0.0.1:1", "m", 16))
+    cp.start_metrics_publisher("decode", "child", lambda: {"num_waiting": 0, "num_running": 0})
+    await asyncio.sleep(120)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_sigkilled_process_disappears_within_ttl(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, etcd.endpoint, namespace], env=child_env())
+        try:
+            async with plane(etcd, namespace) as router, router.workers("decode") as decode:
+                assert await decode.wait_until(lambda w: "child" in w, 20), "child never registered"
+                # Outlive a few keep-alives first, so the lease is really being kept alive.
+                await asyncio.sleep(TTL_S + 0.5)
+                assert "child" in decode
+                child.kill()
+                started = time.monotonic()
+                assert await decode.wait_until(lambda w: "child" not in w, TTL_S + EXPIRY_SLACK_S)
+                assert time.monotonic() - started <= TTL_S + EXPIRY_SLACK_S
+                assert await router.get_metrics("decode", QueueMetrics) == {}
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+
+    run(main())
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def test_metrics_keys_and_publisher(etcd: EtcdServer, namespace: str) -> None:
+    async def main() -> None:
+        async with plane(etcd, namespace) as worker, plane(etcd, namespace) as planner:
+            await worker.put_metrics("prefill", "p0", QueueMetrics(3, 1, 0.25))
+            await worker.put_metrics("router", "r0", {"num_arrivals": 7})
+            assert await planner.get_metrics("prefill", QueueMetrics) == {"p0": QueueMetrics(3, 1, 0.25)}
+            raw = await planner.client.get(metrics_key(namespace, "router", "r0").encode())
+            assert raw is not None and json.loads(raw.value) == {"num_arrivals": 7}
+            assert raw.lease == worker.lease_id
+
+            ticks = iter(range(1000))
+            publisher = worker.start_metrics_publisher(
+                "decode", "d0", lambda: QueueMetrics(next(ticks), 0), interval_s=0.1
+            )
+            await asyncio.sleep(0.55)
+            await publisher.stop()
+            assert 4 <= publisher.num_published <= 7
+            latest = (await planner.get_metrics("decode", QueueMetrics))["d0"]
+            assert latest.num_waiting == publisher.num_published - 1
+            worker.start_metrics_publisher("decode", "d1", lambda: QueueMetrics(0, 0), interval_s=0.1)
+        async with plane(etcd, namespace) as planner:  # lease revoked on close: all metrics gone
+            assert await planner.get_prefix(f"/tandem/{namespace}/metrics/") == {}
+
+    run(main())
+
+
+def test_publisher_survives_bad_samples(etcd: EtcdServer, namespace: str) -> None:
+    calls = 0
+
+    def sample() -> QueueMetrics:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("engine not ready")
+        return QueueMetrics(calls, 0)
+
+    async def main() -> None:
+        async with plane(etcd, namespace) as worker:
+            publisher = worker.start_metrics_publisher("decode", "d0", sample, interval_s=0.05)
+            deadline = time.monotonic() + 5
+            while publisher.num_published < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert publisher.num_published >= 2
+
+    run(main())
