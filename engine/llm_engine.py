@@ -90,10 +90,71 @@ class LLMEngine:
         prompt: str | list[int],
         sampling: SamplingParams | None = None,
         priority: int = 0,
+        prefill_only: bool = False,
     ) -> None:
-        """Queue a request. Bad input raises ValueError and changes nothing."""
+        """Queue a request. Bad input raises ValueError and changes nothing.
+
+        ``prefill_only`` (prefill tier): the request stops after its first token and its
+        blocks stay pinned until :meth:`unpin`; its last output has ``finish_reason`` None
+        unless it genuinely finished (EOS, max_tokens=1)."""
         sampling = sampling or SamplingParams()
-        if request_id in self._groups:
+        if prefill_only and sampling.n != 1:
+            raise ValueError("prefill-only requests take n = 1")
+        prompt_ids = self._validate(request_id, prompt, sampling)
+        ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
+        requests = []
+        for i, rid in enumerate(ids):
+            params = sampling
+            if sampling.n > 1:
+                seed = None if sampling.seed is None else sampling.seed + i
+                params = replace(sampling, n=1, seed=seed)
+            requests.append(Request(rid, prompt_ids, params, self.eos_token_ids, self.max_model_len, priority,
+                                    prefill_only=prefill_only))
+        parent = requests[0]
+        for child in requests[1:]:
+            child.parent = parent
+            parent.children.append(child)
+        self.scheduler.add_request(parent)
+        self._groups[request_id] = ids
+        for i, r in enumerate(requests):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
+                                               sampling.skip_special_tokens)
+            self._tracked[r.request_id] = _Tracked(r, request_id, i, detok)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int,
+                      sampling: SamplingParams, priority: int = 0) -> list[int] | None:
+        """Admit a request whose prompt was prefilled on another worker, which sampled
+        ``first_token``. Returns the indices of prompt blocks to pull into
+        ``block_manager.block_table(request_id)`` (then call :meth:`kv_ready`), or None when
+        the prompt will be recomputed here instead."""
+        if sampling.n != 1:
+            raise ValueError("a prefilled request takes n = 1")
+        prompt_ids = self._validate(request_id, prompt_ids, sampling)
+        request = Request(request_id, prompt_ids, sampling, self.eos_token_ids, self.max_model_len, priority)
+        request.append_token(first_token)
+        self._groups[request_id] = [request_id]
+        detok = None
+        if self.tokenizer is not None and sampling.stop:
+            detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
+                                           sampling.skip_special_tokens)
+            detok.add(first_token)
+        tracked = self._tracked[request_id] = _Tracked(request, request_id, 0, detok)
+        tracked.num_sent = 1  # the first token already went out from the prefill tier
+        return self.scheduler.add_prefilled(request)
+
+    def kv_ready(self, request_id: str, ok: bool) -> None:
+        self.scheduler.kv_ready(request_id, ok)
+
+    def unpin(self, request_id: str) -> bool:
+        return self.scheduler.unpin(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _validate(self, request_id: str, prompt: str | list[int], sampling: SamplingParams) -> list[int]:
+        if request_id in self._groups or request_id in self.scheduler.pinned:
             raise ValueError(f"duplicate request id {request_id!r}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -112,26 +173,7 @@ class LLMEngine:
             )
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
-        requests = []
-        for i, rid in enumerate(ids):
-            params = sampling
-            if sampling.n > 1:
-                seed = None if sampling.seed is None else sampling.seed + i
-                params = replace(sampling, n=1, seed=seed)
-            requests.append(Request(rid, prompt_ids, params, self.eos_token_ids, self.max_model_len, priority))
-        parent = requests[0]
-        for child in requests[1:]:
-            child.parent = parent
-            parent.children.append(child)
-        self.scheduler.add_request(parent)
-        self._groups[request_id] = ids
-        for i, r in enumerate(requests):
-            detok = None
-            if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
-                                               sampling.skip_special_tokens)
-            self._tracked[r.request_id] = _Tracked(r, request_id, i, detok)
+        return prompt_ids
 
     def abort(self, request_id: str) -> None:
         """Abort a request (all n of its sequences); its blocks are freed at once."""

@@ -41,6 +41,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # A child of an n > 1 request waits for its parent's prefill and then shares its blocks.
     parent: Request | None = None
+    # Prefill tier: stop after the first token and keep the blocks pinned for a KV handle.
+    prefill_only: bool = False
 
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

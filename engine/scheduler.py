@@ -65,6 +65,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._pending_copies: list[tuple[int, int]] = []
+        # Finished prefill-only requests whose blocks stay pinned until unpinned (KV handles).
+        self.pinned: dict[str, Request] = {}
+        # Requests whose prompt KV is being pulled from another worker into their blocks.
+        self.pulling: dict[str, Request] = {}
 
     # ---- queue management ---------------------------------------------------------------
     @property
@@ -73,6 +77,16 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_work(self) -> bool:
+        """Whether a step would compute anything (requests waiting on a pull do not count)."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed, over waiting and running requests."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running)
+                   if r.num_tokens - r.num_computed_tokens > 1)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -93,6 +107,59 @@ class Scheduler:
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Finish a request for a reason found above the scheduler (a stop string)."""
         self._finish(request, reason)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(self.block_manager.block_table(rid)) for rid in self.pinned)
+
+    def unpin(self, request_id: str) -> bool:
+        """Release a prefill-only request's pinned blocks (its KV handle is done or expired)."""
+        request = self.pinned.pop(request_id, None)
+        if request is None:
+            return False
+        self.block_manager.free(request_id)
+        return True
+
+    def add_prefilled(self, request: Request) -> list[int] | None:
+        """Admit a request whose prompt KV was computed elsewhere; ``request.token_ids`` is the
+        prompt plus the first token sampled there. Reuses the local prefix cache and allocates
+        blocks for the rest of the prompt. Returns the indices of the prompt blocks that must
+        be pulled into this request's table, or None when there is no room: the request was
+        then queued to recompute its prompt locally."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        bm = self.block_manager
+        self.requests[request.request_id] = request
+        cached = bm.match_prefix(request.token_ids)
+        num_prompt = request.num_prompt_tokens
+        if len(self.running) >= self.config.max_num_seqs or bm.allocate(request.request_id, num_prompt, cached) is None:
+            self.waiting.append(request)
+            return None
+        request.num_cached_tokens = len(cached) * bm.block_size
+        self.stats.num_prompt_tokens += num_prompt
+        self.stats.num_cached_tokens += request.num_cached_tokens
+        self.pulling[request.request_id] = request
+        return list(range(len(cached), -(-num_prompt // bm.block_size)))
+
+    def kv_ready(self, request_id: str, ok: bool) -> None:
+        """The pull for ``add_prefilled`` ended. On success the request decodes from its first
+        token; on failure it recomputes its prompt here. Blocks of a request aborted during the
+        pull are freed only now, when no transfer can write into them any more."""
+        request = self.pulling.pop(request_id, None)
+        if request is None:
+            return
+        if request.is_finished:
+            self.block_manager.free(request_id)
+            return
+        if ok:
+            request.num_computed_tokens = request.num_prompt_tokens
+            self.block_manager.commit(request_id, request.token_ids, request.num_computed_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+        else:
+            self.block_manager.free(request_id)
+            request.num_computed_tokens = 0
+            self.waiting.append(request)
 
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -188,8 +255,8 @@ class Scheduler:
             if token.logprob is not None:
                 request.logprobs.append(token.logprob)
             reason = request.check_stop_token()
-            if reason is not None:
-                self._finish(request, reason)
+            if reason is not None or request.prefill_only:
+                self._finish(request, reason)  # None: handed off to the decode tier
             updated.append(request)
         for s in output.scheduled:
             if s.sample:
@@ -236,14 +303,17 @@ class Scheduler:
         self.running.append(child)
         return True
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
+    def _finish(self, request: Request, reason: FinishReason | None) -> None:
         if request.is_finished:
             return
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.block_manager.free(request.request_id)
+        if request.prefill_only and reason is None:
+            self.pinned[request.request_id] = request
+        elif request.request_id not in self.pulling:  # a pull may still write into its blocks
+            self.block_manager.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
