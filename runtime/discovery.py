@@ -32,6 +32,7 @@ from runtime.etcd import (
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 2.0
+_POLL_S = 0.1
 
 
 class WorkerWatch:
@@ -169,9 +170,7 @@ class WorkerSet:
     `on_event` is called (on the event loop) for every change after the initial snapshot.
     """
 
-    def __init__(
-        self, plane: ControlPlane, role: str, on_event: Callable[[WorkerEvent], None] | None = None
-    ) -> None:
+    def __init__(self, plane: ControlPlane, role: str, on_event: Callable[[WorkerEvent], None] | None = None) -> None:
         self.plane = plane
         self.role = role
         self.on_event = on_event
@@ -213,10 +212,11 @@ class WorkerSet:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def wait_until(
-        self, predicate: Callable[[Mapping[str, WorkerInfo]], bool], timeout_s: float
-    ) -> bool:
-        """Wait (at most `timeout_s`) until `predicate(workers)` holds; return whether it does."""
+    async def wait_until(self, predicate: Callable[[Mapping[str, WorkerInfo]], bool], timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until `predicate(workers)` holds; return whether it does.
+
+        The predicate is checked on every change and at least every 0.1 s.
+        """
         deadline = time.monotonic() + timeout_s
         while not predicate(self.workers):
             remaining = deadline - time.monotonic()
@@ -224,7 +224,8 @@ class WorkerSet:
                 return False
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
+                # Wakes on every change, and polls too: the predicate may read other state.
+                async with asyncio.timeout(min(remaining, _POLL_S)):
                     await self._changed.wait()
         return True
 

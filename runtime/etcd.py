@@ -198,6 +198,9 @@ class _Client(aetcd.Client):
             "grpc.keepalive_time_ms": 10_000,  # etcd's default min ping interval is 5 s
             "grpc.keepalive_timeout_ms": 5_000,
             "grpc.keepalive_permit_without_calls": 1,
+            # Reconnect promptly once etcd is back (gRPC's default backoff grows to 120 s).
+            "grpc.initial_reconnect_backoff_ms": 250,
+            "grpc.max_reconnect_backoff_ms": 2_000,
         }
         super().__init__(username=username, password=password, timeout=timeout_s, options=options)  # type: ignore[arg-type]
         self._target = target
@@ -242,9 +245,7 @@ class _Client(aetcd.Client):
         """One round trip to the server (connect is lazy without auth)."""
         await self.connect()
         try:
-            await self.maintenancestub.Status(
-                aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata
-            )
+            await self.maintenancestub.Status(aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata)
         except aetcd.rpc.AioRpcError as exc:
             aetcd.exceptions._handle_exception(exc)
 
@@ -455,21 +456,24 @@ class ControlPlane:
             await asyncio.sleep(delay)
 
     async def _keepalive_tick(self) -> None:
-        if self._lease_lost or self._resync_needed:
-            async with self._lock:
-                await self._heal_lease_locked()
-            return
-        async with asyncio.timeout(self.request_timeout_s):
-            reply = await self.client.refresh_lease(self._lease_id)
-        if reply is None or reply.TTL <= 0:
+        if not (self._lease_lost or self._resync_needed):
+            async with asyncio.timeout(self.request_timeout_s):
+                reply = await self.client.refresh_lease(self._lease_id)
+            if reply is not None and reply.TTL > 0:
+                self._last_refresh = time.monotonic()
+                return
             log.warning("etcd lease %x expired or revoked", self._lease_id)
             self._lease_lost = True
-            async with self._lock:
-                await self._heal_lease_locked()
-        self._last_refresh = time.monotonic()
+        async with self._lock:
+            healed = await self._heal_lease_locked()
+        await self._notify(healed)
 
-    async def _heal_lease_locked(self) -> None:
-        """Grant a new lease if ours is lost, then re-put every owned key under it."""
+    async def _heal_lease_locked(self) -> LeaseLost | None:
+        """Grant a new lease if ours is lost, then re-put every owned key under it.
+
+        Returns the loss to report once all keys are back (call `_notify` outside the lock,
+        so that the callback may register). Raises if etcd fails; the next tick retries.
+        """
         if self._lease_lost:
             lease = await self.client.lease(self.lease_ttl_s)
             if not self._resync_needed:
@@ -479,37 +483,46 @@ class ControlPlane:
             self._lease_lost = False
             self._resync_needed = True
             self._last_refresh = time.monotonic()
-        if self._resync_needed:
+        if not self._resync_needed:
+            return None
+        try:
             for key, value in list(self._owned.items()):
                 await self.client.put(key.encode(), value, lease=self._lease_id)
-            self._resync_needed = False
-            log.warning(
-                "etcd lease %x replaced by %x; %d keys re-put",
-                self._lost_lease_id,
-                self._lease_id,
-                len(self._owned),
-            )
-            if self.on_lease_lost is not None:
-                try:
-                    result = self.on_lease_lost(LeaseLost(self._lost_lease_id, self._lease_id))
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    log.exception("on_lease_lost callback failed")
+        except aetcd.ClientError as exc:
+            if _is_lease_not_found(exc):  # the new lease died too while we retried: grant again
+                self._lease_lost = True
+            raise
+        self._resync_needed = False
+        log.warning(
+            "etcd lease %x replaced by %x; %d keys re-put", self._lost_lease_id, self._lease_id, len(self._owned)
+        )
+        return LeaseLost(self._lost_lease_id, self._lease_id)
+
+    async def _notify(self, lost: LeaseLost | None) -> None:
+        if lost is None or self.on_lease_lost is None:
+            return
+        try:
+            result = self.on_lease_lost(lost)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_lease_lost callback failed")
 
     async def _put_owned(self, key: str, value: bytes) -> None:
+        healed = None
         async with self._lock:
             self._owned[key] = value
             if self._lease_lost or self._resync_needed:
-                await self._heal_lease_locked()  # puts `key` too
-                return
-            try:
-                await self.client.put(key.encode(), value, lease=self._lease_id)
-            except aetcd.ClientError as exc:
-                if "lease not found" not in str(exc):
-                    raise
-                self._lease_lost = True
-                await self._heal_lease_locked()
+                healed = await self._heal_lease_locked()  # puts `key` too
+            else:
+                try:
+                    await self.client.put(key.encode(), value, lease=self._lease_id)
+                except aetcd.ClientError as exc:
+                    if not _is_lease_not_found(exc):
+                        raise
+                    self._lease_lost = True
+                    healed = await self._heal_lease_locked()
+        await self._notify(healed)
 
     # -- registration -----------------------------------------------------------------------
 
@@ -603,6 +616,10 @@ class ControlPlane:
         async with self._lock:
             self._owned.pop(key, None)
             return await self.client.delete(key.encode()) is not None
+
+
+def _is_lease_not_found(exc: Exception) -> bool:
+    return "requested lease not found" in str(exc)
 
 
 def _parse_worker(key: str, value: bytes) -> WorkerInfo | None:

@@ -77,6 +77,25 @@ class ClusterConfig:
     metrics_port: int = _field(0, "Prometheus /metrics port of this process (0 picks a free one)")
     model: str = _field("", "model to serve (empty: the engine's default model)")
     log_level: str = _field("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    # -- engine (every worker) --
+    dtype: str = _field("bfloat16", "weights and KV dtype: bfloat16, float16, float32")
+    device: str = _field("cpu", "torch device of the workers: cpu, cuda, cuda:N")
+    threads: int = _field(0, "CPU threads per worker (0: all the process may use)")
+    block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
+    kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
+    enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")
+    max_num_seqs: int = _field(256, "most requests a worker runs at once")
+    max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
+    # -- KV transfer (prefill -> decode) --
+    transport: str = _field("auto", "KV transport: auto (nixl if installed, else tcp), nixl, tcp")
+    kv_lease_s: float = _field(30.0, "how long a prefill worker pins a KV handle nobody pulled")
+    kv_pull_timeout_s: float = _field(10.0, "a KV pull slower than this is abandoned: decode recomputes")
+    # -- router --
+    mode: str = _field("disaggregated", "serving mode: disaggregated or aggregated")
+    max_local_prefill_tokens: int = _field(
+        64, "prompts needing more new tokens than this are prefilled on the prefill tier")
+    max_body_bytes: int = _field(4 << 20, "largest HTTP request body the router accepts")
+    served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -128,6 +147,26 @@ class ClusterConfig:
             fail("port", f"port, grpc_port and metrics_port must differ: {ports}")
         if self.log_level not in _LOG_LEVELS:
             fail("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            fail("dtype", "must be bfloat16, float16 or float32")
+        if self.threads < 0:
+            fail("threads", "must be >= 0")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            fail("block_size", "must be a positive power of two")
+        if self.kv_cache_gib <= 0:
+            fail("kv_cache_gib", "must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            fail("max_num_seqs", "max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.transport not in ("auto", "nixl", "tcp", "loopback"):
+            fail("transport", "must be auto, nixl, tcp or loopback")
+        if self.kv_lease_s <= 0 or self.kv_pull_timeout_s <= 0:
+            fail("kv_lease_s", "kv_lease_s and kv_pull_timeout_s must be positive")
+        if self.mode not in ("disaggregated", "aggregated"):
+            fail("mode", "must be disaggregated or aggregated")
+        if self.max_local_prefill_tokens < 0:
+            fail("max_local_prefill_tokens", "must be >= 0")
+        if self.max_body_bytes < 1024:
+            fail("max_body_bytes", "must be at least 1024")
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(ClusterConfig)
@@ -253,13 +292,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default
         help_text = f"{f.metadata['help']} [env {_env_name(name)}; default {default!r}]"
         if _HINTS[name] is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(
-                flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text
-            )
+            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text)
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClusterConfig:
