@@ -72,6 +72,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # never cached (or cache cleared), ref 0
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, oldest first
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self._parents: dict[int, int] = {}  # block hash -> parent hash, for snapshots
         self._tables: dict[str, list[int]] = {}
         self._chain: dict[str, list[int]] = {}  # request -> hashes of its committed full blocks
         self._events: list[KVEvent] = []
@@ -163,6 +164,7 @@ class BlockManager:
                 continue  # an identical block is already cached: keep ours private
             self.block_hashes[block_id] = block_hash
             self._cached[block_hash] = block_id
+            self._parents[block_hash] = parent
             self._emit(BlockStored, block_hash=block_hash, parent_hash=parent, token_ids=tokens)
 
     def free(self, request_id: str) -> None:
@@ -208,10 +210,16 @@ class BlockManager:
             self._free.append(block_id)
         self._evictable.clear()
         self._cached.clear()
+        self._parents.clear()
         self.block_hashes = [None] * self.num_blocks
         for chain in self._chain.values():
             chain.clear()
         self._emit(AllBlocksCleared)
+
+    def snapshot(self) -> tuple[list[tuple[int, int]], int]:
+        """Every cached block as ``(hash, parent hash)``, and the id the next event will get:
+        applying events from that id on to the snapshot keeps an index exact."""
+        return list(self._parents.items()), self._next_event_id
 
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
@@ -231,6 +239,7 @@ class BlockManager:
             block_hash = self.block_hashes[block_id]
             self.block_hashes[block_id] = None
             del self._cached[block_hash]
+            del self._parents[block_hash]
             self._emit(BlockRemoved, block_hash=block_hash)
         self.ref_counts[block_id] = 1
         return block_id

@@ -1,0 +1,222 @@
+"""An asyncio front for :class:`LLMEngine`: the engine loop runs in its own thread; callers
+await outputs per request. Every engine call happens on the engine thread (the engine is not
+thread-safe); results come back to the event loop with ``call_soon_threadsafe``.
+
+A dead engine (an exception in ``step``) fails every open stream and makes ``dead`` true: the
+worker process then exits and its launcher restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.block_manager import KVEvent
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    num_waiting: int = 0
+    num_running: int = 0
+    num_pulling: int = 0
+    num_queued_prefill_tokens: int = 0
+    num_active_blocks: int = 0  # blocks referenced by running requests (decode load)
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_pinned_blocks: int = 0
+    kv_usage: float = 0.0
+    num_prompt_tokens: int = 0  # since start: prompt tokens admitted / served from cache
+    num_cached_tokens: int = 0
+    num_steps: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, event_history: int = 100_000) -> None:
+        self.engine = engine
+        self.dead: BaseException | None = None
+        self.load = EngineLoad()
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # KV events, kept for subscribers that resume from an event id.
+        self.events: deque[KVEvent] = deque(maxlen=event_history)
+        self._event_waiters: set[asyncio.Event] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._commands.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- calls into the engine thread ------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread and return its result."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine died: {self.dead!r}")
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as e:  # delivered to the caller
+                fut.set_exception(e)
+
+        self._commands.put(run)
+        return await asyncio.wrap_future(fut)
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, priority: int = 0,
+        prefill_only: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Closing the iterator early aborts the request."""
+        stream = self._open(request_id)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_ids, sampling, priority, prefill_only))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def generate_prefilled(
+        self, request_id: str, prompt_ids: list[int], first_token: int, sampling: SamplingParams,
+        pull: Callable[[list[int], list[int]], Any], priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request whose prompt was prefilled elsewhere. ``pull(block_indices,
+        local_block_ids)`` is awaited to fill the missing prompt blocks and returns whether it
+        succeeded; on failure the prompt is recomputed here."""
+        stream = self._open(request_id)
+        try:
+            plan = await self.call(lambda e: (e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority),
+                                              list(e.block_manager.block_table(request_id))))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        indices, table = plan
+        if indices is not None:
+            ok = False
+            try:
+                ok = bool(await pull(indices, [table[i] for i in indices])) if indices else True
+            finally:
+                await self.call(lambda e: e.kv_ready(request_id, ok))
+        async for out in self._drain(request_id, stream):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        if self.dead is None:
+            await self.call(lambda e: e.abort(request_id))
+
+    async def unpin(self, request_id: str) -> bool:
+        return await self.call(lambda e: e.unpin(request_id))
+
+    async def wait_events(self, after_id: int, timeout_s: float) -> list[KVEvent]:
+        """KV events with ``event_id > after_id``, waiting up to ``timeout_s`` for some."""
+        ready = [ev for ev in self.events if ev.event_id > after_id]
+        if ready:
+            return ready
+        waiter = asyncio.Event()
+        self._event_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._event_waiters.discard(waiter)
+        return [ev for ev in self.events if ev.event_id > after_id]
+
+    # ---- internals -------------------------------------------------------------------------
+    def _open(self, request_id: str) -> asyncio.Queue:
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    async def _drain(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self.dead is None:
+                await asyncio.shield(self.abort(request_id))
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                # Run every queued command; block for one only when there is nothing to compute.
+                while True:
+                    try:
+                        cmd = self._commands.get_nowait() if engine.has_work() else self._commands.get(timeout=0.5)
+                    except queue.Empty:
+                        break
+                    if cmd is None:
+                        return
+                    cmd()
+                self._publish(engine.step() if engine.has_work() else [])
+        except BaseException as e:
+            traceback.print_exc()
+            self.dead = e
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        engine = self.engine
+        sched = engine.scheduler
+        bm = engine.block_manager
+        events = engine.take_kv_events()
+        active = sum(len(bm.block_table(r.request_id)) for r in sched.running)
+        self.load = EngineLoad(
+            num_waiting=len(sched.waiting), num_running=len(sched.running), num_pulling=len(sched.pulling),
+            num_queued_prefill_tokens=sched.num_queued_prefill_tokens, num_active_blocks=active,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            num_pinned_blocks=sched.num_pinned_blocks, kv_usage=bm.usage,
+            num_prompt_tokens=sched.stats.num_prompt_tokens, num_cached_tokens=sched.stats.num_cached_tokens,
+            num_steps=engine.num_steps,
+        )
+        if (outputs or events) and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs, events)
+
+    def _deliver(self, outputs: list[RequestOutput], events: list[KVEvent]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+        if events:
+            self.events.extend(events)
+            for waiter in self._event_waiters:
+                waiter.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(EngineDeadError(f"engine died: {error!r}"))

@@ -1,0 +1,4 @@
+from prefill_worker.service import PrefillServicer
+from runtime.worker import main
+
+main("prefill", PrefillServicer)

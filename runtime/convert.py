@@ -1,0 +1,90 @@
+"""Conversions between the worker protocol (``runtime.pb.tandem_worker_pb2``) and the engine's
+dataclasses. Messages are converted at the edge; nothing inside passes protobufs around."""
+
+from __future__ import annotations
+
+from engine.async_engine import EngineLoad
+from engine.block_manager import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from engine.llm_engine import RequestOutput
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from runtime.pb import tandem_worker_pb2 as pb
+
+_FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+
+def sampling_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        n=p.n, min_tokens=p.min_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        min_p=p.min_p, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+        include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
+        skip_special_tokens=p.skip_special_tokens,
+    )
+    if p.max_tokens is not None:
+        msg.max_tokens = p.max_tokens
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def sampling_from_pb(m: pb.SamplingParams) -> SamplingParams:
+    """Raises ValueError (with the engine's message) on out-of-range values."""
+    return SamplingParams(
+        n=m.n if m.HasField("n") else 1,
+        max_tokens=m.max_tokens if m.HasField("max_tokens") else None,
+        min_tokens=m.min_tokens,
+        temperature=m.temperature if m.HasField("temperature") else 1.0,
+        top_p=m.top_p if m.HasField("top_p") else 1.0,
+        top_k=m.top_k,
+        min_p=m.min_p,
+        seed=m.seed if m.HasField("seed") else None,
+        repetition_penalty=m.repetition_penalty if m.HasField("repetition_penalty") else 1.0,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        stop=tuple(m.stop),
+        stop_token_ids=tuple(m.stop_token_ids),
+        include_stop_str_in_output=m.include_stop_str_in_output,
+        ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        skip_special_tokens=m.skip_special_tokens if m.HasField("skip_special_tokens") else True,
+    )
+
+
+def output_to_pb(out: RequestOutput) -> pb.SequenceOutput:
+    msg = pb.SequenceOutput(index=out.index, token_ids=out.new_token_ids,
+                            finish_reason=_FINISH_TO_PB[out.finish_reason])
+    for lp in out.new_logprobs:
+        msg.logprobs.append(pb.TokenLogprob(
+            logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top.items()]))
+    if isinstance(out.stop_reason, str):
+        msg.stop_str = out.stop_reason
+    elif isinstance(out.stop_reason, int):
+        msg.stop_token_id = out.stop_reason
+    return msg
+
+
+def load_to_pb(load: EngineLoad) -> pb.Load:
+    return pb.Load(
+        num_waiting=load.num_waiting + load.num_pulling, num_running=load.num_running,
+        num_queued_prefill_tokens=load.num_queued_prefill_tokens, num_total_blocks=load.num_total_blocks,
+        num_free_blocks=load.num_free_blocks, num_pinned_blocks=load.num_pinned_blocks, kv_usage=load.kv_usage,
+    )
+
+
+def event_to_pb(ev: KVEvent) -> pb.KVEvent:
+    if isinstance(ev, BlockStored):
+        return pb.KVEvent(event_id=ev.event_id, block_stored=pb.BlockStored(
+            block_hash=ev.block_hash, parent_hash=ev.parent_hash, token_ids=list(ev.token_ids)))
+    if isinstance(ev, BlockRemoved):
+        return pb.KVEvent(event_id=ev.event_id, block_removed=pb.BlockRemoved(block_hash=ev.block_hash))
+    assert isinstance(ev, AllBlocksCleared)
+    return pb.KVEvent(event_id=ev.event_id, all_blocks_cleared=pb.AllBlocksCleared())

@@ -1,0 +1,233 @@
+"""What both worker tiers share: the gRPC servicer base (Health, Abort, Drain, KV events) and
+the process life of a worker (engine, KV transport, gRPC server, etcd registration, metrics,
+graceful shutdown). ``prefill_worker`` and ``decode_worker`` add their own RPCs.
+
+A worker prints one line ``TANDEM_READY {json}`` on stdout once it serves and is registered,
+so a launcher can wait for it without polling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import REGISTRY, Gauge
+
+from engine.async_engine import AsyncEngine
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine, default_num_threads
+from kv_transfer import KVTransport, make_transport
+from runtime import settings
+from runtime.convert import event_to_pb, load_to_pb
+from runtime.etcd import ControlPlane, WorkerInfo
+from runtime.metrics import serve_metrics
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.worker")
+
+ROLE_TO_PB = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE}
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    role: str
+    worker_id: str
+    endpoint: str
+    model: str
+    block_size: int
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """The RPCs every worker serves. Subclasses add Prefill/Unpin (prefill) or Generate (decode)."""
+
+    def __init__(self, identity: WorkerIdentity, engine: AsyncEngine, transport: KVTransport | None) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.transport = transport
+        self.status = pb.WORKER_STATUS_SERVING
+        self.on_drain: list = []  # callbacks (async) run once when a drain starts
+
+    # ---- shared RPCs -------------------------------------------------------------------------
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        ident = self.identity
+        return pb.HealthResponse(status=self.status, worker_id=ident.worker_id, role=ROLE_TO_PB[ident.role],
+                                 model=ident.model, block_size=ident.block_size, load=load_to_pb(self.engine.load))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        known = await self.engine.call(lambda e: request.request_id in e._groups)
+        await self.engine.abort(request.request_id)
+        return pb.AbortResponse(aborted=known)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        if self.status != pb.WORKER_STATUS_DRAINING:
+            self.status = pb.WORKER_STATUS_DRAINING
+            for callback in self.on_drain:
+                await callback()
+        deadline = time.monotonic() + request.wait_ms / 1000
+        while not self._idle() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return pb.DrainResponse(drained=self._idle(), load=load_to_pb(self.engine.load))
+
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.KVEventsResponse]:
+        cursor = request.from_event_id
+        while True:
+            events = await self.engine.wait_events(cursor - 1, timeout_s=5.0)
+            if events and events[0].event_id > cursor:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                    f"event {cursor} is no longer retained; take a KVSnapshot")
+            if events:
+                cursor = events[-1].event_id + 1
+                yield pb.KVEventsResponse(events=[event_to_pb(ev) for ev in events])
+
+    async def KVSnapshot(self, request: pb.KVSnapshotRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.KVSnapshotResponse:
+        blocks, next_id = await self.engine.call(lambda e: e.block_manager.snapshot())
+        return pb.KVSnapshotResponse(
+            blocks=[pb.CachedBlock(block_hash=h, parent_hash=p) for h, p in blocks], next_event_id=next_id,
+            worker_id=self.identity.worker_id, block_size=self.identity.block_size)
+
+    # ---- hooks for the tiers ---------------------------------------------------------------------
+    def configure(self, cfg: settings.ClusterConfig) -> None:
+        self.cfg = cfg
+
+    async def run_background(self) -> None:
+        """Background duties of the tier (the prefill tier reaps expired KV handles)."""
+        await asyncio.Event().wait()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def accepting(self) -> bool:
+        return self.status == pb.WORKER_STATUS_SERVING
+
+    def _idle(self) -> bool:
+        load = self.engine.load
+        return not (load.num_waiting or load.num_running or load.num_pulling or load.num_pinned_blocks)
+
+
+# ---- the process ------------------------------------------------------------------------------
+def engine_config(cfg: settings.ClusterConfig) -> EngineConfig:
+    return EngineConfig(
+        model=cfg.model or "default", dtype=cfg.dtype, device=cfg.device,
+        num_threads=cfg.threads or (default_num_threads() if cfg.device == "cpu" else None),
+        cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(cfg.kv_cache_gib * (1 << 30)),
+                          enable_prefix_caching=cfg.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+    )
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {role}_worker", description=f"tandem {role} worker")
+    settings.add_arguments(parser)
+    parser.add_argument("--worker-id", default=None, help="unique id (default: role + random suffix)")
+    parser.add_argument("--worker-port", type=int, default=0, help="gRPC port of this worker (0: any free)")
+    return parser
+
+
+async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list[str] | None = None) -> int:
+    args = build_parser(role).parse_args(argv)
+    cfg = settings.from_args(args)
+    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    worker_id = args.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+    if not cfg.etcd_endpoints:
+        raise SystemExit("a worker needs --etcd-endpoints (tandem serve starts etcd and passes them)")
+
+    econfig = engine_config(cfg)
+    log.info("loading %s (%s on %s)", econfig.model, econfig.dtype, econfig.device)
+    llm = await asyncio.to_thread(LLMEngine, econfig, True)
+    engine = AsyncEngine(llm)
+    engine.start()
+    transport = make_transport(cfg.transport, model=econfig.model)
+    transport.register(llm.runner.kv)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    port = server.add_insecure_port(f"{cfg.host}:{args.worker_port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind {cfg.host}:{args.worker_port}")
+    endpoint = f"{cfg.host}:{port}"
+    identity = WorkerIdentity(role, worker_id, endpoint, econfig.model, econfig.cache.block_size)
+    servicer = servicer_cls(identity, engine, transport)
+    servicer.configure(cfg)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    await server.start()
+
+    _export_load(engine)
+    metrics = serve_metrics(REGISTRY, port=cfg.metrics_port, host=cfg.host)
+    plane = ControlPlane.from_config(cfg)
+    await plane.connect()
+    info = WorkerInfo(
+        worker_id=worker_id, role=role, endpoint=endpoint, model=econfig.model, block_size=econfig.cache.block_size,
+        transport={"name": transport.transport_name,
+                   "metadata": base64.b64encode(transport.metadata()).decode()},
+        metrics_url=metrics.url, pid=os.getpid(), started_at_s=time.time(),
+    )
+    await plane.register(role, worker_id, info)
+
+    async def deregister() -> None:
+        await plane.deregister(role, worker_id)
+
+    servicer.on_drain.append(deregister)
+    plane.start_metrics_publisher(role, worker_id, lambda: engine.load, cfg.metrics_interval_s)
+    print("TANDEM_READY " + json.dumps({"role": role, "worker_id": worker_id, "endpoint": endpoint,
+                                        "metrics": metrics.url, "pid": os.getpid()}), flush=True)
+    log.info("%s worker %s serving on %s", role, worker_id, endpoint)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    background = [asyncio.create_task(servicer.run_background())]
+
+    async def watch_engine() -> None:
+        while engine.dead is None:
+            await asyncio.sleep(0.2)
+        stop.set()
+
+    background.append(asyncio.create_task(watch_engine()))
+    await stop.wait()
+    log.info("shutting down")
+    with contextlib.suppress(Exception):
+        await plane.deregister(role, worker_id)
+    await server.stop(grace=2.0)
+    for task in background:
+        task.cancel()
+    with contextlib.suppress(Exception):
+        await plane.close()
+    await engine.stop()
+    transport.close()
+    metrics.stop()
+    return 1 if engine.dead is not None else 0
+
+
+def _export_load(engine: AsyncEngine) -> None:
+    """The engine's load as Prometheus gauges, read at scrape time."""
+    for name, doc in (("num_waiting", "requests queued"), ("num_running", "requests running"),
+                      ("num_pulling", "requests waiting for their KV pull"),
+                      ("num_queued_prefill_tokens", "prompt tokens still to compute"),
+                      ("num_free_blocks", "free KV blocks"), ("num_pinned_blocks", "blocks pinned for KV handles"),
+                      ("kv_usage", "fraction of KV blocks in use"),
+                      ("num_prompt_tokens", "prompt tokens admitted since start"),
+                      ("num_cached_tokens", "prompt tokens served from the prefix cache since start")):
+        gauge = Gauge(f"tandem_worker_{name}", doc)
+        gauge.set_function(lambda name=name: float(getattr(engine.load, name)))
+
+
+def main(role: str, servicer_cls: type[WorkerServicer]) -> None:
+    try:
+        code = asyncio.run(serve_worker(role, servicer_cls))
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
