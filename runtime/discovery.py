@@ -170,7 +170,9 @@ class WorkerSet:
     `on_event` is called (on the event loop) for every change after the initial snapshot.
     """
 
-    def __init__(self, plane: ControlPlane, role: str, on_event: Callable[[WorkerEvent], None] | None = None) -> None:
+    def __init__(
+        self, plane: ControlPlane, role: str, on_event: Callable[[WorkerEvent], None] | None = None
+    ) -> None:
         self.plane = plane
         self.role = role
         self.on_event = on_event
@@ -212,7 +214,9 @@ class WorkerSet:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def wait_until(self, predicate: Callable[[Mapping[str, WorkerInfo]], bool], timeout_s: float) -> bool:
+    async def wait_until(
+        self, predicate: Callable[[Mapping[str, WorkerInfo]], bool], timeout_s: float
+    ) -> bool:
         """Wait (at most `timeout_s`) until `predicate(workers)` holds; return whether it does.
 
         The predicate is checked on every change and at least every 0.1 s.

@@ -202,14 +202,20 @@ class _Client(aetcd.Client):
             "grpc.initial_reconnect_backoff_ms": 250,
             "grpc.max_reconnect_backoff_ms": 2_000,
         }
-        super().__init__(username=username, password=password, timeout=timeout_s, options=options)  # type: ignore[arg-type]
+        # aetcd annotates timeout as int; gRPC takes float seconds.
+        super().__init__(
+            username=username,
+            password=password,
+            timeout=timeout_s,
+            options=options,  # type: ignore[arg-type]
+        )
         self._target = target
         self._credentials = credentials
 
     async def connect(self) -> None:
         if self._connected.is_set():
             return
-        if self._is_connecting:
+        if self._is_connecting:  # type: ignore[has-type]
             async with asyncio.timeout(self._connect_wait_timeout):
                 await self._connected.wait()
             return
@@ -245,7 +251,9 @@ class _Client(aetcd.Client):
         """One round trip to the server (connect is lazy without auth)."""
         await self.connect()
         try:
-            await self.maintenancestub.Status(aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata)
+            await self.maintenancestub.Status(
+                aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata
+            )
         except aetcd.rpc.AioRpcError as exc:
             aetcd.exceptions._handle_exception(exc)
 
@@ -494,7 +502,10 @@ class ControlPlane:
             raise
         self._resync_needed = False
         log.warning(
-            "etcd lease %x replaced by %x; %d keys re-put", self._lost_lease_id, self._lease_id, len(self._owned)
+            "etcd lease %x replaced by %x; %d keys re-put",
+            self._lost_lease_id,
+            self._lease_id,
+            len(self._owned),
         )
         return LeaseLost(self._lost_lease_id, self._lease_id)
 

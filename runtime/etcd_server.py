@@ -117,7 +117,7 @@ class EtcdServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: Path | None = None
         self._log_file: Path | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may stop us mid-start
 
     # -- properties -------------------------------------------------------------------------
 

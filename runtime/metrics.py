@@ -83,7 +83,9 @@ class MetricsServer:
         self._thread.join(timeout=5.0)
 
 
-def serve_metrics(registry: CollectorRegistry | None = None, port: int = 0, host: str = "127.0.0.1") -> MetricsServer:
+def serve_metrics(
+    registry: CollectorRegistry | None = None, port: int = 0, host: str = "127.0.0.1"
+) -> MetricsServer:
     """Serve `registry` (default: `process_registry()`) on http://host:port/metrics in a thread.
 
     `port=0` picks a free port; read it back from the result's `port`.

@@ -93,7 +93,8 @@ class ClusterConfig:
     # -- router --
     mode: str = _field("disaggregated", "serving mode: disaggregated or aggregated")
     max_local_prefill_tokens: int = _field(
-        64, "prompts needing more new tokens than this are prefilled on the prefill tier")
+        64, "prompts needing more new tokens than this are prefilled on the prefill tier"
+    )
     max_body_bytes: int = _field(4 << 20, "largest HTTP request body the router accepts")
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
 
@@ -292,9 +293,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default
         help_text = f"{f.metadata['help']} [env {_env_name(name)}; default {default!r}]"
         if _HINTS[name] is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text)
+            group.add_argument(
+                flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text
+            )
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClusterConfig:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from runtime_testlib import child_env, run
@@ -38,8 +39,8 @@ def info(worker_id: str, role: str = "decode", **kw: object) -> WorkerInfo:
     return WorkerInfo(**fields)  # type: ignore[arg-type]
 
 
-def plane(etcd: EtcdServer, namespace: str, **kw: object) -> ControlPlane:
-    return ControlPlane([etcd.endpoint], namespace=namespace, lease_ttl_s=TTL_S, **kw)  # type: ignore[arg-type]
+def plane(etcd: EtcdServer, namespace: str, **kw: Any) -> ControlPlane:
+    return ControlPlane([etcd.endpoint], namespace=namespace, lease_ttl_s=TTL_S, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,16 +369,14 @@ def test_survives_etcd_restart_with_empty_data(namespace: str) -> None:
     """etcd comes back empty: the lease is re-granted, keys re-put, and watchers resync."""
     server = EtcdServer(client_port=free_port(), peer_port=free_port())
     losses: list[LeaseLost] = []
+    opts: dict[str, Any] = dict(namespace=namespace, lease_ttl_s=TTL_S, request_timeout_s=1)
 
     async def main() -> None:
         async with (
-            ControlPlane([server.endpoint], namespace=namespace, lease_ttl_s=TTL_S, request_timeout_s=1) as router,
-            ControlPlane(
-                [server.endpoint], namespace=namespace, lease_ttl_s=TTL_S, request_timeout_s=1,
-                on_lease_lost=losses.append,
-            ) as worker,
+            ControlPlane([server.endpoint], **opts) as router,
+            ControlPlane([server.endpoint], on_lease_lost=losses.append, **opts) as worker,
             router.workers("decode") as decode,
-        ):  # fmt: skip
+        ):
             await worker.register("decode", "d0", info("d0"))
             assert await decode.wait_until(lambda w: "d0" in w, 5)
             await asyncio.to_thread(server.stop)

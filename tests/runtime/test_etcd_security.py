@@ -18,7 +18,9 @@ def etcdctl(server: EtcdServer, *args: str) -> str:
     binary = find_etcd_binary().with_name("etcdctl")
     exe = str(binary) if binary.exists() else shutil.which("etcdctl")
     assert exe, "etcdctl not found"
-    out = subprocess.run([exe, f"--endpoints={server.client_url}", *args], capture_output=True, text=True, timeout=20)
+    out = subprocess.run(
+        [exe, f"--endpoints={server.client_url}", *args], capture_output=True, text=True, timeout=20
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -58,12 +60,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tandem-test-ca",
              "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
     for name in ("server", "client"):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
                  "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", f"{name}.pem", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", "ext.cnf", "-out", f"{name}.pem", cwd=d)  # fmt: skip
     return d
 
 

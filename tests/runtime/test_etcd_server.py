@@ -98,7 +98,9 @@ time.sleep(60)
 
 
 def _start_child(mode: str) -> tuple[subprocess.Popen[str], int, Path]:
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, mode], stdout=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, mode], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # bounded: the child's EtcdServer gives up after 20 s
     assert line, "child did not start etcd"

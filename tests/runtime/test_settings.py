@@ -55,7 +55,9 @@ def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
 
 def test_config_file_from_env_and_json(tmp_path: Path) -> None:
     path = tmp_path / "cluster.json"
-    path.write_text(json.dumps({"namespace": "js", "metrics_interval_s": 2, "etcd_user": "u", "etcd_password": "p"}))
+    path.write_text(
+        json.dumps({"namespace": "js", "metrics_interval_s": 2, "etcd_user": "u", "etcd_password": "p"})
+    )
     config = parse([], env={"TANDEM_CONFIG": str(path)})
     assert config.namespace == "js" and config.metrics_interval_s == 2.0
     assert (config.etcd_user, config.etcd_password) == ("u", "p")
