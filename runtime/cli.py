@@ -79,6 +79,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime import settings
+    from runtime.local_cluster import LocalCluster
+
+    cfg = settings.from_args(args)
+    cluster = LocalCluster(cfg, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
+                           log_dir=args.log_dir)
+    try:
+        cluster.start()
+        r = cluster.router
+        mode = f"{cluster.num_prefill} prefill + {cluster.num_decode} decode" if cfg.mode == "disaggregated" \
+            else f"{cluster.num_decode} aggregated"
+        print(f"tandem: serving {r['model']} ({mode} worker(s), {cfg.dtype} on {cfg.device})\n"
+              f"  OpenAI API   {r['http']}/v1   (e.g. curl {r['http']}/v1/models)\n"
+              f"  KServe gRPC  {r['grpc']}\n"
+              f"  metrics      {r['http']}/metrics\n"
+              f"Ctrl-C stops everything.", flush=True)
+        while all(c.proc.poll() is None for c in cluster.children):
+            time.sleep(0.5)
+        dead = [c.name for c in cluster.children if c.proc.poll() is not None]
+        print(f"tandem: {', '.join(dead)} exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntandem: stopping...", file=sys.stderr)
+        return 0
+    finally:
+        cluster.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
+
+    from runtime import settings
+
+    s = sub.add_parser("serve", help="run the embedded cluster: etcd, router, prefill and decode workers")
+    settings.add_arguments(s)
+    s.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (disaggregated mode)")
+    s.add_argument("--decode-workers", type=int, default=1, help="decode workers")
+    s.add_argument("--log-dir", default=None, help="write each process's log here instead of the terminal")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

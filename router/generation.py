@@ -1,0 +1,124 @@
+"""Text generation on top of :class:`RouterCore`: detokenization of each of the n sequences,
+stop strings (matched on the router's text; the upstream request is aborted as soon as every
+sequence has stopped), and usage counted from what the client actually gets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.request import FinishReason, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+from router import metrics
+from router.core import Delta, Route, RouterCore, Usage
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass
+class Choice:
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+
+@dataclass
+class GenerationResult:
+    choices: list[Choice]
+    usage: Usage
+    route: Route
+
+
+class Generation:
+    """One prompt's n sequences, streamed as :class:`ChoiceDelta` and summed up in ``result``."""
+
+    def __init__(self, core: RouterCore, tokenizer: TextTokenizer, prompt_ids: list[int], sampling: SamplingParams,
+                 priority: int = 0, request_id: str | None = None) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.priority = priority
+        self.request_id = request_id or uuid.uuid4().hex
+        self.route = Route()
+        self.choices = [Choice(i, IncrementalDetokenizer(tokenizer, sampling.stop, sampling.include_stop_str_in_output,
+                                                         sampling.skip_special_tokens))
+                        for i in range(sampling.n)]
+        self.usage = Usage(num_prompt_tokens=len(prompt_ids))
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+        self._last_token_time: float | None = None
+
+    @property
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.choices, self.usage, self.route)
+
+    async def stream(self) -> AsyncIterator[ChoiceDelta]:
+        upstream = self.core.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
+        try:
+            async for item in upstream:
+                if isinstance(item, Usage):
+                    self.usage.num_cached_tokens = item.num_cached_tokens
+                    continue
+                out = self._apply(item)
+                if out is not None:
+                    yield out
+                if all(c.finish_reason is not None for c in self.choices):
+                    break
+        finally:
+            await upstream.aclose()  # aborts the request upstream if it is still running
+        self.usage.num_completion_tokens = sum(len(c.token_ids) for c in self.choices)
+        metrics.PROMPT_TOKENS.inc(self.usage.num_prompt_tokens)
+        metrics.COMPLETION_TOKENS.inc(self.usage.num_completion_tokens)
+        metrics.E2E.observe(time.perf_counter() - self.arrival)
+
+    def _apply(self, delta: Delta) -> ChoiceDelta | None:
+        choice = self.choices[delta.index]
+        if choice.finish_reason is not None:
+            return None
+        now = time.perf_counter()
+        if delta.token_ids:
+            if self.first_token_time is None:
+                self.first_token_time = now
+                metrics.TTFT.observe(now - self.arrival)
+            elif self._last_token_time is not None:
+                metrics.ITL.observe((now - self._last_token_time) / len(delta.token_ids))
+            self._last_token_time = now
+        new_ids: list[int] = []
+        new_logprobs: list[TokenLogprob] = []
+        finish: str | None = None
+        for k, token in enumerate(delta.token_ids):
+            new_ids.append(token)
+            if k < len(delta.logprobs):
+                new_logprobs.append(delta.logprobs[k])
+            stop = choice.detok.add(token)
+            if stop is not None:
+                finish, choice.stop_reason = "stop", stop
+                break
+        if finish is None and delta.finish_reason is not None:
+            finish = delta.finish_reason.value if delta.finish_reason is not FinishReason.ABORT else "abort"
+            choice.stop_reason = delta.stop_reason
+        choice.token_ids += new_ids
+        choice.logprobs += new_logprobs
+        choice.finish_reason = finish
+        text = choice.detok.delta(finish is not None)
+        if not text and not new_ids and finish is None:
+            return None
+        return ChoiceDelta(choice.index, text, new_ids, new_logprobs, finish)

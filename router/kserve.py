@@ -1,0 +1,235 @@
+"""The KServe v2 / Open Inference Protocol gRPC API (``inference.GRPCInferenceService``), in
+the shape Triton's LLM backends use, so stock ``tritonclient[grpc]`` works:
+
+inputs   ``text_input`` (BYTES [1], required), ``stream`` (BOOL [1]), ``sampling_parameters``
+         (BYTES [1], a JSON object of OpenAI/vLLM sampling fields), ``exclude_input_in_output``
+         (BOOL [1]); sampling fields may also come as request ``parameters``.
+outputs  ``text_output`` (BYTES [1]): the new text of each streamed response, or the whole
+         text (prompt included unless ``exclude_input_in_output``) for ``ModelInfer``.
+
+``ModelStreamInfer`` streams one response per new piece of text; the last one carries the
+parameter ``triton_final_response = true``. Errors in the stream come as ``error_message``.
+These stubs register the ``inference`` proto package: never import this module in a process
+that also imports ``tritonclient.grpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import TextTokenizer
+from router.core import InvalidRequestError, NoWorkersError, RouterCore, WorkerFailedError
+from router.generation import Generation
+from router.openai_api import ServedModel
+from runtime.pb import kserve_inference_pb2 as pb
+from runtime.pb import kserve_inference_pb2_grpc as pb_grpc
+
+_SAMPLING_FIELDS = {
+    "max_tokens": int, "min_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "seed": int, "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+    "ignore_eos": bool, "stop": None, "stop_token_ids": None, "include_stop_str_in_output": bool,
+    "skip_special_tokens": bool,
+}
+
+
+class KServeError(ValueError):
+    pass
+
+
+def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[Any]:
+    dt = tensor.datatype
+    if raw is not None:
+        if dt == "BYTES":
+            out, pos = [], 0
+            while pos + 4 <= len(raw):
+                (n,) = struct.unpack_from("<I", raw, pos)
+                out.append(raw[pos + 4:pos + 4 + n])
+                pos += 4 + n
+            return out
+        if dt == "BOOL":
+            return [b != 0 for b in raw]
+        fmt = {"INT32": "i", "INT64": "q", "UINT32": "I", "FP32": "f", "FP64": "d"}.get(dt)
+        if fmt is None:
+            raise KServeError(f"input {tensor.name!r}: datatype {dt} is not supported")
+        return list(struct.unpack(f"<{len(raw) // struct.calcsize(fmt)}{fmt}", raw))
+    c = tensor.contents
+    return list(c.bytes_contents or c.bool_contents or c.int_contents or c.int64_contents or c.uint_contents
+                or c.fp32_contents or c.fp64_contents)
+
+
+def _param(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def parse_request(req: pb.ModelInferRequest, tokenizer: TextTokenizer, model: ServedModel,
+                  streaming: bool) -> tuple[list[int], SamplingParams, bool, str]:
+    """(prompt ids, sampling, include the input in the output, prompt text); KServeError if bad."""
+    if req.model_name != model.name:
+        raise KServeError(f"unknown model {req.model_name!r}; this server serves {model.name!r}")
+    inputs: dict[str, list[Any]] = {}
+    for i, tensor in enumerate(req.inputs):
+        raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
+        inputs[tensor.name] = _decode_input(tensor, raw)
+    if "text_input" not in inputs or not inputs["text_input"]:
+        raise KServeError("the request needs a BYTES input 'text_input'")
+    text = inputs["text_input"][0]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    fields: dict[str, Any] = {}
+    for name, value in req.parameters.items():
+        if name in _SAMPLING_FIELDS:
+            fields[name] = _param(value)
+    if "sampling_parameters" in inputs:
+        raw = inputs["sampling_parameters"][0]
+        try:
+            extra = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KServeError(f"sampling_parameters is not valid JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise KServeError("sampling_parameters must be a JSON object")
+        unknown = sorted(set(extra) - set(_SAMPLING_FIELDS))
+        if unknown:
+            raise KServeError(f"unknown sampling parameters: {unknown}")
+        fields.update(extra)
+    for name in _SAMPLING_FIELDS:
+        if inputs.get(name):
+            fields[name] = inputs[name][0]
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = (fields["stop"],)
+    fields.setdefault("max_tokens", 16)
+    fields.setdefault("temperature", 0.0)
+    try:
+        for name, kind in _SAMPLING_FIELDS.items():
+            if kind is not None and name in fields and fields[name] is not None:
+                fields[name] = kind(fields[name])
+        sampling = SamplingParams(**fields)
+    except (TypeError, ValueError) as e:
+        raise KServeError(str(e)) from None
+    prompt_ids = tokenizer.encode(text)
+    if not prompt_ids:
+        raise KServeError("text_input is empty")
+    total = len(prompt_ids) + (sampling.max_tokens or 1)
+    if total > model.max_model_len:
+        raise KServeError(f"this model's maximum context length is {model.max_model_len} tokens; the request "
+                          f"needs {total}")
+    exclude = inputs.get("exclude_input_in_output", [streaming])[0]
+    return prompt_ids, sampling, not bool(exclude), text
+
+
+def _text_response(req: pb.ModelInferRequest, model: ServedModel, text: str, final: bool | None
+                   ) -> pb.ModelInferResponse:
+    data = text.encode()
+    resp = pb.ModelInferResponse(model_name=model.name, model_version="1", id=req.id)
+    resp.outputs.append(pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1]))
+    resp.raw_output_contents.append(struct.pack("<I", len(data)) + data)
+    if final is not None:
+        resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, KServeError | InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, NoWorkersError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, WorkerFailedError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {e!r}"
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: RouterCore, tokenizer: TextTokenizer, model: ServedModel) -> None:
+        self.core, self.tokenizer, self.model = core, tokenizer, model
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=request.name == self.model.name and self.core.ready())
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="tandem", version="0.1.0", extensions=["streaming"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ModelMetadataResponse:
+        if request.name != self.model.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
+        t = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=self.model.name, versions=["1"], platform="tandem",
+            inputs=[t(name="text_input", datatype="BYTES", shape=[1]), t(name="stream", datatype="BOOL", shape=[1]),
+                    t(name="sampling_parameters", datatype="BYTES", shape=[1]),
+                    t(name="exclude_input_in_output", datatype="BOOL", shape=[1])],
+            outputs=[t(name="text_output", datatype="BYTES", shape=[-1])])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelInferResponse:
+        try:
+            prompt_ids, sampling, include_input, text = parse_request(request, self.tokenizer, self.model, False)
+            gen = Generation(self.core, self.tokenizer, prompt_ids, sampling, request_id=request.id or None)
+            async for _ in gen.stream():
+                pass
+        except Exception as e:
+            code, message = _status(e)
+            await context.abort(code, message)
+        out = "".join(c.text for c in gen.choices)
+        return _text_response(request, self.model, (text if include_input else "") + out, None)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; their responses interleave (matched by id)."""
+        queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def run(req: pb.ModelInferRequest) -> None:
+            try:
+                prompt_ids, sampling, _, _ = parse_request(req, self.tokenizer, self.model, True)
+                gen = Generation(self.core, self.tokenizer, prompt_ids, sampling,
+                                 request_id=f"{req.id or 'kserve'}-{uuid.uuid4().hex[:8]}")
+                async for d in gen.stream():
+                    if d.text or d.finish_reason is not None:
+                        resp = _text_response(req, self.model, d.text, d.finish_reason is not None)
+                        await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                _, message = _status(e)
+                err = pb.ModelStreamInferResponse(error_message=message,
+                                                  infer_response=pb.ModelInferResponse(id=req.id))
+                await queue.put(err)
+
+        async def read() -> None:
+            async for req in request_iterator:
+                task = asyncio.create_task(run(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await queue.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+def add_kserve(server: grpc.aio.Server, core: RouterCore, tokenizer: TextTokenizer, model: ServedModel) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core, tokenizer, model), server)
