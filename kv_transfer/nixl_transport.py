@@ -13,6 +13,7 @@ UCX picks its devices from the environment: ``UCX_NET_DEVICES=lo`` keeps a test 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import types
@@ -120,6 +121,8 @@ class NixlTransport(KVTransport):
                 "the nixl KV transport needs the `nixl` package; on a CPU machine install it without "
                 "its torch dependency: pip install --no-deps nixl nixl-cu12"
             ) from e
+        if not os.environ.get("NIXL_LOG_LEVEL"):
+            logging.getLogger("nixl").setLevel(logging.WARNING)  # its INFO lines go to stdout
         self._errors: tuple[type[BaseException], ...] = tuple(
             v for v in vars(_bindings).values() if isinstance(v, type) and issubclass(v, Exception)
         )

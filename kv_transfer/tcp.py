@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 _LEN = struct.Struct("!I")
 _MAX_MESSAGE = 64 << 20  # a request for a million runs is still far below this
-_STAGING_BYTES = 64 << 20  # CUDA tensors move through host chunks of at most this size
+_STAGING_BYTES = 8 << 20  # CUDA tensors move through pinned host buffers of this size
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -114,6 +116,7 @@ class TcpTransport(KVTransport):
         self._served_layout: KVLayout | None = None  # outlives close() for in-flight serving threads
         self._bytes: torch.Tensor | None = None  # kv flattened to uint8, same memory
         self._host_view: memoryview | None = None  # bytes of kv when it lives in host memory
+        self._staging_pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned, for CUDA kv
 
     @property
     def port(self) -> int:
@@ -206,9 +209,11 @@ class TcpTransport(KVTransport):
             conn.sendall(self._host_view[offset : offset + nbytes])
             return
         assert self._bytes is not None
-        for start in range(offset, offset + nbytes, _STAGING_BYTES):
-            end = min(start + _STAGING_BYTES, offset + nbytes)
-            conn.sendall(_byte_view(self._bytes[start:end].cpu()))
+        with self._staging() as (staging, view):
+            for start in range(offset, offset + nbytes, _STAGING_BYTES):
+                end = min(start + _STAGING_BYTES, offset + nbytes)
+                staging[: end - start].copy_(self._bytes[start:end])
+                conn.sendall(view[: end - start])
 
     # Pulling side.
 
@@ -259,12 +264,23 @@ class TcpTransport(KVTransport):
             stream.recv_into(self._host_view[offset : offset + nbytes])
             return
         assert self._bytes is not None
-        staging = torch.empty(min(nbytes, _STAGING_BYTES), dtype=torch.uint8, pin_memory=True)
-        view = _byte_view(staging)
-        for start in range(offset, offset + nbytes, _STAGING_BYTES):
-            end = min(start + _STAGING_BYTES, offset + nbytes)
-            stream.recv_into(view[: end - start])
-            self._bytes[start:end].copy_(staging[: end - start])
+        with self._staging() as (staging, view):
+            for start in range(offset, offset + nbytes, _STAGING_BYTES):
+                end = min(start + _STAGING_BYTES, offset + nbytes)
+                stream.recv_into(view[: end - start])
+                self._bytes[start:end].copy_(staging[: end - start])
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[tuple[torch.Tensor, memoryview]]:
+        """A pinned host buffer (and its bytes) for one CUDA chunk at a time; pooled, never freed early."""
+        try:
+            staging = self._staging_pool.get_nowait()
+        except queue.Empty:
+            staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+        try:
+            yield staging, _byte_view(staging)
+        finally:
+            self._staging_pool.put(staging)
 
     def _close(self) -> None:
         if self._listener is not None:

@@ -38,8 +38,8 @@ def layout(dtype: str = "bfloat16", **changes: int) -> KVLayout:
     return KVLayout(**{**LAYOUT, **changes}, dtype=dtype)
 
 
-def empty_kv(lay: KVLayout) -> torch.Tensor:
-    return torch.zeros((lay.num_blocks, *lay.block_shape), dtype=lay.torch_dtype)
+def empty_kv(lay: KVLayout, device: str = "cpu") -> torch.Tensor:
+    return torch.zeros((lay.num_blocks, *lay.block_shape), dtype=lay.torch_dtype, device=device)
 
 
 @dataclass
@@ -76,13 +76,13 @@ def _pump(stream: IO[str] | None, lines: queue.Queue[str]) -> None:
 
 @contextlib.contextmanager
 def spawn_owner(
-    transport: str, dtypes: tuple[str, ...] = ("bfloat16",), start_timeout_s: float = 30.0
+    transport: str, dtypes: tuple[str, ...] = ("bfloat16",), device: str = "cpu", start_timeout_s: float = 30.0
 ) -> Iterator[Owner]:
     """Start ``owner_main.py`` serving ``filled_kv(layout(dtype))`` per dtype; stop it on exit."""
     env = dict(os.environ, UCX_NET_DEVICES="lo")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     args = [sys.executable, str(OWNER_SCRIPT), "--transport", transport, "--dtypes", ",".join(dtypes)]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUT.items()]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUT.items()] + [f"--device={device}"]
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     owner = Owner(proc, {})
     lines: queue.Queue[str] = queue.Queue()

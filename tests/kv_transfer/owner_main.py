@@ -41,13 +41,14 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=8)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--max-life-s", type=float, default=120.0)
     args = p.parse_args()
     transports = []
     for dtype in args.dtypes.split(","):
         layout = KVLayout(args.num_blocks, args.num_layers, args.block_size, args.num_kv_heads, args.head_dim, dtype)
         transport = make_transport(args.transport)
-        transport.register(filled_kv(layout))
+        transport.register(filled_kv(layout).to(args.device))
         transports.append(transport)
         print(f"METADATA {dtype} {transport.metadata().hex()}", flush=True)
     print("READY", flush=True)

@@ -150,3 +150,21 @@ def test_frozen_peer_times_out(name: str) -> None:
             puller.pull(proc.metadata["bfloat16"], [0, 1], [0, 1], timeout_s=1.0)
         assert 1.0 <= time.perf_counter() - start < 3.0
         assert _sample("tandem_kv_transfer_failures_total", transport=name, reason="timeout") == failures + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("owner_device", ["cuda", "cpu"])
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_pull_into_gpu_memory(name: str, owner_device: str) -> None:
+    """VRAM (nixl: registered as VRAM) to VRAM, and DRAM to VRAM, between two processes."""
+    lay = layout("bfloat16")
+    remote, local = [5, 6, 7, 60, 2], [0, 1, 2, 30, 63]
+    with spawn_owner(name, device=owner_device) as proc, _puller(name, empty_kv(lay, "cuda")) as puller:
+        result = puller.pull(proc.metadata["bfloat16"], remote, local, timeout_s=20.0)
+        assert result.num_bytes == len(remote) * lay.bytes_per_block
+        for r, loc in zip(remote, local):
+            assert torch.equal(puller.kv[loc].cpu(), block_pattern(lay, r)), (r, loc)
+        proc.kill()
+        with pytest.raises(TransferError):
+            puller.pull(proc.metadata["bfloat16"], [1], [1], timeout_s=5.0)
