@@ -12,7 +12,7 @@ install:
 	$(PIP) install -q -e ".[test]"
 
 run: install
-	tandem generate --prompt "What is the capital of France?" --max-tokens 64
+	tandem serve
 
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m ruff check .
