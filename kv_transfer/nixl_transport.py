@@ -45,47 +45,68 @@ def _block_descs(base_addr: int, num_blocks: int, bytes_per_block: int, device_i
 _AGENT_LOCK = threading.Lock()
 
 
-def _make_agent(name: str, capture_telemetry: bool, progress_delay_us: int) -> Any:
-    """A ``nixl_agent`` with no backend yet and a progress thread that sleeps when idle.
+def _make_agent(
+    name: str, backends: tuple[str, ...], ucx_devices: str, capture_telemetry: bool, progress_delay_us: int
+) -> Any:
+    """A ``nixl_agent`` with ``backends``, UCX on ``ucx_devices``, and a progress thread that sleeps.
 
-    ``nixl_agent`` hardcodes the progress thread's delay to 0, and the UCX backend then polls its
-    workers with a zero timeout: one core busy per agent even when no transfer runs (measured here:
-    ~2 s of CPU per 3 idle seconds; with 1000 us, ~0.06 s). The delay is only the poll() timeout
-    between event-driven wakeups, so transfers are as fast. While building the agent we hand
-    ``nixl._api`` a bindings module whose agent config raises the delay to ``progress_delay_us``. (The
-    progress thread itself is needed: the owner side must answer UCX wireup without being called.)
+    Two things the ``nixl`` package does not let us set are set here, under a lock:
+    - UCX's network devices. UCX reads ``UCX_NET_DEVICES`` when a backend is created; the UCX plugin's
+      own ``ucx_devices`` parameter still left a listener on every interface (seen with 1.5.1), so
+      the variable is set for the duration of the backend's creation and then restored.
+    - The progress thread's delay. ``nixl_agent`` hardcodes it to 0, and the UCX backend then polls
+      its workers with a zero timeout: a core busy per agent even when nothing moves (measured here:
+      ~2 s of CPU per 3 idle seconds; with 1000 us, ~0.06 s). The delay is only the poll() timeout
+      between event-driven wakeups, so transfers are as fast. While the agent is built, ``nixl._api``
+      sees a bindings module whose agent config raises the delay to ``progress_delay_us``. (The
+      thread itself is needed: the owner side must answer UCX wireup without being called.)
     """
     import nixl._api as api
     from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
     config = nixl_agent_config(
-        backends=[],  # created by the caller, with its parameters
+        backends=[],  # created below, once UCX_NET_DEVICES is in place
         capture_telemetry=capture_telemetry,
         # pull_async runs pulls on several threads at once: the agent must lock itself.
         sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
     )
     bindings = getattr(api, "nixlBind", None)
-    if progress_delay_us <= 0 or bindings is None or not hasattr(bindings, "nixlAgentConfig"):
-        return nixl_agent(name, config)
+    patched = None
+    if progress_delay_us > 0 and bindings is not None and hasattr(bindings, "nixlAgentConfig"):
 
-    class _AgentConfig(bindings.nixlAgentConfig):  # type: ignore[name-defined,misc]
-        def __setattr__(self, key: str, value: Any) -> None:
-            if key == "pthrDelay":
-                value = max(int(value), progress_delay_us)
-            super().__setattr__(key, value)
+        class _AgentConfig(bindings.nixlAgentConfig):  # type: ignore[name-defined,misc]
+            def __setattr__(self, key: str, value: Any) -> None:
+                if key == "pthrDelay":
+                    value = max(int(value), progress_delay_us)
+                super().__setattr__(key, value)
 
-    class _Bindings(types.ModuleType):
-        def __getattr__(self, key: str) -> Any:
-            return getattr(bindings, key)
+        class _Bindings(types.ModuleType):
+            def __getattr__(self, key: str) -> Any:
+                return getattr(bindings, key)
 
-    patched = _Bindings(bindings.__name__)
-    patched.nixlAgentConfig = _AgentConfig  # type: ignore[attr-defined]
+        patched = _Bindings(bindings.__name__)
+        patched.nixlAgentConfig = _AgentConfig  # type: ignore[attr-defined]
+
     with _AGENT_LOCK:
-        api.nixlBind = patched
+        saved_devices = os.environ.get("UCX_NET_DEVICES")
+        os.environ["UCX_NET_DEVICES"] = ucx_devices
         try:
-            return nixl_agent(name, config)
+            if patched is not None:
+                api.nixlBind = patched
+            try:
+                agent = nixl_agent(name, config)
+            finally:
+                api.nixlBind = bindings
+            for backend in backends:
+                if backend not in agent.plugin_list:
+                    raise RuntimeError(f"NIXL backend {backend} unavailable; plugins: {agent.plugin_list}")
+                agent.create_backend(backend)
         finally:
-            api.nixlBind = bindings
+            if saved_devices is None:
+                del os.environ["UCX_NET_DEVICES"]
+            else:
+                os.environ["UCX_NET_DEVICES"] = saved_devices
+    return agent
 
 
 @dataclass
@@ -103,12 +124,13 @@ class NixlTransport(KVTransport):
         self,
         *,
         backends: tuple[str, ...] = ("UCX",),
-        ucx_devices: str = "",
+        ucx_devices: str | None = None,
         progress_delay_us: int = 1000,
         capture_telemetry: bool = False,
         model: str = "",
     ) -> None:
-        """``ucx_devices``: UCX devices to use, e.g. "lo" ("" = UCX's choice, or ``UCX_NET_DEVICES``).
+        """``ucx_devices``: UCX network devices, e.g. "mlx5_0:1,lo" or "all"; by default ``UCX_NET_DEVICES``
+        when set, else "lo" (one machine, like the tcp transport's 127.0.0.1 default).
         ``progress_delay_us``: the progress thread's idle wait (0 = busy-poll a core; see ``_make_agent``).
         ``capture_telemetry``: report NIXL's own descriptor count in ``TransferResult``.
         """
@@ -126,12 +148,9 @@ class NixlTransport(KVTransport):
         self._errors: tuple[type[BaseException], ...] = tuple(
             v for v in vars(_bindings).values() if isinstance(v, type) and issubclass(v, Exception)
         )
-        self._agent: Any = _make_agent(self.name, capture_telemetry, progress_delay_us)
-        for backend in backends:
-            if backend not in self._agent.plugin_list:
-                raise RuntimeError(f"NIXL backend {backend} unavailable; plugins: {self._agent.plugin_list}")
-            params = {"ucx_devices": ucx_devices} if backend == "UCX" and ucx_devices else {}
-            self._agent.create_backend(backend, params)
+        if ucx_devices is None:
+            ucx_devices = os.environ.get("UCX_NET_DEVICES") or "lo"
+        self._agent: Any = _make_agent(self.name, backends, ucx_devices, capture_telemetry, progress_delay_us)
         self._capture_telemetry = capture_telemetry
         self._peers: dict[str, _Peer] = {}
         self._reg_descs: Any = None
