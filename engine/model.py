@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def _triton_ops() -> ModuleType:
+    """The fused GPU kernels (one launch where torch takes several); imported on first CUDA use."""
+    from engine import triton_ops
+
+    return triton_ops
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate, up]`` (the fused gate/up projection's output)."""
+    if x.is_cuda:
+        return _triton_ops().silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (fused on the GPU)."""
+        if x.is_cuda:
+            return _triton_ops().rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            residual = x + residual
+            return self.forward(residual), residual
         # Same arithmetic as HF: normalize in float32, cast back, then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -92,15 +116,20 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor,  # the previous layer's output (the embeddings for the first layer)
+        residual: torch.Tensor | None,  # the residual stream before x is added (None: first layer)
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionBackend,
         kv: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, the residual stream before it)
         a = self.arch
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_norm(x))
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm(x, residual)
+        qkv = self.qkv_proj(h)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)
         k = k.view(t, a.num_kv_heads, a.head_dim)
@@ -113,9 +142,8 @@ class DecoderLayer(nn.Module):
         else:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
             o = attn.forward(q, k, v, kv[:, self.layer_idx], meta, self.scale)
-        x = x + self.o_proj(o.reshape(t, a.q_size))
-        gate, up = self.gate_up_proj(self.post_attn_norm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        h, residual = self.post_attn_norm(self.o_proj(o.reshape(t, a.q_size)), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
 
 
 class LlamaModel(nn.Module):
@@ -142,9 +170,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos_sin, attn, kv, meta)
-        return x
+            x, residual = layer(x, residual, cos_sin, attn, kv, meta)
+        return x + residual
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ paged cache, samples. Owns the model, the KV cache tensor and the sampler."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, make_backend
@@ -59,7 +60,7 @@ class ModelRunner:
         if not output.sample_rows:
             return {}
         where = {k: pos for pos, k in enumerate(order)}
-        rows = torch.tensor([last_index[where[k]] for _, k in output.sample_rows], device=self.device)
+        rows = self._to_device([last_index[where[k]] for _, k in output.sample_rows], torch.long)
         logits = self.model.compute_logits(hidden[rows])
         requests: list[Request] = [r for r, _ in output.sample_rows]
         sampled = self.sampler(logits, requests)
@@ -89,19 +90,23 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(table[: -(-end // bs)])
             num_decodes += s.num_new_tokens == 1 and num_decodes == len(query_lens) - 1
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        for i, t in enumerate(tables):
+            padded[i, :len(t)] = t
         meta = AttentionMetadata(
             num_decodes=num_decodes,
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=self._to_device(query_start, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=torch.from_numpy(padded).to(self.device, non_blocking=True),
+            slot_mapping=self._to_device(slots, torch.int64),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
             block_size=bs,
         )
         last_index = [q - 1 for q in query_start[1:]]
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-                meta, last_index)
+        return self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta, last_index
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Host values on the device without waiting for the GPU's queue (a copy from pageable
+        memory is staged before it returns, so the host list may go at once)."""
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

@@ -23,17 +23,17 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale,
+    scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -46,7 +46,7 @@ def _decode_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # Every split covers a whole number of tiles; the last ones may get nothing.
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -78,28 +78,28 @@ def _decode_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         num_heads = tl.num_programs(1) * GROUP
-        base = (seq * num_heads + heads) * NUM_SPLITS + split  # [seq, head, split]
+        base = (seq * num_heads + heads) * num_splits + split  # [seq, head, split]
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=g_mask[:, None])
         tl.store(part_lse_ptr + base, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_mask = offs_s < NUM_SPLITS
-    base = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    s_mask = offs_s < num_splits
+    base = (seq * tl.num_programs(1) + head) * num_splits
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -133,6 +133,9 @@ def decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,  # [B, num_heads, head_dim]
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, _, page, num_kv_heads, _ = kv_layer.shape
@@ -152,19 +155,20 @@ def decode_attention(
         part_out = part_lse = out  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
-        scale,
+        scale, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, PAGE=page,
-        BLOCK_N=64, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+        BLOCK_N=block_n, SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
+        num_stages=num_stages or (2 if q.dtype == torch.float32 else 3),
     )
     if num_splits > 1:
         _merge_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             num_warps=4,
         )

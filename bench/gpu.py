@@ -1,0 +1,376 @@
+"""The engine on one GPU against the hardware's limits and against transformers, in one process.
+
+Model: dummy weights of Llama-3.1-8B's shape in bfloat16 (hidden 4096, 32 layers, 32 heads,
+8 KV heads, FFN 14336, vocab 128256).
+
+1. Ceilings, measured here: HBM copy bandwidth (a device-to-device copy, bytes read + written)
+   and the bf16 matmul rate (8192^3, random data).
+2. Decode steps at batch 1/32/128/256 and contexts 512..4096 (those whose KV fits): the time
+   of one engine step (``ModelRunner.execute``: host preparation, CUDA-graph replay, logits,
+   sampling) and of the forward alone; the bytes a step must read (weights + the batch's KV)
+   per second as a fraction of the copy bandwidth.
+3. One 4096-token prefill step: model FLOPs (2 x linear params x tokens, plus causal attention)
+   per second as a fraction of the matmul rate.
+4. The same generate workload through tandem (``LLM.generate``) and transformers ``generate``:
+   batch 1 and 64, 512 random prompt tokens, 128 new tokens (greedy, ignore EOS).
+5. The attention kernels alone (decode bandwidth, prefill TFLOP/s), for diagnosis.
+
+    python bench/gpu.py                 # everything (a few minutes)
+    python bench/gpu.py --skip-hf --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from engine.config import PRESETS
+from engine.llm import LLM
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+MODEL = "llama-3.1-8b"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median time of ``fn`` over ``iters`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_time_ms(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (launch cost left out)."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=100)
+
+
+def wall_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of ``fn`` (which must synchronize itself)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ---- 1. ceilings -----------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Bytes/s of a 4 GiB device-to-device copy, counting bytes read and written."""
+    n = 4 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+    return 2 * n / (ms / 1e3)
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a bf16 8192^3 matmul on random data."""
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_time_ms(lambda: a @ b, warmup=3, iters=10)
+    return 2 * n ** 3 / (ms / 1e3)
+
+
+# ---- synthetic steps at the runner level ----------------------------------------------------
+class Steps:
+    """Builds scheduler outputs for the runner directly: ``batch`` sequences of ``context`` cached
+    tokens, each on its own blocks."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.block_size = self.runner.block_size
+        self.num_blocks = self.runner.num_blocks
+        self.vocab = llm.engine.arch.vocab_size
+
+    def fits(self, batch: int, tokens: int) -> bool:
+        return batch * -(-tokens // self.block_size) <= self.num_blocks
+
+    def make(self, batch: int, context: int, new_tokens: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        per_seq = -(-(context + new_tokens) // self.block_size)
+        perm = torch.randperm(self.num_blocks, generator=g)[: batch * per_seq].tolist()
+        scheduled, rows, tables = [], [], {}
+        for i in range(batch):
+            ids = torch.randint(0, self.vocab, (context + new_tokens,), generator=g).tolist()
+            r = Request(f"b{i}", ids, GREEDY)
+            r.num_computed_tokens = context
+            scheduled.append(ScheduledRequest(r, new_tokens, sample=True))
+            rows.append((r, i))
+            tables[r.request_id] = perm[i * per_seq:(i + 1) * per_seq]
+        return SchedulerOutput(scheduled, rows, []), tables
+
+    def step(self, output: SchedulerOutput, tables: dict) -> None:
+        self.runner.execute(output, tables)  # returns sampled tokens on the host: synchronized
+
+    def prepare_ms(self, output: SchedulerOutput, tables: dict) -> float:
+        """Host time to build the step's inputs (the runner's ``_prepare``)."""
+        batch = list(output.scheduled)
+        return wall_time_ms(lambda: self.runner._prepare(batch, tables), warmup=2, iters=10)
+
+    def forward_ms(self, output: SchedulerOutput, tables: dict) -> float:
+        """The forward pass alone (graph replay for decode steps), CUDA-event timed."""
+        runner = self.runner
+        batch = list(output.scheduled)
+        ids, pos, meta, _ = runner._prepare(batch, tables)
+        if runner.graphs is not None and runner.graphs.covers(meta):
+            return cuda_time_ms(lambda: runner.graphs.forward(ids, pos, meta))
+        return cuda_time_ms(lambda: runner.model(ids, pos, runner.kv, meta, runner.attn), iters=5)
+
+
+def weight_bytes(llm: LLM) -> int:
+    """Bytes of weights a decode step reads: every parameter but the embedding table."""
+    model = llm.engine.runner.model
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def kv_bytes_per_token(llm: LLM) -> int:
+    a = llm.engine.arch
+    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * llm.engine.runner.dtype.itemsize
+
+
+def prefill_flops(llm: LLM, tokens: int) -> float:
+    a = llm.engine.arch
+    linear = a.num_layers * (a.hidden_size * (a.q_size + 2 * a.kv_size) + a.q_size * a.hidden_size
+                             + 3 * a.hidden_size * a.intermediate_size)
+    attn = 4 * a.num_heads * a.head_dim * a.num_layers * tokens * (tokens + 1) / 2  # QK^T and PV, causal
+    lm_head = 2 * a.hidden_size * a.vocab_size  # the one sampled row
+    return 2 * linear * tokens + attn + lm_head
+
+
+# ---- 4. generate ----------------------------------------------------------------------------
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def generate_tandem(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.engine.block_manager.reset_prefix_cache()
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    assert all(len(r.outputs[0].token_ids) == new_tokens for r in out)
+    return len(prompts) * new_tokens / dt
+
+
+def generate_hf(model, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(prompts) * new_tokens / dt
+
+
+def load_hf():
+    import transformers
+
+    cfg = dict(PRESETS[MODEL])
+    config = transformers.LlamaConfig(**cfg)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+# ---- 5. kernels -----------------------------------------------------------------------------
+def kernel_bench(llm: LLM, bw: float, rate: float) -> list[tuple[str, str]]:
+    from engine.attention import AttentionMetadata
+    from engine.attention.triton_decode import decode_attention, num_splits_for
+    from engine.attention.triton_prefill import prefill_attention
+
+    runner = llm.engine.runner
+    a = llm.engine.arch
+    kv_layer = runner.kv[:, 0]
+    bs = runner.block_size
+    out_rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, ctx in ((1, 4096), (32, 2048), (128, 2048), (256, 1024)):
+        per_seq = -(-ctx // bs)
+        if batch * per_seq > runner.num_blocks:
+            continue
+        tables = torch.randperm(runner.num_blocks, device="cuda")[: batch * per_seq].view(batch, per_seq).int()
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, a.num_heads, a.head_dim, dtype=runner.dtype, device="cuda")
+        splits = num_splits_for(batch, a.num_kv_heads, ctx, sms)
+        ms = graph_time_ms(lambda q=q, s=seq_lens, t=tables, n=splits: decode_attention(q, kv_layer, s, t, 0.088, n))
+        nbytes = batch * ctx * a.num_kv_heads * a.head_dim * 2 * runner.dtype.itemsize
+        speed = nbytes / (ms / 1e3)
+        out_rows.append((f"decode kernel b={batch} ctx={ctx} (1 layer, {splits} splits)",
+                         f"{ms * 1e3:7.1f} us  {speed / 1e12:5.2f} TB/s = {speed / bw:4.0%} of HBM copy"))
+    tokens = 4096
+    per_seq = tokens // bs
+    table = torch.randperm(runner.num_blocks, device="cuda")[:per_seq].view(1, per_seq).int()
+    meta = AttentionMetadata(
+        num_decodes=0, query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor([tokens], dtype=torch.int32, device="cuda"), block_tables=table,
+        slot_mapping=torch.zeros(tokens, dtype=torch.int64, device="cuda"), query_lens_host=[tokens],
+        seq_lens_host=[tokens], block_size=bs)
+    q = torch.randn(tokens, a.num_heads, a.head_dim, dtype=runner.dtype, device="cuda")
+    out = torch.empty_like(q)
+    ms = graph_time_ms(lambda: prefill_attention(q, kv_layer, meta.query_start_loc, meta.seq_lens, table, 0, 1,
+                                                 tokens, 0.088, out))
+    speed = 4 * a.num_heads * a.head_dim * tokens * (tokens + 1) / 2 / (ms / 1e3)
+    out_rows.append((f"prefill kernel {tokens} tokens (1 layer, causal)",
+                     f"{ms * 1e3:7.1f} us  {speed / 1e12:5.0f} TFLOP/s = {speed / rate:4.0%} of matmul rate"))
+    return out_rows
+
+
+def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, results: dict,
+                 gen_batches: list[int]) -> dict[int, float]:
+    """Sections 2-5 on tandem; returns generate tok/s by batch. The engine is freed on return."""
+    log("loading tandem (dummy Llama-3.1-8B, bf16) and capturing CUDA graphs...")
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    weights = 16_100_000_000
+    kv_budget = int(free - weights - 8e9)  # activations, graph pools, logits
+    t0 = time.perf_counter()
+    llm = LLM(f"dummy:{MODEL}", device="cuda", dtype="bfloat16", kv_cache_bytes=kv_budget, max_num_seqs=256,
+              max_num_batched_tokens=max(8192, args.prefill_tokens), progress=True)
+    load_s = time.perf_counter() - t0
+    runner = llm.engine.runner
+    runner.kv.normal_()  # never time on zeros
+    rows.append(("engine start (weights + KV + graph capture)",
+                 f"{load_s:.1f} s; KV cache {runner.num_blocks * runner.block_size} tokens"))
+    wbytes = weight_bytes(llm)
+    head = runner.model.lm_head
+    lm_head_bytes = head.weight.numel() * head.weight.element_size() if head is not None else 0
+    kvtok = kv_bytes_per_token(llm)
+    steps = Steps(llm)
+
+    log("decode steps...")
+    decode = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for ctx in (int(c) for c in args.contexts.split(",")):
+            if not steps.fits(batch, ctx + 1):
+                rows.append((f"decode b={batch:<3} ctx={ctx:<4}", "KV does not fit: skipped"))
+                continue
+            output, tables = steps.make(batch, ctx, 1, seed=batch * 7 + ctx)
+            step_ms = wall_time_ms(lambda o=output, t=tables: steps.step(o, t))
+            fwd_ms = steps.forward_ms(output, tables)
+            prep_ms = steps.prepare_ms(output, tables)
+            nbytes = wbytes + batch * (ctx + 1) * kvtok
+            fwd_bytes = nbytes - lm_head_bytes  # the LM head runs after the forward pass
+            frac = nbytes / (step_ms / 1e3) / bw
+            decode.append(dict(batch=batch, context=ctx, step_ms=step_ms, forward_ms=fwd_ms, prepare_ms=prep_ms,
+                               bytes=nbytes,
+                               hbm_fraction=frac, forward_hbm_fraction=fwd_bytes / (fwd_ms / 1e3) / bw))
+            rows.append((f"decode b={batch:<3} ctx={ctx:<4}",
+                         f"step {step_ms:6.2f} ms ({frac:4.0%} of HBM)  forward {fwd_ms:6.2f} ms "
+                         f"({decode[-1]['forward_hbm_fraction']:4.0%})  host prep {prep_ms:5.2f} ms  "
+                         f"{batch * 1e3 / step_ms:6.0f} tok/s"))
+            log(f"  {rows[-1]}")
+    results["decode"] = decode
+
+    log("prefill...")
+    n = args.prefill_tokens
+    output, tables = steps.make(1, 0, n, seed=1)
+    pre_ms = wall_time_ms(lambda: steps.step(output, tables), warmup=2, iters=5)
+    flops = prefill_flops(llm, n)
+    mfu = flops / (pre_ms / 1e3) / rate
+    results["prefill"] = dict(tokens=n, ms=pre_ms, flops=flops, matmul_fraction=mfu)
+    rows.append((f"prefill {n} tokens", f"{pre_ms:7.1f} ms  {flops / (pre_ms / 1e3) / 1e12:5.0f} TFLOP/s "
+                                        f"= {mfu:4.0%} of matmul rate"))
+    log(f"  {rows[-1]}")
+
+    log("kernels...")
+    rows += kernel_bench(llm, bw, rate)
+
+    log("generate through tandem...")
+    vocab = llm.engine.arch.vocab_size
+    generate_tandem(llm, make_prompts(4, 64, vocab, seed=0), 8)  # warm-up
+    ours = {b: generate_tandem(llm, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
+            for b in gen_batches}
+    return ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,32,128,256")
+    ap.add_argument("--contexts", default="512,1024,2048,4096")
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--gen-batches", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {"device": props.name, "torch": torch.__version__}
+    rows: list[tuple[str, str]] = [("device", f"{props.name}, {props.multi_processor_count} SMs, "
+                                              f"{props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")]
+
+    log("ceilings...")
+    bw, rate = copy_bandwidth(), matmul_rate()
+    results.update(hbm_copy_bytes_per_s=bw, bf16_matmul_flops=rate)
+    rows += [("HBM copy bandwidth (read + write)", f"{bw / 1e12:.2f} TB/s"),
+             ("bf16 matmul 8192^3", f"{rate / 1e12:.0f} TFLOP/s")]
+
+    gen_batches = [int(b) for b in args.gen_batches.split(",")]
+    ours = bench_tandem(args, bw, rate, rows, results, gen_batches)
+    gc.collect()
+    torch.cuda.empty_cache()
+    vocab = PRESETS[MODEL]["vocab_size"]
+    theirs: dict[int, float] = {}
+    if not args.skip_hf:
+        log("generate through transformers...")
+        hf = load_hf()
+        generate_hf(hf, make_prompts(2, 16, vocab, seed=0), 4)  # warm-up
+        theirs = {b: generate_hf(hf, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
+                  for b in gen_batches}
+        del hf
+    results["generate"] = [dict(batch=b, tandem_tok_s=ours[b], transformers_tok_s=theirs.get(b)) for b in gen_batches]
+    for b in gen_batches:
+        ref = theirs.get(b)
+        ratio = f"  ratio {ours[b] / ref:5.1f}x" if ref else ""
+        ref_s = f"  transformers {ref:8.1f} tok/s" if ref else ""
+        rows.append((f"generate batch {b} ({args.prompt_len} in, {args.new_tokens} out)",
+                     f"tandem {ours[b]:8.1f} tok/s{ref_s}{ratio}"))
+
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

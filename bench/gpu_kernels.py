@@ -1,0 +1,134 @@
+"""Diagnosis on the GPU: the attention kernels' launch variants side by side (CUDA-graph timed, so
+launch cost stays out), and a per-kernel profile of eager decode and prefill steps of the
+Llama-3.1-8B-shaped dummy model.
+
+    python bench/gpu_kernels.py                # variants + profiles
+    python bench/gpu_kernels.py --no-profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import triton
+
+from engine.attention.triton_decode import decode_attention, num_splits_for
+from engine.attention.triton_prefill import prefill_attention
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+def bench_us(fn) -> float:
+    fn()  # compile (and fail, if it must) outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
+
+
+def cache(num_blocks: int) -> torch.Tensor:
+    # One layer's view of a two-layer cache, as the engine passes it.
+    kv = torch.randn(num_blocks, 2, 2, PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    return kv[:, 1]
+
+
+def decode_variants(bw: float) -> None:
+    variants = [(64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 4, 2), (32, 4, 4),
+                (256, 8, 2)]
+    print("\ndecode kernel, TB/s of KV read (fraction of copy bandwidth); variants (BLOCK_N, warps, stages)")
+    print(f"{'case':<28}" + "".join(f"{v!s:>14}" for v in variants))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, ctx, bound in ((1, 4096, 131072), (1, 4096, 4096), (32, 2048, 131072), (128, 2048, 2048),
+                              (256, 1024, 1024), (256, 512, 512)):
+        per_seq = -(-ctx // PAGE)
+        kv = cache(batch * per_seq + 1)
+        tables = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).int()
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        splits = num_splits_for(batch, KV_HEADS, bound, sms)
+        nbytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
+        cells = []
+        for bn, warps, stages in variants:
+            try:
+                us = bench_us(partial(decode_attention, q, kv, seq_lens, tables, 0.088, splits, block_n=bn,
+                                      num_warps=warps, num_stages=stages))
+                cells.append(f"{nbytes / us / 1e6:6.2f} ({nbytes / us / 1e6 / bw:3.0%})")
+            except Exception as e:  # out of resources, say
+                cells.append(f"{type(e).__name__[:12]:>14}")
+        print(f"{f'b={batch} ctx={ctx} splits={splits}':<28}" + "".join(f"{c:>14}" for c in cells))
+
+
+def prefill_variants(rate: float) -> None:
+    variants = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                (128, 64, 8, 4), (128, 32, 4, 4), (64, 128, 4, 3)]
+    print("\nprefill kernel, TFLOP/s; variants (BLOCK_M, BLOCK_N, warps, stages)")
+    print(f"{'case':<28}" + "".join(f"{v!s:>16}" for v in variants))
+    for ctx, new in ((0, 4096), (0, 512), (3584, 512), (8000, 192)):
+        total = ctx + new
+        per_seq = -(-total // PAGE)
+        kv = cache(per_seq + 1)
+        table = torch.randperm(per_seq, device="cuda").view(1, per_seq).int()
+        qsl = torch.tensor([0, new], dtype=torch.int32, device="cuda")
+        seq_lens = torch.tensor([total], dtype=torch.int32, device="cuda")
+        q = torch.randn(new, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty_like(q)
+        flops = 4 * HEADS * HEAD_DIM * new * (ctx + (new + 1) / 2)
+        cells = []
+        for cfg in variants:
+            try:
+                us = bench_us(partial(prefill_attention, q, kv, qsl, seq_lens, table, 0, 1, new, 0.088, out,
+                                      config=cfg))
+                cells.append(f"{flops / us / 1e6:5.0f} ({flops / us / 1e6 / rate:3.0%})")
+            except Exception as e:
+                cells.append(f"{type(e).__name__[:14]:>16}")
+        print(f"{f'ctx={ctx} new={new}':<28}" + "".join(f"{c:>16}" for c in cells))
+
+
+def profile_steps() -> None:
+    """Top kernels of eager steps (no CUDA graph), by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu import Steps
+
+    from engine.llm import LLM
+
+    llm = LLM("dummy:llama-3.1-8b", device="cuda", dtype="bfloat16", kv_cache_bytes=40 << 30, max_num_seqs=256,
+              max_num_batched_tokens=4096, enforce_eager=True, progress=False)
+    llm.engine.runner.kv.normal_()
+    steps = Steps(llm)
+    for label, batch, ctx, new in (("decode b=1 ctx=1024", 1, 1024, 1), ("decode b=256 ctx=512", 256, 512, 1),
+                                   ("prefill 4096", 1, 0, 4096)):
+        output, tables = steps.make(batch, ctx, new)
+        for _ in range(2):
+            steps.step(output, tables)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            steps.step(output, tables)
+        print(f"\n=== {label} (eager) ===")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    copy_ms = triton.testing.do_bench(partial(torch.Tensor.copy_, torch.empty_like(src), src), return_mode="median")
+    bw = 2 * n / (copy_ms / 1e3) / 1e12
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = triton.testing.do_bench(partial(torch.matmul, a, a), return_mode="median")
+    rate = 2 * 8192 ** 3 / (mm_ms / 1e3) / 1e12
+    print(f"copy {bw:.2f} TB/s, matmul {rate:.0f} TFLOP/s")
+    decode_variants(bw)
+    prefill_variants(rate)
+    if not args.no_profile:
+        profile_steps()
+
+
+if __name__ == "__main__":
+    main()
