@@ -5,6 +5,7 @@ fails or the lease has ended) it prefills locally: no request is lost to a trans
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ class DecodeServicer(WorkerServicer):
         super().configure(cfg)
         self.pull_timeout_s = cfg.kv_pull_timeout_s
         self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self._unpins: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
@@ -97,7 +99,10 @@ class DecodeServicer(WorkerServicer):
         finally:
             stats.pull_ms = (time.perf_counter() - t0) * 1000
             stats.recomputed = not ok
-            await self._unpin(handle)
+            # Off the critical path: the prefill worker answers between its engine steps.
+            task = asyncio.create_task(self._unpin(handle))
+            self._unpins.add(task)
+            task.add_done_callback(self._unpins.discard)
         if not ok:
             PULL_FALLBACKS.inc()
             log.warning("request %s: recomputing its prefill locally: %s", handle.request_id, reason)
