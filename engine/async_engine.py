@@ -85,6 +85,17 @@ class AsyncEngine:
         self._commands.put(run)
         return await asyncio.wrap_future(fut)
 
+    def post(self, fn: Callable[[LLMEngine], object]) -> None:
+        """Run ``fn(engine)`` on the engine thread without waiting for it (errors are logged)."""
+
+        def run() -> None:
+            try:
+                fn(self.engine)
+            except Exception:
+                traceback.print_exc()
+
+        self._commands.put(run)
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, priority: int = 0,
         prefill_only: bool = False,

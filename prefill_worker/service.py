@@ -9,6 +9,7 @@ import time
 
 import grpc
 
+from engine.sampling_params import SamplingParams
 from runtime import settings
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
@@ -31,6 +32,17 @@ class PrefillServicer(WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
+        try:
+            return await self._prefill(rid, request, sampling, context)
+        except asyncio.CancelledError:
+            # The caller gave up. A prompt still computing is aborted by the engine stream; one
+            # that finished (and pinned its blocks) before we heard of it is unpinned here.
+            self.leases.pop(rid, None)
+            await asyncio.shield(self.engine.unpin(rid))
+            raise
+
+    async def _prefill(self, rid: str, request: pb.PrefillRequest, sampling: SamplingParams,
+                       context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         arrival = time.monotonic()
         last = None
         try:
@@ -47,10 +59,9 @@ class PrefillServicer(WorkerServicer):
                            num_cached_tokens=last.num_cached_tokens),
             prefill_ms=elapsed_ms,
         )
-        if last.finish_reason is None:  # handed off: pin the blocks under a handle
+        if last.finish_reason is None:  # handed off: the blocks stay pinned under a handle
+            self.leases[rid] = time.monotonic() + self.lease_s
             table = await self.engine.call(lambda e: list(e.block_manager.block_table(rid)))
-            expires = time.monotonic() + self.lease_s
-            self.leases[rid] = expires
             ident = self.identity
             response.handle.CopyFrom(pb.KVHandle(
                 handle_id=rid, request_id=rid, worker_id=ident.worker_id, worker_endpoint=ident.endpoint,
@@ -62,9 +73,16 @@ class PrefillServicer(WorkerServicer):
             ))
         return response
 
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        self.leases.pop(request.request_id, None)  # a handle's id is its request's id
+        return await super().Abort(request, context)
+
     async def Unpin(self, request: pb.UnpinRequest, context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
-        self.leases.pop(request.handle_id, None)
-        return pb.UnpinResponse(unpinned=await self.engine.unpin(request.handle_id))
+        # Answer at once; the engine frees the blocks between its steps.
+        known = self.leases.pop(request.handle_id, None) is not None
+        handle_id = request.handle_id
+        self.engine.post(lambda e: e.unpin(handle_id))
+        return pb.UnpinResponse(unpinned=known)
 
     async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.PullResponse:
         """Renew a handle's lease (read-style transports need nothing else from us)."""
