@@ -107,7 +107,7 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        async for out in self._drain(request_id, stream):
+        async for out in self._drain(request_id, stream, sampling.n):
             yield out
 
     async def generate_prefilled(
@@ -164,21 +164,21 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
-    async def _drain(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
+    async def _drain(self, request_id: str, stream: asyncio.Queue, num_seqs: int = 1
+                     ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs until each of its ``num_seqs`` sequences has finished."""
+        num_finished = 0
         try:
-            while True:
+            while num_finished < num_seqs:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
-                    finished = True
+                    num_finished += 1
                 yield item
-                if finished:
-                    return
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self.dead is None:
+            if num_finished < num_seqs and self.dead is None:
                 await asyncio.shield(self.abort(request_id))
 
     def _run(self) -> None:
