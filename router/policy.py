@@ -1,25 +1,97 @@
 """Routing decisions as pure functions: no I/O, unit-tested without a cluster.
 
-For now a worker's load is what this router knows of it: its in-flight requests and the prompt
-tokens it still has to prefill for us, topped up by the worker's own published queue. The
-KV-aware cost of DESIGN.md ("Routing cost") plugs in here with the KV index.
+A worker's load is what the routers know of it: the requests they have in flight there (this
+router's own, live; its peers', as they publish them). The KV-aware cost reads only that
+accounting: a worker's own report lags by up to two publish intervals and would make a worker
+that has just finished look busy. The cost is DESIGN.md's "Routing cost" (after Dynamo):
+
+    cost = prefill_load_scale * (new prefill blocks after its cached overlap + its queued prefill blocks)
+           + its active decode blocks
+
+lowest wins; ``temperature > 0`` samples softmax(-cost / temperature) instead; ties are broken
+at random. The same function serves both tiers. For the decode tier in disaggregated mode a
+worker's overlap counts only where it would prefill locally (the tokens it would still compute
+are at most ``max_local_prefill_tokens``); elsewhere the prefill tier does that work.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
 
 @dataclass(frozen=True)
 class WorkerLoad:
     worker_id: str
-    num_inflight: int = 0  # requests this router has on the worker
+    num_inflight: int = 0  # requests the routers have on the worker
     num_inflight_prefill_tokens: int = 0  # prompt tokens of those not yet prefilled
     num_queued_prefill_tokens: int = 0  # the worker's own report (all routers)
     num_running: int = 0  # the worker's own report
     kv_usage: float = 0.0
+    num_active_blocks: int = 0  # KV blocks of the requests in flight there: the decode load
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One worker's cost, broken down (blocks)."""
+
+    worker_id: str
+    overlap_blocks: int  # leading prompt blocks in its prefix cache
+    new_blocks: int  # prompt blocks it would compute (0 when the prefill tier computes them)
+    queued_blocks: int  # prompt blocks it still has to compute for earlier requests
+    active_blocks: int
+    local_prefill: bool  # it computes the prompt itself
+    cost: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker_id: str
+    overlap_blocks: int
+    local_prefill: bool  # decode tier: the worker prefills the prompt itself (no remote prefill)
+    cost: float = 0.0
+
+
+def blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size) if num_tokens > 0 else 0
+
+
+def kv_costs(num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequence[WorkerLoad], block_size: int,
+             prefill_load_scale: float = 1.0, max_local_prefill_tokens: int | None = None) -> list[Candidate]:
+    """Every worker's cost for a prompt of ``num_prompt_tokens`` whose leading blocks each worker
+    holds per ``overlaps``. ``max_local_prefill_tokens`` (decode tier, disaggregated, prefill tier
+    available): a worker that would compute more than this does not prefill (no prefill term)."""
+    num_blocks = blocks(num_prompt_tokens, block_size)
+    out = []
+    for w in loads:
+        overlap = min(overlaps.get(w.worker_id, 0), num_blocks)
+        to_compute = num_prompt_tokens - overlap * block_size
+        local = max_local_prefill_tokens is None or to_compute <= max_local_prefill_tokens
+        new = num_blocks - overlap if local else 0
+        queued = blocks(w.num_inflight_prefill_tokens, block_size)
+        cost = prefill_load_scale * (new + queued) + w.num_active_blocks
+        out.append(Candidate(w.worker_id, overlap, new, queued, w.num_active_blocks, local, cost))
+    return out
+
+
+def lowest_cost(candidates: Sequence[Candidate], temperature: float = 0.0,
+                rng: random.Random | None = None) -> Candidate | None:
+    """The cheapest candidate (ties at random); with ``temperature > 0``, one sampled with
+    probability softmax(-cost / temperature)."""
+    if not candidates:
+        return None
+    rng = rng or random
+    if temperature > 0:
+        low = min(c.cost for c in candidates)
+        weights = [math.exp(-(c.cost - low) / temperature) for c in candidates]
+        return rng.choices(list(candidates), weights=weights)[0]
+    low = min(c.cost for c in candidates)
+    tied = [c for c in candidates if c.cost == low]
+    return rng.choice(tied) if len(tied) > 1 else tied[0]
 
 
 def least_loaded(loads: Sequence[WorkerLoad], rng: random.Random | None = None) -> str | None:
@@ -37,6 +109,41 @@ def least_loaded(loads: Sequence[WorkerLoad], rng: random.Random | None = None) 
     return (rng or random).choice(tied) if len(tied) > 1 else tied[0]
 
 
+def round_robin(loads: Sequence[WorkerLoad], turn: int) -> str | None:
+    """The ``turn``-th worker, by id, cycling."""
+    if not loads:
+        return None
+    ids = sorted(w.worker_id for w in loads)
+    return ids[turn % len(ids)]
+
+
+def choose(policy: str, num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequence[WorkerLoad],
+           block_size: int, *, prefill_load_scale: float = 1.0, temperature: float = 0.0,
+           max_local_prefill_tokens: int | None = None, turn: int = 0,
+           rng: random.Random | None = None) -> Decision | None:
+    """One tier's worker for a request under ``policy`` (one of :data:`POLICIES`); None when
+    there is no worker. ``max_local_prefill_tokens`` as in :func:`kv_costs`; the policies that
+    ignore the KV index decide local prefill from the prompt's length alone."""
+    if not loads:
+        return None
+    if policy == "kv":
+        best = lowest_cost(kv_costs(num_prompt_tokens, overlaps, loads, block_size, prefill_load_scale,
+                                    max_local_prefill_tokens), temperature, rng)
+        assert best is not None
+        return Decision(best.worker_id, best.overlap_blocks, best.local_prefill, best.cost)
+    if policy == "round_robin":
+        worker = round_robin(loads, turn)
+    elif policy == "random":
+        worker = (rng or random).choice([w.worker_id for w in loads])
+    elif policy == "least_loaded":
+        worker = least_loaded(loads, rng)
+    else:
+        raise ValueError(f"unknown routing policy {policy!r}; expected one of {POLICIES}")
+    assert worker is not None
+    local = max_local_prefill_tokens is None or num_prompt_tokens <= max_local_prefill_tokens
+    return Decision(worker, min(overlaps.get(worker, 0), blocks(num_prompt_tokens, block_size)), local)
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
@@ -51,13 +158,18 @@ def prefill_remotely(num_new_tokens: int, max_local_prefill_tokens: int, saturat
     return n == 1 and not saturated and num_new_tokens > max_local_prefill_tokens
 
 
-def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, tuple[int, int]],
-             reported: Mapping[str, Mapping[str, float]]) -> list[WorkerLoad]:
-    """Combine this router's in-flight accounting with the workers' published metrics."""
+def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, Sequence[int]],
+             reported: Mapping[str, Mapping[str, float]], block_size: int = 16) -> list[WorkerLoad]:
+    """Combine the routers' in-flight accounting per worker — ``(requests, prompt tokens not yet
+    prefilled[, KV tokens held])`` — with the workers' published metrics."""
     out = []
     for wid in worker_ids:
-        n, tokens = inflight.get(wid, (0, 0))
+        entry = inflight.get(wid, ())
+        n = entry[0] if len(entry) > 0 else 0
+        tokens = entry[1] if len(entry) > 1 else 0
+        kv_tokens = entry[2] if len(entry) > 2 else 0
         rep = reported.get(wid, {})
         out.append(WorkerLoad(wid, n, tokens, int(rep.get("num_queued_prefill_tokens", 0)),
-                              int(rep.get("num_running", 0)), float(rep.get("kv_usage", 0.0))))
+                              int(rep.get("num_running", 0)), float(rep.get("kv_usage", 0.0)),
+                              blocks(kv_tokens, block_size)))
     return out

@@ -88,3 +88,15 @@ def event_to_pb(ev: KVEvent) -> pb.KVEvent:
         return pb.KVEvent(event_id=ev.event_id, block_removed=pb.BlockRemoved(block_hash=ev.block_hash))
     assert isinstance(ev, AllBlocksCleared)
     return pb.KVEvent(event_id=ev.event_id, all_blocks_cleared=pb.AllBlocksCleared())
+
+
+def event_from_pb(msg: pb.KVEvent) -> KVEvent:
+    which = msg.WhichOneof("event")
+    if which == "block_stored":
+        s = msg.block_stored
+        return BlockStored(msg.event_id, s.block_hash, s.parent_hash, tuple(s.token_ids))
+    if which == "block_removed":
+        return BlockRemoved(msg.event_id, msg.block_removed.block_hash)
+    if which == "all_blocks_cleared":
+        return AllBlocksCleared(msg.event_id)
+    raise ValueError(f"KV event {msg.event_id} carries no event")

@@ -1,0 +1,200 @@
+"""The router's KV index: which worker holds which cached prompt block.
+
+Blocks are named by the workers' chained hashes (``engine.block_manager.hash_blocks``): a
+block's hash covers every token before it, so "worker W holds hash h" means W holds that
+exact prefix, and one flat map ``hash -> workers`` answers prefix queries without a tree.
+
+Workers are slots in a bitmask; a query walks the request's hashes once, intersecting masks,
+and stops at the first block nobody holds: time linear in the prompt's blocks (each step is
+one dict lookup and one big-int AND, whatever the number of workers).
+
+Two indexes share that core:
+
+- :class:`KVIndex`, exact, fed by the workers' KV events (``router.kv_events``);
+- :class:`ApproxKVIndex`, which predicts contents from the router's own decisions and forgets
+  them after a TTL: the only index with ``--no-kv-events``, and with events the short-lived
+  record of prefixes a worker is computing right now (their events come when it is done).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from engine.block_manager import hash_blocks
+
+
+def prompt_hashes(prompt_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt blocks a worker can take from its prefix cache: every full
+    block but one that would leave no token to compute (the engine's ``match_prefix`` rule)."""
+    usable = (len(prompt_ids) - 1) // block_size if prompt_ids else 0
+    return hash_blocks(prompt_ids[:usable * block_size], block_size)
+
+
+class KVIndex:
+    """Exact: ``store``/``remove``/``clear`` mirror each worker's KV events."""
+
+    def __init__(self, block_size: int) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        self._holders: dict[int, int] = {}  # block hash -> bitmask of worker slots
+        self._slot: dict[str, int] = {}  # worker id -> slot
+        self._worker: dict[int, str] = {}  # slot -> worker id
+        self._blocks: dict[str, set[int]] = {}  # worker id -> hashes it holds
+        self._free_slots: list[int] = []
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def workers(self) -> list[str]:
+        return list(self._slot)
+
+    @property
+    def num_blocks(self) -> int:
+        """Indexed (worker, block) pairs."""
+        return sum(len(b) for b in self._blocks.values())
+
+    def blocks_of(self, worker_id: str) -> frozenset[int]:
+        return frozenset(self._blocks.get(worker_id, ()))
+
+    def holds(self, worker_id: str, block_hash: int) -> bool:
+        slot = self._slot.get(worker_id)
+        return slot is not None and bool(self._holders.get(block_hash, 0) >> slot & 1)
+
+    def overlaps(self, hashes: Sequence[int]) -> dict[str, int]:
+        """For each worker holding the first block: how many leading blocks of ``hashes`` it
+        holds. Workers holding none are absent."""
+        if not hashes:
+            return {}
+        holders = self._holders
+        active = holders.get(hashes[0], 0)
+        out: dict[str, int] = {}
+        i = 1
+        while active and i < len(hashes):
+            kept = active & holders.get(hashes[i], 0)
+            if kept != active:
+                self._credit(out, active & ~kept, i)
+                active = kept
+            i += 1
+        self._credit(out, active, len(hashes))
+        return out
+
+    # ---- changes ---------------------------------------------------------------------------
+    def add_worker(self, worker_id: str) -> None:
+        if worker_id in self._slot:
+            return
+        slot = self._free_slots.pop() if self._free_slots else len(self._slot)
+        self._slot[worker_id] = slot
+        self._worker[slot] = worker_id
+        self._blocks[worker_id] = set()
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget the worker and every block it held."""
+        if worker_id not in self._slot:
+            return
+        self.clear(worker_id)
+        slot = self._slot.pop(worker_id)
+        del self._worker[slot]
+        del self._blocks[worker_id]
+        self._free_slots.append(slot)
+
+    def store(self, worker_id: str, block_hash: int) -> None:
+        self.add_worker(worker_id)
+        blocks = self._blocks[worker_id]
+        if block_hash in blocks:
+            return
+        blocks.add(block_hash)
+        self._holders[block_hash] = self._holders.get(block_hash, 0) | (1 << self._slot[worker_id])
+
+    def remove(self, worker_id: str, block_hash: int) -> None:
+        blocks = self._blocks.get(worker_id)
+        if blocks is None or block_hash not in blocks:
+            return
+        blocks.discard(block_hash)
+        mask = self._holders[block_hash] & ~(1 << self._slot[worker_id])
+        if mask:
+            self._holders[block_hash] = mask
+        else:
+            del self._holders[block_hash]
+
+    def clear(self, worker_id: str) -> None:
+        """Drop every block of the worker (it stays known, with an empty cache)."""
+        for block_hash in list(self._blocks.get(worker_id, ())):
+            self.remove(worker_id, block_hash)
+
+    def load_snapshot(self, worker_id: str, hashes: Iterable[int]) -> None:
+        """Replace what the index knows of the worker with ``hashes``."""
+        self.add_worker(worker_id)
+        new = set(hashes)
+        old = self._blocks[worker_id]
+        for block_hash in old - new:
+            self.remove(worker_id, block_hash)
+        for block_hash in new - old:
+            self.store(worker_id, block_hash)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _credit(self, out: dict[str, int], mask: int, num_blocks: int) -> None:
+        while mask:
+            low = mask & -mask
+            out[self._worker[low.bit_length() - 1]] = num_blocks
+            mask ^= low
+
+
+class ApproxKVIndex:
+    """Predicted contents: a routed prompt's blocks count as held by its worker for ``ttl_s``
+    after the decision (refreshed by every later decision that routes them there)."""
+
+    def __init__(self, block_size: int, ttl_s: float, clock=time.monotonic) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        self.index = KVIndex(block_size)
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._expiry: dict[tuple[str, int], float] = {}  # (worker, hash) -> when it is forgotten
+        self._order: deque[tuple[float, str, int]] = deque()  # records in time order (one TTL: FIFO)
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.index.num_blocks
+
+    def record(self, worker_id: str, hashes: Sequence[int]) -> None:
+        """The router sent a prompt with ``hashes`` to ``worker_id``."""
+        now = self.clock()
+        self.expire(now)
+        until = now + self.ttl_s
+        for block_hash in hashes:
+            self.index.store(worker_id, block_hash)
+            self._expiry[(worker_id, block_hash)] = until
+            self._order.append((until, worker_id, block_hash))
+
+    def overlaps(self, hashes: Sequence[int]) -> dict[str, int]:
+        self.expire(self.clock())
+        return self.index.overlaps(hashes)
+
+    def remove_worker(self, worker_id: str) -> None:
+        for block_hash in self.index.blocks_of(worker_id):
+            self._expiry.pop((worker_id, block_hash), None)
+        self.index.remove_worker(worker_id)
+
+    def expire(self, now: float) -> None:
+        order = self._order
+        while order and order[0][0] <= now:
+            until, worker_id, block_hash = order.popleft()
+            if self._expiry.get((worker_id, block_hash)) == until:  # not refreshed since
+                del self._expiry[(worker_id, block_hash)]
+                self.index.remove(worker_id, block_hash)
+
+
+def merge_overlaps(*overlaps: dict[str, int]) -> dict[str, int]:
+    """Per worker, the longest of several indexes' overlaps."""
+    out: dict[str, int] = {}
+    for one in overlaps:
+        for worker_id, n in one.items():
+            if n > out.get(worker_id, 0):
+                out[worker_id] = n
+    return out
