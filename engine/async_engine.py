@@ -77,6 +77,8 @@ class AsyncEngine:
         fut: Future[T] = Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller gave up (was cancelled) before the engine got to it
             try:
                 fut.set_result(fn(self.engine))
             except BaseException as e:  # delivered to the caller
@@ -102,10 +104,17 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early aborts the request."""
         stream = self._open(request_id)
+        admitted = False
+
+        def add(e: LLMEngine) -> None:
+            nonlocal admitted
+            e.add_request(request_id, prompt_ids, sampling, priority, prefill_only)
+            admitted = True
+
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt_ids, sampling, priority, prefill_only))
+            await self.call(add)
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._give_up(request_id, lambda: admitted)
             raise
         async for out in self._drain(request_id, stream, sampling.n):
             yield out
@@ -118,19 +127,25 @@ class AsyncEngine:
         local_block_ids)`` is awaited to fill the missing prompt blocks and returns whether it
         succeeded; on failure the prompt is recomputed here."""
         stream = self._open(request_id)
+        admitted = False
+
+        def add(e: LLMEngine) -> tuple[list[int] | None, list[int]]:
+            nonlocal admitted
+            indices = e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority)
+            admitted = True
+            return indices, list(e.block_manager.block_table(request_id))
+
         try:
-            plan = await self.call(lambda e: (e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority),
-                                              list(e.block_manager.block_table(request_id))))
+            indices, table = await self.call(add)
+            if indices is not None:
+                ok = False
+                try:
+                    ok = bool(await pull(indices, [table[i] for i in indices])) if indices else True
+                finally:  # shielded: a pulling request's blocks are freed only once it is told
+                    await asyncio.shield(self.call(lambda e: e.kv_ready(request_id, ok)))
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._give_up(request_id, lambda: admitted)
             raise
-        indices, table = plan
-        if indices is not None:
-            ok = False
-            try:
-                ok = bool(await pull(indices, [table[i] for i in indices])) if indices else True
-            finally:
-                await self.call(lambda e: e.kv_ready(request_id, ok))
         async for out in self._drain(request_id, stream):
             yield out
 
@@ -157,6 +172,14 @@ class AsyncEngine:
         return [ev for ev in self.events if ev.event_id > after_id]
 
     # ---- internals -------------------------------------------------------------------------
+    def _give_up(self, request_id: str, admitted: Callable[[], bool]) -> None:
+        """The caller stopped (an error, or cancelled) before draining the request's stream:
+        abort the request if the engine admitted it (checked on the engine thread, after the
+        admitting command ran or was skipped)."""
+        self._streams.pop(request_id, None)
+        if self.dead is None:
+            self.post(lambda e: e.abort(request_id) if admitted() else None)
+
     def _open(self, request_id: str) -> asyncio.Queue:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
@@ -186,6 +209,7 @@ class AsyncEngine:
         try:
             while True:
                 # Run every queued command; block for one only when there is nothing to compute.
+                ran = False
                 while True:
                     try:
                         cmd = self._commands.get_nowait() if engine.has_work() else self._commands.get(timeout=0.5)
@@ -194,6 +218,9 @@ class AsyncEngine:
                     if cmd is None:
                         return
                     cmd()
+                    ran = True
+                if ran and engine.has_work():  # the load shows new work before a (long) step computes it
+                    self._publish([])
                 self._publish(engine.step() if engine.has_work() else [])
         except BaseException as e:
             traceback.print_exc()
