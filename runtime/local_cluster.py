@@ -5,6 +5,10 @@ Children get the resolved config as a JSON file (``--config``), so every process
 same settings. Each child is asked to die with its parent (PR_SET_PDEATHSIG), and ``stop()``
 terminates them, kills stragglers, stops etcd and removes the temp dir: nothing is left
 behind, also on Ctrl-C.
+
+PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits, not the process: launch
+a cluster (and add workers to it) from a thread that outlives it, e.g. the main thread.
+Several clusters can load their models at once: :meth:`launch` each, then :meth:`wait_ready`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -64,36 +70,58 @@ class LocalCluster:
         self.children: list[Child] = []
         self.router: dict[str, Any] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
+        self._config_path = self._tmp / "cluster.json"
         self._log_dir = Path(log_dir) if log_dir else None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout_s: float = 300.0) -> LocalCluster:
+        """Launch everything and wait until the router serves and lists every worker."""
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> LocalCluster:
+        """Start etcd and spawn the workers and the router, without waiting for them to load."""
         try:
-            self._start(timeout_s)
+            self._launch()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, timeout_s: float) -> None:
-        cfg = self.cfg
-        endpoints = list(cfg.etcd_endpoints)
-        if not endpoints:
-            self.etcd = EtcdServer(host=cfg.host).start()
-            endpoints = [self.etcd.endpoint]
-            self._say(f"etcd on {self.etcd.endpoint}")
-        self.cfg = cfg = dataclasses.replace(cfg, etcd_endpoints=tuple(endpoints))
-        config_path = self._tmp / "cluster.json"
-        config_path.write_text(json.dumps(dataclasses.asdict(cfg)))
-        workers = [("prefill", i) for i in range(self.num_prefill)] + [("decode", i) for i in range(self.num_decode)]
-        for role, i in workers:
-            self._spawn(f"{role}-{i}", [sys.executable, "-m", f"{role}_worker", "--config", str(config_path),
-                                        "--worker-id", f"{role}-{i}-{os.getpid()}"])
-        self._say(f"loading the model in {len(workers)} worker(s)...")
-        self._wait([c for c in self.children], timeout_s)
-        router = self._spawn("router", [sys.executable, "-m", "router", "--config", str(config_path)])
-        self._wait([router], 60.0)
-        self.router = router.ready or {}
+    def wait_ready(self, timeout_s: float = 300.0) -> LocalCluster:
+        """Wait (at most ``timeout_s``) for every child's ``TANDEM_READY`` line and for the router
+        to list every worker; on failure the cluster is stopped and the error raised."""
+        try:
+            deadline = time.monotonic() + timeout_s
+            self._wait(list(self.children), timeout_s)
+            self.router = next(c for c in self.children if c.name == "router").ready or {}
+            self._wait_router_lists_workers(deadline - time.monotonic())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_worker(self, role: str, timeout_s: float = 300.0) -> Child:
+        """Start one more worker of ``role`` in the running cluster; returns once the router
+        lists it (and no longer lists dead workers of that role)."""
+        if role not in ("prefill", "decode") or (role == "prefill" and self.cfg.mode == "aggregated"):
+            raise ValueError(f"cannot add a {role!r} worker to a {self.cfg.mode} cluster")
+        child = self._spawn_worker(role, len(self.workers(role)))
+        deadline = time.monotonic() + timeout_s
+        self._wait([child], timeout_s)
+        self._wait_router_lists_workers(deadline - time.monotonic())
+        return child
+
+    def add_router(self, timeout_s: float = 120.0, **overrides: Any) -> Child:
+        """Start another router replica on the cluster's etcd, with its own ports and the cluster's
+        config but for ``overrides`` (e.g. ``kv_events=False``); returns once it serves. Its
+        addresses are in ``child.ready`` (``http``, ``grpc``)."""
+        cfg = dataclasses.replace(self.cfg, port=0, grpc_port=0, metrics_port=0, **overrides)
+        name = f"router-{sum(1 for c in self.children if c.name.startswith('router'))}"
+        path = self._tmp / f"{name}.json"
+        path.write_text(json.dumps(dataclasses.asdict(cfg)))
+        child = self._spawn(name, [sys.executable, "-m", "router", "--config", str(path)])
+        self._wait([child], timeout_s)
+        return child
 
     def stop(self) -> None:
         """Terminate every child (SIGTERM, then SIGKILL after 10 s), stop etcd, remove temp files.
@@ -140,9 +168,58 @@ class LocalCluster:
         return self.router["grpc"]
 
     def workers(self, role: str) -> list[Child]:
-        return [c for c in self.children if c.name.startswith(role)]
+        """The cluster's workers of ``role`` (prefill or decode), dead ones included."""
+        return [c for c in self.children if c.name.startswith(f"{role}-")]
 
     # ---- internals ----------------------------------------------------------------------------
+    def _launch(self) -> None:
+        cfg = self.cfg
+        endpoints = list(cfg.etcd_endpoints)
+        if not endpoints:
+            self.etcd = EtcdServer(host=cfg.host).start()
+            endpoints = [self.etcd.endpoint]
+            self._say(f"etcd on {self.etcd.endpoint}")
+        self.cfg = cfg = dataclasses.replace(cfg, etcd_endpoints=tuple(endpoints))
+        self._config_path.write_text(json.dumps(dataclasses.asdict(cfg)))
+        for i in range(self.num_prefill):
+            self._spawn_worker("prefill", i)
+        for i in range(self.num_decode):
+            self._spawn_worker("decode", i)
+        self._say(f"loading the model in {self.num_prefill + self.num_decode} worker(s)...")
+        # The router needs only etcd: it loads its tokenizer while the workers load the model.
+        self._spawn("router", [sys.executable, "-m", "router", "--config", str(self._config_path)])
+
+    def _spawn_worker(self, role: str, index: int) -> Child:
+        return self._spawn(f"{role}-{index}", [sys.executable, "-m", f"{role}_worker", "--config",
+                                               str(self._config_path), "--worker-id", f"{role}-{index}-{os.getpid()}"])
+
+    def _wait_router_lists_workers(self, timeout_s: float) -> None:
+        """Until the router's /health counts exactly the live workers of each role (a dead one
+        stays listed until etcd expires its lease)."""
+        deadline = time.monotonic() + max(timeout_s, 1.0)
+        while True:
+            want = {f"{role}_workers": sum(1 for c in self.workers(role) if c.proc.poll() is None)
+                    for role in ("prefill", "decode")}
+            body = self._router_health()
+            if all(body.get(k) == v for k, v in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router does not list the cluster's live workers {want}; /health: {body}")
+            time.sleep(0.1)
+
+    def _router_health(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=5) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:  # 503 while no decode worker is listed
+            raw = e.read()
+        except OSError as e:
+            return {"error": repr(e)}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return {"error": raw.decode(errors="replace")}
+
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log: IO[str] | None = None
         if self._log_dir is not None:

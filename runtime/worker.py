@@ -67,9 +67,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                  model=ident.model, block_size=ident.block_size, load=load_to_pb(self.engine.load))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        known = await self.engine.call(lambda e: request.request_id in e._groups)
-        await self.engine.abort(request.request_id)
-        return pb.AbortResponse(aborted=known)
+        rid = request.request_id
+
+        def abort(e: LLMEngine) -> bool:
+            known = rid in e._groups
+            e.abort(rid)
+            # A finished prefill-only request holds its blocks pinned under a KV handle: free them too.
+            return e.unpin(rid) or known
+
+        # Shielded: the abort happens even if the caller's deadline passes while a long step runs.
+        return pb.AbortResponse(aborted=await asyncio.shield(self.engine.call(abort)))
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         if self.status != pb.WORKER_STATUS_DRAINING:
