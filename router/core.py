@@ -25,7 +25,7 @@ from engine.async_engine import EngineLoad
 from engine.request import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
 from router import policy
-from router.metrics import ROUTE_DECISIONS, WORKER_FAILURES
+from router.metrics import ROUTE_DECISIONS, WORKER_FAILURES, WORKERS
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
 from runtime.discovery import WorkerSet
 from runtime.etcd import ControlPlane, WorkerEvent, WorkerEventKind
@@ -100,6 +100,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         await self.workers.start()
+        WORKERS.labels(role=self.role).set_function(lambda: len(self.workers))
         self._poller = asyncio.create_task(self._poll_metrics())
 
     async def stop(self) -> None:
@@ -274,6 +275,11 @@ class RouterCore:
         try:
             with self.prefill.track(worker, len(prompt_ids)):
                 return await self.prefill.stub(worker).Prefill(req)
+        except asyncio.CancelledError:
+            # The client left. The worker aborts the cancelled call, but its answer (a pinned
+            # KV handle) may already be on the way: abort it there too rather than wait for its lease.
+            asyncio.get_running_loop().create_task(self._abort(self.prefill, worker, request_id))
+            raise
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequestError(e.details()) from None
@@ -282,6 +288,10 @@ class RouterCore:
                         request_id, worker, e.code().name)
             route.prefill_worker = ""
             return None
+
+    async def _abort(self, pool: WorkerPool, worker_id: str, request_id: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, WorkerFailedError):
+            await pool.stub(worker_id).Abort(pb.AbortRequest(request_id=request_id), timeout=2.0)
 
     async def _unpin(self, handle: pb.KVHandle) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, WorkerFailedError):

@@ -33,6 +33,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    upstream_finished: bool = False  # the worker ended the sequence (not a stop string seen here)
 
     @property
     def text(self) -> str:
@@ -80,7 +81,10 @@ class Generation:
                 out = self._apply(item)
                 if out is not None:
                     yield out
-                if all(c.finish_reason is not None for c in self.choices):
+                # Every sequence done: stop reading (aborting upstream) unless the workers ended
+                # them all themselves, in which case their Usage (cached tokens) comes next.
+                if all(c.finish_reason is not None for c in self.choices) and \
+                        not all(c.upstream_finished for c in self.choices):
                     break
         finally:
             await upstream.aclose()  # aborts the request upstream if it is still running
@@ -91,6 +95,8 @@ class Generation:
 
     def _apply(self, delta: Delta) -> ChoiceDelta | None:
         choice = self.choices[delta.index]
+        if delta.finish_reason is not None:
+            choice.upstream_finished = True
         if choice.finish_reason is not None:
             return None
         now = time.perf_counter()

@@ -44,6 +44,10 @@ class KServeError(ValueError):
     pass
 
 
+class UnknownModelError(KServeError):
+    pass
+
+
 def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[Any]:
     dt = tensor.datatype
     if raw is not None:
@@ -74,7 +78,7 @@ def parse_request(req: pb.ModelInferRequest, tokenizer: TextTokenizer, model: Se
                   streaming: bool) -> tuple[list[int], SamplingParams, bool, str]:
     """(prompt ids, sampling, include the input in the output, prompt text); KServeError if bad."""
     if req.model_name != model.name:
-        raise KServeError(f"unknown model {req.model_name!r}; this server serves {model.name!r}")
+        raise UnknownModelError(f"unknown model {req.model_name!r}; this server serves {model.name!r}")
     inputs: dict[str, list[Any]] = {}
     for i, tensor in enumerate(req.inputs):
         raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
@@ -136,6 +140,8 @@ def _text_response(req: pb.ModelInferRequest, model: ServedModel, text: str, fin
 
 
 def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, UnknownModelError):
+        return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, KServeError | InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, NoWorkersError):

@@ -15,4 +15,6 @@ E2E = Histogram("tandem_router_request_duration_seconds", "Arrival to last token
 PROMPT_TOKENS = Counter("tandem_router_prompt_tokens_total", "Prompt tokens of served requests")
 COMPLETION_TOKENS = Counter("tandem_router_completion_tokens_total", "Generated tokens of served requests")
 ROUTE_DECISIONS = Counter("tandem_router_route_decisions_total", "Where prompts were prefilled", ["path"])
+WORKERS = Gauge("tandem_router_workers", "Workers registered in etcd (a dead one leaves within the lease TTL)",
+                ["role"])
 WORKER_FAILURES = Counter("tandem_router_worker_failures_total", "Worker calls that failed", ["role"])

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import REGISTRY
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.request import TokenLogprob
@@ -55,7 +56,10 @@ class ServedModel:
 
 
 class BodyLimit:
-    """Reject request bodies over ``max_bytes`` with 413 before they are read whole."""
+    """Reject request bodies over ``max_bytes`` with 413 before they are read whole.
+
+    The body is read here (at most ``max_bytes`` of it) and replayed to the app: an error
+    raised while the app itself reads the body would be turned into FastAPI's own 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -67,25 +71,29 @@ class BodyLimit:
         too_big = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="body_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client left before sending its body
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await error_response(too_big)(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await error_response(too_big)(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()  # after the body: http.disconnect, watched by _until_disconnect
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(core: RouterCore, tokenizer: TextTokenizer, model: ServedModel, max_body_bytes: int) -> ASGIApp:
@@ -99,12 +107,21 @@ def create_app(core: RouterCore, tokenizer: TextTokenizer, model: ServedModel, m
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             return error_response(APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json"))
-        message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}"
+
+        def where(err: Any) -> str:
+            return ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+
+        message = "; ".join(f"{where(err)}: {err.get('msg')}" if where(err) else str(err.get("msg"))
                             for err in errors[:5])
-        return error_response(APIError(400, message or "invalid request", param=".".join(loc) or None))
+        return error_response(APIError(400, message or "invalid request", param=where(first) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths and methods get the OpenAI error shape too."""
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type_))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -132,20 +149,27 @@ def create_app(core: RouterCore, tokenizer: TextTokenizer, model: ServedModel, m
             raise APIError(400, f"{field} is not supported by this server", param=field, code="unsupported_parameter")
 
     def prepare(req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None):
+        chat = isinstance(req, ChatCompletionRequest)
+        prompt_param = "messages" if chat else "prompt"
+        max_tokens_param = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         if any(not 0 <= t < tokenizer.vocab_size for t in prompt_ids):
-            raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+            raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param=prompt_param)
+        try:
+            sampling = to_sampling(req, max_tokens)
+        except ValueError as e:  # the engine's message starts with the field's name
+            name = str(e).split(" ", 1)[0]
+            param = max_tokens_param if name == "max_tokens" else (name if name in type(req).model_fields else None)
+            raise APIError(400, str(e), param=param) from None
         total = len(prompt_ids) + (max_tokens or 1)
         if len(prompt_ids) >= model.max_model_len or total > model.max_model_len:
             raise APIError(400, f"this model's maximum context length is {model.max_model_len} tokens; "
                                 f"the request needs {total} ({len(prompt_ids)} in the prompt, "
-                                f"{max_tokens or 1} to generate)", param="max_tokens" if max_tokens else "prompt",
+                                f"{max_tokens or 1} to generate)",
+                           param=prompt_param if len(prompt_ids) >= model.max_model_len else max_tokens_param,
                            code="context_length_exceeded")
-        try:
-            return to_sampling(req, max_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        return sampling
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
