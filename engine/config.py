@@ -228,6 +228,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
+    backend: str = "torch"  # torch: run the model | sim: a fitted timing model stands in (engine.sim)
+    sim_profile: str = ""  # sim: profile name in engine/sim_profiles or a .json path ("": the default)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -238,6 +240,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
+        if self.backend not in ("torch", "sim"):
+            raise ValueError(f"engine backend must be 'torch' or 'sim', got {self.backend!r}")
 
 
 def bytes_per_block(arch: ModelArch, block_size: int, dtype_size: int) -> int:

@@ -3,6 +3,7 @@ metadata and chat template."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -28,13 +29,21 @@ _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
           "qwen3": "Qwen3ForCausalLM"}
 
 
+@functools.lru_cache(maxsize=4)
+def _reader(path: str) -> Any:
+    """Parsing a GGUF's header takes seconds (every tokenizer entry): once per file and process."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         import gguf
 
         self.path = Path(path)
         self._gguf = gguf
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = _reader(str(Path(path).resolve()))
 
     @property
     def num_tensors(self) -> int:

@@ -68,7 +68,14 @@ class LLMEngine:
         self.arch = read_arch(config)
         self.tokenizer = load_tokenizer(config)
         max_len = min(self.arch.max_position_embeddings, config.max_model_len or 1 << 30)
-        self.runner = ModelRunner(config, self.arch, max_len, progress=progress)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        self.eos_token_ids = tuple(dict.fromkeys((*eos, *self.arch.eos_token_ids)))
+        if config.backend == "sim":
+            from engine.sim import SimRunner
+
+            self.runner = SimRunner(config, self.arch, max_len, eos_token_ids=self.eos_token_ids)
+        else:
+            self.runner = ModelRunner(config, self.arch, max_len, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         # A lone request must always fit in the cache, so the context is capped by it too.
@@ -77,8 +84,6 @@ class LLMEngine:
             # Unchunked, a prompt (or a preempted sequence's recompute) must fit one step's budget.
             self.max_model_len = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
-        self.eos_token_ids = tuple(dict.fromkeys((*eos, *self.arch.eos_token_ids)))
         self._tracked: dict[str, _Tracked] = {}
         self._groups: dict[str, list[str]] = {}
         self.num_steps = 0
