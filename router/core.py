@@ -16,7 +16,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -25,7 +26,16 @@ from engine.async_engine import EngineLoad
 from engine.request import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
 from router import policy
-from router.metrics import ROUTE_DECISIONS, WORKER_FAILURES, WORKERS
+from router.metrics import (
+    DECISION_SECONDS,
+    KV_INDEXED_BLOCKS,
+    KV_OVERLAP_BLOCKS,
+    PREFIX_HIT_RATE,
+    ROUTE_DECISIONS,
+    WORKER_FAILURES,
+    WORKERS,
+)
+from router.routing import INFLIGHT_ROLE, Inflight, RouterInflight, Ticket, TierRouting, sum_peers
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
 from runtime.discovery import WorkerSet
 from runtime.etcd import ControlPlane, WorkerEvent, WorkerEventKind
@@ -72,7 +82,18 @@ class Route:
     prefill_worker: str = ""  # empty: prefilled on the decode worker
     recomputed: bool = False  # the KV pull failed and the decode worker prefilled itself
     num_retries: int = 0
+    overlap_blocks: int = 0  # leading prompt blocks the worker that prefills holds (per the KV index)
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """Where a request goes, decided before any call: its decode worker and, when the prompt is
+    prefilled remotely, its prefill worker."""
+
+    hashes: list[int]  # the prompt's chained block hashes (the decode tier's block size)
+    decode: policy.Decision
+    prefill: policy.Decision | None
 
 
 def delta_from_pb(out: pb.SequenceOutput) -> Delta:
@@ -84,8 +105,8 @@ def delta_from_pb(out: pb.SequenceOutput) -> Delta:
 
 
 class WorkerPool:
-    """One tier's live workers: gRPC stubs, this router's in-flight accounting, and the load
-    each worker publishes in etcd."""
+    """One tier's live workers: gRPC stubs, the routers' in-flight accounting (this router's
+    own, and its peers' as they publish it), and the load each worker publishes in etcd."""
 
     def __init__(self, plane: ControlPlane, role: str) -> None:
         self.plane = plane
@@ -93,8 +114,10 @@ class WorkerPool:
         self.workers = WorkerSet(plane, role, on_event=self._on_event)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
-        self.inflight: dict[str, list[int]] = {}  # worker -> [requests, prompt tokens to prefill]
+        self.inflight: dict[str, Inflight] = {}  # this router's, per worker
+        self.peer_inflight: dict[str, Inflight] = {}  # the other routers', as last published
         self.reported: dict[str, dict[str, float]] = {}
+        self.listeners: list[Callable[[WorkerEvent], None]] = []  # called on every membership change
         self._suspect: dict[str, float] = {}  # worker -> monotonic time until which it is skipped
         self._poller: asyncio.Task | None = None
 
@@ -114,8 +137,10 @@ class WorkerPool:
         now = time.monotonic()
         return [w for w in self.workers.workers if w not in exclude and self._suspect.get(w, 0) < now]
 
-    def loads(self, ids: list[str]) -> list[policy.WorkerLoad]:
-        return policy.loads_of(ids, {k: (v[0], v[1]) for k, v in self.inflight.items()}, self.reported)
+    def loads(self, ids: list[str], block_size: int = 16) -> list[policy.WorkerLoad]:
+        inflight = {w: self.inflight.get(w, Inflight()).add(self.peer_inflight.get(w, Inflight())).as_tuple()
+                    for w in ids}
+        return policy.loads_of(ids, inflight, self.reported, block_size)
 
     def stub(self, worker_id: str) -> pb_grpc.WorkerServiceStub:
         stub = self._stubs.get(worker_id)
@@ -133,15 +158,14 @@ class WorkerPool:
         WORKER_FAILURES.labels(role=self.role).inc()
 
     @contextlib.contextmanager
-    def track(self, worker_id: str, prefill_tokens: int):
-        entry = self.inflight.setdefault(worker_id, [0, 0])
-        entry[0] += 1
-        entry[1] += prefill_tokens
+    def track(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0):
+        """Count a request on the worker while it runs there: ``prefill_tokens`` until
+        ``ticket.prefilled()``, ``kv_tokens`` (growing with ``ticket.grow``) until it ends."""
+        ticket = Ticket(self.inflight.setdefault(worker_id, Inflight()), prefill_tokens, kv_tokens)
         try:
-            yield entry
+            yield ticket
         finally:
-            entry[0] -= 1
-            entry[1] -= prefill_tokens
+            ticket.close()
 
     def _on_event(self, event: WorkerEvent) -> None:
         if event.kind is WorkerEventKind.REMOVED or event.kind is WorkerEventKind.UPDATED:
@@ -152,16 +176,26 @@ class WorkerPool:
         if event.kind is WorkerEventKind.REMOVED:
             self.reported.pop(event.worker_id, None)
             self._suspect.pop(event.worker_id, None)
+            entry = self.inflight.get(event.worker_id)
+            if entry is not None and not entry.num_requests:
+                del self.inflight[event.worker_id]
+            with contextlib.suppress(KeyError):
+                PREFIX_HIT_RATE.remove(self.role, event.worker_id)
             log.info("%s worker %s left", self.role, event.worker_id)
         elif event.kind is WorkerEventKind.ADDED:
             log.info("%s worker %s joined at %s", self.role, event.worker_id,
                      event.info.endpoint if event.info else "?")
+        for listener in self.listeners:
+            listener(event)
 
     async def _poll_metrics(self) -> None:
         while True:
             try:
                 metrics = await self.plane.get_metrics(self.role, EngineLoad)
                 self.reported = {wid: vars(m) for wid, m in metrics.items()}
+                for wid, m in metrics.items():
+                    if m.num_prompt_tokens and wid in self.workers:
+                        PREFIX_HIT_RATE.labels(self.role, wid).set(m.num_cached_tokens / m.num_prompt_tokens)
             except Exception as e:  # etcd hiccup: keep the last known loads
                 log.debug("metrics poll failed: %r", e)
             await asyncio.sleep(1.0)
@@ -175,12 +209,26 @@ class RouterCore:
         self.prefill = WorkerPool(plane, "prefill")
         self.rng = random.Random()
         self.prefill_queue_limit_tokens = 8 * max(cfg.max_num_batched_tokens, 1)
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.routing = {pool.role: TierRouting(pool.role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s)
+                        for pool in (self.decode, self.prefill)}
+        self._turns = {"decode": 0, "prefill": 0}  # round_robin
+        self._sharing: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.decode.start()
-        await self.prefill.start()
+        for pool in (self.decode, self.prefill):
+            await pool.start()
+            pool.listeners.append(lambda _event, pool=pool: self._follow(pool))
+            self._follow(pool)
+            KV_INDEXED_BLOCKS.labels(pool.role).set_function(
+                lambda pool=pool: self.routing[pool.role].num_indexed_blocks)
+        self._sharing = asyncio.create_task(self._share_inflight())
 
     async def stop(self) -> None:
+        if self._sharing is not None:
+            self._sharing.cancel()
+        for tier in self.routing.values():
+            await tier.stop()
         await self.decode.stop()
         await self.prefill.stop()
 
@@ -196,14 +244,11 @@ class RouterCore:
         t0 = time.perf_counter()
         handle = None
         first: pb.PrefillResponse | None = None
-        decode_ids = self.decode.ids()
-        if not decode_ids:
-            raise NoWorkersError("no decode worker is available")
-        prefill_ids = self.prefill.ids() if self.cfg.mode == "disaggregated" else []
-        saturated = policy.prefill_saturated(self.prefill.loads(prefill_ids), self.prefill_queue_limit_tokens)
-        if prefill_ids and policy.prefill_remotely(len(prompt_ids), self.cfg.max_local_prefill_tokens, saturated,
-                                                   sampling.n):
-            first = await self._prefill(request_id, prompt_ids, worker_sampling, priority, route)
+        plan = self._plan(prompt_ids, sampling.n)
+        DECISION_SECONDS.observe(time.perf_counter() - t0)
+        route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
+        if plan.prefill is not None:
+            first = await self._prefill(request_id, prompt_ids, worker_sampling, priority, route, plan.prefill)
         ROUTE_DECISIONS.labels(path="remote" if first is not None else "local").inc()
         if first is not None:
             route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
@@ -220,23 +265,33 @@ class RouterCore:
             request.kv_handle.CopyFrom(handle)
         tried: set[str] = set()
         streamed = False
+        decision: policy.Decision | None = plan.decode
         try:
             while True:
-                ids = self.decode.ids(exclude=tried)
-                worker = policy.least_loaded(self.decode.loads(ids), self.rng)
-                if worker is None:
+                if decision is None:  # a retry: the next best of the others
+                    # -1: with a handle the decode worker computes no prompt token; without, all it lacks
+                    decision = self._choose(self.decode, prompt_ids, plan.hashes, self.decode.ids(exclude=tried),
+                                            -1 if handle is not None else None)
+                if decision is None:
                     raise (WorkerFailedError if tried else NoWorkersError)("no decode worker is available")
+                worker = decision.worker_id
                 tried.add(worker)
                 route.decode_worker = worker
                 route.num_retries = len(tried) - 1
+                to_compute = 0
+                if handle is None:
+                    to_compute = len(prompt_ids) - decision.overlap_blocks * self.routing["decode"].block_size
+                decision = None
                 call = self.decode.stub(worker).Generate(request)
                 try:
-                    with self.decode.track(worker, 0 if handle is not None else len(prompt_ids)):
+                    with self.decode.track(worker, to_compute, len(prompt_ids)) as ticket:
                         async for msg in call:
                             if msg.HasField("pull"):
                                 route.recomputed = msg.pull.recomputed
                             for out in msg.outputs:
                                 streamed = True
+                                ticket.prefilled()
+                                ticket.grow(len(out.token_ids))
                                 yield delta_from_pb(out)
                             if msg.HasField("usage"):
                                 u = msg.usage
@@ -263,17 +318,79 @@ class RouterCore:
                 # Nobody will pull: give the prefill worker its blocks back now, not at lease end.
                 asyncio.get_running_loop().create_task(self._unpin(handle))
 
+    # ---- routing (no I/O) ----------------------------------------------------------------------
+    def _plan(self, prompt_ids: list[int], n: int) -> RoutePlan:
+        """DESIGN.md steps 1-2: the prompt's block hashes; the decode worker D by cost; then a
+        remote prefill only if the tokens D would still compute exceed max_local_prefill_tokens
+        and the prefill tier is not saturated (n > 1 prefills where it decodes); P by cost."""
+        decode_ids = self.decode.ids()
+        if not decode_ids:
+            raise NoWorkersError("no decode worker is available")
+        decode_tier = self.routing["decode"]
+        hashes = decode_tier.hashes(prompt_ids)
+        prefill_ids = self.prefill.ids() if self.cfg.mode == "disaggregated" and n == 1 else []
+        max_local = None  # every decode worker prefills locally
+        if prefill_ids and not policy.prefill_saturated(self.prefill.loads(prefill_ids),
+                                                        self.prefill_queue_limit_tokens):
+            max_local = self.cfg.max_local_prefill_tokens
+        decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local)
+        assert decode is not None
+        prefill = None
+        if not decode.local_prefill:
+            prefill_tier = self.routing["prefill"]
+            prefill_hashes = hashes if prefill_tier.block_size == decode_tier.block_size else \
+                prefill_tier.hashes(prompt_ids)
+            prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None)
+        return RoutePlan(hashes, decode, prefill)
+
+    def _choose(self, pool: WorkerPool, prompt_ids: list[int], hashes: list[int], ids: list[str],
+                max_local_prefill_tokens: int | None) -> policy.Decision | None:
+        """One tier's worker by the configured policy; records the decision in the tier's
+        index of routed prompts."""
+        tier = self.routing[pool.role]
+        turn = self._turns[pool.role]
+        self._turns[pool.role] = turn + 1
+        decision = policy.choose(
+            self.cfg.routing_policy, len(prompt_ids), tier.overlaps(hashes), pool.loads(ids, tier.block_size),
+            tier.block_size, prefill_load_scale=self.cfg.prefill_load_scale, temperature=self.cfg.router_temperature,
+            max_local_prefill_tokens=max_local_prefill_tokens, turn=turn, rng=self.rng)
+        if decision is not None:
+            tier.record(decision.worker_id, hashes)
+            KV_OVERLAP_BLOCKS.labels(pool.role).observe(decision.overlap_blocks)
+        return decision
+
+    def _follow(self, pool: WorkerPool) -> None:
+        """The tier's workers changed: follow their KV events (block size from their registration)."""
+        self.routing[pool.role] = self.routing[pool.role].adopt(pool.workers.workers)
+        self.routing[pool.role].sync(pool.workers.workers)
+
+    async def _share_inflight(self) -> None:
+        """Publish this router's in-flight load per worker; read the other replicas'."""
+        while True:
+            try:
+                mine = {pool.role: {w: list(e.as_tuple()) for w, e in pool.inflight.items() if e.num_requests}
+                        for pool in (self.decode, self.prefill)}
+                await self.plane.put_metrics(INFLIGHT_ROLE, self.router_id, RouterInflight(self.router_id, mine))
+                peers = sum_peers(await self.plane.get_metrics(INFLIGHT_ROLE, RouterInflight), self.router_id)
+                for pool in (self.decode, self.prefill):
+                    pool.peer_inflight = peers.get(pool.role, {})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd hiccup: keep the last known peers
+                log.debug("in-flight sharing failed: %r", e)
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+
+    # ---- worker calls ----------------------------------------------------------------------------
     async def _prefill(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, priority: int,
-                       route: Route) -> pb.PrefillResponse | None:
-        """Prefill on the least-loaded prefill worker; None (prefill locally) if it fails."""
-        worker = policy.least_loaded(self.prefill.loads(self.prefill.ids()), self.rng)
-        if worker is None:
-            return None
+                       route: Route, decision: policy.Decision) -> pb.PrefillResponse | None:
+        """Prefill on the chosen prefill worker; None (prefill locally) if it fails."""
+        worker = decision.worker_id
         route.prefill_worker = worker
         req = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                 sampling=sampling_to_pb(sampling), priority=priority)
+        to_compute = len(prompt_ids) - decision.overlap_blocks * self.routing["prefill"].block_size
         try:
-            with self.prefill.track(worker, len(prompt_ids)):
+            with self.prefill.track(worker, to_compute, len(prompt_ids)):
                 return await self.prefill.stub(worker).Prefill(req)
         except asyncio.CancelledError:
             # The client left. The worker aborts the cancelled call, but its answer (a pinned

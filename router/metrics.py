@@ -18,3 +18,14 @@ ROUTE_DECISIONS = Counter("tandem_router_route_decisions_total", "Where prompts 
 WORKERS = Gauge("tandem_router_workers", "Workers registered in etcd (a dead one leaves within the lease TTL)",
                 ["role"])
 WORKER_FAILURES = Counter("tandem_router_worker_failures_total", "Worker calls that failed", ["role"])
+# KV-aware routing
+DECISION_SECONDS = Histogram("tandem_router_decision_seconds",
+                             "Routing decision time: prompt hashing, KV index lookups and worker choice (no I/O)",
+                             buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2))
+KV_OVERLAP_BLOCKS = Histogram("tandem_router_kv_overlap_blocks",
+                              "Per request: leading prompt blocks the chosen worker holds (per the KV index)", ["role"],
+                              buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+KV_INDEXED_BLOCKS = Gauge("tandem_router_kv_indexed_blocks", "(worker, block) pairs in the KV index", ["role"])
+PREFIX_HIT_RATE = Gauge("tandem_router_prefix_hit_rate",
+                        "Fraction of a worker's prompt tokens served from its prefix cache since it started "
+                        "(from its published metrics)", ["role", "worker"])

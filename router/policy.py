@@ -11,7 +11,9 @@ that has just finished look busy. The cost is DESIGN.md's "Routing cost" (after 
 lowest wins; ``temperature > 0`` samples softmax(-cost / temperature) instead; ties are broken
 at random. The same function serves both tiers. For the decode tier in disaggregated mode a
 worker's overlap counts only where it would prefill locally (the tokens it would still compute
-are at most ``max_local_prefill_tokens``); elsewhere the prefill tier does that work.
+are at most ``max_local_prefill_tokens``): elsewhere the whole prompt is computed anew (on the
+prefill tier) and moved, so a decode worker that can finish the prompt from its own cache wins
+unless it is much busier.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Candidate:
 
     worker_id: str
     overlap_blocks: int  # leading prompt blocks in its prefix cache
-    new_blocks: int  # prompt blocks it would compute (0 when the prefill tier computes them)
+    new_blocks: int  # prompt blocks not served by its cache (all of them where it does not prefill)
     queued_blocks: int  # prompt blocks it still has to compute for earlier requests
     active_blocks: int
     local_prefill: bool  # it computes the prompt itself
@@ -64,14 +66,15 @@ def kv_costs(num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequenc
              prefill_load_scale: float = 1.0, max_local_prefill_tokens: int | None = None) -> list[Candidate]:
     """Every worker's cost for a prompt of ``num_prompt_tokens`` whose leading blocks each worker
     holds per ``overlaps``. ``max_local_prefill_tokens`` (decode tier, disaggregated, prefill tier
-    available): a worker that would compute more than this does not prefill (no prefill term)."""
+    available): a worker that would compute more than this leaves the prompt to the prefill tier,
+    and its overlap does not count (every prompt block is new work); -1: no worker prefills."""
     num_blocks = blocks(num_prompt_tokens, block_size)
     out = []
     for w in loads:
         overlap = min(overlaps.get(w.worker_id, 0), num_blocks)
         to_compute = num_prompt_tokens - overlap * block_size
         local = max_local_prefill_tokens is None or to_compute <= max_local_prefill_tokens
-        new = num_blocks - overlap if local else 0
+        new = num_blocks - overlap if local else num_blocks
         queued = blocks(w.num_inflight_prefill_tokens, block_size)
         cost = prefill_load_scale * (new + queued) + w.num_active_blocks
         out.append(Candidate(w.worker_id, overlap, new, queued, w.num_active_blocks, local, cost))
@@ -149,13 +152,6 @@ def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> b
     prompt tokens queued: a remote prefill would wait longer than a local one."""
     return not loads or all(
         max(w.num_inflight_prefill_tokens, w.num_queued_prefill_tokens) > queue_limit_tokens for w in loads)
-
-
-def prefill_remotely(num_new_tokens: int, max_local_prefill_tokens: int, saturated: bool, n: int = 1) -> bool:
-    """DESIGN.md step 2: prefill on the prefill tier only if the tokens the decode worker would
-    still compute exceed ``max_local_prefill_tokens`` and the prefill tier is not saturated.
-    n > 1 requests prefill where they decode (their sequences share the prompt's blocks)."""
-    return n == 1 and not saturated and num_new_tokens > max_local_prefill_tokens
 
 
 def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, Sequence[int]],

@@ -86,6 +86,8 @@ class ClusterConfig:
     enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")
     max_num_seqs: int = _field(256, "most requests a worker runs at once")
     max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
+    engine: str = _field("torch", "engine backend: torch (run the model) or sim (a fitted timing model stands in)")
+    sim_profile: str = _field("", "sim engine: timing profile name (engine/sim_profiles) or .json path; empty: default")
     # -- KV transfer (prefill -> decode) --
     transport: str = _field("auto", "KV transport: auto (nixl if installed, else tcp), nixl, tcp")
     kv_lease_s: float = _field(30.0, "how long a prefill worker pins a KV handle nobody pulled")
@@ -96,6 +98,11 @@ class ClusterConfig:
         64, "prompts needing more new tokens than this are prefilled on the prefill tier"
     )
     max_body_bytes: int = _field(4 << 20, "largest HTTP request body the router accepts")
+    routing_policy: str = _field("kv", "worker choice: kv (KV-aware cost), round_robin, random, least_loaded")
+    kv_events: bool = _field(True, "index workers' KV events (--no-kv-events: predict from past routing, with a TTL)")
+    kv_index_ttl_s: float = _field(120.0, "without KV events: how long a routed prompt counts as cached there")
+    router_temperature: float = _field(0.0, "kv policy: 0 picks the lowest cost; > 0 samples softmax(-cost/T)")
+    prefill_load_scale: float = _field(1.0, "kv policy: weight of prefill blocks against active decode blocks")
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
 
     def __post_init__(self) -> None:
@@ -168,6 +175,14 @@ class ClusterConfig:
             fail("max_local_prefill_tokens", "must be >= 0")
         if self.max_body_bytes < 1024:
             fail("max_body_bytes", "must be at least 1024")
+        if self.engine not in ("torch", "sim"):
+            fail("engine", "must be torch or sim")
+        if self.routing_policy not in ("kv", "round_robin", "random", "least_loaded"):
+            fail("routing_policy", "must be kv, round_robin, random or least_loaded")
+        if self.kv_index_ttl_s <= 0:
+            fail("kv_index_ttl_s", "must be positive")
+        if self.router_temperature < 0 or self.prefill_load_scale < 0:
+            fail("router_temperature", "router_temperature and prefill_load_scale must be >= 0")
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(ClusterConfig)

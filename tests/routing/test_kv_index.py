@@ -71,7 +71,7 @@ def test_same_overlap_as_the_worker_reuses() -> None:
 def test_prompt_hashes_leave_one_token_to_compute() -> None:
     p = tokens(0, 3 * BS)
     assert prompt_hashes(p, BS) == hash_blocks(p, BS)[:2]
-    assert prompt_hashes(p + [1], BS) == hash_blocks(p, BS)
+    assert prompt_hashes([*p, 1], BS) == hash_blocks(p, BS)
     assert prompt_hashes([], BS) == []
 
 
@@ -97,7 +97,7 @@ def test_snapshot_replaces_and_clear_empties() -> None:
     index = KVIndex(BS)
     for h in hx:
         index.store("a", h)
-    index.load_snapshot("a", hx[:2] + [12345])
+    index.load_snapshot("a", [*hx[:2], 12345])
     assert index.blocks_of("a") == {*hx[:2], 12345}
     assert index.overlaps(hx) == {"a": 2}
     index.clear("a")

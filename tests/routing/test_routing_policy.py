@@ -62,20 +62,23 @@ def test_temperature_samples_softmax_of_negative_cost() -> None:
 
 def test_decode_tier_counts_overlap_only_where_it_prefills_locally() -> None:
     """Disaggregated: a decode worker that would still compute more than max_local_prefill_tokens
-    leaves the prompt to the prefill tier: no prefill term, its overlap does not count."""
+    leaves the prompt to the prefill tier, and its overlap does not count."""
     prompt = 10 * BS  # 160 tokens, max local 48: local only with an overlap of 7+ blocks
     overlaps = {"near": 8, "partial": 5}
     loads = [load("near", active_blocks=6), load("partial", active_blocks=3), load("cold", active_blocks=4)]
     costs = {c.worker_id: c for c in kv_costs(prompt, overlaps, loads, BS, max_local_prefill_tokens=48)}
     assert (costs["near"].local_prefill, costs["near"].cost) == (True, 2 + 6)
-    assert (costs["partial"].local_prefill, costs["partial"].cost) == (False, 3)
-    assert (costs["cold"].local_prefill, costs["cold"].cost) == (False, 4)
-    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=48)
-    assert (d.worker_id, d.local_prefill) == ("partial", False)
-    # Less decode load on "near": it prefills the last two blocks itself.
-    loads[0] = load("near", active_blocks=0)
+    assert (costs["partial"].local_prefill, costs["partial"].cost) == (False, 10 + 3)
+    assert (costs["cold"].local_prefill, costs["cold"].cost) == (False, 10 + 4)
     d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=48)
     assert (d.worker_id, d.local_prefill, d.overlap_blocks) == ("near", True, 8)
+    # Much busier, "near" loses to a remote prefill for "partial" (whose overlap is not used).
+    loads[0] = load("near", active_blocks=12)
+    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=48)
+    assert (d.worker_id, d.local_prefill) == ("partial", False)
+    # -1: the prompt's KV comes from a prefill worker wherever it goes: decode load decides.
+    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=-1)
+    assert (d.worker_id, d.local_prefill, d.cost) == ("partial", False, 13)
     # Without a usable prefill tier every worker prefills locally: overlap counts everywhere.
     loads = [load("near", 6), load("partial", 3), load("cold", 4)]  # 2+6, 5+3, 10+4: a tie
     picks = {choose("kv", prompt, overlaps, loads, BS, rng=random.Random(s)) for s in range(40)}

@@ -1,0 +1,163 @@
+"""KV-aware routing end to end: real router, workers and etcd processes.
+
+- real model on CPU: the second request with the same long system prompt goes to the worker
+  that served the first, and its prefill computes only the new blocks;
+- sim engine, disaggregated: a follow-up turn goes back to the decode worker holding the
+  conversation and is prefilled there (no remote prefill, no transfer);
+- router replicas share in-flight load: a second router avoids the worker the first keeps busy;
+- without KV events (``--no-kv-events``), the router's own decisions predict the caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from runtime.local_cluster import Child, LocalCluster
+
+BS = 16
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 30000) for _ in range(n)]
+
+
+@functools.cache
+def model(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
+        return json.loads(resp.read())["data"][0]["id"]
+
+
+def complete(url: str, prompt: list[int], max_tokens: int = 4) -> dict[str, Any]:
+    body = {"model": model(url), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        out = json.loads(resp.read())
+    assert out["usage"]["completion_tokens"] == max_tokens, out
+    return out
+
+
+def gauges(url: str, prefix: str) -> dict[str, float]:
+    """Samples of a Prometheus page whose names start with ``prefix``: 'name{labels}' -> value."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def prompt_tokens(cluster: LocalCluster) -> dict[str, float]:
+    """Prompt tokens each decode worker has admitted since it started."""
+    return {c.name: gauges(c.ready["metrics"], "tandem_worker_num_prompt_tokens")["tandem_worker_num_prompt_tokens"]
+            for c in cluster.workers("decode")}
+
+
+def served_by(cluster: LocalCluster, before: dict[str, float], num_tokens: int) -> str:
+    """The decode worker whose admitted prompt tokens grew by ``num_tokens`` since ``before``."""
+    deadline = time.monotonic() + 5
+    while True:
+        after = prompt_tokens(cluster)
+        grew = [w for w in after if after[w] - before[w] == num_tokens]
+        if len(grew) == 1 or time.monotonic() > deadline:
+            assert len(grew) == 1, (before, after, num_tokens)
+            return grew[0]
+        time.sleep(0.05)
+
+
+def route_decisions(url: str) -> dict[str, float]:
+    g = gauges(f"{url}/metrics", "tandem_router_route_decisions_total")
+    return {path: g.get(f'tandem_router_route_decisions_total{{path="{path}"}}', 0.0) for path in ("local", "remote")}
+
+
+def test_same_system_prompt_goes_back_and_computes_only_new_blocks(cpu_cluster: LocalCluster) -> None:
+    url = cpu_cluster.http_url
+    system = tokens(1, 10 * BS)  # ten full blocks
+    before = prompt_tokens(cpu_cluster)
+    first = complete(url, system + tokens(2, 20))
+    worker = served_by(cpu_cluster, before, 10 * BS + 20)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    for turn in range(2):
+        before = prompt_tokens(cpu_cluster)
+        out = complete(url, system + tokens(10 + turn, 20))
+        assert served_by(cpu_cluster, before, 10 * BS + 20) == worker
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 10 * BS  # only the new tokens computed
+    # The router's exact index holds the worker's blocks, from its KV events.
+    indexed = gauges(f"{url}/metrics", "tandem_router_kv_indexed_blocks")
+    assert indexed['tandem_router_kv_indexed_blocks{role="decode"}'] >= 10
+
+
+def test_follow_up_turn_is_prefilled_where_the_conversation_lives(sim_cluster: LocalCluster) -> None:
+    url = sim_cluster.http_url
+    turn1 = tokens(3, 300)  # over max_local_prefill_tokens: prefilled on the prefill tier
+    decisions = route_decisions(url)
+    before = prompt_tokens(sim_cluster)
+    complete(url, turn1, max_tokens=8)
+    worker = served_by(sim_cluster, before, 300)
+    assert route_decisions(url)["remote"] == decisions["remote"] + 1
+    # The next turn adds 20 tokens: the decode worker that pulled turn 1 lacks only 32 of them.
+    decisions = route_decisions(url)
+    before = prompt_tokens(sim_cluster)
+    out = complete(url, turn1 + tokens(4, 20), max_tokens=8)
+    assert served_by(sim_cluster, before, 320) == worker
+    assert route_decisions(url)["local"] == decisions["local"] + 1
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 300 // BS * BS
+
+
+def running(worker: Child) -> float:
+    return gauges(worker.ready["metrics"], "tandem_worker_num_running")["tandem_worker_num_running"]
+
+
+def test_router_replicas_share_inflight_load(sim_cluster: LocalCluster) -> None:
+    replica = sim_cluster.add_router()
+    try:
+        # A long request through the first router keeps one decode worker busy for seconds.
+        long = threading.Thread(target=complete, args=(sim_cluster.http_url, tokens(5, 40), 300))
+        long.start()
+        deadline = time.monotonic() + 10
+        while not any(running(w) for w in sim_cluster.workers("decode")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        busy = next(w.name for w in sim_cluster.workers("decode") if running(w))
+        time.sleep(1.0)  # > the replicas' publish interval
+        # The replica has no request of its own there, yet sends its short ones elsewhere.
+        for i in range(5):
+            before = prompt_tokens(sim_cluster)
+            complete(replica.ready["http"], tokens(100 + i, 40), max_tokens=2)
+            assert served_by(sim_cluster, before, 40) != busy
+            assert long.is_alive()
+        long.join(60)
+    finally:
+        replica.proc.terminate()
+        replica.proc.wait(10)
+
+
+def test_without_kv_events_past_decisions_predict_the_cache(sim_cluster: LocalCluster) -> None:
+    replica = sim_cluster.add_router(kv_events=False)
+    try:
+        url = replica.ready["http"]
+        system = tokens(6, 10 * BS)
+        before = prompt_tokens(sim_cluster)
+        complete(url, system + tokens(7, 20))
+        worker = served_by(sim_cluster, before, 10 * BS + 20)
+        decisions = route_decisions(url)
+        before = prompt_tokens(sim_cluster)
+        out = complete(url, system + tokens(8, 20))
+        # Predicted overlap 10 blocks: 20 tokens left, under max_local_prefill_tokens: local.
+        assert served_by(sim_cluster, before, 10 * BS + 20) == worker
+        assert route_decisions(url)["local"] == decisions["local"] + 1
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 10 * BS
+        indexed = gauges(f"{url}/metrics", "tandem_router_kv_indexed_blocks")
+        assert indexed['tandem_router_kv_indexed_blocks{role="decode"}'] >= 10  # the TTL index
+    finally:
+        replica.proc.terminate()
+        replica.proc.wait(10)
