@@ -145,7 +145,12 @@ class LocalCluster:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.proc.kill()
-                child.proc.wait(5)
+        for child in self.children:  # a killed process still has to be scheduled to exit (slow on a loaded box)
+            try:
+                child.proc.wait(60)
+            except subprocess.TimeoutExpired:  # never skip the cleanup below for one stuck process
+                print(f"tandem: {child.name} (pid {child.proc.pid}) is still there 60 s after SIGKILL",
+                      file=sys.stderr, flush=True)
         self.children.clear()
         if self.etcd is not None:
             self.etcd.stop()

@@ -77,7 +77,7 @@ class ClusterPool:
                 if child.proc.poll() is None:
                     child.proc.terminate()
         for cluster in self.clusters.values():
-            cluster.stop()
+            cluster.stop()  # (never raises for a slow child: see LocalCluster.stop)
 
 
 @pytest.fixture(scope="session")
