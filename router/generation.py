@@ -14,6 +14,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 from router import metrics
 from router.core import Delta, Route, RouterCore, Usage
+from router.stats import WINDOW
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Generation:
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         upstream = self.core.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
+        WINDOW.arrived()
         try:
             async for item in upstream:
                 if isinstance(item, Usage):
@@ -88,7 +90,10 @@ class Generation:
                     break
         finally:
             await upstream.aclose()  # aborts the request upstream if it is still running
-        self.usage.num_completion_tokens = sum(len(c.token_ids) for c in self.choices)
+            self.usage.num_completion_tokens = sum(len(c.token_ids) for c in self.choices)
+            ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+            WINDOW.finished(len(self.prompt_ids), self.usage.num_completion_tokens, ttft,
+                            time.perf_counter() - self.arrival)
         metrics.PROMPT_TOKENS.inc(self.usage.num_prompt_tokens)
         metrics.COMPLETION_TOKENS.inc(self.usage.num_completion_tokens)
         metrics.E2E.observe(time.perf_counter() - self.arrival)

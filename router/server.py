@@ -23,6 +23,7 @@ from engine.llm_engine import load_tokenizer
 from engine.loader import read_arch, resolve_model
 from router.core import RouterCore
 from router.openai_api import ServedModel, create_app
+from router.stats import WINDOW
 from runtime import settings
 from runtime.etcd import ControlPlane
 
@@ -87,6 +88,8 @@ async def serve_router(argv: list[str] | None = None) -> int:
             await asyncio.sleep(0.5)
 
     health_task = asyncio.create_task(track_health())
+    # Request-level stats for the planner: /tandem/{ns}/metrics/router/{router_id}
+    plane.start_metrics_publisher("router", core.router_id, WINDOW.snapshot, cfg.metrics_interval_s)
     print("TANDEM_READY " + json.dumps({"role": "router", "http": f"http://{cfg.host}:{port}",
                                         "grpc": f"{cfg.host}:{grpc_port}", "model": model.name,
                                         "pid": os.getpid()}), flush=True)

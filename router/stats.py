@@ -1,0 +1,95 @@
+"""Request-level statistics over a sliding window, published to etcd under
+``/tandem/{ns}/metrics/router/{router_id}`` about once a second (DESIGN.md, control plane):
+arrivals, ISL/OSL, TTFT and ITL percentiles. The planner reads them; Prometheus gets the same
+observations as histograms from ``router.metrics``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    window_s: float
+    num_arrivals: int
+    num_finished: int
+    request_rate: float  # arrivals per second over the window
+    # None where the window holds no finished request
+    isl_mean: float | None
+    osl_mean: float | None
+    ttft_ms_p50: float | None
+    ttft_ms_p90: float | None
+    ttft_ms_p99: float | None
+    itl_ms_p50: float | None
+    itl_ms_p90: float | None
+    itl_ms_p99: float | None
+    e2e_ms_p50: float | None
+    num_inflight: int
+
+
+@dataclass(frozen=True)
+class _Finished:
+    t: float
+    isl: int
+    osl: int
+    ttft_ms: float
+    itl_ms: float  # mean inter-token latency of the request; NaN with fewer than 2 tokens
+    e2e_ms: float
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class RequestWindow:
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._arrivals: deque[float] = deque()
+        self._finished: deque[_Finished] = deque()
+        self.num_inflight = 0
+
+    def arrived(self, now: float | None = None) -> None:
+        self._arrivals.append(time.monotonic() if now is None else now)
+        self.num_inflight += 1
+
+    def finished(self, isl: int, osl: int, ttft_s: float | None, e2e_s: float, now: float | None = None) -> None:
+        self.num_inflight -= 1
+        if ttft_s is None:  # failed before its first token: counted as an arrival only
+            return
+        itl = (e2e_s - ttft_s) / (osl - 1) * 1000 if osl > 1 else math.nan
+        self._finished.append(_Finished(time.monotonic() if now is None else now, isl, osl, ttft_s * 1000, itl,
+                                        e2e_s * 1000))
+
+    def snapshot(self, now: float | None = None) -> RouterMetrics:
+        now = time.monotonic() if now is None else now
+        horizon = now - self.window_s
+        while self._arrivals and self._arrivals[0] < horizon:
+            self._arrivals.popleft()
+        while self._finished and self._finished[0].t < horizon:
+            self._finished.popleft()
+        done = list(self._finished)
+        ttft = [f.ttft_ms for f in done]
+        itl = [f.itl_ms for f in done if not math.isnan(f.itl_ms)]
+
+        def mean(xs: list[float]) -> float | None:
+            return sum(xs) / len(xs) if xs else None
+
+        return RouterMetrics(
+            window_s=self.window_s, num_arrivals=len(self._arrivals), num_finished=len(done),
+            request_rate=len(self._arrivals) / self.window_s, isl_mean=mean([f.isl for f in done]),
+            osl_mean=mean([f.osl for f in done]), ttft_ms_p50=percentile(ttft, 50), ttft_ms_p90=percentile(ttft, 90),
+            ttft_ms_p99=percentile(ttft, 99), itl_ms_p50=percentile(itl, 50), itl_ms_p90=percentile(itl, 90),
+            itl_ms_p99=percentile(itl, 99), e2e_ms_p50=percentile([f.e2e_ms for f in done], 50),
+            num_inflight=self.num_inflight,
+        )
+
+
+# The process's window: requests through this router (fed by router.generation).
+WINDOW = RequestWindow()
