@@ -44,6 +44,7 @@ from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 from runtime.settings import ClusterConfig
 
 log = logging.getLogger("tandem.router")
+_CLOSE_GRACE_S = 3600.0  # how long calls on a channel to a worker that left etcd may still run
 
 
 class NoWorkersError(RuntimeError):
@@ -172,7 +173,9 @@ class WorkerPool:
             self._stubs.pop(event.worker_id, None)
             channel = self._channels.pop(event.worker_id, None)
             if channel is not None:
-                asyncio.get_running_loop().create_task(channel.close(grace=5.0))
+                # A drained worker leaves etcd first and then finishes what it serves (a dead one's
+                # calls fail on their own): close the channel without cutting its calls short.
+                asyncio.get_running_loop().create_task(channel.close(grace=_CLOSE_GRACE_S))
         if event.kind is WorkerEventKind.REMOVED:
             self.reported.pop(event.worker_id, None)
             self._suspect.pop(event.worker_id, None)

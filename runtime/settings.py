@@ -104,6 +104,21 @@ class ClusterConfig:
     router_temperature: float = _field(0.0, "kv policy: 0 picks the lowest cost; > 0 samples softmax(-cost/T)")
     prefill_load_scale: float = _field(1.0, "kv policy: weight of prefill blocks against active decode blocks")
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
+    # -- deployment (launchers: tandem deploy) --
+    num_routers: int = _field(1, "deploy: router replicas")
+    num_prefill: int = _field(1, "deploy: prefill workers (disaggregated mode)")
+    num_decode: int = _field(1, "deploy: decode workers")
+    planner: bool = _field(False, "deploy: run the planner as a service")
+    tensor_parallel_size: int = _field(1, "GPUs one worker's model is split across (all on one node)")
+    num_gpus_per_worker: float = _field(
+        -1.0, "deploy: GPUs a worker reserves (-1: tensor_parallel_size on cuda, 0 on cpu; logical GPUs allowed)"
+    )
+    num_cpus_per_worker: float = _field(1.0, "deploy: CPUs a worker reserves")
+    worker_restarts: int = _field(3, "deploy: how often a dead worker is restarted before it stays down")
+    drain_timeout_s: float = _field(30.0, "how long a drained worker may take to finish its in-flight requests")
+    placement_timeout_s: float = _field(60.0, "deploy: how long to wait for the cluster to place a service")
+    ray_address: str = _field("", "deploy: Ray cluster address (empty: start a local Ray head)")
+    worker_env: tuple[str, ...] = _field((), "deploy: KEY=VALUE environment of every service (NCCL_*, UCX_*, NIXL_*)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -113,6 +128,17 @@ class ClusterConfig:
                 object.__setattr__(self, f.name, coerced)
         object.__setattr__(self, "log_level", self.log_level.upper())
         self._validate()
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs one worker reserves: as configured, else its tensor-parallel size on cuda, 0 on cpu."""
+        if self.num_gpus_per_worker >= 0:
+            return self.num_gpus_per_worker
+        return float(self.tensor_parallel_size) if self.device.startswith("cuda") else 0.0
+
+    @property
+    def worker_env_vars(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.worker_env)
 
     @property
     def embedded_etcd(self) -> bool:
@@ -183,6 +209,19 @@ class ClusterConfig:
             fail("kv_index_ttl_s", "must be positive")
         if self.router_temperature < 0 or self.prefill_load_scale < 0:
             fail("router_temperature", "router_temperature and prefill_load_scale must be >= 0")
+        if self.num_routers < 1 or self.num_decode < 1 or self.num_prefill < 0:
+            fail("num_decode", "need at least one router and one decode worker, and no negative prefill count")
+        if self.tensor_parallel_size < 1:
+            fail("tensor_parallel_size", "must be >= 1")
+        if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < -1:
+            fail("num_gpus_per_worker", "num_gpus_per_worker (-1: auto) and num_cpus_per_worker must be >= 0")
+        if self.worker_restarts < 0:
+            fail("worker_restarts", "must be >= 0")
+        if self.drain_timeout_s < 0 or self.placement_timeout_s <= 0:
+            fail("drain_timeout_s", "drain_timeout_s must be >= 0 and placement_timeout_s positive")
+        for item in self.worker_env:
+            if "=" not in item or not item.split("=", 1)[0]:
+                fail("worker_env", f"{item!r} is not KEY=VALUE")
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(ClusterConfig)

@@ -1,0 +1,342 @@
+"""Launchers: what starts, drains and stops one cluster's services, and reports what runs where.
+
+Two implementations behind :class:`Launcher`:
+
+- :class:`LocalLauncher` (here): subprocesses on this machine, around :class:`LocalCluster`
+  (what ``tandem serve`` runs);
+- :class:`runtime.ray_launcher.RayLauncher`: every service a Ray actor, placed on GPUs,
+  restarted on failure (``tandem deploy``).
+
+The planner acts through this interface: :meth:`Launcher.scale` to a target per tier, which
+starts new workers and drains the ones it removes. Draining a worker (:func:`drain_worker`,
+the worker's ``Drain`` RPC) stops its admitting, deregisters it from etcd so that every router
+drops it at once, and waits for its in-flight requests; only then is the process stopped.
+Which workers go is decided by :func:`plan_scale`, a pure function.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import json
+import math
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+from runtime.settings import ClusterConfig
+
+WORKER_ROLES = ("prefill", "decode")
+SERVICE_ROLES = ("router", "prefill", "decode", "planner", "etcd")
+
+
+class DeployError(RuntimeError):
+    """A deployment cannot be done as asked (not enough GPUs, a service that cannot start); the
+    message says why and what to change."""
+
+
+class ServiceState(enum.StrEnum):
+    STARTING = "starting"  # placed, loading
+    SERVING = "serving"
+    DRAINING = "draining"
+    RESTARTING = "restarting"  # died; the launcher is bringing it back
+    STOPPED = "stopped"  # stopped on purpose
+    DEAD = "dead"  # died and stays down
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """One running service: where it runs and how it is doing."""
+
+    name: str  # "router-0", "prefill-1", "etcd": unique in the deployment
+    role: str  # one of SERVICE_ROLES
+    state: ServiceState
+    node: str = ""  # the node's address
+    pid: int = 0  # the service process
+    gpus: tuple[str, ...] = ()  # accelerator ids it holds on its node (CUDA_VISIBLE_DEVICES)
+    endpoint: str = ""  # a worker's gRPC host:port, the router's HTTP URL, etcd's host:port
+    worker_id: str = ""  # a worker's etcd registration id
+    num_restarts: int = 0
+    registered: bool | None = None  # a worker's key in etcd (None: not checked)
+    num_requests: int = 0  # a worker's running + waiting requests, as last published
+
+    @property
+    def index(self) -> int:
+        """The number in the name ("decode-3" -> 3; -1 where there is none)."""
+        tail = self.name.rpartition("-")[2]
+        return int(tail) if tail.isdigit() else -1
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """What :meth:`Launcher.scale` does: start ``start`` (one role per new worker) and drain
+    ``drain`` (worker names); drain first when the new workers need the GPUs the drained free."""
+
+    start: tuple[str, ...]
+    drain: tuple[str, ...]
+    drain_first: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.start and not self.drain
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """How a worker's drain went."""
+
+    num_inflight: int  # requests it served when the drain began
+    drained: bool  # they all finished (False: time ran out, the rest failed over when it stopped)
+
+    def __str__(self) -> str:
+        return f"{self.num_inflight} in flight, " + ("all finished" if self.drained else "drain timed out")
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    plan: ScalePlan
+    drained: dict[str, DrainResult]  # per drained worker
+
+
+def plan_scale(running: Mapping[str, Sequence[ServiceInfo]], target: Mapping[str, int], *,
+               gpus_per_worker: float = 0.0, free_gpus: float = math.inf) -> ScalePlan:
+    """From the workers running per role to ``target`` workers per role. A tier that shrinks
+    drains its least busy workers first, the newest among equals; new workers start before the
+    old ones drain (capacity never dips below the smaller of before and after) unless the GPUs
+    free now do not fit them."""
+    start: list[str] = []
+    drain: list[str] = []
+    for role, want in target.items():
+        if want < 0:
+            raise ValueError(f"negative {role} worker count {want}")
+        have = list(running.get(role, ()))
+        if want > len(have):
+            start += [role] * (want - len(have))
+        else:
+            by_cost = sorted(have, key=lambda s: (s.num_requests, -s.index))
+            drain += [s.name for s in by_cost[:len(have) - want]]
+    return ScalePlan(tuple(start), tuple(drain), drain_first=len(start) * gpus_per_worker > free_gpus + 1e-9)
+
+
+def gpu_shortfall(gpus_per_worker: float, num_workers: int, node_gpus: Mapping[str, float]) -> str | None:
+    """Why ``num_workers`` workers of ``gpus_per_worker`` GPUs each (each on one node) do not fit
+    nodes with ``node_gpus`` GPUs, or None when they do."""
+    if gpus_per_worker <= 0 or num_workers == 0:
+        return None
+    need = gpus_per_worker * num_workers
+    have = sum(node_gpus.values())
+    nodes = ", ".join(f"{node}: {n:g}" for node, n in sorted(node_gpus.items())) or "no nodes"
+    largest = max(node_gpus.values(), default=0.0)
+    if gpus_per_worker > largest:
+        return (f"a worker needs {gpus_per_worker:g} GPUs on one node, and the largest node has {largest:g} "
+                f"({nodes})")
+    fit = sum(math.floor(n / gpus_per_worker + 1e-9) for n in node_gpus.values())
+    if need > have + 1e-9 or fit < num_workers:
+        return (f"{num_workers} workers x {gpus_per_worker:g} GPUs need {need:g} GPUs, and the cluster has "
+                f"{have:g} ({nodes}): {fit} such workers fit")
+    return None
+
+
+class Launcher(abc.ABC):
+    """Starts, drains and stops one cluster's routers, workers and planner."""
+
+    cfg: ClusterConfig
+
+    @abc.abstractmethod
+    def start(self, timeout_s: float = 600.0) -> Launcher:
+        """Start every service the config asks for; return once the routers list every worker.
+        On failure everything started is stopped and the error raised."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop every service at once (no drain) and release what they held. Idempotent."""
+
+    @abc.abstractmethod
+    def start_services(self, roles: Sequence[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
+        """Start one service per entry of ``roles``; return once they serve."""
+
+    @abc.abstractmethod
+    def drain_services(self, names: Sequence[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
+        """Drain (workers) then stop the named services; how each drain went."""
+
+    @abc.abstractmethod
+    def services(self) -> list[ServiceInfo]:
+        """What runs where, now."""
+
+    def free_gpus(self) -> float:
+        """GPUs free for new workers."""
+        return math.inf
+
+    def check_capacity(self, roles: Sequence[str], released: Sequence[str] = ()) -> None:
+        """Raise :class:`DeployError` at once, saying why, when new services of ``roles`` cannot fit
+        (once the services named in ``released`` are gone). Here: anything fits."""
+        return None
+
+    def workers(self, role: str) -> list[ServiceInfo]:
+        """The live (not stopped, not dead) workers of ``role``, oldest first."""
+        live = [s for s in self.services() if s.role == role and s.state not in (ServiceState.STOPPED,
+                                                                                 ServiceState.DEAD)]
+        return sorted(live, key=lambda s: s.index)
+
+    def scale(self, num_prefill: int, num_decode: int, timeout_s: float = 600.0) -> ScaleResult:
+        """Reach ``num_prefill`` prefill and ``num_decode`` decode workers (see :func:`plan_scale`)."""
+        if num_decode < 1 or num_prefill < 0:
+            raise ValueError("need at least one decode worker and no negative prefill count")
+        if self.cfg.mode == "aggregated" and num_prefill:
+            raise ValueError("an aggregated cluster has no prefill tier: scale it with --prefill 0")
+        running = {role: self.workers(role) for role in WORKER_ROLES}
+        plan = plan_scale(running, {"prefill": num_prefill, "decode": num_decode},
+                          gpus_per_worker=self.cfg.gpus_per_worker, free_gpus=self.free_gpus())
+        self.check_capacity(plan.start, released=plan.drain)
+        drained = self.drain_services(plan.drain) if plan.drain_first and plan.drain else {}
+        if plan.start:
+            self.start_services(plan.start, timeout_s)
+        if not plan.drain_first and plan.drain:
+            drained = self.drain_services(plan.drain)
+        return ScaleResult(plan, drained)
+
+    def __enter__(self) -> Launcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- helpers both launchers use ----------------------------------------------------------------
+def drain_worker(endpoint: str, wait_s: float) -> DrainResult:
+    """Ask the worker at ``endpoint`` to drain: it stops admitting (new calls fail UNAVAILABLE and
+    the router retries them elsewhere), deregisters from etcd (the routers drop it at once) and
+    waits up to ``wait_s`` for its in-flight requests, pinned KV handles included. A worker that
+    is gone already drains nothing: ``DrainResult(0, False)``."""
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.WorkerServiceStub(channel)
+        try:
+            load = stub.Health(pb.HealthRequest(), timeout=10.0).load
+            reply = stub.Drain(pb.DrainRequest(wait_ms=int(wait_s * 1000)), timeout=wait_s + 10.0)
+        except grpc.RpcError:
+            return DrainResult(0, False)
+    return DrainResult(load.num_running + load.num_waiting, reply.drained)
+
+
+def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The router's ``/health`` body (``decode_workers``, ``prefill_workers``), or ``{"error": ...}``."""
+    try:
+        with urllib.request.urlopen(f"{http_url}/health", timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:  # 503 while it lists no decode worker
+        raw = e.read()
+    except OSError as e:
+        return {"error": repr(e)}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"error": raw.decode(errors="replace")}
+
+
+def wait_routers_list(http_urls: Sequence[str], timeout_s: float, *, at_least: Mapping[str, int] | None = None,
+                      at_most: Mapping[str, int] | None = None) -> None:
+    """Until every router's /health counts, per role, at least ``at_least`` and at most
+    ``at_most`` workers (``{"decode": 2}``); TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + max(timeout_s, 1.0)
+
+    def ok(body: dict[str, Any]) -> bool:
+        count = {role: body.get(f"{role}_workers") for role in WORKER_ROLES}
+        if any(v is None for v in count.values()):
+            return False
+        return all(count[r] >= n for r, n in (at_least or {}).items()) and \
+            all(count[r] <= n for r, n in (at_most or {}).items())
+
+    for url in http_urls:
+        while not ok(body := router_health(url)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router at {url} does not list the workers (at least {at_least}, at most "
+                                   f"{at_most}); /health: {body}")
+            time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
+    """SIGTERM (a service shuts down gracefully), SIGKILL after ``timeout_s``; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
+
+
+# ---- local: subprocesses on this machine ---------------------------------------------------------
+class LocalLauncher(Launcher):
+    """The embedded cluster (:class:`runtime.local_cluster.LocalCluster`) behind the launcher
+    interface: services are subprocesses of this one, etcd is embedded unless configured."""
+
+    def __init__(self, cfg: ClusterConfig, log_dir: str | Path | None = None, quiet: bool = False) -> None:
+        from runtime.local_cluster import LocalCluster
+
+        self.cluster = LocalCluster(cfg, num_prefill=cfg.num_prefill, num_decode=cfg.num_decode, log_dir=log_dir,
+                                    quiet=quiet)
+        self.cfg = self.cluster.cfg
+        self._stopped: set[str] = set()
+
+    def start(self, timeout_s: float = 600.0) -> LocalLauncher:
+        self.cluster.start(timeout_s)
+        self.cfg = self.cluster.cfg
+        try:
+            for _ in range(self.cfg.num_routers - 1):
+                self.cluster.add_router(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    def start_services(self, roles: Sequence[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
+        started = []
+        for role in roles:
+            if role == "router":
+                child = self.cluster.add_router(timeout_s)
+            elif role in WORKER_ROLES:
+                child = self.cluster.add_worker(role, timeout_s)
+            else:
+                raise ValueError(f"the local launcher cannot start a {role!r} service")
+            started.append(self._info(child))
+        return started
+
+    def drain_services(self, names: Sequence[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
+        wait_s = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
+        children = {c.name: c for c in self.cluster.children}
+        result = {}
+        for name in names:
+            child = children[name]
+            drained = DrainResult(0, True)
+            if child.ready and "endpoint" in child.ready and child.proc.poll() is None:
+                drained = drain_worker(child.ready["endpoint"], wait_s)
+            self._stopped.add(name)
+            stop_process(child.proc)
+            result[name] = drained
+        return result
+
+    def services(self) -> list[ServiceInfo]:
+        return [self._info(child) for child in self.cluster.children]
+
+    def _info(self, child: Any) -> ServiceInfo:
+        ready = child.ready or {}
+        if child.proc.poll() is not None:
+            state = ServiceState.STOPPED if child.name in self._stopped else ServiceState.DEAD
+        else:
+            state = ServiceState.SERVING if child.ready else ServiceState.STARTING
+        return ServiceInfo(name=child.name, role=child.name.split("-")[0], state=state, node=self.cfg.host,
+                           pid=child.proc.pid, endpoint=ready.get("endpoint") or ready.get("http", ""),
+                           worker_id=ready.get("worker_id", ""))

@@ -1,0 +1,113 @@
+"""The launcher interface: which workers a scale starts and drains (pure), whether workers fit
+the GPUs (pure), and the local launcher scaling a real embedded cluster (the ``sim`` engine:
+real processes, etcd and router, no model weights) with a drain that lets a request finish."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import openai
+import pytest
+
+from runtime.launcher import (
+    LocalLauncher,
+    ScalePlan,
+    ServiceInfo,
+    ServiceState,
+    gpu_shortfall,
+    plan_scale,
+)
+from runtime.settings import ClusterConfig, ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def worker(name: str, num_requests: int = 0) -> ServiceInfo:
+    return ServiceInfo(name=name, role=name.partition("-")[0], state=ServiceState.SERVING, num_requests=num_requests)
+
+
+def test_plan_scale_starts_and_drains_to_the_target() -> None:
+    running = {"prefill": [worker("prefill-0")], "decode": [worker("decode-0", 3), worker("decode-1", 1),
+                                                             worker("decode-2", 1)]}
+    plan = plan_scale(running, {"prefill": 2, "decode": 1})
+    assert plan == ScalePlan(start=("prefill",), drain=("decode-2", "decode-1"), drain_first=False)
+    assert plan_scale(running, {"prefill": 1, "decode": 3}).empty
+
+
+def test_plan_scale_drains_the_least_busy_then_the_newest() -> None:
+    running = {"decode": [worker("decode-0", 0), worker("decode-1", 5), worker("decode-3", 0)]}
+    assert plan_scale(running, {"decode": 2}).drain == ("decode-3",)
+    assert plan_scale(running, {"decode": 1}).drain == ("decode-3", "decode-0")
+
+
+def test_plan_scale_drains_first_when_the_free_gpus_do_not_fit_the_new_workers() -> None:
+    running = {"prefill": [worker("prefill-0")], "decode": [worker("decode-0"), worker("decode-1")]}
+    target = {"prefill": 2, "decode": 1}
+    assert plan_scale(running, target, gpus_per_worker=2, free_gpus=2).drain_first is False
+    assert plan_scale(running, target, gpus_per_worker=2, free_gpus=1).drain_first is True
+    with pytest.raises(ValueError):
+        plan_scale(running, {"decode": -1})
+
+
+def test_gpu_shortfall_says_why() -> None:
+    assert gpu_shortfall(1, 4, {"a": 4}) is None
+    assert gpu_shortfall(0, 100, {}) is None  # CPU workers
+    assert "need 5 GPUs, and the cluster has 4" in gpu_shortfall(1, 5, {"a": 4})
+    # Enough GPUs in total, but a worker's GPUs must be on one node.
+    assert "2 such workers fit" in gpu_shortfall(2, 3, {"a": 3, "b": 3})
+    assert "largest node has 4" in gpu_shortfall(8, 1, {"a": 4, "b": 4})
+    assert gpu_shortfall(0.5, 8, {"a": 4}) is None  # fractional (logical) GPUs pack
+
+
+def test_deployment_settings_are_validated() -> None:
+    assert ClusterConfig(device="cuda", tensor_parallel_size=2).gpus_per_worker == 2
+    assert ClusterConfig(device="cpu", tensor_parallel_size=2).gpus_per_worker == 0
+    assert ClusterConfig(num_gpus_per_worker=0.5).gpus_per_worker == 0.5
+    assert ClusterConfig(worker_env=("UCX_TLS=rc,tcp", "A=b=c")).worker_env_vars == {"UCX_TLS": "rc,tcp", "A": "b=c"}
+    for bad in (dict(num_decode=0), dict(tensor_parallel_size=0), dict(worker_env=("NOVALUE",)),
+                dict(worker_restarts=-1)):
+        with pytest.raises(ConfigError):
+            ClusterConfig(**bad)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_launcher_scales_and_drains_without_failing_a_request() -> None:
+    cfg = ClusterConfig(port=0, grpc_port=0, engine="sim", kv_cache_gib=0.25, transport="tcp", lease_ttl_s=2,
+                        max_local_prefill_tokens=16, num_prefill=1, num_decode=1, drain_timeout_s=60)
+    with LocalLauncher(cfg, quiet=True) as launcher:
+        assert [(s.name, s.state) for s in launcher.services() if s.role != "router"] == [
+            ("prefill-0", ServiceState.SERVING), ("decode-0", ServiceState.SERVING)]
+        result = launcher.scale(1, 2)
+        assert result.plan.start == ("decode",) and not result.drained
+        assert [s.name for s in launcher.workers("decode")] == ["decode-0", "decode-1"]
+
+        # A long request on each decode worker, then drain one: both requests finish.
+        client = openai.OpenAI(base_url=f"{launcher.cluster.http_url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        model = launcher.cluster.router["model"]
+        outcomes: list[object] = []
+
+        def ask(i: int) -> None:
+            try:
+                stream = client.completions.create(model=model, prompt=f"{i} " * 8, max_tokens=1500, stream=True,
+                                                   temperature=0, extra_body={"ignore_eos": True})
+                outcomes.append([c.choices[0].finish_reason for c in stream if c.choices][-1])
+            except Exception as e:
+                outcomes.append(e)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)  # the requests arrive (1500 tokens take the sim engine about 9 s)
+        result = launcher.scale(1, 1)
+        for t in threads:
+            t.join(120)
+        (name, drain), = result.drained.items()
+        assert drain.num_inflight >= 1 and drain.drained, drain
+        assert outcomes == ["length"] * 4, outcomes  # all 1500 tokens each
+        states = {s.name: s.state for s in launcher.services()}
+        assert states[name] is ServiceState.STOPPED
+        assert len(launcher.workers("decode")) == 1
