@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-workers", type=int, default=1, help="decode workers")
     s.add_argument("--log-dir", default=None, help="write each process's log here instead of the terminal")
     s.set_defaults(func=cmd_serve)
+
+    from deploy.cli import add_parser as add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 

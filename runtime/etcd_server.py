@@ -314,11 +314,22 @@ def _install_sigterm_handler() -> None:
 atexit.register(_stop_all)
 
 
-def main() -> None:
-    """`python -m runtime.etcd_server`: run an embedded etcd until Ctrl-C or SIGTERM."""
+def main(argv: list[str] | None = None) -> None:
+    """`python -m runtime.etcd_server`: run an embedded etcd until Ctrl-C or SIGTERM. Prints
+    ``TANDEM_READY {"endpoint": ...}`` once healthy, as every tandem service does."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.etcd_server", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="client port (0: a free one)")
+    parser.add_argument("--name", default="tandem", help="member name")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    with EtcdServer() as server:
+    with EtcdServer(host=args.host, client_port=args.port, name=args.name) as server:
         print(f"etcd listening on {server.client_url}", flush=True)
+        print("TANDEM_READY " + json.dumps({"role": "etcd", "endpoint": server.endpoint, "pid": server.pid}),
+              flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while server.is_running:
                 time.sleep(0.5)

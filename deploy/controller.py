@@ -1,0 +1,110 @@
+"""The deployment controller: a detached Ray actor named ``{namespace}.controller`` (Ray namespace
+``tandem``) on the head node, holding the deployment's config and running its
+:class:`RayLauncher`. ``tandem deploy status|scale|down`` and the planner reach it by name from
+any later process; it serialises changes (one scale or down at a time) and answers status
+meanwhile. It holds no other state (the deployment is its named actors), so a restarted
+controller adopts what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from runtime.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState
+from runtime.ray_launcher import HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
+from runtime.settings import ClusterConfig
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    namespace: str
+    ray_address: str
+    etcd_endpoints: tuple[str, ...]
+    services: tuple[ServiceInfo, ...]
+    num_gpus: float  # in the Ray cluster
+    num_free_gpus: float
+    timings_s: dict[str, float] = field(default_factory=dict)  # of the last deploy / scale / down
+
+    def tier(self, role: str) -> list[ServiceInfo]:
+        return [s for s in self.services if s.role == role]
+
+    def serving(self, role: str) -> list[ServiceInfo]:
+        return [s for s in self.tier(role) if s.state is ServiceState.SERVING]
+
+    @property
+    def router_urls(self) -> list[str]:
+        return [s.endpoint for s in self.serving("router")]
+
+
+class DeploymentController:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.launcher = RayLauncher(cfg)
+        self._lock = threading.Lock()
+        self._timings: dict[str, float] = {}
+
+    def deploy(self, timeout_s: float = 600.0) -> DeploymentStatus:
+        with self._lock, self._timed("deploy"):
+            self.launcher.start(timeout_s)
+        return self.status()
+
+    def scale(self, num_prefill: int, num_decode: int, timeout_s: float = 600.0) -> ScaleResult:
+        with self._lock, self._timed("scale"):
+            return self.launcher.scale(num_prefill, num_decode, timeout_s)
+
+    def down(self) -> dict[str, DrainResult]:
+        """Drain every worker, then stop everything; the caller kills this actor afterwards."""
+        with self._lock, self._timed("down"):
+            return self.launcher.down()
+
+    def status(self) -> DeploymentStatus:
+        services = self.launcher.services()
+        resources, free = ray.cluster_resources(), ray.available_resources()
+        return DeploymentStatus(self.cfg.namespace, ray.get_runtime_context().gcs_address,
+                                self.launcher.etcd_endpoints(), tuple(services), resources.get("GPU", 0.0),
+                                free.get("GPU", 0.0), dict(self._timings))
+
+    def config(self) -> ClusterConfig:
+        return self.cfg
+
+    @contextlib.contextmanager
+    def _timed(self, what: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._timings[what] = round(time.monotonic() - t0, 2)
+
+
+def controller_name(namespace: str) -> str:
+    return actor_name(namespace, "controller")
+
+
+def create_controller(cfg: ClusterConfig) -> Any:
+    """Start the deployment's controller; DeployError-free: raises ValueError if one runs already."""
+    if find_controller(cfg.namespace) is not None:
+        raise ValueError(f"namespace {cfg.namespace!r} is already deployed on this Ray cluster: "
+                         "`tandem deploy down` it first, or pick another namespace")
+    actor = ray.remote(DeploymentController).options(
+        name=controller_name(cfg.namespace), namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
+        max_concurrency=8, max_restarts=3, resources={HEAD_NODE: 0.001})
+    return actor.remote(cfg)
+
+
+def find_controller(namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(controller_name(namespace), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def deployed_namespaces() -> list[str]:
+    suffix = ".controller"
+    return sorted(a["name"][:-len(suffix)] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == RAY_NAMESPACE and a["name"].endswith(suffix))

@@ -1,0 +1,593 @@
+"""The Ray launcher: every tandem service (etcd, routers, prefill and decode workers, planner) a
+detached, named Ray actor of the Ray namespace ``tandem``, named ``{namespace}.{service}``.
+
+Placement. A worker reserves ``cfg.gpus_per_worker`` GPUs (its tensor-parallel size on cuda;
+logical GPUs also work on CPU machines) in a placement group of one bundle, so all of them are
+on one node and stay reserved while the actor restarts; a worker without GPUs is a plain CPU
+actor. A deployment that cannot fit the cluster fails before anything starts, with the reason;
+one whose GPUs are taken fails after ``placement_timeout_s``. etcd, unless the config names
+endpoints, runs on the head node.
+
+One actor, one process. A :class:`ServiceActor` runs its service as a child process
+(``python -m decode_worker --config ...``, the very command the local launcher runs) rather
+than the service's asyncio main in a thread of the actor, because:
+
+- a restart is a fresh process: the engine, CUDA context, gRPC server, Prometheus registry and
+  etcd lease of the dead incarnation cannot leak into the next;
+- clean shutdown is the service's own: SIGTERM runs its graceful path (deregister, finish,
+  close), which a thread cannot be given (signals go to the main thread);
+- the child is bound to its actor both ways: it gets PR_SET_PDEATHSIG (armed from a thread
+  that outlives it), so a killed actor takes its service along; and an actor whose service
+  dies on its own exits, so Ray restarts it (``max_restarts = worker_restarts``) and the new
+  incarnation starts a new service, which registers in etcd under a new worker id.
+
+Draining a worker (:meth:`ServiceActor.drain`) calls its Drain RPC (stop admitting,
+deregister, wait for in-flight requests), then stops the process; only then is the actor
+killed and its GPUs released. The launcher keeps no state of its own: the deployment is the
+set of named actors, so any process connected to the cluster can attach to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from runtime.etcd_server import free_port as _free_port
+from runtime.launcher import (
+    WORKER_ROLES,
+    DeployError,
+    DrainResult,
+    Launcher,
+    ServiceInfo,
+    ServiceState,
+    drain_worker,
+    gpu_shortfall,
+    stop_process,
+    wait_routers_list,
+)
+from runtime.settings import ClusterConfig
+
+log = logging.getLogger("tandem.ray_launcher")
+
+RAY_NAMESPACE = "tandem"
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
+_READY = "TANDEM_READY "
+_PR_SET_PDEATHSIG = 1
+_ETCD_READ_LOCK = threading.Lock()
+_ROUTER_CPUS = 1.0
+_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker", "planner": "planner",
+            "etcd": "runtime.etcd_server"}
+
+
+def actor_name(namespace: str, service: str) -> str:
+    return f"{namespace}.{service}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec:
+    """What one actor runs: ``python -m {module} {args}``, with ``config`` (a ClusterConfig as a
+    dict) written to a file and passed as ``--config``. ``host: auto`` binds the actor's node address."""
+
+    name: str  # "decode-1": unique in the deployment
+    role: str
+    namespace: str
+    config: dict[str, Any] | None = None
+    args: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return _MODULES[self.role]
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ServiceActor:
+    """Owns one service process on its node; see the module docstring. Threaded (``info`` and
+    ``drain`` answer while ``wait_ready`` waits)."""
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        ctx = ray.get_runtime_context()
+        self.spec = spec
+        self.restarted = ctx.was_current_actor_reconstructed
+        self.node = ray.util.get_node_ip_address()
+        self.gpus = tuple(str(g) for g in ray.get_gpu_ids())
+        self.incarnation = uuid.uuid4().hex[:6]
+        self.state = ServiceState.STARTING
+        self.ready_info: dict[str, Any] | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.exit_code: int | None = None
+        self._stopping = False
+        self._ready = threading.Event()
+        self._spawned = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"tandem-{spec.name}-"))
+        self._argv = self._command()
+        # The supervisor thread spawns the child and lives until it exits: PDEATHSIG is tied to it.
+        threading.Thread(target=self._supervise, name=f"supervise-{spec.name}", daemon=True).start()
+        self._spawned.wait(60)
+
+    # ---- remote methods ---------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        """The service's TANDEM_READY info once it serves; raises if it exits or times out first."""
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"{self.spec.name} did not become ready in {timeout_s:.0f} s; last output:\n"
+                               + "\n".join(list(self.tail)[-15:]))
+        if self.ready_info is None:
+            raise RuntimeError(f"{self.spec.name} exited with code {self.exit_code} before it was ready; "
+                               "last output:\n" + "\n".join(list(self.tail)[-25:]))
+        return self.ready_info
+
+    def info(self) -> dict[str, Any]:
+        ready = self.ready_info or {}
+        return {"name": self.spec.name, "role": self.spec.role, "state": str(self.state), "node": self.node,
+                "gpus": self.gpus, "pid": self._proc.pid if self._proc else 0,
+                "endpoint": ready.get("endpoint") or ready.get("http", ""), "worker_id": ready.get("worker_id", ""),
+                "ready": ready, "restarted": self.restarted}
+
+    def log_tail(self) -> list[str]:
+        return list(self.tail)
+
+    def drain(self, wait_s: float) -> DrainResult:
+        """Drain a worker (see :func:`runtime.launcher.drain_worker`), then stop the process."""
+        self.state = ServiceState.DRAINING
+        drained = DrainResult(0, True)
+        endpoint = (self.ready_info or {}).get("endpoint")
+        if self.spec.role in WORKER_ROLES and endpoint and self._proc and self._proc.poll() is None:
+            drained = drain_worker(endpoint, wait_s)
+        self.stop()
+        return drained
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM the service (its graceful shutdown), SIGKILL after ``timeout_s``."""
+        self._stopping = True
+        if self._proc is not None:
+            self.exit_code = stop_process(self._proc, timeout_s)
+        self.state = ServiceState.STOPPED
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return self.exit_code
+
+    # ---- the child -------------------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        spec = self.spec
+        argv = [sys.executable, "-m", spec.module, *spec.args]
+        if spec.config is not None:
+            config = dict(spec.config)
+            if config.get("host") == "auto":
+                config["host"] = self.node
+            path = self._tmp / "config.json"
+            path.write_text(json.dumps(config))
+            argv += ["--config", str(path)]
+        if spec.role in WORKER_ROLES:
+            argv += ["--worker-id", f"{spec.name}-{self.incarnation}"]
+        if spec.role == "etcd":
+            argv += ["--name", spec.namespace]
+        return argv
+
+    def _supervise(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TANDEM_DEPLOYMENT=self.spec.namespace)
+        try:
+            self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          env=env, cwd=self._tmp, preexec_fn=_die_with_parent)
+        except OSError as e:
+            self.tail.append(f"cannot start {self._argv}: {e}")
+            self.state = ServiceState.DEAD
+            self._ready.set()
+            return
+        finally:
+            self._spawned.set()
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(_READY):
+                self.ready_info = json.loads(line[len(_READY):])
+                self.state = ServiceState.SERVING
+                self._ready.set()
+                continue
+            self.tail.append(line.rstrip())
+            sys.stdout.write(line)  # the actor's Ray log
+            sys.stdout.flush()
+        self.exit_code = self._proc.wait()
+        self._ready.set()
+        if self._stopping:
+            return
+        self.state = ServiceState.DEAD
+        if self.ready_info is not None or self.restarted:
+            # It died on its own: so does the actor, and Ray restarts it (up to max_restarts). A first
+            # start that fails stays dead, for wait_ready to report the reason instead of a restart loop.
+            print(f"tandem: {self.spec.name} exited with code {self.exit_code}; restarting the actor", flush=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            os._exit(1)
+
+
+_ServiceActor = ray.remote(ServiceActor)
+
+
+# ---- the launcher ---------------------------------------------------------------------------------
+def _gcs_actor(handle: Any) -> dict[str, Any]:
+    """The GCS's record of an actor: State (ALIVE, RESTARTING, PENDING_CREATION, DEAD...),
+    NumRestarts, Address.IPAddress."""
+    try:
+        from ray._private import state
+
+        return state.actors(handle._actor_id.hex()) or {}
+    except Exception:  # an internal API: report what we can without it
+        return {}
+
+
+def _node_resources() -> dict[str, dict[str, float]]:
+    """Per live node (by address; a second node on one address gets a suffix): its resources."""
+    out: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        key = node["NodeManagerAddress"]
+        while key in out:
+            key += "'"
+        out[key] = dict(node.get("Resources", {}))
+    return out
+
+
+class RayLauncher(Launcher):
+    """A deployment on the Ray cluster this process is connected to (``ray.init`` first)."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("connect to the Ray cluster first (ray.init)")
+        self.cfg = cfg
+        self.ns = cfg.namespace
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 600.0) -> RayLauncher:
+        """Start what is missing of the deployment the config describes (so it is idempotent:
+        after a controller restart it adopts what runs)."""
+        cfg = self.cfg
+        num_prefill = cfg.num_prefill if cfg.mode == "disaggregated" else 0
+        want = {"router": cfg.num_routers, "prefill": num_prefill, "decode": cfg.num_decode,
+                "planner": int(cfg.planner)}
+        have = collections.Counter(s.role for s in self._live())
+        roles = [role for role, n in want.items() for _ in range(n - have[role])]
+        self.check_capacity(roles)
+        if cfg.planner and not _module_exists("planner.__main__"):
+            raise DeployError("planner: true, but this tandem has no planner service yet (python -m planner)")
+        try:
+            self._ensure_etcd(timeout_s)
+            self.start_services(roles, timeout_s, cleanup_all=True)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kill every actor of the deployment (their services get SIGTERM) and remove its placement groups."""
+        handles = self._handles()
+        refs = [h.stop.remote() for name, h in handles.items() if name != "etcd"]
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=20)
+        if "etcd" in handles:  # last: the others deregister on their way out
+            with contextlib.suppress(Exception):
+                ray.get(handles["etcd"].stop.remote(), timeout=20)
+        for name, handle in handles.items():
+            self._release(name, handle)
+        self._remove_placement_groups()
+
+    def start_services(self, roles: Sequence[str], timeout_s: float = 600.0, *,
+                       cleanup_all: bool = False) -> list[ServiceInfo]:
+        """Start one service per role, all at once; wait until they serve and every router lists
+        every worker. On failure the ones started here are stopped (or, with ``cleanup_all``,
+        the caller cleans up) and a DeployError says why."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        specs = self._specs(roles)
+        started: dict[str, Any] = {}
+        try:
+            groups = self._reserve([s for s in specs if s.role in WORKER_ROLES])
+            log.info("%s: placed %d worker(s) in %.1f s", self.ns, len(groups), time.monotonic() - t0)
+            for spec in specs:
+                started[spec.name] = self._create(spec, groups.get(spec.name))
+            self._wait_ready(started, deadline)
+            log.info("%s: %s serving after %.1f s", self.ns, ", ".join(started), time.monotonic() - t0)
+            serving = collections.Counter(s.role for s in self.services(with_etcd=False)
+                                          if s.state is ServiceState.SERVING)
+            wait_routers_list(self.router_urls(), deadline - time.monotonic(),
+                              at_least={role: serving[role] for role in WORKER_ROLES})
+        except BaseException:
+            if not cleanup_all:
+                for name, handle in started.items():
+                    self._release(name, handle)
+                for spec in specs:
+                    self._remove_placement_group(spec.name)
+            raise
+        return [s for s in self.services() if s.name in started]
+
+    def drain_services(self, names: Sequence[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
+        wait_s = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
+        handles = self._handles()
+        remaining = collections.Counter(s.role for s in self._live() if s.role in WORKER_ROLES and s.name not in names)
+        refs = {handles[name].drain.remote(wait_s): name for name in names if name in handles}
+        result = {name: DrainResult(0, False) for name in names}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s + 30)
+        for ref in done:
+            with contextlib.suppress(Exception):  # an actor that died meanwhile drained nothing
+                result[refs[ref]] = ray.get(ref)
+        for name in names:
+            if name in handles:
+                self._release(name, handles[name])
+        if any(name.partition("-")[0] in WORKER_ROLES for name in names):
+            wait_routers_list(self.router_urls(), 30.0, at_most={role: remaining[role] for role in WORKER_ROLES})
+        return result
+
+    def down(self) -> dict[str, DrainResult]:
+        """Drain every worker, then stop the routers, the planner and etcd; nothing is left."""
+        workers = [s.name for s in self._live() if s.role in WORKER_ROLES]
+        drained = self.drain_services(workers) if workers else {}
+        self.stop()
+        return drained
+
+    # ---- queries ----------------------------------------------------------------------------------
+    def services(self, with_etcd: bool = True) -> list[ServiceInfo]:
+        """Every service of the deployment; ``with_etcd`` adds each worker's registration and load."""
+        handles = self._handles()
+        refs = {name: h.info.remote() for name, h in handles.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=3.0)
+        registered = _registrations(self.cfg, self.etcd_endpoints(handles)) if with_etcd else None
+        out = []
+        for name, handle in handles.items():
+            gcs = _gcs_actor(handle)
+            info: dict[str, Any] = {}
+            with contextlib.suppress(Exception):
+                info = ray.get(refs[name], timeout=0.01)
+            gcs_state = gcs.get("State", "")
+            if gcs_state == "ALIVE" and info:
+                state = ServiceState(info["state"])
+            elif gcs_state == "DEAD":
+                state = ServiceState.DEAD
+            elif gcs.get("NumRestarts", 0) or gcs_state == "RESTARTING":
+                state = ServiceState.RESTARTING
+            else:
+                state = ServiceState.STARTING
+            worker_id = info.get("worker_id", "")
+            role = name.rpartition("-")[0] if "-" in name else name
+            out.append(ServiceInfo(
+                name=name, role=role, state=state, node=info.get("node") or gcs.get("Address", {}).get("IPAddress", ""),
+                pid=info.get("pid", 0), gpus=tuple(info.get("gpus", ())), endpoint=info.get("endpoint", ""),
+                worker_id=worker_id, num_restarts=int(gcs.get("NumRestarts", 0)),
+                registered=(worker_id in registered) if role in WORKER_ROLES and registered is not None else None,
+                num_requests=(registered or {}).get(worker_id, 0)))
+        return sorted(out, key=lambda s: (list(_MODULES).index(s.role), s.index))
+
+    def router_urls(self) -> list[str]:
+        return [s.endpoint for s in self.services(with_etcd=False) if s.role == "router" and s.endpoint]
+
+    def etcd_endpoints(self, handles: dict[str, Any] | None = None) -> tuple[str, ...]:
+        if self.cfg.etcd_endpoints:
+            return self.cfg.etcd_endpoints
+        etcd = (handles if handles is not None else self._handles()).get("etcd")
+        if etcd is None:
+            return ()
+        with contextlib.suppress(Exception):
+            return (ray.get(etcd.wait_ready.remote(30.0), timeout=35)["endpoint"],)
+        return ()
+
+    def free_gpus(self) -> float:
+        return float(ray.available_resources().get("GPU", 0.0))
+
+    def check_capacity(self, roles: Sequence[str], released: Sequence[str] = ()) -> None:
+        """Fail at once, saying why, when the cluster cannot hold these new services at all (GPUs
+        that other jobs hold are found later: placement waits ``placement_timeout_s`` for them)."""
+        nodes = _node_resources()
+        num_workers = sum(1 for r in roles if r in WORKER_ROLES)
+        free = {node: res.get("GPU", 0.0) for node, res in nodes.items()}
+        staying = [s for s in self._live() if s.name not in released]
+        for s in staying:  # what our other running workers hold is not free for new ones
+            if s.role in WORKER_ROLES:
+                for node in free:
+                    if node.rstrip("'") == s.node and free[node] >= self.cfg.gpus_per_worker:
+                        free[node] -= self.cfg.gpus_per_worker
+                        break
+        why = gpu_shortfall(self.cfg.gpus_per_worker, num_workers, free)
+        if why:
+            raise DeployError(f"not enough GPUs for namespace {self.ns!r}: {why}. Ask for fewer workers or GPUs per "
+                              "worker (num_prefill, num_decode, tensor_parallel_size, num_gpus_per_worker), or add "
+                              "GPU nodes.")
+        need_cpus = sum(self._cpus(r) for r in roles)
+        have_cpus = sum(res.get("CPU", 0.0) for res in nodes.values())
+        held_cpus = sum(self._cpus(s.role) for s in staying)
+        if need_cpus > have_cpus - held_cpus + 1e-9:
+            raise DeployError(f"not enough CPUs for namespace {self.ns!r}: the new services need {need_cpus:g} CPUs, "
+                              f"the cluster has {have_cpus:g} and this deployment holds {held_cpus:g} of them; lower "
+                              "num_cpus_per_worker or add nodes.")
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _handles(self) -> dict[str, Any]:
+        """The deployment's actors by service name."""
+        prefix = actor_name(self.ns, "")
+        out = {}
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != RAY_NAMESPACE or not entry["name"].startswith(prefix):
+                continue
+            service = entry["name"][len(prefix):]
+            if service.partition("-")[0] not in _MODULES:
+                continue  # the controller, or someone else's
+            with contextlib.suppress(ValueError):
+                out[service] = ray.get_actor(entry["name"], namespace=RAY_NAMESPACE)
+        return out
+
+    def _live(self) -> list[ServiceInfo]:
+        return [s for s in self.services(with_etcd=False) if s.state not in (ServiceState.STOPPED, ServiceState.DEAD)]
+
+    def _specs(self, roles: Sequence[str]) -> list[ServiceSpec]:
+        """Names (the next free index per role) and child configs of new services."""
+        taken = set(self._handles())
+        next_index = collections.Counter()
+        cfg = self.cfg
+        endpoints = self.etcd_endpoints()
+        specs = []
+        for role in roles:
+            while f"{role}-{next_index[role]}" in taken:
+                next_index[role] += 1
+            name = f"{role}-{next_index[role]}"
+            taken.add(name)
+            overrides: dict[str, Any] = {"etcd_endpoints": endpoints, "metrics_port": 0}
+            if role == "router":  # replica i on port + i: replicas may share a node
+                i = next_index[role]
+                overrides |= {"port": cfg.port + i if cfg.port else 0, "grpc_port": cfg.grpc_port + i if cfg.grpc_port
+                              else 0}
+            if role in WORKER_ROLES and cfg.threads == 0 and cfg.device == "cpu":
+                overrides["threads"] = max(1, int(cfg.num_cpus_per_worker))  # the cores Ray gave it
+            config = dataclasses.asdict(dataclasses.replace(cfg, **overrides))
+            specs.append(ServiceSpec(name, role, self.ns, config))
+        return specs
+
+    def _cpus(self, role: str) -> float:
+        return self.cfg.num_cpus_per_worker if role in WORKER_ROLES else _ROUTER_CPUS if role == "router" else 0.0
+
+    def _runtime_env(self) -> dict[str, Any]:
+        env = self.cfg.worker_env_vars
+        if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
+            env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
+        return {"env_vars": env} if env else {}
+
+    def _reserve(self, specs: Sequence[ServiceSpec]) -> dict[str, Any]:
+        """A one-bundle placement group per worker: its GPUs (if any) and CPUs on one node, kept
+        while it restarts. Waits for all at most ``placement_timeout_s``: a worker that Ray cannot
+        place fails here, not after a silent wait."""
+        gpus, cpus = self.cfg.gpus_per_worker, self.cfg.num_cpus_per_worker
+        bundle = {k: v for k, v in (("GPU", gpus), ("CPU", cpus)) if v > 0}
+        if not bundle:
+            return {}
+        groups = {s.name: ray.util.placement_group([bundle], strategy="STRICT_PACK",
+                                                   name=actor_name(self.ns, s.name), lifetime="detached")
+                  for s in specs}
+        _, pending = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups),
+                              timeout=self.cfg.placement_timeout_s)
+        if pending:
+            free = ray.available_resources()
+            for name in groups:
+                self._remove_placement_group(name)
+            raise DeployError(f"Ray could not place {len(pending)} of {len(groups)} new workers (each {bundle}) in "
+                              f"{self.cfg.placement_timeout_s:g} s: free now are {free.get('GPU', 0):g} GPUs and "
+                              f"{free.get('CPU', 0):g} CPUs (this or other deployments and jobs hold the rest); "
+                              "free some or ask for less.")
+        return groups
+
+    def _create(self, spec: ServiceSpec, group: Any | None) -> Any:
+        options: dict[str, Any] = dict(name=actor_name(self.ns, spec.name), namespace=RAY_NAMESPACE,
+                                       lifetime="detached", max_restarts=self.cfg.worker_restarts, max_task_retries=0,
+                                       max_concurrency=4, num_cpus=self._cpus(spec.role), num_gpus=0,
+                                       runtime_env=self._runtime_env() or None)
+        if group is not None:
+            options |= dict(num_gpus=max(self.cfg.gpus_per_worker, 0.0), scheduling_strategy=
+                            PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0))
+        if spec.role == "etcd":
+            options |= dict(resources={HEAD_NODE: 0.001})
+        return _ServiceActor.options(**options).remote(spec)
+
+    def _wait_ready(self, started: dict[str, Any], deadline: float) -> None:
+        """Until every new actor's service serves; one that exits fails at once, with its last output."""
+        refs = {h.wait_ready.remote(max(1.0, deadline - time.monotonic())): name for name, h in started.items()}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # the actor's own error carries the service's output
+                    cause = getattr(e, "cause", None) or e
+                    raise DeployError(f"{refs[ref]} failed to start: {cause}") from None
+            if pending and time.monotonic() > deadline:
+                late = {refs[r]: _gcs_actor(started[refs[r]]).get("State", "?") for r in pending}
+                raise DeployError(f"not ready in time: {', '.join(f'{n} (actor {st})' for n, st in late.items())}")
+
+    def _ensure_etcd(self, timeout_s: float) -> None:
+        if self.cfg.etcd_endpoints or "etcd" in self._handles():
+            return
+        head = next((n for n, res in _node_resources().items() if HEAD_NODE in res), self.cfg.host).rstrip("'")
+        host = head if self.cfg.host == "auto" else self.cfg.host
+        # A fixed port, so that a restarted etcd actor comes back where the services look for it:
+        # a free one where this process runs on the head node, etcd's usual one otherwise.
+        try:
+            port = _free_port(host)
+        except OSError:
+            port = 2379
+        spec = ServiceSpec("etcd", "etcd", self.ns, None, ("--host", host, "--port", str(port)))
+        t0 = time.monotonic()
+        handle = self._create(spec, None)
+        self._wait_ready({"etcd": handle}, t0 + min(timeout_s, 120.0))
+        log.info("%s: etcd serving on %s:%d after %.1f s", self.ns, host, port, time.monotonic() - t0)
+
+    def _release(self, name: str, handle: Any) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+        self._remove_placement_group(name)
+
+    def _remove_placement_group(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(ray.util.get_placement_group(actor_name(self.ns, name)))
+
+    def _remove_placement_groups(self) -> None:
+        prefix = actor_name(self.ns, "")
+        for group in ray.util.placement_group_table().values():
+            if group.get("name", "").startswith(prefix) and group.get("state") != "REMOVED":
+                with contextlib.suppress(Exception):
+                    ray.util.remove_placement_group(ray.util.get_placement_group(group["name"]))
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _registrations(cfg: ClusterConfig, endpoints: tuple[str, ...]) -> dict[str, int] | None:
+    """Registered workers (both tiers) -> their running + waiting requests, from etcd; None if
+    etcd cannot be read."""
+    if not endpoints:
+        return None
+
+    async def read() -> dict[str, int]:
+        from engine.async_engine import EngineLoad
+        from runtime.etcd import ControlPlane
+
+        plane = ControlPlane.from_config(dataclasses.replace(cfg, etcd_endpoints=endpoints))
+        await asyncio.wait_for(plane.connect(), 5.0)
+        try:
+            out: dict[str, int] = {}
+            for role in WORKER_ROLES:
+                loads = await plane.get_metrics(role, EngineLoad)
+                for worker_id in await plane.list_workers(role):
+                    load = loads.get(worker_id)
+                    out[worker_id] = (load.num_running + load.num_waiting) if load else 0
+            return out
+        finally:
+            await plane.close()
+
+    try:
+        with _ETCD_READ_LOCK:  # one event loop (and gRPC aio client) at a time in this process
+            return asyncio.run(read())
+    except Exception:
+        return None

@@ -1,0 +1,302 @@
+"""``tandem deploy`` on a real Ray cluster (conftest: one head, 8 CPUs, 4 logical GPUs).
+
+One deployment serves the module, in the order of the tests: 1 router, 1 prefill and 2 decode
+workers (the real model, float32, one thread each, one logical GPU each) deployed from a
+config file; correct streamed answers through the openai client; status shows the placement; a
+killed worker actor comes back and re-registers while serving goes on; scaling to 2 prefill +
+1 decode under load fails no request; down leaves no actor, placement group or process. Apart
+from it, a config that needs more GPUs than the cluster has fails fast, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import ray
+import yaml
+
+from deploy.ray_head import RayHead
+from runtime.launcher import ServiceInfo, ServiceState
+from runtime.ray_launcher import RAY_NAMESPACE, RayLauncher
+from runtime.settings import ClusterConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+NAMESPACE = "dt" + uuid.uuid4().hex[:6]
+CONFIG: dict[str, Any] = dict(
+    namespace=NAMESPACE, host="127.0.0.1", port=0, grpc_port=0, dtype="float32", threads=1, kv_cache_gib=0.25,
+    transport="tcp", lease_ttl_s=2, max_local_prefill_tokens=16, num_routers=1, num_prefill=1, num_decode=2,
+    num_gpus_per_worker=1, num_cpus_per_worker=1, worker_restarts=2, drain_timeout_s=30, placement_timeout_s=20)
+SHORT_PROMPT = "The capital of France is"  # prefilled on the decode worker
+LONG_PROMPT = ("Once upon a time, in a land far away, there lived a king who had three daughters. The youngest "
+               "daughter was")  # over max_local_prefill_tokens: prefilled on the prefill worker
+MAX_TOKENS = 16
+
+
+def tandem(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+    """Run ``tandem deploy ...`` as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def write_config(path: Path, **overrides: Any) -> Path:
+    path.write_text(yaml.safe_dump({**CONFIG, **overrides}))
+    return path
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value!r})")
+        time.sleep(interval_s)
+
+
+def named_actors(namespace: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(f"{namespace}."))
+
+
+def deployment_pids(namespace: str) -> list[int]:
+    """Processes the deployment started (every service and its etcd carry TANDEM_DEPLOYMENT)."""
+    marker = f"TANDEM_DEPLOYMENT={namespace}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@dataclass
+class Deployment:
+    namespace: str
+    address: str
+    url: str  # the router's OpenAI base URL
+    model: str
+    deploy_s: float
+
+    def launcher(self) -> RayLauncher:
+        return RayLauncher(ClusterConfig(namespace=self.namespace))
+
+    def services(self) -> dict[str, ServiceInfo]:
+        return {s.name: s for s in self.launcher().services()}
+
+    def status(self) -> dict[str, Any]:
+        r = tandem("status", "--namespace", self.namespace, "--address", self.address, "--json", timeout_s=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def health(self) -> dict[str, Any]:
+        from runtime.launcher import router_health
+
+        return router_health(self.url)
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    config = write_config(tmp_path_factory.mktemp("deploy") / "cluster.yaml")
+    t0 = time.monotonic()
+    r = tandem("ray", "--config", str(config), "--address", ray_head.address, timeout_s=480)
+    deploy_s = time.monotonic() - t0
+    try:
+        assert r.returncode == 0, f"deploy failed:\n{r.stderr[-4000:]}\n{r.stdout}"
+        routers = [s for s in RayLauncher(ClusterConfig(namespace=NAMESPACE)).services() if s.role == "router"]
+        url = routers[0].endpoint
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
+            model = json.loads(resp.read())["data"][0]["id"]
+        yield Deployment(NAMESPACE, ray_head.address, url, model, deploy_s)
+    finally:
+        if named_actors(NAMESPACE):  # the down test did not run or failed: clean up
+            tandem("down", "--namespace", NAMESPACE, "--address", ray_head.address)
+
+
+@dataclass
+class Outcome:
+    t_start: float
+    t_end: float
+    text: str
+    error: BaseException | None
+
+
+class Load:
+    """Clients streaming greedy completions back to back until stopped."""
+
+    def __init__(self, d: Deployment, num_clients: int = 3, max_tokens: int = 40) -> None:
+        self.d, self.num_clients, self.max_tokens = d, num_clients, max_tokens
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(num_clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        wait_until(lambda: sum(o.error is None for o in self.outcomes) >= self.num_clients, 120,
+                   "the load's first answers")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(150)
+
+    def _loop(self, i: int) -> None:
+        client = self.d.client()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                stream = client.completions.create(model=self.d.model, prompt=(LONG_PROMPT, SHORT_PROMPT)[i % 2],
+                                                   max_tokens=self.max_tokens, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True})
+                text = "".join(c.choices[0].text for c in stream if c.choices)
+                self.outcomes.append(Outcome(t0, time.monotonic(), text, None))
+            except Exception as e:
+                self.outcomes.append(Outcome(t0, time.monotonic(), "", e))
+                time.sleep(0.2)
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return [o.error for o in self.outcomes if o.error is not None]
+
+
+# ---- the tests, in order ---------------------------------------------------------------------------
+def test_more_gpus_than_the_cluster_has_fails_fast(ray_head: RayHead, tmp_path: Path) -> None:
+    namespace = NAMESPACE + "big"
+    config = write_config(tmp_path / "big.yaml", namespace=namespace, num_prefill=1, num_decode=4)
+    t0 = time.monotonic()
+    r = tandem("ray", "--config", str(config), "--address", ray_head.address, timeout_s=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr
+    assert "not enough GPUs" in r.stderr and "need 5 GPUs" in r.stderr and "the cluster has 4" in r.stderr, r.stderr
+    assert took < 60, f"failing took {took:.0f} s"
+    assert named_actors(namespace) == []
+
+
+def test_deploy_serves_correct_streamed_answers(deployment: Deployment) -> None:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    reference = LLM("default", dtype="float32", num_threads=1, kv_cache_bytes=64 << 20, progress=False)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    client = deployment.client()
+    for prompt in (SHORT_PROMPT, LONG_PROMPT):
+        want = reference.generate(prompt, params)[0].outputs[0].text
+        stream = client.completions.create(model=deployment.model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        chunks = [c.choices[0].text for c in stream if c.choices]
+        assert len(chunks) > 1, "not streamed"
+        assert "".join(chunks) == want, prompt
+    chat = client.chat.completions.create(model=deployment.model, stream=True, max_tokens=MAX_TOKENS, temperature=0,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    parts = list(chat)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices).strip()
+    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    # The long prompt went through the prefill worker.
+    with urllib.request.urlopen(f"{deployment.url}/metrics", timeout=10) as resp:
+        assert 'tandem_router_route_decisions_total{path="remote"}' in resp.read().decode()
+
+
+def test_status_shows_placement(deployment: Deployment) -> None:
+    status = deployment.status()
+    services = {s["name"]: s for s in status["services"]}
+    assert set(services) == {"etcd", "router-0", "prefill-0", "decode-0", "decode-1"}
+    for s in services.values():
+        assert s["state"] == "serving" and s["node"] == "127.0.0.1" and s["pid"] > 0, s
+    workers = [services[n] for n in ("prefill-0", "decode-0", "decode-1")]
+    assert all(w["registered"] and len(w["gpus"]) == 1 for w in workers), workers
+    assert len({w["gpus"][0] for w in workers}) == 3, "two workers share a GPU"
+    assert services["router-0"]["gpus"] == [] and services["etcd"]["gpus"] == []
+    assert (status["num_gpus"], status["num_free_gpus"]) == (4, 1)
+    text = tandem("status", "--namespace", deployment.namespace, "--address", deployment.address, timeout_s=60)
+    assert "GPUs 3 of 4 in use" in text.stdout and "decode   2 of 2 serving" in text.stdout, text.stdout
+    print(f"\ndeploy (1 router, 1 prefill, 2 decode) took {deployment.deploy_s:.1f} s")
+
+
+def test_killed_worker_actor_restarts_and_reregisters(deployment: Deployment) -> None:
+    before = deployment.services()["decode-1"]
+    with Load(deployment) as load:
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(f"{deployment.namespace}.decode-1", namespace=RAY_NAMESPACE), no_restart=False)
+
+        def back() -> ServiceInfo | None:
+            s = deployment.services()["decode-1"]
+            ok = s.state is ServiceState.SERVING and s.registered and s.worker_id != before.worker_id
+            return s if ok else None
+
+        after = wait_until(back, 180, "decode-1 to come back")
+        back_at = time.monotonic()
+        wait_until(lambda: deployment.health().get("decode_workers") == 2, 30, "the router to list it")
+        time.sleep(3)  # serving goes on with it
+    print(f"\nkilled decode-1: back and registered in {back_at - killed_at:.1f} s")
+    assert after.num_restarts == 1 and after.gpus == before.gpus and after.pid != before.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(before.pid, 0)  # the old service process went with its actor
+    # Requests on the killed worker failed cleanly (an HTTP error or an error event, at once), or were retried.
+    for e in load.errors:
+        assert isinstance(e, openai.APIError) and not isinstance(e, openai.APITimeoutError), repr(e)
+    assert all(o.text for o in load.outcomes if o.error is None)
+    assert any(o.error is None and o.t_start > back_at - 1 for o in load.outcomes), "no answer after the restart"
+
+
+def test_scale_without_failing_inflight_requests(deployment: Deployment) -> None:
+    with Load(deployment, num_clients=4, max_tokens=32) as load:
+        t0 = time.monotonic()
+        r = tandem("scale", "--namespace", deployment.namespace, "--address", deployment.address, "--prefill", "2",
+                   "--decode", "1", timeout_s=300)
+        took = time.monotonic() - t0
+        time.sleep(1)
+    assert r.returncode == 0, r.stderr + r.stdout
+    summary = r.stdout.strip().splitlines()[-1]
+    print(f"\nscale 1P+2D -> 2P+1D under load took {took:.1f} s: {summary}")
+    # The drained decode worker was serving requests; they all finished, and no client saw an error.
+    drained = re.search(r"drained 1 \((decode-\d): (\d+) in flight, all finished\)", summary)
+    assert drained and int(drained.group(2)) >= 1, summary
+    assert load.errors == [], load.errors[:3]
+    services = deployment.services()
+    live = {n: s for n, s in services.items() if s.state is ServiceState.SERVING}
+    assert sorted(n for n in live if n.startswith("prefill")) == ["prefill-0", "prefill-1"]
+    assert [n for n in live if n.startswith("decode")] == [n for n in ("decode-0", "decode-1")
+                                                           if n != drained.group(1)]
+    assert all(s.registered for n, s in live.items() if n.partition("-")[0] in ("prefill", "decode"))
+    health = deployment.health()
+    assert (health.get("prefill_workers"), health.get("decode_workers")) == (2, 1), health
+
+
+def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
+    pids = deployment_pids(deployment.namespace)
+    assert len(pids) >= 5  # the services and etcd
+    t0 = time.monotonic()
+    r = tandem("down", "--namespace", deployment.namespace, "--address", deployment.address, timeout_s=300)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr + r.stdout
+    print(f"\ndown took {took:.1f} s: {r.stdout.strip()}")
+    assert named_actors(deployment.namespace) == []
+    groups = [g for g in ray.util.placement_group_table().values()
+              if g.get("name", "").startswith(f"{deployment.namespace}.") and g.get("state") != "REMOVED"]
+    assert groups == []
+    wait_until(lambda: not deployment_pids(deployment.namespace), 20, "the deployment's processes to exit")
+    assert "error" in deployment.health()
+    wait_until(lambda: ray.available_resources().get("GPU") == 4, 20, "the GPUs to be free")
