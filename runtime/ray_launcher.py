@@ -123,7 +123,7 @@ class ServiceActor:
         self._ready = threading.Event()
         self._spawned = threading.Event()
         self._proc: subprocess.Popen | None = None
-        self._tmp = Path(tempfile.mkdtemp(prefix=f"tandem-{spec.name}-"))
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"tandem-{actor_name(spec.namespace, spec.name)}-"))
         self._argv = self._command()
         # The supervisor thread spawns the child and lives until it exits: PDEATHSIG is tied to it.
         threading.Thread(target=self._supervise, name=f"supervise-{spec.name}", daemon=True).start()
@@ -190,7 +190,7 @@ class ServiceActor:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TANDEM_DEPLOYMENT=self.spec.namespace)
         try:
             self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env=env, cwd=self._tmp, preexec_fn=_die_with_parent)
+                                          env=env, preexec_fn=_die_with_parent)
         except OSError as e:
             self.tail.append(f"cannot start {self._argv}: {e}")
             self.state = ServiceState.DEAD
@@ -203,6 +203,7 @@ class ServiceActor:
             if line.startswith(_READY):
                 self.ready_info = json.loads(line[len(_READY):])
                 self.state = ServiceState.SERVING
+                shutil.rmtree(self._tmp, ignore_errors=True)  # its config is read: nothing stays behind a kill
                 self._ready.set()
                 continue
             self.tail.append(line.rstrip())

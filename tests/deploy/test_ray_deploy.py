@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -298,5 +299,6 @@ def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
               if g.get("name", "").startswith(f"{deployment.namespace}.") and g.get("state") != "REMOVED"]
     assert groups == []
     wait_until(lambda: not deployment_pids(deployment.namespace), 20, "the deployment's processes to exit")
+    assert not list(Path(tempfile.gettempdir()).glob(f"tandem-{deployment.namespace}.*")), "temp files left"
     assert "error" in deployment.health()
     wait_until(lambda: ray.available_resources().get("GPU") == 4, 20, "the GPUs to be free")
