@@ -55,29 +55,35 @@ class TorchAttention:
                 ctx = slen - qlen
                 mask = torch.ones(qlen, slen, dtype=torch.bool, device=q.device).tril(diagonal=ctx)
                 causal = False
+            # 4-D inputs: torch's CPU flash kernel takes them (3-D ones fall back to the math path).
             o = F.scaled_dot_product_attention(
-                qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask, is_causal=causal,
+                qi[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                 scale=scale, enable_gqa=True,
             )
-            out[start:start + qlen] = o.transpose(0, 1)
+            out[start:start + qlen] = o[0].transpose(0, 1)
             start += qlen
         return out
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Batched decode: pad every context to the longest, mask the padding."""
+        """Batched decode: pad every context to the longest, mask the padding. ``index_select``
+        on a flat block list and contiguous ``[B, kvh, L, hd]`` operands keep the CPU matmuls on
+        their fast path (advanced indexing and strided operands cost several times more)."""
         nd = q.shape[0]
         max_len = max(meta.seq_lens_host[:nd])
         bs = kv_layer.shape[2]
         num_blocks = -(-max_len // bs)
-        blocks = kv_layer[meta.block_tables[:nd, :num_blocks]]  # [B, n, 2, bs, kvh, hd]
-        kvh, hd = blocks.shape[-2], blocks.shape[-1]
-        keys = blocks[:, :, 0].reshape(nd, num_blocks * bs, kvh, hd).permute(0, 2, 3, 1)  # [B, kvh, hd, L]
-        values = blocks[:, :, 1].reshape(nd, num_blocks * bs, kvh, hd).transpose(1, 2)  # [B, kvh, L, hd]
+        flat = meta.block_tables[:nd, :num_blocks].reshape(-1)
+        kvh, hd = kv_layer.shape[-2], kv_layer.shape[-1]
+        length = num_blocks * bs
+
+        def gather(which: int) -> torch.Tensor:  # [B, kvh, L, hd], contiguous
+            rows = kv_layer[:, which].index_select(0, flat)
+            return rows.view(nd, length, kvh, hd).transpose(1, 2).contiguous()
+
+        keys, values = gather(0), gather(1)
         group = q.shape[1] // kvh
-        qg = q.view(nd, kvh, group, hd)
-        scores = torch.matmul(qg, keys).float() * scale  # [B, kvh, g, L]
-        pos = torch.arange(num_blocks * bs, device=q.device)
-        pad = pos[None, :] >= meta.seq_lens[:nd, None]  # [B, L]
+        scores = torch.matmul(q.view(nd, kvh, group, hd), keys.mT).float() * scale  # [B, kvh, g, L]
+        pad = torch.arange(length, device=q.device)[None, :] >= meta.seq_lens[:nd, None]  # [B, L]
         scores.masked_fill_(pad[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).reshape(nd, kvh * group, hd)
