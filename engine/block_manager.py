@@ -95,6 +95,11 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
+    @property
+    def next_event_id(self) -> int:
+        """The id the next KV event will carry."""
+        return self._next_event_id
+
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 

@@ -91,6 +91,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.KVEventsResponse]:
         cursor = request.from_event_id
+        next_id = await self.engine.call(lambda e: e.block_manager.next_event_id)
+        if cursor > next_id:  # a subscriber of an earlier process of this worker
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                f"event {cursor} is beyond this worker's next event {next_id}; take a KVSnapshot")
         while True:
             events = await self.engine.wait_events(cursor - 1, timeout_s=5.0)
             if events and events[0].event_id > cursor:

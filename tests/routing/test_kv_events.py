@@ -242,6 +242,13 @@ def test_real_worker_events_converge_and_a_restart_is_reread() -> None:
             want = await cached_set(engine)
             await until(lambda: index.blocks_of("w") == want, timeout_s=20)
             assert feed.subscription("w").stats.num_snapshots >= 2
+
+            # An event id beyond the worker's next one (from before its restart) is refused.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stream = pb_grpc.WorkerServiceStub(channel).KVEvents(pb.KVEventsRequest(from_event_id=10**6))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stream.read()
+                assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
         finally:
             await feed.stop()
             await server.stop(grace=None)
