@@ -131,6 +131,12 @@ class WorkerSubscription:
                 log.debug("worker %s: KV event stream failed (%s); reconnecting", cursor.worker_id, e.code().name)
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, _MAX_BACKOFF_S)
+            except Exception:  # a malformed event: start over from a snapshot
+                log.exception("worker %s: bad KV event stream; taking a snapshot", cursor.worker_id)
+                cursor.next_event_id = None
+                cursor.stats.num_errors += 1
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, _MAX_BACKOFF_S)
 
 
 class KVEventFeed:
