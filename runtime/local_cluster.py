@@ -25,13 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from runtime.etcd_server import EtcdServer
+from runtime.launcher import router_health
 from runtime.settings import ClusterConfig
 
 _PR_SET_PDEATHSIG = 1
@@ -205,25 +204,12 @@ class LocalCluster:
         while True:
             want = {f"{role}_workers": sum(1 for c in self.workers(role) if c.proc.poll() is None)
                     for role in ("prefill", "decode")}
-            body = self._router_health()
+            body = router_health(self.http_url)
             if all(body.get(k) == v for k, v in want.items()):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the router does not list the cluster's live workers {want}; /health: {body}")
             time.sleep(0.1)
-
-    def _router_health(self) -> dict[str, Any]:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/health", timeout=5) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:  # 503 while no decode worker is listed
-            raw = e.read()
-        except OSError as e:
-            return {"error": repr(e)}
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return {"error": raw.decode(errors="replace")}
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log: IO[str] | None = None
