@@ -6,9 +6,10 @@ Model: dummy weights of Llama-3.1-8B's shape in bfloat16 (hidden 4096, 32 layers
 1. Ceilings, measured here: HBM copy bandwidth (a device-to-device copy, bytes read + written)
    and the bf16 matmul rate (8192^3, random data).
 2. Decode steps at batch 1/32/128/256 and contexts 512..4096 (those whose KV fits): the time
-   of one engine step (``ModelRunner.execute``: host preparation, CUDA-graph replay, logits,
-   sampling) and of the forward alone; the bytes a step must read (weights + the batch's KV)
-   per second as a fraction of the copy bandwidth.
+   of one engine step (``ModelRunner.execute``: host preparation, CUDA-graph replay of the
+   forward pass and LM head, sampling), of the forward pass and LM head alone, and of the host
+   preparation alone; the bytes a step must read (weights + the batch's KV) per second as a
+   fraction of the copy bandwidth.
 3. One 4096-token prefill step: model FLOPs (2 x linear params x tokens, plus causal attention)
    per second as a fraction of the matmul rate.
 4. The same generate workload through tandem (``LLM.generate``) and transformers ``generate``:
@@ -136,18 +137,14 @@ class Steps:
         self.runner.execute(output, tables)  # returns sampled tokens on the host: synchronized
 
     def prepare_ms(self, output: SchedulerOutput, tables: dict) -> float:
-        """Host time to build the step's inputs (the runner's ``_prepare``)."""
-        batch = list(output.scheduled)
-        return wall_time_ms(lambda: self.runner._prepare(batch, tables), warmup=2, iters=10)
+        """Host time to build the step's inputs and queue their copies (the runner's ``prepare``)."""
+        return wall_time_ms(lambda: self.runner.prepare(output, tables), warmup=2, iters=10)
 
     def forward_ms(self, output: SchedulerOutput, tables: dict) -> float:
-        """The forward pass alone (graph replay for decode steps), CUDA-event timed."""
+        """The forward pass and the LM head (graph replay for decode steps), CUDA-event timed."""
         runner = self.runner
-        batch = list(output.scheduled)
-        ids, pos, meta, _ = runner._prepare(batch, tables)
-        if runner.graphs is not None and runner.graphs.covers(meta):
-            return cuda_time_ms(lambda: runner.graphs.forward(ids, pos, meta))
-        return cuda_time_ms(lambda: runner.model(ids, pos, runner.kv, meta, runner.attn), iters=5)
+        step = runner.prepare(output, tables)
+        return cuda_time_ms(lambda: runner.compute_logits(step), iters=20 if step.padded_to else 5)
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -269,8 +266,6 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
     rows.append(("engine start (weights + KV + graph capture)",
                  f"{load_s:.1f} s; KV cache {runner.num_blocks * runner.block_size} tokens"))
     wbytes = weight_bytes(llm)
-    head = runner.model.lm_head
-    lm_head_bytes = head.weight.numel() * head.weight.element_size() if head is not None else 0
     kvtok = kv_bytes_per_token(llm)
     steps = Steps(llm)
 
@@ -286,13 +281,12 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
             fwd_ms = steps.forward_ms(output, tables)
             prep_ms = steps.prepare_ms(output, tables)
             nbytes = wbytes + batch * (ctx + 1) * kvtok
-            fwd_bytes = nbytes - lm_head_bytes  # the LM head runs after the forward pass
             frac = nbytes / (step_ms / 1e3) / bw
             decode.append(dict(batch=batch, context=ctx, step_ms=step_ms, forward_ms=fwd_ms, prepare_ms=prep_ms,
                                bytes=nbytes,
-                               hbm_fraction=frac, forward_hbm_fraction=fwd_bytes / (fwd_ms / 1e3) / bw))
+                               hbm_fraction=frac, forward_hbm_fraction=nbytes / (fwd_ms / 1e3) / bw))
             rows.append((f"decode b={batch:<3} ctx={ctx:<4}",
-                         f"step {step_ms:6.2f} ms ({frac:4.0%} of HBM)  forward {fwd_ms:6.2f} ms "
+                         f"step {step_ms:6.2f} ms ({frac:4.0%} of HBM)  forward+head {fwd_ms:6.2f} ms "
                          f"({decode[-1]['forward_hbm_fraction']:4.0%})  host prep {prep_ms:5.2f} ms  "
                          f"{batch * 1e3 / step_ms:6.0f} tok/s"))
             log(f"  {rows[-1]}")
@@ -314,7 +308,9 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
 
     log("generate through tandem...")
     vocab = llm.engine.arch.vocab_size
-    generate_tandem(llm, make_prompts(4, 64, vocab, seed=0), 8)  # warm-up
+    # Warm-up, with steps of every kind the timed runs take (prefill alone, decodes alone, and
+    # decodes beside prefill chunks), so no kernel compiles inside them on a cold Triton cache.
+    generate_tandem(llm, make_prompts(3, 3000, vocab, seed=0), 8)
     ours = {b: generate_tandem(llm, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
             for b in gen_batches}
     return ours

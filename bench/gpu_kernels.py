@@ -1,9 +1,10 @@
 """Diagnosis on the GPU: the attention kernels' launch variants side by side (CUDA-graph timed, so
-launch cost stays out), and a per-kernel profile of eager decode and prefill steps of the
-Llama-3.1-8B-shaped dummy model.
+launch cost stays out), the few-row fused linear kernels against cuBLAS, and a per-kernel profile
+of eager decode and prefill steps of the Llama-3.1-8B-shaped dummy model.
 
     python bench/gpu_kernels.py                # variants + profiles
     python bench/gpu_kernels.py --no-profile
+    python bench/gpu_kernels.py --only gemv    # few-row linear and batch-1 attention variants
 """
 
 from __future__ import annotations
@@ -62,6 +63,102 @@ def decode_variants(bw: float) -> None:
         print(f"{f'b={batch} ctx={ctx} splits={splits}':<28}" + "".join(f"{c:>14}" for c in cells))
 
 
+GEMV_SHAPES = [  # (name, N, K, prologue) of Llama-3.1-8B's decode-step linear layers
+    ("qkv+norm", 6144, 4096, "rms_norm"), ("o_proj", 4096, 4096, "none"),
+    ("gate_up+norm", 28672, 4096, "rms_norm"), ("down+silu", 4096, 14336, "silu_mul"),
+    ("lm_head", 128256, 4096, "none"),
+]
+
+
+def _linear_unfused(ws, x, res, g, prologue) -> None:
+    import torch.nn.functional as F
+
+    from engine import triton_ops
+
+    for w in ws:
+        if prologue == "rms_norm":
+            h, _ = triton_ops.rms_norm(x, g, 1e-5, res)
+        elif prologue == "silu_mul":
+            h = triton_ops.silu_and_mul(x)
+        else:
+            h = x
+        F.linear(h, w)
+
+
+def _linear_fused(ws, x, res, g, prologue, config, pdl) -> None:
+    from engine import triton_gemv
+
+    for w in ws:
+        if prologue == "rms_norm":
+            triton_gemv.gemv(x, w, None, prologue, g, 1e-5, res, config=config, pdl=pdl)
+        else:
+            triton_gemv.gemv(x, w, None, prologue, config=config, pdl=pdl)
+
+
+def gemv_variants(bw: float) -> None:
+    """One-row linear layers with their prologue: cuBLAS after the unfused Triton op (today's
+    path for large weights) against the fused Triton GEMV in several tilings, with programmatic
+    dependent launch (and once without). Each case replays, in one CUDA graph, the op over enough
+    copies of the weight to stream ~0.5 GB (as 32 layers do), so nothing is served from L2 and
+    back-to-back launch gaps count."""
+    from engine import triton_gemv
+
+    pdl = triton_gemv._pdl_available(torch.device("cuda"))
+    configs = [(8, 512, 4, False), (8, 512, 4, pdl), (4, 512, 4, pdl), (8, 256, 4, pdl), (16, 512, 8, pdl),
+               (16, 256, 4, pdl), (4, 1024, 4, pdl), (8, 1024, 8, pdl), (32, 256, 8, pdl)]
+    print(f"\none-row linear + prologue, us a call and fraction of copy bandwidth; cuBLAS + unfused op, then "
+          f"fused (BLOCK_N, BLOCK_K, warps, PDL); PDL available: {pdl}")
+    print(f"{'case':<14}{'cuBLAS':>14}" + "".join(f"{''.join(str(c).split())[:15]:>16}" for c in configs))
+    dt = torch.bfloat16
+    for name, n, k, prologue in GEMV_SHAPES:
+        nbytes = n * k * 2
+        copies = max(2, -(-(512 << 20) // nbytes))
+        ws = [torch.randn(n, k, dtype=dt, device="cuda") * k ** -0.5 for _ in range(copies)]
+        g = torch.randn(k, dtype=dt, device="cuda")
+        x = torch.randn(1, 2 * k if prologue == "silu_mul" else k, dtype=dt, device="cuda")
+        res = torch.randn(1, k, dtype=dt, device="cuda")
+        fns = [partial(_linear_unfused, ws, x, res, g, prologue)]
+        fns += [partial(_linear_fused, ws, x, res, g, prologue, (bn, bk, warps), p) for bn, bk, warps, p in configs]
+        cells = []
+        for fn in fns:
+            try:
+                us = bench_us(fn) / copies
+                cells.append(f"{us:6.1f}us {nbytes / us / 1e6 / bw:4.0%}")
+            except Exception as e:  # out of resources, say
+                cells.append(f"{type(e).__name__[:12]:>14}")
+        print(f"{name:<14}" + "".join(f"{c:>16}" for c in cells), flush=True)
+
+
+def _rope_then_attend(q, k, v, cos, sin, kv, slots, seq_lens, tables, splits) -> None:
+    from engine.attention.triton_rope_cache import rope_and_write_kv
+
+    rope_and_write_kv(q, k, v, cos, sin, kv, slots)
+    decode_attention(q, kv, seq_lens, tables, 0.088, splits)
+
+
+def rope_decode_variants() -> None:
+    """Batch-1 decode attention as a CUDA graph replays it (splits for the engine's longest
+    context): rotary + cache-write kernel then attention, against the fused launch."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("\nbatch-1 decode attention (1 layer, splits for a 131072-token bound), us")
+    for ctx in (512, 4096):
+        per_seq = -(-(ctx + 1) // PAGE)
+        kv = cache(per_seq + 1)
+        tables = torch.randperm(per_seq, device="cuda").view(1, per_seq).int()
+        seq_lens = torch.full((1,), ctx + 1, dtype=torch.int32, device="cuda")
+        slots = torch.tensor([int(tables[0, ctx // PAGE]) * PAGE + ctx % PAGE], device="cuda")
+        qkv = torch.randn(1, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+        q, k, v = q.view(1, HEADS, HEAD_DIM), k.view(1, KV_HEADS, HEAD_DIM), v.view(1, KV_HEADS, HEAD_DIM)
+        cos, sin = torch.randn(2, 1, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        splits = num_splits_for(1, KV_HEADS, 131072, sms)
+        unfused = bench_us(partial(_rope_then_attend, q, k, v, cos, sin, kv, slots, seq_lens, tables, splits))
+        fused = bench_us(partial(decode_attention, q, kv, seq_lens, tables, 0.088, splits,
+                                 rope=(k, v, cos, sin, slots)))
+        alone = bench_us(partial(decode_attention, q, kv, seq_lens, tables, 0.088, splits))
+        print(f"ctx={ctx}: rope kernel + attention {unfused:6.1f}   fused {fused:6.1f}   attention alone {alone:6.1f}")
+
+
 def prefill_variants(rate: float) -> None:
     variants = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (128, 32, 4, 4), (64, 128, 4, 3)]
@@ -115,6 +212,7 @@ def profile_steps() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--only", choices=["gemv"], help="only the few-row linear and batch-1 attention variants")
     args = ap.parse_args()
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
@@ -124,6 +222,10 @@ def main() -> None:
     mm_ms = triton.testing.do_bench(partial(torch.matmul, a, a), return_mode="median")
     rate = 2 * 8192 ** 3 / (mm_ms / 1e3) / 1e12
     print(f"copy {bw:.2f} TB/s, matmul {rate:.0f} TFLOP/s")
+    if args.only == "gemv":
+        gemv_variants(bw)
+        rope_decode_variants()
+        return
     decode_variants(bw)
     prefill_variants(rate)
     if not args.no_profile:

@@ -76,6 +76,45 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _gemv_for(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> ModuleType | None:
+    """The one-row fused linear kernels (``triton_gemv``) where they take ``x``: a batch-1 decode
+    step on the GPU. None elsewhere (the CPU, larger steps)."""
+    if not x.is_cuda:
+        return None
+    from engine import triton_gemv
+
+    return triton_gemv if triton_gemv.supports(x, weight, prologue) else None
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a batch-1 decode step takes one Triton kernel on the GPU."""
+    if (g := _gemv_for(x, layer.weight)) is not None:
+        return g.gemv(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def norm_linear(
+    norm: RMSNorm, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer(norm(x + residual)), x + residual)``, or ``(layer(norm(x)), x)`` without a residual;
+    a batch-1 decode step takes one kernel on the GPU where it can (the norm fused into the matmul)."""
+    if (g := _gemv_for(x, layer.weight, "rms_norm")) is not None:
+        if residual is None:
+            return g.gemv(x, layer.weight, layer.bias, g.RMS_NORM, norm.weight, norm.eps), x
+        return g.gemv(x, layer.weight, layer.bias, g.RMS_NORM, norm.weight, norm.eps, residual)
+    if residual is None:
+        return layer(norm(x)), x
+    h, residual = norm(x, residual)
+    return layer(h), residual
+
+
+def act_linear(layer: nn.Linear, gate_up: torch.Tensor) -> torch.Tensor:
+    """``layer(silu_and_mul(gate_up))``; one kernel on the GPU for a batch-1 decode step where it can."""
+    if (g := _gemv_for(gate_up, layer.weight, "silu_mul")) is not None:
+        return g.gemv(gate_up, layer.weight, layer.bias, g.SILU_MUL)
+    return layer(silu_and_mul(gate_up))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -125,11 +164,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, the residual stream before it)
         a = self.arch
         t = x.shape[0]
-        if residual is None:
-            h, residual = self.input_norm(x), x
-        else:
-            h, residual = self.input_norm(x, residual)
-        qkv = self.qkv_proj(h)
+        qkv, residual = norm_linear(self.input_norm, self.qkv_proj, x, residual)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(t, a.num_heads, a.head_dim)
         k = k.view(t, a.num_kv_heads, a.head_dim)
@@ -142,8 +177,9 @@ class DecoderLayer(nn.Module):
         else:
             q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
             o = attn.forward(q, k, v, kv[:, self.layer_idx], meta, self.scale)
-        h, residual = self.post_attn_norm(self.o_proj(o.reshape(t, a.q_size)), residual)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
+        o = linear(self.o_proj, o.reshape(t, a.q_size))
+        gate_up, residual = norm_linear(self.post_attn_norm, self.gate_up_proj, o, residual)
+        return act_linear(self.down_proj, gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -1,18 +1,19 @@
-"""Executes a :class:`SchedulerOutput`: builds the flattened batch, runs the model over the
-paged cache, samples. Owns the model, the KV cache tensor and the sampler."""
+"""Executes a :class:`SchedulerOutput`: builds the flattened batch (``StepInputBuilder``), runs
+the model over the paged cache (a CUDA graph for decode steps), samples. Owns the model, the KV
+cache tensor, the input staging buffers and the sampler."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, make_backend
+from engine.attention import make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.cuda_graphs import capture_decode_graphs
 from engine.loader import TORCH_DTYPES, build_model
 from engine.request import Request
 from engine.sampler import Sampler
-from engine.scheduler import SampledToken, ScheduledRequest, SchedulerOutput
+from engine.scheduler import SampledToken, SchedulerOutput
+from engine.step_inputs import StepInputBuilder, StepInputs
 
 
 class ModelRunner:
@@ -32,7 +33,12 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(self.device, config.seed)
-        self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, config.scheduler.max_num_seqs,
+        sched = config.scheduler
+        self.inputs = StepInputBuilder(
+            self.device, self.block_size, max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
+            max_seqs=sched.max_num_seqs,
+            max_blocks_per_seq=min(-(-max_model_len // self.block_size), self.num_blocks))
+        self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
 
     @property
@@ -49,64 +55,42 @@ class ModelRunner:
         self.copy_blocks(output.block_copies)
         if output.is_empty:
             return {}
-        # Decodes first: attention backends take them as one batch.
-        order = sorted(range(len(output.scheduled)), key=lambda k: output.scheduled[k].num_new_tokens != 1)
-        batch = [output.scheduled[k] for k in order]
-        input_ids, positions, meta, last_index = self._prepare(batch, block_tables)
-        if self.graphs is not None and self.graphs.covers(meta):
-            hidden = self.graphs.forward(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv, meta, self.attn)
-        if not output.sample_rows:
+        step = self.prepare(output, block_tables)
+        logits = self.compute_logits(step, bool(output.sample_rows))
+        if logits is None:
             return {}
-        where = {k: pos for pos, k in enumerate(order)}
-        rows = self._to_device([last_index[where[k]] for _, k in output.sample_rows], torch.long)
-        logits = self.model.compute_logits(hidden[rows])
         requests: list[Request] = [r for r, _ in output.sample_rows]
         sampled = self.sampler(logits, requests)
         return {r.request_id: s for r, s in zip(requests, sampled)}
 
-    def _prepare(
-        self, batch: list[ScheduledRequest], block_tables: dict[str, list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        tables: list[list[int]] = []
-        num_decodes = 0
-        for s in batch:
-            r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            table = block_tables[r.request_id]
-            ids.extend(r.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(query_start[-1] + s.num_new_tokens)
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(table[: -(-end // bs)])
-            num_decodes += s.num_new_tokens == 1 and num_decodes == len(query_lens) - 1
-        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-        for i, t in enumerate(tables):
-            padded[i, :len(t)] = t
-        meta = AttentionMetadata(
-            num_decodes=num_decodes,
-            query_start_loc=self._to_device(query_start, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=torch.from_numpy(padded).to(self.device, non_blocking=True),
-            slot_mapping=self._to_device(slots, torch.int64),
-            query_lens_host=query_lens,
-            seq_lens_host=seq_lens,
-            block_size=bs,
-        )
-        last_index = [q - 1 for q in query_start[1:]]
-        return self._to_device(ids, torch.long), self._to_device(positions, torch.long), meta, last_index
+    def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepInputs:
+        """The step's inputs on the device: decodes first (attention backends take them as one
+        batch), padded to a CUDA graph's size where one will run it."""
+        scheduled = output.scheduled
+        nums = [s.num_new_tokens for s in scheduled]
+        decodes = [k for k, n in enumerate(nums) if n == 1]
+        if len(decodes) == len(nums):
+            batch = scheduled
+            sample_seqs = [k for _, k in output.sample_rows]
+            pad_to = self.graphs.size_for(len(batch)) if self.graphs is not None else None
+        else:
+            order = decodes + [k for k, n in enumerate(nums) if n != 1]
+            batch = [scheduled[k] for k in order]
+            where = {k: pos for pos, k in enumerate(order)}
+            sample_seqs = [where[k] for _, k in output.sample_rows]
+            pad_to = None
+        return self.inputs.build(batch, block_tables, sample_seqs, pad_to)
 
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """Host values on the device without waiting for the GPU's queue (a copy from pageable
-        memory is staged before it returns, so the host list may go at once)."""
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def compute_logits(self, step: StepInputs, sample: bool = True) -> torch.Tensor | None:
+        """Float32 logits of the step's sampled rows (None with ``sample`` False: forward only)."""
+        if step.padded_to is not None:
+            logits = self.graphs.replay(step)
+            if not sample:
+                return None
+            return logits if step.sample_index is None else logits[step.sample_index]
+        hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn)
+        if not sample:
+            return None
+        if step.sample_index is not None:
+            hidden = hidden[step.sample_index]
+        return self.model.compute_logits(hidden)

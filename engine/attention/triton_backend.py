@@ -3,7 +3,9 @@
 A step's batch (decodes first, then prefill chunks) runs as at most three launches per layer:
 the fused rotary + cache write over every new token, the split-K decode kernel over the
 decodes, and the prefill kernel over the chunks, which reads its keys (cached context and
-the chunk itself) back from the cache. The torch backend (``torch_ref``) is the oracle.
+the chunk itself) back from the cache. A decode-only step of a few sequences is one launch
+(plus the split merge): the decode kernel rotates q and the new k and writes the cache.
+The torch backend (``torch_ref``) is the oracle.
 
 Host-side lengths in ``AttentionMetadata`` only size the launches (how many decodes, the longest
 chunk, the longest context); no launch reads a device value on the host, so a decode-only step
@@ -19,6 +21,11 @@ from engine.attention.triton_decode import decode_attention, num_splits_for
 from engine.attention.triton_prefill import prefill_attention
 from engine.attention.triton_rope_cache import rope_and_write_kv
 
+# Decode-only steps of at most this many sequences rotate inside the decode kernel (saving the
+# rotary kernel's launch, which is what costs at small batches); larger ones keep the separate
+# rotary kernel, whose cost is lost in theirs.
+FUSED_ROTARY_MAX_SEQS = 16
+
 
 class TritonAttention:
     supports_cuda_graphs = True  # launches are sized from host metadata only
@@ -32,6 +39,10 @@ class TritonAttention:
                              if device.type == "cuda" else 4)
         return self._num_sms
 
+    def _splits(self, meta: AttentionMetadata, kv_layer: torch.Tensor, device: torch.device) -> int:
+        nd = meta.num_decodes
+        return num_splits_for(nd, kv_layer.shape[3], max(meta.seq_lens_host[:nd]), self.num_sms(device))
+
     def forward_with_rotary(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim], not yet rotated (rotated in place)
@@ -43,6 +54,12 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        nd = meta.num_decodes
+        if 0 < nd == meta.num_seqs <= FUSED_ROTARY_MAX_SEQS:  # one launch rotates, writes the cache, attends
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            return decode_attention(q, kv_layer, meta.seq_lens, meta.block_tables, scale,
+                                    self._splits(meta, kv_layer, q.device), out=out,
+                                    rope=(k, v, cos, sin, meta.slot_mapping))
         rope_and_write_kv(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
         return self._attend(q, kv_layer, meta, scale)
 
@@ -67,9 +84,8 @@ class TritonAttention:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd:
-            longest = max(meta.seq_lens_host[:nd])
-            splits = num_splits_for(nd, kv_layer.shape[3], longest, self.num_sms(q.device))
-            decode_attention(q[:nd], kv_layer, meta.seq_lens, meta.block_tables, scale, splits, out=out[:nd])
+            decode_attention(q[:nd], kv_layer, meta.seq_lens, meta.block_tables, scale,
+                             self._splits(meta, kv_layer, q.device), out=out[:nd])
         num_prefills = meta.num_seqs - nd
         if num_prefills:
             prefill_attention(

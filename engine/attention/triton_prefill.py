@@ -16,7 +16,7 @@ import triton.language as tl
 from engine.attention.triton_decode import dot_precision
 
 
-@triton.jit(do_not_specialize=["first_seq"])
+@triton.jit(do_not_specialize=["first_seq", "stride_bt"])  # no compile for each new table width
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, query_start_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     scale, first_seq,

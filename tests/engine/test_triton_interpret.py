@@ -2,8 +2,8 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so each check runs in a fresh
 interpreter process: the random paged-layout cases of ``tests/gpu/kernel_cases.py``, and greedy
-generation of a tiny model with the Triton backend against the torch backend (chunked prefill
-mixed with decodes, prefix caching).
+generation of a tiny model with the Triton backend and the one-row fused linear kernels against
+the torch backend (chunked prefill mixed with decodes, prefix caching).
 """
 
 from __future__ import annotations
@@ -37,12 +37,23 @@ from engine.sampling_params import SamplingParams
 config = sys.argv[1]
 prompts = [[(7 * i + 3) % 256 for i in range(n)] for n in (3, 21, 40)]
 prompts.append(prompts[2][:33] + [5, 6])  # shares a cached prefix with the third prompt
+prompts.append([9, 8, 7])  # generated alone below: batch-1 decode steps
 params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+import engine.model as model
+from engine import triton_gemv
+
+
+def one_row(x, weight, prologue="none"):  # the fused one-row linear kernels, on the CPU too, for every weight
+    return triton_gemv if x.numel() == x.shape[-1] else None
+
+
 outs = {}
 for backend in ("torch", "triton"):
+    if backend == "triton":
+        model._gemv_for = one_row
     llm = LLM(config, load_format="dummy", dtype="float32", block_size=4, num_blocks=64,
               max_num_batched_tokens=24, attention_backend=backend, progress=False)
-    outs[backend] = llm.generate(prompts, params)
+    outs[backend] = llm.generate(prompts[:4], params) + llm.generate(prompts[4:], params)
 for a, b in zip(outs["torch"], outs["triton"]):
     ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
     assert ta == tb, (ta, tb)

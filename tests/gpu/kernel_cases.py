@@ -166,6 +166,46 @@ def check_fused_ops(device: str, dtype: torch.dtype, tol: float, rows: int = 5, 
     assert rel_err(triton_ops.silu_and_mul(gate_up), F.silu(gate) * up) < tol
 
 
+def check_gemv(device: str, dtype: torch.dtype, tol: float, n: int, k: int, bias: bool = False,
+               seed: int = 0) -> None:
+    """The one-row linear kernels (plain, RMSNorm with and without a residual, SiLU-and-mul
+    prologues) against torch: the prologue rounded as the model rounds, the product in float64."""
+    import torch.nn.functional as F
+
+    from engine import triton_gemv as g
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    x, w = randn(1, k, scale=3.0), randn(n, k, scale=k ** -0.5)
+    b = randn(n) if bias else None
+    residual, norm_w = randn(1, k), randn(k)
+
+    def ref_linear(h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.double(), w.double(), None if b is None else b.double())
+
+    def ref_norm(h: torch.Tensor) -> torch.Tensor:
+        hf = h.float()
+        normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        return (norm_w.float() * normed.float()).to(dtype)
+
+    assert rel_err(g.gemv(x, w, b), ref_linear(x)) < tol
+    assert rel_err(g.gemv(x, w, b, g.RMS_NORM, norm_w, 1e-5), ref_linear(ref_norm(x))) < tol
+    summed = (x.float() + residual.float()).to(dtype)
+    y, res_out = g.gemv(x, w, b, g.RMS_NORM, norm_w, 1e-5, residual)
+    assert rel_err(y, ref_linear(ref_norm(summed))) < tol
+    if device == "cpu":  # the interpreter truncates to bfloat16
+        assert rel_err(res_out, summed) < tol
+    else:
+        assert torch.equal(res_out, summed)
+    gate_up = randn(1, 2 * k, scale=3.0)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    act = (F.silu(gate).to(dtype).float() * up).to(dtype)
+    assert rel_err(g.gemv(gate_up, w, b, g.SILU_MUL), ref_linear(act)) < tol
+
+
 # Small shapes for the interpreter: every path (decodes with and without splits, chunks with and
 # without context, one-token chunks after decodes, odd group sizes, a head dim that is no power of 2).
 SMALL_CASES = [
@@ -211,6 +251,8 @@ def main() -> None:
             print(f"{dtype} case {i}: output {err_out:.1e} cache {err_kv:.1e}")
         # The interpreter truncates float32 to bfloat16 (the GPU rounds to nearest even).
         check_fused_ops("cpu", dtype, tol=TOLERANCE[dtype])
+        for n, k, bias in ((24, 200, False), (40, 96, True), (7, 1030, False), (9, 2100, True)):
+            check_gemv("cpu", dtype, TOLERANCE[dtype], n, k, bias)
     print("OK")
 
 

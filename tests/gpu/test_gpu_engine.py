@@ -63,6 +63,7 @@ def test_greedy_equals_transformers_float32(model_dir: Path) -> None:
     prompts = _prompts(6, seed=1)
     llm = LLM(str(model_dir), device="cuda", dtype="float32", progress=False)
     ours = _greedy(llm, prompts)
+    alone = _greedy(llm, prompts[:1])  # batch 1: the one-row fused linear kernels
     del llm
     hf = _hf(model_dir, torch.float32)
     for prompt, out in zip(prompts, ours):
@@ -70,6 +71,8 @@ def test_greedy_equals_transformers_float32(model_dir: Path) -> None:
         ref = hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                           pad_token_id=0)
         assert out.token_ids == ref[0, len(prompt):].tolist()
+        if prompt is prompts[0]:
+            assert alone[0].token_ids == out.token_ids
 
 
 def test_logprobs_close_to_transformers_bfloat16(model_dir: Path) -> None:

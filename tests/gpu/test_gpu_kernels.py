@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_cases import check, check_fused_ops, make_case
+from kernel_cases import check, check_fused_ops, check_gemv, make_case
 
 from engine.attention.triton_decode import decode_attention
 
@@ -72,6 +72,34 @@ def test_padding_rows_give_zeros(num_splits: int) -> None:
     out = decode_attention(q, kv, seq_lens, tables, 0.125, num_splits)
     assert torch.isfinite(out).all()
     assert (out[1:] == 0).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_fused_rotary_padding_rows(num_splits: int) -> None:
+    """The decode kernel with rotary and the cache write fused: padding rows (length 0, slot -1)
+    give zeros and write nothing; a real row writes its slot."""
+    kv = torch.randn(4, 2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    before = kv.clone()
+    q = torch.randn(3, 8, 64, dtype=torch.bfloat16, device="cuda")
+    k, v = torch.randn(2, 3, 2, 64, dtype=torch.bfloat16, device="cuda")
+    cos, sin = torch.ones(3, 64, dtype=torch.bfloat16, device="cuda"), torch.zeros(3, 64, dtype=torch.bfloat16,
+                                                                                   device="cuda")
+    seq_lens = torch.tensor([5, 0, 0], dtype=torch.int32, device="cuda")
+    tables = torch.tensor([[2], [0], [0]], dtype=torch.int32, device="cuda")
+    slots = torch.tensor([2 * 16 + 4, -1, -1], dtype=torch.int64, device="cuda")
+    out = decode_attention(q, kv, seq_lens, tables, 0.125, num_splits, rope=(k, v, cos, sin, slots))
+    assert torch.isfinite(out).all()
+    assert (out[1:] == 0).all()
+    assert torch.equal(kv[2, 0, 4], k[0]) and torch.equal(kv[2, 1, 4], v[0])
+    kv[2, :, 4] = before[2, :, 4]
+    assert torch.equal(kv, before)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32], ids=str)
+@pytest.mark.parametrize(("n", "k", "bias"), [(6144, 4096, False), (4096, 14336, False), (1000, 576, True),
+                                              (130, 96, True), (128256, 4096, False)])
+def test_gemv(dtype: torch.dtype, n: int, k: int, bias: bool) -> None:
+    check_gemv("cuda", dtype, tol=3e-3 if dtype != torch.float32 else 1e-5, n=n, k=k, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float32], ids=str)
