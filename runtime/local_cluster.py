@@ -45,8 +45,10 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     proc: subprocess.Popen
+    argv: list[str] = field(default_factory=list)
     ready: dict[str, Any] | None = None
     log_tail: list[str] = field(default_factory=list)
+    num_restarts: int = 0
     _event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -216,15 +218,26 @@ class LocalCluster:
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
             log = open(self._log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed by the reader thread)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
-            env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                preexec_fn=_die_with_parent)
-        child = Child(name, proc)
+        child = Child(name, self._popen(argv), argv)
         self.children.append(child)
         threading.Thread(target=self._read, args=(child, log), daemon=True, name=f"log-{name}").start()
         return child
+
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
+            env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=_die_with_parent)
+
+    def _restart(self, child: Child) -> None:
+        """Start a child that died while starting once more, in place (callers keep their Child)."""
+        self._say(f"{child.name} exited with code {child.proc.wait()} while starting; starting it again")
+        child.num_restarts += 1
+        child.ready = None
+        child._event = threading.Event()
+        child.proc = self._popen(child.argv)
+        threading.Thread(target=self._read, args=(child, None), daemon=True, name=f"log-{child.name}").start()
 
     def _read(self, child: Child, log: IO[str] | None) -> None:
         assert child.proc.stdout is not None
@@ -252,6 +265,13 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f} s; last output:\n"
                                        + "\n".join(child.log_tail[-15:]))
+            if child.ready is None and child.num_restarts == 0:
+                # A start-up crash is retried once (seen rarely: a gRPC poller abort while UCX and
+                # gRPC start side by side); a second one is a real failure.
+                self._restart(child)
+                while not child._event.wait(0.2):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f} s")
             if child.ready is None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.wait()} before it was ready; "
                                    "last output:\n" + "\n".join(child.log_tail[-25:]))
