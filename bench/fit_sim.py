@@ -32,16 +32,17 @@ from engine.sim import COEFFICIENTS, PROFILE_DIR, SimProfile
 
 
 class StepTimer:
-    """Wraps the runner's ``execute``: records (prefills, decodes, seconds) per step."""
+    """Wraps the runner's ``launch`` (waiting for each step: the engine runs synchronously
+    here): records (prefills, decodes, seconds) per step."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.samples: list[tuple[list[tuple[int, int]], list[int], float]] = []
         self.recording = False
-        self._execute = engine.runner.execute
+        self._launch = engine.runner.launch
         self.cuda = engine.config.device.startswith("cuda")
-        engine.runner.execute = self._timed
+        engine.runner.launch = self._timed
 
-    def _timed(self, output, tables):
+    def _timed(self, output, tables, prev=None):
         prefills, decodes = [], []
         for s in output.scheduled:
             c = s.request.num_computed_tokens
@@ -52,12 +53,14 @@ class StepTimer:
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = self._execute(output, tables)  # returns host tokens: synchronized
+        handle = self._launch(output, tables, prev)
+        if handle is not None:
+            handle.result()  # the tokens on the host, as the engine would wait for them
         if self.cuda:
             torch.cuda.synchronize()
         if self.recording and output.scheduled:
             self.samples.append((prefills, decodes, time.perf_counter() - t0))
-        return result
+        return handle
 
 
 def features(prefills: list[tuple[int, int]], decodes: list[int]) -> list[float]:
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(max(new_grid) + max(cached_grid), max(kv_grid)) + args.decode_steps + 16
     threads = args.threads or (default_num_threads() if args.device == "cpu" else None)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_threads=threads,
-                          max_model_len=longest + 64,
+                          max_model_len=longest + 64, async_scheduling=False,
                           cache=CacheConfig(memory_bytes=int(args.kv_cache_gib * (1 << 30))),
                           scheduler=SchedulerConfig(max_num_seqs=max(batch_grid),
                                                     max_num_batched_tokens=max(max(new_grid), max(batch_grid))))

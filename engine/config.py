@@ -230,6 +230,10 @@ class EngineConfig:
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     backend: str = "torch"  # torch: run the model | sim: a fitted timing model stands in (engine.sim)
     sim_profile: str = ""  # sim: profile name in engine/sim_profiles or a .json path ("": the default)
+    # Plan and launch step N+1 before step N's tokens reach the host, so the host's work (the
+    # scheduler, detokenization, outputs, the next step's inputs) overlaps the device's.
+    # None: on for CUDA devices (torch backend), off elsewhere.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -242,6 +246,14 @@ class EngineConfig:
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
         if self.backend not in ("torch", "sim"):
             raise ValueError(f"engine backend must be 'torch' or 'sim', got {self.backend!r}")
+        if self.async_scheduling and self.backend == "sim":
+            raise ValueError("async_scheduling needs the torch backend (the sim samples on the host)")
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        if self.async_scheduling is None:
+            return self.backend == "torch" and self.device.startswith("cuda")
+        return self.async_scheduling
 
 
 def bytes_per_block(arch: ModelArch, block_size: int, dtype_size: int) -> int:

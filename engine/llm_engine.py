@@ -1,5 +1,17 @@
 """The engine loop: requests in, token/text deltas out. One ``step()`` = schedule, execute,
-update, detokenize. Used by the offline API and by the workers."""
+update, detokenize. Used by the offline API and by the workers.
+
+With asynchronous scheduling (``EngineConfig.async_scheduling``, on by default on CUDA) a step
+overlaps the host's work with the device's: ``step()`` plans and launches step N+1 first (its
+in-flight decodes read their input ids from step N's sampled tokens on the device), then waits
+for step N's tokens and applies them (scheduler update, stop checks, detokenization, outputs),
+while the device runs N+1. So ``step()`` returns the outputs of the step launched by the call
+before it. Outputs are token for token those of the synchronous engine: a request found finished
+at step N (EOS, a stop token or string) gets no token from the row N+1 computed for it, and
+nothing is planned for a token certain to be the last. Where a launch needs step N's tokens on
+the host (repetition/presence/frequency penalties of a request sampled at N), step N is applied
+first: that step runs synchronously. A pull into this engine's blocks (``add_prefilled``) first
+waits for the launched step: a freed block may still take its write."""
 
 from __future__ import annotations
 
@@ -11,10 +23,10 @@ import torch
 from engine.block_manager import BlockManager, KVEvent
 from engine.config import EngineConfig
 from engine.loader import read_arch, resolve_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepHandle
 from engine.request import FinishReason, Request, TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -87,6 +99,10 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._groups: dict[str, list[str]] = {}
         self.num_steps = 0
+        # May be switched between steps (a benchmark compares both in one process).
+        self.async_scheduling = config.use_async_scheduling
+        # The launched step whose tokens the host has not applied yet (asynchronous scheduling).
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -139,6 +155,7 @@ class LLMEngine:
         prompt_ids = self._validate(request_id, prompt_ids, sampling)
         request = Request(request_id, prompt_ids, sampling, self.eos_token_ids, self.max_model_len, priority)
         request.append_token(first_token)
+        self.wait_for_device()  # the pull must not race a launched step's write into a freed block
         self._groups[request_id] = [request_id]
         detok = None
         if self.tokenizer is not None and sampling.stop:
@@ -156,7 +173,12 @@ class LLMEngine:
         return self.scheduler.unpin(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
+
+    def wait_for_device(self) -> None:
+        """Until the device has run every launched step (its tokens stay to be applied)."""
+        if self._inflight is not None:
+            self._inflight[1].wait()
 
     def _validate(self, request_id: str, prompt: str | list[int], sampling: SamplingParams) -> list[int]:
         if request_id in self._groups or request_id in self.scheduler.pinned:
@@ -195,12 +217,35 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        prev, self._inflight = self._inflight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and (not self.async_scheduling or self._needs_host_tokens(prev[0])):
+            outputs += self._apply(*prev)
+            prev = None
         output = self.scheduler.schedule()
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
-        sampled = self.runner.execute(output, tables)
-        updated = self.scheduler.update_from_output(output, sampled)
+        handle = self.runner.launch(output, tables, prev[1] if prev is not None else None)
+        self.scheduler.on_launch(output)
         self.num_steps += 1
+        if prev is not None:  # the device runs the new step meanwhile
+            outputs += self._apply(*prev)
+        if handle is None or not self.async_scheduling:
+            outputs += self._apply(output, handle)
+        else:
+            self._inflight = (output, handle)
+        return outputs
+
+    @staticmethod
+    def _needs_host_tokens(output: SchedulerOutput) -> bool:
+        """Whether planning the next step needs this step's tokens on the host: the sampler's
+        penalties read every token of a request."""
+        return any(r.sampling.has_penalties for r, _ in output.sample_rows)
+
+    def _apply(self, output: SchedulerOutput, handle: StepHandle | None) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them: scheduler update, stop strings, outputs."""
+        sampled = handle.result() if handle is not None else {}
+        updated = self.scheduler.update_from_output(output, sampled)
         outputs = []
         for request in updated:
             tracked = self._tracked.get(request.request_id)

@@ -1,6 +1,12 @@
 """Executes a :class:`SchedulerOutput`: builds the flattened batch (``StepInputBuilder``), runs
 the model over the paged cache (a CUDA graph for decode steps), samples. Owns the model, the KV
-cache tensor, the input staging buffers and the sampler."""
+cache tensor, the input staging buffers and the sampler.
+
+``launch`` queues a step and returns a :class:`StepHandle` at once: the sampled tokens stay on
+the device and are copied to pinned host memory behind the step, with an event. A step launched
+before the last one's tokens were read (asynchronous scheduling) takes the input ids of its
+in-flight decodes (rows whose token the host does not know yet) from that step's device tensor.
+``execute`` is ``launch`` then wait: the synchronous step."""
 
 from __future__ import annotations
 
@@ -11,9 +17,39 @@ from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.cuda_graphs import capture_decode_graphs
 from engine.loader import TORCH_DTYPES, build_model
 from engine.request import Request
-from engine.sampler import Sampler
+from engine.sampler import SampleBatch, Sampler
 from engine.scheduler import SampledToken, SchedulerOutput
 from engine.step_inputs import StepInputBuilder, StepInputs
+
+
+class StepHandle:
+    """A launched step. ``tokens``: its sampled token ids on the device, row ``index[request_id]``
+    (the order of ``SchedulerOutput.sample_rows``); ``result()`` waits for them on the host."""
+
+    def __init__(self, requests: list[Request], batch: SampleBatch | None, device: torch.device) -> None:
+        self.requests = requests
+        self.index = {r.request_id: k for k, r in enumerate(requests)}
+        self.tokens = batch.token_ids if batch is not None else None
+        self._host = None
+        self._event = None
+        if batch is not None:
+            # Non-blocking copies into pinned memory, queued behind the sampling kernels.
+            self._host = batch.with_tensors([None if t is None else t.to("cpu", non_blocking=True)
+                                             for t in batch.tensors()])
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> None:
+        """Until the device has run the whole step (its forward pass and sampling)."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def result(self) -> dict[str, SampledToken]:
+        self.wait()
+        if self._host is None:
+            return {}
+        return {r.request_id: t for r, t in zip(self.requests, self._host.tolist())}
 
 
 class ModelRunner:
@@ -46,24 +82,31 @@ class ModelRunner:
         return bytes_per_block(self.arch, self.block_size, self.dtype.itemsize)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
+        if copies:  # the ids reach the device without a sync (pageable memory is staged at once)
+            src = torch.tensor([s for s, _ in copies]).to(self.device, non_blocking=True)
+            dst = torch.tensor([d for _, d in copies]).to(self.device, non_blocking=True)
             self.kv[dst] = self.kv[src]
 
     def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> dict[str, SampledToken]:
+        """Run the step and return its sampled tokens on the host."""
+        handle = self.launch(output, block_tables)
+        return handle.result() if handle is not None else {}
+
+    def launch(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
+               prev: StepHandle | None = None) -> StepHandle | None:
+        """Queue the step on the device (None: an empty step). ``prev``: the step launched
+        just before, whose tokens the host has not read; the in-flight decodes take theirs."""
         self.copy_blocks(output.block_copies)
         if output.is_empty:
-            return {}
-        step = self.prepare(output, block_tables)
+            return None
+        step = self.prepare(output, block_tables, prev)
         logits = self.compute_logits(step, bool(output.sample_rows))
-        if logits is None:
-            return {}
         requests: list[Request] = [r for r, _ in output.sample_rows]
-        sampled = self.sampler(logits, requests)
-        return {r.request_id: s for r, s in zip(requests, sampled)}
+        batch = self.sampler.sample(logits, requests) if logits is not None else None
+        return StepHandle(requests, batch, self.device)
 
-    def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepInputs:
+    def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
+                prev: StepHandle | None = None) -> StepInputs:
         """The step's inputs on the device: decodes first (attention backends take them as one
         batch), padded to a CUDA graph's size where one will run it."""
         scheduled = output.scheduled
@@ -79,7 +122,14 @@ class ModelRunner:
             where = {k: pos for pos, k in enumerate(order)}
             sample_seqs = [where[k] for _, k in output.sample_rows]
             pad_to = None
-        return self.inputs.build(batch, block_tables, sample_seqs, pad_to)
+        # In-flight decodes (their token is the one ``prev`` sampled): batch row -> prev's row.
+        inflight = [(pos, s.request) for pos, s in enumerate(batch[:len(decodes)])
+                    if s.request.num_computed_tokens == s.request.num_tokens]
+        fill = None
+        if inflight:
+            assert prev is not None and prev.tokens is not None, "an in-flight token without its step"
+            fill = ([pos for pos, _ in inflight], [prev.index[r.request_id] for _, r in inflight], prev.tokens)
+        return self.inputs.build(batch, block_tables, sample_seqs, pad_to, fill)
 
     def compute_logits(self, step: StepInputs, sample: bool = True) -> torch.Tensor | None:
         """Float32 logits of the step's sampled rows (None with ``sample`` False: forward only)."""

@@ -46,6 +46,9 @@ class Request:
 
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    # Tokens sampled by a launched step whose ids have not reached the host (0 or 1; 2 while the
+    # next step is launched before the last one's tokens are read). Asynchronous scheduling only.
+    num_inflight_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -8,11 +8,47 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import numpy as np
 import torch
 
 from engine.request import Request, TokenLogprob
 from engine.scheduler import SampledToken
+
+
+@dataclass
+class SampleBatch:
+    """A batch's sampled tokens, still on the device (no host sync made): row ``i`` belongs to
+    the ``i``-th request given to the sampler. ``logprob_rows`` lists the rows that asked for
+    logprobs, in order, with ``chosen`` ``[m]`` and the top ``[m, k]`` values/indices for them."""
+
+    token_ids: torch.Tensor  # [n] int64
+    logprob_rows: list[int] = field(default_factory=list)
+    num_top: list[int] = field(default_factory=list)  # alternatives each of those rows asked for
+    chosen: torch.Tensor | None = None  # [m] float32
+    top_values: torch.Tensor | None = None  # [m, k] float32
+    top_indices: torch.Tensor | None = None  # [m, k] int64
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.token_ids, self.chosen, self.top_values, self.top_indices]
+
+    def with_tensors(self, tensors: list[torch.Tensor | None]) -> SampleBatch:
+        return replace(self, token_ids=tensors[0], chosen=tensors[1], top_values=tensors[2], top_indices=tensors[3])
+
+    def tolist(self) -> list[SampledToken]:
+        """The tokens on the host (waits for the device where the tensors live there)."""
+        ids = self.token_ids.tolist()
+        out = [SampledToken(t) for t in ids]
+        if not self.logprob_rows:
+            return out
+        chosen = self.chosen.tolist()
+        values = self.top_values.tolist() if self.top_values is not None else None
+        indices = self.top_indices.tolist() if self.top_indices is not None else None
+        for k, (i, num) in enumerate(zip(self.logprob_rows, self.num_top)):
+            top = dict(zip(indices[k][:num], values[k][:num])) if num else {}
+            out[i].logprob = TokenLogprob(ids[i], chosen[k], top)
+        return out
 
 
 class Sampler:
@@ -26,6 +62,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         """``logits``: ``[len(requests), vocab]`` float32, one row per request."""
+        return self.sample(logits, requests).tolist()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleBatch:
+        """Queue the batch's sampling on the device; nothing waits for it. Penalties read the
+        requests' tokens on the host, so they must all be known there."""
         params = [r.sampling for r in requests]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
@@ -40,29 +81,17 @@ class Sampler:
             probs = self._probs([params[i] for i in rand], logits[idx])
             token_ids[idx] = self._draw(probs, [requests[i] for i in rand])
 
-        # One batched gather and top-k for every row that asked for logprobs; the host waits for the
-        # device once for the tokens and once for their logprobs, whatever the batch.
+        # One batched gather and top-k for every row that asked for logprobs.
         want = [i for i, p in enumerate(params) if p.logprobs is not None] if raw_logprobs is not None else []
         if not want:
-            return [SampledToken(t) for t in token_ids.tolist()]
+            return SampleBatch(token_ids)
         rows = _on(logits.device, want)
         chosen = raw_logprobs[rows].gather(1, token_ids[rows, None])[:, 0]
-        max_top = max(params[i].logprobs for i in want)
+        num_top = [params[i].logprobs for i in want]
         top_values = top_indices = None
-        if max_top:
-            top_values, top_indices = raw_logprobs[rows].topk(max_top, dim=-1)
-        ids = token_ids.tolist()
-        out = [SampledToken(t) for t in ids]
-        chosen_host = chosen.tolist()
-        values_host = top_values.tolist() if top_values is not None else None
-        indices_host = top_indices.tolist() if top_indices is not None else None
-        for k, i in enumerate(want):
-            top = {}
-            num = params[i].logprobs
-            if num:
-                top = dict(zip(indices_host[k][:num], values_host[k][:num]))
-            out[i].logprob = TokenLogprob(ids[i], chosen_host[k], top)
-        return out
+        if max(num_top):
+            top_values, top_indices = raw_logprobs[rows].topk(max(num_top), dim=-1)
+        return SampleBatch(token_ids, want, num_top, chosen, top_values, top_indices)
 
     # ---- pieces ----------------------------------------------------------------------------
     @staticmethod

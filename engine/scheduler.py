@@ -6,6 +6,16 @@ chunks, in admission order), then waiting requests (FCFS or priority), whose pro
 chunked to fit when chunked prefill is on. When a running request cannot get a block, the
 latest-admitted (or lowest-priority) running request is preempted: its blocks are freed and
 it is recomputed later (its full blocks usually come back from the prefix cache).
+
+Asynchronous scheduling (``LLMEngine`` with ``async_scheduling``): step N+1 is planned and
+launched before step N's sampled tokens reach the host. ``on_launch(N)`` counts N's tokens as
+computed and its sampled tokens as in flight (``Request.num_inflight_tokens``); ``schedule()``
+plans a decode of each in-flight token (the runner takes its id from N's tokens on the device),
+except where that token is certain to finish the request (``max_tokens``, the context length, a
+prefill-only request). ``update_from_output(N)`` then appends the tokens; a request that turns out
+finished (EOS, a stop token or string) is finished as in a synchronous step, and the row step N+1
+computed for it is dropped when its result comes (its blocks are freed at once: every later use of
+them on the device is queued after that row).
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # computed this step, from request.num_computed_tokens on
-    sample: bool  # the step reaches the request's last known token: sample the next one
+    sample: bool  # the step reaches the request's last token: sample the next one
+    num_computed_after: int = 0  # the request's computed tokens once this step ran (set by on_launch)
 
 
 @dataclass
@@ -33,6 +44,7 @@ class SchedulerOutput:
     sample_rows: list[tuple[Request, int]]
     block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the forward pass
     preempted: list[Request] = field(default_factory=list)
+    launched: bool = False  # on_launch counted its tokens
 
     @property
     def num_batched_tokens(self) -> int:
@@ -172,7 +184,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = request.num_tokens - request.num_computed_tokens
+            if request.num_inflight_tokens and self._finishes_on_inflight(request):
+                i += 1  # its last token is being sampled: nothing more to compute
+                continue
+            num_new = request.num_tokens + request.num_inflight_tokens - request.num_computed_tokens
             if num_new > budget and not cfg.enable_chunked_prefill and request.num_computed_tokens == 0:
                 i += 1
                 continue
@@ -223,22 +238,42 @@ class Scheduler:
         for k, s in enumerate(scheduled):
             if s.sample:
                 sample_rows.append((s.request, k))
-                if s.request.num_output_tokens == 0:
+                if s.request.num_output_tokens + s.request.num_inflight_tokens == 0:
                     sample_rows.extend((child, k) for child in s.request.children)
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(scheduled, sample_rows, copies, preempted)
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
-        """Advance every scheduled request; append sampled tokens. Returns the requests that
-        got a new token (finished ones included, with ``finish_reason`` set)."""
+    def on_launch(self, output: SchedulerOutput) -> None:
+        """The step's forward pass is queued on the device: count its tokens as computed and its
+        sampled tokens as in flight. Full blocks of known tokens become findable now (any later
+        reader of them is queued after this step)."""
+        if output.launched:
+            return
+        output.launched = True
         bm = self.block_manager
-        updated: list[Request] = []
         for s in output.scheduled:
             request = s.request
             if request.is_finished:
                 continue
             request.num_computed_tokens += s.num_new_tokens
-            bm.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+            s.num_computed_after = request.num_computed_tokens
+            bm.commit(request.request_id, request.token_ids, min(request.num_computed_tokens, request.num_tokens))
+        for request, _ in output.sample_rows:
+            request.num_inflight_tokens += 1
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
+        """Append the step's sampled tokens (counting its tokens as computed first, if
+        ``on_launch`` did not). Returns the requests that got a new token (finished ones
+        included, with ``finish_reason`` set)."""
+        self.on_launch(output)
+        bm = self.block_manager
+        updated: list[Request] = []
+        for s in output.scheduled:
+            request = s.request
+            if request.status is RequestStatus.RUNNING:  # not finished, nor preempted since
+                bm.commit(request.request_id, request.token_ids, min(s.num_computed_after, request.num_tokens))
+        for request, _ in output.sample_rows:
+            request.num_inflight_tokens -= 1
         # Fork n > 1 children before any token is appended: their parent may finish on this
         # very token (max_tokens=1, EOS) and free the blocks they share.
         to_update: list[Request] = []
@@ -246,8 +281,9 @@ class Scheduler:
             if request.is_finished:
                 continue
             if request.parent is not None and request.status is RequestStatus.WAITING:
-                if not self._fork(request):
-                    continue  # no block for its private tail: it was queued to prefill by itself
+                # Without a block for its private tail it was queued to prefill by itself; its
+                # first token stands (it is recomputed like a preempted request's).
+                self._fork(request)
             to_update.append(request)
         for request in to_update:
             token = sampled[request.request_id]
@@ -265,7 +301,12 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------
     def _samples(self, request: Request, num_new: int) -> bool:
-        return request.num_computed_tokens + num_new == request.num_tokens
+        return request.num_computed_tokens + num_new == request.num_tokens + request.num_inflight_tokens
+
+    @staticmethod
+    def _finishes_on_inflight(request: Request) -> bool:
+        """Whether the request's in-flight token is certainly its last (EOS and stops aside)."""
+        return request.prefill_only or request.num_tokens + request.num_inflight_tokens >= request.max_total_tokens
 
     def _next_waiting(self) -> Request:
         if self.config.policy == "priority":
@@ -273,9 +314,12 @@ class Scheduler:
         return self.waiting[0]
 
     def _pick_victim(self) -> Request:
+        # Never a request whose in-flight token finishes it: its blocks are freed on that token
+        # anyway (and a prefill-only request's stay pinned for its KV handle).
+        running = [r for r in self.running if not (r.num_inflight_tokens and self._finishes_on_inflight(r))]
         if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
+            return max(running, key=lambda r: (r.priority, r.arrival_time))
+        return running[-1]
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
@@ -289,7 +333,9 @@ class Scheduler:
         """Share the parent's prompt blocks with an n > 1 child that sampled from its row."""
         parent = child.parent
         assert parent is not None
-        copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_prompt_tokens)
+        copies = None
+        if self.block_manager.has_request(parent.request_id):  # not preempted since its prefill
+            copies = self.block_manager.fork(parent.request_id, child.request_id, parent.num_prompt_tokens)
         if copies is None:
             # Out of blocks: the child prefills by itself later (its prefix is cached).
             child.parent = None

@@ -108,6 +108,19 @@ class _Sampler:
         pass
 
 
+class _Done:
+    """A sim step, already run: the ``StepHandle`` interface the engine reads."""
+
+    def __init__(self, sampled: dict[str, SampledToken]) -> None:
+        self.sampled = sampled
+
+    def wait(self) -> None:
+        pass
+
+    def result(self) -> dict[str, SampledToken]:
+        return self.sampled
+
+
 class SimRunner:
     """Drop-in for :class:`engine.model_runner.ModelRunner`: same capacity, no model."""
 
@@ -153,6 +166,12 @@ class SimRunner:
         if remaining > 0:
             time.sleep(remaining)
         return sampled
+
+    def launch(self, output: SchedulerOutput, block_tables: dict[str, list[int]], prev: object = None
+               ) -> _Done | None:
+        """``execute``, done by the time it returns (the engine runs the sim synchronously)."""
+        sampled = self.execute(output, block_tables)
+        return None if output.is_empty else _Done(sampled)
 
     def _sample(self, request: Request, row: int, output: SchedulerOutput) -> SampledToken:
         # An n > 1 child samples from its parent's row: same position, its own index offsets it.

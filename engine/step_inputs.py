@@ -14,6 +14,11 @@ step N+1 never overwrites what step N's copy has not read yet; the device buffer
 stream order. The device tensors handed out are views into those buffers, valid until the next
 step's copy: a decode-only CUDA graph captures the views of ``token_views``/``seq_lens_view`` and
 is replayed after ``build(..., pad_to=graph size)`` filled them.
+
+In-flight decodes (asynchronous scheduling: the token a row computes was sampled by the step
+still running, and the host does not know it) get id 0 on the host; ``fill`` names their rows
+and where the previous step's device tensor holds their tokens, and one gather on the device,
+queued after the copies, writes those ids in.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class StepInputs:
 
 
 SMALL_BATCH = 8  # decode-only steps of at most this many sequences skip numpy (CUDA)
+_UNKNOWN = (0,)  # the host's stand-in for an in-flight token's id
+
+# (batch rows, rows of ``tokens`` holding their ids, tokens [k] int64 on the device)
+Fill = tuple[list[int], list[int], torch.Tensor]
 
 
 class _Mirror:
@@ -78,7 +87,7 @@ class StepInputBuilder:
         if self.cuda:
             # Fixed sizes (CUDA graphs hold views): every token's id, position and slot, the
             # sampled rows; context lengths, query offsets, and a table of max_seqs full rows.
-            self._cap64 = 4 * _align(max_tokens, 2)
+            self._cap64 = 4 * _align(max_tokens, 2) + 2 * max_seqs
             self._cap32 = _align(max_seqs, 4) + _align(max_seqs + 1, 4) + max_seqs * max_blocks_per_seq
             self._host64 = [torch.empty(self._cap64, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._host32 = [torch.empty(self._cap32, dtype=torch.int32, pin_memory=True) for _ in range(2)]
@@ -131,10 +140,11 @@ class StepInputBuilder:
         block_tables: dict[str, list[int]],
         sample_seqs: list[int],  # positions in ``batch`` whose last new token is sampled, in order
         pad_to: int | None = None,  # decode-only CUDA graph steps: pad the rows to the graph's size
+        fill: Fill | None = None,  # in-flight decodes: their ids come from the device
     ) -> StepInputs:
         n = len(batch)
         if self.cuda and n <= SMALL_BATCH and all(s.num_new_tokens == 1 for s in batch):
-            return self._build_small_decode(batch, block_tables, sample_seqs, pad_to)
+            return self._build_small_decode(batch, block_tables, sample_seqs, pad_to, fill)
         bs = self.block_size
         requests = [s.request for s in batch]
         num_new = np.array([s.num_new_tokens for s in batch], dtype=np.int64)
@@ -148,12 +158,17 @@ class StepInputBuilder:
         query_start = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         if total == n:  # one new token a sequence
-            ids = np.array([r.token_ids[p] for r, p in zip(requests, start_host)], dtype=np.int64)
+            if fill is None:
+                ids = np.array([r.token_ids[p] for r, p in zip(requests, start_host)], dtype=np.int64)
+            else:
+                ids = np.array([r.token_ids[p] if p < len(r.token_ids) else 0 for r, p in zip(requests, start_host)],
+                               dtype=np.int64)
             positions = start
             seq_of_token = np.arange(n)
         else:
             end_host = end.tolist()
-            ids = np.fromiter(chain.from_iterable(r.token_ids[a:b] for r, a, b in zip(requests, start_host, end_host)),
+            ids = np.fromiter(chain.from_iterable(r.token_ids[a:b] or _UNKNOWN
+                                                  for r, a, b in zip(requests, start_host, end_host)),
                               dtype=np.int64, count=total)
             seq_of_token = np.repeat(np.arange(n), num_new)
             positions = np.arange(total, dtype=np.int64) + np.repeat(start - query_start[:-1], num_new)
@@ -171,17 +186,24 @@ class StepInputBuilder:
                 seq_lens=t(end.astype(np.int32)), block_tables=t(np.ascontiguousarray(table)),
                 slot_mapping=t(slots), query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
                 block_size=bs)
-            return StepInputs(t(ids), t(positions), meta, None if sample_rows is None else t(sample_rows), total)
+            input_ids = t(ids)
+            if fill is not None:
+                rows, src, tokens = fill
+                input_ids[rows] = tokens[src].to(input_ids.dtype)
+            return StepInputs(input_ids, t(positions), meta, None if sample_rows is None else t(sample_rows), total)
         return self._upload(ids, positions, slots, sample_rows, end, query_start, table.reshape(-1), width,
-                            num_decodes, query_lens_host, seq_lens_host, pad_to)
+                            num_decodes, query_lens_host, seq_lens_host, pad_to, fill)
 
     def _build_small_decode(self, batch: list[ScheduledRequest], block_tables: dict[str, list[int]],
-                            sample_seqs: list[int], pad_to: int | None) -> StepInputs:
+                            sample_seqs: list[int], pad_to: int | None, fill: Fill | None) -> StepInputs:
         """A few decodes (batch 1, say): plain Python beats numpy's per-call cost."""
         bs = self.block_size
         n = len(batch)
         positions = [s.request.num_computed_tokens for s in batch]
-        ids = [s.request.token_ids[p] for s, p in zip(batch, positions)]
+        if fill is None:
+            ids = [s.request.token_ids[p] for s, p in zip(batch, positions)]
+        else:
+            ids = [s.request.token_ids[p] if p < len(s.request.token_ids) else 0 for s, p in zip(batch, positions)]
         tables = [block_tables[s.request.request_id] for s in batch]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
         seq_lens = [p + 1 for p in positions]
@@ -194,19 +216,21 @@ class StepInputBuilder:
                 flat += [0] * (width - len(row))
         sample_rows = None if sample_seqs == list(range(n)) else sample_seqs
         return self._upload(ids, positions, slots, sample_rows, seq_lens, list(range(n + 1)), flat, width, n,
-                            [1] * n, seq_lens, pad_to)
+                            [1] * n, seq_lens, pad_to, fill)
 
     def _upload(self, ids, positions, slots, sample_rows, seq_lens, query_start, table, width, num_decodes,
-                query_lens_host, seq_lens_host, pad_to) -> StepInputs:
-        """Lay the step out in a pinned staging set and queue its two copies. ``table`` is the
-        ``[n, width]`` block table, flattened; rows past the step's tokens (padding) get token 0,
-        position 0, slot -1 and context length 0."""
+                query_lens_host, seq_lens_host, pad_to, fill) -> StepInputs:
+        """Lay the step out in a pinned staging set and queue its two copies (and the gather of
+        in-flight ids). ``table`` is the ``[n, width]`` block table, flattened; rows past the
+        step's tokens (padding) get token 0, position 0, slot -1 and context length 0."""
         n, total = len(seq_lens), len(ids)
         rows = pad_to or total
         seqs = pad_to or n
         num_samples = 0 if sample_rows is None else len(sample_rows)
-        r = _align(rows, 2)  # int64 segments: ids, positions, slots, sampled rows
-        n64 = 3 * r + num_samples
+        num_fill = 0 if fill is None else len(fill[0])
+        r = _align(rows, 2)  # int64 segments: ids, positions, slots, sampled rows, fill rows and sources
+        ns = 3 * r + num_samples
+        n64 = ns + 2 * num_fill
         qs = _align(seqs, 4)  # int32 segments: context lengths, query offsets, block table
         bt = _align(qs + n + 1, 4)
         n32 = bt + n * width
@@ -222,7 +246,9 @@ class StepInputBuilder:
             h64[r + total:r + rows] = 0
             h64[2 * r + total:2 * r + rows] = -1
         if num_samples:
-            h64[3 * r:n64] = sample_rows
+            h64[3 * r:ns] = sample_rows
+        if num_fill:
+            h64[ns:ns + num_fill], h64[ns + num_fill:n64] = fill[0], fill[1]
         h32[:n] = seq_lens
         if seqs > n:
             h32[n:seqs] = 0
@@ -233,6 +259,9 @@ class StepInputBuilder:
         event = self._events[k] = self._events[k] or torch.cuda.Event()
         event.record()
         input_ids, pos, slot_mapping = token_views(self.buf64, rows)
+        if num_fill:
+            dst, src = self.buf64[ns:ns + num_fill], self.buf64[ns + num_fill:n64]
+            input_ids.index_copy_(0, dst, fill[2].index_select(0, src))
         meta = AttentionMetadata(
             num_decodes=num_decodes,
             query_start_loc=self.buf32[qs:qs + n + 1],
@@ -243,5 +272,5 @@ class StepInputBuilder:
             seq_lens_host=seq_lens_host,
             block_size=self.block_size,
         )
-        sample_index = self.buf64[3 * r:n64] if num_samples else None
+        sample_index = self.buf64[3 * r:ns] if num_samples else None
         return StepInputs(input_ids, pos, meta, sample_index, total, pad_to)
