@@ -13,8 +13,14 @@ Model: dummy weights of Llama-3.1-8B's shape in bfloat16 (hidden 4096, 32 layers
 3. One 4096-token prefill step: model FLOPs (2 x linear params x tokens, plus causal attention)
    per second as a fraction of the matmul rate.
 4. The same generate workload through tandem (``LLM.generate``) and transformers ``generate``:
-   batch 1 and 64, 512 random prompt tokens, 128 new tokens (greedy, ignore EOS).
+   batch 1 and 64, 512 random prompt tokens, 128 new tokens (greedy, ignore EOS). Tandem: the
+   median of ``--repeats`` runs, with the asynchronous step (the default on CUDA) and with the
+   synchronous one; the ratio is the asynchronous engine's over one transformers run.
 5. The attention kernels alone (decode bandwidth, prefill TFLOP/s), for diagnosis.
+6. Where the largest generate batch's time goes (an extra, instrumented run, not a timed one),
+   for each engine step: per step kind (holding a prefill chunk, or decodes only), the GPU's
+   time per step (CUDA events), the host's phases per step call, and the time the GPU waited
+   for the host.
 
     python bench/gpu.py                 # everything (a few minutes)
     python bench/gpu.py --skip-hf --json results.json
@@ -176,8 +182,10 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def generate_tandem(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     llm.engine.block_manager.reset_prefix_cache()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = llm.generate(prompts, params)
+    torch.cuda.synchronize()  # nothing the engine launched is left out
     dt = time.perf_counter() - t0
     assert all(len(r.outputs[0].token_ids) == new_tokens for r in out)
     return len(prompts) * new_tokens / dt
@@ -204,6 +212,111 @@ def load_hf():
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return model.eval()
+
+
+# ---- 6. breakdown ---------------------------------------------------------------------------
+PHASES = ("schedule", "prepare", "forward", "sample", "wait", "update")
+
+
+def generate_breakdown(llm: LLM, prompts: list[list[int]], new_tokens: int) -> list[tuple[str, str]]:
+    """One generate run, instrumented (not a timed one): each ``engine.step`` call is classified by
+    what it scheduled (a prefill chunk in it, or decodes only). Host phases, timed with
+    perf_counter: schedule, prepare (the step's inputs), forward (launching the forward pass, or
+    replaying its graph), sample (launching the sampler), wait (for a step's tokens on the host),
+    update (the scheduler's); the rest is detokenization and outputs. The GPU time of a step is
+    the time between CUDA events recorded before and after its launch: the GPU's work on it,
+    plus any wait for the host inside the launch (an eager step's kernel launches). The run's wall
+    time less the steps' GPU time is the time the GPU waited for the host between steps."""
+    from engine import model_runner
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    kinds: list[str] = []
+    phases: list[dict] = []
+    spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+    acc: dict = {}
+    sched, runner = engine.scheduler, engine.runner
+
+    def timed(fn, key: str):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+        return call
+
+    def classify(out) -> str:
+        return "prefill" if any(s.num_new_tokens > 1 for s in out.scheduled) else "decode"
+
+    schedule = timed(sched.schedule, "schedule")
+
+    def schedule_and_classify():
+        out = schedule()
+        kinds.append(classify(out))
+        return out
+
+    launch = runner.launch
+
+    def launch_with_events(output, tables, prev=None):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        handle = launch(output, tables, prev)
+        end.record()
+        if not output.is_empty:
+            spans.append((classify(output), start, end))
+        return handle
+
+    step = engine.step
+
+    def timed_step():
+        acc.clear()
+        n = len(kinds)
+        t0 = time.perf_counter()
+        out = step()
+        phases.append(dict(acc, wall=time.perf_counter() - t0, kind=kinds[n] if len(kinds) > n else "empty"))
+        return out
+
+    patches = [(sched, "schedule", schedule_and_classify),
+               (runner, "prepare", timed(runner.prepare, "prepare")),
+               (runner, "compute_logits", timed(runner.compute_logits, "forward")),
+               (runner.sampler, "sample", timed(runner.sampler.sample, "sample")),
+               (sched, "update_from_output", timed(sched.update_from_output, "update")),
+               (runner, "launch", launch_with_events), (engine, "step", timed_step)]
+    orig_wait = model_runner.StepHandle.wait
+    for obj, name, fn in patches:
+        setattr(obj, name, fn)
+    model_runner.StepHandle.wait = timed(orig_wait, "wait")
+    engine.block_manager.reset_prefix_cache()
+    torch.cuda.synchronize()
+    try:
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        total_s = time.perf_counter() - t0
+    finally:
+        for obj, name, _ in patches:
+            del obj.__dict__[name]
+        model_runner.StepHandle.wait = orig_wait
+    gpu = {"prefill": 0.0, "decode": 0.0}
+    for kind, start, end in spans:
+        gpu[kind] += start.elapsed_time(end) / 1e3
+    gpu_s = sum(gpu.values())
+    rows = [("  instrumented run", f"wall {total_s:6.3f} s  GPU {gpu_s:6.3f} s  GPU waiting for the host "
+                                   f"{total_s - gpu_s:6.3f} s ({(total_s - gpu_s) / total_s:4.0%})")]
+    for kind in ("prefill", "decode"):
+        sel = [p for p in phases if p["kind"] == kind]
+        n = sum(1 for k, _, _ in spans if k == kind)
+        if not sel or not n:
+            continue
+        wall = sum(p["wall"] for p in sel)
+        host = {name: sum(p.get(name, 0.0) for p in sel) for name in PHASES}
+        parts = "  ".join(f"{k} {v * 1e3 / len(sel):.2f}" for k, v in host.items())
+        rows.append((f"  {kind}: {n} steps, {len(sel)} step calls",
+                     f"GPU {gpu[kind] * 1e3 / n:7.2f} ms/step; step call wall {wall * 1e3 / len(sel):7.2f} ms"))
+        rows.append((f"  {kind} step call host phases (ms)", f"{parts}  rest "
+                                                             f"{(wall - sum(host.values())) * 1e3 / len(sel):.2f}"))
+    return rows
 
 
 # ---- 5. kernels -----------------------------------------------------------------------------
@@ -310,10 +423,32 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
     vocab = llm.engine.arch.vocab_size
     # Warm-up, with steps of every kind the timed runs take (prefill alone, decodes alone, and
     # decodes beside prefill chunks), so no kernel compiles inside them on a cold Triton cache.
-    generate_tandem(llm, make_prompts(3, 3000, vocab, seed=0), 8)
-    ours = {b: generate_tandem(llm, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
-            for b in gen_batches}
-    return ours
+    engine = llm.engine
+    modes = {"async": True, "sync": False}  # async scheduling: the engine's default on CUDA
+    assert engine.async_scheduling
+    for on in modes.values():
+        engine.async_scheduling = on
+        generate_tandem(llm, make_prompts(3, 3000, vocab, seed=0), 8)
+    by_mode: dict[str, dict[int, float]] = {}
+    for mode, on in modes.items():
+        engine.async_scheduling = on
+        by_mode[mode] = {b: statistics.median(
+            generate_tandem(llm, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
+            for _ in range(args.repeats)) for b in gen_batches}
+    for b in gen_batches:
+        a, s = by_mode["async"][b], by_mode["sync"][b]
+        rows.append((f"tandem generate batch {b}: sync vs async step",
+                     f"sync {s:8.1f} tok/s  async {a:8.1f} tok/s  ({a / s - 1:+.1%}); median of {args.repeats}"))
+    results["generate_modes"] = by_mode
+    log("where generate time goes...")
+    b = max(gen_batches)
+    for mode, on in modes.items():
+        engine.async_scheduling = on
+        rows.append((f"generate batch {b} breakdown, {mode} step",
+                     f"(timed runs: {b * args.new_tokens / by_mode[mode][b]:6.3f} s)"))
+        rows += generate_breakdown(llm, make_prompts(b, args.prompt_len, vocab, seed=b), args.new_tokens)
+    engine.async_scheduling = True
+    return by_mode["async"]
 
 
 def main() -> None:
@@ -324,6 +459,7 @@ def main() -> None:
     ap.add_argument("--gen-batches", default="1,64")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed tandem generate runs (the median is shown)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
