@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import PRESETS, EngineConfig, ModelArch
-from engine.model import LlamaModel, Rotary
+from engine.model import LlamaModel, Rotary, prepack_for_cpu
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -84,8 +84,10 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progress: bool = True) -> LlamaModel:
-    """Construct the model on ``config.device`` in ``config.dtype`` and load its weights."""
+def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progress: bool = True,
+                prepack: bool = True) -> LlamaModel:
+    """Construct the model on ``config.device`` in ``config.dtype`` and load its weights (on the
+    CPU, with ``prepack``, bfloat16 projections are then reordered for oneDNN: :func:`prepack_for_cpu`)."""
     device = torch.device(config.device)
     dtype = TORCH_DTYPES[config.dtype]
     fmt, path, _ = resolve_model(config)
@@ -108,6 +110,8 @@ def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progr
         bar = tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
                    leave=False)
         model.load_weights(bar)
+    if prepack and device.type == "cpu":
+        prepack_for_cpu(model)
     return model.eval()
 
 
