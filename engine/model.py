@@ -183,10 +183,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             residual = x + residual
             return self.forward(residual), residual
-        # Same arithmetic as HF: normalize in float32, cast back, then scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Same arithmetic as HF (normalize in float32, cast back, then scale), the normalization
+        # in one op.
+        return self.weight * torch.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
