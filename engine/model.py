@@ -117,17 +117,34 @@ def _prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
 
 
+def _prepack_is_exact(layer: Linear) -> bool:
+    """Whether oneDNN's blocked-layout matmul gives ``F.linear``'s results bit for bit on this
+    CPU (it does where both take the same bf16 kernels; a CPU without native bf16 may not)."""
+    gen = torch.Generator().manual_seed(0)
+    packed = _prepack(layer.weight)
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, layer.in_features, generator=gen).to(layer.weight.dtype)
+        ref = F.linear(x, layer.weight, layer.bias)
+        if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""), ref):
+            return False
+    return True
+
+
 def prepack_for_cpu(model: LlamaModel) -> bool:
     """Reorder a CPU bfloat16 model's projection and LM-head weights for oneDNN, freeing the
     plain copies (the embedding table stays: lookups need it). Call after the weights are
     loaded; the model can no longer load weights afterwards. Returns False, changing nothing,
-    where oneDNN cannot take them (another dtype, no bf16 support on this CPU)."""
+    where oneDNN cannot take them or would change the results (another dtype; a CPU whose
+    oneDNN kernels differ from ``F.linear``'s)."""
     weight = model.embed_tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
     try:
         head = _prepack(model.lm_head.weight if model.lm_head is not None else weight)
+        exact = _prepack_is_exact(model.layers[0].qkv_proj) if len(model.layers) else True
     except RuntimeError:
+        return False
+    if not exact:
         return False
     model.lm_head_packed = head
     if model.lm_head is not None:
