@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -123,7 +124,14 @@ async def run_policy(url: str, worker_urls: list[str], warmup: list[serve.BenchR
         if failed:
             raise SystemExit(f"[{label}] warm-up failed: {failed[:3]}")
         prompt0, cached0 = await worker_counters(client, worker_urls)
-        results, duration = await serve.run_load(client, url, model, requests, spec, label)
+        # The load generator's own full collections (the workload: ~2M token ids) would stall
+        # every stream it reads for up to 0.2 s, and show as the servers' TTFT.
+        gc.collect()
+        gc.freeze()
+        try:
+            results, duration = await serve.run_load(client, url, model, requests, spec, label)
+        finally:
+            gc.unfreeze()
         prompt1, cached1 = await worker_counters(client, worker_urls)
     summary = serve.summarize(results, duration, 1e9, 1e9)
     summary["prefix_hit_rate"] = (cached1 - cached0) / (prompt1 - prompt0) if prompt1 > prompt0 else math.nan
@@ -275,10 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV budget per worker (the default model: 22.5 KiB a token in bf16; 1.4 GiB ~ 65k tokens)")
     c.add_argument("--max-num-batched-tokens", type=int, default=2048)
     c.add_argument("--max-local-prefill-tokens", type=int, default=256, help="disaggregated mode")
-    c.add_argument("--prefill-load-scale", type=float, default=32.0,
-                   help="kv policy: weight of prefill blocks against active decode blocks. In the sim profile a "
-                        "prefill block costs ~175x what an active decode block adds to a step: 32 still favours "
-                        "balance. The cluster default (Dynamo's) is 1: see the kv@1 column")
+    c.add_argument("--prefill-load-scale", type=float, default=ClusterConfig.prefill_load_scale,
+                   help="kv policy: weight of a prefill block against an active decode block (the cluster "
+                        "default: router/policy.py says why). kv@1 (Dynamo's weight) runs as a column")
     c.add_argument("--router-temperature", type=float, default=ClusterConfig.router_temperature)
     c.add_argument("--sim-profile", default="h200-llama-3.1-8b")
     c.add_argument("--sim-time-scale", type=float, default=16.0,

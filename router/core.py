@@ -158,11 +158,15 @@ class WorkerPool:
         self._suspect[worker_id] = time.monotonic() + for_s
         WORKER_FAILURES.labels(role=self.role).inc()
 
+    def open(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0) -> Ticket:
+        """Count a request on the worker until ``ticket.close()``: ``prefill_tokens`` until
+        ``ticket.prefilled()``, ``kv_tokens`` (growing with ``ticket.grow``) until it ends."""
+        return Ticket(worker_id, self.inflight.setdefault(worker_id, Inflight()), prefill_tokens, kv_tokens)
+
     @contextlib.contextmanager
     def track(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0):
-        """Count a request on the worker while it runs there: ``prefill_tokens`` until
-        ``ticket.prefilled()``, ``kv_tokens`` (growing with ``ticket.grow``) until it ends."""
-        ticket = Ticket(self.inflight.setdefault(worker_id, Inflight()), prefill_tokens, kv_tokens)
+        """:meth:`open` for the duration of a ``with`` block."""
+        ticket = self.open(worker_id, prefill_tokens, kv_tokens)
         try:
             yield ticket
         finally:
@@ -249,27 +253,32 @@ class RouterCore:
         first: pb.PrefillResponse | None = None
         plan = self._plan(prompt_ids, sampling.n)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
-        route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
-        if plan.prefill is not None:
-            first = await self._prefill(request_id, prompt_ids, worker_sampling, priority, route, plan.prefill)
-        ROUTE_DECISIONS.labels(path="remote" if first is not None else "local").inc()
-        if first is not None:
-            route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
-            delta = delta_from_pb(first.outputs[0])
-            yield delta
-            if delta.finish_reason is not None or not first.HasField("handle"):
-                u = first.usage
-                yield Usage(u.num_prompt_tokens, u.num_completion_tokens, u.num_cached_tokens)
-                return
-            handle = first.handle
-        request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
-                                     sampling=sampling_to_pb(worker_sampling), priority=priority)
-        if handle is not None:
-            request.kv_handle.CopyFrom(handle)
+        # The request counts on its decode worker from the decision on, not from the call: while
+        # its prompt prefills remotely the worker is already bound to it, and the decisions taken
+        # meanwhile must see that (a burst would otherwise all pick the same idle-looking worker).
+        ticket = self.decode.open(plan.decode.worker_id, 0 if plan.prefill is not None else
+                                  self._decode_prefill_tokens(prompt_ids, plan.decode), len(prompt_ids))
         tried: set[str] = set()
         streamed = False
-        decision: policy.Decision | None = plan.decode
         try:
+            route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
+            if plan.prefill is not None:
+                first = await self._prefill(request_id, prompt_ids, worker_sampling, priority, route, plan.prefill)
+            ROUTE_DECISIONS.labels(path="remote" if first is not None else "local").inc()
+            if first is not None:
+                route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
+                delta = delta_from_pb(first.outputs[0])
+                yield delta
+                if delta.finish_reason is not None or not first.HasField("handle"):
+                    u = first.usage
+                    yield Usage(u.num_prompt_tokens, u.num_completion_tokens, u.num_cached_tokens)
+                    return
+                handle = first.handle
+            request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                         sampling=sampling_to_pb(worker_sampling), priority=priority)
+            if handle is not None:
+                request.kv_handle.CopyFrom(handle)
+            decision: policy.Decision | None = plan.decode
             while True:
                 if decision is None:  # a retry: the next best of the others
                     # -1: with a handle the decode worker computes no prompt token; without, all it lacks
@@ -281,28 +290,29 @@ class RouterCore:
                 tried.add(worker)
                 route.decode_worker = worker
                 route.num_retries = len(tried) - 1
-                to_compute = 0
-                if handle is None:
-                    to_compute = len(prompt_ids) - decision.overlap_blocks * self.routing["decode"].block_size
+                to_compute = 0 if handle is not None else self._decode_prefill_tokens(prompt_ids, decision)
+                if ticket.worker_id != worker or ticket.prefill_tokens != to_compute:
+                    # a retry elsewhere, or the remote prefill failed and this worker computes the prompt
+                    ticket.close()
+                    ticket = self.decode.open(worker, to_compute, len(prompt_ids))
                 decision = None
                 call = self.decode.stub(worker).Generate(request)
                 try:
-                    with self.decode.track(worker, to_compute, len(prompt_ids)) as ticket:
-                        async for msg in call:
-                            if msg.HasField("pull"):
-                                route.recomputed = msg.pull.recomputed
-                            for out in msg.outputs:
-                                streamed = True
-                                ticket.prefilled()
-                                ticket.grow(len(out.token_ids))
-                                yield delta_from_pb(out)
-                            if msg.HasField("usage"):
-                                u = msg.usage
-                                extra = first.usage.num_completion_tokens if first is not None else 0
-                                cached = first.usage.num_cached_tokens if first is not None else u.num_cached_tokens
-                                yield Usage(u.num_prompt_tokens, u.num_completion_tokens + extra, cached)
-                                handle = None
-                                return
+                    async for msg in call:
+                        if msg.HasField("pull"):
+                            route.recomputed = msg.pull.recomputed
+                        for out in msg.outputs:
+                            streamed = True
+                            ticket.prefilled()
+                            ticket.grow(len(out.token_ids))
+                            yield delta_from_pb(out)
+                        if msg.HasField("usage"):
+                            u = msg.usage
+                            extra = first.usage.num_completion_tokens if first is not None else 0
+                            cached = first.usage.num_cached_tokens if first is not None else u.num_cached_tokens
+                            yield Usage(u.num_prompt_tokens, u.num_completion_tokens + extra, cached)
+                            handle = None
+                            return
                     raise WorkerFailedError(f"decode worker {worker} ended the stream early")
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -317,6 +327,7 @@ class RouterCore:
                 finally:
                     call.cancel()
         finally:
+            ticket.close()
             if handle is not None and not streamed:
                 # Nobody will pull: give the prefill worker its blocks back now, not at lease end.
                 asyncio.get_running_loop().create_task(self._unpin(handle))
@@ -345,6 +356,10 @@ class RouterCore:
                 prefill_tier.hashes(prompt_ids)
             prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None)
         return RoutePlan(hashes, decode, prefill)
+
+    def _decode_prefill_tokens(self, prompt_ids: list[int], decision: policy.Decision) -> int:
+        """Prompt tokens the decode worker computes when it prefills the prompt itself."""
+        return len(prompt_ids) - decision.overlap_blocks * self.routing["decode"].block_size
 
     def _choose(self, pool: WorkerPool, prompt_ids: list[int], hashes: list[int], ids: list[str],
                 max_local_prefill_tokens: int | None) -> policy.Decision | None:

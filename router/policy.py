@@ -14,6 +14,23 @@ worker's overlap counts only where it would prefill locally (the tokens it would
 are at most ``max_local_prefill_tokens``): elsewhere the whole prompt is computed anew (on the
 prefill tier) and moved, so a decode worker that can finish the prompt from its own cache wins
 unless it is much busier.
+
+The two terms are different kinds of time; ``prefill_load_scale`` converts one into the other.
+A prefill block is 16 tokens of forward compute, run once, that every request queued on the
+worker waits for before its first token. An active decode block is 16 tokens of KV that every
+step reads while its request lives: per step, a small fraction of a prefill block. In the fitted
+step-time profiles (``engine/sim_profiles``, from ``bench/fit_sim.py``) one prefill block takes
+as long as one active block adds to 170-220 steps (H200, Llama-3.1-8B; 0-2k cached tokens) and
+to 20-80 steps (CPU, SmolLM2-135M; 0-512 cached tokens). The routing decision is about the time
+to the first token, the step or two in which the prompt is computed (its decode steps come later
+wherever it runs): over that horizon a prefill block weighs 10-80 active blocks on the CPU
+profile and 90-220 on the H200 one. The default, :data:`PREFILL_LOAD_SCALE` = 32, sits in the
+lower part of that span, toward balance. Read in requests: a request stays on the worker that
+holds its prompt unless that worker carries about 32 more decoding requests of the same length
+than another (each holds about as many blocks as its prompt), or has more prompt blocks queued
+than the cache saves. Dynamo's 1 weighs an active block over a long decode's whole life instead:
+with 2k-token prompts it hands a cached prompt to a worker with one request fewer, recomputing
+128 blocks to spare one request's KV reads.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
+PREFILL_LOAD_SCALE = 32.0  # the kv cost's weight of a prefill block against an active decode block: above
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,8 @@ def blocks(num_tokens: int, block_size: int) -> int:
 
 
 def kv_costs(num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequence[WorkerLoad], block_size: int,
-             prefill_load_scale: float = 1.0, max_local_prefill_tokens: int | None = None) -> list[Candidate]:
+             prefill_load_scale: float = PREFILL_LOAD_SCALE,
+             max_local_prefill_tokens: int | None = None) -> list[Candidate]:
     """Every worker's cost for a prompt of ``num_prompt_tokens`` whose leading blocks each worker
     holds per ``overlaps``. ``max_local_prefill_tokens`` (decode tier, disaggregated, prefill tier
     available): a worker that would compute more than this leaves the prompt to the prefill tier,
@@ -121,7 +140,7 @@ def round_robin(loads: Sequence[WorkerLoad], turn: int) -> str | None:
 
 
 def choose(policy: str, num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequence[WorkerLoad],
-           block_size: int, *, prefill_load_scale: float = 1.0, temperature: float = 0.0,
+           block_size: int, *, prefill_load_scale: float = PREFILL_LOAD_SCALE, temperature: float = 0.0,
            max_local_prefill_tokens: int | None = None, turn: int = 0,
            rng: random.Random | None = None) -> Decision | None:
     """One tier's worker for a request under ``policy`` (one of :data:`POLICIES`); None when

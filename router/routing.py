@@ -57,12 +57,14 @@ class RouterInflight:
 
 
 class Ticket:
-    """One request's share of a worker's :class:`Inflight` while it runs there."""
+    """One request's share of a worker's :class:`Inflight` while it runs there (or is bound to)."""
 
-    def __init__(self, entry: Inflight, prefill_tokens: int, kv_tokens: int) -> None:
+    def __init__(self, worker_id: str, entry: Inflight, prefill_tokens: int, kv_tokens: int) -> None:
+        self.worker_id = worker_id
         self.entry = entry
         self.prefill_tokens = prefill_tokens
         self.kv_tokens = kv_tokens
+        self.closed = False
         entry.num_requests += 1
         entry.num_prefill_tokens += prefill_tokens
         entry.num_kv_tokens += kv_tokens
@@ -77,6 +79,10 @@ class Ticket:
         self.kv_tokens += num_tokens
 
     def close(self) -> None:
+        """Give the share back (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         self.entry.num_requests -= 1
         self.entry.num_prefill_tokens -= self.prefill_tokens
         self.entry.num_kv_tokens -= self.kv_tokens

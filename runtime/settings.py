@@ -102,7 +102,9 @@ class ClusterConfig:
     kv_events: bool = _field(True, "index workers' KV events (--no-kv-events: predict from past routing, with a TTL)")
     kv_index_ttl_s: float = _field(120.0, "without KV events: how long a routed prompt counts as cached there")
     router_temperature: float = _field(0.0, "kv policy: 0 picks the lowest cost; > 0 samples softmax(-cost/T)")
-    prefill_load_scale: float = _field(1.0, "kv policy: weight of prefill blocks against active decode blocks")
+    prefill_load_scale: float = _field(
+        32.0, "kv policy: weight of a prefill block against an active decode block (router/policy.py says why 32)"
+    )
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
     # -- deployment (launchers: tandem deploy) --
     num_routers: int = _field(1, "deploy: router replicas")

@@ -1,5 +1,6 @@
 """The routing policy: exact choices for hand-computed costs, tie-breaking, temperature, the
-decode tier's local-prefill rule, and the KV-unaware baselines."""
+decode tier's local-prefill rule, the default prefill weight, and the KV-unaware baselines.
+Costs written as sums are at ``prefill_load_scale`` 1 unless a test says otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from router.policy import POLICIES, WorkerLoad, choose, kv_costs, lowest_cost
+from router.policy import POLICIES, PREFILL_LOAD_SCALE, WorkerLoad, choose, kv_costs, lowest_cost
+from runtime.settings import ClusterConfig
 
 BS = 16
 
@@ -19,26 +21,52 @@ def load(worker_id: str, active_blocks: int = 0, prefill_tokens: int = 0, reques
 
 
 def test_worked_example_picks_the_second_worker() -> None:
-    """A 10-block prompt. Costs (prefill blocks + decode blocks): 8+10, 5+5, 2+9 -> the second."""
+    """A 10-block prompt. Costs (prefill blocks + decode blocks): 8+10, 5+5, 2+9 -> the second.
+    (At the default weight, 32, the third: 64+9 against 160+5.)"""
     overlaps = {"w1": 2, "w2": 5, "w3": 8}
     loads = [load("w1", active_blocks=10), load("w2", active_blocks=5), load("w3", active_blocks=9)]
-    costs = kv_costs(10 * BS, overlaps, loads, BS)
+    costs = kv_costs(10 * BS, overlaps, loads, BS, prefill_load_scale=1.0)
     assert [(c.new_blocks + c.queued_blocks, c.active_blocks, c.cost) for c in costs] == [
         (8, 10, 18), (5, 5, 10), (2, 9, 11)]
     for seed in range(20):
-        d = choose("kv", 10 * BS, overlaps, loads, BS, rng=random.Random(seed))
+        d = choose("kv", 10 * BS, overlaps, loads, BS, prefill_load_scale=1.0, rng=random.Random(seed))
         assert (d.worker_id, d.overlap_blocks, d.cost) == ("w2", 5, 10)
+    d = choose("kv", 10 * BS, overlaps, loads, BS)
+    assert (d.worker_id, d.cost) == ("w3", 2 * 32 + 9)
 
 
 def test_queued_prefill_and_scale() -> None:
     """Queued prompt tokens count in blocks (rounded up); prefill_load_scale weighs prefill."""
     loads = [load("a", active_blocks=0, prefill_tokens=17), load("b", active_blocks=3)]
-    costs = {c.worker_id: c.cost for c in kv_costs(4 * BS, {}, loads, BS)}
+    costs = {c.worker_id: c.cost for c in kv_costs(4 * BS, {}, loads, BS, prefill_load_scale=1.0)}
     assert costs == {"a": 4 + 2, "b": 4 + 3}
     costs = {c.worker_id: c.cost for c in kv_costs(4 * BS, {}, loads, BS, prefill_load_scale=0.5)}
     assert costs == {"a": 3.0, "b": 5.0}
     assert choose("kv", 4 * BS, {}, loads, BS, prefill_load_scale=0.5).worker_id == "a"
     assert choose("kv", 4 * BS, {}, loads, BS, prefill_load_scale=2.0).worker_id == "b"  # 12 vs 11
+
+
+def test_default_weight_keeps_a_cached_prompt_against_a_little_more_decode_load() -> None:
+    """The benchmark's case: a 2k-token context (128 blocks) cached on "hot", plus a 4-block new
+    message; every request in flight holds about as many blocks (132). At weight 1 one request
+    more on "hot" (4 + 132 against 132) sends the prompt away to be recomputed; at the default,
+    32, "hot" keeps it until it carries 32 requests more than "cold" (32*4 + A_hot against
+    32*132 + A_cold: A_hot - A_cold < 4096) or has more than 128 blocks more queued."""
+    assert PREFILL_LOAD_SCALE == ClusterConfig().prefill_load_scale == 32.0
+    prompt, overlaps = 132 * BS, {"hot": 128}
+
+    def pick(hot: WorkerLoad, cold: WorkerLoad, **kw) -> tuple[str, float]:
+        d = choose("kv", prompt, overlaps, [hot, cold], BS, **kw)
+        return d.worker_id, d.cost
+
+    assert pick(load("hot", 132), load("cold", 0), prefill_load_scale=1.0) == ("cold", 132)
+    assert pick(load("hot", 132), load("cold", 0)) == ("hot", 32 * 4 + 132)
+    assert pick(load("hot", 31 * 132), load("cold", 0)) == ("hot", 32 * 4 + 31 * 132)  # 4220 < 4224
+    assert pick(load("hot", 32 * 132), load("cold", 0)) == ("cold", 32 * 132)  # 4352 > 4224
+    assert pick(load("hot", 40 * 132), load("cold", 10 * 132)) == ("hot", 32 * 4 + 40 * 132)  # 30 more
+    # Queued prompt blocks weigh as much as new ones: 129 queued (2049 tokens, rounded up) lose.
+    assert pick(load("hot", 0, prefill_tokens=2049), load("cold", 0)) == ("cold", 32 * 132)
+    assert pick(load("hot", 0, prefill_tokens=2032), load("cold", 0)) == ("hot", 32 * (4 + 127))
 
 
 def test_ties_are_broken_at_random() -> None:
@@ -66,22 +94,22 @@ def test_decode_tier_counts_overlap_only_where_it_prefills_locally() -> None:
     prompt = 10 * BS  # 160 tokens, max local 48: local only with an overlap of 7+ blocks
     overlaps = {"near": 8, "partial": 5}
     loads = [load("near", active_blocks=6), load("partial", active_blocks=3), load("cold", active_blocks=4)]
-    costs = {c.worker_id: c for c in kv_costs(prompt, overlaps, loads, BS, max_local_prefill_tokens=48)}
+    costs = {c.worker_id: c for c in kv_costs(prompt, overlaps, loads, BS, 1.0, max_local_prefill_tokens=48)}
     assert (costs["near"].local_prefill, costs["near"].cost) == (True, 2 + 6)
     assert (costs["partial"].local_prefill, costs["partial"].cost) == (False, 10 + 3)
     assert (costs["cold"].local_prefill, costs["cold"].cost) == (False, 10 + 4)
-    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=48)
+    d = choose("kv", prompt, overlaps, loads, BS, prefill_load_scale=1.0, max_local_prefill_tokens=48)
     assert (d.worker_id, d.local_prefill, d.overlap_blocks) == ("near", True, 8)
     # Much busier, "near" loses to a remote prefill for "partial" (whose overlap is not used).
     loads[0] = load("near", active_blocks=12)
-    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=48)
+    d = choose("kv", prompt, overlaps, loads, BS, prefill_load_scale=1.0, max_local_prefill_tokens=48)
     assert (d.worker_id, d.local_prefill) == ("partial", False)
     # -1: the prompt's KV comes from a prefill worker wherever it goes: decode load decides.
-    d = choose("kv", prompt, overlaps, loads, BS, max_local_prefill_tokens=-1)
+    d = choose("kv", prompt, overlaps, loads, BS, prefill_load_scale=1.0, max_local_prefill_tokens=-1)
     assert (d.worker_id, d.local_prefill, d.cost) == ("partial", False, 13)
     # Without a usable prefill tier every worker prefills locally: overlap counts everywhere.
     loads = [load("near", 6), load("partial", 3), load("cold", 4)]  # 2+6, 5+3, 10+4: a tie
-    picks = {choose("kv", prompt, overlaps, loads, BS, rng=random.Random(s)) for s in range(40)}
+    picks = {choose("kv", prompt, overlaps, loads, BS, prefill_load_scale=1.0, rng=random.Random(s)) for s in range(40)}
     assert {(d.worker_id, d.local_prefill, d.cost) for d in picks} == {("near", True, 8), ("partial", True, 8)}
 
 

@@ -1,0 +1,140 @@
+"""The router's own in-flight accounting, without a cluster: a request counts on its decode
+worker from the routing decision on, including while its prompt prefills on the prefill tier,
+so that requests routed meanwhile see that worker busy; and it stops counting whatever way the
+request ends. Workers are fake stubs; the routing core is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from router.core import RouterCore
+from runtime.etcd import WorkerInfo
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.settings import ClusterConfig
+
+BS = 16
+PROMPT = 300  # over max_local_prefill_tokens: prefilled on the prefill tier
+
+
+class FakePrefill:
+    """Prefill answers when the test releases it (or fails, with ``fail``)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def Prefill(self, req: pb.PrefillRequest) -> pb.PrefillResponse:  # the gRPC method name
+        await self.release.wait()
+        if self.fail:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        return pb.PrefillResponse(
+            handle=pb.KVHandle(handle_id=f"h-{req.request_id}", worker_id="p0"),
+            outputs=[pb.SequenceOutput(index=0, token_ids=[7])],
+            usage=pb.Usage(num_prompt_tokens=len(req.prompt_token_ids), num_completion_tokens=1))
+
+    async def Abort(self, req: pb.AbortRequest, timeout: float) -> pb.AbortResponse:  # the gRPC method name
+        return pb.AbortResponse(aborted=True)
+
+
+class FakeCall:
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):
+        await self.gate.wait()
+        yield pb.GenerateResponse(outputs=[pb.SequenceOutput(index=0, token_ids=[8])])
+        yield pb.GenerateResponse(usage=pb.Usage(num_prompt_tokens=PROMPT, num_completion_tokens=1))
+
+
+class FakeDecode:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[pb.GenerateRequest] = []
+
+    def Generate(self, req: pb.GenerateRequest) -> FakeCall:  # the gRPC method name
+        self.calls.append(req)
+        return FakeCall(self.gate)
+
+
+def make_core() -> tuple[RouterCore, FakePrefill, dict[str, FakeDecode]]:
+    cfg = ClusterConfig(mode="disaggregated", routing_policy="kv", kv_events=False, max_local_prefill_tokens=64)
+    core = RouterCore(cfg, plane=None)  # type: ignore[arg-type]  (no I/O: workers set below)
+    prefill, decodes = FakePrefill(), {"d0": FakeDecode(), "d1": FakeDecode()}
+    for pool, ids in ((core.prefill, ["p0"]), (core.decode, list(decodes))):
+        pool.workers._workers = {w: WorkerInfo(w, pool.role, f"127.0.0.1:{9000 + i}", "m", BS)
+                                 for i, w in enumerate(ids)}
+    core.prefill.stub = lambda _w: prefill  # type: ignore[method-assign]
+    core.decode.stub = lambda w: decodes[w]  # type: ignore[method-assign]
+    return core, prefill, decodes
+
+
+def counted(core: RouterCore) -> dict[str, tuple[int, int, int]]:
+    return {w: e.as_tuple() for w, e in core.decode.inflight.items() if e.num_requests}
+
+
+async def collect(agen) -> list:
+    return [x async for x in agen]
+
+
+def test_decode_worker_counts_a_request_while_its_prompt_prefills_remotely() -> None:
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        prompts = [list(range(1000 * i, 1000 * i + PROMPT)) for i in (1, 2)]
+        first = asyncio.create_task(collect(core.generate("a", prompts[0], SamplingParams(max_tokens=2))))
+        await asyncio.sleep(0.01)  # routed; waiting on the prefill worker
+        (_worker, load), = counted(core).items()
+        assert load == (1, 0, PROMPT)  # one request, no prompt token to compute there, its KV to come
+        second = asyncio.create_task(collect(core.generate("b", prompts[1], SamplingParams(max_tokens=2))))
+        await asyncio.sleep(0.01)
+        # Costs 32 * 19 + 19 (the busy one) against 32 * 19: the second goes to the other worker.
+        assert counted(core) == {"d0": (1, 0, PROMPT), "d1": (1, 0, PROMPT)}
+        prefill.release.set()
+        await asyncio.sleep(0.01)
+        for d in decodes.values():
+            assert [c.kv_handle.handle_id for c in d.calls] and d.calls[0].HasField("kv_handle")
+            d.gate.set()
+        for task in (first, second):
+            assert len(await task) == 3  # the first token (from the prefill tier), one more, usage
+        assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_remote_prefill_failure_counts_the_prompt_on_the_decode_worker() -> None:
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
+        await asyncio.sleep(0.01)
+        (worker, load), = counted(core).items()
+        assert load == (1, 0, PROMPT)
+        prefill.fail = True
+        prefill.release.set()
+        await asyncio.sleep(0.01)
+        # The decode worker now computes the whole prompt itself.
+        assert counted(core) == {worker: (1, PROMPT, PROMPT)}
+        assert not decodes[worker].calls[0].HasField("kv_handle")
+        decodes[worker].gate.set()
+        assert len(await task) == 2
+        assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_a_request_closed_while_prefilling_stops_counting() -> None:
+    async def main() -> None:
+        core, _prefill, _decodes = make_core()
+        task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
+        await asyncio.sleep(0.01)
+        assert len(counted(core)) == 1
+        task.cancel()  # the client left
+        await asyncio.gather(task, return_exceptions=True)
+        assert counted(core) == {}
+        assert not any(e.num_requests for e in core.prefill.inflight.values())
+
+    asyncio.run(main())
