@@ -88,6 +88,9 @@ class ClusterConfig:
     max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
     engine: str = _field("torch", "engine backend: torch (run the model) or sim (a fitted timing model stands in)")
     sim_profile: str = _field("", "sim engine: timing profile name (engine/sim_profiles) or .json path; empty: default")
+    async_scheduling: str = _field(
+        "auto", "plan and launch step N+1 before step N's tokens reach the host: auto (on with CUDA), on, off"
+    )
     # -- KV transfer (prefill -> decode) --
     transport: str = _field("auto", "KV transport: auto (nixl if installed, else tcp), nixl, tcp")
     kv_lease_s: float = _field(30.0, "how long a prefill worker pins a KV handle nobody pulled")
@@ -205,6 +208,10 @@ class ClusterConfig:
             fail("max_body_bytes", "must be at least 1024")
         if self.engine not in ("torch", "sim"):
             fail("engine", "must be torch or sim")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            fail("async_scheduling", "must be auto, on or off")
+        if self.async_scheduling == "on" and self.engine == "sim":
+            fail("async_scheduling", "needs the torch engine (the sim samples on the host)")
         if self.routing_policy not in ("kv", "round_robin", "random", "least_loaded"):
             fail("routing_policy", "must be kv, round_robin, random or least_loaded")
         if self.kv_index_ttl_s <= 0:

@@ -133,6 +133,7 @@ def engine_config(cfg: settings.ClusterConfig) -> EngineConfig:
     return EngineConfig(
         model=cfg.model or "default", dtype=cfg.dtype, device=cfg.device, backend=cfg.engine,
         sim_profile=cfg.sim_profile,
+        async_scheduling={"auto": None, "on": True, "off": False}[cfg.async_scheduling],
         num_threads=cfg.threads or (default_num_threads() if cfg.device == "cpu" else None),
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(cfg.kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching),

@@ -102,6 +102,8 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
         ({"TANDEM_ETCD_CERT_FILE": "/etc/hostname"}, "etcd_cert_file and etcd_key_file go together"),
         ({"TANDEM_LOG_LEVEL": "chatty"}, "log_level='CHATTY': must be one of"),
         ({"TANDEM_HOST": ""}, "host='': must not be empty"),
+        ({"TANDEM_ASYNC_SCHEDULING": "yes"}, "async_scheduling='yes': must be auto, on or off"),
+        ({"TANDEM_ASYNC_SCHEDULING": "on", "TANDEM_ENGINE": "sim"}, "async_scheduling='on': needs the torch engine"),
     ],
 )
 def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
@@ -137,3 +139,11 @@ def test_cli_errors_and_help() -> None:
     add_arguments(parser)
     text = parser.format_help()
     assert "--etcd-endpoints" in text and "TANDEM_NAMESPACE" in text and "--config" in text
+
+
+def test_async_scheduling_reaches_the_engine_config() -> None:
+    from runtime.worker import engine_config
+
+    cpu = {v: engine_config(ClusterConfig(async_scheduling=v)).use_async_scheduling for v in ("auto", "on", "off")}
+    assert cpu == {"auto": False, "on": True, "off": False}  # auto: on with CUDA only
+    assert engine_config(ClusterConfig(async_scheduling="auto", device="cuda")).use_async_scheduling

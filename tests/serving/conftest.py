@@ -6,7 +6,7 @@ keeps the suite short):
 
 - ``disagg_cluster``: 1 prefill + 1 decode, NIXL (DRAM, over UCX on lo) when installed, else TCP.
 - ``agg_cluster``: one aggregated worker, the reference for "disaggregated equals aggregated".
-- ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport.
+- ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport, with the asynchronous engine step.
 
 The worker-failure tests kill workers (the TCP cluster's, and the NIXL cluster's prefill worker
 at the very end), so they are marked ``destructive`` and run after every other test.
@@ -36,7 +36,9 @@ _COMMON = dict(port=0, grpc_port=0, dtype="float32", threads=1, kv_cache_gib=0.5
 SPECS: dict[str, tuple[dict, int]] = {  # fixture name -> (config, prefill workers)
     "disagg_cluster": (dict(mode="disaggregated", transport="nixl" if NIXL else "tcp"), 1),
     "agg_cluster": (dict(mode="aggregated", transport="tcp"), 0),
-    "tcp_cluster": (dict(mode="disaggregated", transport="tcp"), 1),
+    # The asynchronous engine step on both tiers (off by default on the CPU): the tests comparing
+    # this cluster's output with agg_cluster's check it against the synchronous step.
+    "tcp_cluster": (dict(mode="disaggregated", transport="tcp", async_scheduling="on"), 1),
 }
 START_TIMEOUT_S = 480.0
 
