@@ -29,7 +29,7 @@ import torch
 
 from engine.llm import LLM
 from engine.loader import TORCH_DTYPES, default_model_path
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 
 def log(msg: str) -> None:

@@ -27,8 +27,8 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
-from engine.sampling_params import SamplingParams
 from engine.sim import COEFFICIENTS, PROFILE_DIR, SimProfile
+from protocol.sampling import SamplingParams
 
 
 class StepTimer:

@@ -45,8 +45,8 @@ import torch
 from engine.config import PRESETS
 from engine.llm import LLM
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
+from protocol.sampling import SamplingParams
 
 MODEL = "llama-3.1-8b"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

@@ -49,10 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serve  # bench/serve.py: the load generator
 
-from engine.block_manager import hash_blocks
 from engine.sim import COEFFICIENTS, SimProfile
+from protocol.hashing import hash_blocks
 from router import policy
-from router.routing import TierRouting
+from router.tier_index import TierIndex
 from runtime.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
 
@@ -203,7 +203,7 @@ def decision_latency(num_blocks: int = 100_000, num_workers: int = 16, context_l
     with ``num_blocks`` (worker, block) pairs indexed, timed in-process."""
     rng = random.Random(seed)
     bs = 16
-    tier = TierRouting("decode", bs, kv_events=True, ttl_s=120.0)
+    tier = TierIndex("decode", bs, kv_events=True, ttl_s=120.0)
     blocks_per_context = context_len // bs
     num_contexts = -(-num_blocks // (blocks_per_context * 4))  # each context on 4 workers
     contexts = [[rng.randrange(1000, 30000) for _ in range(context_len)] for _ in range(num_contexts)]

@@ -49,7 +49,7 @@ try:  # openai >= 3 ships httpx2 (the same API under a new name)
 except ImportError:  # pragma: no cover
     import httpx
 
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 from runtime.convert import sampling_to_pb
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc

@@ -15,34 +15,19 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.block_manager import KVEvent
-from engine.llm_engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.llm_engine import LLMEngine
+from protocol.kv_events import KVEvent
+from protocol.load import EngineLoad
+from protocol.outputs import RequestOutput
+from protocol.sampling import SamplingParams
 
 T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    num_waiting: int = 0
-    num_running: int = 0
-    num_pulling: int = 0
-    num_queued_prefill_tokens: int = 0
-    num_active_blocks: int = 0  # blocks referenced by running requests (decode load)
-    num_free_blocks: int = 0
-    num_total_blocks: int = 0
-    num_pinned_blocks: int = 0
-    kv_usage: float = 0.0
-    num_prompt_tokens: int = 0  # since start: prompt tokens admitted / served from cache
-    num_cached_tokens: int = 0
-    num_steps: int = 0
 
 
 class AsyncEngine:
@@ -133,7 +118,7 @@ class AsyncEngine:
             nonlocal admitted
             indices = e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority)
             admitted = True
-            return indices, list(e.block_manager.block_table(request_id))
+            return indices, e.block_table(request_id)
 
         try:
             indices, table = await self.call(add)
@@ -229,19 +214,8 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._fail_all, e)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        engine = self.engine
-        sched = engine.scheduler
-        bm = engine.block_manager
-        events = engine.take_kv_events()
-        active = sum(len(bm.block_table(r.request_id)) for r in sched.running)
-        self.load = EngineLoad(
-            num_waiting=len(sched.waiting), num_running=len(sched.running), num_pulling=len(sched.pulling),
-            num_queued_prefill_tokens=sched.num_queued_prefill_tokens, num_active_blocks=active,
-            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
-            num_pinned_blocks=sched.num_pinned_blocks, kv_usage=bm.usage,
-            num_prompt_tokens=sched.stats.num_prompt_tokens, num_cached_tokens=sched.stats.num_cached_tokens,
-            num_steps=engine.num_steps,
-        )
+        events = self.engine.take_kv_events()
+        self.load = self.engine.load()
         if (outputs or events) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs, events)
 

@@ -13,51 +13,11 @@ for the router's KV index.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-NONE_HASH = 0  # the parent hash of a prompt's first block
-
-
-def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
-    """64-bit chained hash of one full block; identical in every process and on every host."""
-    h = hashlib.blake2b(parent_hash.to_bytes(8, "little"), digest_size=8)
-    h.update(array("q", token_ids).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = NONE_HASH) -> list[int]:
-    """Chained hashes of every full block of ``token_ids``."""
-    hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent_hash = hash_block(parent_hash, token_ids[start:start + block_size])
-        hashes.append(parent_hash)
-    return hashes
-
-
-@dataclass(frozen=True)
-class BlockStored:
-    event_id: int
-    block_hash: int
-    parent_hash: int
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class BlockRemoved:
-    event_id: int
-    block_hash: int
-
-
-@dataclass(frozen=True)
-class AllBlocksCleared:
-    event_id: int
-
-
-KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+from protocol.hashing import NONE_HASH, hash_block
+from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class BlockManager:

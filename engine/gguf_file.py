@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelArch
+from text.gguf import metadata_of, open_reader
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -32,9 +33,7 @@ _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
 @functools.lru_cache(maxsize=4)
 def _reader(path: str) -> Any:
     """Parsing a GGUF's header takes seconds (every tokenizer entry): once per file and process."""
-    import gguf
-
-    return gguf.GGUFReader(path)
+    return open_reader(path)
 
 
 class GGUFFile:
@@ -51,12 +50,7 @@ class GGUFFile:
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            out[key] = field.contents()
-        return out
+        return metadata_of(self.reader)
 
     def arch(self) -> ModelArch:
         md = self.metadata

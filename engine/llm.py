@@ -1,17 +1,22 @@
-"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+Text is handled here, above the token-in/token-out engine, with the same code the router
+serves with (``text``): prompts are encoded, each sequence's tokens are detokenized as they
+come, and a stop string found in the text finishes its sequence (``LLMEngine.stop_sequence``)."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
-from engine.request import FinishReason, TokenLogprob
-from engine.sampling_params import SamplingParams
+from protocol.outputs import FinishReason, RequestOutput, StopReason, TokenLogprob
+from protocol.sampling import SamplingParams
+from text.detokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -21,7 +26,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
+    stop_reason: StopReason = None
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -66,34 +72,56 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or one for all")
         results: dict[str, GenerateResult] = {}
-        order = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params_list)):
                 rid = f"gen-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, p, priority=priorities[i] if priorities else 0)
-                tracked = self.engine._tracked[rid if p.n == 1 else f"{rid}#0"]
-                results[rid] = GenerateResult(rid, list(tracked.request.prompt_token_ids),
-                                              [Completion(k) for k in range(p.n)])
-                order.append(rid)
+                results[rid] = self._add(rid, prompt, p, priorities[i] if priorities else 0)
         except ValueError:
-            for rid in order:
+            for rid in results:
                 self.engine.abort(rid)
             raise
-        total = sum(p.n for p in params_list)
-        bar = tqdm(total=total, desc="generating", unit="seq", disable=not use_tqdm)
+        bar = tqdm(total=sum(p.n for p in params_list), desc="generating", unit="seq", disable=not use_tqdm)
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                res = results[out.request_id]
-                c = res.outputs[out.index]
-                c.text += out.new_text
-                c.token_ids += out.new_token_ids
-                c.logprobs += out.new_logprobs
-                res.num_cached_tokens = out.num_cached_tokens
-                if out.finished:
-                    c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                if self._apply(results[out.request_id], out):
                     bar.update(1)
         bar.close()
-        return [results[rid] for rid in order]
+        return list(results.values())
+
+    def _add(self, rid: str, prompt: str | list[int], p: SamplingParams, priority: int) -> GenerateResult:
+        """Encode and queue one prompt (stop strings stay here: the engine sees token ids only)."""
+        if self.tokenizer is None and (isinstance(prompt, str) or p.stop):
+            raise ValueError("this model has no tokenizer: pass token ids, and no stop strings")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.engine.add_request(rid, ids, replace(p, stop=()), priority=priority)
+        completions = [Completion(k) for k in range(p.n)]
+        if self.tokenizer is not None:
+            for c in completions:
+                c.detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output,
+                                                 p.skip_special_tokens)
+        return GenerateResult(rid, ids, completions)
+
+    def _apply(self, res: GenerateResult, out: RequestOutput) -> bool:
+        """Add a step's output to its completion; whether the completion is now finished."""
+        c = res.outputs[out.index]
+        if c.finish_reason is not None:  # stopped here by a stop string
+            return False
+        res.num_cached_tokens = out.num_cached_tokens
+        for k, token in enumerate(out.new_token_ids):
+            c.token_ids.append(token)
+            if k < len(out.new_logprobs):
+                c.logprobs.append(out.new_logprobs[k])
+            stop = c.detok.add(token) if c.detok is not None else None
+            if stop is not None:
+                c.finish_reason, c.stop_reason = FinishReason.STOP, stop
+                self.engine.stop_sequence(res.request_id, out.index, stop)
+                break
+        else:
+            if out.finished:
+                c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+        if c.detok is not None:
+            c.text += c.detok.delta(c.finish_reason is not None)
+        return c.finish_reason is not None
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None) -> GenerateResult:
         if self.tokenizer is None:

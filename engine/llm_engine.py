@@ -1,50 +1,40 @@
-"""The engine loop: requests in, token/text deltas out. One ``step()`` = schedule, execute,
-update, detokenize. Used by the offline API and by the workers.
+"""The engine loop: token ids in, token deltas out. One ``step()`` = schedule, execute, update.
+Used by the offline API (``engine.llm``, which adds text) and by the workers (token-in/token-out:
+text and stop strings are the router's).
 
 With asynchronous scheduling (``EngineConfig.async_scheduling``, on by default on CUDA) a step
 overlaps the host's work with the device's: ``step()`` plans and launches step N+1 first (its
 in-flight decodes read their input ids from step N's sampled tokens on the device), then waits
-for step N's tokens and applies them (scheduler update, stop checks, detokenization, outputs),
+for step N's tokens and applies them (scheduler update, stop checks, outputs),
 while the device runs N+1. So ``step()`` returns the outputs of the step launched by the call
 before it. Outputs are token for token those of the synchronous engine: a request found finished
 at step N (EOS, a stop token or string) gets no token from the row N+1 computed for it, and
 nothing is planned for a token certain to be the last. Where a launch needs step N's tokens on
 the host (repetition/presence/frequency penalties of a request sampled at N), step N is applied
 first: that step runs synchronously. A pull into this engine's blocks (``add_prefilled``) first
-waits for the launched step: a freed block may still take its write."""
+waits for the launched step: a freed block may still take its write.
+
+Everything outside ``engine/`` goes through this class's public methods (and ``AsyncEngine``);
+its scheduler, block manager and runner are its own."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from engine.block_manager import BlockManager, KVEvent
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.loader import read_arch, resolve_model
+from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
-from engine.request import FinishReason, Request, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.request import Request
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one sequence (``index`` is its place among n > 1)."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprob]
-    finished: bool
-    finish_reason: FinishReason | None
-    stop_reason: str | int | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
+from protocol.kv_events import KVEvent
+from protocol.load import EngineLoad
+from protocol.model_card import ModelCard
+from protocol.outputs import FinishReason, RequestOutput, StopReason
+from protocol.sampling import SamplingParams
 
 
 @dataclass
@@ -52,24 +42,8 @@ class _Tracked:
     request: Request
     group_id: str
     index: int
-    detok: IncrementalDetokenizer | None
     num_sent: int = 0
     logprobs_sent: int = 0
-    done: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def load_tokenizer(config: EngineConfig) -> TextTokenizer | None:
-    fmt, path, _ = resolve_model(config)
-    if fmt == "dummy" or path is None:
-        return None
-    if fmt == "gguf":
-        from engine.gguf_file import GGUFFile
-
-        return TextTokenizer.from_gguf(GGUFFile(path).metadata)
-    if (path / "tokenizer.json").exists():
-        return TextTokenizer.from_dir(path)
-    return None
 
 
 class LLMEngine:
@@ -78,7 +52,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.arch = read_arch(config)
-        self.tokenizer = load_tokenizer(config)
+        self.tokenizer = load_tokenizer(config)  # for its EOS ids (and the offline API's text)
         max_len = min(self.arch.max_position_embeddings, config.max_model_len or 1 << 30)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.eos_token_ids = tuple(dict.fromkeys((*eos, *self.arch.eos_token_ids)))
@@ -108,12 +82,12 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt_ids: list[int],
         sampling: SamplingParams | None = None,
         priority: int = 0,
         prefill_only: bool = False,
     ) -> None:
-        """Queue a request. Bad input raises ValueError and changes nothing.
+        """Queue a request of token ids. Bad input raises ValueError and changes nothing.
 
         ``prefill_only`` (prefill tier): the request stops after its first token and its
         blocks stay pinned until :meth:`unpin`; its last output has ``finish_reason`` None
@@ -121,7 +95,7 @@ class LLMEngine:
         sampling = sampling or SamplingParams()
         if prefill_only and sampling.n != 1:
             raise ValueError("prefill-only requests take n = 1")
-        prompt_ids = self._validate(request_id, prompt, sampling)
+        prompt_ids = self._validate(request_id, prompt_ids, sampling)
         ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
         requests = []
         for i, rid in enumerate(ids):
@@ -138,18 +112,14 @@ class LLMEngine:
         self.scheduler.add_request(parent)
         self._groups[request_id] = ids
         for i, r in enumerate(requests):
-            detok = None
-            if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
-                                               sampling.skip_special_tokens)
-            self._tracked[r.request_id] = _Tracked(r, request_id, i, detok)
+            self._tracked[r.request_id] = _Tracked(r, request_id, i)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int,
                       sampling: SamplingParams, priority: int = 0) -> list[int] | None:
         """Admit a request whose prompt was prefilled on another worker, which sampled
         ``first_token``. Returns the indices of prompt blocks to pull into
-        ``block_manager.block_table(request_id)`` (then call :meth:`kv_ready`), or None when
-        the prompt will be recomputed here instead."""
+        :meth:`block_table` (then call :meth:`kv_ready`), or None when the prompt will be
+        recomputed here instead."""
         if sampling.n != 1:
             raise ValueError("a prefilled request takes n = 1")
         prompt_ids = self._validate(request_id, prompt_ids, sampling)
@@ -157,12 +127,7 @@ class LLMEngine:
         request.append_token(first_token)
         self.wait_for_device()  # the pull must not race a launched step's write into a freed block
         self._groups[request_id] = [request_id]
-        detok = None
-        if self.tokenizer is not None and sampling.stop:
-            detok = IncrementalDetokenizer(self.tokenizer, sampling.stop, sampling.include_stop_str_in_output,
-                                           sampling.skip_special_tokens)
-            detok.add(first_token)
-        tracked = self._tracked[request_id] = _Tracked(request, request_id, 0, detok)
+        tracked = self._tracked[request_id] = _Tracked(request, request_id, 0)
         tracked.num_sent = 1  # the first token already went out from the prefill tier
         return self.scheduler.add_prefilled(request)
 
@@ -180,15 +145,12 @@ class LLMEngine:
         if self._inflight is not None:
             self._inflight[1].wait()
 
-    def _validate(self, request_id: str, prompt: str | list[int], sampling: SamplingParams) -> list[int]:
+    def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> list[int]:
         if request_id in self._groups or request_id in self.scheduler.pinned:
             raise ValueError(f"duplicate request id {request_id!r}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_ids = [int(t) for t in prompt]
+        if isinstance(prompt_ids, str):
+            raise ValueError("the engine takes token ids: text is encoded above it (engine.llm.LLM, the router)")
+        prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_ids):
@@ -198,8 +160,8 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} "
                 f"tokens and at least one must be left to generate"
             )
-        if sampling.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        if sampling.stop:
+            raise ValueError("stop strings are matched on text, above the engine (engine.llm.LLM, the router)")
         return prompt_ids
 
     def abort(self, request_id: str) -> None:
@@ -209,11 +171,69 @@ class LLMEngine:
             self.runner.sampler.forget(rid)
             self._tracked.pop(rid, None)
 
+    def stop_sequence(self, request_id: str, index: int, stop_reason: StopReason) -> None:
+        """Finish one of a request's sequences for a reason found above the engine (a stop
+        string in its text); its blocks are freed at once. Unknown or finished ones are ignored."""
+        group = self._groups.get(request_id, [])
+        tracked = self._tracked.get(group[index]) if index < len(group) else None
+        if tracked is None or tracked.request.is_finished:
+            return
+        tracked.request.stop_reason = stop_reason
+        self.scheduler.finish(tracked.request, FinishReason.STOP)
+        self._forget(tracked)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is queued, running, or (prefill tier) holds pinned blocks."""
+        return request_id in self._groups or request_id in self.scheduler.pinned
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def model_card(self, name: str = "") -> ModelCard:
+        """What a worker registers: the model's name (``name``, or the one derived from the model
+        path), this engine's context length and where its tokenizer is."""
+        return ModelCard(name or model_name(self.config), self.max_model_len, tokenizer_source(self.config))
+
+    def load(self) -> EngineLoad:
+        """The queues and the KV cache now (what the worker publishes)."""
+        sched, bm = self.scheduler, self.block_manager
+        return EngineLoad(
+            num_waiting=len(sched.waiting), num_running=len(sched.running), num_pulling=len(sched.pulling),
+            num_queued_prefill_tokens=sched.num_queued_prefill_tokens,
+            num_active_blocks=sum(len(bm.block_table(r.request_id)) for r in sched.running),
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            num_pinned_blocks=sched.num_pinned_blocks, kv_usage=bm.usage,
+            num_prompt_tokens=sched.stats.num_prompt_tokens, num_cached_tokens=sched.stats.num_cached_tokens,
+            num_steps=self.num_steps,
+        )
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's KV blocks, in order (a copy)."""
+        return list(self.block_manager.block_table(request_id))
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The whole paged KV tensor (what a KV transport registers)."""
+        return self.runner.kv
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def next_kv_event_id(self) -> int:
+        return self.block_manager.next_event_id
+
+    def kv_snapshot(self) -> tuple[list[tuple[int, int]], int]:
+        """Every cached block as ``(hash, parent hash)`` and the id of the next KV event."""
+        return self.block_manager.snapshot()
+
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -243,21 +263,11 @@ class LLMEngine:
         return any(r.sampling.has_penalties for r, _ in output.sample_rows)
 
     def _apply(self, output: SchedulerOutput, handle: StepHandle | None) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and apply them: scheduler update, stop strings, outputs."""
+        """Wait for a launched step's tokens and apply them: scheduler update, outputs."""
         sampled = handle.result() if handle is not None else {}
         updated = self.scheduler.update_from_output(output, sampled)
-        outputs = []
-        for request in updated:
-            tracked = self._tracked.get(request.request_id)
-            if tracked is None:
-                continue
-            if tracked.detok is not None:
-                stop = tracked.detok.add(request.token_ids[-1])
-                if stop is not None and not request.is_finished:
-                    request.stop_reason = stop
-                    self.scheduler.finish(request, FinishReason.STOP)
-            outputs.append(self._output(tracked))
-        return outputs
+        return [self._output(tracked) for request in updated
+                if (tracked := self._tracked.get(request.request_id)) is not None]
 
     def _output(self, t: _Tracked) -> RequestOutput:
         r = t.request
@@ -265,20 +275,22 @@ class LLMEngine:
         t.num_sent = r.num_output_tokens
         new_logprobs = r.logprobs[t.logprobs_sent:]
         t.logprobs_sent = len(r.logprobs)
-        finished = r.is_finished
-        text = t.detok.delta(finished) if t.detok is not None else ""
-        if finished:
-            self.runner.sampler.forget(r.request_id)
-            self._tracked.pop(r.request_id, None)
-            group = self._groups.get(t.group_id)
-            if group is not None and all(rid not in self._tracked for rid in group):
-                del self._groups[t.group_id]
+        if r.is_finished:
+            self._forget(t)
         return RequestOutput(
-            request_id=t.group_id, index=t.index, new_token_ids=new_ids, new_text=text,
-            new_logprobs=new_logprobs, finished=finished, finish_reason=r.finish_reason,
-            stop_reason=r.stop_reason, num_prompt_tokens=r.num_prompt_tokens,
-            num_output_tokens=r.num_output_tokens, num_cached_tokens=r.num_cached_tokens,
+            request_id=t.group_id, index=t.index, new_token_ids=new_ids, new_logprobs=new_logprobs,
+            finished=r.is_finished, finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+            num_prompt_tokens=r.num_prompt_tokens, num_output_tokens=r.num_output_tokens,
+            num_cached_tokens=r.num_cached_tokens,
         )
+
+    def _forget(self, t: _Tracked) -> None:
+        """A finished sequence: drop its sampler state and tracking (and its group once empty)."""
+        self.runner.sampler.forget(t.request.request_id)
+        self._tracked.pop(t.request.request_id, None)
+        group = self._groups.get(t.group_id)
+        if group is not None and all(rid not in self._tracked for rid in group):
+            del self._groups[t.group_id]
 
 
 def default_num_threads() -> int:

@@ -15,6 +15,9 @@ from tqdm import tqdm
 
 from engine.config import PRESETS, EngineConfig, ModelArch
 from engine.model import LlamaModel, Rotary, prepack_for_cpu
+from protocol.model_card import TokenizerKind, TokenizerSource
+from text.source import load_tokenizer as load_tokenizer_from
+from text.tokenizer import TextTokenizer
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,6 +54,37 @@ def resolve_model(config: EngineConfig) -> tuple[str, Path | None, str | None]:
     if fmt == "auto":
         fmt = "gguf" if path.suffix == ".gguf" else "safetensors"
     return fmt, path, None
+
+
+def model_name(config: EngineConfig) -> str:
+    """The name clients use for the model by default: the preset, or the file or directory name
+    (SmolLM2-135M-Instruct for the default model)."""
+    _, path, preset = resolve_model(config)
+    name = preset or (path.stem if path is not None else config.model)
+    return name.removesuffix(".Q4_1")
+
+
+def tokenizer_source(config: EngineConfig) -> TokenizerSource | None:
+    """Where the model's tokenizer lives (None: a dummy model, or a directory without one)."""
+    fmt, path, _ = resolve_model(config)
+    if fmt == "dummy" or path is None:
+        return None
+    if fmt == "gguf":
+        return TokenizerSource(TokenizerKind.GGUF, str(path.resolve()))
+    if (path / "tokenizer.json").exists():
+        return TokenizerSource(TokenizerKind.HF_DIR, str(path.resolve()))
+    return None
+
+
+def load_tokenizer(config: EngineConfig) -> TextTokenizer | None:
+    source = tokenizer_source(config)
+    if source is None:
+        return None
+    if source.kind is TokenizerKind.GGUF:  # through the process's parsed GGUF (the weights read it too)
+        from engine.gguf_file import GGUFFile
+
+        return TextTokenizer.from_gguf(GGUFFile(source.path).metadata)
+    return load_tokenizer_from(source)
 
 
 # ---- architecture ------------------------------------------------------------------------

@@ -6,28 +6,14 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from protocol.outputs import FinishReason, TokenLogprob
+from protocol.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS, a stop token or a stop string
-    LENGTH = "length"  # max_tokens or the context length
-    ABORT = "abort"
-
-
-@dataclass
-class TokenLogprob:
-    """The sampled token's log-probability and the top alternatives (token id -> logprob)."""
-
-    token_id: int
-    logprob: float
-    top: dict[int, float]
 
 
 @dataclass(eq=False)

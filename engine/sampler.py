@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from engine.request import Request, TokenLogprob
+from engine.request import Request
 from engine.scheduler import SampledToken
+from protocol.outputs import TokenLogprob
 
 
 @dataclass

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
-from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
+from engine.request import Request, RequestStatus
+from protocol.outputs import FinishReason, TokenLogprob
 
 
 @dataclass

@@ -38,8 +38,9 @@ import torch
 
 from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.loader import TORCH_DTYPES
-from engine.request import Request, TokenLogprob
+from engine.request import Request
 from engine.scheduler import SampledToken, SchedulerOutput
+from protocol.outputs import TokenLogprob
 
 PROFILE_DIR = Path(__file__).with_name("sim_profiles")
 COEFFICIENTS = ("step_s", "prefill_min_s", "prefill_token_s", "prefill_attention_s", "decode_seq_s",

@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 from runtime import settings
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
@@ -61,7 +61,7 @@ class PrefillServicer(WorkerServicer):
         )
         if last.finish_reason is None:  # handed off: the blocks stay pinned under a handle
             self.leases[rid] = time.monotonic() + self.lease_s
-            table = await self.engine.call(lambda e: list(e.block_manager.block_table(rid)))
+            table = await self.engine.call(lambda e: e.block_table(rid))
             ident = self.identity
             response.handle.CopyFrom(pb.KVHandle(
                 handle_id=rid, request_id=rid, worker_id=ident.worker_id, worker_endpoint=ident.endpoint,

@@ -24,27 +24,27 @@ from typing import Any
 
 import grpc
 
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import TextTokenizer
-from router.core import InvalidRequestError, NoWorkersError, RouterCore, WorkerFailedError
-from router.generation import Generation
-from router.openai_api import ServedModel
+from protocol.sampling import SamplingParams
+from router import request_params
+from router.errors import (
+    InvalidRequestError,
+    ModelNotReadyError,
+    NoWorkersError,
+    RequestError,
+    UnknownModelError,
+    WorkerFailedError,
+)
+from router.models import ModelCatalog, ServedModel
+from router.request_flow import RequestFlow
+from router.text_generation import Generation
 from runtime.pb import kserve_inference_pb2 as pb
 from runtime.pb import kserve_inference_pb2_grpc as pb_grpc
 
-_SAMPLING_FIELDS = {
-    "max_tokens": int, "min_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
-    "seed": int, "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-    "ignore_eos": bool, "stop": None, "stop_token_ids": None, "include_stop_str_in_output": bool,
-    "skip_special_tokens": bool,
-}
+# The sampling fields a request may carry (n is OpenAI's: one text_output per request here).
+_SAMPLING_FIELDS = sorted(set(request_params.SAMPLING_FIELDS) - {"n", "logprobs"})
 
 
-class KServeError(ValueError):
-    pass
-
-
-class UnknownModelError(KServeError):
+class KServeError(RequestError):
     pass
 
 
@@ -74,11 +74,11 @@ def _param(p: pb.InferParameter) -> Any:
     return getattr(p, which) if which else None
 
 
-def parse_request(req: pb.ModelInferRequest, tokenizer: TextTokenizer, model: ServedModel,
-                  streaming: bool) -> tuple[list[int], SamplingParams, bool, str]:
-    """(prompt ids, sampling, include the input in the output, prompt text); KServeError if bad."""
-    if req.model_name != model.name:
-        raise UnknownModelError(f"unknown model {req.model_name!r}; this server serves {model.name!r}")
+def parse_request(req: pb.ModelInferRequest, catalog: ModelCatalog, streaming: bool
+                  ) -> tuple[ServedModel, list[int], SamplingParams, bool, str]:
+    """(model, prompt ids, sampling, include the input in the output, prompt text); a RequestError
+    (KServeError, UnknownModelError) if bad."""
+    model = catalog.resolve(req.model_name)
     inputs: dict[str, list[Any]] = {}
     for i, tensor in enumerate(req.inputs):
         raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
@@ -87,10 +87,21 @@ def parse_request(req: pb.ModelInferRequest, tokenizer: TextTokenizer, model: Se
         raise KServeError("the request needs a BYTES input 'text_input'")
     text = inputs["text_input"][0]
     text = text.decode() if isinstance(text, bytes) else str(text)
-    fields: dict[str, Any] = {}
-    for name, value in req.parameters.items():
-        if name in _SAMPLING_FIELDS:
-            fields[name] = _param(value)
+    fields = _sampling_fields(req, inputs)
+    fields.setdefault("max_tokens", 16)
+    fields.setdefault("temperature", 0.0)
+    prompt_ids = model.tokenizer.encode(text)
+    if not prompt_ids:
+        raise KServeError("text_input is empty")
+    sampling = request_params.prepare(model, prompt_ids, fields, prompt_param="text_input")
+    exclude = inputs.get("exclude_input_in_output", [streaming])[0]
+    return model, prompt_ids, sampling, not bool(exclude), text
+
+
+def _sampling_fields(req: pb.ModelInferRequest, inputs: dict[str, list[Any]]) -> dict[str, Any]:
+    """Sampling fields from, in increasing priority, the request's parameters, the JSON of its
+    ``sampling_parameters`` input, and inputs of their own name."""
+    fields: dict[str, Any] = {name: _param(value) for name, value in req.parameters.items() if name in _SAMPLING_FIELDS}
     if "sampling_parameters" in inputs:
         raw = inputs["sampling_parameters"][0]
         try:
@@ -106,26 +117,7 @@ def parse_request(req: pb.ModelInferRequest, tokenizer: TextTokenizer, model: Se
     for name in _SAMPLING_FIELDS:
         if inputs.get(name):
             fields[name] = inputs[name][0]
-    if isinstance(fields.get("stop"), str):
-        fields["stop"] = (fields["stop"],)
-    fields.setdefault("max_tokens", 16)
-    fields.setdefault("temperature", 0.0)
-    try:
-        for name, kind in _SAMPLING_FIELDS.items():
-            if kind is not None and name in fields and fields[name] is not None:
-                fields[name] = kind(fields[name])
-        sampling = SamplingParams(**fields)
-    except (TypeError, ValueError) as e:
-        raise KServeError(str(e)) from None
-    prompt_ids = tokenizer.encode(text)
-    if not prompt_ids:
-        raise KServeError("text_input is empty")
-    total = len(prompt_ids) + (sampling.max_tokens or 1)
-    if total > model.max_model_len:
-        raise KServeError(f"this model's maximum context length is {model.max_model_len} tokens; the request "
-                          f"needs {total}")
-    exclude = inputs.get("exclude_input_in_output", [streaming])[0]
-    return prompt_ids, sampling, not bool(exclude), text
+    return fields
 
 
 def _text_response(req: pb.ModelInferRequest, model: ServedModel, text: str, final: bool | None
@@ -142,9 +134,9 @@ def _text_response(req: pb.ModelInferRequest, model: ServedModel, text: str, fin
 def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, UnknownModelError):
         return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, KServeError | InvalidRequestError):
+    if isinstance(e, RequestError | InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, NoWorkersError):
+    if isinstance(e, NoWorkersError | ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, WorkerFailedError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
@@ -152,28 +144,30 @@ def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: RouterCore, tokenizer: TextTokenizer, model: ServedModel) -> None:
-        self.core, self.tokenizer, self.model = core, tokenizer, model
+    """Server and model readiness follow the model catalog: ready once ``/v1/models`` lists the model."""
+
+    def __init__(self, flow: RequestFlow, catalog: ModelCatalog) -> None:
+        self.flow, self.catalog = flow, catalog
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready())
+        return pb.ServerReadyResponse(ready=self.catalog.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=request.name == self.model.name and self.core.ready())
+        return pb.ModelReadyResponse(ready=any(m.name == request.name for m in self.catalog.listed()))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="tandem", version="0.1.0", extensions=["streaming"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ModelMetadataResponse:
-        if request.name != self.model.name:
+        if not any(m.name == request.name for m in self.catalog.listed()):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
         t = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=self.model.name, versions=["1"], platform="tandem",
+            name=request.name, versions=["1"], platform="tandem",
             inputs=[t(name="text_input", datatype="BYTES", shape=[1]), t(name="stream", datatype="BOOL", shape=[1]),
                     t(name="sampling_parameters", datatype="BYTES", shape=[1]),
                     t(name="exclude_input_in_output", datatype="BOOL", shape=[1])],
@@ -182,15 +176,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
         try:
-            prompt_ids, sampling, include_input, text = parse_request(request, self.tokenizer, self.model, False)
-            gen = Generation(self.core, self.tokenizer, prompt_ids, sampling, request_id=request.id or None)
+            model, prompt_ids, sampling, include_input, text = parse_request(request, self.catalog, False)
+            gen = Generation(self.flow, model.tokenizer, prompt_ids, sampling, request_id=request.id or None)
             async for _ in gen.stream():
                 pass
         except Exception as e:
             code, message = _status(e)
             await context.abort(code, message)
         out = "".join(c.text for c in gen.choices)
-        return _text_response(request, self.model, (text if include_input else "") + out, None)
+        return _text_response(request, model, (text if include_input else "") + out, None)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -198,26 +192,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        async def run(req: pb.ModelInferRequest) -> None:
-            try:
-                prompt_ids, sampling, _, _ = parse_request(req, self.tokenizer, self.model, True)
-                gen = Generation(self.core, self.tokenizer, prompt_ids, sampling,
-                                 request_id=f"{req.id or 'kserve'}-{uuid.uuid4().hex[:8]}")
-                async for d in gen.stream():
-                    if d.text or d.finish_reason is not None:
-                        resp = _text_response(req, self.model, d.text, d.finish_reason is not None)
-                        await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                _, message = _status(e)
-                err = pb.ModelStreamInferResponse(error_message=message,
-                                                  infer_response=pb.ModelInferResponse(id=req.id))
-                await queue.put(err)
-
         async def read() -> None:
             async for req in request_iterator:
-                task = asyncio.create_task(run(req))
+                task = asyncio.create_task(self._stream_one(req, queue))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:
@@ -236,6 +213,23 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
+    async def _stream_one(self, req: pb.ModelInferRequest, queue: asyncio.Queue) -> None:
+        """One request of a stream: its text pieces, or its error, onto the stream's queue."""
+        try:
+            model, prompt_ids, sampling, _, _ = parse_request(req, self.catalog, True)
+            gen = Generation(self.flow, model.tokenizer, prompt_ids, sampling,
+                             request_id=f"{req.id or 'kserve'}-{uuid.uuid4().hex[:8]}")
+            async for d in gen.stream():
+                if d.text or d.finish_reason is not None:
+                    resp = _text_response(req, model, d.text, d.finish_reason is not None)
+                    await queue.put(pb.ModelStreamInferResponse(infer_response=resp))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            _, message = _status(e)
+            await queue.put(pb.ModelStreamInferResponse(error_message=message,
+                                                        infer_response=pb.ModelInferResponse(id=req.id)))
 
-def add_kserve(server: grpc.aio.Server, core: RouterCore, tokenizer: TextTokenizer, model: ServedModel) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core, tokenizer, model), server)
+
+def add_kserve(server: grpc.aio.Server, flow: RequestFlow, catalog: ModelCatalog) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(flow, catalog), server)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.block_manager import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from router.kv_index import KVIndex
 from runtime.convert import event_from_pb
-from runtime.etcd import WorkerInfo
+from runtime.discovery import WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 

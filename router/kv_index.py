@@ -1,6 +1,6 @@
 """The router's KV index: which worker holds which cached prompt block.
 
-Blocks are named by the workers' chained hashes (``engine.block_manager.hash_blocks``): a
+Blocks are named by the workers' chained hashes (``protocol.hashing``): a
 block's hash covers every token before it, so "worker W holds hash h" means W holds that
 exact prefix, and one flat map ``hash -> workers`` answers prefix queries without a tree.
 
@@ -21,15 +21,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-
-from engine.block_manager import hash_blocks
-
-
-def prompt_hashes(prompt_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt blocks a worker can take from its prefix cache: every full
-    block but one that would leave no token to compute (the engine's ``match_prefix`` rule)."""
-    usable = (len(prompt_ids) - 1) // block_size if prompt_ids else 0
-    return hash_blocks(prompt_ids[:usable * block_size], block_size)
 
 
 class KVIndex:

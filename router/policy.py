@@ -40,6 +40,9 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from protocol.load import EngineLoad
+from router.inflight import Inflight
+
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 PREFILL_LOAD_SCALE = 32.0  # the kv cost's weight of a prefill block against an active decode block: above
 
@@ -173,18 +176,13 @@ def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> b
         max(w.num_inflight_prefill_tokens, w.num_queued_prefill_tokens) > queue_limit_tokens for w in loads)
 
 
-def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, Sequence[int]],
-             reported: Mapping[str, Mapping[str, float]], block_size: int = 16) -> list[WorkerLoad]:
-    """Combine the routers' in-flight accounting per worker — ``(requests, prompt tokens not yet
-    prefilled[, KV tokens held])`` — with the workers' published metrics."""
+def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, Inflight], reported: Mapping[str, EngineLoad],
+             block_size: int = 16) -> list[WorkerLoad]:
+    """Combine the routers' in-flight accounting per worker with the workers' published loads."""
     out = []
     for wid in worker_ids:
-        entry = inflight.get(wid, ())
-        n = entry[0] if len(entry) > 0 else 0
-        tokens = entry[1] if len(entry) > 1 else 0
-        kv_tokens = entry[2] if len(entry) > 2 else 0
-        rep = reported.get(wid, {})
-        out.append(WorkerLoad(wid, n, tokens, int(rep.get("num_queued_prefill_tokens", 0)),
-                              int(rep.get("num_running", 0)), float(rep.get("kv_usage", 0.0)),
-                              blocks(kv_tokens, block_size)))
+        entry = inflight.get(wid) or Inflight()
+        rep = reported.get(wid) or EngineLoad()
+        out.append(WorkerLoad(wid, entry.num_requests, entry.num_prefill_tokens, rep.num_queued_prefill_tokens,
+                              rep.num_running, rep.kv_usage, blocks(entry.num_kv_tokens, block_size)))
     return out

@@ -1,73 +1,59 @@
 """The router process: OpenAI HTTP API (uvicorn) and KServe v2 gRPC API on one event loop,
-workers discovered through etcd. Prints ``TANDEM_READY {json}`` once both listen."""
+workers and their model discovered through etcd. Prints ``TANDEM_READY {json}`` once both listen;
+the model is served (and listed) once a worker has registered it (``router.models``).
+
+The router never imports torch or the engine: it needs etcd, the workers' registrations, and the
+tokenizer files they point to."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
 import signal
 import sys
-import time
-from pathlib import Path
 
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.config import EngineConfig
-from engine.llm_engine import load_tokenizer
-from engine.loader import read_arch, resolve_model
-from router.core import RouterCore
-from router.openai_api import ServedModel, create_app
-from router.stats import WINDOW
-from runtime import settings
+from router.kserve import add_kserve
+from router.models import ModelCatalog
+from router.openai_api import create_app
+from router.request_flow import RequestFlow
+from router.request_window import WINDOW
+from runtime import keys, settings
 from runtime.etcd import ControlPlane
 
 log = logging.getLogger("tandem.router")
 
 
-def served_model(cfg: settings.ClusterConfig) -> tuple[ServedModel, EngineConfig]:
-    econfig = EngineConfig(model=cfg.model or "default", dtype=cfg.dtype)
-    arch = read_arch(econfig)
-    name = cfg.served_model_name
-    if not name:
-        _, path, preset = resolve_model(econfig)
-        name = preset or (Path(path).stem if path is not None else econfig.model)
-        name = name.replace(".Q4_1", "") if name.endswith(".Q4_1") else name
-    return ServedModel(name=name, max_model_len=arch.max_position_embeddings, created=int(time.time())), econfig
-
-
 async def serve_router(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m router", description="tandem router")
     settings.add_arguments(parser)
-    args = parser.parse_args(argv)
-    cfg = settings.from_args(args)
+    cfg = settings.from_args(parser.parse_args(argv))
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     if not cfg.etcd_endpoints:
         raise SystemExit("the router needs --etcd-endpoints (tandem serve starts etcd and passes them)")
-    model, econfig = served_model(cfg)
-    tokenizer = load_tokenizer(econfig)
-    if tokenizer is None:
-        raise SystemExit(f"model {econfig.model!r} has no tokenizer: the router needs one")
 
     plane = ControlPlane.from_config(cfg)
     await plane.connect()
-    core = RouterCore(cfg, plane)
-    await core.start()
+    flow = RequestFlow(cfg, plane)
+    catalog = ModelCatalog.for_mode(cfg.mode, flow.pools, cfg.served_model_name)
+    for pool in flow.pools.values():
+        pool.listeners.append(lambda _event: catalog.follow())
+    await flow.start()
+    catalog.follow()  # the workers already registered
 
-    app = create_app(core, tokenizer, model, cfg.max_body_bytes)
-    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                         access_log=False, lifespan="off", timeout_graceful_shutdown=2))
+    http = uvicorn.Server(uvicorn.Config(create_app(flow, catalog, cfg.max_body_bytes), host=cfg.host, port=cfg.port,
+                                         log_level="warning", access_log=False, lifespan="off",
+                                         timeout_graceful_shutdown=2))
     grpc_server = grpc.aio.server()
-    from router.kserve import add_kserve
-
-    add_kserve(grpc_server, core, tokenizer, model)
-    health_servicer = health.aio.HealthServicer()
+    add_kserve(grpc_server, flow, catalog)
+    health_servicer = _Health(catalog)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     if grpc_port == 0:
@@ -79,29 +65,14 @@ async def serve_router(argv: list[str] | None = None) -> int:
             raise SystemExit(f"cannot serve HTTP on {cfg.host}:{cfg.port}")
         await asyncio.sleep(0.02)
     port = http.servers[0].sockets[0].getsockname()[1]
-
-    async def track_health() -> None:
-        while True:
-            status = health_pb2.HealthCheckResponse.SERVING if core.ready() else \
-                health_pb2.HealthCheckResponse.NOT_SERVING
-            await health_servicer.set("", status)
-            await health_servicer.set("inference.GRPCInferenceService", status)
-            await asyncio.sleep(0.5)
-
-    health_task = asyncio.create_task(track_health())
-    # What start-up allocated (modules, torch, the tokenizer: ~240k objects) lives as long as the
-    # process: take it out of the collector's sight. Otherwise every full collection walks it all
-    # and stalls the event loop, and so every request in flight, for 0.2-0.4 s under load
-    # (bench/routing.py: the kv policy's p99 TTFT was such a stall).
-    gc.collect()
-    gc.freeze()
+    health_task = asyncio.create_task(_track_health(health_servicer, catalog))
     # Request-level stats for the planner: /tandem/{ns}/metrics/router/{router_id}
-    plane.start_metrics_publisher("router", core.router_id, WINDOW.snapshot, cfg.metrics_interval_s)
+    plane.start_publisher(keys.router_stats_key(cfg.namespace, flow.router_id),
+                          lambda: WINDOW.snapshot().to_pb(flow.router_id), cfg.metrics_interval_s)
     print("TANDEM_READY " + json.dumps({"role": "router", "http": f"http://{cfg.host}:{port}",
-                                        "grpc": f"{cfg.host}:{grpc_port}", "model": model.name,
+                                        "grpc": f"{cfg.host}:{grpc_port}", "router_id": flow.router_id,
                                         "pid": os.getpid()}), flush=True)
-    log.info("serving %s: OpenAI on http://%s:%d, KServe gRPC on %s:%d", model.name, cfg.host, port, cfg.host,
-             grpc_port)
+    log.info("OpenAI API on http://%s:%d, KServe gRPC on %s:%d", cfg.host, port, cfg.host, grpc_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,10 +84,39 @@ async def serve_router(argv: list[str] | None = None) -> int:
     await grpc_server.stop(grace=1.0)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, 5)
-    await core.stop()
+    await flow.stop()
     with contextlib.suppress(Exception):
         await plane.close()
     return 0
+
+
+_SERVICES = ("", "inference.GRPCInferenceService")
+
+
+def _status(catalog: ModelCatalog) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if catalog.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _Health(health.aio.HealthServicer):
+    """gRPC health: SERVING while the model is ready, exactly as /health and KServe ServerReady
+    say (``Check`` asks the catalog; ``Watch`` streams follow :func:`_track_health`)."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        super().__init__()
+        self.catalog = catalog
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        if request.service in _SERVICES:
+            return health_pb2.HealthCheckResponse(status=_status(self.catalog))
+        return await super().Check(request, context)
+
+
+async def _track_health(servicer: health.aio.HealthServicer, catalog: ModelCatalog) -> None:
+    while True:
+        for service in _SERVICES:
+            await servicer.set(service, _status(catalog))
+        await catalog.wait_changed(1.0)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -1,13 +1,13 @@
-"""Conversions between the worker protocol (``runtime.pb.tandem_worker_pb2``) and the engine's
-dataclasses. Messages are converted at the edge; nothing inside passes protobufs around."""
+"""Conversions between the worker protocol (``runtime.pb.tandem_worker_pb2``) and the shared
+types (``protocol``). Messages are converted at the edge; nothing inside passes protobufs around.
+Torch-free: the router converts with it too."""
 
 from __future__ import annotations
 
-from engine.async_engine import EngineLoad
-from engine.block_manager import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from engine.llm_engine import RequestOutput
-from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
+from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from protocol.load import EngineLoad
+from protocol.outputs import FinishReason, RequestOutput
+from protocol.sampling import SamplingParams
 from runtime.pb import tandem_worker_pb2 as pb
 
 _FINISH_TO_PB = {
@@ -20,12 +20,12 @@ FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
 
 def sampling_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    """The token-level part of ``p``: stop strings and the other text fields stay with the caller
+    (the router matches them on its text); a worker never sees them."""
     msg = pb.SamplingParams(
         n=p.n, min_tokens=p.min_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         min_p=p.min_p, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-        include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
-        skip_special_tokens=p.skip_special_tokens,
+        frequency_penalty=p.frequency_penalty, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
     )
     if p.max_tokens is not None:
         msg.max_tokens = p.max_tokens
@@ -50,12 +50,9 @@ def sampling_from_pb(m: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=m.repetition_penalty if m.HasField("repetition_penalty") else 1.0,
         presence_penalty=m.presence_penalty,
         frequency_penalty=m.frequency_penalty,
-        stop=tuple(m.stop),
         stop_token_ids=tuple(m.stop_token_ids),
-        include_stop_str_in_output=m.include_stop_str_in_output,
         ignore_eos=m.ignore_eos,
         logprobs=m.logprobs if m.HasField("logprobs") else None,
-        skip_special_tokens=m.skip_special_tokens if m.HasField("skip_special_tokens") else True,
     )
 
 
@@ -65,18 +62,28 @@ def output_to_pb(out: RequestOutput) -> pb.SequenceOutput:
     for lp in out.new_logprobs:
         msg.logprobs.append(pb.TokenLogprob(
             logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top.items()]))
-    if isinstance(out.stop_reason, str):
-        msg.stop_str = out.stop_reason
-    elif isinstance(out.stop_reason, int):
+    if isinstance(out.stop_reason, int):
         msg.stop_token_id = out.stop_reason
     return msg
 
 
 def load_to_pb(load: EngineLoad) -> pb.Load:
     return pb.Load(
-        num_waiting=load.num_waiting + load.num_pulling, num_running=load.num_running,
-        num_queued_prefill_tokens=load.num_queued_prefill_tokens, num_total_blocks=load.num_total_blocks,
-        num_free_blocks=load.num_free_blocks, num_pinned_blocks=load.num_pinned_blocks, kv_usage=load.kv_usage,
+        num_waiting=load.num_waiting, num_running=load.num_running, num_pulling=load.num_pulling,
+        num_queued_prefill_tokens=load.num_queued_prefill_tokens, num_active_blocks=load.num_active_blocks,
+        num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
+        num_pinned_blocks=load.num_pinned_blocks, kv_usage=load.kv_usage, num_prompt_tokens=load.num_prompt_tokens,
+        num_cached_tokens=load.num_cached_tokens, num_steps=load.num_steps,
+    )
+
+
+def load_from_pb(m: pb.Load) -> EngineLoad:
+    return EngineLoad(
+        num_waiting=m.num_waiting, num_running=m.num_running, num_pulling=m.num_pulling,
+        num_queued_prefill_tokens=m.num_queued_prefill_tokens, num_active_blocks=m.num_active_blocks,
+        num_free_blocks=m.num_free_blocks, num_total_blocks=m.num_total_blocks,
+        num_pinned_blocks=m.num_pinned_blocks, kv_usage=m.kv_usage, num_prompt_tokens=m.num_prompt_tokens,
+        num_cached_tokens=m.num_cached_tokens, num_steps=m.num_steps,
     )
 
 

@@ -1,38 +1,163 @@
-"""Worker discovery: watch one role's registrations; keep a live `{worker_id: WorkerInfo}`.
+"""Worker registration and discovery: what a worker publishes under
+`/tandem/{ns}/workers/{role}/{worker_id}` (a `WorkerInfo`, sent as the `WorkerInfo` message of
+`proto/tandem_control.proto`), and a live view of one role's workers.
 
 A `WorkerWatch` reads the prefix (the snapshot) and then watches it from the snapshot's
 revision + 1, so no change falls between the two. If the watch stream breaks (etcd restarted,
 revision compacted, the client reconnected) it reads the prefix again, emits the difference
 from what it had as events, and watches on: consumers see a consistent stream, never a gap.
+A `WorkerSet` keeps `{worker_id: WorkerInfo}` up to date from one.
 
 A worker whose process dies disappears when etcd expires its lease, i.e. within the TTL.
-Obtain these through `ControlPlane.watch_workers(role)` and `ControlPlane.workers(role)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from runtime.etcd import (
-    ControlPlane,
-    WorkerEvent,
-    WorkerEventKind,
-    WorkerInfo,
-    _parse_worker,
-    stop_task,
-    workers_prefix,
-)
+from google.protobuf.message import DecodeError
+
+from protocol.model_card import ModelCard, TokenizerKind, TokenizerSource
+from runtime import keys
+from runtime.etcd import ControlPlane, stop_task
+from runtime.pb import tandem_control_pb2 as cpb
+from runtime.pb import tandem_worker_pb2 as wpb
+from runtime.settings import check_name
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 2.0
 _POLL_S = 0.1
+_ROLE_TO_PB = {"prefill": wpb.WORKER_ROLE_PREFILL, "decode": wpb.WORKER_ROLE_DECODE}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+
+
+# -- what a worker registers -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker publishes under `/tandem/{ns}/workers/{role}/{worker_id}`.
+
+    `transport_metadata` is opaque to the control plane: kv_transfer's agent metadata.
+    """
+
+    worker_id: str
+    role: str  # "prefill" or "decode"
+    endpoint: str  # host:port of the worker's gRPC service
+    model: ModelCard
+    block_size: int  # tokens per KV block
+    transport: str = ""
+    transport_metadata: bytes = b""
+    metrics_url: str = ""  # where Prometheus scrapes this process, if it serves /metrics
+    pid: int = 0
+    started_at_unix_ms: int = 0
+
+    def __post_init__(self) -> None:
+        check_name("worker id", self.worker_id)
+        if self.role not in _ROLE_TO_PB:
+            raise ValueError(f"worker {self.worker_id}: role must be one of {sorted(_ROLE_TO_PB)}, got {self.role!r}")
+        if not isinstance(self.endpoint, str) or not self.endpoint:
+            raise ValueError(f"worker {self.worker_id}: empty endpoint")
+        if not isinstance(self.model, ModelCard):
+            raise ValueError(f"worker {self.worker_id}: model must be a ModelCard")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"worker {self.worker_id}: block_size must be a positive int")
+
+    def to_pb(self) -> cpb.WorkerInfo:
+        msg = cpb.WorkerInfo(
+            worker_id=self.worker_id, role=_ROLE_TO_PB[self.role], endpoint=self.endpoint,
+            model=cpb.ModelCard(name=self.model.name, max_model_len=self.model.max_model_len),
+            block_size=self.block_size, transport=self.transport, transport_metadata=self.transport_metadata,
+            metrics_url=self.metrics_url, pid=self.pid, started_at_unix_ms=self.started_at_unix_ms)
+        source = self.model.tokenizer
+        if source is not None:
+            if source.kind is TokenizerKind.GGUF:
+                msg.model.tokenizer.gguf_file = source.path
+            else:
+                msg.model.tokenizer.hf_dir = source.path
+        return msg
+
+    @classmethod
+    def from_pb(cls, msg: cpb.WorkerInfo) -> WorkerInfo:
+        """Raises ValueError for a registration that is incomplete or malformed."""
+        which = msg.model.tokenizer.WhichOneof("source")
+        source = None
+        if which == "gguf_file":
+            source = TokenizerSource(TokenizerKind.GGUF, msg.model.tokenizer.gguf_file)
+        elif which == "hf_dir":
+            source = TokenizerSource(TokenizerKind.HF_DIR, msg.model.tokenizer.hf_dir)
+        if msg.role not in _ROLE_FROM_PB:
+            raise ValueError(f"worker {msg.worker_id!r}: no role")
+        return cls(
+            worker_id=msg.worker_id, role=_ROLE_FROM_PB[msg.role], endpoint=msg.endpoint,
+            model=ModelCard(msg.model.name, msg.model.max_model_len, source), block_size=msg.block_size,
+            transport=msg.transport, transport_metadata=msg.transport_metadata, metrics_url=msg.metrics_url,
+            pid=msg.pid, started_at_unix_ms=msg.started_at_unix_ms)
+
+    @classmethod
+    def parse(cls, data: bytes) -> WorkerInfo:
+        """From a registration's etcd value; ValueError if it is not a valid one."""
+        try:
+            msg = cpb.WorkerInfo.FromString(data)
+        except DecodeError as exc:
+            raise ValueError(f"not a WorkerInfo message: {exc}") from None
+        return cls.from_pb(msg)
+
+
+def _parse_worker(key: str, value: bytes) -> WorkerInfo | None:
+    try:
+        return WorkerInfo.parse(value)
+    except ValueError as exc:
+        log.warning("ignoring bad registration at %s: %s", key, exc)
+        return None
+
+
+async def register(plane: ControlPlane, info: WorkerInfo) -> None:
+    """Publish `info` under the process's lease; it disappears when the process dies."""
+    await plane.put_message(keys.worker_key(plane.namespace, info.role, info.worker_id), info.to_pb())
+
+
+async def deregister(plane: ControlPlane, role: str, worker_id: str) -> None:
+    """Remove a registration now (a draining worker), keeping the lease for the rest."""
+    await plane.delete(keys.worker_key(plane.namespace, role, worker_id))
+
+
+async def list_workers(plane: ControlPlane, role: str) -> dict[str, WorkerInfo]:
+    """A one-off read of a role's registrations (for a live view use `WorkerSet`)."""
+    prefix = keys.workers_prefix(plane.namespace, role)
+    return {
+        keys.id_under(prefix, key): info
+        for key, value in (await plane.get_prefix(prefix)).items()
+        if (info := _parse_worker(key, value)) is not None
+    }
+
+
+# -- watching ----------------------------------------------------------------------------------
+
+
+class WorkerEventKind(enum.StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEvent:
+    """A change in one role's worker set. For REMOVED, `info` is the last one seen (if any)."""
+
+    kind: WorkerEventKind
+    role: str
+    worker_id: str
+    info: WorkerInfo | None
 
 
 class WorkerWatch:
@@ -41,7 +166,7 @@ class WorkerWatch:
     def __init__(self, plane: ControlPlane, role: str) -> None:
         self.plane = plane
         self.role = role
-        self.prefix = workers_prefix(plane.namespace, role)
+        self.prefix = keys.workers_prefix(plane.namespace, role)
         self.snapshot: dict[str, WorkerInfo] = {}
         self._known: dict[str, WorkerInfo] = {}
         self._raw: dict[str, bytes] = {}  # worker id -> last value seen, to tell UPDATED from a no-op
@@ -197,7 +322,7 @@ class WorkerSet:
 
     async def start(self) -> WorkerSet:
         """Returns once the snapshot is loaded."""
-        self._watch = await self.plane.watch_workers(self.role)
+        self._watch = await WorkerWatch.open(self.plane, self.role)
         self._workers = dict(self._watch.snapshot)
         self._task = asyncio.create_task(self._run(), name=f"workers-{self.role}")
         return self

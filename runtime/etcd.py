@@ -1,13 +1,11 @@
-"""The control-plane client: one etcd lease per process, worker registration, discovery, metrics keys.
+"""The control-plane client: one etcd lease per process, and typed values under it.
 
 Built on `aetcd` (asyncio, grpcio). Only one gRPC etcd client library may live in a process
 (they register the same protobuf descriptors), so nothing else here imports `etcd3`.
 
-Keys (DESIGN.md, "Planes"):
-
-    /tandem/{ns}/workers/{role}/{worker_id}   WorkerInfo JSON           bound to the lease
-    /tandem/{ns}/metrics/{role}/{worker_id}   metrics JSON, ~1 Hz        bound to the lease
-    /tandem/{ns}/planner/decision             the planner's last decision
+The keys are `runtime.keys`'s; the values are protobuf messages (`proto/tandem_control.proto`),
+written with `put_message` and read with `get_message`/`get_messages`. Worker registration and
+discovery are `runtime.discovery`'s, on top of this client.
 
 What the lease protects: every key this process writes with a lease (registrations, metrics)
 dies with the process, within `lease_ttl_s` of its last keep-alive. If the lease is lost while
@@ -23,12 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import inspect
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +32,9 @@ import aetcd
 import aetcd.rpc
 import aetcd.watcher
 import grpc
+from google.protobuf.message import DecodeError, Message
 
+from runtime.keys import id_under
 from runtime.settings import check_name, split_endpoint
 
 if TYPE_CHECKING:
@@ -44,114 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 _KEEPALIVE_FAILURES_BEFORE_RECONNECT = 3
-
-
-# -- keys -----------------------------------------------------------------------------------
-
-
-def workers_prefix(ns: str, role: str) -> str:
-    return f"/tandem/{check_name('namespace', ns)}/workers/{check_name('role', role)}/"
-
-
-def worker_key(ns: str, role: str, worker_id: str) -> str:
-    return workers_prefix(ns, role) + check_name("worker id", worker_id)
-
-
-def metrics_prefix(ns: str, role: str) -> str:
-    return f"/tandem/{check_name('namespace', ns)}/metrics/{check_name('role', role)}/"
-
-
-def metrics_key(ns: str, role: str, worker_id: str) -> str:
-    return metrics_prefix(ns, role) + check_name("worker id", worker_id)
-
-
-def planner_decision_key(ns: str) -> str:
-    return f"/tandem/{check_name('namespace', ns)}/planner/decision"
-
-
-# -- JSON at the edge -----------------------------------------------------------------------
-
-
-def encode_json(obj: Any) -> bytes:
-    """A dataclass instance or a mapping as compact JSON bytes."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a dataclass instance or a mapping, got {type(obj).__name__}")
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-
-
-def decode_json(cls: type[T], data: bytes | str) -> T:
-    """Build dataclass `cls` from a JSON object; unknown keys are ignored (newer writers)."""
-    try:
-        raw = json.loads(data)
-    except ValueError as exc:
-        raise ValueError(f"{cls.__name__}: not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(raw).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    try:
-        return cls(**{k: v for k, v in raw.items() if k in names})
-    except TypeError as exc:
-        raise ValueError(f"{cls.__name__}: {exc}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerInfo:
-    """What a worker publishes under `/tandem/{ns}/workers/{role}/{worker_id}`.
-
-    `transport` is opaque to the control plane: kv_transfer puts its agent metadata there.
-    """
-
-    worker_id: str
-    role: str
-    endpoint: str  # host:port of the worker's gRPC service
-    model: str
-    block_size: int
-    transport: dict[str, str] = dataclasses.field(default_factory=dict)
-    metrics_url: str = ""  # where Prometheus scrapes this process, if it serves /metrics
-    pid: int = 0
-    started_at_s: float = 0.0  # unix time
-
-    def __post_init__(self) -> None:
-        check_name("worker id", self.worker_id)
-        check_name("role", self.role)
-        if not isinstance(self.endpoint, str) or not self.endpoint:
-            raise ValueError(f"worker {self.worker_id}: empty endpoint")
-        if not isinstance(self.model, str):
-            raise ValueError(f"worker {self.worker_id}: model must be a string")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"worker {self.worker_id}: block_size must be a positive int")
-        if not isinstance(self.transport, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.transport.items()
-        ):
-            raise ValueError(f"worker {self.worker_id}: transport must map str to str")
-
-    def to_json(self) -> bytes:
-        return encode_json(self)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> WorkerInfo:
-        return decode_json(cls, data)
-
-
-class WorkerEventKind(enum.StrEnum):
-    ADDED = "added"
-    UPDATED = "updated"
-    REMOVED = "removed"
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerEvent:
-    """A change in one role's worker set. For REMOVED, `info` is the last one seen (if any)."""
-
-    kind: WorkerEventKind
-    role: str
-    worker_id: str
-    info: WorkerInfo | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,12 +155,11 @@ class _Client(aetcd.Client):
 
 
 class ControlPlane:
-    """A process's connection to etcd: its lease, its registrations, its metrics keys.
+    """A process's connection to etcd: its lease and the keys it writes under it.
 
         async with ControlPlane(["127.0.0.1:2379"], namespace="dev", lease_ttl_s=10) as cp:
-            await cp.register("decode", "d0", WorkerInfo(...))
-            async with cp.workers("prefill") as prefill:   # a live WorkerSet
-                ...
+            await cp.put_message(keys.worker_key("dev", "decode", "d0"), info)   # lease-bound
+            loads = await cp.get_messages(keys.metrics_prefix("dev", "decode"), pb.Load)
 
     `close()` revokes the lease (keys vanish at once); `close(revoke=False)` behaves like a
     crash: keys vanish when the TTL runs out.
@@ -318,7 +210,7 @@ class ControlPlane:
         self._owned: dict[str, bytes] = {}  # lease-bound keys we wrote -> last value
         self._lock = asyncio.Lock()  # serializes lease changes with lease-bound writes
         self._keepalive_task: asyncio.Task[None] | None = None
-        self._publishers: list[MetricsPublisher] = []
+        self._publishers: list[Publisher] = []
         self._last_refresh = 0.0
         self._closed = False
         self.num_lease_losses = 0
@@ -535,74 +427,32 @@ class ControlPlane:
                     healed = await self._heal_lease_locked()
         await self._notify(healed)
 
-    # -- registration -----------------------------------------------------------------------
+    # -- typed values -----------------------------------------------------------------------
 
-    async def register(self, role: str, worker_id: str, info: WorkerInfo) -> None:
-        """Publish `info` under this process's lease; it disappears when the process dies."""
-        if (info.role, info.worker_id) != (role, worker_id):
-            raise ValueError(f"WorkerInfo is for {info.role}/{info.worker_id}, not {role}/{worker_id}")
-        await self._put_owned(worker_key(self.namespace, role, worker_id), info.to_json())
+    async def put_message(self, key: str, message: Message, *, lease: bool = True) -> None:
+        """Write a protobuf message; lease-bound (dies with this process) unless `lease=False`."""
+        await self.put(key, message.SerializeToString(), lease=lease)
 
-    async def deregister(self, role: str, worker_id: str) -> None:
-        """Remove a registration now (a draining worker), keeping the lease for the rest."""
-        await self.delete(worker_key(self.namespace, role, worker_id))
+    async def get_message(self, key: str, cls: type[M]) -> M | None:
+        """The message at `key`, or None when it is absent or not a `cls` (logged)."""
+        value = await self.get(key)
+        return None if value is None else _parse(cls, key, value)
 
-    async def list_workers(self, role: str) -> dict[str, WorkerInfo]:
-        """A one-off read of a role's registrations (for a live view use `workers`)."""
-        prefix = workers_prefix(self.namespace, role)
-        return {
-            key[len(prefix) :]: info
-            for key, value in (await self.get_prefix(prefix)).items()
-            if (info := _parse_worker(key, value)) is not None
-        }
-
-    async def watch_workers(self, role: str) -> WorkerWatch:
-        """A snapshot of `role`'s workers (`.snapshot`) and then its add/update/remove events."""
-        from runtime.discovery import WorkerWatch
-
-        return await WorkerWatch.open(self, role)
-
-    def workers(self, role: str, on_event: Callable[[WorkerEvent], None] | None = None) -> WorkerSet:
-        """A live `{worker_id: WorkerInfo}` for `role`; use as `async with` (or start/stop)."""
-        from runtime.discovery import WorkerSet
-
-        return WorkerSet(self, role, on_event=on_event)
-
-    # -- metrics ----------------------------------------------------------------------------
-
-    async def put_metrics(self, role: str, worker_id: str, metrics: Any) -> None:
-        """Write a dataclass or mapping as JSON under the metrics key, bound to the lease."""
-        await self._put_owned(metrics_key(self.namespace, role, worker_id), encode_json(metrics))
-
-    async def get_metrics(self, role: str, cls: type[T]) -> dict[str, T]:
-        """Every `role` worker's metrics as `cls` instances; unparsable values are skipped."""
-        prefix = metrics_prefix(self.namespace, role)
-        out: dict[str, T] = {}
+    async def get_messages(self, prefix: str, cls: type[M]) -> dict[str, M]:
+        """Every `cls` message under `prefix`, by the key's last segment; unparsable ones are skipped."""
+        out: dict[str, M] = {}
         for key, value in (await self.get_prefix(prefix)).items():
-            try:
-                out[key[len(prefix) :]] = decode_json(cls, value)
-            except ValueError as exc:
-                log.warning("skipping metrics at %s: %s", key, exc)
+            message = _parse(cls, key, value)
+            if message is not None:
+                out[id_under(prefix, key)] = message
         return out
 
-    def start_metrics_publisher(
-        self, role: str, worker_id: str, sample: Callable[[], Any], interval_s: float = 1.0
-    ) -> MetricsPublisher:
-        """Call `sample()` and `put_metrics` its result every `interval_s` until `stop()`/close."""
-        publisher = MetricsPublisher(self, role, worker_id, sample, interval_s)
+    def start_publisher(self, key: str, sample: Callable[[], Message], interval_s: float = 1.0) -> Publisher:
+        """Write `sample()` under `key` (lease-bound) every `interval_s` until `stop()`/close."""
+        publisher = Publisher(self, key, sample, interval_s)
         self._publishers.append(publisher)
         publisher.start()
         return publisher
-
-    # -- planner ----------------------------------------------------------------------------
-
-    async def put_planner_decision(self, decision: Any) -> None:
-        """Store the planner's last decision (not lease-bound: it outlives the planner)."""
-        await self.put(planner_decision_key(self.namespace), encode_json(decision))
-
-    async def get_planner_decision(self, cls: type[T]) -> T | None:
-        value = await self.get(planner_decision_key(self.namespace))
-        return None if value is None else decode_json(cls, value)
 
     # -- basics -----------------------------------------------------------------------------
 
@@ -633,31 +483,28 @@ def _is_lease_not_found(exc: Exception) -> bool:
     return "requested lease not found" in str(exc)
 
 
-def _parse_worker(key: str, value: bytes) -> WorkerInfo | None:
+def _parse(cls: type[M], key: str, value: bytes) -> M | None:
     try:
-        return WorkerInfo.from_json(value)
-    except ValueError as exc:
-        log.warning("ignoring bad registration at %s: %s", key, exc)
+        return cls.FromString(value)
+    except DecodeError as exc:
+        log.warning("ignoring a value at %s that is not a %s: %s", key, cls.__name__, exc)
         return None
 
 
-class MetricsPublisher:
-    """Writes `sample()` to a worker's metrics key about every `interval_s`; errors are logged."""
+class Publisher:
+    """Writes `sample()` under a lease-bound key about every `interval_s`; errors are logged."""
 
-    def __init__(
-        self, plane: ControlPlane, role: str, worker_id: str, sample: Callable[[], Any], interval_s: float
-    ) -> None:
+    def __init__(self, plane: ControlPlane, key: str, sample: Callable[[], Message], interval_s: float) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
-        self.plane, self.role, self.worker_id = plane, role, worker_id
+        self.plane, self.key = plane, key
         self.sample, self.interval_s = sample, interval_s
         self.num_published = 0
         self._task: asyncio.Task[None] | None = None
-        metrics_key(plane.namespace, role, worker_id)  # validate names now
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"metrics-{self.role}-{self.worker_id}")
+            self._task = asyncio.create_task(self._run(), name=f"publish-{self.key}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -670,14 +517,10 @@ class MetricsPublisher:
         while not self.plane.closed:
             started = time.monotonic()
             try:
-                await self.plane.put_metrics(self.role, self.worker_id, self.sample())
+                await self.plane.put_message(self.key, self.sample())
                 self.num_published += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("metrics publish for %s/%s failed: %r", self.role, self.worker_id, exc)
+                log.warning("publishing %s failed: %r", self.key, exc)
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
-
-
-if TYPE_CHECKING:
-    from runtime.discovery import WorkerSet, WorkerWatch

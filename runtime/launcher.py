@@ -225,7 +225,7 @@ def drain_worker(endpoint: str, wait_s: float) -> DrainResult:
             reply = stub.Drain(pb.DrainRequest(wait_ms=int(wait_s * 1000)), timeout=wait_s + 10.0)
         except grpc.RpcError:
             return DrainResult(0, False)
-    return DrainResult(load.num_running + load.num_waiting, reply.drained)
+    return DrainResult(load.num_running + load.num_waiting + load.num_pulling, reply.drained)
 
 
 def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -241,6 +241,23 @@ def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:
         return json.loads(raw)
     except ValueError:
         return {"error": raw.decode(errors="replace")}
+
+
+def wait_router_serves(http_url: str, timeout_s: float) -> str:
+    """Until the router lists a model in ``/v1/models`` (it is then ready: every tier its mode
+    needs has a worker of it); returns the model's name. TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + max(timeout_s, 1.0)
+    while True:
+        try:
+            with urllib.request.urlopen(f"{http_url}/v1/models", timeout=5) as resp:
+                listed = json.loads(resp.read()).get("data") or []
+        except (OSError, ValueError):
+            listed = []
+        if listed:
+            return listed[0]["id"]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the router at {http_url} lists no model; /health: {router_health(http_url)}")
+        time.sleep(0.1)
 
 
 def wait_routers_list(http_urls: Sequence[str], timeout_s: float, *, at_least: Mapping[str, int] | None = None,

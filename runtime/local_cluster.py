@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from runtime.etcd_server import EtcdServer
-from runtime.launcher import router_health
+from runtime.launcher import router_health, wait_router_serves
 from runtime.settings import ClusterConfig
 
 _PR_SET_PDEATHSIG = 1
@@ -89,13 +89,15 @@ class LocalCluster:
         return self
 
     def wait_ready(self, timeout_s: float = 300.0) -> LocalCluster:
-        """Wait (at most ``timeout_s``) for every child's ``TANDEM_READY`` line and for the router
-        to list every worker; on failure the cluster is stopped and the error raised."""
+        """Wait (at most ``timeout_s``) for every child's ``TANDEM_READY`` line, for the router to
+        list every worker and to serve their model (``router["model"]``); on failure the cluster is
+        stopped and the error raised."""
         try:
             deadline = time.monotonic() + timeout_s
             self._wait(list(self.children), timeout_s)
             self.router = next(c for c in self.children if c.name == "router").ready or {}
             self._wait_router_lists_workers(deadline - time.monotonic())
+            self.router["model"] = wait_router_serves(self.http_url, deadline - time.monotonic())
         except BaseException:
             self.stop()
             raise
@@ -114,14 +116,17 @@ class LocalCluster:
 
     def add_router(self, timeout_s: float = 120.0, **overrides: Any) -> Child:
         """Start another router replica on the cluster's etcd, with its own ports and the cluster's
-        config but for ``overrides`` (e.g. ``kv_events=False``); returns once it serves. Its
-        addresses are in ``child.ready`` (``http``, ``grpc``)."""
+        config but for ``overrides`` (e.g. ``kv_events=False``); returns once it serves the model.
+        Its addresses are in ``child.ready`` (``http``, ``grpc``)."""
         cfg = dataclasses.replace(self.cfg, port=0, grpc_port=0, metrics_port=0, **overrides)
         name = f"router-{sum(1 for c in self.children if c.name.startswith('router'))}"
         path = self._tmp / f"{name}.json"
         path.write_text(json.dumps(dataclasses.asdict(cfg)))
         child = self._spawn(name, [sys.executable, "-m", "router", "--config", str(path)])
+        deadline = time.monotonic() + timeout_s
         self._wait([child], timeout_s)
+        assert child.ready is not None
+        child.ready["model"] = wait_router_serves(child.ready["http"], deadline - time.monotonic())
         return child
 
     def stop(self) -> None:

@@ -63,6 +63,7 @@ from runtime.launcher import (
     drain_worker,
     gpu_shortfall,
     stop_process,
+    wait_router_serves,
     wait_routers_list,
 )
 from runtime.settings import ClusterConfig
@@ -313,6 +314,9 @@ class RayLauncher(Launcher):
                                           if s.state is ServiceState.SERVING)
             wait_routers_list(self.router_urls(), deadline - time.monotonic(),
                               at_least={role: serving[role] for role in WORKER_ROLES})
+            if serving["decode"] and (self.cfg.mode == "aggregated" or serving["prefill"]):
+                for url in self.router_urls():  # the model is listed (its tokenizer loaded): no 503 window
+                    wait_router_serves(url, deadline - time.monotonic())
         except BaseException:
             if not cleanup_all:
                 for name, handle in started.items():
@@ -571,18 +575,20 @@ def _registrations(cfg: ClusterConfig, endpoints: tuple[str, ...]) -> dict[str, 
         return None
 
     async def read() -> dict[str, int]:
-        from engine.async_engine import EngineLoad
+        from runtime import keys
+        from runtime.discovery import list_workers
         from runtime.etcd import ControlPlane
+        from runtime.pb import tandem_worker_pb2 as pb
 
         plane = ControlPlane.from_config(dataclasses.replace(cfg, etcd_endpoints=endpoints))
         await asyncio.wait_for(plane.connect(), 5.0)
         try:
             out: dict[str, int] = {}
             for role in WORKER_ROLES:
-                loads = await plane.get_metrics(role, EngineLoad)
-                for worker_id in await plane.list_workers(role):
+                loads = await plane.get_messages(keys.metrics_prefix(plane.namespace, role), pb.Load)
+                for worker_id in await list_workers(plane, role):
                     load = loads.get(worker_id)
-                    out[worker_id] = (load.num_running + load.num_waiting) if load else 0
+                    out[worker_id] = (load.num_running + load.num_waiting + load.num_pulling) if load else 0
             return out
         finally:
             await plane.close()

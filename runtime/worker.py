@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -29,9 +28,10 @@ from engine.async_engine import AsyncEngine
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
 from kv_transfer import KVTransport, make_transport
-from runtime import settings
+from runtime import keys, settings
 from runtime.convert import event_to_pb, load_to_pb
-from runtime.etcd import ControlPlane, WorkerInfo
+from runtime.discovery import WorkerInfo, deregister, register
+from runtime.etcd import ControlPlane
 from runtime.metrics import serve_metrics
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
@@ -70,7 +70,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         rid = request.request_id
 
         def abort(e: LLMEngine) -> bool:
-            known = rid in e._groups
+            known = e.has_request(rid)
             e.abort(rid)
             # A finished prefill-only request holds its blocks pinned under a KV handle: free them too.
             return e.unpin(rid) or known
@@ -91,7 +91,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.KVEventsResponse]:
         cursor = request.from_event_id
-        next_id = await self.engine.call(lambda e: e.block_manager.next_event_id)
+        next_id = await self.engine.call(lambda e: e.next_kv_event_id)
         if cursor > next_id:  # a subscriber of an earlier process of this worker
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"event {cursor} is beyond this worker's next event {next_id}; take a KVSnapshot")
@@ -106,7 +106,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     async def KVSnapshot(self, request: pb.KVSnapshotRequest, context: grpc.aio.ServicerContext
                          ) -> pb.KVSnapshotResponse:
-        blocks, next_id = await self.engine.call(lambda e: e.block_manager.snapshot())
+        blocks, next_id = await self.engine.call(lambda e: e.kv_snapshot())
         return pb.KVSnapshotResponse(
             blocks=[pb.CachedBlock(block_hash=h, parent_hash=p) for h, p in blocks], next_event_id=next_id,
             worker_id=self.identity.worker_id, block_size=self.identity.block_size)
@@ -163,7 +163,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     engine = AsyncEngine(llm)
     engine.start()
     transport = make_transport(cfg.transport, model=econfig.model)
-    transport.register(llm.runner.kv)
+    transport.register(llm.kv_cache)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
@@ -171,7 +171,8 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     if port == 0:
         raise SystemExit(f"cannot bind {cfg.host}:{args.worker_port}")
     endpoint = f"{cfg.host}:{port}"
-    identity = WorkerIdentity(role, worker_id, endpoint, econfig.model, econfig.cache.block_size)
+    card = llm.model_card(cfg.served_model_name)
+    identity = WorkerIdentity(role, worker_id, endpoint, card.name, econfig.cache.block_size)
     servicer = servicer_cls(identity, engine, transport)
     servicer.configure(cfg)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -182,18 +183,18 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     plane = ControlPlane.from_config(cfg)
     await plane.connect()
     info = WorkerInfo(
-        worker_id=worker_id, role=role, endpoint=endpoint, model=econfig.model, block_size=econfig.cache.block_size,
-        transport={"name": transport.transport_name,
-                   "metadata": base64.b64encode(transport.metadata()).decode()},
-        metrics_url=metrics.url, pid=os.getpid(), started_at_s=time.time(),
+        worker_id=worker_id, role=role, endpoint=endpoint, model=card, block_size=econfig.cache.block_size,
+        transport=transport.transport_name, transport_metadata=transport.metadata(), metrics_url=metrics.url,
+        pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000),
     )
-    await plane.register(role, worker_id, info)
+    await register(plane, info)
 
-    async def deregister() -> None:
-        await plane.deregister(role, worker_id)
+    async def leave() -> None:
+        await deregister(plane, role, worker_id)
 
-    servicer.on_drain.append(deregister)
-    plane.start_metrics_publisher(role, worker_id, lambda: engine.load, cfg.metrics_interval_s)
+    servicer.on_drain.append(leave)
+    plane.start_publisher(keys.worker_load_key(cfg.namespace, role, worker_id), lambda: load_to_pb(engine.load),
+                          cfg.metrics_interval_s)
     print("TANDEM_READY " + json.dumps({"role": role, "worker_id": worker_id, "endpoint": endpoint,
                                         "metrics": metrics.url, "pid": os.getpid()}), flush=True)
     log.info("%s worker %s serving on %s", role, worker_id, endpoint)
@@ -213,7 +214,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     await stop.wait()
     log.info("shutting down")
     with contextlib.suppress(Exception):
-        await plane.deregister(role, worker_id)
+        await deregister(plane, role, worker_id)
     await server.stop(grace=2.0)
     for task in background:
         task.cancel()

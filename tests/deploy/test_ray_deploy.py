@@ -198,7 +198,7 @@ def test_more_gpus_than_the_cluster_has_fails_fast(ray_head: RayHead, tmp_path: 
 
 def test_deploy_serves_correct_streamed_answers(deployment: Deployment) -> None:
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling import SamplingParams
 
     reference = LLM("default", dtype="float32", num_threads=1, kv_cache_bytes=64 << 20, progress=False)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

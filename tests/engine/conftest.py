@@ -15,7 +15,7 @@ from engine_testlib import TinyModel, build_tiny
 
 from engine.llm import LLM
 from engine.loader import default_model_path
-from engine.tokenizer import TextTokenizer
+from text.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="session")

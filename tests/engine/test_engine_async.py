@@ -12,9 +12,9 @@ import pytest
 from engine_testlib import make_tiny_llm, random_prompts
 
 from engine.llm import LLM
-from engine.llm_engine import LLMEngine, RequestOutput
-from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
+from engine.llm_engine import LLMEngine
+from protocol.outputs import FinishReason, RequestOutput
+from protocol.sampling import SamplingParams
 
 LENGTHS = [5, 33, 48, 70, 17]
 

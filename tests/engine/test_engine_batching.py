@@ -8,8 +8,8 @@ import pytest
 from engine_testlib import make_tiny_llm, random_prompts
 
 from engine.llm import LLM
-from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
+from protocol.outputs import FinishReason
+from protocol.sampling import SamplingParams
 
 LENGTHS = [5, 33, 48, 70]
 MAX_TOKENS = 20

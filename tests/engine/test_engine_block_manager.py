@@ -7,15 +7,9 @@ import copy
 
 import pytest
 
-from engine.block_manager import (
-    NONE_HASH,
-    AllBlocksCleared,
-    BlockManager,
-    BlockRemoved,
-    BlockStored,
-    hash_block,
-    hash_blocks,
-)
+from engine.block_manager import BlockManager
+from protocol.hashing import NONE_HASH, hash_block, hash_blocks
+from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 

@@ -13,7 +13,7 @@ from engine_testlib import TinyModel, random_prompts
 from engine.llm import LLM
 from engine.loader import build_model
 from engine.model import Linear
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])

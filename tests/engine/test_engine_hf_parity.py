@@ -12,7 +12,7 @@ import torch
 from engine_testlib import TINY_CONFIGS, TinyModel, hf_greedy, make_tiny_llm, random_prompts
 
 from engine.llm import LLM, GenerateResult
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 LENGTHS = [3, 17, 40, 100]
 ATOL = 1e-4

@@ -11,10 +11,12 @@ import torch
 from engine_testlib import make_tiny_llm, random_prompts
 
 from engine.llm import LLM
-from engine.request import FinishReason, Request
+from engine.request import Request
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+from protocol.outputs import FinishReason
+from protocol.sampling import SamplingParams
+from text.detokenizer import IncrementalDetokenizer
+from text.tokenizer import TextTokenizer
 
 CPU = torch.device("cpu")
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.10, 0.06, 0.05, 0.03, 0.01])

@@ -7,9 +7,10 @@ import pytest
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
-from engine.request import FinishReason, Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.request import Request, RequestStatus
 from engine.scheduler import SampledToken, Scheduler, SchedulerOutput
+from protocol.outputs import FinishReason
+from protocol.sampling import SamplingParams
 
 BS = 4
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.tokenizer import TextTokenizer
+from text.tokenizer import TextTokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -95,7 +95,7 @@ def test_template_errors_are_value_errors() -> None:
 
 
 def test_llm_chat_prompt_is_the_rendered_template(smollm: Any, hf_tokenizer: Any) -> None:
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling import SamplingParams
 
     res = smollm.chat(CHATS[1], SamplingParams(temperature=0.0, max_tokens=4))
     ref = hf_tokenizer.apply_chat_template(CHATS[1], tokenize=True, add_generation_prompt=True)

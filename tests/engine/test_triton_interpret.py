@@ -32,7 +32,7 @@ sys.path.insert(0, "tests/gpu")
 from kernel_cases import patch_interpreter_bf16_dot
 patch_interpreter_bf16_dot()
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 config = sys.argv[1]
 prompts = [[(7 * i + 3) % 256 for i in range(n)] for n in (3, 21, 40)]

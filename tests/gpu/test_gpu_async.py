@@ -13,8 +13,8 @@ pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
 from engine.llm import LLM  # noqa: E402
-from engine.request import FinishReason  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from protocol.outputs import FinishReason  # noqa: E402
+from protocol.sampling import SamplingParams  # noqa: E402
 
 CONFIG = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,

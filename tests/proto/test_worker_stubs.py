@@ -93,5 +93,14 @@ def test_optional_fields_keep_presence_and_handles_round_trip() -> None:
     decoded = pb.GenerateRequest.FromString(request.SerializeToString())
     assert decoded == request
     assert decoded.HasField("kv_handle") and not pb.GenerateRequest(request_id="r2").HasField("kv_handle")
-    output = pb.SequenceOutput(index=0, token_ids=[11], finish_reason=pb.FINISH_REASON_STOP, stop_str="\n")
-    assert output.WhichOneof("stop_reason") == "stop_str"
+    output = pb.SequenceOutput(index=0, token_ids=[11], finish_reason=pb.FINISH_REASON_STOP, stop_token_id=11)
+    assert output.WhichOneof("stop_reason") == "stop_token_id"
+
+
+def test_workers_are_token_in_token_out() -> None:
+    """Text fields do not exist on the worker protocol: stop strings are the router's."""
+    for field in ("stop", "include_stop_str_in_output", "skip_special_tokens"):
+        with pytest.raises(ValueError, match=field):
+            pb.SamplingParams(**{field: ["x"] if field == "stop" else True})
+    with pytest.raises(ValueError, match="stop_str"):
+        pb.SequenceOutput(stop_str="x")

@@ -13,14 +13,16 @@ import grpc
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.block_manager import BlockManager, BlockRemoved, BlockStored, KVEvent
+from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from protocol.kv_events import BlockRemoved, BlockStored, KVEvent
+from protocol.model_card import ModelCard
+from protocol.sampling import SamplingParams
 from router.kv_events import EventCursor, KVEventFeed
 from router.kv_index import KVIndex
 from runtime.convert import event_to_pb
-from runtime.etcd import WorkerInfo
+from runtime.discovery import WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 from runtime.worker import WorkerIdentity, WorkerServicer
@@ -127,7 +129,7 @@ def run_scripted(script: Callable[[ScriptedWorker, KVEventFeed], object]) -> Non
     asyncio.run(main())
 
 
-INFO = {"w": WorkerInfo(worker_id="w", role="decode", endpoint="scripted:1", model="m", block_size=BS)}
+INFO = {"w": WorkerInfo(worker_id="w", role="decode", endpoint="scripted:1", model=ModelCard("m", 4096), block_size=BS)}
 
 
 def converged(worker: ScriptedWorker, feed: KVEventFeed) -> bool:
@@ -191,7 +193,8 @@ def test_worker_leaving_is_unsubscribed_and_dropped() -> None:
 
 def test_worker_with_another_block_size_is_not_indexed() -> None:
     async def script(worker: ScriptedWorker, feed: KVEventFeed) -> None:
-        feed.sync({"w": WorkerInfo(worker_id="w", role="decode", endpoint="x:1", model="m", block_size=2 * BS)})
+        feed.sync({"w": WorkerInfo(worker_id="w", role="decode", endpoint="x:1", model=ModelCard("m", 4096),
+                                   block_size=2 * BS)})
         assert feed.subscription("w") is None
 
     run_scripted(script)
@@ -224,8 +227,8 @@ def test_real_worker_events_converge_and_a_restart_is_reread() -> None:
         server, engine, port = await start_worker()
         index = KVIndex(BS)
         feed = KVEventFeed(index)
-        info = {"w": WorkerInfo(worker_id="w", role="decode", endpoint=f"127.0.0.1:{port}", model="sim",
-                                block_size=BS)}
+        info = {"w": WorkerInfo(worker_id="w", role="decode", endpoint=f"127.0.0.1:{port}",
+                                model=ModelCard("sim", 4096), block_size=BS)}
         try:
             feed.sync(info)
             for i in range(12):  # 32 blocks: the later prompts evict the earlier ones

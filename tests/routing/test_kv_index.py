@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager, hash_blocks
+from engine.block_manager import BlockManager
+from protocol.hashing import hash_blocks, prompt_hashes
 from router.kv_events import EventCursor
-from router.kv_index import ApproxKVIndex, KVIndex, merge_overlaps, prompt_hashes
+from router.kv_index import ApproxKVIndex, KVIndex, merge_overlaps
 
 BS = 4
 

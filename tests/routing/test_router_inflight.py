@@ -9,9 +9,10 @@ import asyncio
 
 import grpc
 
-from engine.sampling_params import SamplingParams
-from router.core import RouterCore
-from runtime.etcd import WorkerInfo
+from protocol.model_card import ModelCard
+from protocol.sampling import SamplingParams
+from router.request_flow import RequestFlow
+from runtime.discovery import WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.settings import ClusterConfig
 
@@ -62,20 +63,21 @@ class FakeDecode:
         return FakeCall(self.gate)
 
 
-def make_core() -> tuple[RouterCore, FakePrefill, dict[str, FakeDecode]]:
+def make_core() -> tuple[RequestFlow, FakePrefill, dict[str, FakeDecode]]:
     cfg = ClusterConfig(mode="disaggregated", routing_policy="kv", kv_events=False, max_local_prefill_tokens=64)
-    core = RouterCore(cfg, plane=None)  # type: ignore[arg-type]  (no I/O: workers set below)
+    core = RequestFlow(cfg, plane=None)  # type: ignore[arg-type]  (no I/O: workers set below)
     prefill, decodes = FakePrefill(), {"d0": FakeDecode(), "d1": FakeDecode()}
     for pool, ids in ((core.prefill, ["p0"]), (core.decode, list(decodes))):
-        pool.workers._workers = {w: WorkerInfo(w, pool.role, f"127.0.0.1:{9000 + i}", "m", BS)
+        pool.workers._workers = {w: WorkerInfo(w, pool.role, f"127.0.0.1:{9000 + i}", ModelCard("m", 4096), BS)
                                  for i, w in enumerate(ids)}
     core.prefill.stub = lambda _w: prefill  # type: ignore[method-assign]
     core.decode.stub = lambda w: decodes[w]  # type: ignore[method-assign]
     return core, prefill, decodes
 
 
-def counted(core: RouterCore) -> dict[str, tuple[int, int, int]]:
-    return {w: e.as_tuple() for w, e in core.decode.inflight.items() if e.num_requests}
+def counted(core: RequestFlow) -> dict[str, tuple[int, int, int]]:
+    return {w: (e.num_requests, e.num_prefill_tokens, e.num_kv_tokens) for w, e in core.decode.inflight.items()
+            if e.num_requests}
 
 
 async def collect(agen) -> list:

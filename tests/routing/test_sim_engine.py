@@ -12,8 +12,8 @@ import pytest
 from engine.config import CacheConfig, EngineConfig, bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.loader import read_arch
-from engine.sampling_params import SamplingParams
 from engine.sim import COEFFICIENTS, PROFILE_DIR, SimProfile, sim_token
+from protocol.sampling import SamplingParams
 
 MODEL = "dummy:smollm2-135m"  # the default model's shape, no weights to load
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

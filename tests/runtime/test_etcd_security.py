@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from runtime_testlib import run
 
-from runtime.etcd import ControlPlane, WorkerInfo
+from protocol.model_card import ModelCard
+from runtime.discovery import WorkerInfo, WorkerSet, list_workers, register
+from runtime.etcd import ControlPlane
 from runtime.etcd_server import EtcdServer, EtcdServerTLS, find_etcd_binary
 
 
@@ -36,8 +38,8 @@ def auth_etcd() -> Iterator[EtcdServer]:
 def test_user_password(auth_etcd: EtcdServer) -> None:
     async def main() -> None:
         async with ControlPlane([auth_etcd.endpoint], user="root", password="rootpw", lease_ttl_s=2) as cp:
-            await cp.register("decode", "d0", WorkerInfo("d0", "decode", "127.0.0.1:1", "m", 16))
-            async with cp.workers("decode") as decode:
+            await register(cp, WorkerInfo("d0", "decode", "127.0.0.1:1", ModelCard("m", 16), 16))
+            async with WorkerSet(cp, "decode") as decode:
                 assert set(decode.workers) == {"d0"}
         with pytest.raises(ConnectionError, match="invalid user ID or password"):
             await ControlPlane([auth_etcd.endpoint], user="root", password="wrong").connect()
@@ -77,8 +79,8 @@ def test_mutual_tls(pki: Path) -> None:
     async def main(server: EtcdServer) -> None:
         client_files = dict(ca_file=pki / "ca.pem", cert_file=pki / "client.pem", key_file=pki / "client.key")
         async with ControlPlane([server.endpoint], namespace="tls", lease_ttl_s=2, **client_files) as cp:
-            await cp.register("prefill", "p0", WorkerInfo("p0", "prefill", "127.0.0.1:1", "m", 16))
-            assert set(await cp.list_workers("prefill")) == {"p0"}
+            await register(cp, WorkerInfo("p0", "prefill", "127.0.0.1:1", ModelCard("m", 16), 16))
+            assert set(await list_workers(cp, "prefill")) == {"p0"}
         with pytest.raises(ConnectionError):  # CA only, no client certificate
             await ControlPlane([server.endpoint], ca_file=pki / "ca.pem", request_timeout_s=1).connect()
         with pytest.raises(ConnectionError):  # plaintext against a TLS port

@@ -1,5 +1,5 @@
-"""Tokenizer, chat template and incremental detokenization, from an HF model directory
-(``tokenizer.json``) or a GGUF file's metadata. Built on the ``tokenizers`` library only."""
+"""Tokenizer and chat template, from an HF model directory (``tokenizer.json``) or a GGUF file's
+metadata. Built on the ``tokenizers`` library only (jinja2 for chat templates): no torch."""
 
 from __future__ import annotations
 
@@ -146,45 +146,6 @@ class TextTokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         # The template writes the BOS itself where the model wants one.
         return self.encode(text, add_special_tokens=False)
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text deltas that never split a multi-byte character,
-    finds stop strings, and holds back text that may still become one (so a streamed stop
-    string never reaches the client)."""
-
-    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str], include_stop: bool,
-                 skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.include_stop = include_stop
-        self.skip_special_tokens = skip_special_tokens
-        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
-        self.text = ""
-        self._emitted = 0
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
-
-    def add(self, token_id: int) -> str | None:
-        """Feed one token; returns the matched stop string if the text now contains one (the
-        text is cut there), else None."""
-        piece = self._stream.step(self.tokenizer.tokenizer, token_id)
-        if not piece:
-            return None
-        start = max(0, len(self.text) - self._hold)
-        self.text += piece
-        hits = [(at, s) for s in self.stop if (at := self.text.find(s, start)) >= 0]
-        if not hits:
-            return None
-        at, s = min(hits)
-        self.text = self.text[:at + len(s)] if self.include_stop else self.text[:at]
-        return s
-
-    def delta(self, finished: bool) -> str:
-        """New text since the last call; while running, keeps back what could start a stop string."""
-        end = len(self.text) if finished or not self._hold else max(self._emitted, len(self.text) - self._hold)
-        out = self.text[self._emitted:end]
-        self._emitted = end
-        return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,13 +1,11 @@
 """OpenAI request bodies (with vLLM-style extra sampling fields), validated by pydantic, and
-their conversion to the engine's :class:`SamplingParams`."""
+their sampling fields by name (``router.request_params`` turns them into SamplingParams)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from engine.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -104,19 +102,16 @@ class ChatCompletionRequest(_Common):
         return out
 
 
-def to_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
-    """Raises ValueError with the engine's message for out-of-range values."""
+def sampling_fields(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+    """The request's sampling fields, named as ``router.request_params.SAMPLING_FIELDS``."""
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return SamplingParams(
-        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
-        include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens,
+    return dict(
+        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature, top_p=req.top_p,
+        top_k=req.top_k, min_p=req.min_p, seed=req.seed, repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
     )

@@ -1,20 +1,23 @@
-"""Text generation on top of :class:`RouterCore`: detokenization of each of the n sequences,
+"""Text generation on top of :class:`RequestFlow`: detokenization of each of the n sequences,
 stop strings (matched on the router's text; the upstream request is aborted as soon as every
-sequence has stopped), and usage counted from what the client actually gets."""
+sequence has stopped), and usage counted from what the client actually gets. This is where
+serving turns tokens into text: workers are token-in/token-out."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine.request import FinishReason, TokenLogprob
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, TextTokenizer
+from protocol.outputs import FinishReason, StopReason, TokenLogprob
+from protocol.sampling import SamplingParams
 from router import metrics
-from router.core import Delta, Route, RouterCore, Usage
-from router.stats import WINDOW
+from router.request_flow import Delta, RequestFlow, Route, Usage
+from router.request_window import WINDOW
+from text.detokenizer import IncrementalDetokenizer
+from text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    stop_reason: StopReason = None
     upstream_finished: bool = False  # the worker ended the sequence (not a stop string seen here)
 
     @property
@@ -51,9 +54,9 @@ class GenerationResult:
 class Generation:
     """One prompt's n sequences, streamed as :class:`ChoiceDelta` and summed up in ``result``."""
 
-    def __init__(self, core: RouterCore, tokenizer: TextTokenizer, prompt_ids: list[int], sampling: SamplingParams,
+    def __init__(self, flow: RequestFlow, tokenizer: TextTokenizer, prompt_ids: list[int], sampling: SamplingParams,
                  priority: int = 0, request_id: str | None = None) -> None:
-        self.core = core
+        self.flow = flow
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
         self.sampling = sampling
@@ -73,7 +76,7 @@ class Generation:
         return GenerationResult(self.choices, self.usage, self.route)
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
-        upstream = self.core.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
+        upstream = self.flow.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
         WINDOW.arrived()
         try:
             async for item in upstream:
@@ -133,3 +136,44 @@ class Generation:
         if not text and not new_ids and finish is None:
             return None
         return ChoiceDelta(choice.index, text, new_ids, new_logprobs, finish)
+
+
+async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    """Interleave several generations' deltas as they come, as (generation index, delta);
+    failures are raised."""
+    if len(gens) == 1:
+        async for d in gens[0].stream():
+            yield 0, d
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
+        try:
+            async for d in g.stream():
+                await queue.put((i, d))
+        except BaseException as e:
+            await queue.put(e)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(gens: list[Generation]) -> None:
+    """Run the generations to their end (their results are on each one)."""
+    async for _ in merge(gens):
+        pass

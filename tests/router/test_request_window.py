@@ -1,6 +1,6 @@
 """The router's sliding request window (published to etcd for the planner)."""
 
-from router.stats import RequestWindow, percentile
+from router.request_window import RequestWindow, percentile
 
 
 def test_percentile_nearest_rank() -> None:

@@ -1,33 +1,47 @@
-"""Request-level statistics over a sliding window, published to etcd under
-``/tandem/{ns}/metrics/router/{router_id}`` about once a second (DESIGN.md, control plane):
-arrivals, ISL/OSL, TTFT and ITL percentiles. The planner reads them; Prometheus gets the same
-observations as histograms from ``router.metrics``."""
+"""Request-level statistics over a sliding window, published to etcd as a ``RouterWindowStats``
+message under ``/tandem/{ns}/metrics/router/{router_id}`` about once a second: arrivals,
+ISL/OSL, TTFT and ITL percentiles. The planner reads them; Prometheus gets the same observations
+as histograms from ``router.metrics``."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from runtime.pb import tandem_control_pb2 as cpb
 
 
 @dataclass(frozen=True)
-class RouterMetrics:
+class WindowStats:
     window_s: float
     num_arrivals: int
     num_finished: int
     request_rate: float  # arrivals per second over the window
-    # None where the window holds no finished request
-    isl_mean: float | None
-    osl_mean: float | None
-    ttft_ms_p50: float | None
-    ttft_ms_p90: float | None
-    ttft_ms_p99: float | None
-    itl_ms_p50: float | None
-    itl_ms_p90: float | None
-    itl_ms_p99: float | None
-    e2e_ms_p50: float | None
     num_inflight: int
+    # None where the window holds no finished request
+    isl_mean: float | None = None
+    isl_p50: float | None = None
+    isl_p95: float | None = None
+    osl_mean: float | None = None
+    osl_p50: float | None = None
+    osl_p95: float | None = None
+    ttft_ms_p50: float | None = None
+    ttft_ms_p90: float | None = None
+    ttft_ms_p95: float | None = None
+    ttft_ms_p99: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p90: float | None = None
+    itl_ms_p95: float | None = None
+    itl_ms_p99: float | None = None
+    e2e_ms_p50: float | None = None
+
+    def to_pb(self, router_id: str) -> cpb.RouterWindowStats:
+        """The etcd value (``RouterWindowStats``): unset fields where there is no value."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return cpb.RouterWindowStats(router_id=router_id, published_at_unix_ms=int(time.time() * 1000),
+                                     **{k: v for k, v in values.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ class RequestWindow:
         self._finished.append(_Finished(time.monotonic() if now is None else now, isl, osl, ttft_s * 1000, itl,
                                         e2e_s * 1000))
 
-    def snapshot(self, now: float | None = None) -> RouterMetrics:
+    def snapshot(self, now: float | None = None) -> WindowStats:
         now = time.monotonic() if now is None else now
         horizon = now - self.window_s
         while self._arrivals and self._arrivals[0] < horizon:
@@ -75,21 +89,24 @@ class RequestWindow:
         while self._finished and self._finished[0].t < horizon:
             self._finished.popleft()
         done = list(self._finished)
+        isl, osl = [float(f.isl) for f in done], [float(f.osl) for f in done]
         ttft = [f.ttft_ms for f in done]
         itl = [f.itl_ms for f in done if not math.isnan(f.itl_ms)]
 
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
 
-        return RouterMetrics(
+        return WindowStats(
             window_s=self.window_s, num_arrivals=len(self._arrivals), num_finished=len(done),
-            request_rate=len(self._arrivals) / self.window_s, isl_mean=mean([f.isl for f in done]),
-            osl_mean=mean([f.osl for f in done]), ttft_ms_p50=percentile(ttft, 50), ttft_ms_p90=percentile(ttft, 90),
+            request_rate=len(self._arrivals) / self.window_s, num_inflight=self.num_inflight,
+            isl_mean=mean(isl), isl_p50=percentile(isl, 50), isl_p95=percentile(isl, 95),
+            osl_mean=mean(osl), osl_p50=percentile(osl, 50), osl_p95=percentile(osl, 95),
+            ttft_ms_p50=percentile(ttft, 50), ttft_ms_p90=percentile(ttft, 90), ttft_ms_p95=percentile(ttft, 95),
             ttft_ms_p99=percentile(ttft, 99), itl_ms_p50=percentile(itl, 50), itl_ms_p90=percentile(itl, 90),
-            itl_ms_p99=percentile(itl, 99), e2e_ms_p50=percentile([f.e2e_ms for f in done], 50),
-            num_inflight=self.num_inflight,
+            itl_ms_p95=percentile(itl, 95), itl_ms_p99=percentile(itl, 99),
+            e2e_ms_p50=percentile([f.e2e_ms for f in done], 50),
         )
 
 
-# The process's window: requests through this router (fed by router.generation).
+# The process's window: requests through this router (fed by router.text_generation).
 WINDOW = RequestWindow()

@@ -1,0 +1,343 @@
+"""The router's request flow (docs/architecture.md, "A request's life"), independent of the
+client protocol: the OpenAI HTTP API and the KServe gRPC API both call :meth:`RequestFlow.generate`
+with token ids and sampling parameters and get token deltas back. Text is not handled here
+(``router.text_generation`` turns the deltas into text and matches stop strings).
+
+One request: plan (the prompt's block hashes, a decode worker by cost, a prefill worker when the
+prompt is prefilled remotely; no I/O), then the remote prefill (:meth:`RequestFlow._prefill`),
+then the decode with retries (:meth:`RequestFlow._decode`).
+
+Failure handling: a prefill worker that fails makes the request prefill on its decode worker;
+a decode worker that fails before it streamed anything is retried on another one; one that
+fails mid-stream ends the request with :class:`WorkerFailedError` (the client gets a clean
+error). Closing the delta stream (a client disconnect) cancels the worker calls, which abort
+the request there and free its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from protocol.outputs import FinishReason, StopReason, TokenLogprob
+from protocol.sampling import SamplingParams
+from router import policy
+from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
+from router.inflight import Ticket, inflight_to_pb, sum_peers
+from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
+from router.tier_index import TierIndex
+from router.worker_pool import WorkerPool
+from runtime import keys
+from runtime.convert import FINISH_FROM_PB, sampling_to_pb
+from runtime.etcd import ControlPlane
+from runtime.pb import tandem_control_pb2 as cpb
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.settings import ClusterConfig
+
+log = logging.getLogger("tandem.router")
+
+
+@dataclass
+class Delta:
+    """New tokens of one of the request's sequences."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason | None
+    stop_reason: StopReason = None
+
+
+@dataclass
+class Usage:
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Route:
+    decode_worker: str = ""
+    prefill_worker: str = ""  # empty: prefilled on the decode worker
+    recomputed: bool = False  # the KV pull failed and the decode worker prefilled itself
+    num_retries: int = 0
+    overlap_blocks: int = 0  # leading prompt blocks the worker that prefills holds (per the KV index)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """Where a request goes, decided before any call: its decode worker and, when the prompt is
+    prefilled remotely, its prefill worker."""
+
+    hashes: list[int]  # the prompt's chained block hashes (the decode tier's block size)
+    decode: policy.Decision
+    prefill: policy.Decision | None
+
+
+@dataclass
+class _Call:
+    """One request on its way through the workers."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    priority: int
+    route: Route
+    plan: RoutePlan
+    ticket: Ticket  # the request's share of its decode worker's in-flight load
+    first: pb.PrefillResponse | None = None  # the remote prefill's answer
+    handle: pb.KVHandle | None = None  # pinned on a prefill worker until a decode worker pulls it
+    streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
+
+
+def delta_from_pb(out: pb.SequenceOutput) -> Delta:
+    logprobs = [TokenLogprob(t, lp.logprob, {x.token_id: x.logprob for x in lp.top})
+                for t, lp in zip(out.token_ids, out.logprobs)]
+    stop = out.stop_token_id if out.HasField("stop_token_id") else None
+    return Delta(out.index, list(out.token_ids), logprobs, FINISH_FROM_PB[out.finish_reason], stop)
+
+
+def usage_from_pb(u: pb.Usage) -> Usage:
+    return Usage(u.num_prompt_tokens, u.num_completion_tokens, u.num_cached_tokens)
+
+
+class RequestFlow:
+    """Routes requests to the two tiers' :class:`WorkerPool` and streams their tokens back."""
+
+    def __init__(self, cfg: ClusterConfig, plane: ControlPlane) -> None:
+        self.cfg = cfg
+        self.plane = plane
+        self.decode = WorkerPool(plane, "decode")
+        self.prefill = WorkerPool(plane, "prefill")
+        self.pools = {"decode": self.decode, "prefill": self.prefill}
+        self.rng = random.Random()
+        self.prefill_queue_limit_tokens = 8 * max(cfg.max_num_batched_tokens, 1)
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s) for role in self.pools}
+        self._turns = {"decode": 0, "prefill": 0}  # round_robin
+        self._sharing: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+            pool.listeners.append(lambda _event, pool=pool: self._follow(pool))
+            self._follow(pool)
+            KV_INDEXED_BLOCKS.labels(pool.role).set_function(lambda pool=pool: self.tiers[pool.role].num_indexed_blocks)
+        self._sharing = asyncio.create_task(self._share_inflight())
+
+    async def stop(self) -> None:
+        if self._sharing is not None:
+            self._sharing.cancel()
+        for tier in self.tiers.values():
+            await tier.stop()
+        for pool in self.pools.values():
+            await pool.stop()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       priority: int = 0, route: Route | None = None) -> AsyncIterator[Delta | Usage]:
+        """Stream the request's deltas, then one :class:`Usage`. Stop strings are the caller's
+        business: it closes the stream when it sees one (that aborts the request upstream)."""
+        t0 = time.perf_counter()
+        plan = self._plan(prompt_ids, sampling.n)
+        DECISION_SECONDS.observe(time.perf_counter() - t0)
+        # The request counts on its decode worker from the decision on, not from the call: while
+        # its prompt prefills remotely the worker is already bound to it, and the decisions taken
+        # meanwhile must see that (a burst would otherwise all pick the same idle-looking worker).
+        to_compute = 0 if plan.prefill is not None else self._decode_prefill_tokens(prompt_ids, plan.decode)
+        ticket = self.decode.open(plan.decode.worker_id, to_compute, len(prompt_ids))
+        call = _Call(request_id, prompt_ids, sampling, priority, route or Route(), plan, ticket)
+        call.route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
+        try:
+            if plan.prefill is not None:
+                call.first = await self._prefill(call, plan.prefill)
+            ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
+            if call.first is not None:
+                call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
+                delta = delta_from_pb(call.first.outputs[0])
+                yield delta
+                if delta.finish_reason is not None or not call.first.HasField("handle"):
+                    yield usage_from_pb(call.first.usage)
+                    return
+                call.handle = call.first.handle
+            async with contextlib.aclosing(self._decode(call)) as items:  # closed with this one, at once
+                async for item in items:
+                    yield item
+        finally:
+            call.ticket.close()
+            if call.handle is not None and not call.streamed:
+                # Nobody will pull: give the prefill worker its blocks back now, not at lease end.
+                asyncio.get_running_loop().create_task(self.prefill.unpin(call.handle))
+
+    # ---- routing (no I/O) ----------------------------------------------------------------------
+    def _plan(self, prompt_ids: list[int], n: int) -> RoutePlan:
+        """The prompt's block hashes; the decode worker D by cost; then a remote prefill only if
+        the tokens D would still compute exceed max_local_prefill_tokens and the prefill tier is not
+        saturated (n > 1 prefills where it decodes); P by cost."""
+        decode_ids = self.decode.ids()
+        if not decode_ids:
+            raise NoWorkersError("no decode worker is available")
+        decode_tier = self.tiers["decode"]
+        hashes = decode_tier.hashes(prompt_ids)
+        prefill_ids = self.prefill.ids() if self.cfg.mode == "disaggregated" and n == 1 else []
+        max_local = None  # every decode worker prefills locally
+        if prefill_ids and not policy.prefill_saturated(self.prefill.loads(prefill_ids),
+                                                        self.prefill_queue_limit_tokens):
+            max_local = self.cfg.max_local_prefill_tokens
+        decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local)
+        assert decode is not None
+        prefill = None
+        if not decode.local_prefill:
+            prefill_tier = self.tiers["prefill"]
+            prefill_hashes = hashes if prefill_tier.block_size == decode_tier.block_size else \
+                prefill_tier.hashes(prompt_ids)
+            prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None)
+        return RoutePlan(hashes, decode, prefill)
+
+    def _decode_prefill_tokens(self, prompt_ids: list[int], decision: policy.Decision) -> int:
+        """Prompt tokens the decode worker computes when it prefills the prompt itself."""
+        return len(prompt_ids) - decision.overlap_blocks * self.tiers["decode"].block_size
+
+    def _choose(self, pool: WorkerPool, prompt_ids: list[int], hashes: list[int], ids: list[str],
+                max_local_prefill_tokens: int | None) -> policy.Decision | None:
+        """One tier's worker by the configured policy; records the decision in the tier's
+        index of routed prompts."""
+        tier = self.tiers[pool.role]
+        turn = self._turns[pool.role]
+        self._turns[pool.role] = turn + 1
+        decision = policy.choose(
+            self.cfg.routing_policy, len(prompt_ids), tier.overlaps(hashes), pool.loads(ids, tier.block_size),
+            tier.block_size, prefill_load_scale=self.cfg.prefill_load_scale, temperature=self.cfg.router_temperature,
+            max_local_prefill_tokens=max_local_prefill_tokens, turn=turn, rng=self.rng)
+        if decision is not None:
+            tier.record(decision.worker_id, hashes)
+            KV_OVERLAP_BLOCKS.labels(pool.role).observe(decision.overlap_blocks)
+        return decision
+
+    def _follow(self, pool: WorkerPool) -> None:
+        """The tier's workers changed: follow their KV events (block size from their registration)."""
+        members = pool.members()
+        self.tiers[pool.role] = self.tiers[pool.role].adopt(members)
+        self.tiers[pool.role].sync(members)
+
+    # ---- worker calls ----------------------------------------------------------------------------
+    async def _prefill(self, call: _Call, decision: policy.Decision) -> pb.PrefillResponse | None:
+        """Prefill on the chosen prefill worker; None (prefill on the decode worker) if it fails."""
+        worker = decision.worker_id
+        call.route.prefill_worker = worker
+        req = pb.PrefillRequest(request_id=call.request_id, prompt_token_ids=call.prompt_ids,
+                                sampling=sampling_to_pb(call.sampling), priority=call.priority)
+        to_compute = len(call.prompt_ids) - decision.overlap_blocks * self.tiers["prefill"].block_size
+        try:
+            with self.prefill.track(worker, to_compute, len(call.prompt_ids)):
+                return await self.prefill.stub(worker).Prefill(req)
+        except asyncio.CancelledError:
+            # The client left. The worker aborts the cancelled call, but its answer (a pinned
+            # KV handle) may already be on the way: abort it there too rather than wait for its lease.
+            asyncio.get_running_loop().create_task(self.prefill.abort(worker, call.request_id))
+            raise
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequestError(e.details()) from None
+            self.prefill.suspect(worker)
+            log.warning("request %s: prefill worker %s failed (%s); prefilling on the decode tier",
+                        call.request_id, worker, e.code().name)
+            call.route.prefill_worker = ""
+            return None
+
+    async def _decode(self, call: _Call) -> AsyncIterator[Delta | Usage]:
+        """Decode on the planned worker; a worker that fails before streaming anything is
+        replaced by the next best of the others (as long as there is one)."""
+        request = pb.GenerateRequest(request_id=call.request_id, prompt_token_ids=call.prompt_ids,
+                                     sampling=sampling_to_pb(call.sampling), priority=call.priority)
+        if call.handle is not None:
+            request.kv_handle.CopyFrom(call.handle)
+        tried: set[str] = set()
+        decision: policy.Decision | None = call.plan.decode
+        while True:
+            if decision is None:  # a retry: the next best of the others
+                # -1: with a handle the decode worker computes no prompt token; without, all it lacks
+                decision = self._choose(self.decode, call.prompt_ids, call.plan.hashes,
+                                        self.decode.ids(exclude=tried), -1 if call.handle is not None else None)
+            if decision is None:
+                raise (WorkerFailedError if tried else NoWorkersError)("no decode worker is available")
+            tried.add(decision.worker_id)
+            call.route.decode_worker = decision.worker_id
+            call.route.num_retries = len(tried) - 1
+            self._bind(call, decision)
+            try:
+                async with contextlib.aclosing(self._stream(call, decision.worker_id, request)) as items:
+                    async for item in items:
+                        yield item
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequestError(e.details()) from None
+                if e.code() == grpc.StatusCode.CANCELLED:
+                    raise
+                self.decode.suspect(decision.worker_id)
+                log.warning("request %s: decode worker %s failed: %s %s", call.request_id, decision.worker_id,
+                            e.code().name, e.details())
+                if call.streamed:
+                    raise WorkerFailedError(
+                        f"decode worker {decision.worker_id} failed mid-stream: {e.code().name}") from None
+            decision = None
+
+    def _bind(self, call: _Call, decision: policy.Decision) -> None:
+        """Count the request on the decode worker about to serve it: a retry elsewhere, or one
+        that now computes the prompt itself (the remote prefill failed), takes a new ticket."""
+        to_compute = 0 if call.handle is not None else self._decode_prefill_tokens(call.prompt_ids, decision)
+        if call.ticket.worker_id != decision.worker_id or call.ticket.prefill_tokens != to_compute:
+            call.ticket.close()
+            call.ticket = self.decode.open(decision.worker_id, to_compute, len(call.prompt_ids))
+
+    async def _stream(self, call: _Call, worker: str, request: pb.GenerateRequest) -> AsyncIterator[Delta | Usage]:
+        """One Generate call: its deltas, then the usage (the remote prefill's first token counted)."""
+        stream = self.decode.stub(worker).Generate(request)
+        try:
+            async for msg in stream:
+                if msg.HasField("pull"):
+                    call.route.recomputed = msg.pull.recomputed
+                for out in msg.outputs:
+                    call.streamed = True
+                    call.ticket.prefilled()
+                    call.ticket.grow(len(out.token_ids))
+                    yield delta_from_pb(out)
+                if msg.HasField("usage"):
+                    usage = usage_from_pb(msg.usage)
+                    if call.first is not None:  # the first token and the cache hit were the prefill worker's
+                        usage.num_completion_tokens += call.first.usage.num_completion_tokens
+                        usage.num_cached_tokens = call.first.usage.num_cached_tokens
+                    call.handle = None
+                    yield usage
+                    return
+            raise WorkerFailedError(f"decode worker {worker} ended the stream early")
+        finally:
+            stream.cancel()
+
+    # ---- peers -----------------------------------------------------------------------------------
+    async def _share_inflight(self) -> None:
+        """Publish this router's in-flight load per worker; read the other replicas'."""
+        ns = self.plane.namespace
+        while True:
+            try:
+                mine = inflight_to_pb(self.router_id, {role: pool.inflight for role, pool in self.pools.items()})
+                await self.plane.put_message(keys.router_inflight_key(ns, self.router_id), mine)
+                published = await self.plane.get_messages(keys.metrics_prefix(ns, keys.ROUTER_INFLIGHT),
+                                                           cpb.RouterInflight)
+                peers = sum_peers(published, self.router_id)
+                for role, pool in self.pools.items():
+                    pool.peer_inflight = peers.get(role, {})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd hiccup: keep the last known peers
+                log.debug("in-flight sharing failed: %r", e)
+            await asyncio.sleep(self.cfg.metrics_interval_s)

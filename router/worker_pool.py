@@ -1,0 +1,149 @@
+"""One tier's live workers, as the router sees them: their registrations (from etcd), gRPC stubs,
+the routers' in-flight accounting on each (this router's own, and its peers' as they publish it),
+and the load each worker publishes. Workers that just failed are skipped for a while."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from protocol.load import EngineLoad
+from router import policy
+from router.errors import WorkerFailedError
+from router.inflight import Inflight, Ticket
+from router.metrics import PREFIX_HIT_RATE, WORKER_FAILURES, WORKERS
+from runtime import keys
+from runtime.convert import load_from_pb
+from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo, WorkerSet
+from runtime.etcd import ControlPlane
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.router")
+_CLOSE_GRACE_S = 3600.0  # how long calls on a channel to a worker that left etcd may still run
+_SUSPECT_S = 5.0
+
+
+class WorkerPool:
+    """One tier's workers. ``model_name`` (set once the router knows the model it serves) keeps
+    workers that registered another model out of :meth:`ids`."""
+
+    def __init__(self, plane: ControlPlane, role: str) -> None:
+        self.plane = plane
+        self.role = role
+        self.workers = WorkerSet(plane, role, on_event=self._on_event)
+        self.model_name: str | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self.inflight: dict[str, Inflight] = {}  # this router's, per worker
+        self.peer_inflight: dict[str, Inflight] = {}  # the other routers', as last published
+        self.reported: dict[str, EngineLoad] = {}  # what the workers publish
+        self.listeners: list[Callable[[WorkerEvent], None]] = []  # called on every membership change
+        self._suspect: dict[str, float] = {}  # worker -> monotonic time until which it is skipped
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.workers.start()
+        WORKERS.labels(role=self.role).set_function(lambda: len(self.members()))
+        self._poller = asyncio.create_task(self._poll_loads())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.workers.stop()
+        for channel in self._channels.values():
+            await channel.close()
+
+    def members(self) -> dict[str, WorkerInfo]:
+        """The registered workers serving the router's model (all of them until it knows it)."""
+        return {w: info for w, info in self.workers.workers.items()
+                if self.model_name is None or info.model.name == self.model_name}
+
+    def ids(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """The workers requests may go to: members, not excluded, not suspected."""
+        now = time.monotonic()
+        return [w for w in self.members() if w not in exclude and self._suspect.get(w, 0) < now]
+
+    def loads(self, ids: list[str], block_size: int = 16) -> list[policy.WorkerLoad]:
+        inflight = {w: self.inflight.get(w, Inflight()).add(self.peer_inflight.get(w, Inflight())) for w in ids}
+        return policy.loads_of(ids, inflight, self.reported, block_size)
+
+    def stub(self, worker_id: str) -> pb_grpc.WorkerServiceStub:
+        stub = self._stubs.get(worker_id)
+        if stub is None:
+            info = self.workers.get(worker_id)
+            if info is None:
+                raise WorkerFailedError(f"{self.role} worker {worker_id} is gone")
+            channel = self._channels[worker_id] = grpc.aio.insecure_channel(info.endpoint)
+            stub = self._stubs[worker_id] = pb_grpc.WorkerServiceStub(channel)
+        return stub
+
+    def suspect(self, worker_id: str, for_s: float = _SUSPECT_S) -> None:
+        """Skip a worker that just failed until etcd confirms it gone (or the time passes)."""
+        self._suspect[worker_id] = time.monotonic() + for_s
+        WORKER_FAILURES.labels(role=self.role).inc()
+
+    def open(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0) -> Ticket:
+        """Count a request on the worker until ``ticket.close()``: ``prefill_tokens`` until
+        ``ticket.prefilled()``, ``kv_tokens`` (growing with ``ticket.grow``) until it ends."""
+        return Ticket(worker_id, self.inflight.setdefault(worker_id, Inflight()), prefill_tokens, kv_tokens)
+
+    @contextlib.contextmanager
+    def track(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0) -> Iterator[Ticket]:
+        """:meth:`open` for the duration of a ``with`` block."""
+        ticket = self.open(worker_id, prefill_tokens, kv_tokens)
+        try:
+            yield ticket
+        finally:
+            ticket.close()
+
+    async def abort(self, worker_id: str, request_id: str) -> None:
+        """Best effort: stop a request on a worker (its blocks are freed there)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, WorkerFailedError):
+            await self.stub(worker_id).Abort(pb.AbortRequest(request_id=request_id), timeout=2.0)
+
+    async def unpin(self, handle: pb.KVHandle) -> None:
+        """Best effort: give a prefill worker a KV handle's blocks back before its lease ends."""
+        with contextlib.suppress(grpc.aio.AioRpcError, WorkerFailedError):
+            await self.stub(handle.worker_id).Unpin(pb.UnpinRequest(handle_id=handle.handle_id), timeout=2.0)
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        if event.kind is WorkerEventKind.REMOVED or event.kind is WorkerEventKind.UPDATED:
+            self._stubs.pop(event.worker_id, None)
+            channel = self._channels.pop(event.worker_id, None)
+            if channel is not None:
+                # A drained worker leaves etcd first and then finishes what it serves (a dead one's
+                # calls fail on their own): close the channel without cutting its calls short.
+                asyncio.get_running_loop().create_task(channel.close(grace=_CLOSE_GRACE_S))
+        if event.kind is WorkerEventKind.REMOVED:
+            self.reported.pop(event.worker_id, None)
+            self._suspect.pop(event.worker_id, None)
+            entry = self.inflight.get(event.worker_id)
+            if entry is not None and not entry.num_requests:
+                del self.inflight[event.worker_id]
+            with contextlib.suppress(KeyError):
+                PREFIX_HIT_RATE.remove(self.role, event.worker_id)
+            log.info("%s worker %s left", self.role, event.worker_id)
+        elif event.kind is WorkerEventKind.ADDED:
+            log.info("%s worker %s joined at %s", self.role, event.worker_id,
+                     event.info.endpoint if event.info else "?")
+        for listener in self.listeners:
+            listener(event)
+
+    async def _poll_loads(self) -> None:
+        prefix = keys.metrics_prefix(self.plane.namespace, self.role)
+        while True:
+            try:
+                loads = await self.plane.get_messages(prefix, pb.Load)
+                self.reported = {wid: load_from_pb(m) for wid, m in loads.items()}
+                for wid, m in self.reported.items():
+                    if m.num_prompt_tokens and wid in self.workers:
+                        PREFIX_HIT_RATE.labels(self.role, wid).set(m.num_cached_tokens / m.num_prompt_tokens)
+            except Exception as e:  # etcd hiccup: keep the last known loads
+                log.debug("load poll failed: %r", e)
+            await asyncio.sleep(1.0)

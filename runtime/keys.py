@@ -1,0 +1,67 @@
+"""The control plane's key schema: every etcd key tandem reads or writes is made here.
+
+    /tandem/{ns}/workers/{role}/{worker_id}            WorkerInfo                 lease-bound
+    /tandem/{ns}/metrics/{role}/{worker_id}            tandem.worker.v1.Load      lease-bound, ~1 Hz
+    /tandem/{ns}/metrics/router/{router_id}            RouterWindowStats          lease-bound, ~1 Hz
+    /tandem/{ns}/metrics/router_inflight/{router_id}   RouterInflight             lease-bound, ~1 Hz
+    /tandem/{ns}/planner/decision                      PlannerDecision            not lease-bound
+
+``role`` is ``prefill`` or ``decode``. The values are the protobuf messages of
+``proto/tandem_control.proto`` (``Load``: ``proto/tandem_worker.proto``), serialized.
+Segments (namespace, role, ids) are checked: no ``/``, not empty.
+"""
+
+from __future__ import annotations
+
+from runtime.settings import check_name
+
+ROOT = "/tandem"
+WORKER_ROLES = ("prefill", "decode")
+ROUTER_STATS = "router"  # the metrics "role" of router window stats
+ROUTER_INFLIGHT = "router_inflight"  # the metrics "role" of router in-flight load
+
+
+def namespace_prefix(ns: str) -> str:
+    return f"{ROOT}/{check_name('namespace', ns)}/"
+
+
+def workers_prefix(ns: str, role: str) -> str:
+    return f"{namespace_prefix(ns)}workers/{check_name('role', role)}/"
+
+
+def worker_key(ns: str, role: str, worker_id: str) -> str:
+    return workers_prefix(ns, role) + check_name("worker id", worker_id)
+
+
+def metrics_prefix(ns: str, role: str) -> str:
+    """Where one kind of publisher writes its metrics: a worker role, ``router`` or ``router_inflight``."""
+    return f"{namespace_prefix(ns)}metrics/{check_name('role', role)}/"
+
+
+def metrics_key(ns: str, role: str, publisher_id: str) -> str:
+    return metrics_prefix(ns, role) + check_name("worker id", publisher_id)
+
+
+def worker_load_key(ns: str, role: str, worker_id: str) -> str:
+    if role not in WORKER_ROLES:
+        raise ValueError(f"bad worker role {role!r}; expected one of {WORKER_ROLES}")
+    return metrics_key(ns, role, worker_id)
+
+
+def router_stats_key(ns: str, router_id: str) -> str:
+    return metrics_key(ns, ROUTER_STATS, router_id)
+
+
+def router_inflight_key(ns: str, router_id: str) -> str:
+    return metrics_key(ns, ROUTER_INFLIGHT, router_id)
+
+
+def planner_decision_key(ns: str) -> str:
+    return f"{namespace_prefix(ns)}planner/decision"
+
+
+def id_under(prefix: str, key: str) -> str:
+    """The last segment of ``key``, which lies under ``prefix``."""
+    if not key.startswith(prefix):
+        raise ValueError(f"key {key!r} is not under {prefix!r}")
+    return key[len(prefix):]

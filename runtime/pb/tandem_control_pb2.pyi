@@ -1,0 +1,194 @@
+from runtime.pb import tandem_worker_pb2 as _tandem_worker_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TokenizerSource(_message.Message):
+    __slots__ = ("gguf_file", "hf_dir")
+    GGUF_FILE_FIELD_NUMBER: _ClassVar[int]
+    HF_DIR_FIELD_NUMBER: _ClassVar[int]
+    gguf_file: str
+    hf_dir: str
+    def __init__(self, gguf_file: _Optional[str] = ..., hf_dir: _Optional[str] = ...) -> None: ...
+
+class ModelCard(_message.Message):
+    __slots__ = ("name", "max_model_len", "tokenizer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_model_len: int
+    tokenizer: TokenizerSource
+    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerSource, _Mapping]] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "role", "endpoint", "model", "block_size", "transport", "transport_metadata", "metrics_url", "pid", "started_at_unix_ms")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: _tandem_worker_pb2.WorkerRole
+    endpoint: str
+    model: ModelCard
+    block_size: int
+    transport: str
+    transport_metadata: bytes
+    metrics_url: str
+    pid: int
+    started_at_unix_ms: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RouterWindowStats(_message.Message):
+    __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms")
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    ISL_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ISL_P50_FIELD_NUMBER: _ClassVar[int]
+    ISL_P95_FIELD_NUMBER: _ClassVar[int]
+    OSL_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OSL_P50_FIELD_NUMBER: _ClassVar[int]
+    OSL_P95_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_P90_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    ITL_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    ITL_MS_P90_FIELD_NUMBER: _ClassVar[int]
+    ITL_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    ITL_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    E2E_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    window_s: float
+    num_arrivals: int
+    num_finished: int
+    num_inflight: int
+    request_rate: float
+    isl_mean: float
+    isl_p50: float
+    isl_p95: float
+    osl_mean: float
+    osl_p50: float
+    osl_p95: float
+    ttft_ms_p50: float
+    ttft_ms_p90: float
+    ttft_ms_p95: float
+    ttft_ms_p99: float
+    itl_ms_p50: float
+    itl_ms_p90: float
+    itl_ms_p95: float
+    itl_ms_p99: float
+    e2e_ms_p50: float
+    published_at_unix_ms: int
+    def __init__(self, router_id: _Optional[str] = ..., window_s: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_inflight: _Optional[int] = ..., request_rate: _Optional[float] = ..., isl_mean: _Optional[float] = ..., isl_p50: _Optional[float] = ..., isl_p95: _Optional[float] = ..., osl_mean: _Optional[float] = ..., osl_p50: _Optional[float] = ..., osl_p95: _Optional[float] = ..., ttft_ms_p50: _Optional[float] = ..., ttft_ms_p90: _Optional[float] = ..., ttft_ms_p95: _Optional[float] = ..., ttft_ms_p99: _Optional[float] = ..., itl_ms_p50: _Optional[float] = ..., itl_ms_p90: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., itl_ms_p99: _Optional[float] = ..., e2e_ms_p50: _Optional[float] = ..., published_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Inflight(_message.Message):
+    __slots__ = ("num_requests", "num_prefill_tokens", "num_kv_tokens")
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_requests: int
+    num_prefill_tokens: int
+    num_kv_tokens: int
+    def __init__(self, num_requests: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ...) -> None: ...
+
+class TierInflight(_message.Message):
+    __slots__ = ("workers",)
+    class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Inflight
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Inflight, _Mapping]] = ...) -> None: ...
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.MessageMap[str, Inflight]
+    def __init__(self, workers: _Optional[_Mapping[str, Inflight]] = ...) -> None: ...
+
+class RouterInflight(_message.Message):
+    __slots__ = ("router_id", "tiers")
+    class TiersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TierInflight
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TierInflight, _Mapping]] = ...) -> None: ...
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    tiers: _containers.MessageMap[str, TierInflight]
+    def __init__(self, router_id: _Optional[str] = ..., tiers: _Optional[_Mapping[str, TierInflight]] = ...) -> None: ...
+
+class PlannerAction(_message.Message):
+    __slots__ = ("kind", "role", "worker_id")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[PlannerAction.Kind]
+        KIND_START: _ClassVar[PlannerAction.Kind]
+        KIND_DRAIN: _ClassVar[PlannerAction.Kind]
+        KIND_SWITCH: _ClassVar[PlannerAction.Kind]
+        KIND_ABANDON: _ClassVar[PlannerAction.Kind]
+    KIND_UNSPECIFIED: PlannerAction.Kind
+    KIND_START: PlannerAction.Kind
+    KIND_DRAIN: PlannerAction.Kind
+    KIND_SWITCH: PlannerAction.Kind
+    KIND_ABANDON: PlannerAction.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: PlannerAction.Kind
+    role: str
+    worker_id: str
+    def __init__(self, kind: _Optional[_Union[PlannerAction.Kind, str]] = ..., role: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class PlannerReason(_message.Message):
+    __slots__ = ("code", "role", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    role: str
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, code: _Optional[str] = ..., role: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class PlannerDecision(_message.Message):
+    __slots__ = ("planner_id", "decided_at_unix_ms", "mode", "num_prefill", "num_decode", "actions", "reasons")
+    PLANNER_ID_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    planner_id: str
+    decided_at_unix_ms: int
+    mode: str
+    num_prefill: int
+    num_decode: int
+    actions: _containers.RepeatedCompositeFieldContainer[PlannerAction]
+    reasons: _containers.RepeatedCompositeFieldContainer[PlannerReason]
+    def __init__(self, planner_id: _Optional[str] = ..., decided_at_unix_ms: _Optional[int] = ..., mode: _Optional[str] = ..., num_prefill: _Optional[int] = ..., num_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[PlannerAction, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[PlannerReason, _Mapping]]] = ...) -> None: ...
