@@ -1,0 +1,256 @@
+"""The planner's decision core: :meth:`Planner.tick` takes an :class:`Observation` and returns a
+:class:`Decision`. No I/O, no clock: times come in the observation, effects go out as data.
+
+Order of a tick:
+
+1. starts that never became ready within ``start_timeout_s`` are abandoned (a worker that
+   cannot get a GPU does not hold the planner); actions issued earlier are matched with what
+   the observation shows (a drained worker that vanished counts as done);
+2. the estimators learn from the tick (regressions, forecasts) whatever is decided;
+3. zero traffic (every router window has no arrival and no ready worker has work): straight to
+   the minimums, all at once, grace period or not;
+4. otherwise no decision without router windows, while a change is in progress, or within the
+   grace period of the last change;
+5. targets per tier from the mode (throughput: the forecast; load: +/-1; both: the forecast is a
+   floor and the load scales above it), clamped to the minimums and the GPU budget;
+6. the targets become actions: switches from a tier with surplus first (fast, no cold start),
+   then starts while GPUs are free, then drains; the least-loaded workers go first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.config import PlannerConfig
+from planner.decision import Action, ActionKind, Decision, Reason
+from planner.load import LoadModel, TierLoad
+from planner.observations import ROLES, Observation, Traffic, WorkerState, WorkerStep, other_role
+from planner.profile import Profile
+from planner.throughput import ThroughputModel
+
+TRANSITIONS = (WorkerState.STARTING, WorkerState.DRAINING, WorkerState.SWITCHING)
+
+
+@dataclass
+class _Pending:
+    action: Action
+    issued_s: float
+    baseline: int = 0  # START: the tier's worker count (any state) when issued
+
+
+def after(counts: dict[str, int], actions: list[Action]) -> dict[str, int]:
+    """Replicas per tier once ``actions`` are carried out."""
+    out = dict(counts)
+    for a in actions:
+        if a.kind is ActionKind.START:
+            out[a.role] += 1
+        elif a.kind is ActionKind.SWITCH:
+            out[a.role] += 1
+            out[other_role(a.role)] -= 1
+        elif a.kind is ActionKind.DRAIN:
+            out[a.role] -= 1
+    return out
+
+
+def load_order(w: WorkerStep) -> tuple[int, int, str]:
+    """Which worker leaves a tier first: the one with the least to finish."""
+    return (w.num_running + w.num_waiting, w.num_active_kv_tokens + w.num_queued_prefill_tokens, w.worker_id)
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig, profile: Profile | None = None) -> None:
+        if config.mode != "load" and profile is None:
+            raise ValueError(f"planner mode {config.mode!r} needs a profile (the throughput mode sizes from it)")
+        self.config = config
+        self.profile = profile
+        self.load = LoadModel(config, profile)
+        self.throughput = ThroughputModel(config, profile) if profile is not None else None
+        self.last_change_s = -math.inf
+        self.pending: list[_Pending] = []
+        self.abandoned: dict[str, float] = {}  # worker id -> when
+
+    # ---- the tick --------------------------------------------------------------------------------
+    def tick(self, obs: Observation) -> Decision:
+        cfg = self.config
+        actions = self._abandon_stuck(obs)
+        reasons = [Reason("abandoned-start", a.role, {"waited_s": cfg.start_timeout_s}) for a in actions]
+        reasons += self._resolve_pending(obs)
+        workers = [w for w in obs.workers if w.worker_id not in self.abandoned]
+        counts = {r: sum(1 for w in workers if w.role == r and w.state in (WorkerState.READY, WorkerState.STARTING))
+                  for r in ROLES}
+        ready = [w for w in workers if w.state is WorkerState.READY]
+        traffic = Traffic.merge(obs.windows)
+        self.load.observe(ready)
+        if self.throughput is not None:
+            self.throughput.observe(traffic, ready)
+
+        def hold(*why: Reason) -> Decision:
+            return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"], tuple(actions),
+                            tuple(reasons) + why)
+
+        if obs.windows and traffic.num_arrivals == 0 and not any(w.has_work for w in ready):
+            return self._to_minimums(obs, workers, counts, actions, reasons)
+        if not obs.windows or math.isnan(traffic.request_rate):
+            return hold(Reason("no-data"))
+        busy = [w for w in workers if w.state in TRANSITIONS and obs.now_s - w.since_s < cfg.action_timeout_s]
+        if self.pending or busy:
+            return hold(Reason("in-progress", "", {"pending": len(self.pending), "transitions": len(busy)}))
+        if obs.now_s - self.last_change_s < cfg.grace_s:
+            return hold(Reason("grace", "", {"since_change_s": obs.now_s - self.last_change_s}))
+        wanted = self._targets(counts, ready, traffic)
+        if wanted is None:
+            return hold(Reason("no-data", "", {"rate": traffic.request_rate}))
+        (p, d), why = wanted
+        reasons += why
+        new_actions, short = self._realize(obs, workers, counts, {"prefill": p, "decode": d})
+        reasons += short
+        actions += new_actions
+        self._issued(obs, workers, new_actions)
+        done = after(counts, new_actions)
+        return Decision(obs.now_s, cfg.mode, done["prefill"], done["decode"], tuple(actions), tuple(reasons))
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def _abandon_stuck(self, obs: Observation) -> list[Action]:
+        for wid, at in list(self.abandoned.items()):
+            if obs.worker(wid) is None or obs.now_s - at > self.config.action_timeout_s:
+                del self.abandoned[wid]
+        out = []
+        for w in obs.workers:
+            if (w.state is WorkerState.STARTING and w.worker_id not in self.abandoned
+                    and obs.now_s - w.since_s >= self.config.start_timeout_s):
+                self.abandoned[w.worker_id] = obs.now_s
+                out.append(Action(ActionKind.ABANDON, w.role, w.worker_id))
+        return out
+
+    def _resolve_pending(self, obs: Observation) -> list[Reason]:
+        """Drop the issued actions the observation now reflects (or that are too old to wait for)."""
+        reasons, keep = [], []
+        for p in self.pending:
+            a = p.action
+            w = obs.worker(a.worker_id) if a.worker_id else None
+            if a.kind is ActionKind.START:
+                done = sum(1 for x in obs.workers if x.role == a.role) > p.baseline
+            elif a.kind is ActionKind.DRAIN:
+                done = w is None or w.state is WorkerState.DRAINING
+            else:  # SWITCH: under way, done, or the worker vanished
+                done = w is None or w.state is WorkerState.SWITCHING or w.role == a.role
+            if done:
+                continue
+            if obs.now_s - p.issued_s > self.config.action_timeout_s:
+                reasons.append(Reason("action-lost", a.role, {"age_s": obs.now_s - p.issued_s}))
+                continue
+            keep.append(p)
+        self.pending = keep
+        return reasons
+
+    def _issued(self, obs: Observation, workers: list[WorkerStep], actions: list[Action]) -> None:
+        if not actions:
+            return
+        self.last_change_s = obs.now_s
+        started = {r: 0 for r in ROLES}
+        for a in actions:
+            baseline = sum(1 for w in workers if w.role == a.role) + started.get(a.role, 0)
+            if a.kind is ActionKind.START:
+                started[a.role] += 1
+            self.pending.append(_Pending(a, obs.now_s, baseline))
+
+    # ---- targets ---------------------------------------------------------------------------------
+    def _targets(self, counts: dict[str, int], ready: list[WorkerStep], traffic: Traffic
+                 ) -> tuple[tuple[int, int], list[Reason]] | None:
+        cfg, reasons = self.config, []
+        floor = {r: cfg.minimum(r) for r in ROLES}
+        if cfg.mode != "load":
+            assert self.throughput is not None
+            sized = self.throughput.targets()
+            if sized is None:
+                return None
+            floor = {"prefill": sized[0], "decode": sized[1]}
+            reasons.append(sized[2])
+            if cfg.max_step_up:
+                floor = {r: min(floor[r], counts[r] + cfg.max_step_up) for r in ROLES}
+        want = dict(floor)
+        verdicts: dict[str, TierLoad] = {}
+        if cfg.mode != "throughput":
+            hit = self.throughput.forecast().hit_rate if self.throughput is not None else 0.0
+            isl = traffic.isl_mean * (1 - hit)
+            for r in ROLES:
+                verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl)
+                reasons.append(verdicts[r].reason)
+                want[r] = max(floor[r], counts[r] + verdicts[r].delta)
+        return self._clamp(want, floor, counts, verdicts, reasons), reasons
+
+    def _clamp(self, want: dict[str, int], floor: dict[str, int], counts: dict[str, int],
+               verdicts: dict[str, TierLoad], reasons: list[Reason]) -> tuple[int, int]:
+        cfg = self.config
+        want = {r: max(want[r], cfg.minimum(r)) for r in ROLES}
+        room = cfg.max_workers
+        if want["prefill"] + want["decode"] <= room:
+            return want["prefill"], want["decode"]
+        values = {f"want_{r}": float(want[r]) for r in ROLES} | {"max_workers": float(room)}
+        growing = [r for r in ROLES if want[r] > counts[r]]
+        if len(growing) == 1 and floor["prefill"] + floor["decode"] <= room:
+            x = growing[0]
+            y = other_role(x)
+            give = verdicts.get(y)
+            if want[y] >= counts[y] and give is not None and give.can_spare and counts[y] - 1 >= floor[y]:
+                want[y] = counts[y] - 1  # the other tier spares one: a switch
+                reasons.append(Reason("budget-switch", x, values))
+            want[x] = min(want[x], room - want[y])
+            return want["prefill"], want["decode"]
+        # Both tiers need more than the budget holds: share it in proportion to the need.
+        share = round(room * want["prefill"] / (want["prefill"] + want["decode"]))
+        prefill = min(max(share, cfg.min_prefill), room - cfg.min_decode)
+        reasons.append(Reason("budget-clamp", "", values))
+        return prefill, room - prefill
+
+    # ---- actions ---------------------------------------------------------------------------------
+    def _realize(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
+                 target: dict[str, int]) -> tuple[list[Action], list[Reason]]:
+        cfg = self.config
+        delta = {r: target[r] - counts[r] for r in ROLES}
+        used = sum(w.num_gpus for w in workers)
+        free = cfg.gpu_budget - used
+        if obs.num_gpus_free is not None:
+            free = min(free, obs.num_gpus_free)
+        free_slots = max(0, free) // cfg.gpus_per_worker
+        ready = {r: sorted((w for w in workers if w.role == r and w.state is WorkerState.READY), key=load_order)
+                 for r in ROLES}
+        actions, reasons = [], []
+        for x in ROLES:
+            y = other_role(x)
+            if delta[x] <= 0:
+                continue
+            switches = min(delta[x], max(0, -delta[y]), len(ready[y]))
+            for w in ready[y][:switches]:
+                actions.append(Action(ActionKind.SWITCH, x, w.worker_id))
+            ready[y] = ready[y][switches:]
+            delta[y] += switches
+            starts = min(delta[x] - switches, free_slots)
+            free_slots -= starts
+            actions += [Action(ActionKind.START, x) for _ in range(starts)]
+            if delta[x] - switches - starts > 0:
+                reasons.append(Reason("no-gpu-free", x, {"short": float(delta[x] - switches - starts),
+                                                         "gpus_free": float(max(0, free))}))
+        for r in ROLES:
+            for w in ready[r][:max(0, -delta[r])]:
+                actions.append(Action(ActionKind.DRAIN, r, w.worker_id))
+        return actions, reasons
+
+    def _to_minimums(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
+                     actions: list[Action], reasons: list[Reason]) -> Decision:
+        """No traffic: drain every idle ready worker above the tier's minimum, now."""
+        cfg = self.config
+        pending_ids = {p.action.worker_id for p in self.pending if p.action.kind is not ActionKind.START}
+        left = after(counts, [p.action for p in self.pending if p.action.kind is not ActionKind.START])
+        new_actions = []
+        for r in ROLES:
+            idle = sorted((w for w in workers if w.role == r and w.state is WorkerState.READY
+                           and w.worker_id not in pending_ids), key=load_order)
+            for w in idle[:max(0, left[r] - cfg.minimum(r))]:
+                new_actions.append(Action(ActionKind.DRAIN, r, w.worker_id))
+        left = after(left, new_actions)
+        self._issued(obs, workers, new_actions)
+        reasons = [*reasons, Reason("zero-traffic", "", {f"num_{r}": float(left[r]) for r in ROLES})]
+        return Decision(obs.now_s, cfg.mode, left["prefill"], left["decode"], tuple(actions + new_actions),
+                        tuple(reasons))

@@ -1,0 +1,136 @@
+"""Load mode: is each tier over or comfortably under its SLO, from online regressions of step
+time on the load the workers report (Dynamo's load planner, made to scale down safely).
+
+- prefill: step time = a + b * prompt tokens in the step. A worker's predicted TTFT is the time
+  to compute its queued prompt tokens plus one new prompt; its utilization is the prompt tokens
+  it computes per second times the time per token of a full step.
+- decode: step time = a + b * running sequences + c * their KV tokens, which is the ITL.
+
+Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten) or the
+tier is near saturation; down (-1) only when, with the tier's load spread over N-1 workers (times
+today's imbalance between them), every worker stays under ``scale_down_margin`` x SLO, on
+``scale_down_ticks`` ticks in a row. A tier can *spare* a worker for the other tier when N-1
+workers stay under the SLO itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.config import PlannerConfig
+from planner.decision import Reason
+from planner.observations import WorkerStep
+from planner.profile import Profile
+from planner.regression import StepRegression
+
+SATURATED = 0.9  # utilization (prefill) or KV usage (decode) at which a tier scales up whatever the latency
+
+
+@dataclass(frozen=True)
+class TierLoad:
+    role: str
+    delta: int  # -1, 0 or +1
+    can_spare: bool  # N-1 workers would still meet the SLO
+    reason: Reason
+
+
+def _imbalance(values: list[float]) -> float:
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else 1.0
+
+
+class LoadModel:
+    def __init__(self, config: PlannerConfig, profile: Profile | None = None) -> None:
+        self.config = config
+        self.budget_tokens = profile.max_num_batched_tokens if profile else 2048
+        prefill_prior = decode_prior = None
+        if profile is not None:
+            lo, hi = profile.prefill.isl[0], min(profile.prefill.isl[-1], profile.max_num_batched_tokens)
+            t_lo, t_hi = profile.prefill_latency_s(lo), profile.prefill_latency_s(hi)
+            b = max(0.0, (t_hi - t_lo) / max(hi - lo, 1))
+            prefill_prior = (max(0.0, t_lo - b * lo), b)
+            d = profile.decode
+            b0, b1, c0, c1 = d.batch[0], d.batch[-1], d.context[0], d.context[-1]
+            s00, s10, s11 = (profile.decode_step_s(b0, c0), profile.decode_step_s(b1, c0),
+                             profile.decode_step_s(b1, c1))
+            per_kv = max(0.0, (s11 - s10) / max(b1 * (c1 - c0), 1))
+            per_seq = max(0.0, (s10 - s00) / max(b1 - b0, 1) - per_kv * c0)
+            decode_prior = (max(0.0, s00 - per_seq * b0 - per_kv * b0 * c0), per_seq, per_kv)
+        self.prefill = StepRegression(1, prefill_prior)
+        self.decode = StepRegression(2, decode_prior)
+        self._down_streak = {"prefill": 0, "decode": 0}
+
+    # ---- learning --------------------------------------------------------------------------
+    def observe(self, workers: list[WorkerStep]) -> None:
+        """Feed the regressions with the ready workers' step summaries of this tick."""
+        for w in workers:
+            if w.num_steps <= 0:
+                continue
+            if w.role == "prefill":
+                self.prefill.observe((w.step_prefill_tokens,), w.step_s)
+            elif w.step_prefill_tokens == 0 or math.isnan(w.step_prefill_tokens):  # pure decode steps only
+                self.decode.observe((w.step_decode_tokens, w.step_kv_tokens), w.step_s)
+
+    def prefill_time_s(self, tokens: float) -> float:
+        """Time for one worker to compute ``tokens`` prompt tokens in full steps."""
+        steps = max(1, math.ceil(tokens / self.budget_tokens))
+        a = self.prefill.predict((0.0,))
+        return steps * a + (self.prefill.predict((tokens,)) - a)
+
+    # ---- verdicts ----------------------------------------------------------------------------
+    def assess(self, role: str, workers: list[WorkerStep], isl: float) -> TierLoad:
+        """``workers``: the tier's ready workers; ``isl``: new prompt tokens of a typical request."""
+        verdict = self._assess_prefill(workers, isl) if role == "prefill" else self._assess_decode(workers)
+        streak = self._down_streak[role] = self._down_streak[role] + 1 if verdict.delta < 0 else 0
+        if verdict.delta < 0 and streak < self.config.scale_down_ticks:
+            verdict = TierLoad(role, 0, verdict.can_spare, Reason("load-low-waiting", role, verdict.reason.values))
+        return verdict
+
+    def _assess_prefill(self, workers: list[WorkerStep], isl: float) -> TierLoad:
+        cfg, n = self.config, len(workers)
+        slo = cfg.ttft_slo_s
+        if not n or math.isnan(self.prefill.predict((0.0,))):
+            return TierLoad("prefill", 0, False, Reason("load-no-fit", "prefill"))
+        isl = 0.0 if math.isnan(isl) else isl
+        per_token = self.prefill_time_s(self.budget_tokens) / self.budget_tokens
+        queued = [float(w.num_queued_prefill_tokens) for w in workers]
+        util = [(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s) * per_token for w in workers]
+        ttft = max(self.prefill_time_s(q + isl) for q in queued)
+        mean_util = sum(util) / n
+        values = {"ttft_s": ttft, "utilization": mean_util, "workers": n}
+        if mean_util > SATURATED or (ttft > slo and max(queued) > 0):
+            return TierLoad("prefill", 1, False, Reason("ttft-over-slo", "prefill", values))
+        if n < 2:
+            return TierLoad("prefill", 0, False, Reason("load-ok", "prefill", values))
+        spread = sum(queued) / (n - 1) * _imbalance(queued)
+        ttft_less = self.prefill_time_s(spread + isl)
+        util_less = sum(util) / (n - 1)
+        values |= {"ttft_s_n_minus_1": ttft_less, "utilization_n_minus_1": util_less}
+        can_spare = ttft_less <= slo and util_less < SATURATED
+        if ttft_less < cfg.scale_down_margin * slo and util_less < cfg.scale_down_margin:
+            return TierLoad("prefill", -1, can_spare, Reason("load-low", "prefill", values))
+        return TierLoad("prefill", 0, can_spare, Reason("load-ok", "prefill", values))
+
+    def _assess_decode(self, workers: list[WorkerStep]) -> TierLoad:
+        cfg, n = self.config, len(workers)
+        slo = cfg.itl_slo_s
+        if not n or math.isnan(self.decode.predict((0.0, 0.0))):
+            return TierLoad("decode", 0, False, Reason("load-no-fit", "decode"))
+        running = [float(w.num_running) for w in workers]
+        kv = [float(w.num_active_kv_tokens) for w in workers]
+        usage = sum(w.kv_usage for w in workers) / n
+        itl = max(self.decode.predict((r, k)) for r, k in zip(running, kv))
+        values = {"itl_s": itl, "kv_usage": usage, "workers": n}
+        if itl > slo or usage > SATURATED:
+            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+        if n < 2:
+            return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
+        imbalance = max(_imbalance(running), _imbalance(kv))
+        itl_less = self.decode.predict((sum(running) / (n - 1) * imbalance, sum(kv) / (n - 1) * imbalance))
+        usage_less = usage * n / (n - 1)
+        values |= {"itl_s_n_minus_1": itl_less, "kv_usage_n_minus_1": usage_less}
+        can_spare = itl_less <= slo and usage_less < SATURATED
+        if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin:
+            return TierLoad("decode", -1, can_spare, Reason("load-low", "decode", values))
+        return TierLoad("decode", 0, can_spare, Reason("load-ok", "decode", values))

@@ -1,0 +1,179 @@
+"""A worker's performance profile, as the throughput mode reads it (``deploy/profiler.py``
+writes it by sweeping an engine; ``planner/profiles/*.json`` ship with the package).
+
+File format (JSON, one object)::
+
+    {"name": "h200-llama-3.1-8b",
+     "source": {...},                       # what was swept: engine, sim profile, device, date
+     "max_num_batched_tokens": 2048, "max_num_seqs": 256, "kv_capacity_tokens": 819200,
+     "prefill": {"isl": [...],              # prompt lengths swept
+                 "latency_s": [...],         # one request alone: its chunked prefill's wall time
+                 "tokens_per_s": [...]},     # a worker kept busy with prompts of that length
+     "decode": {"batch": [...], "context": [...],  # running sequences, KV tokens per sequence
+                "step_s": [[...], ...]},     # step wall time, step_s[i][j] at batch[i], context[j]
+     "capacity": {"ttft_ms": 2000, "itl_ms": 50,  # capacity at these targets (for reading; the
+                  "prefill_tokens_per_s": [...],   # planner recomputes it for its own targets)
+                  "decode_max_batch": [...], "decode_tokens_per_s": [...]}}
+
+Between swept points values are interpolated linearly (bilinearly on the decode grid); beyond
+the last point they are extrapolated from the last two (step times grow about linearly).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+MAX_PREFILL_UTILIZATION = 0.9  # a prefill worker never planned busier than this
+MIN_PREFILL_UTILIZATION = 0.3  # ... nor idler, even where the target is out of reach
+
+
+def interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Linear interpolation, extrapolated from the two end points on either side."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class PrefillCurve:
+    isl: tuple[int, ...]
+    latency_s: tuple[float, ...]
+    tokens_per_s: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.isl or len(self.isl) != len(self.latency_s) or len(self.isl) != len(self.tokens_per_s):
+            raise ValueError("prefill curve: isl, latency_s and tokens_per_s must have the same non-zero length")
+        if list(self.isl) != sorted(set(self.isl)):
+            raise ValueError("prefill curve: isl must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class DecodeGrid:
+    batch: tuple[int, ...]
+    context: tuple[int, ...]
+    step_s: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.step_s) != len(self.batch) or any(len(row) != len(self.context) for row in self.step_s):
+            raise ValueError("decode grid: step_s must be len(batch) rows of len(context) values")
+        for name in ("batch", "context"):
+            values = list(getattr(self, name))
+            if not values or values != sorted(set(values)):
+                raise ValueError(f"decode grid: {name} must be strictly increasing and not empty")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    kv_capacity_tokens: int
+    prefill: PrefillCurve
+    decode: DecodeGrid
+    source: dict[str, Any] = field(default_factory=dict)
+    capacity: dict[str, Any] = field(default_factory=dict)
+
+    # ---- the curves -------------------------------------------------------------------------
+    def prefill_latency_s(self, isl: float) -> float:
+        """Wall time of one prompt of ``isl`` new tokens on an idle worker."""
+        return max(0.0, interp(isl, self.prefill.isl, self.prefill.latency_s))
+
+    def prefill_tokens_per_s(self, isl: float) -> float:
+        """Prompt tokens per second of a worker kept busy with prompts of ``isl`` tokens."""
+        return max(1e-9, interp(isl, self.prefill.isl, self.prefill.tokens_per_s))
+
+    def decode_step_s(self, batch: float, context: float) -> float:
+        """Step time with ``batch`` running sequences of ``context`` KV tokens each."""
+        d = self.decode
+        rows = [interp(context, d.context, row) for row in d.step_s]
+        return max(0.0, interp(batch, d.batch, rows))
+
+    # ---- capacity at the targets --------------------------------------------------------------
+    def prefill_capacity(self, isl: float, ttft_s: float) -> float:
+        """Prompt tokens per second one prefill worker takes while keeping the mean TTFT under
+        ``ttft_s``: its busy throughput times the utilization at which an M/D/1 queue's mean wait
+        plus the prompt's own latency reaches the target, within [0.3, 0.9]."""
+        throughput = self.prefill_tokens_per_s(isl)
+        service_s = max(isl, 1.0) / throughput
+        slack = ttft_s - self.prefill_latency_s(isl)
+        if slack <= 0:
+            return throughput * MIN_PREFILL_UTILIZATION
+        x = 2 * slack / service_s  # wait = rho * service / (2 (1 - rho)) <= slack
+        return throughput * min(MAX_PREFILL_UTILIZATION, max(MIN_PREFILL_UTILIZATION, x / (1 + x)))
+
+    def decode_max_batch(self, context: float, itl_s: float) -> int:
+        """Most sequences of ``context`` KV tokens one decode worker runs with its step under
+        ``itl_s``, within ``max_num_seqs`` and its KV capacity (0: not even one)."""
+        limit = min(self.max_num_seqs, int(self.kv_capacity_tokens // max(context, 1.0)))
+        lo, hi = 0, limit
+        while lo < hi:  # step time grows with the batch: the largest batch under the target
+            mid = (lo + hi + 1) // 2
+            if self.decode_step_s(mid, context) <= itl_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def decode_capacity(self, context: float, itl_s: float) -> float:
+        """Output tokens per second one decode worker produces at the largest batch under the
+        ITL target (one sequence's rate if even one misses it)."""
+        n = max(1, self.decode_max_batch(context, itl_s))
+        return n / max(self.decode_step_s(n, context), 1e-9)
+
+    def with_capacity(self, ttft_ms: float, itl_ms: float) -> Profile:
+        """A copy whose ``capacity`` table holds the capacities at these targets (for reading)."""
+        isl = list(self.prefill.isl)
+        context = list(self.decode.context)
+        table = {"ttft_ms": ttft_ms, "itl_ms": itl_ms, "isl": isl,
+                 "prefill_tokens_per_s": [round(self.prefill_capacity(i, ttft_ms / 1000), 1) for i in isl],
+                 "context": context,
+                 "decode_max_batch": [self.decode_max_batch(c, itl_ms / 1000) for c in context],
+                 "decode_tokens_per_s": [round(self.decode_capacity(c, itl_ms / 1000), 1) for c in context]}
+        return replace(self, capacity=table)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        try:
+            prefill = PrefillCurve(tuple(d["prefill"]["isl"]), tuple(d["prefill"]["latency_s"]),
+                                   tuple(d["prefill"]["tokens_per_s"]))
+            decode = DecodeGrid(tuple(d["decode"]["batch"]), tuple(d["decode"]["context"]),
+                                tuple(tuple(row) for row in d["decode"]["step_s"]))
+            return cls(name=str(d["name"]), max_num_batched_tokens=int(d["max_num_batched_tokens"]),
+                       max_num_seqs=int(d["max_num_seqs"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]),
+                       prefill=prefill, decode=decode, source=dict(d.get("source", {})),
+                       capacity=dict(d.get("capacity", {})))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bad planner profile: missing or malformed {e}") from None
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Profile:
+        """A profile by name (``planner/profiles/<name>.json``) or by path."""
+        path = Path(name_or_path)
+        if path.suffix != ".json":
+            path = PROFILE_DIR / f"{path.name}.json"
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            known = sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+            raise ValueError(f"no planner profile {name_or_path!r} ({e.strerror}); known: {known}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def finite(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
