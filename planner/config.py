@@ -25,6 +25,8 @@ class PlannerConfig:
     scale_down_margin: float = 0.8  # scale down only if every replica stays under this x SLO with N-1
     scale_down_ticks: int = 2  # ... on this many ticks in a row (a noisy flat load does not flap)
     # throughput mode
+    max_utilization: float = 0.8  # plan each worker at most this busy: bursts, imbalance, the router's spill rule
+    scale_down_band: float = 0.9  # scale down only when the demand fits N-1 workers at this x max_utilization
     predictor: str = "kalman"
     predictor_window: int = 10  # moving average: intervals; autoreg: fits on up to 8x this history
     max_step_up: int = 0  # throughput mode: most replicas added per tier per tick (0: no limit)
@@ -45,6 +47,8 @@ class PlannerConfig:
                              f"{self.gpus_per_worker} GPUs) exceed gpu_budget={self.gpu_budget}")
         if self.adjustment_interval_s <= 0 or self.grace_s < 0 or self.start_timeout_s <= 0:
             raise ValueError("adjustment_interval_s and start_timeout_s must be positive, grace_s >= 0")
+        if not 0 < self.max_utilization <= 1 or not 0 < self.scale_down_band <= 1:
+            raise ValueError("max_utilization and scale_down_band must be in (0, 1]")
         if not 0 < self.scale_down_margin <= 1:
             raise ValueError(f"scale_down_margin must be in (0, 1], got {self.scale_down_margin}")
         if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.max_step_up < 0:

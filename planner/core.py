@@ -162,7 +162,7 @@ class Planner:
         floor = {r: cfg.minimum(r) for r in ROLES}
         if cfg.mode != "load":
             assert self.throughput is not None
-            sized = self.throughput.targets()
+            sized = self.throughput.targets(counts)
             if sized is None:
                 return None
             floor = {"prefill": sized[0], "decode": sized[1]}

@@ -44,6 +44,7 @@ class LoadModel:
     def __init__(self, config: PlannerConfig, profile: Profile | None = None) -> None:
         self.config = config
         self.budget_tokens = profile.max_num_batched_tokens if profile else 2048
+        self.max_num_seqs = profile.max_num_seqs if profile else 256
         prefill_prior = decode_prior = None
         if profile is not None:
             lo, hi = profile.prefill.isl[0], min(profile.prefill.isl[-1], profile.max_num_batched_tokens)
@@ -112,6 +113,17 @@ class LoadModel:
             return TierLoad("prefill", -1, can_spare, Reason("load-low", "prefill", values))
         return TierLoad("prefill", 0, can_spare, Reason("load-ok", "prefill", values))
 
+    def steady_itl_s(self, tokens_per_s: float, context: float) -> float:
+        """ITL of a worker asked for ``tokens_per_s`` decode tokens of sequences of ``context`` KV
+        tokens, at the steady batch n of Little's law: n = rate * step(n), step(n) = a + n * (b + c * context).
+        Infinite when no batch keeps up."""
+        a = self.decode.predict((0.0, 0.0))
+        per_seq = self.decode.predict((1.0, context)) - a
+        slack = 1.0 - tokens_per_s * per_seq
+        if slack <= 0 or tokens_per_s * a / slack > self.max_num_seqs:
+            return math.inf
+        return a / slack
+
     def _assess_decode(self, workers: list[WorkerStep]) -> TierLoad:
         cfg, n = self.config, len(workers)
         slo = cfg.itl_slo_s
@@ -126,9 +138,15 @@ class LoadModel:
             return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
-        imbalance = max(_imbalance(running), _imbalance(kv))
-        itl_less = self.decode.predict((sum(running) / (n - 1) * imbalance, sum(kv) / (n - 1) * imbalance))
-        usage_less = usage * n / (n - 1)
+        # Fewer workers: each decodes more tokens per second; its batch grows until it keeps up
+        # (and its steps slow down with it), so re-predict at the steady batch, not today's.
+        rates = [0.0 if math.isnan(w.decode_tokens_per_s) else w.decode_tokens_per_s for w in workers]
+        context = sum(kv) / sum(running) if sum(running) else 0.0
+        per_worker = sum(rates) / (n - 1) * _imbalance(rates)
+        itl_less = self.steady_itl_s(per_worker, context)
+        batch_less = per_worker * itl_less if math.isfinite(itl_less) else math.inf
+        tokens_per_usage = sum(kv) / sum(w.kv_usage for w in workers) if usage > 0 else 0.0
+        usage_less = batch_less * context / tokens_per_usage if tokens_per_usage else usage * n / (n - 1)
         values |= {"itl_s_n_minus_1": itl_less, "kv_usage_n_minus_1": usage_less}
         can_spare = itl_less <= slo and usage_less < SATURATED
         if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin:

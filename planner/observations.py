@@ -61,6 +61,7 @@ class WorkerStep:
     step_decode_tokens: float = NAN  # mean decode rows (running sequences) per step
     step_kv_tokens: float = NAN  # mean KV tokens the step's decodes attended to
     tokens_per_s: float = NAN  # tokens computed per second of window (prefill + decode)
+    decode_tokens_per_s: float = NAN  # tokens sampled by decode rows per second of window
     # prefix cache, over the window: prompt tokens admitted and of those served from cache
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

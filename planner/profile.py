@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
-MAX_PREFILL_UTILIZATION = 0.9  # a prefill worker never planned busier than this
-MIN_PREFILL_UTILIZATION = 0.3  # ... nor idler, even where the target is out of reach
+MIN_PREFILL_UTILIZATION = 0.3  # a prefill worker is never planned idler, even where the target is out of reach
 
 
 def interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -98,17 +97,18 @@ class Profile:
         return max(0.0, interp(batch, d.batch, rows))
 
     # ---- capacity at the targets --------------------------------------------------------------
-    def prefill_capacity(self, isl: float, ttft_s: float) -> float:
+    def prefill_capacity(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
         """Prompt tokens per second one prefill worker takes while keeping the mean TTFT under
-        ``ttft_s``: its busy throughput times the utilization at which an M/D/1 queue's mean wait
-        plus the prompt's own latency reaches the target, within [0.3, 0.9]."""
+        ``ttft_s``: its busy throughput times the utilization at which a queue with exponential
+        service times (M/M/1: mean wait = rho / (1 - rho) x service) plus the prompt's own latency
+        reaches the target, at most ``max_utilization`` (at least 0.3)."""
         throughput = self.prefill_tokens_per_s(isl)
         service_s = max(isl, 1.0) / throughput
         slack = ttft_s - self.prefill_latency_s(isl)
         if slack <= 0:
             return throughput * MIN_PREFILL_UTILIZATION
-        x = 2 * slack / service_s  # wait = rho * service / (2 (1 - rho)) <= slack
-        return throughput * min(MAX_PREFILL_UTILIZATION, max(MIN_PREFILL_UTILIZATION, x / (1 + x)))
+        x = slack / service_s  # rho / (1 - rho) * service <= slack
+        return throughput * max(MIN_PREFILL_UTILIZATION, min(max_utilization, x / (1 + x)))
 
     def decode_max_batch(self, context: float, itl_s: float) -> int:
         """Most sequences of ``context`` KV tokens one decode worker runs with its step under

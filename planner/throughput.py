@@ -2,7 +2,11 @@
 from the profile's per-replica capacity at the TTFT/ITL targets (DistServe/Dynamo style):
 
     prefill = ceil(rate * ISL * (1 - prefix hit rate) / prefill capacity at that ISL and the TTFT target)
-    decode  = ceil(rate * OSL / decode capacity at context ISL + OSL/2 and the ITL target)
+    decode  = ceil(rate * OSL / (decode capacity at context ISL + OSL/2 and the ITL target * max_utilization))
+
+The prefill capacity holds ``max_utilization`` already (``Profile.prefill_capacity``). A tier
+shrinks only when its demand fits N-1 workers at ``scale_down_band`` of that capacity: a demand
+near a boundary does not flap between N and N-1.
 """
 
 from __future__ import annotations
@@ -49,22 +53,38 @@ class ThroughputModel:
         hit = self.hit_rate.predict()
         return Forecast(self.rate.predict(), self.isl.predict(), self.osl.predict(), 0.0 if math.isnan(hit) else hit)
 
-    def targets(self) -> tuple[int, int, Reason] | None:
-        """Replicas per tier for the forecast; None while the forecast has a NaN in it."""
+    def needs(self) -> tuple[float, float, Reason] | None:
+        """Fractional workers each tier needs for the forecast; None while it has a NaN in it."""
         f = self.forecast()
         cfg = self.config
         if math.isnan(f.rate):
             return None
         if f.rate <= 0:
-            return cfg.min_prefill, cfg.min_decode, Reason("forecast-idle", "", {"rate": 0.0})
+            return 0.0, 0.0, Reason("forecast-idle", "", {"rate": 0.0})
         if math.isnan(f.isl) or math.isnan(f.osl):
             return None
         new_isl = max(1.0, f.isl * (1 - f.hit_rate))
-        prefill_capacity = self.profile.prefill_capacity(new_isl, cfg.ttft_slo_s)
-        decode_capacity = self.profile.decode_capacity(f.isl + f.osl / 2, cfg.itl_slo_s)
-        prefill = math.ceil(f.rate * new_isl / prefill_capacity - 1e-9)
-        decode = math.ceil(f.rate * f.osl / decode_capacity - 1e-9)
+        prefill_capacity = self.profile.prefill_capacity(new_isl, cfg.ttft_slo_s, cfg.max_utilization)
+        decode_capacity = self.profile.decode_capacity(f.isl + f.osl / 2, cfg.itl_slo_s) * cfg.max_utilization
+        prefill = f.rate * new_isl / prefill_capacity
+        decode = f.rate * f.osl / decode_capacity
         values = {"rate": f.rate, "isl": f.isl, "osl": f.osl, "hit_rate": f.hit_rate,
                   "prefill_capacity_tokens_per_s": prefill_capacity,
-                  "decode_capacity_tokens_per_s": decode_capacity, "prefill": prefill, "decode": decode}
-        return max(prefill, cfg.min_prefill), max(decode, cfg.min_decode), Reason("forecast", "", values)
+                  "decode_capacity_tokens_per_s": decode_capacity, "prefill_need": prefill, "decode_need": decode}
+        return prefill, decode, Reason("forecast", "", values)
+
+    def targets(self, counts: dict[str, int]) -> tuple[int, int, Reason] | None:
+        """Replicas per tier: up to the need at once, down only past the band."""
+        needs = self.needs()
+        if needs is None:
+            return None
+        out = []
+        for role, need in zip(("prefill", "decode"), needs[:2]):
+            n = counts[role]
+            up = math.ceil(need - 1e-9)
+            if up > n:
+                out.append(up)
+            else:
+                out.append(min(n, math.ceil(need / self.config.scale_down_band - 1e-9)))
+            out[-1] = max(out[-1], self.config.minimum(role))
+        return out[0], out[1], needs[2]

@@ -1,0 +1,351 @@
+"""Planner benchmark, the discrete-event replay: the real planner core (``planner.core.Planner``)
+and the sim engine's fitted timing model in one process, an hour of traffic in minutes.
+
+For one GPU budget it compares a static deployment sized for the peak, the best fixed
+prefill/decode split (a sweep of every split of the budget) and the planner in each mode, and
+prints per run: SLO attainment (good: TTFT and the request's p99 inter-token gap within the
+targets; rejected or unfinished requests are bad), goodput per GPU-hour, GPU-hours, decisions and
+reversals. Writes JSON and a PNG timeline (load, replicas per tier, attainment) per workload.
+
+    python bench/planner.py --trace ../shared/data/mooncake_synthetic_trace.jsonl
+    python bench/planner.py --shape sinusoid --shape burst      # built-in shapes (default: all)
+    python bench/planner.py --shape flat --duration-s 1800 --modes both
+
+What the replay models and what it leaves out: ``bench/planner_sim.py``'s docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.planner_sim import Req, SimConfig, Simulation, StepModel, router_window
+from bench.planner_workload import SHAPES, TRACE_BLOCK_TOKENS, Workload, load_trace, shape
+from planner import ActionKind, Observation, Planner, PlannerConfig, Profile, WorkerState
+from planner.core import after
+from planner.observations import Traffic
+from planner.throughput import ThroughputModel
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "planner"
+
+
+@dataclass
+class Run:
+    name: str
+    requests: list[Req]
+    gpu_hours: float
+    timeline: list[dict] = field(default_factory=list)
+    decisions: int = 0
+    reversals: int = 0
+    intervals: int = 0
+    wall_s: float = 0.0
+    to_minimums_intervals: float | None = None
+
+    def summary(self, ttft_s: float) -> dict:
+        n = len(self.requests)
+        good = sum(r.good(ttft_s) for r in self.requests)
+        finished = [r for r in self.requests if r.finished and not r.rejected]
+        return {"deployment": self.name, "requests": n, "good": good, "attainment": good / n if n else math.nan,
+                "rejected": sum(r.rejected for r in self.requests),
+                "unfinished": sum(not r.finished for r in self.requests),
+                "ttft_miss": sum(r.ttft > ttft_s for r in finished),
+                "itl_miss": sum(r.ttft <= ttft_s and not r.good(ttft_s) for r in finished),
+                "gpu_hours": self.gpu_hours, "goodput_per_gpu_hour": good / self.gpu_hours if self.gpu_hours else 0.0,
+                "decisions": self.decisions, "reversals": self.reversals, "intervals": self.intervals,
+                "reversals_per_10_intervals": 10 * self.reversals / max(self.intervals, 1),
+                "to_minimums_intervals": self.to_minimums_intervals, "wall_s": round(self.wall_s, 1)}
+
+
+@dataclass(frozen=True)
+class Bench:
+    sim: SimConfig
+    model: StepModel
+    profile: Profile
+    planner: PlannerConfig
+    drain_s: float = 600.0  # after the last arrival: how long unfinished requests may take
+
+
+def sized(bench: Bench, rate: float, isl: float, osl: float, hit: float) -> tuple[int, int]:
+    """The throughput mode's sizing for a known load, clamped to the budget (static deployments)."""
+    cfg = replace(bench.planner, predictor="constant")
+    model = ThroughputModel(cfg, bench.profile)
+    model.observe(Traffic(window_s=1.0, num_arrivals=0, isl_mean=isl, osl_mean=osl), [])
+    model.rate.observe(rate)
+    model.hit_rate.observe(hit)
+    p, d, _ = model.targets({"prefill": 0, "decode": 0})
+    room = cfg.max_workers
+    if p + d > room:
+        p = min(max(round(room * p / (p + d)), cfg.min_prefill), room - cfg.min_decode)
+        d = room - p
+    return p, d
+
+
+def interval_loads(w: Workload, interval_s: float) -> list[tuple[float, float, float]]:
+    """(rate, mean ISL, mean OSL) per interval of the workload."""
+    n = max(1, math.ceil(w.duration_s / interval_s))
+    buckets: list[list] = [[] for _ in range(n)]
+    for a in w.arrivals:
+        buckets[min(n - 1, int(a.t // interval_s))].append(a)
+    out = []
+    for b in buckets:
+        out.append((len(b) / interval_s, sum(a.isl for a in b) / len(b) if b else 0.0,
+                    sum(a.osl for a in b) / len(b) if b else 0.0))
+    return out
+
+
+def prefix_hit_rate(w: Workload) -> float:
+    """Prompt tokens in blocks an earlier request already had (a cache that forgets nothing)."""
+    seen: set[int] = set()
+    hit = total = 0
+    for a in w.arrivals:
+        total += a.isl
+        for h in a.hashes:
+            if h in seen:
+                hit += TRACE_BLOCK_TOKENS
+            else:
+                break
+        seen.update(a.hashes)
+    return min(1.0, hit / total) if total else 0.0
+
+
+def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None) -> Run:
+    t_wall = time.perf_counter()
+    sim = Simulation(bench.sim, bench.model)
+    for role, n in zip(("prefill", "decode"), initial):
+        for _ in range(n):
+            sim.add_worker(role, 0.0)
+    requests = [Req(i, a) for i, a in enumerate(w.arrivals)]
+    for r in requests:
+        sim.push(r.arrival.t, "arrive", r)
+    interval = bench.planner.adjustment_interval_s
+    run = Run(name, requests, 0.0)
+    last_sign = {"prefill": 0, "decode": 0}
+    arrived_upto = 0
+    t = 0.0
+    end = w.duration_s + bench.drain_s
+    while t < end and (t < w.duration_s or sim.num_inflight > 0 or sim.events):
+        t += interval
+        sim.run_until(t)
+        n_arr = 0
+        while arrived_upto < len(requests) and requests[arrived_upto].arrival.t <= t:
+            arrived_upto += 1
+            n_arr += 1
+        done, sim.done_window = sim.done_window, []
+        workers = tuple(x.observe(t, interval) for x in sim.workers.values())
+        row = {"t": t, "rate": n_arr / interval,
+               **{r: sum(1 for x in workers if x.role == r and x.state is WorkerState.READY)
+                  for r in ("prefill", "decode")},
+               "gpus": len(workers)}
+        if planner is not None and t <= w.duration_s + bench.drain_s:
+            window = router_window(n_arr, [r for r in done if not r.rejected], interval, sim.num_inflight)
+            decision = planner.tick(Observation(t, workers, (window,)))
+            counts = {r: sum(1 for x in workers if x.role == r and x.state in (WorkerState.READY, WorkerState.STARTING))
+                      for r in ("prefill", "decode")}
+            changes = [a for a in decision.actions if a.kind is not ActionKind.ABANDON]
+            if changes:
+                run.decisions += 1
+                moved = after(counts, changes)
+                for r in ("prefill", "decode"):
+                    sign = (moved[r] > counts[r]) - (moved[r] < counts[r])
+                    if sign and last_sign[r] and sign != last_sign[r]:
+                        run.reversals += 1
+                    last_sign[r] = sign or last_sign[r]
+                row["actions"] = [f"{a.kind.value}:{a.role}:{a.worker_id}" for a in changes]
+                row["reasons"] = [str(x) for x in decision.reasons]
+            apply(sim, decision.actions, t)
+        run.timeline.append(row)
+        if t <= w.duration_s:
+            run.intervals += 1
+    run.gpu_hours = sim.gpu_seconds(t) / 3600
+    run.wall_s = time.perf_counter() - t_wall
+    attain_timeline(run, bench.sim.ttft_s, interval)
+    if w.stop_s is not None:
+        run.to_minimums_intervals = back_to_minimums(run, w.stop_s, bench.planner, interval)
+    return run
+
+
+def apply(sim: Simulation, actions: tuple, now: float) -> None:
+    for a in actions:
+        worker = sim.workers.get(a.worker_id) if a.worker_id else None
+        if a.kind is ActionKind.START:
+            sim.add_worker(a.role, now, ready=False)
+        elif worker is None:
+            continue
+        elif a.kind is ActionKind.ABANDON:
+            del sim.workers[worker.id]
+            sim.released.append((worker.gpu_since, now))
+        elif a.kind is ActionKind.DRAIN:
+            worker.state, worker.since = WorkerState.DRAINING, now
+            sim.maybe_release(worker, now)
+        elif a.kind is ActionKind.SWITCH:
+            worker.state, worker.since, worker.switch_to = WorkerState.SWITCHING, now, a.role
+            sim.maybe_release(worker, now)
+
+
+def attain_timeline(run: Run, ttft_s: float, interval: float) -> None:
+    """Attainment of the requests that arrived in each interval."""
+    good: dict[int, list[int]] = {}
+    for r in run.requests:
+        g = good.setdefault(int(r.arrival.t // interval), [0, 0])
+        g[0] += r.good(ttft_s)
+        g[1] += 1
+    for i, row in enumerate(run.timeline):
+        g = good.get(i)
+        row["attainment"] = g[0] / g[1] if g and g[1] else None
+
+
+def back_to_minimums(run: Run, stop_s: float, cfg: PlannerConfig, interval: float) -> float | None:
+    """Intervals from the stop to the first tick that shows only the minimums serving."""
+    for row in run.timeline:
+        if row["t"] >= stop_s and row["prefill"] <= cfg.min_prefill and row["decode"] <= cfg.min_decode \
+                and row["gpus"] <= cfg.min_prefill + cfg.min_decode:
+            return (row["t"] - stop_s) / interval
+    return None
+
+
+def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print) -> list[Run]:
+    interval = bench.planner.adjustment_interval_s
+    loads = interval_loads(w, interval)
+    hit = prefix_hit_rate(w)
+    peak = max(loads, key=lambda x: x[0] * (x[1] + x[2]))
+    runs = []
+    static = sized(bench, *peak, hit)
+    runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None))
+    log(line(runs[-1], bench))
+    if sweep:
+        best = best_split(bench, w)
+        runs.append(best)
+        log(line(best, bench))
+    first = loads[0] if loads[0][0] > 0 else next((x for x in loads if x[0] > 0), loads[0])
+    start = sized(bench, *first, hit)
+    for mode in modes:
+        cfg = replace(bench.planner, mode=mode)
+        runs.append(replay(bench, w, f"planner-{mode}", start, Planner(cfg, bench.profile)))
+        log(line(runs[-1], bench))
+    return runs
+
+
+def best_split(bench: Bench, w: Workload) -> Run:
+    """The fixed prefill/decode split of the whole budget with the best attainment (then goodput):
+    every third split, then the neighbours of the best (attainment is unimodal in the split)."""
+    room = bench.planner.max_workers
+    tried: dict[int, Run] = {}
+
+    def score(p: int) -> tuple[float, float]:
+        if p not in tried:
+            tried[p] = replay(bench, w, f"fixed {p}P+{room - p}D", (p, room - p), None)
+        s = tried[p].summary(bench.sim.ttft_s)
+        return s["attainment"], s["goodput_per_gpu_hour"]
+
+    for p in sorted({*range(1, room, 3), room - 1}):
+        score(p)
+    best = max(tried, key=score)
+    for p in (best - 2, best - 1, best + 1, best + 2):
+        if 1 <= p < room:
+            score(p)
+    best = max(tried, key=score)
+    run = tried[best]
+    run.name = f"best-fixed {best}P+{room - best}D ({len(tried)} tried)"
+    return run
+
+
+def line(run: Run, bench: Bench) -> str:
+    s = run.summary(bench.sim.ttft_s)
+    extra = f" back-to-min={s['to_minimums_intervals']}" if s["to_minimums_intervals"] is not None else ""
+    return (f"attainment {s['attainment']:.4f}  {s['deployment']:<26} goodput/GPU-h {s['goodput_per_gpu_hour']:9.1f}"
+            f"  GPU-h {s['gpu_hours']:6.2f}  decisions {s['decisions']:3d}  reversals {s['reversals']:2d}"
+            f"/{s['intervals']} intervals  ttft-miss {s['ttft_miss']} itl-miss {s['itl_miss']}"
+            f" rejected {s['rejected']} unfinished {s['unfinished']}{extra}  ({s['wall_s']} s)")
+
+
+def plot(runs: list[Run], w: Workload, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
+    base = runs[0].timeline
+    axes[0].plot([r["t"] / 60 for r in base], [r["rate"] for r in base], color="black")
+    axes[0].set_ylabel("arrivals / s")
+    axes[0].set_title(f"{w.name}: load, replicas per tier, attainment per interval")
+    for run in runs:
+        ts = [r["t"] / 60 for r in run.timeline]
+        style = "--" if not run.name.startswith("planner") else "-"
+        axes[1].step(ts, [r["prefill"] for r in run.timeline], style, where="post", label=run.name)
+        axes[2].step(ts, [r["decode"] for r in run.timeline], style, where="post", label=run.name)
+        axes[3].plot(ts, [r["attainment"] if r["attainment"] is not None else math.nan for r in run.timeline],
+                     style, label=run.name)
+    axes[1].set_ylabel("prefill workers")
+    axes[2].set_ylabel("decode workers")
+    axes[3].set_ylabel("attainment")
+    axes[3].set_ylim(0, 1.05)
+    axes[3].set_xlabel("minutes")
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def make_bench(args: argparse.Namespace) -> Bench:
+    from engine.sim import SimProfile  # the sim engine's fitted timing model (imports torch)
+
+    profile = Profile.load(args.planner_profile or args.profile)
+    sim = SimConfig(ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, max_num_batched_tokens=
+                    profile.max_num_batched_tokens, max_num_seqs=profile.max_num_seqs,
+                    kv_capacity_tokens=profile.kv_capacity_tokens, kv_gbps=args.kv_gbps,
+                    startup_s=args.startup_s, switch_s=args.switch_s)
+    planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
+                            adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
+                            predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s))
+    return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", action="append", default=[], help="Mooncake-format JSONL trace (repeatable)")
+    ap.add_argument("--shape", action="append", default=[], choices=SHAPES, help="built-in shape (repeatable)")
+    ap.add_argument("--profile", default="h200-llama-3.1-8b", help="sim timing profile (engine/sim_profiles)")
+    ap.add_argument("--planner-profile", default="", help="planner profile (planner/profiles; default: --profile)")
+    ap.add_argument("--ttft-ms", type=float, default=2000.0)
+    ap.add_argument("--itl-ms", type=float, default=50.0)
+    ap.add_argument("--budget", type=int, default=16, help="GPU budget")
+    ap.add_argument("--interval-s", type=float, default=20.0, help="planner adjustment interval")
+    ap.add_argument("--startup-s", type=float, default=60.0, help="a new worker's start-up delay")
+    ap.add_argument("--switch-s", type=float, default=2.0, help="a tier switch's delay after its drain")
+    ap.add_argument("--kv-gbps", type=float, default=50.0, help="bandwidth of one KV pull, GB/s")
+    ap.add_argument("--duration-s", type=float, default=3600.0, help="built-in shapes' length")
+    ap.add_argument("--scale", type=float, default=1.0, help="built-in shapes' rate multiplier")
+    ap.add_argument("--modes", default="load,throughput,both")
+    ap.add_argument("--predictor", default="kalman", choices=("constant", "moving_average", "kalman", "autoreg"))
+    ap.add_argument("--no-sweep", action="store_true", help="skip the fixed-split sweep")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    args = ap.parse_args(argv)
+    bench = make_bench(args)
+    workloads = [load_trace(p) for p in args.trace]
+    if not args.trace or args.shape:
+        workloads += [shape(s, args.duration_s, args.scale, args.seed) for s in (args.shape or SHAPES)]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for w in workloads:
+        print(f"== {w.name}: {len(w.arrivals)} requests over {w.duration_s / 60:.1f} min, budget {args.budget} GPUs, "
+              f"TTFT <= {args.ttft_ms:g} ms, ITL <= {args.itl_ms:g} ms, profile {args.profile}")
+        runs = run_all(bench, w, [m for m in args.modes.split(",") if m], not args.no_sweep)
+        report = {"workload": w.name, "requests": len(w.arrivals), "duration_s": w.duration_s,
+                  "args": vars(args), "sim": asdict(bench.sim),
+                  "runs": [r.summary(bench.sim.ttft_s) | {"timeline": r.timeline} for r in runs]}
+        (out / f"planner-{w.name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        plot(runs, w, out / f"planner-{w.name}.png")
+        print(f"wrote {out / f'planner-{w.name}.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
