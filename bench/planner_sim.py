@@ -55,6 +55,7 @@ class SimConfig:
     startup_s: float = 60.0
     switch_s: float = 2.0
     max_segment_steps: int = 256
+    fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
 
 
 class StepModel:
@@ -325,7 +326,7 @@ class Worker:
         request was queued to recompute its prompt here."""
         cfg = self.sim.cfg
         isl = req.arrival.isl
-        if len(self.running) >= cfg.max_num_seqs or self.kv_used + isl > cfg.kv_capacity_tokens:
+        if len(self.running) >= cfg.max_num_seqs or self.kv_now(now) + isl > cfg.kv_capacity_tokens:
             self.waiting.append(Seq(req, prefill_left=isl + req.emitted, left=req.arrival.osl - req.emitted))
             self.interrupt(now)
             return None
@@ -346,6 +347,26 @@ class Worker:
         self.waiting.append(Seq(req, prefill_left=req.arrival.isl, left=req.arrival.osl))
         self.interrupt(now)
 
+    def _steps_started(self, now: float) -> int:
+        """Fast-forward: steps of the current segment launched by ``now`` (finished ones and the
+        one in progress, whose KV the scheduler has allocated already)."""
+        if not (self.busy and self.fast):
+            return 0
+        t_start, k, t0, slope = self.log.rows[-1]
+        elapsed = now - t_start
+        lo, hi = 0, int(k)
+        while lo < hi:  # steps finished by now
+            mid = (lo + hi + 1) // 2
+            if mid * t0 + slope * mid * (mid - 1) / 2 <= elapsed:
+                lo = mid
+            else:
+                hi = mid - 1
+        return min(int(k), lo + 1)
+
+    def kv_now(self, now: float) -> int:
+        """KV tokens held now (the closed form brings ``kv_used`` up to date only at segment ends)."""
+        return self.kv_used + self.n_fast * self._steps_started(now)
+
     def interrupt(self, now: float) -> None:
         """New work: cut a fast-forward segment at the step in progress (or start one if idle)."""
         if not self.busy:
@@ -354,15 +375,7 @@ class Worker:
         if not self.fast:
             return
         t_start, k, t0, slope = self.log.rows[-1]
-        elapsed = now - t_start
-        j, lo, hi = 0, 0, int(k)
-        while lo < hi:  # steps finished by now
-            mid = (lo + hi + 1) // 2
-            if mid * t0 + slope * mid * (mid - 1) / 2 <= elapsed:
-                lo = mid
-            else:
-                hi = mid - 1
-        j = min(int(k), lo + 1)
+        j = self._steps_started(now)
         if j < k:
             self.log.rows[-1][1] = j
             self.plan = (j,)
@@ -372,7 +385,7 @@ class Worker:
     def _step_decode(self, now: float) -> None:
         cfg = self.sim.cfg
         decoding = [s for s in self.running if s.prefill_left == 0]
-        if not self.waiting and len(decoding) == len(self.running) and decoding:
+        if cfg.fast_forward and not self.waiting and len(decoding) == len(self.running) and decoding:
             n = len(decoding)
             for s in decoding:
                 if s.stint < 0:
@@ -531,8 +544,8 @@ class Worker:
             num_waiting=len(self.waiting) + sum(1 for j in self.jobs if not j.started),
             num_running=len(decoding) if self.role == "decode" else sum(1 for j in self.jobs if j.started),
             num_queued_prefill_tokens=self.queued_prefill_tokens,
-            num_active_kv_tokens=self.sum_ctx if self.role == "decode" else 0,
-            kv_usage=(self.kv_used if self.role == "decode" else self.sim.cfg.kv_capacity_tokens
+            num_active_kv_tokens=self.sum_ctx + self.n_fast * self._steps_started(now) if self.role == "decode" else 0,
+            kv_usage=(self.kv_now(now) if self.role == "decode" else self.sim.cfg.kv_capacity_tokens
                       - self._kv_free_prefill()) / self.sim.cfg.kv_capacity_tokens,
             num_steps=n, step_s=w.step_s / n if n else math.nan,
             step_prefill_tokens=w.prefill_tokens / n if n else math.nan,
@@ -609,7 +622,7 @@ class Simulation:
                                                                            BLOCK)) for w in prefill]
         limit = 8 * self.cfg.max_num_batched_tokens
         remote = bool(prefill) and not policy.prefill_saturated(prefill_loads, limit)
-        choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None)
+        choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:
             self.workers[choice.worker_id].add_local(req, now)
@@ -618,9 +631,9 @@ class Simulation:
         pick = policy.choose("kv", req.arrival.isl, overlaps, prefill_loads, BLOCK)
         self.workers[pick.worker_id].add_job(req, now)
 
-    def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None) -> policy.Decision:
+    def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
         loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
-                                   num_active_blocks=policy.blocks(w.kv_used, BLOCK)) for w in decode]
+                                   num_active_blocks=policy.blocks(w.kv_now(now), BLOCK)) for w in decode]
         decision = policy.choose("kv", req.arrival.isl, {}, loads, BLOCK, max_local_prefill_tokens=max_local)
         assert decision is not None
         return decision
@@ -642,7 +655,7 @@ class Simulation:
                 req.rejected = True
                 self.finished(req, now)
                 return
-            target = self.workers[self._choose_decode(req, decode, -1).worker_id]
+            target = self.workers[self._choose_decode(req, decode, -1, now).worker_id]
             req.decode_worker = target.id
         landed = target.handoff(req, now)
         if landed is None:

@@ -89,7 +89,7 @@ class Planner:
             return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"], tuple(actions),
                             tuple(reasons) + why)
 
-        if obs.windows and traffic.num_arrivals == 0 and not any(w.has_work for w in ready):
+        if traffic.request_rate == 0 and not any(w.has_work for w in ready):  # NaN (no valid window) is not zero
             return self._to_minimums(obs, workers, counts, actions, reasons)
         if not obs.windows or math.isnan(traffic.request_rate):
             return hold(Reason("no-data"))

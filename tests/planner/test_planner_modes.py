@@ -1,0 +1,98 @@
+"""The planner core's replica counts in each mode, worked out by hand from plannerlib's profile."""
+
+import math
+
+from plannerlib import config, observe, profile, tier, window
+
+from planner import ActionKind, Planner
+
+
+def starts(decision, role):
+    return sum(1 for a in decision.actions if a.kind is ActionKind.START and a.role == role)
+
+
+def drains(decision, role):
+    return [a.worker_id for a in decision.actions if a.kind is ActionKind.DRAIN and a.role == role]
+
+
+def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
+    # prefill capacity at 1000-token prompts: 9090.9 tok/s busy x min(0.8, M/M/1 bound: slack 1.89 s over
+    # 0.11 s service -> 0.945) = 7272.7 tok/s; 20 req/s x 1000 tokens = 20000 tok/s -> 2.75 -> 3 workers.
+    # decode: context 1000 + 500/2 = 1250; the largest batch under 50 ms: 0.01 + 1e-4 n + 1.25e-5 n <= 0.05
+    # -> n = 355, capped at max_num_seqs 100: step 0.01 + 0.01 + 0.00125 = 0.02125 s, 4705.9 tok/s x 0.8 = 3764.7;
+    # 20 req/s x 500 tokens = 10000 tok/s -> 2.66 -> 3 workers.
+    planner = Planner(config(), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 1), window(20.0, 1000, 500)))
+    assert (d.num_prefill, d.num_decode) == (3, 3)
+    assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
+    forecast = next(r for r in d.reasons if r.code == "forecast")
+    assert math.isclose(forecast.values["prefill_need"], 20000 / 7272.72, rel_tol=1e-3)
+    assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8), rel_tol=1e-3)
+
+
+def test_throughput_mode_scales_down_only_past_the_band() -> None:
+    # need 2.75 prefill workers with 3 serving: ceil(2.75 / 0.9) = 4 > 3 -> stay at 3. At 12 req/s the
+    # need is 1.65: ceil(1.65 / 0.9) = 2 -> drain one (the least loaded: p1, nothing running).
+    planner = Planner(config(), profile())
+    workers = tier("prefill", 3) + tier("decode", 3)
+    d = planner.tick(observe(10.0, workers, window(20.0, 1000, 500)))
+    assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
+    busy = [w if w.worker_id != "p0" else type(w)(**{**vars(w), "num_running": 3}) for w in workers]
+    d = planner.tick(observe(30.0, busy, window(12.0, 1000, 500)))
+    assert d.num_prefill == 2
+    assert drains(d, "prefill") == ["p1"]
+
+
+def test_load_mode_adds_one_decode_worker_when_itl_is_over_the_slo() -> None:
+    # 100 running sequences of 40000 tokens: 0.01 + 0.01 + 1e-8 * 4e6 = 0.06 s > 50 ms -> +1.
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 1) + tier("decode", 2, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
+    d = planner.tick(observe(10.0, workers, window(5.0)))
+    assert (d.num_prefill, d.num_decode) == (1, 3)
+    assert starts(d, "decode") == 1 and len(d.actions) == 1
+    reason = next(r for r in d.reasons if r.code == "itl-over-slo")
+    assert math.isclose(reason.values["itl_s"], 0.06, rel_tol=1e-6)
+
+
+def test_load_mode_adds_one_prefill_worker_when_the_queue_makes_ttft_miss() -> None:
+    # 30000 queued tokens + a 1000-token prompt: 31 steps x 0.01 + 1e-4 x 31000 = 3.41 s > 2 s -> +1.
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 2, num_queued_prefill_tokens=30000) + tier("decode", 1)
+    d = planner.tick(observe(10.0, workers, window(5.0, isl=1000)))
+    reason = next(r for r in d.reasons if r.code == "ttft-over-slo")
+    assert math.isclose(reason.values["ttft_s"], 3.41, rel_tol=1e-6)
+    assert (d.num_prefill, d.num_decode) == (3, 1)
+
+
+def test_load_mode_scales_down_after_two_low_ticks_only_if_n_minus_1_stays_under_80_percent() -> None:
+    # 3 decode workers at 500 tok/s each, 10 sequences of 1000 tokens: with 2 workers each makes 750 tok/s,
+    # steady ITL = a / (1 - 750 * (1e-4 + 1e-8 * 1000)) = 0.01 / 0.9175 = 10.9 ms < 40 ms -> -1, on the 2nd tick.
+    planner = Planner(config(mode="load"), profile())
+    quiet = dict(num_running=10, num_active_kv_tokens=10_000, kv_usage=0.01, decode_tokens_per_s=500.0)
+    workers = tier("prefill", 1) + tier("decode", 3, **quiet)
+    first = planner.tick(observe(10.0, workers, window(5.0)))
+    assert not first.actions and "load-low-waiting" in first.codes()
+    second = planner.tick(observe(20.0, workers, window(5.0)))
+    assert second.num_decode == 2 and len(drains(second, "decode")) == 1
+    low = next(r for r in second.reasons if r.code == "load-low" and r.role == "decode")
+    assert math.isclose(low.values["itl_s_n_minus_1"], 0.01 / 0.9175, rel_tol=1e-6)
+    # 6000 tok/s each: 2 workers would need 9000 tok/s -> 1 - 9000 * 1.1e-4 < 0.02: no steady batch -> stay.
+    planner = Planner(config(mode="load"), profile())
+    hot = quiet | {"decode_tokens_per_s": 6000.0}
+    for now in (10.0, 20.0, 30.0):
+        d = planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **hot), window(5.0)))
+        assert not d.actions
+
+
+def test_both_mode_throughput_is_the_floor_and_load_scales_above_it() -> None:
+    # the forecast asks for 3 decode workers; the decode load is low (would go -1): it stays at the floor 3.
+    planner = Planner(config(mode="both"), profile())
+    quiet = dict(num_running=10, num_active_kv_tokens=10_000, kv_usage=0.01, decode_tokens_per_s=500.0)
+    workers = tier("prefill", 3) + tier("decode", 3, **quiet)
+    for now in (10.0, 20.0, 30.0):
+        d = planner.tick(observe(now, workers, window(20.0, 1000, 500)))
+        assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
+    # ITL over the SLO: load adds one above the floor.
+    hot = tier("prefill", 3) + tier("decode", 3, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
+    d = planner.tick(observe(40.0, hot, window(20.0, 1000, 500)))
+    assert (d.num_prefill, d.num_decode) == (3, 4)

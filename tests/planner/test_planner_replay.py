@@ -1,0 +1,87 @@
+"""bench/planner.py's replay: one request timed by hand, the closed-form decode stretches against
+step-by-step stepping, and a short run with the planner in the loop."""
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.planner import Bench, interval_loads, replay, sized
+from bench.planner_sim import Req, SimConfig, Simulation, StepModel
+from bench.planner_workload import Arrival, Workload, shape
+from engine.sim import SimProfile
+from planner import Planner, PlannerConfig, Profile
+
+SIM = SimProfile.load("h200-llama-3.1-8b")
+
+
+def run_requests(cfg: SimConfig, arrivals: list[Arrival], prefill: int = 1, decode: int = 1) -> list[Req]:
+    sim = Simulation(cfg, StepModel(SIM))
+    for role, n in (("prefill", prefill), ("decode", decode)):
+        for _ in range(n):
+            sim.add_worker(role, 0.0)
+    reqs = [Req(i, a) for i, a in enumerate(arrivals)]
+    for r in reqs:
+        sim.push(r.arrival.t, "arrive", r)
+    sim.run_until(math.inf)
+    return reqs
+
+
+def test_one_request_is_timed_as_the_sim_engine_would() -> None:
+    cfg = SimConfig()
+    (r,) = run_requests(cfg, [Arrival(0.0, 1000, 5, (0, 1))])
+    ttft = SIM.step_time_s([(1000, 0)], [])  # one chunk on the prefill worker
+    pull = cfg.kv_latency_s + 1000 * cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e9)
+    decode = [SIM.step_time_s([], [1000 + 1 + j]) for j in range(4)]  # tokens 2..5, KV growing by one
+    assert r.ttft == pytest.approx(ttft)
+    assert r.done_t == pytest.approx(ttft + pull + sum(decode))
+    assert (r.n_gaps, r.n_over, r.emitted) == (4, 0, 5)
+    assert r.good(cfg.ttft_s)
+    # a 50 GB/s pull of a 20000-token prompt takes 54 ms: its first gap misses a 50 ms ITL target
+    (long,) = run_requests(cfg, [Arrival(0.0, 20000, 3, ())])
+    assert long.n_over == 1 and not long.good(cfg.ttft_s)
+
+
+def test_closed_form_decode_equals_stepping_one_step_at_a_time() -> None:
+    w = shape("flat", duration_s=40.0, scale=0.5, seed=3)  # 20 req/s, lognormal lengths
+    cfg = SimConfig(kv_capacity_tokens=120_000)  # small enough to preempt and recompute
+    fast = run_requests(cfg, w.arrivals, prefill=1, decode=1)
+    slow = run_requests(replace(cfg, fast_forward=False), w.arrivals, prefill=1, decode=1)
+    assert len(fast) > 500
+    for a, b in zip(fast, slow):
+        assert (a.n_gaps, a.n_over, a.emitted) == (b.n_gaps, b.n_over, b.emitted)
+        assert a.done_t == pytest.approx(b.done_t, rel=1e-9)
+        assert a.ttft == pytest.approx(b.ttft, rel=1e-9)
+
+
+def test_replay_with_the_planner_in_the_loop_scales_and_returns_to_the_minimums() -> None:
+    profile = Profile.load("h200-llama-3.1-8b")
+    planner_cfg = PlannerConfig(mode="both", gpu_budget=8, adjustment_interval_s=10.0, grace_s=10.0,
+                                predictor="kalman")
+    bench = Bench(SimConfig(startup_s=20.0), StepModel(SIM), profile, planner_cfg, drain_s=60.0)
+    w = shape("stop", duration_s=240.0, scale=0.5, seed=1)  # 20 req/s for 160 s, then nothing
+    start = sized(bench, *interval_loads(w, 10.0)[0], 0.0)  # as an operator would size the first minutes
+    run = replay(bench, w, "planner-both", start, Planner(planner_cfg, profile))
+    summary = run.summary(bench.sim.ttft_s)
+    assert summary["unfinished"] == 0 and summary["requests"] == len(w.arrivals)
+    assert run.decisions >= 1 and max(row["decode"] for row in run.timeline) >= 2
+    assert run.to_minimums_intervals is not None and run.to_minimums_intervals <= 2
+    assert summary["attainment"] > 0.95
+    assert summary["gpu_hours"] < 8 * (w.duration_s + 60) / 3600
+
+
+def test_trace_lines_must_be_mooncake_format(tmp_path) -> None:
+    from bench.planner_workload import load_trace
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 1000, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n'
+                    '{"timestamp": 0, "input_length": 20, "output_length": 3, "hash_ids": [1, 2]}\n')
+    w = load_trace(path)
+    assert isinstance(w, Workload) and [a.t for a in w.arrivals] == [0.0, 1.0] and w.arrivals[0].isl == 20
+    path.write_text('{"timestamp": 0, "input_len": 10}\n')
+    with pytest.raises(ValueError, match="Mooncake"):
+        load_trace(path)
