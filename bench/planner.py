@@ -304,7 +304,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     startup_s=args.startup_s, switch_s=args.switch_s)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
-                            predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s))
+                            predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
+                            horizon_s=args.startup_s + args.interval_s)
     return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner)
 
 

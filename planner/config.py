@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("load", "throughput", "both")
@@ -28,6 +29,9 @@ class PlannerConfig:
     max_utilization: float = 0.8  # plan each worker at most this busy: bursts, imbalance, the router's spill rule
     scale_down_band: float = 0.9  # scale down only when the demand fits N-1 workers at this x max_utilization
     predictor: str = "kalman"
+    # forecast this far ahead: a worker started now serves only after its start-up, so size for
+    # the load then (0: the next interval)
+    horizon_s: float = 0.0
     predictor_window: int = 10  # moving average: intervals; autoreg: fits on up to 8x this history
     max_step_up: int = 0  # throughput mode: most replicas added per tier per tick (0: no limit)
 
@@ -51,6 +55,8 @@ class PlannerConfig:
             raise ValueError("max_utilization and scale_down_band must be in (0, 1]")
         if not 0 < self.scale_down_margin <= 1:
             raise ValueError(f"scale_down_margin must be in (0, 1], got {self.scale_down_margin}")
+        if self.horizon_s < 0:
+            raise ValueError(f"horizon_s must be >= 0, got {self.horizon_s}")
         if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.max_step_up < 0:
             raise ValueError("scale_down_ticks and predictor_window must be >= 1, max_step_up >= 0")
 
@@ -61,6 +67,11 @@ class PlannerConfig:
     @property
     def itl_slo_s(self) -> float:
         return self.itl_slo_ms / 1000
+
+    @property
+    def horizon_intervals(self) -> int:
+        """Intervals ahead the throughput mode forecasts (at least the next one)."""
+        return max(1, math.ceil(self.horizon_s / self.adjustment_interval_s - 1e-9))
 
     @property
     def max_workers(self) -> int:

@@ -18,7 +18,9 @@ from numpy.linalg import LinAlgError
 class Predictor(Protocol):
     def observe(self, value: float) -> None: ...
 
-    def predict(self) -> float: ...
+    def predict(self, ahead: int = 1) -> float:
+        """The value ``ahead`` intervals after the last observed one."""
+        ...
 
 
 class Constant:
@@ -31,7 +33,7 @@ class Constant:
         if not math.isnan(value):
             self.last = value
 
-    def predict(self) -> float:
+    def predict(self, ahead: int = 1) -> float:
         return self.last
 
 
@@ -43,7 +45,7 @@ class MovingAverage:
         if not math.isnan(value):
             self.values.append(value)
 
-    def predict(self) -> float:
+    def predict(self, ahead: int = 1) -> float:
         return sum(self.values) / len(self.values) if self.values else math.nan
 
 
@@ -51,7 +53,7 @@ class KalmanTrend:
     """Kalman filter on a local linear trend: level_{t+1} = level_t + slope_t + w, slope_{t+1} =
     slope_t + v, observed value = level + e. Noise variances are relative to the measurement
     noise (R = 1) and the state starts at the first observation, so the gains do not depend on
-    the series' units. Predicts level + slope."""
+    the series' units. Predicts level + ahead x slope."""
 
     def __init__(self, q_level: float = 1.0, q_slope: float = 0.1) -> None:
         self.q = (q_level, q_slope)
@@ -76,10 +78,10 @@ class KalmanTrend:
         self.x = [level + k0 * innovation, slope + k1 * innovation]
         self.p = [[(1 - k0) * p00, (1 - k0) * p01], [(1 - k0) * p01, p11 - k1 * p01]]
 
-    def predict(self) -> float:
+    def predict(self, ahead: int = 1) -> float:
         if self.x is None:
             return math.nan
-        return max(0.0, self.x[0] + self.x[1])
+        return max(0.0, self.x[0] + ahead * self.x[1])
 
 
 class AutoRegressive:
@@ -93,19 +95,19 @@ class AutoRegressive:
         self.lags = lags
         self.values: deque[float] = deque(maxlen=history)
         self.min_points = max(min_points, 2 * lags + 2)
-        self._cached: float | None = None
+        self._cached: tuple[int, float] | None = None  # (ahead, forecast) since the last observation
 
     def observe(self, value: float) -> None:
         if not math.isnan(value):
             self.values.append(value)
             self._cached = None
 
-    def predict(self) -> float:
+    def predict(self, ahead: int = 1) -> float:
         if not self.values:
             return math.nan
         if len(self.values) < self.min_points:
             return self.values[-1]
-        if self._cached is None:
+        if self._cached is None or self._cached[0] != ahead:
             from statsmodels.tsa.ar_model import AutoReg  # heavy: only when used
 
             values = list(self.values)
@@ -113,11 +115,11 @@ class AutoRegressive:
                 warnings.simplefilter("ignore")  # statsmodels' chatter on short or flat series
                 try:
                     fit = AutoReg(values, lags=self.lags, trend="c").fit()
-                    forecast = float(fit.predict(start=len(values), end=len(values))[0])
+                    forecast = float(fit.predict(start=len(values), end=len(values) + ahead - 1)[-1])
                 except (ValueError, ArithmeticError, IndexError, LinAlgError):  # a degenerate series
                     forecast = values[-1]
-            self._cached = forecast if math.isfinite(forecast) else values[-1]
-        return max(0.0, self._cached)
+            self._cached = (ahead, forecast if math.isfinite(forecast) else values[-1])
+        return max(0.0, self._cached[1])
 
 
 def make_predictor(kind: str, window: int = 10) -> Predictor:

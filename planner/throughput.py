@@ -50,8 +50,12 @@ class ThroughputModel:
             self.hit_rate.observe(min(1.0, cached / prompt))
 
     def forecast(self) -> Forecast:
+        """The load ``horizon_intervals`` ahead; the rate is the larger of now and then (a worker
+        that is not needed yet still serves now)."""
+        ahead = self.config.horizon_intervals
         hit = self.hit_rate.predict()
-        return Forecast(self.rate.predict(), self.isl.predict(), self.osl.predict(), 0.0 if math.isnan(hit) else hit)
+        rate = max(self.rate.predict(1), self.rate.predict(ahead))
+        return Forecast(rate, self.isl.predict(ahead), self.osl.predict(ahead), 0.0 if math.isnan(hit) else hit)
 
     def needs(self) -> tuple[float, float, Reason] | None:
         """Fractional workers each tier needs for the forecast; None while it has a NaN in it."""

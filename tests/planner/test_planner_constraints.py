@@ -148,6 +148,14 @@ def test_a_worker_that_vanishes_mid_drain_does_not_wedge_the_planner() -> None:
     hot = [replace(w, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4) for w in rest]
     d = planner.tick(observe(30.0, tier("prefill", 1) + hot, window(5.0)))
     assert kinds(d) == [("start", "decode", "")]
+    # a drained worker that dies before the launcher ever reports it draining: not waited for either
+    planner = Planner(config(mode="load", grace_s=10.0, scale_down_ticks=1), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 3, **quiet), window(5.0)))
+    (drain,) = [a for a in d.actions if a.kind is ActionKind.DRAIN]
+    hot = [replace(w, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
+           for w in tier("decode", 3) if w.worker_id != drain.worker_id]
+    d = planner.tick(observe(30.0, tier("prefill", 1) + hot, window(5.0)))
+    assert kinds(d) == [("start", "decode", "")]
 
 
 def test_the_planner_imports_without_torch_or_statsmodels() -> None:

@@ -26,6 +26,7 @@ def test_kalman_follows_a_linear_trend() -> None:
     for t in range(40):
         k.observe(5.0 + 2.0 * t)
     assert k.predict() == pytest.approx(5.0 + 2.0 * 40, rel=1e-3)  # level + slope: the next point
+    assert k.predict(4) == pytest.approx(5.0 + 2.0 * 43, rel=1e-3)  # the throughput mode's horizon
 
 
 def test_autoreg_follows_a_periodic_load_better_than_the_last_value() -> None:

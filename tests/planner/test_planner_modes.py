@@ -38,7 +38,10 @@ def test_throughput_mode_scales_down_only_past_the_band() -> None:
     d = planner.tick(observe(10.0, workers, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
     busy = [w if w.worker_id != "p0" else type(w)(**{**vars(w), "num_running": 3}) for w in workers]
-    d = planner.tick(observe(30.0, busy, window(12.0, 1000, 500)))
+    # 14.2 req/s: need 1.95 -> 2 would do, but ceil(1.95 / 0.9) = 3: stay (a demand near 2 does not flap)
+    d = planner.tick(observe(30.0, busy, window(14.2, 1000, 500)))
+    assert d.num_prefill == 3 and not drains(d, "prefill")
+    d = planner.tick(observe(50.0, busy, window(12.0, 1000, 500)))
     assert d.num_prefill == 2
     assert drains(d, "prefill") == ["p1"]
 
@@ -76,6 +79,15 @@ def test_load_mode_scales_down_after_two_low_ticks_only_if_n_minus_1_stays_under
     assert second.num_decode == 2 and len(drains(second, "decode")) == 1
     low = next(r for r in second.reasons if r.code == "load-low" and r.role == "decode")
     assert math.isclose(low.values["itl_s_n_minus_1"], 0.01 / 0.9175, rel_tol=1e-6)
+    # 1466.7 tok/s each of 10 sequences of 25000 tokens: 2 workers at 2200 tok/s -> steady ITL
+    # 0.01 / (1 - 2200 * (1e-4 + 1e-8 * 25000)) = 43.5 ms: under the SLO (it could spare one) but over 80%: stay.
+    planner = Planner(config(mode="load"), profile())
+    warm = quiet | {"num_active_kv_tokens": 250_000, "decode_tokens_per_s": 2200 * 2 / 3}
+    for now in (10.0, 20.0, 30.0):
+        d = planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **warm), window(5.0)))
+        assert not d.actions
+    ok = next(r for r in d.reasons if r.role == "decode")
+    assert ok.code == "load-ok" and math.isclose(ok.values["itl_s_n_minus_1"], 0.01 / 0.23, rel_tol=1e-6)
     # 6000 tok/s each: 2 workers would need 9000 tok/s -> 1 - 9000 * 1.1e-4 < 0.02: no steady batch -> stay.
     planner = Planner(config(mode="load"), profile())
     hot = quiet | {"decode_tokens_per_s": 6000.0}

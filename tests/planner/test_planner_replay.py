@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.planner import Bench, interval_loads, replay, sized
-from bench.planner_sim import Req, SimConfig, Simulation, StepModel
+from bench.planner_sim import Req, SegmentLog, SimConfig, Simulation, StepModel
 from bench.planner_workload import Arrival, Workload, shape
 from engine.sim import SimProfile
 from planner import Planner, PlannerConfig, Profile
@@ -46,12 +46,26 @@ def test_one_request_is_timed_as_the_sim_engine_would() -> None:
     assert long.n_over == 1 and not long.good(cfg.ttft_s)
 
 
-def test_closed_form_decode_equals_stepping_one_step_at_a_time() -> None:
-    w = shape("flat", duration_s=40.0, scale=0.5, seed=3)  # 20 req/s, lognormal lengths
-    cfg = SimConfig(kv_capacity_tokens=120_000)  # small enough to preempt and recompute
+def test_segment_log_counts_steps_over_the_target_by_hand() -> None:
+    log = SegmentLog(itl_s=0.05)
+    log.append(0, 10.0, 10, 0.045, 0.001)  # steps 0..9 last 0.045 .. 0.054 s: 6..9 are over (0.050 is not)
+    log.append(10, 20.0, 1, 0.2, 0.0)  # one slow step of 200 ms
+    log.append(11, 30.0, 5, 0.01, 0.0)  # five 10 ms steps
+    assert log.over_until(6) == 0 and log.over_until(7) == 1 and log.over_until(10) == 4
+    assert log.over_until(11) == 5 and log.over_until(16) == 5
+    assert log.end_time(0) == pytest.approx(10.045)
+    assert log.end_time(9) == pytest.approx(10.0 + 10 * 0.045 + 0.001 * 45)
+    assert log.end_time(13) == pytest.approx(30.03)
+
+
+@pytest.mark.parametrize("scale, kv_tokens", [(0.5, 120_000), (0.4, 819_200)])
+def test_closed_form_decode_equals_stepping_one_step_at_a_time(scale: float, kv_tokens: int) -> None:
+    # 20 req/s on a KV small enough to preempt and recompute; 16 req/s at the decode worker's ITL limit
+    w = shape("flat", duration_s=40.0, scale=scale, seed=3)
+    cfg = SimConfig(kv_capacity_tokens=kv_tokens)
     fast = run_requests(cfg, w.arrivals, prefill=1, decode=1)
     slow = run_requests(replace(cfg, fast_forward=False), w.arrivals, prefill=1, decode=1)
-    assert len(fast) > 500
+    assert len(fast) > 500 and sum(r.n_over for r in fast) > 100
     for a, b in zip(fast, slow):
         assert (a.n_gaps, a.n_over, a.emitted) == (b.n_gaps, b.n_over, b.emitted)
         assert a.done_t == pytest.approx(b.done_t, rel=1e-9)
