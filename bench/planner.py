@@ -72,19 +72,26 @@ class Bench:
     drain_s: float = 600.0  # after the last arrival: how long unfinished requests may take
 
 
-def sized(bench: Bench, rate: float, isl: float, osl: float, hit: float) -> tuple[int, int]:
-    """The throughput mode's sizing for a known load, clamped to the budget (static deployments)."""
+def clamp(bench: Bench, p: int, d: int) -> tuple[int, int]:
+    """Replicas within the budget, shared in proportion when they are not."""
+    cfg, room = bench.planner, bench.planner.max_workers
+    if p + d > room:
+        p = min(max(round(room * p / (p + d)), cfg.min_prefill), room - cfg.min_decode)
+        d = room - p
+    return p, d
+
+
+def sized(bench: Bench, rate: float, isl: float, osl: float, hit: float, within_budget: bool = True
+          ) -> tuple[int, int]:
+    """The throughput mode's sizing for a known load (static deployments: each tier for its own
+    peak), within the budget unless ``within_budget`` is False."""
     cfg = replace(bench.planner, predictor="constant")
     model = ThroughputModel(cfg, bench.profile)
     model.observe(Traffic(window_s=1.0, num_arrivals=0, isl_mean=isl, osl_mean=osl), [])
     model.rate.observe(rate)
     model.hit_rate.observe(hit)
     p, d, _ = model.targets({"prefill": 0, "decode": 0})
-    room = cfg.max_workers
-    if p + d > room:
-        p = min(max(round(room * p / (p + d)), cfg.min_prefill), room - cfg.min_decode)
-        d = room - p
-    return p, d
+    return clamp(bench, p, d) if within_budget else (p, d)
 
 
 def interval_loads(w: Workload, interval_s: float) -> list[tuple[float, float, float]]:
@@ -214,9 +221,9 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     interval = bench.planner.adjustment_interval_s
     loads = interval_loads(w, interval)
     hit = prefix_hit_rate(w)
-    peak = max(loads, key=lambda x: x[0] * (x[1] + x[2]))
     runs = []
-    static = sized(bench, *peak, hit)
+    per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
+    static = clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval))
     runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None))
     log(line(runs[-1], bench))
     if sweep:
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--startup-s", type=float, default=60.0, help="a new worker's start-up delay")
     ap.add_argument("--switch-s", type=float, default=2.0, help="a tier switch's delay after its drain")
     ap.add_argument("--kv-gbps", type=float, default=50.0, help="bandwidth of one KV pull, GB/s")
-    ap.add_argument("--duration-s", type=float, default=3600.0, help="built-in shapes' length")
+    ap.add_argument("--duration-s", type=float, default=0.0,
+                    help="built-in shapes' length (default: an hour for the sinusoid, 30 minutes for the others)")
     ap.add_argument("--scale", type=float, default=1.0, help="built-in shapes' rate multiplier")
     ap.add_argument("--modes", default="load,throughput,both")
     ap.add_argument("--predictor", default="kalman", choices=("constant", "moving_average", "kalman", "autoreg"))
@@ -333,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = make_bench(args)
     workloads = [load_trace(p) for p in args.trace]
     if not args.trace or args.shape:
-        workloads += [shape(s, args.duration_s, args.scale, args.seed) for s in (args.shape or SHAPES)]
+        workloads += [shape(s, args.duration_s or (3600.0 if s == "sinusoid" else 1800.0), args.scale, args.seed)
+                      for s in (args.shape or SHAPES)]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for w in workloads:

@@ -385,7 +385,7 @@ class Worker:
     def _step_decode(self, now: float) -> None:
         cfg = self.sim.cfg
         decoding = [s for s in self.running if s.prefill_left == 0]
-        if cfg.fast_forward and not self.waiting and len(decoding) == len(self.running) and decoding:
+        if cfg.fast_forward and decoding and len(decoding) == len(self.running) and not self._admits():
             n = len(decoding)
             for s in decoding:
                 if s.stint < 0:
@@ -406,6 +406,15 @@ class Worker:
                 return
         self._close_stints()
         self._slow_step(now)
+
+    def _admits(self) -> bool:
+        """Whether the next step would admit a waiting request (the scheduler's test): while it
+        would not, the running requests decode alone and the closed form holds."""
+        if not self.waiting or len(self.running) >= self.sim.cfg.max_num_seqs:
+            return False
+        head = self.waiting[0]
+        return self.kv_used + min(head.prefill_left, self.sim.cfg.max_num_batched_tokens) \
+            <= self.sim.cfg.kv_capacity_tokens
 
     def _close_stint(self, s: Seq, end_step: int) -> None:
         k = end_step - s.stint

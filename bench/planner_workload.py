@@ -101,8 +101,9 @@ def shape(name: str, duration_s: float = 3600.0, scale: float = 1.0, seed: int =
     osl = _lognormal(rng, osl_mean, 0.8, n, 1, 4000)
     if name == "mix_shift":
         late = times >= duration_s / 2
+        # 40 req/s x 6000 prompt tokens fills about 9 prefill workers; 40 x 1500 answer tokens about 12 decode
         isl = np.where(late, _lognormal(rng, 400, 0.5, n, 16, 32000), _lognormal(rng, 6000, 0.5, n, 16, 32000))
-        osl = np.where(late, _lognormal(rng, 600, 0.5, n, 1, 4000), _lognormal(rng, 40, 0.5, n, 1, 4000))
+        osl = np.where(late, _lognormal(rng, 1500, 0.5, n, 1, 4000), _lognormal(rng, 40, 0.5, n, 1, 4000))
     arrivals, next_hash = [], 0
     for t, i, o in zip(times, isl, osl):
         blocks = -(-int(i) // TRACE_BLOCK_TOKENS)

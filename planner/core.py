@@ -190,13 +190,19 @@ class Planner:
         values = {f"want_{r}": float(want[r]) for r in ROLES} | {"max_workers": float(room)}
         growing = [r for r in ROLES if want[r] > counts[r]]
         if len(growing) == 1 and floor["prefill"] + floor["decode"] <= room:
+            # One tier needs GPUs the other holds: the other gives what its load allows, a switch.
             x = growing[0]
             y = other_role(x)
-            give = verdicts.get(y)
-            if want[y] >= counts[y] and give is not None and give.can_spare and counts[y] - 1 >= floor[y]:
-                want[y] = counts[y] - 1  # the other tier spares one: a switch
-                reasons.append(Reason("budget-switch", x, values))
+            verdict = verdicts.get(y)
+            if verdict is None or (verdict.delta < 0 and cfg.mode == "both"):
+                lowest = floor[y]  # its load is low (or unmeasured): down to its forecast
+            elif verdict.can_spare or verdict.delta < 0:
+                lowest = max(floor[y], counts[y] - 1)
+            else:
+                lowest = want[y]
+            want[y] = max(lowest, min(want[y], room - want[x]))
             want[x] = min(want[x], room - want[y])
+            reasons.append(Reason("budget-switch", x, values))
             return want["prefill"], want["decode"]
         # Both tiers need more than the budget holds: share it in proportion to the need.
         share = round(room * want["prefill"] / (want["prefill"] + want["decode"]))

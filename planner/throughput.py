@@ -50,12 +50,13 @@ class ThroughputModel:
             self.hit_rate.observe(min(1.0, cached / prompt))
 
     def forecast(self) -> Forecast:
-        """The load ``horizon_intervals`` ahead; the rate is the larger of now and then (a worker
-        that is not needed yet still serves now)."""
+        """The request rate ``horizon_intervals`` ahead, or the next interval's if larger (a worker
+        that is not needed yet still serves now); lengths for the next interval (a trend in them,
+        extrapolated far, overshoots after a shift of the mix)."""
         ahead = self.config.horizon_intervals
         hit = self.hit_rate.predict()
         rate = max(self.rate.predict(1), self.rate.predict(ahead))
-        return Forecast(rate, self.isl.predict(ahead), self.osl.predict(ahead), 0.0 if math.isnan(hit) else hit)
+        return Forecast(rate, self.isl.predict(1), self.osl.predict(1), 0.0 if math.isnan(hit) else hit)
 
     def needs(self) -> tuple[float, float, Reason] | None:
         """Fractional workers each tier needs for the forecast; None while it has a NaN in it."""
