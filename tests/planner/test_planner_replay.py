@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.planner import Bench, interval_loads, replay, sized
-from bench.planner_sim import Req, SegmentLog, SimConfig, Simulation, StepModel
+from bench.planner_sim import Req, SimConfig, Simulation, StepModel
+from bench.planner_worker import SegmentLog
 from bench.planner_workload import Arrival, Workload, shape
 from engine.sim import SimProfile
 from planner import Planner, PlannerConfig, Profile
