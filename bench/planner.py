@@ -308,6 +308,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
     sim = SimConfig(ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, max_num_batched_tokens=
                     profile.max_num_batched_tokens, max_num_seqs=profile.max_num_seqs,
                     kv_capacity_tokens=profile.kv_capacity_tokens, kv_gbps=args.kv_gbps,
+                    prefill_queue_limit_tokens=args.prefill_queue_limit_tokens,
                     startup_s=args.startup_s, switch_s=args.switch_s)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--startup-s", type=float, default=60.0, help="a new worker's start-up delay")
     ap.add_argument("--switch-s", type=float, default=2.0, help="a tier switch's delay after its drain")
     ap.add_argument("--kv-gbps", type=float, default=50.0, help="bandwidth of one KV pull, GB/s")
+    ap.add_argument("--prefill-queue-limit-tokens", type=int, default=0,
+                    help="the router's spill rule: prefill on the decode worker when every prefill worker has more "
+                         "than this queued (0: the router's 8 x max_num_batched_tokens)")
     ap.add_argument("--duration-s", type=float, default=0.0,
                     help="built-in shapes' length (default: an hour for the sinusoid, 30 minutes for the others)")
     ap.add_argument("--scale", type=float, default=1.0, help="built-in shapes' rate multiplier")

@@ -51,6 +51,9 @@ class SimConfig:
     kv_gbps: float = 50.0  # one pull's bandwidth, GB/s (a 400 Gb/s RDMA NIC per GPU)
     kv_latency_s: float = 0.002
     max_local_prefill_tokens: int = 64
+    # the router prefills on the decode worker when every prefill worker has more than this queued
+    # (router/core.py: 8 x max_num_batched_tokens); 0: that rule
+    prefill_queue_limit_tokens: int = 0
     startup_s: float = 60.0
     switch_s: float = 2.0
     max_segment_steps: int = 256
@@ -163,7 +166,7 @@ class Simulation:
         prefill_loads = [policy.WorkerLoad(w.id, len(w.jobs), w.queued_prefill_tokens,
                                            num_active_blocks=policy.blocks(sum(j.req.arrival.isl for j in w.jobs),
                                                                            BLOCK)) for w in prefill]
-        limit = 8 * self.cfg.max_num_batched_tokens
+        limit = self.cfg.prefill_queue_limit_tokens or 8 * self.cfg.max_num_batched_tokens
         remote = bool(prefill) and not policy.prefill_saturated(prefill_loads, limit)
         choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
         req.decode_worker = choice.worker_id

@@ -9,8 +9,10 @@ time on the load the workers report (Dynamo's load planner, made to scale down s
 Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten) or the
 tier is near saturation; down (-1) only when, with the tier's load spread over N-1 workers (times
 today's imbalance between them), every worker stays under ``scale_down_margin`` x SLO, on
-``scale_down_ticks`` ticks in a row. A tier can *spare* a worker for the other tier when N-1
-workers stay under the SLO itself.
+``scale_down_ticks`` ticks in a row. For decode the N-1 prediction is made at the batch each
+worker would settle at (Little's law: a worker asked for more tokens per second runs a bigger,
+slower batch), not at today's batch spread thinner: that is what keeps a 2 <-> 1 flap away. A tier
+can *spare* a worker for the other tier when N-1 workers stay under the SLO itself.
 """
 
 from __future__ import annotations
