@@ -81,28 +81,31 @@ def clamp(bench: Bench, p: int, d: int) -> tuple[int, int]:
     return p, d
 
 
-def sized(bench: Bench, rate: float, isl: float, osl: float, hit: float, within_budget: bool = True
-          ) -> tuple[int, int]:
+def sized(bench: Bench, rate: float, isl: float, isl_p95: float, osl: float, hit: float,
+          within_budget: bool = True) -> tuple[int, int]:
     """The throughput mode's sizing for a known load (static deployments: each tier for its own
     peak), within the budget unless ``within_budget`` is False."""
     cfg = replace(bench.planner, predictor="constant")
     model = ThroughputModel(cfg, bench.profile)
-    model.observe(Traffic(window_s=1.0, num_arrivals=0, isl_mean=isl, osl_mean=osl), [])
+    model.observe(Traffic(window_s=1.0, num_arrivals=0, num_finished=1, isl_mean=isl, isl_p95=isl_p95,
+                          osl_mean=osl), [])
     model.rate.observe(rate)
     model.hit_rate.observe(hit)
     p, d, _ = model.targets({"prefill": 0, "decode": 0})
     return clamp(bench, p, d) if within_budget else (p, d)
 
 
-def interval_loads(w: Workload, interval_s: float) -> list[tuple[float, float, float]]:
-    """(rate, mean ISL, mean OSL) per interval of the workload."""
+def interval_loads(w: Workload, interval_s: float) -> list[tuple[float, float, float, float]]:
+    """(rate, mean ISL, 95th percentile ISL, mean OSL) per interval of the workload."""
     n = max(1, math.ceil(w.duration_s / interval_s))
     buckets: list[list] = [[] for _ in range(n)]
     for a in w.arrivals:
         buckets[min(n - 1, int(a.t // interval_s))].append(a)
     out = []
     for b in buckets:
-        out.append((len(b) / interval_s, sum(a.isl for a in b) / len(b) if b else 0.0,
+        isl = sorted(a.isl for a in b)
+        out.append((len(b) / interval_s, sum(isl) / len(b) if b else 0.0,
+                    float(isl[min(len(isl) - 1, math.ceil(0.95 * len(isl)) - 1)]) if b else 0.0,
                     sum(a.osl for a in b) / len(b) if b else 0.0))
     return out
 
@@ -220,7 +223,7 @@ def back_to_minimums(run: Run, stop_s: float, cfg: PlannerConfig, interval: floa
 def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print) -> list[Run]:
     interval = bench.planner.adjustment_interval_s
     loads = interval_loads(w, interval)
-    hit = prefix_hit_rate(w)
+    hit = 0.0  # sized as an operator would, not counting on the prefix cache (prefix_hit_rate(w) is its ideal)
     runs = []
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
     static = clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval))

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from planner.profile import PROFILE_DIR, DecodeGrid, PrefillCurve, Profile
 
-ISL_GRID = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+ISL_GRID = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 BATCH_GRID = (1, 8, 32, 64, 128, 256)
 CONTEXT_GRID = (256, 1024, 2048, 4096, 8192, 16384)
 

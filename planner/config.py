@@ -33,6 +33,7 @@ class PlannerConfig:
     # the load then (0: the next interval)
     horizon_s: float = 0.0
     predictor_window: int = 10  # moving average: intervals; autoreg: fits on up to 8x this history
+    length_window: int = 6  # ISL and OSL: mean of the last this many intervals
     max_step_up: int = 0  # throughput mode: most replicas added per tier per tick (0: no limit)
 
     def __post_init__(self) -> None:
@@ -57,8 +58,8 @@ class PlannerConfig:
             raise ValueError(f"scale_down_margin must be in (0, 1], got {self.scale_down_margin}")
         if self.horizon_s < 0:
             raise ValueError(f"horizon_s must be >= 0, got {self.horizon_s}")
-        if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.max_step_up < 0:
-            raise ValueError("scale_down_ticks and predictor_window must be >= 1, max_step_up >= 0")
+        if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.length_window < 1 or self.max_step_up < 0:
+            raise ValueError("scale_down_ticks, predictor_window and length_window must be >= 1, max_step_up >= 0")
 
     @property
     def ttft_slo_s(self) -> float:

@@ -178,10 +178,14 @@ class Planner:
                 verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl)
                 reasons.append(verdicts[r].reason)
                 want[r] = max(floor[r], counts[r] + verdicts[r].delta)
-        return self._clamp(want, floor, counts, verdicts, reasons), reasons
+        # what each tier could shrink to when the other needs its GPUs: the forecast's need, without
+        # the down band that keeps it from flapping when nobody else needs them
+        need = dict(self.throughput.need) if cfg.mode != "load" and self.throughput is not None else floor
+        return self._clamp(want, need, counts, verdicts, reasons), reasons
 
     def _clamp(self, want: dict[str, int], floor: dict[str, int], counts: dict[str, int],
                verdicts: dict[str, TierLoad], reasons: list[Reason]) -> tuple[int, int]:
+        """``want`` within the budget; ``floor``: the least each tier needs (forecast or minimum)."""
         cfg = self.config
         want = {r: max(want[r], cfg.minimum(r)) for r in ROLES}
         room = cfg.max_workers
@@ -195,7 +199,7 @@ class Planner:
             y = other_role(x)
             verdict = verdicts.get(y)
             if verdict is None or (verdict.delta < 0 and cfg.mode == "both"):
-                lowest = floor[y]  # its load is low (or unmeasured): down to its forecast
+                lowest = floor[y]  # its load is low (or not assessed): down to what the forecast needs
             elif verdict.can_spare or verdict.delta < 0:
                 lowest = max(floor[y], counts[y] - 1)
             else:

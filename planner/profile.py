@@ -87,7 +87,10 @@ class Profile:
         return max(0.0, interp(isl, self.prefill.isl, self.prefill.latency_s))
 
     def prefill_tokens_per_s(self, isl: float) -> float:
-        """Prompt tokens per second of a worker kept busy with prompts of ``isl`` tokens."""
+        """Prompt tokens per second of a worker kept busy with prompts of ``isl`` tokens (past the
+        longest profiled prompt: one prompt fills every step, its length over its latency)."""
+        if isl > self.prefill.isl[-1]:
+            return isl / max(self.prefill_latency_s(isl), 1e-9)
         return max(1e-9, interp(isl, self.prefill.isl, self.prefill.tokens_per_s))
 
     def decode_step_s(self, batch: float, context: float) -> float:
@@ -97,18 +100,36 @@ class Profile:
         return max(0.0, interp(batch, d.batch, rows))
 
     # ---- capacity at the targets --------------------------------------------------------------
-    def prefill_capacity(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
-        """Prompt tokens per second one prefill worker takes while keeping the mean TTFT under
-        ``ttft_s``: its busy throughput times the utilization at which a queue with exponential
-        service times (M/M/1: mean wait = rho / (1 - rho) x service) plus the prompt's own latency
-        reaches the target, at most ``max_utilization`` (at least 0.3)."""
-        throughput = self.prefill_tokens_per_s(isl)
-        service_s = max(isl, 1.0) / throughput
+    def prefill_utilization(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
+        """How busy a prefill worker may be planned and keep the mean TTFT under ``ttft_s``: the
+        utilization at which a queue with exponential service times (M/M/1: mean wait = rho / (1 -
+        rho) x service) plus the prompt's own latency reaches the target, at most ``max_utilization``
+        (at least 0.3, even where the target is out of reach)."""
+        service_s = max(isl, 1.0) / self.prefill_tokens_per_s(isl)
         slack = ttft_s - self.prefill_latency_s(isl)
         if slack <= 0:
-            return throughput * MIN_PREFILL_UTILIZATION
+            return MIN_PREFILL_UTILIZATION
         x = slack / service_s  # rho / (1 - rho) * service <= slack
-        return throughput * max(MIN_PREFILL_UTILIZATION, min(max_utilization, x / (1 + x)))
+        return max(MIN_PREFILL_UTILIZATION, min(max_utilization, x / (1 + x)))
+
+    def prefill_capacity(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
+        """Prompt tokens per second one prefill worker takes at ``isl``-token prompts: its busy
+        throughput times :meth:`prefill_utilization`."""
+        return self.prefill_tokens_per_s(isl) * self.prefill_utilization(isl, ttft_s, max_utilization)
+
+    def prefill_work_s(self, isl_mean: float, isl_p95: float = math.nan) -> float:
+        """Busy worker-seconds per prompt when prompt lengths are lognormal with this mean and 95th
+        percentile (the mean's alone when the percentile is unknown). A prompt's cost grows faster
+        than its length (attention), so a long tail costs more than its mean says."""
+        sigma = lognormal_sigma(isl_mean, isl_p95)
+        if sigma == 0.0:
+            return max(isl_mean, 1.0) / self.prefill_tokens_per_s(isl_mean)
+        mu = math.log(isl_mean) - sigma * sigma / 2
+        total = 0.0
+        for x, w in zip(*_HERMITE):
+            length = math.exp(mu + sigma * math.sqrt(2) * x)
+            total += w * max(length, 1.0) / self.prefill_tokens_per_s(length)
+        return total / math.sqrt(math.pi)
 
     def decode_max_batch(self, context: float, itl_s: float) -> int:
         """Most sequences of ``context`` KV tokens one decode worker runs with its step under
@@ -173,6 +194,23 @@ class Profile:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def lognormal_sigma(mean: float, p95: float) -> float:
+    """sigma of the lognormal with this mean and 95th percentile: ln(p95 / mean) = 1.645 sigma -
+    sigma^2 / 2, the smaller root; 0 where the percentile is unknown or not above the mean."""
+    if not (math.isfinite(mean) and math.isfinite(p95)) or mean <= 0 or p95 <= mean:
+        return 0.0
+    z, r = 1.6449, math.log(p95 / mean)
+    disc = z * z - 2 * r
+    return z - math.sqrt(disc) if disc > 0 else z
+
+
+_HERMITE = ((-2.930637420257244, -1.981656756695843, -1.157193712446780, -0.381186990207322,
+             0.381186990207322, 1.157193712446780, 1.981656756695843, 2.930637420257244),
+            (1.996040722113676e-04, 1.707798300741348e-02, 2.078023258148919e-01, 6.611470125582413e-01,
+             6.611470125582413e-01, 2.078023258148919e-01, 1.707798300741348e-02, 1.996040722113676e-04))
+# Gauss-Hermite nodes and weights (8 points): integral of exp(-x^2) f(x) = sum w f(x)
 
 
 def finite(*values: float) -> bool:

@@ -1,10 +1,11 @@
 """Throughput mode: forecast the next interval's request rate, ISL and OSL, and size each tier
 from the profile's per-replica capacity at the TTFT/ITL targets (DistServe/Dynamo style):
 
-    prefill = ceil(rate * ISL * (1 - prefix hit rate) / prefill capacity at that ISL and the TTFT target)
+    prefill = ceil(rate * prefill work per prompt / planned utilization at the TTFT target)
     decode  = ceil(rate * OSL / (decode capacity at context ISL + OSL/2 and the ITL target * max_utilization))
 
-The prefill capacity holds ``max_utilization`` already (``Profile.prefill_capacity``). A tier
+The prefill work per prompt is the profile's busy time averaged over a lognormal fitted to the
+new prompt tokens' mean and p95 (a long tail costs more than its mean: attention). A tier
 shrinks only when its demand fits N-1 workers at ``scale_down_band`` of that capacity: a demand
 near a boundary does not flap between N and N-1.
 """
@@ -25,6 +26,7 @@ from planner.profile import Profile
 class Forecast:
     rate: float  # requests per second
     isl: float  # mean prompt tokens
+    isl_p95: float  # their 95th percentile (NaN: unknown)
     osl: float  # mean output tokens
     hit_rate: float  # fraction of prompt tokens served from the prefix cache
 
@@ -35,14 +37,20 @@ class ThroughputModel:
         self.profile = profile
         kind, window = config.predictor, config.predictor_window
         self.rate = make_predictor(kind, window)
-        self.isl = make_predictor(kind, window)
-        self.osl = make_predictor(kind, window)
+        # Lengths are means over the requests that finished in one interval: few, and the short
+        # ones first; they swing from interval to interval without a trend to follow. Averaged.
+        self.isl = MovingAverage(config.length_window)
+        self.isl_p95 = MovingAverage(config.length_window)
+        self.osl = MovingAverage(config.length_window)
         self.hit_rate = MovingAverage(window)
+        self._low_ticks = {"prefill": 0, "decode": 0}
+        self.need = {"prefill": 0, "decode": 0}  # the last forecast's replicas, before the down band
 
     def observe(self, traffic: Traffic, workers: list[WorkerStep]) -> None:
         """One interval's merged router windows and the prefill tier's cache counters."""
         self.rate.observe(traffic.request_rate)
         self.isl.observe(traffic.isl_mean)
+        self.isl_p95.observe(traffic.isl_p95)
         self.osl.observe(traffic.osl_mean)
         prompt = sum(w.num_prompt_tokens for w in workers if w.role == "prefill")
         cached = sum(w.num_cached_tokens for w in workers if w.role == "prefill")
@@ -56,7 +64,8 @@ class ThroughputModel:
         ahead = self.config.horizon_intervals
         hit = self.hit_rate.predict()
         rate = max(self.rate.predict(1), self.rate.predict(ahead))
-        return Forecast(rate, self.isl.predict(1), self.osl.predict(1), 0.0 if math.isnan(hit) else hit)
+        return Forecast(rate, self.isl.predict(1), self.isl_p95.predict(1), self.osl.predict(1),
+                        0.0 if math.isnan(hit) else hit)
 
     def needs(self) -> tuple[float, float, Reason] | None:
         """Fractional workers each tier needs for the forecast; None while it has a NaN in it."""
@@ -65,31 +74,36 @@ class ThroughputModel:
         if math.isnan(f.rate):
             return None
         if f.rate <= 0:
-            return 0.0, 0.0, Reason("forecast-idle", "", {"rate": 0.0})
+            return 0.0, 0.0, Reason("forecast-idle", "", {"rate": 0.0})  # the minimums
         if math.isnan(f.isl) or math.isnan(f.osl):
             return None
         new_isl = max(1.0, f.isl * (1 - f.hit_rate))
-        prefill_capacity = self.profile.prefill_capacity(new_isl, cfg.ttft_slo_s, cfg.max_utilization)
+        utilization = self.profile.prefill_utilization(new_isl, cfg.ttft_slo_s, cfg.max_utilization)
+        work_s = self.profile.prefill_work_s(new_isl, f.isl_p95 * (1 - f.hit_rate))  # busy seconds per prompt
         decode_capacity = self.profile.decode_capacity(f.isl + f.osl / 2, cfg.itl_slo_s) * cfg.max_utilization
-        prefill = f.rate * new_isl / prefill_capacity
+        prefill = f.rate * work_s / utilization
         decode = f.rate * f.osl / decode_capacity
-        values = {"rate": f.rate, "isl": f.isl, "osl": f.osl, "hit_rate": f.hit_rate,
-                  "prefill_capacity_tokens_per_s": prefill_capacity,
+        values = {"rate": f.rate, "isl": f.isl, "isl_p95": f.isl_p95, "osl": f.osl, "hit_rate": f.hit_rate,
+                  "prefill_work_s": work_s, "prefill_utilization": utilization,
                   "decode_capacity_tokens_per_s": decode_capacity, "prefill_need": prefill, "decode_need": decode}
         return prefill, decode, Reason("forecast", "", values)
 
     def targets(self, counts: dict[str, int]) -> tuple[int, int, Reason] | None:
-        """Replicas per tier: up to the need at once, down only past the band."""
+        """Replicas per tier: up to the need at once; down only past the band, on
+        ``scale_down_ticks`` ticks in a row (to the least those ticks asked for)."""
         needs = self.needs()
         if needs is None:
             return None
+        cfg = self.config
         out = []
         for role, need in zip(("prefill", "decode"), needs[:2]):
             n = counts[role]
-            up = math.ceil(need - 1e-9)
-            if up > n:
-                out.append(up)
+            target = self.need[role] = max(math.ceil(need - 1e-9), cfg.minimum(role))
+            if target <= n:
+                down = max(math.ceil(need / cfg.scale_down_band - 1e-9), cfg.minimum(role))
+                self._low_ticks[role] = self._low_ticks[role] + 1 if down < n else 0
+                target = down if self._low_ticks[role] >= cfg.scale_down_ticks else n
             else:
-                out.append(min(n, math.ceil(need / self.config.scale_down_band - 1e-9)))
-            out[-1] = max(out[-1], self.config.minimum(role))
+                self._low_ticks[role] = 0
+            out.append(target)
         return out[0], out[1], needs[2]
