@@ -47,6 +47,7 @@ class Run:
     intervals: int = 0
     wall_s: float = 0.0
     to_minimums_intervals: float | None = None
+    stopped: bool = False  # given up early: its attainment was certain to end below a bound
 
     def summary(self, ttft_s: float) -> dict:
         n = len(self.requests)
@@ -125,7 +126,11 @@ def prefix_hit_rate(w: Workload) -> float:
     return min(1.0, hit / total) if total else 0.0
 
 
-def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None) -> Run:
+def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None,
+           stop_below: float = 0.0) -> Run:
+    """One deployment over the workload. ``stop_below``: give up as soon as the attainment is
+    certain to end below it (requests already bad: finished bad, or past the TTFT target without
+    a first token); the run is then marked ``stopped`` (the split sweep prunes with it)."""
     t_wall = time.perf_counter()
     sim = Simulation(bench.sim, bench.model)
     for role, n in zip(("prefill", "decode"), initial):
@@ -138,6 +143,8 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
     run = Run(name, requests, 0.0)
     last_sign = {"prefill": 0, "decode": 0}
     arrived_upto = 0
+    bad_finished = 0
+    no_first_token: list[Req] = []
     t = 0.0
     end = w.duration_s + bench.drain_s
     while t < end and (t < w.duration_s or sim.num_inflight > 0 or sim.events):
@@ -145,9 +152,17 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
         sim.run_until(t)
         n_arr = 0
         while arrived_upto < len(requests) and requests[arrived_upto].arrival.t <= t:
+            no_first_token.append(requests[arrived_upto])
             arrived_upto += 1
             n_arr += 1
         done, sim.done_window = sim.done_window, []
+        if stop_below > 0:
+            bad_finished += sum(not r.good(bench.sim.ttft_s) for r in done)
+            no_first_token = [r for r in no_first_token if math.isnan(r.ttft) and not r.finished]
+            late = sum(1 for r in no_first_token if t - r.arrival.t > bench.sim.ttft_s)
+            if 1 - (bad_finished + late) / len(requests) < stop_below:
+                run.stopped = True
+                break
         workers = tuple(x.observe(t, interval) for x in sim.workers.values())
         row = {"t": t, "rate": n_arr / interval,
                **{r: sum(1 for x in workers if x.role == r and x.state is WorkerState.READY)
@@ -230,7 +245,7 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None))
     log(line(runs[-1], bench))
     if sweep:
-        best = best_split(bench, w)
+        best = best_split(bench, w, round(bench.planner.max_workers * static[0] / sum(static)))
         runs.append(best)
         log(line(best, bench))
     first = loads[0] if loads[0][0] > 0 else next((x for x in loads if x[0] > 0), loads[0])
@@ -242,19 +257,23 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     return runs
 
 
-def best_split(bench: Bench, w: Workload) -> Run:
+def best_split(bench: Bench, w: Workload, first: int) -> Run:
     """The fixed prefill/decode split of the whole budget with the best attainment (then goodput):
-    every third split, then the neighbours of the best (attainment is unimodal in the split)."""
+    ``first`` (a guess), every third split, then the neighbours of the best (attainment is unimodal
+    in the split). A split is given up once it is certain to end below the best so far."""
     room = bench.planner.max_workers
     tried: dict[int, Run] = {}
 
     def score(p: int) -> tuple[float, float]:
         if p not in tried:
-            tried[p] = replay(bench, w, f"fixed {p}P+{room - p}D", (p, room - p), None)
+            best = max((score(q)[0] for q in tried), default=0.0)
+            tried[p] = replay(bench, w, f"fixed {p}P+{room - p}D", (p, room - p), None, stop_below=best)
+        if tried[p].stopped:
+            return -1.0, 0.0
         s = tried[p].summary(bench.sim.ttft_s)
         return s["attainment"], s["goodput_per_gpu_hour"]
 
-    for p in sorted({*range(1, room, 3), room - 1}):
+    for p in [min(max(first, 1), room - 1), *sorted({*range(1, room, 3), room - 1})]:
         score(p)
     best = max(tried, key=score)
     for p in (best - 2, best - 1, best + 1, best + 2):
@@ -262,7 +281,8 @@ def best_split(bench: Bench, w: Workload) -> Run:
             score(p)
     best = max(tried, key=score)
     run = tried[best]
-    run.name = f"best-fixed {best}P+{room - best}D ({len(tried)} tried)"
+    pruned = sum(r.stopped for r in tried.values())
+    run.name = f"best-fixed {best}P+{room - best}D ({len(tried)} tried, {pruned} pruned)"
     return run
 
 

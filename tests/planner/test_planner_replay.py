@@ -101,3 +101,17 @@ def test_trace_lines_must_be_mooncake_format(tmp_path) -> None:
     path.write_text('{"timestamp": 0, "input_len": 10}\n')
     with pytest.raises(ValueError, match="Mooncake"):
         load_trace(path)
+
+
+def test_the_split_sweep_gives_up_only_on_runs_certain_to_lose() -> None:
+    profile = Profile.load("h200-llama-3.1-8b")
+    cfg = PlannerConfig(mode="both", gpu_budget=4, adjustment_interval_s=10.0, grace_s=10.0)
+    bench = Bench(SimConfig(), StepModel(SIM), profile, cfg, drain_s=60.0)
+    w = shape("flat", duration_s=60.0, scale=0.5, seed=2)  # 20 req/s: one decode worker is far too few
+    full = replay(bench, w, "fixed 3P+1D", (3, 1), None)
+    attainment = full.summary(bench.sim.ttft_s)["attainment"]
+    assert not full.stopped and attainment < 0.9
+    stopped = replay(bench, w, "fixed 3P+1D", (3, 1), None, stop_below=attainment + 0.01)
+    assert stopped.stopped
+    kept = replay(bench, w, "fixed 3P+1D", (3, 1), None, stop_below=attainment - 0.01)
+    assert not kept.stopped and kept.summary(bench.sim.ttft_s)["attainment"] == attainment
