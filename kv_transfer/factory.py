@@ -8,7 +8,7 @@ from typing import Any
 
 from kv_transfer.base import KVTransport
 
-TRANSPORT_NAMES = ("nixl", "tcp", "loopback")
+TRANSPORT_NAMES = ("auto", "nixl", "cuda_ipc", "nccl", "tcp", "loopback")
 
 
 @functools.cache
@@ -22,16 +22,27 @@ def nixl_available() -> bool:
 
 
 def make_transport(name: str, **opts: Any) -> KVTransport:
-    """A new, unregistered transport: "nixl", "tcp", "loopback", or "auto" (nixl if importable, else tcp).
+    """A new, unregistered transport by name (see ``TRANSPORT_NAMES``).
 
-    ``opts`` go to the implementation's constructor (e.g. tcp: host, port; all: model).
+    ``auto`` picks per peer by measured bandwidth (``auto.AutoTransport``); ``opts`` go to the
+    implementation's constructor (all: model; tcp: host, port; nccl: store; auto: table, store...).
     """
     if name == "auto":
-        name = "nixl" if nixl_available() else "tcp"
+        from kv_transfer.auto import AutoTransport
+
+        return AutoTransport(**opts)
     if name == "nixl":
         from kv_transfer.nixl_transport import NixlTransport
 
         return NixlTransport(**opts)
+    if name == "cuda_ipc":
+        from kv_transfer.cuda_ipc import CudaIpcTransport
+
+        return CudaIpcTransport(**opts)
+    if name == "nccl":
+        from kv_transfer.nccl import NcclTransport
+
+        return NcclTransport(**opts)
     if name == "tcp":
         from kv_transfer.tcp import TcpTransport
 
@@ -40,4 +51,4 @@ def make_transport(name: str, **opts: Any) -> KVTransport:
         from kv_transfer.loopback import LoopbackTransport
 
         return LoopbackTransport(**opts)
-    raise ValueError(f"unknown KV transport {name!r}; expected one of {(*TRANSPORT_NAMES, 'auto')}")
+    raise ValueError(f"unknown KV transport {name!r}; expected one of {TRANSPORT_NAMES}")

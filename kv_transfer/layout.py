@@ -115,14 +115,22 @@ def merge_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) 
 
 
 def check_block_ids(
-    remote_block_ids: Sequence[int], local_block_ids: Sequence[int], num_remote: int, num_local: int
+    remote_block_ids: Sequence[int],
+    local_block_ids: Sequence[int],
+    num_remote: int,
+    num_local: int,
+    sides: tuple[str, str] = ("remote", "local"),
 ) -> None:
-    """Raise ``ValueError`` on a bad request: unequal lengths, out-of-range or repeated local ids."""
+    """Raise ``ValueError`` on a bad request: unequal lengths, out-of-range ids, or a destination id
+    (the second list: ``local`` for a pull) that repeats. ``sides`` names the two lists in messages
+    (a push passes its source ids first and its destination ids second: ``("local", "remote")``).
+    """
+    src, dst = sides
     if len(remote_block_ids) != len(local_block_ids):
-        raise ValueError(f"{len(remote_block_ids)} remote block ids but {len(local_block_ids)} local block ids")
-    for ids, limit, side in ((remote_block_ids, num_remote, "remote"), (local_block_ids, num_local, "local")):
+        raise ValueError(f"{len(remote_block_ids)} {src} block ids but {len(local_block_ids)} {dst} block ids")
+    for ids, limit, side in ((remote_block_ids, num_remote, src), (local_block_ids, num_local, dst)):
         bad = [b for b in ids if not 0 <= b < limit]
         if bad:
             raise ValueError(f"{side} block ids out of range [0, {limit}): {bad[:8]}")
     if len(set(local_block_ids)) != len(local_block_ids):
-        raise ValueError("local block ids repeat: a local block can receive only one remote block")
+        raise ValueError(f"{dst} block ids repeat: a {dst} block can receive only one block")

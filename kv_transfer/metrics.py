@@ -1,7 +1,9 @@
 """Prometheus metrics of the KV plane, in the process-wide default registry.
 
 Bandwidth is ``rate(tandem_kv_transfer_bytes_total) / rate(tandem_kv_transfer_duration_seconds_sum)``;
-per-request transfer time is the histogram itself. Only the pulling side records.
+per-request transfer time is the histogram itself. The side that initiates a transfer (the puller,
+or the pusher) records it; ``connects`` counts per-peer set-ups (a NIXL remote agent, a CUDA IPC
+mapping, an NCCL pair group), which a timeout must not tear down.
 """
 
 from __future__ import annotations
@@ -10,25 +12,35 @@ from prometheus_client import Counter, Histogram
 
 TRANSFER_BYTES = Counter(
     "tandem_kv_transfer_bytes",
-    "KV cache bytes pulled from peers.",
+    "KV cache bytes moved to or from peers (counted by the initiating side).",
     ["transport"],
 )
 TRANSFER_BLOCKS = Counter(
     "tandem_kv_transfer_blocks",
-    "KV cache blocks pulled from peers.",
+    "KV cache blocks moved to or from peers (counted by the initiating side).",
     ["transport"],
 )
 TRANSFER_DURATION = Histogram(
     "tandem_kv_transfer_duration_seconds",
-    "Wall time of one successful pull (one request's blocks), from request to completion.",
+    "Wall time of one successful pull or push (one request's blocks), from request to completion.",
     ["transport"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 TRANSFER_FAILURES = Counter(
     "tandem_kv_transfer_failures",
-    "Pulls that raised TransferError; reason is timeout, peer, layout or closed.",
+    "Transfers that raised TransferError; reason is timeout, peer, layout or closed.",
     ["transport", "reason"],
 )
+
+TRANSFER_CONNECTS = Counter(
+    "tandem_kv_transfer_connects",
+    "Per-peer set-ups: a NIXL remote agent loaded, a CUDA IPC handle mapped, an NCCL pair group built.",
+    ["transport"],
+)
+
+
+def record_connect(transport: str) -> None:
+    TRANSFER_CONNECTS.labels(transport).inc()
 
 
 def record_success(transport: str, num_blocks: int, num_bytes: int, duration_s: float) -> None:

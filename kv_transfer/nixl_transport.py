@@ -1,11 +1,20 @@
-"""NIXL transport (UCX backend): one-sided READs of the peer's registered KV memory.
+"""NIXL transport (UCX backend): one-sided READs (pull) and WRITEs with a notification (push).
 
 At ``register`` the whole KV tensor is registered once (DRAM for a CPU tensor, VRAM for a CUDA one)
 and a block-granular local descriptor list (one descriptor per block) is prepared once. The first
-pull from a peer loads its agent metadata and prepares its block-granular remote list; both are
-cached until ``disconnect``/``close`` or a failure. A pull selects blocks by index from the two
-prepared lists; NIXL merges indices that are contiguous on both sides into one descriptor (the same
-runs as ``merge_runs``; with ``capture_telemetry`` the result reports NIXL's own descriptor count).
+transfer with a peer loads its agent metadata and prepares its block-granular remote list; both are
+cached until ``disconnect``/``close`` or the peer's endpoint fails. A transfer selects blocks by index
+from the two prepared lists; NIXL merges indices that are contiguous on both sides into one
+descriptor (the same runs as ``merge_runs``; with ``capture_telemetry`` the result reports NIXL's own
+descriptor count).
+
+A push is a WRITE whose notification (``tandem-kv|<transfer id>|<digest>``) reaches the destination's
+agent after the data; a thread there completes the matching ``expect``ed transfer. On an H200, UCX
+WRITEs into the other process's VRAM run at copy speed while READs fall back to a slow path: see
+``default_table.json``.
+
+Failures stay with their transfer: a timeout cancels that transfer's handle only. A failed endpoint
+(state ERR) drops the peer's cached state for the next transfer; transfers still using it finish first.
 
 UCX picks its devices from the environment: ``UCX_NET_DEVICES=lo`` keeps a test on loopback.
 """
@@ -23,13 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kv_transfer.base import KVTransport, PeerMetadata, TransferError, TransferTimeoutError
+from kv_transfer import metrics
+from kv_transfer.base import KVTransport, PeerMetadata
+from kv_transfer.errors import TransferError, TransferTimeoutError, TransportClosedError
 from kv_transfer.layout import BlockRun, KVLayout
 
 logger = logging.getLogger(__name__)
 
 _LOCAL = "NIXL_INIT_AGENT"  # prep_xfer_dlist's name for "the initiator's own memory"
 _MAX_POLL_SLEEP_S = 1e-3
+_MAX_NOTIF_SLEEP_S = 2e-4
 
 
 def _block_descs(base_addr: int, num_blocks: int, bytes_per_block: int, device_id: int) -> np.ndarray:
@@ -113,10 +125,15 @@ def _make_agent(
 class _Peer:
     agent_name: str
     dlist: Any  # nixl_prepped_dlist_handle over all the peer's blocks
+    users: int = 0  # transfers using it now
+    dropped: bool = False  # no longer cached: released when the last user is done
+
+
+_NOTIF_PREFIX = b"tandem-kv|"
 
 
 class NixlTransport(KVTransport):
-    """Pulls with NIXL READs. Requires the ``nixl`` package; the import error says how to get it."""
+    """Pulls with NIXL READs, pushes with NIXL WRITEs. Requires the ``nixl`` package."""
 
     transport_name = "nixl"
 
@@ -157,6 +174,7 @@ class NixlTransport(KVTransport):
         self._local_dlist: Any = None
         self._mem_type = "DRAM"
         self._device_id = 0
+        self._notif_thread: threading.Thread | None = None
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
         self._mem_type = "DRAM" if kv.device.type == "cpu" else "VRAM"
@@ -164,74 +182,121 @@ class NixlTransport(KVTransport):
         self._reg_descs = self._agent.register_memory(kv)
         descs = _block_descs(kv.data_ptr(), layout.num_blocks, layout.bytes_per_block, self._device_id)
         self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, descs, self._mem_type)
+        self._notif_thread = threading.Thread(target=self._notif_loop, name=f"{self.name}-notifs", daemon=True)
+        self._notif_thread.start()
 
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         address = {"base_addr": self.kv.data_ptr(), "device_id": self._device_id, "mem_type": self._mem_type}
         return address, self._agent.get_agent_metadata()
 
     def _connect(self, peer: PeerMetadata) -> None:
-        self._peer(peer)
+        self._release(self._acquire(peer))
 
-    def _peer(self, peer: PeerMetadata) -> _Peer:
+    def _acquire(self, peer: PeerMetadata) -> _Peer:
+        """The peer's cached state (set up on first use), counted as used until ``_release``."""
         with self._lock:
             known = self._peers.get(peer.name)
-            if known is not None:
-                return known
-            try:
-                agent_name = self._agent.add_remote_agent(peer.blob)
-                if isinstance(agent_name, bytes):  # the bindings return the name as bytes
-                    agent_name = agent_name.decode()
-            except self._errors as e:
-                raise TransferError(f"cannot reach NIXL peer {peer.name!r}: {e}") from e
-            if agent_name != peer.name:
-                self._agent.remove_remote_agent(agent_name)
-                raise TransferError(f"NIXL metadata names agent {agent_name!r}, expected {peer.name!r}")
-            try:
-                descs = _block_descs(
-                    int(peer.address["base_addr"]),
-                    peer.layout.num_blocks,
-                    peer.layout.bytes_per_block,
-                    int(peer.address["device_id"]),
-                )
-                dlist = self._agent.prep_xfer_dlist(agent_name, descs, str(peer.address["mem_type"]))
-            except (*self._errors, KeyError, ValueError) as e:
-                self._agent.remove_remote_agent(agent_name)
-                raise TransferError(f"cannot describe NIXL peer {peer.name!r}'s blocks: {e}") from e
-            try:
-                self._agent.make_connection(agent_name)  # start UCX wireup now, not in the first READ
-            except self._errors as e:
-                dlist.release()
-                self._agent.remove_remote_agent(agent_name)
-                raise TransferError(f"cannot connect to NIXL peer {peer.name!r}: {e}") from e
-            self._peers[peer.name] = known = _Peer(agent_name, dlist)
+            if known is None:
+                known = self._peers[peer.name] = self._add_peer(peer)
+            known.users += 1
             return known
+
+    def _release(self, peer: _Peer) -> None:
+        with self._lock:
+            peer.users -= 1
+            free = peer.dropped and peer.users == 0
+        if free:
+            self._free(peer)
+
+    def _add_peer(self, peer: PeerMetadata) -> _Peer:
+        try:
+            agent_name = self._agent.add_remote_agent(peer.blob)
+            if isinstance(agent_name, bytes):  # the bindings return the name as bytes
+                agent_name = agent_name.decode()
+        except self._errors as e:
+            raise TransferError(f"cannot reach NIXL peer {peer.name!r}: {e}") from e
+        if agent_name != peer.name:
+            self._agent.remove_remote_agent(agent_name)
+            raise TransferError(f"NIXL metadata names agent {agent_name!r}, expected {peer.name!r}")
+        try:
+            descs = _block_descs(
+                int(peer.address["base_addr"]),
+                peer.layout.num_blocks,
+                peer.layout.bytes_per_block,
+                int(peer.address["device_id"]),
+            )
+            dlist = self._agent.prep_xfer_dlist(agent_name, descs, str(peer.address["mem_type"]))
+        except (*self._errors, KeyError, ValueError) as e:
+            self._agent.remove_remote_agent(agent_name)
+            raise TransferError(f"cannot describe NIXL peer {peer.name!r}'s blocks: {e}") from e
+        try:
+            self._agent.make_connection(agent_name)  # start UCX wireup now, not in the first transfer
+        except self._errors as e:
+            dlist.release()
+            self._agent.remove_remote_agent(agent_name)
+            raise TransferError(f"cannot connect to NIXL peer {peer.name!r}: {e}") from e
+        metrics.record_connect(self.transport_name)
+        return _Peer(agent_name, dlist)
 
     def _disconnect(self, peer_name: str) -> None:
         with self._lock:
             peer = self._peers.pop(peer_name, None)
-        if peer is None:
-            return
+            if peer is None:
+                return
+            peer.dropped = True
+            free = peer.users == 0
+        if free:
+            self._free(peer)
+
+    def _free(self, peer: _Peer) -> None:
         for release in (peer.dlist.release, lambda: self._agent.remove_remote_agent(peer.agent_name)):
             try:
                 release()
             except self._errors as e:
-                logger.warning("%s: dropping NIXL peer %s: %s", self.name, peer_name, e)
+                logger.warning("%s: dropping NIXL peer %s: %s", self.name, peer.agent_name, e)
 
     def _pull(self, peer: PeerMetadata, runs: list[BlockRun], deadline: float) -> int:
-        remote = self._peer(peer)
+        return self._xfer("READ", peer, runs, deadline, b"")
+
+    def _push(self, peer: PeerMetadata, transfer_id: str, digest: str, runs: list[BlockRun], deadline: float) -> int:
+        notif = _NOTIF_PREFIX + f"{transfer_id}|{digest}|{len(runs)}".encode()
+        if runs:
+            return self._xfer("WRITE", peer, runs, deadline, notif)
+        remote = self._acquire(peer)  # nothing to write: the notification alone
+        try:
+            self._agent.send_notif(remote.agent_name, notif)
+        except self._errors as e:
+            raise TransferError(f"NIXL notification to {peer.name!r} failed: {e}") from e
+        finally:
+            self._release(remote)
+        return 0
+
+    def _xfer(self, op: str, peer: PeerMetadata, runs: list[BlockRun], deadline: float, notif: bytes) -> int:
+        if time.perf_counter() >= deadline:  # never start past the deadline (a push: the destination's too)
+            raise TransferTimeoutError(f"NIXL {op} with {peer.name!r} not started: the deadline passed")
+        remote = self._acquire(peer)
+        try:
+            return self._xfer_with(op, peer, remote, runs, deadline, notif)
+        finally:
+            self._release(remote)
+
+    def _xfer_with(
+        self, op: str, peer: PeerMetadata, remote: _Peer, runs: list[BlockRun], deadline: float, notif: bytes
+    ) -> int:
         local_idx = np.concatenate([np.arange(r.local_start, r.local_start + r.num_blocks) for r in runs])
         remote_idx = np.concatenate([np.arange(r.remote_start, r.remote_start + r.num_blocks) for r in runs])
         try:
             handle = self._agent.make_prepped_xfer(
-                "READ",
+                op,
                 self._local_dlist,
                 local_idx.astype(np.int32),
                 remote.dlist,
                 remote_idx.astype(np.int32),
+                notif_msg=notif,
             )
         except self._errors as e:
             self._disconnect(peer.name)
-            raise TransferError(f"NIXL READ from {peer.name!r} could not be created: {e}") from e
+            raise TransferError(f"NIXL {op} with {peer.name!r} could not be created: {e}") from e
         try:
             state = self._wait(handle, deadline)
             if state == "DONE" and self._capture_telemetry:
@@ -245,27 +310,68 @@ class NixlTransport(KVTransport):
                 logger.warning("%s: releasing a NIXL transfer handle: %s", self.name, e)
         if state == "DONE":
             return len(runs)
-        # The peer is dead, stuck or gone: drop the connection so that no late write lands in our blocks.
+        if state == "CLOSED":
+            raise TransportClosedError(f"NIXL {op} with {peer.name!r} stopped: the transport is closing")
+        if state == "PROC":  # this transfer only: the peer stays connected for the others
+            raise TransferTimeoutError(f"NIXL {op} with {peer.name!r} timed out")
+        # The endpoint failed (the peer died or broke): the next transfer sets the peer up again.
         self._disconnect(peer.name)
-        if state == "PROC":
-            raise TransferTimeoutError(f"NIXL READ from {peer.name!r} timed out")
-        raise TransferError(f"NIXL READ from {peer.name!r} failed: {state}")
+        raise TransferError(f"NIXL {op} with {peer.name!r} failed: {state}")
 
     def _wait(self, handle: Any, deadline: float) -> str:
-        """Post the transfer and poll it until it is DONE, ERR, or the deadline passes (still PROC)."""
+        """Post the transfer and poll it until DONE, ERR, the deadline (still PROC), or close (CLOSED)."""
         state = self._agent.transfer(handle)
         sleep_s = 0.0
         while state == "PROC":
             if time.perf_counter() >= deadline:
                 return "PROC"
+            if self._closing.is_set():
+                return "CLOSED"
             time.sleep(sleep_s)
             sleep_s = min(max(2 * sleep_s, 2e-5), _MAX_POLL_SLEEP_S)
             state = self._agent.check_xfer_state(handle)
         return str(state)
 
+    def _notif_loop(self) -> None:
+        """Complete expected pushes as their notifications arrive (polls only while some are expected)."""
+        sleep_s = 0.0
+        while not self._closing.is_set():
+            if not self._inbox.pending():
+                self._inbox.wait_for_pending(0.5)
+                sleep_s = 0.0
+                continue
+            try:
+                notifs = self._agent.get_new_notifs()
+            except self._errors as e:
+                logger.warning("%s: reading NIXL notifications: %s", self.name, e)
+                notifs = {}
+            got = False
+            for messages in notifs.values():
+                for message in messages:
+                    got = True
+                    self._on_notif(bytes(message))
+            sleep_s = 0.0 if got else min(max(2 * sleep_s, 1e-5), _MAX_NOTIF_SLEEP_S)
+            time.sleep(sleep_s)
+
+    def _on_notif(self, message: bytes) -> None:
+        if not message.startswith(_NOTIF_PREFIX):
+            logger.info("%s: ignoring a NIXL notification %r", self.name, message[:64])
+            return
+        try:
+            transfer_id, digest, num_runs = message[len(_NOTIF_PREFIX) :].decode().split("|")
+            self._inbox.complete(transfer_id, digest, int(num_runs))
+        except ValueError:
+            logger.warning("%s: malformed NIXL notification %r", self.name, message[:64])
+
     def _close(self) -> None:
-        for name in list(self._peers):
-            self._disconnect(name)
+        if self._notif_thread is not None:
+            self._notif_thread.join(timeout=2.0)
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.dropped = True
+            if peer.users == 0:  # else a transfer outlived close's grace: leave its state alone
+                self._free(peer)
         try:
             if self._local_dlist is not None:
                 self._local_dlist.release()

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -44,10 +44,33 @@ def empty_kv(lay: KVLayout, device: str = "cpu") -> torch.Tensor:
 
 @dataclass
 class Owner:
-    """A block-owner process and the metadata of each of its transports, by dtype."""
+    """A peer process (``owner_main.py``) and the metadata of each of its transports, by dtype."""
 
     proc: subprocess.Popen[str]
     metadata: dict[str, bytes]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    _seen: list[str] = field(default_factory=list)
+
+    def send(self, *words: object) -> None:
+        """One command line (see owner_main.py); lists become comma-separated ids."""
+        parts = [",".join(map(str, w)) or "-" if isinstance(w, list | tuple) else str(w) for w in words]
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(" ".join(parts) + "\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, prefix: str, timeout_s: float = 30.0) -> list[str]:
+        """The words of the first answer line starting with ``prefix`` (other lines stay buffered)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for line in self._seen:
+                if line.startswith(prefix):
+                    self._seen.remove(line)
+                    return line.split()
+            try:
+                self._seen.append(self.lines.get(timeout=max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {prefix!r} from the peer within {timeout_s} s; got {self._seen}") from None
 
     def kill(self) -> None:
         self.proc.kill()
@@ -76,16 +99,26 @@ def _pump(stream: IO[str] | None, lines: queue.Queue[str]) -> None:
 
 @contextlib.contextmanager
 def spawn_owner(
-    transport: str, dtypes: tuple[str, ...] = ("bfloat16",), device: str = "cpu", start_timeout_s: float = 30.0
+    transport: str,
+    dtypes: tuple[str, ...] = ("bfloat16",),
+    device: str = "cpu",
+    start_timeout_s: float = 30.0,
+    store: str | None = None,
+    stderr: IO[str] | None = None,
+    env: dict[str, str] | None = None,
+    **layout_changes: int,
 ) -> Iterator[Owner]:
-    """Start ``owner_main.py`` serving ``filled_kv(layout(dtype))`` per dtype; stop it on exit."""
-    env = dict(os.environ, UCX_NET_DEVICES="lo")
+    """Start ``owner_main.py`` serving ``filled_kv(layout(dtype, **layout_changes))`` per dtype; stop it
+    on exit. ``store``: host:port of a TCPStore (nccl); ``stderr``: where the process's stderr goes;
+    ``env``: variables to set for it."""
+    env = {**os.environ, "UCX_NET_DEVICES": "lo", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     args = [sys.executable, str(OWNER_SCRIPT), "--transport", transport, "--dtypes", ",".join(dtypes)]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUT.items()] + [f"--device={device}"]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in {**LAYOUT, **layout_changes}.items()]
+    args += [f"--device={device}"] + ([f"--store={store}"] if store else [])
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     owner = Owner(proc, {})
-    lines: queue.Queue[str] = queue.Queue()
+    lines = owner.lines
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     try:
         deadline = time.monotonic() + start_timeout_s

@@ -100,7 +100,7 @@ def test_make_transport_names() -> None:
     with make_transport("tcp") as t:
         assert t.transport_name == "tcp"
     with make_transport("auto") as t:
-        assert t.transport_name in ("nixl", "tcp")
+        assert t.transport_name == "auto"
 
 
 def test_transport_mismatch_is_a_clear_error() -> None:

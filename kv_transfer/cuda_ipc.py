@@ -1,0 +1,235 @@
+"""CUDA IPC transport: processes on one node copy straight between each other's KV tensors.
+
+At ``register`` the KV tensor's CUDA IPC handle is exported once (``UntypedStorage._share_cuda_``,
+what ``torch.multiprocessing`` uses); a peer opens it once, on its first transfer with us, and keeps
+the mapping until ``disconnect``/``close``. A transfer is then a device-to-device copy inside one
+process: a few runs of blocks as one ``copy_`` each, many as ONE gather kernel (``gather.copy_runs``).
+
+- pull: the destination copies from the owner's mapped tensor into its blocks, then synchronizes.
+- push: the owner ``claim``s the transfer on the destination's channel server (it still awaits
+  exactly these blocks, and is alive: nothing is written into a dead process's memory), copies into
+  the destination's mapped tensor, synchronizes, then sends ``done`` (transfer id, digest), whose
+  inbox completes the ``expect``ed transfer; when ``push`` returns the owner may free its blocks.
+
+The caller makes sure the source blocks are final (the step that wrote them has finished). Only
+processes on the same machine (``host_id``) whose GPUs can map each other's memory can use it; the
+metadata carries the GPU's uuid, mapped to a local device index on open.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kv_transfer import metrics
+from kv_transfer.base import KVTransport, PeerMetadata, host_id
+from kv_transfer.channel import ChannelClient, ChannelServer, Stream
+from kv_transfer.errors import TransferError, TransferTimeoutError, TransportClosedError
+from kv_transfer.gather import copy_runs
+from kv_transfer.layout import BlockRun, KVLayout
+
+logger = logging.getLogger(__name__)
+
+_SPIN_S = 2e-3  # poll a copy's event without sleeping this long, then sleep between polls
+_POLL_SLEEP_S = 5e-5
+
+
+def export_handle(kv: torch.Tensor) -> dict[str, Any]:
+    """The CUDA IPC handle of ``kv``'s memory, as JSON-able fields (no pickle crosses processes)."""
+    storage = kv.untyped_storage()
+    device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = storage._share_cuda_()
+    return {
+        "handle": bytes(handle).hex(),
+        "size_bytes": int(size),
+        "offset_bytes": int(offset),
+        "ref_counter_handle": bytes(ref_handle).hex(),
+        "ref_counter_offset": int(ref_offset),
+        "event_handle": bytes(event_handle or b"").hex(),
+        "event_sync_required": bool(event_sync),
+        "tensor_offset_bytes": kv.storage_offset() * kv.element_size(),
+        "uuid": str(torch.cuda.get_device_properties(device).uuid),
+    }
+
+
+def open_handle(fields: dict[str, Any], layout: KVLayout) -> torch.Tensor:
+    """The peer's KV tensor, mapped into this process from ``export_handle``'s fields."""
+    uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    if fields["uuid"] not in uuids:
+        raise TransferError(f"the peer's GPU {fields['uuid']} is not visible to this process")
+    device = uuids.index(fields["uuid"])
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(
+        device,
+        bytes.fromhex(fields["handle"]),
+        int(fields["size_bytes"]),
+        int(fields["offset_bytes"]),
+        bytes.fromhex(fields["ref_counter_handle"]),
+        int(fields["ref_counter_offset"]),
+        bytes.fromhex(fields["event_handle"]),  # bytes, empty when no event is needed
+        bool(fields["event_sync_required"]),
+    )
+    raw = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
+    raw.set_(storage)
+    start = int(fields["tensor_offset_bytes"])
+    nbytes = layout.num_blocks * layout.bytes_per_block
+    if start + nbytes > raw.numel():
+        raise TransferError(f"the peer's handle maps {raw.numel()} bytes, its layout needs {start + nbytes}")
+    return raw[start : start + nbytes].view(layout.torch_dtype).view(layout.num_blocks, *layout.block_shape)
+
+
+@dataclass
+class _Mapped:
+    kv: torch.Tensor  # the peer's KV tensor, mapped here
+    users: int = 0
+    dropped: bool = False
+
+
+class CudaIpcTransport(KVTransport):
+    """Copies through CUDA IPC mappings between processes on one node (CUDA tensors only).
+
+    ``host``/``port``: the channel server that receives push notifications (127.0.0.1: one machine,
+    which is all CUDA IPC can reach anyway).
+    """
+
+    transport_name = "cuda_ipc"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, server_timeout_s: float = 30.0, model: str = ""):
+        super().__init__(model=model)
+        self._host, self._port = host, port
+        self._server_timeout_s = server_timeout_s
+        self._server: ChannelServer | None = None
+        self._client = ChannelClient()
+        self._handle: dict[str, Any] = {}
+        self._mapped: dict[str, _Mapped] = {}
+        self._streams = threading.local()  # a copy stream per transfer thread
+
+    def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        if not kv.is_cuda:
+            raise ValueError("the cuda_ipc transport moves CUDA tensors only")
+        self._handle = export_handle(kv)
+        self._server = ChannelServer(self.name, self._host, self._port, self._handle_message, self._server_timeout_s)
+
+    def _describe(self) -> tuple[dict[str, Any], bytes]:
+        assert self._server is not None
+        return {"host": self._host, "port": self._server.port, "ipc": self._handle}, b""
+
+    # Peers' mapped tensors.
+
+    def _acquire(self, peer: PeerMetadata) -> _Mapped:
+        if peer.host != host_id():
+            raise TransferError(f"cuda_ipc peer {peer.name!r} runs on another machine ({peer.host})")
+        with self._lock:
+            mapped = self._mapped.get(peer.name)
+            if mapped is None:
+                try:
+                    tensor = open_handle(peer.address["ipc"], peer.layout)
+                except (RuntimeError, KeyError, ValueError) as e:  # TransferError is a RuntimeError too
+                    raise TransferError(f"cannot open the CUDA IPC handle of {peer.name!r}: {e}") from e
+                mapped = self._mapped[peer.name] = _Mapped(tensor)
+                metrics.record_connect(self.transport_name)
+            mapped.users += 1
+            return mapped
+
+    def _release(self, mapped: _Mapped) -> None:
+        with self._lock:
+            mapped.users -= 1
+
+    def _connect(self, peer: PeerMetadata) -> None:
+        self._release(self._acquire(peer))
+
+    def _disconnect(self, peer_name: str) -> None:
+        with self._lock:
+            self._mapped.pop(peer_name, None)  # the mapping closes once no transfer holds the tensor
+
+    # Transfers.
+
+    def _pull(self, peer: PeerMetadata, runs: list[BlockRun], deadline: float) -> int:
+        mapped = self._acquire(peer)
+        try:
+            return self._copy(
+                mapped.kv, self.kv, [(r.remote_start, r.local_start, r.num_blocks) for r in runs], deadline
+            )
+        finally:
+            self._release(mapped)
+
+    def _push(self, peer: PeerMetadata, transfer_id: str, digest: str, runs: list[BlockRun], deadline: float) -> int:
+        """Claim (the destination still awaits these blocks, and is alive), copy, then ``done``."""
+        message = {"name": peer.name, "transfer_id": transfer_id, "digest": digest}
+        self._notify(peer, {**message, "op": "claim"}, deadline)
+        mapped = self._acquire(peer)
+        try:
+            n = self._copy(self.kv, mapped.kv, [(r.local_start, r.remote_start, r.num_blocks) for r in runs], deadline)
+        finally:
+            self._release(mapped)
+        self._notify(peer, {**message, "op": "done", "num_copies": n}, deadline)
+        return n
+
+    def _notify(self, peer: PeerMetadata, message: dict[str, Any], deadline: float) -> None:
+        try:
+            with self._client.connection(peer.address["host"], int(peer.address["port"]), peer.name, deadline) as s:
+                s.send_message(message)
+                reply = s.recv_message()
+        except TimeoutError as e:
+            raise TransferTimeoutError(f"cuda_ipc {message['op']} to {peer.name!r} timed out") from e
+        except (OSError, ValueError) as e:
+            raise TransferError(f"cuda_ipc {message['op']} to {peer.name!r} failed: {e}") from e
+        if not reply.get("ok"):
+            raise TransferError(f"cuda_ipc peer {peer.name!r} refused {message['op']}: {reply.get('error')}")
+
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], deadline: float) -> int:
+        """Copy on this thread's stream and wait for it (polling, so the deadline holds). A copy starts
+        only before the deadline, which is at or before the destination's own."""
+        if time.perf_counter() >= deadline:
+            raise TransferTimeoutError("cuda_ipc copy not started: the deadline passed")
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(device=self.kv.device)
+        stream.wait_stream(torch.cuda.current_stream(self.kv.device))  # after what the caller queued
+        with torch.cuda.stream(stream):
+            n = copy_runs(src, dst, runs)
+            done = torch.cuda.Event()
+            done.record(stream)
+        start = time.perf_counter()
+        while not done.query():
+            now = time.perf_counter()
+            if now >= deadline:  # the copy still runs to its end: the destination blocks are undefined
+                raise TransferTimeoutError("cuda_ipc copy did not finish before the deadline")
+            if self._closing.is_set():
+                done.synchronize()  # never release a mapping under a running copy
+                raise TransportClosedError("cuda_ipc transport closing")
+            time.sleep(0 if now - start < _SPIN_S else _POLL_SLEEP_S)
+        return n
+
+    # Serving side: push notifications.
+
+    def _handle_message(self, stream: Stream, request: dict[str, Any]) -> None:
+        op = request.get("op")
+        if op not in ("claim", "done") or request.get("name") != self.name:
+            error = f"unexpected message for {self.name!r}: op {op!r} for {request.get('name')!r}"
+            stream.send_message({"ok": False, "error": error})
+            return
+        transfer_id, digest = str(request["transfer_id"]), str(request["digest"])
+        if op == "claim":
+            try:
+                self._inbox.claim(transfer_id, digest)
+            except TransferError as e:
+                stream.send_message({"ok": False, "error": str(e)})
+                return
+            stream.send_message({"ok": True})
+            return
+        landed = self._inbox.complete(transfer_id, digest, int(request["num_copies"]))
+        stream.send_message({"ok": landed, "error": "" if landed else "the destination does not await it (any more)"})
+
+    def _interrupt(self) -> None:
+        self._client.close()
+        if self._server is not None:
+            self._server.close()
+
+    def _close(self) -> None:
+        with self._lock:
+            self._mapped.clear()
