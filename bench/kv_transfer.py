@@ -257,6 +257,70 @@ def bench_transport(name: str, args: argparse.Namespace, baseline: CopyBaseline)
                 proc.join(timeout=10)
 
 
+PROBE_CONFIGS = [(16384, 2048, 4), (16384, 4096, 8), (65536, 8192, 8), (8192, 1024, 4), (32768, 4096, 4)]
+
+
+def gpu_ms(fn: Any, repeats: int) -> float:
+    """Median GPU time of ``fn`` (CUDA events), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Where a cuda_ipc transfer's time goes: GPU time (events, no Python) of one 1 GiB copy between
+    local memory and the peer's memory mapped through CUDA IPC, by memcpy (``copy_``), an elementwise
+    kernel, and the gather kernel in several configurations."""
+    from kv_transfer import PeerMetadata, gather
+    from kv_transfer.cuda_ipc import open_handle
+
+    num = 2**30 // bench_layout(1, "cuda").bytes_per_block
+    mpctx = mp.get_context("spawn")
+    parent, child = mpctx.Pipe()
+    proc = mpctx.Process(target=_peer, args=("cuda_ipc", num, "cuda", None, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(START_TIMEOUT_S):
+            raise SystemExit("probe: peer process did not start")
+        peer = PeerMetadata.decode(parent.recv())
+        mapped = open_handle(peer.address["ipc"], peer.layout)
+        src = filled_kv(bench_layout(num, "cuda"), "cuda", side=1)
+        dst = torch.empty_like(src)
+        words = {"local": gather._words(src), "dst": gather._words(dst), "mapped": gather._words(mapped)}
+        ids = torch.arange(num, dtype=torch.int32, device="cuda")
+        kernel = gather._kernel()
+        cases: dict[str, Any] = {
+            "copy_ local->local": lambda: dst.copy_(src),
+            "copy_ mapped->local": lambda: dst.copy_(mapped),
+            "copy_ local->mapped": lambda: mapped.copy_(src),
+            "elementwise local->local": lambda: torch.bitwise_or(words["local"], 0, out=words["dst"]),
+            "elementwise mapped->local": lambda: torch.bitwise_or(words["mapped"], 0, out=words["dst"]),
+        }
+        for config in PROBE_CONFIGS:
+            for label, a, b in (("local->local", "local", "dst"), ("mapped->local", "mapped", "dst"),
+                                ("local->mapped", "local", "mapped")):  # fmt: skip
+                cases[f"gather {config} {label}"] = lambda a=a, b=b, config=config: gather.launch(
+                    kernel, words[a], words[b], ids, ids, config
+                )
+        rows = []
+        for label, fn in cases.items():
+            ms = gpu_ms(fn, args.repeats)
+            rows.append({"case": label, "ms": ms, "gb_per_s": 2**30 / ms / 1e6})
+            print(f"probe {label:<44} {ms:8.3f} ms  {2**30 / ms / 1e6:9.1f} GB/s", flush=True)
+        return rows
+    finally:
+        parent.send(("stop",))
+        proc.join(timeout=30)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -286,15 +350,19 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def write_table(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace, device_name: str) -> None:
-    """Merge this run's medians at ``--table-size-mib`` into the selection table at ``path``."""
+    """Merge this run's medians at ``--table-size-mib`` into the selection table at ``path`` (the
+    transports measured now replace their entries for this locality; the others stay)."""
     from kv_transfer import selection
 
     locality = "cpu" if args.device == "cpu" else "same_gpu"
     table = selection.load_table(path) if path.exists() else {"localities": {}}
-    rates: dict[str, dict[str, float]] = {}
+    rates: dict[str, dict[str, float]] = dict(table["localities"].get(locality, {}).get("gb_per_s", {}))
+    for row in rows:  # this run's transports replace their earlier figures; the others stay
+        if row["size_mib"] == args.table_size_mib and row["transport"] != "loopback":
+            rates[row["transport"]] = {}
     for row in rows:
         if row["size_mib"] == args.table_size_mib and row["transport"] != "loopback":
-            rates.setdefault(row["transport"], {})[row["mode"]] = round(row["gb_per_s"], 2)
+            rates[row["transport"]][row["mode"]] = round(row["gb_per_s"], 2)
     table["localities"][locality] = {
         "source": f"bench/kv_transfer.py --device {args.device}, {device_name}, {datetime.date.today()}",
         "size_mib": args.table_size_mib,
@@ -315,7 +383,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="directory for kv_transfer_<device>.json and .png")
     p.add_argument("--write-table", type=Path, help="merge the results into this selection table")
     p.add_argument("--table-size-mib", type=int, help="the size whose rates go in the table (default 128/256)")
+    p.add_argument(
+        "--gather",
+        choices=["auto", "kernel"],
+        default="auto",
+        help="cuda_ipc copies: copy_ for a few runs (auto) or the gather kernel always",
+    )
+    p.add_argument("--probe", action="store_true", help="cuda: GPU time of 1 GiB copies to/from mapped memory")
     args = p.parse_args()
+    if args.gather == "kernel":
+        from kv_transfer import gather
+
+        gather.KERNEL_ALWAYS = True
     cuda = args.device != "cpu"
     nixl = ["nixl"] if nixl_available() else []
     default = ["cuda_ipc", *nixl, "tcp"] if cuda else ["loopback", "tcp", *nixl, "nccl"]
@@ -326,14 +405,22 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} CPUs"
     header = (
         f"# torch {torch.__version__}, {device_name}, device {args.device}, "
-        f"{'scatter' if args.scatter else 'contiguous'} blocks, {args.repeats} repeats, median GB/s (1e9 B/s)"
+        f"{'scatter' if args.scatter else 'contiguous'} blocks, gather {args.gather}, {args.repeats} repeats, "
+        "median GB/s (1e9 B/s)"
     )
     print(header, flush=True)
+    if args.probe:
+        rows = probe(args)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "kv_ipc_probe.json").write_text(json.dumps({"header": header, "results": rows}, indent=2))
+        return
     baseline = CopyBaseline(max(args.sizes) * 2**20, args.device)
     rows = [row for name in transports for row in bench_transport(name, args, baseline)]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"kv_transfer_{args.device}{'_scatter' if args.scatter else ''}"
+        suffix = ("_scatter" if args.scatter else "") + ("_kernel" if args.gather == "kernel" else "")
+        stem = f"kv_transfer_{args.device}{suffix}"
         meta = {"header": header, "device": args.device, "device_name": device_name, "argv": sys.argv[1:]}
         (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
         plot(rows, args.out / f"{stem}.png", header.removeprefix("# "))

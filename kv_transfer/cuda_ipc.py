@@ -8,8 +8,9 @@ process: a few runs of blocks as one ``copy_`` each, many as ONE gather kernel (
 - pull: the destination copies from the owner's mapped tensor into its blocks, then synchronizes.
 - push: the owner ``claim``s the transfer on the destination's channel server (it still awaits
   exactly these blocks, and is alive: nothing is written into a dead process's memory), copies into
-  the destination's mapped tensor, synchronizes, then sends ``done`` (transfer id, digest), whose
-  inbox completes the ``expect``ed transfer; when ``push`` returns the owner may free its blocks.
+  the destination's mapped tensor, synchronizes, then sends ``done`` (transfer id, digest; not
+  answered: one round trip per push), on which the destination's inbox completes the ``expect``ed
+  transfer; when ``push`` returns the owner may free its blocks.
 
 The caller makes sure the source blocks are final (the step that wrote them has finished). Only
 processes on the same machine (``host_id``) whose GPUs can map each other's memory can use it; the
@@ -166,14 +167,16 @@ class CudaIpcTransport(KVTransport):
             n = self._copy(self.kv, mapped.kv, [(r.local_start, r.remote_start, r.num_blocks) for r in runs], deadline)
         finally:
             self._release(mapped)
-        self._notify(peer, {**message, "op": "done", "num_copies": n}, deadline)
+        self._notify(peer, {**message, "op": "done", "num_copies": n}, deadline, answered=False)
         return n
 
-    def _notify(self, peer: PeerMetadata, message: dict[str, Any], deadline: float) -> None:
+    def _notify(self, peer: PeerMetadata, message: dict[str, Any], deadline: float, answered: bool = True) -> None:
+        """Send ``message``; wait for the answer unless ``answered`` is False (``done``: the destination
+        completes the transfer on receipt, sparing the owner a round trip)."""
         try:
             with self._client.connection(peer.address["host"], int(peer.address["port"]), peer.name, deadline) as s:
                 s.send_message(message)
-                reply = s.recv_message()
+                reply = s.recv_message() if answered else {"ok": True}
         except TimeoutError as e:
             raise TransferTimeoutError(f"cuda_ipc {message['op']} to {peer.name!r} timed out") from e
         except (OSError, ValueError) as e:
@@ -222,8 +225,7 @@ class CudaIpcTransport(KVTransport):
                 return
             stream.send_message({"ok": True})
             return
-        landed = self._inbox.complete(transfer_id, digest, int(request["num_copies"]))
-        stream.send_message({"ok": landed, "error": "" if landed else "the destination does not await it (any more)"})
+        self._inbox.complete(transfer_id, digest, int(request["num_copies"]))  # not answered
 
     def _interrupt(self) -> None:
         self._client.close()

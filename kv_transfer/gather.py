@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-MAX_COPY_CALLS = 8  # up to this many runs: one copy_ each; more: the gather kernel
-_CHUNK_WORDS = 16384  # 8-byte words per kernel program (128 KiB)
-_BLOCK_WORDS = 2048  # words per inner step of a program
+MAX_COPY_CALLS = 8  # up to this many runs: one copy_ each (unless KERNEL_ALWAYS); more: the gather kernel
+KERNEL_ALWAYS = False  # the gather kernel for every CUDA copy, contiguous runs too
+# (words of 8 bytes per program, words per inner step, warps): see ``bench/kv_transfer.py --probe``
+KERNEL_CONFIG = (16384, 2048, 4)
 
 
 @functools.cache
@@ -30,9 +31,8 @@ def _kernel() -> Any:
         return None
 
     @triton.jit
-    def copy_blocks_kernel(
-        src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, words_per_block, CHUNK: tl.constexpr, BLOCK: tl.constexpr
-    ):
+    def copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, words_per_block, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
         pair = tl.program_id(0)
         base = tl.program_id(1) * CHUNK
         src_block = tl.load(src_ids_ptr + pair).to(tl.int64)
@@ -41,8 +41,11 @@ def _kernel() -> Any:
         dst = dst_ptr + dst_block * words_per_block + base
         for step in range(0, CHUNK, BLOCK):
             offs = step + tl.arange(0, BLOCK)
-            mask = base + offs < words_per_block
-            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+            if EVEN:  # the chunks tile the block exactly: no mask, full-width vector loads
+                tl.store(dst + offs, tl.load(src + offs))
+            else:
+                mask = base + offs < words_per_block
+                tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
     return copy_blocks_kernel
 
@@ -65,7 +68,7 @@ def copy_runs(
     if not runs:
         return 0
     if use_kernel is None:
-        use_kernel = src.is_cuda and dst.is_cuda and len(runs) > MAX_COPY_CALLS
+        use_kernel = src.is_cuda and dst.is_cuda and (KERNEL_ALWAYS or len(runs) > MAX_COPY_CALLS)
     kernel = _kernel() if use_kernel else None
     if kernel is None:
         for src_start, dst_start, n in runs:
@@ -76,8 +79,18 @@ def copy_runs(
     ids = torch.tensor([src_ids, dst_ids], dtype=torch.int32)
     if dst.is_cuda:  # pinned, so the upload is asynchronous (the caching host allocator keeps it alive)
         ids = ids.pin_memory().to(dst.device, non_blocking=True)
-    src_words, dst_words = _words(src), _words(dst)
-    words_per_block = src_words.shape[1]
-    grid = (len(src_ids), -(-words_per_block // _CHUNK_WORDS))
-    kernel[grid](src_words, dst_words, ids[0], ids[1], words_per_block, CHUNK=_CHUNK_WORDS, BLOCK=_BLOCK_WORDS)
+    launch(kernel, _words(src), _words(dst), ids[0], ids[1], KERNEL_CONFIG)
     return 1
+
+
+def launch(
+    kernel: Any, src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
+    config: tuple[int, int, int],
+) -> None:  # fmt: skip
+    """One gather launch over ``[num_blocks, words]`` views (``_words``) and int32 block id pairs."""
+    chunk, block, warps = config
+    words_per_block = src.shape[1]
+    chunk = min(chunk, max(block, 1 << (words_per_block - 1).bit_length()))  # small blocks: one chunk each
+    grid = (src_ids.numel(), -(-words_per_block // chunk))
+    even = words_per_block % chunk == 0
+    kernel[grid](src, dst, src_ids, dst_ids, words_per_block, CHUNK=chunk, BLOCK=block, EVEN=even, num_warps=warps)

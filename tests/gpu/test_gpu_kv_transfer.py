@@ -71,7 +71,7 @@ def test_pull_and_push_between_two_processes_are_bit_exact(gpu_peer: tuple[str, 
         _assert_blocks(us.kv, scattered, lay)
 
         us.kv.copy_(filled_kv(lay).cuda())
-        src, dst = [9, 10, 11, 33, 70, 71], [1, 2, 3, 60, 90, 91]
+        src, dst = [9, 10, 11, 33, 70, 71], [86, 87, 88, 89, 90, 91]  # peer blocks no later test reads
         proc.send("EXPECT", "a", "bfloat16", dst, 60.0)
         _, _, transfer_id = proc.wait_for("EXPECTED a", 60)
         us.push(md, transfer_id, src, dst, timeout_s=60.0)

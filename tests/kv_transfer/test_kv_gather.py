@@ -19,7 +19,9 @@ CHECK = """
 import torch
 from kv_transfer.gather import copy_runs
 torch.manual_seed(0)
-for shape, dtype in [((40, 2, 2, 4, 2, 8), torch.bfloat16), ((40, 1, 2, 3, 1, 5), torch.float16)]:
+# 512-byte blocks (masked), 16 KiB blocks (chunks tile them: unmasked), 30-byte blocks (bytes, not words)
+for shape, dtype in [((40, 2, 2, 4, 2, 8), torch.bfloat16), ((40, 2, 2, 16, 2, 64), torch.bfloat16),
+                     ((40, 1, 2, 3, 1, 5), torch.float16)]:
     src = torch.randn(shape).to(dtype)
     dst = torch.zeros((50, *shape[1:]), dtype=dtype)
     runs = [(0, 10, 3), (5, 0, 1), (20, 30, 10), (39, 49, 1), (13, 41, 2)]
