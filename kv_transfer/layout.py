@@ -8,9 +8,10 @@ Two workers can exchange blocks when everything but ``num_blocks`` matches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -86,9 +87,9 @@ class KVLayout:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-@dataclass(frozen=True)
-class BlockRun:
-    """``num_blocks`` consecutive blocks from ``remote_start`` on the peer into ``local_start`` here."""
+class BlockRun(NamedTuple):
+    """``num_blocks`` consecutive blocks from ``remote_start`` on the peer into ``local_start`` here
+    (a push: from ``local_start`` here into ``remote_start`` on the peer). A tuple: made per block."""
 
     remote_start: int
     local_start: int
@@ -104,13 +105,17 @@ def merge_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) 
     """
     pairs = sorted(zip(local_block_ids, remote_block_ids))
     runs: list[BlockRun] = []
-    for local, remote in pairs:
-        if runs:
-            last = runs[-1]
-            if local == last.local_start + last.num_blocks and remote == last.remote_start + last.num_blocks:
-                runs[-1] = BlockRun(last.remote_start, last.local_start, last.num_blocks + 1)
-                continue
-        runs.append(BlockRun(remote, local, 1))
+    if not pairs:
+        return runs
+    local_start, remote_start = pairs[0]
+    n = 1
+    for local, remote in itertools.islice(pairs, 1, None):  # plain ints here: this runs per block
+        if local == local_start + n and remote == remote_start + n:
+            n += 1
+            continue
+        runs.append(BlockRun(remote_start, local_start, n))
+        local_start, remote_start, n = local, remote, 1
+    runs.append(BlockRun(remote_start, local_start, n))
     return runs
 
 

@@ -325,8 +325,9 @@ class NixlTransport(KVTransport):
         while state == "PROC":
             if time.perf_counter() >= deadline:
                 return "PROC"
-            if self._closing.is_set():
-                return "CLOSED"
+            if self._closing.is_set():  # one last look: a transfer that finished is not interrupted
+                state = self._agent.check_xfer_state(handle)
+                return "CLOSED" if state == "PROC" else str(state)
             time.sleep(sleep_s)
             sleep_s = min(max(2 * sleep_s, 2e-5), _MAX_POLL_SLEEP_S)
             state = self._agent.check_xfer_state(handle)

@@ -141,11 +141,16 @@ def test_peer_closes_with_pushes_in_flight_and_exits_cleanly(name: str) -> None:
         assert "Fatal" not in stderr and "Traceback" not in stderr, stderr[-3000:]
         assert all(o in (["OK"], ["ERR", "TransportClosedError"]) for o in outcomes), outcomes
         for transfer_id, outcome in zip(ids, outcomes):
-            if outcome == ["OK"]:
-                assert dest.wait(transfer_id).num_blocks == 12
-            else:
-                with pytest.raises(TransferError):
-                    dest.wait(transfer_id)
+            # A push the owner finished has landed; one it reports interrupted may still have landed
+            # (the WRITE or the done message got out first): either way, landed means bit-exact.
+            try:
+                landed = dest.wait(transfer_id).num_blocks == 12
+            except TransferError:
+                landed = False
+            assert landed or outcome != ["OK"], transfer_id
+            if landed:
+                for b in dsts[ids.index(transfer_id)]:
+                    assert torch.equal(dest.kv[b].cpu(), block_pattern(lay, 96 - 12 + b % 12)), b
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)
