@@ -131,6 +131,7 @@ def main() -> None:
     say("READY")
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in sys.stdin] + [lines.put("")], daemon=True).start()
+    workers: list[threading.Thread] = []
     end = time.monotonic() + args.max_life_s
     while time.monotonic() < end:
         try:
@@ -142,9 +143,13 @@ def main() -> None:
         command = line.split()
         if command == ["CLOSE"]:
             break
-        threading.Thread(target=run, args=(command, transports), daemon=True).start()
+        worker = threading.Thread(target=run, args=(command, transports), daemon=True)
+        worker.start()
+        workers.append(worker)
     for transport in transports.values():  # with transfers possibly in flight
         transport.close()
+    for worker in workers:  # every command answers (a push after close: TransportClosedError)
+        worker.join(timeout=30)
     say("CLOSED")
 
 

@@ -82,8 +82,9 @@ def test_one_pull_times_out_the_others_with_that_peer_complete(big_peer: tuple[s
 
 
 def test_one_push_times_out_the_others_with_that_peer_land(big_peer: tuple[str, Owner]) -> None:
-    """We are the destination of 6 pushes from one peer: one is never pushed (our wait times out),
-    one is pushed with a timeout it cannot meet (the peer's push fails, our wait fails), 4 land."""
+    """We are the destination of pushes from one peer: one is pushed with a timeout it cannot meet
+    (mid-stream: the peer's push fails, so does our wait), one is never pushed (our wait times out);
+    the ones awaited meanwhile still land, over the same peer."""
     name, proc = big_peer
     lay = layout(**BIG)
     with _transport(name, empty_kv(lay)) as dest:
@@ -91,16 +92,20 @@ def test_one_push_times_out_the_others_with_that_peer_land(big_peer: tuple[str, 
         landing = [(list(range(4 * i, 4 * i + 4)), list(range(60 + 4 * i, 64 + 4 * i))) for i in range(4)]
         ids = [dest.expect(dst, timeout_s=30.0) for _, dst in landing]
         never = dest.expect([0, 1], timeout_s=1.0)
+        warm = dest.expect([58], timeout_s=30.0)
+        proc.send("PUSH", "bfloat16", md, warm, [7], [58], 30.0)  # a connection to reuse: the next push starts at once
+        assert proc.wait_for(f"PUSHED {warm}") == ["PUSHED", warm, "OK"]
+        dest.wait(warm)
         doomed = dest.expect(list(range(2, 58)), timeout_s=1.5)
-        proc.send("PUSH", "bfloat16", md, doomed, list(range(30, 86)), list(range(2, 58)), FORCED_TIMEOUT_S)
-        for transfer_id, (src, dst) in zip(ids, landing):
+        proc.send("PUSH", "bfloat16", md, doomed, list(range(30, 86)), list(range(2, 58)), 2 * FORCED_TIMEOUT_S)
+        assert proc.wait_for(f"PUSHED {doomed}") == ["PUSHED", doomed, "ERR", "TransferTimeoutError"]
+        with pytest.raises(TransferError):
+            dest.wait(doomed)
+        for transfer_id, (src, dst) in zip(ids, landing):  # awaited all along, pushed after the failure
             proc.send("PUSH", "bfloat16", md, transfer_id, src, dst, 30.0)
         for transfer_id in ids:
             assert proc.wait_for(f"PUSHED {transfer_id}") == ["PUSHED", transfer_id, "OK"]
             assert dest.wait(transfer_id).num_blocks == 4
-        assert proc.wait_for(f"PUSHED {doomed}") == ["PUSHED", doomed, "ERR", "TransferTimeoutError"]
-        with pytest.raises(TransferError):
-            dest.wait(doomed)
         with pytest.raises(TransferTimeoutError):
             dest.wait(never)
         for src, dst in landing:
