@@ -19,6 +19,7 @@ run: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m ruff check .
+	PYTHONPATH=$(CURDIR) lint-imports
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
 bench: install

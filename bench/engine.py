@@ -43,7 +43,7 @@ def make_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 def run_tandem(llm: LLM, prompts: list[list[int]], batch: int, new_tokens: int) -> tuple[int, float]:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.engine.block_manager.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     t0 = time.perf_counter()
     n = 0
     for i in range(0, len(prompts), batch):
@@ -65,7 +65,7 @@ def run_hf(model, prompts: list[list[int]], batch: int, new_tokens: int) -> tupl
 
 
 def prefill_tandem(llm: LLM, prompt: list[int]) -> float:
-    llm.engine.block_manager.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     t0 = time.perf_counter()
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
     return time.perf_counter() - t0

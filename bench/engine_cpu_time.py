@@ -42,7 +42,7 @@ def main() -> None:
     n = args.new_tokens
     for batch in (1, 8):
         prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(batch)]
-        llm.engine.block_manager.reset_prefix_cache()
+        llm.engine.reset_prefix_cache()
         c, w = time.process_time(), time.perf_counter()
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         ours, ours_w = time.process_time() - c, time.perf_counter() - w

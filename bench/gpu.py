@@ -44,8 +44,8 @@ import torch
 
 from engine.config import PRESETS
 from engine.llm import LLM
+from engine.plan import ScheduledRequest, SchedulerOutput
 from engine.request import Request
-from engine.scheduler import ScheduledRequest, SchedulerOutput
 from protocol.sampling import SamplingParams
 
 MODEL = "llama-3.1-8b"
@@ -181,7 +181,7 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def generate_tandem(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.engine.block_manager.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = llm.generate(prompts, params)
@@ -287,7 +287,7 @@ def generate_breakdown(llm: LLM, prompts: list[list[int]], new_tokens: int) -> l
     for obj, name, fn in patches:
         setattr(obj, name, fn)
     model_runner.StepHandle.wait = timed(orig_wait, "wait")
-    engine.block_manager.reset_prefix_cache()
+    engine.reset_prefix_cache()
     torch.cuda.synchronize()
     try:
         t0 = time.perf_counter()

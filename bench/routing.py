@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serve  # bench/serve.py: the load generator
 
+from deploy.local_cluster import LocalCluster
 from engine.sim import COEFFICIENTS, SimProfile
 from protocol.hashing import hash_blocks
 from router import policy
 from router.tier_index import TierIndex
-from runtime.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")

@@ -496,7 +496,7 @@ async def bench_endpoint(args: argparse.Namespace, url: str, label: str, request
 
 
 def bench_launched(args: argparse.Namespace, run: RunConfig, requests: list[BenchRequest]) -> dict[str, Any]:
-    from runtime.local_cluster import LocalCluster
+    from deploy.local_cluster import LocalCluster
 
     cfg = ClusterConfig(mode=run.mode, port=0, grpc_port=0, model=args.model, dtype=args.dtype,
                         threads=args.threads, transport=args.transport,

@@ -1,4 +1,4 @@
 from decode_worker.service import DecodeServicer
-from runtime.worker import main
+from worker.server import main
 
 main("decode", DecodeServicer)

@@ -18,7 +18,7 @@ from runtime import settings
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
-from runtime.worker import WorkerServicer, main
+from worker.server import WorkerServicer, main
 
 log = logging.getLogger("tandem.decode")
 

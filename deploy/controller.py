@@ -16,8 +16,8 @@ from typing import Any
 
 import ray
 
-from runtime.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState
-from runtime.ray_launcher import HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
+from deploy.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState
+from deploy.ray_launcher import HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
 from runtime.settings import ClusterConfig
 
 

@@ -28,8 +28,9 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
+from engine.plan import SchedulerOutput
 from engine.request import Request
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
 from protocol.kv_events import KVEvent
 from protocol.load import EngineLoad
 from protocol.model_card import ModelCard

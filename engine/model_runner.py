@@ -16,9 +16,9 @@ from engine.attention import make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.cuda_graphs import capture_decode_graphs
 from engine.loader import TORCH_DTYPES, build_model
+from engine.plan import SampledTokens, SchedulerOutput
 from engine.request import Request
 from engine.sampler import SampleBatch, Sampler
-from engine.scheduler import SampledToken, SchedulerOutput
 from engine.step_inputs import StepInputBuilder, StepInputs
 
 
@@ -45,11 +45,11 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
 
-    def result(self) -> dict[str, SampledToken]:
+    def result(self) -> SampledTokens:
         self.wait()
         if self._host is None:
             return {}
-        return {r.request_id: t for r, t in zip(self.requests, self._host.tolist())}
+        return {r.request_id: [t] for r, t in zip(self.requests, self._host.tolist())}
 
 
 class ModelRunner:
@@ -87,7 +87,7 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in copies]).to(self.device, non_blocking=True)
             self.kv[dst] = self.kv[src]
 
-    def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> dict[str, SampledToken]:
+    def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> SampledTokens:
         """Run the step and return its sampled tokens on the host."""
         handle = self.launch(output, block_tables)
         return handle.result() if handle is not None else {}

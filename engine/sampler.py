@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from engine.plan import SampledToken
 from engine.request import Request
-from engine.scheduler import SampledToken
 from protocol.outputs import TokenLogprob
 
 

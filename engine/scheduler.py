@@ -21,45 +21,13 @@ them on the device is queued after that row).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.plan import SampledTokens, ScheduledRequest, SchedulerOutput
 from engine.request import Request, RequestStatus
-from protocol.outputs import FinishReason, TokenLogprob
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # computed this step, from request.num_computed_tokens on
-    sample: bool  # the step reaches the request's last token: sample the next one
-    num_computed_after: int = 0  # the request's computed tokens once this step ran (set by on_launch)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    # (request, index into ``scheduled`` whose last-token logits it samples from). An n > 1
-    # child samples its first token from its parent's row.
-    sample_rows: list[tuple[Request, int]]
-    block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the forward pass
-    preempted: list[Request] = field(default_factory=list)
-    launched: bool = False  # on_launch counted its tokens
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: TokenLogprob | None = None
+from protocol.outputs import FinishReason
 
 
 @dataclass
@@ -262,10 +230,10 @@ class Scheduler:
         for request, _ in output.sample_rows:
             request.num_inflight_tokens += 1
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
-        """Append the step's sampled tokens (counting its tokens as computed first, if
-        ``on_launch`` did not). Returns the requests that got a new token (finished ones
-        included, with ``finish_reason`` set)."""
+    def update_from_output(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
+        """Append the step's sampled tokens, each request's in order until one finishes it
+        (counting the step's tokens as computed first, if ``on_launch`` did not). Returns the
+        requests that got new tokens (finished ones included, with ``finish_reason`` set)."""
         self.on_launch(output)
         bm = self.block_manager
         updated: list[Request] = []
@@ -287,13 +255,14 @@ class Scheduler:
                 self._fork(request)
             to_update.append(request)
         for request in to_update:
-            token = sampled[request.request_id]
-            request.append_token(token.token_id)
-            if token.logprob is not None:
-                request.logprobs.append(token.logprob)
-            reason = request.check_stop_token()
-            if reason is not None or request.prefill_only:
-                self._finish(request, reason)  # None: handed off to the decode tier
+            for token in sampled[request.request_id]:
+                request.append_token(token.token_id)
+                if token.logprob is not None:
+                    request.logprobs.append(token.logprob)
+                reason = request.check_stop_token()
+                if reason is not None or request.prefill_only:
+                    self._finish(request, reason)  # None: handed off to the decode tier
+                    break
             updated.append(request)
         for s in output.scheduled:
             if s.sample:

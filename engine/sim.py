@@ -38,8 +38,8 @@ import torch
 
 from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.loader import TORCH_DTYPES
+from engine.plan import SampledToken, SampledTokens, SchedulerOutput
 from engine.request import Request
-from engine.scheduler import SampledToken, SchedulerOutput
 from protocol.outputs import TokenLogprob
 
 PROFILE_DIR = Path(__file__).with_name("sim_profiles")
@@ -112,13 +112,13 @@ class _Sampler:
 class _Done:
     """A sim step, already run: the ``StepHandle`` interface the engine reads."""
 
-    def __init__(self, sampled: dict[str, SampledToken]) -> None:
+    def __init__(self, sampled: SampledTokens) -> None:
         self.sampled = sampled
 
     def wait(self) -> None:
         pass
 
-    def result(self) -> dict[str, SampledToken]:
+    def result(self) -> SampledTokens:
         return self.sampled
 
 
@@ -146,7 +146,7 @@ class SimRunner:
         if copies:
             self.kv[[d for _, d in copies]] = self.kv[[s for s, _ in copies]]
 
-    def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> dict[str, SampledToken]:
+    def execute(self, output: SchedulerOutput, block_tables: dict[str, list[int]]) -> SampledTokens:
         t0 = time.perf_counter()
         self.copy_blocks(output.block_copies)
         if output.is_empty:
@@ -162,7 +162,7 @@ class SimRunner:
         step_s = self.profile.step_time_s(prefills, decodes)
         self.num_steps += 1
         self.modeled_s += step_s
-        sampled = {r.request_id: self._sample(r, k, output) for r, k in output.sample_rows}
+        sampled = {r.request_id: [self._sample(r, k, output)] for r, k in output.sample_rows}
         remaining = step_s - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.scheduler import ScheduledRequest
+from engine.plan import ScheduledRequest
 
 
 @dataclass

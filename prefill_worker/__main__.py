@@ -1,4 +1,4 @@
 from prefill_worker.service import PrefillServicer
-from runtime.worker import main
+from worker.server import main
 
 main("prefill", PrefillServicer)

@@ -13,7 +13,7 @@ from protocol.sampling import SamplingParams
 from runtime import settings
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
-from runtime.worker import WorkerServicer, main
+from worker.server import WorkerServicer, main
 
 
 class PrefillServicer(WorkerServicer):

@@ -150,10 +150,11 @@ class ClusterConfig:
         """True when no etcd endpoints are configured: `tandem serve` starts its own."""
         return not self.etcd_endpoints
 
-    def _validate(self) -> None:
-        def fail(name: str, why: str) -> typing.NoReturn:
-            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+    def _fail(self, name: str, why: str) -> typing.NoReturn:
+        raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+    def _validate(self) -> None:
+        fail = self._fail
         try:
             check_name("namespace", self.namespace)
         except ValueError as exc:
@@ -196,6 +197,11 @@ class ClusterConfig:
             fail("kv_cache_gib", "must be positive")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             fail("max_num_seqs", "max_num_seqs and max_num_batched_tokens must be >= 1")
+        self._validate_serving()
+
+    def _validate_serving(self) -> None:
+        """The KV transfer, router and deployment settings."""
+        fail = self._fail
         if self.transport not in ("auto", "nixl", "tcp", "loopback"):
             fail("transport", "must be auto, nixl, tcp or loopback")
         if self.kv_lease_s <= 0 or self.kv_pull_timeout_s <= 0:

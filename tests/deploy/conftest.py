@@ -1,4 +1,5 @@
-"""A real Ray cluster for the deploy tests: one head node on 127.0.0.1 with 8 CPUs and 4 logical
+"""A real Ray cluster for the Ray deploy tests (``test_ray_deploy.py`` is skipped where ray is not
+installed): one head node on 127.0.0.1 with 8 CPUs and 4 logical
 GPUs (workers run on the CPU and hold GPU ids, so placement is real), started once per test
 module and always stopped, by its pid (never `ray stop`: other Ray nodes on the machine are not
 ours). This process is a Ray driver too (it inspects and kills actors); the `tandem deploy`
@@ -18,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-
 from deploy.ray_head import RayHead, session_pids, start_head, stop_head
 
 NUM_GPUS = 4
@@ -30,7 +29,7 @@ NUM_CPUS = 8
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     import ray
 
-    from deploy.cli import connect
+    from deploy.ray_cli import connect
 
     head = start_head("127.0.0.1", num_cpus=NUM_CPUS, num_gpus=NUM_GPUS)
     old_state_dir = os.environ.get("TANDEM_DEPLOY_STATE_DIR")

@@ -27,13 +27,14 @@ from typing import Any
 
 import openai
 import pytest
-import ray
 import yaml
 
-from deploy.ray_head import RayHead
-from runtime.launcher import ServiceInfo, ServiceState
-from runtime.ray_launcher import RAY_NAMESPACE, RayLauncher
-from runtime.settings import ClusterConfig
+ray = pytest.importorskip("ray")
+
+from deploy.launcher import ServiceInfo, ServiceState  # noqa: E402
+from deploy.ray_head import RayHead  # noqa: E402
+from deploy.ray_launcher import RAY_NAMESPACE, RayLauncher  # noqa: E402
+from runtime.settings import ClusterConfig  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -112,7 +113,7 @@ class Deployment:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def health(self) -> dict[str, Any]:
-        from runtime.launcher import router_health
+        from deploy.launcher import router_health
 
         return router_health(self.url)
 

@@ -7,8 +7,9 @@ import pytest
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.plan import SampledToken, SchedulerOutput
 from engine.request import Request, RequestStatus
-from engine.scheduler import SampledToken, Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
 from protocol.outputs import FinishReason
 from protocol.sampling import SamplingParams
 
@@ -34,7 +35,7 @@ def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     """schedule -> (a model would run here) -> update with ``token`` sampled for every row."""
     out = sched.schedule()
     assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
-    sched.update_from_output(out, {r.request_id: SampledToken(token) for r, _ in out.sample_rows})
+    sched.update_from_output(out, {r.request_id: [SampledToken(token)] for r, _ in out.sample_rows})
     return out
 
 
@@ -46,7 +47,7 @@ def drain(sched: Scheduler, max_steps: int = 200) -> list[str]:
             return finished
         out = sched.schedule()
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
-        updated = sched.update_from_output(out, {r.request_id: SampledToken(7) for r, _ in out.sample_rows})
+        updated = sched.update_from_output(out, {r.request_id: [SampledToken(7)] for r, _ in out.sample_rows})
         finished += [r.request_id for r in updated if r.is_finished]
     raise AssertionError("the scheduler did not drain")
 
@@ -207,7 +208,7 @@ def test_abort_at_any_point_frees_everything() -> None:
     out = sched.schedule()
     assert plan(out) == [("decoding", 1, True)]
     sched.abort("decoding")
-    assert sched.update_from_output(out, {"decoding": SampledToken(7)}) == []
+    assert sched.update_from_output(out, {"decoding": [SampledToken(7)]}) == []
     assert sched.requests == {}
     assert_all_free(sched)
 
@@ -245,7 +246,7 @@ def test_n_children_fork_from_parent_row() -> None:
     out = sched.schedule()
     assert plan(out) == [("p", 10, True)]
     assert [(r.request_id, k) for r, k in out.sample_rows] == [("p", 0), ("p#1", 0), ("p#2", 0)]
-    sched.update_from_output(out, {"p": SampledToken(5), "p#1": SampledToken(6), "p#2": SampledToken(7)})
+    sched.update_from_output(out, {"p": [SampledToken(5)], "p#1": [SampledToken(6)], "p#2": [SampledToken(7)]})
     bm = sched.block_manager
     assert bm.block_table("p") == [0, 1, 2]
     assert bm.block_table("p#1") == [0, 1, 3] and bm.block_table("p#2") == [0, 1, 4]
@@ -254,7 +255,7 @@ def test_n_children_fork_from_parent_row() -> None:
     out = sched.schedule()
     assert out.block_copies == [(2, 3), (2, 4)]  # the partial prompt block, before the forward pass
     assert plan(out) == [("p", 1, True), ("p#1", 1, True), ("p#2", 1, True)]
-    sched.update_from_output(out, {rid: SampledToken(8) for rid in ("p", "p#1", "p#2")})
+    sched.update_from_output(out, {rid: [SampledToken(8)] for rid in ("p", "p#1", "p#2")})
     drain(sched)
     assert_all_free(sched)
 
@@ -264,3 +265,22 @@ def test_duplicate_request_id() -> None:
     sched.add_request(req("a", 4))
     with pytest.raises(ValueError, match="duplicate"):
         sched.add_request(req("a", 4))
+
+
+def test_a_step_may_sample_several_tokens_per_request() -> None:
+    """The seam speculative decoding needs: the tokens a step sampled for a request are appended
+    in order, up to the first that finishes it (the rest are dropped)."""
+    sched = make()
+    sched.add_request(req("a", 6, max_tokens=3))
+    eos = Request("b", list(range(500, 506)), SamplingParams(temperature=0.0, max_tokens=8), eos_token_ids=(2,))
+    sched.add_request(eos)
+    out = sched.schedule()
+    updated = sched.update_from_output(out, {"a": [SampledToken(t) for t in (11, 12)],
+                                             "b": [SampledToken(t) for t in (21, 2, 23)]})
+    a = next(r for r in updated if r.request_id == "a")
+    assert a.output_token_ids == [11, 12] and not a.is_finished
+    assert eos.output_token_ids == [21, 2] and eos.finish_reason is FinishReason.STOP  # 23 came after EOS
+    out = sched.schedule()
+    (updated_a,) = sched.update_from_output(out, {"a": [SampledToken(t) for t in (13, 14, 15)]})
+    assert updated_a.output_token_ids == [11, 12, 13] and updated_a.finish_reason is FinishReason.LENGTH
+    assert_all_free(sched)

@@ -15,15 +15,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Packages every module of which must import without torch: the router and the planner (their
-# processes), and the layers they stand on.
-TORCH_FREE = ("protocol", "text", "router", "planner")
-# In runtime/, the bottom plumbing only (the worker server base runs in the torch processes).
-RUNTIME = ("settings", "keys", "etcd", "discovery", "convert", "metrics", "etcd_server")
+# processes), and the floors they stand on.
+TORCH_FREE = ("protocol", "text", "runtime", "router", "planner")
 HEAVY = ("torch", "engine", "kv_transfer", "transformers", "triton")
 
 
 def modules() -> list[str]:
-    names = [f"runtime.{m}" for m in RUNTIME] + list(TORCH_FREE)
+    names = list(TORCH_FREE)
     for package in TORCH_FREE:
         path = REPO_ROOT / package
         names += [info.name for info in pkgutil.walk_packages([str(path)], f"{package}.")

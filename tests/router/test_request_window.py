@@ -1,6 +1,9 @@
-"""The router's sliding request window (published to etcd for the planner)."""
+"""The router's sliding request window and its in-flight load, as published to etcd (for the
+planner, and for the other router replicas)."""
 
+from router.inflight import Inflight, inflight_to_pb, sum_peers
 from router.request_window import RequestWindow, percentile
+from runtime.pb import tandem_control_pb2 as cpb
 
 
 def test_percentile_nearest_rank() -> None:
@@ -30,3 +33,27 @@ def test_window_counts_latencies_and_forgets_old_requests() -> None:
     later = w.snapshot(now=13.5)  # arrivals at 0..2 and the finish at 3.0 have left the window
     assert (later.num_arrivals, later.num_finished) == (0, 1)
     assert later.ttft_ms_p50 == 400.0 and later.itl_ms_p50 is None
+
+
+def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value() -> None:
+    w = RequestWindow(window_s=10.0)
+    empty = w.snapshot(now=0.0).to_pb("r0")
+    assert empty.router_id == "r0" and empty.window_s == 10.0 and not empty.HasField("ttft_ms_p50")
+    for t in range(20):
+        w.arrived(now=float(t) / 4)
+        w.finished(100 + t, 10, 0.1 + t / 100, 1.0, now=float(t) / 4)
+    msg = cpb.RouterWindowStats.FromString(w.snapshot(now=5.0).to_pb("r0").SerializeToString())
+    assert (msg.num_arrivals, msg.num_finished, msg.num_inflight) == (20, 20, 0)
+    assert msg.isl_p50 == 109.0 and msg.isl_p95 == 118.0 and msg.osl_mean == 10.0
+    assert abs(msg.ttft_ms_p95 - 280.0) < 1e-6 and msg.HasField("itl_ms_p99")
+    assert msg.published_at_unix_ms > 0
+
+
+def test_inflight_is_shared_as_a_message() -> None:
+    mine = {"decode": {"d0": Inflight(2, 30, 500), "d1": Inflight()}, "prefill": {"p0": Inflight(1, 300, 300)}}
+    wire = cpb.RouterInflight.FromString(inflight_to_pb("r0", mine).SerializeToString())
+    assert set(wire.tiers["decode"].workers) == {"d0"}  # idle workers are left out
+    other = inflight_to_pb("r1", {"decode": {"d0": Inflight(1, 0, 100)}})
+    peers = sum_peers({"r0": wire, "r1": other}, own_id="r2")
+    assert peers == {"decode": {"d0": Inflight(3, 30, 600)}, "prefill": {"p0": Inflight(1, 300, 300)}}
+    assert sum_peers({"r0": wire}, own_id="r0") == {}  # a router does not count itself

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

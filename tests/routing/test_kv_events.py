@@ -25,7 +25,7 @@ from runtime.convert import event_to_pb
 from runtime.discovery import WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
-from runtime.worker import WorkerIdentity, WorkerServicer
+from worker.server import WorkerIdentity, WorkerServicer
 
 BS = 4
 
@@ -219,7 +219,7 @@ async def generate(engine: AsyncEngine, rid: str, prompt: list[int]) -> None:
 
 
 async def cached_set(engine: AsyncEngine) -> set[int]:
-    return await engine.call(lambda e: set(e.block_manager._cached))
+    return await engine.call(lambda e: {h for h, _ in e.kv_snapshot()[0]})
 
 
 def test_real_worker_events_converge_and_a_restart_is_reread() -> None:

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from typing import Any
 
-from runtime.local_cluster import Child, LocalCluster
+from deploy.local_cluster import Child, LocalCluster
 
 BS = 16
 

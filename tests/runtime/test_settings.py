@@ -142,7 +142,7 @@ def test_cli_errors_and_help() -> None:
 
 
 def test_async_scheduling_reaches_the_engine_config() -> None:
-    from runtime.worker import engine_config
+    from worker.server import engine_config
 
     cpu = {v: engine_config(ClusterConfig(async_scheduling=v)).use_async_scheduling for v in ("auto", "on", "off")}
     assert cpu == {"auto": False, "on": True, "off": False}  # auto: on with CUDA only

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from serving_testlib import LEASE_TTL_S, MAX_LOCAL_PREFILL_TOKENS, NIXL
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

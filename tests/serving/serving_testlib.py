@@ -16,8 +16,8 @@ import grpc
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local_cluster import Child, LocalCluster
 from kv_transfer import nixl_available
-from runtime.local_cluster import Child, LocalCluster
 from runtime.pb import tandem_worker_pb2 as wpb
 from runtime.pb import tandem_worker_pb2_grpc as wpb_grpc
 

@@ -10,7 +10,7 @@ import pytest
 import requests
 from serving_testlib import describe, greedy_completion, is_idle, live, model, worker_load
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,7 +21,7 @@ from serving_testlib import (
     sample,
 )
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

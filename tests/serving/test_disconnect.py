@@ -17,7 +17,7 @@ from serving_testlib import (
     worker_load,
 )
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from serving_testlib import LONG_PROMPTS, SHORT_PROMPTS, greedy_completion, model
 from tritonclient.utils import InferenceServerException
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 

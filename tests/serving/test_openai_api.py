@@ -9,7 +9,7 @@ import openai
 import pytest
 from serving_testlib import LONG_PROMPTS, SHORT_PROMPTS, client, fresh, greedy_completion, model
 
-from runtime.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -33,7 +33,7 @@ from serving_testlib import (
     worker_stub,
 )
 
-from runtime.local_cluster import Child, LocalCluster
+from deploy.local_cluster import Child, LocalCluster
 from runtime.pb import tandem_worker_pb2 as wpb
 
 pytestmark = [pytest.mark.destructive, pytest.mark.slow, pytest.mark.timeout(400)]

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from deploy.launcher import router_health, wait_router_serves
 from runtime.etcd_server import EtcdServer
-from runtime.launcher import router_health, wait_router_serves
 from runtime.settings import ClusterConfig
 
 _PR_SET_PDEATHSIG = 1

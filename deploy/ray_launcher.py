@@ -52,8 +52,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from runtime.etcd_server import free_port as _free_port
-from runtime.launcher import (
+from deploy.launcher import (
     WORKER_ROLES,
     DeployError,
     DrainResult,
@@ -66,6 +65,7 @@ from runtime.launcher import (
     wait_router_serves,
     wait_routers_list,
 )
+from runtime.etcd_server import free_port as _free_port
 from runtime.settings import ClusterConfig
 
 log = logging.getLogger("tandem.ray_launcher")
@@ -152,7 +152,7 @@ class ServiceActor:
         return list(self.tail)
 
     def drain(self, wait_s: float) -> DrainResult:
-        """Drain a worker (see :func:`runtime.launcher.drain_worker`), then stop the process."""
+        """Drain a worker (see :func:`deploy.launcher.drain_worker`), then stop the process."""
         self.state = ServiceState.DRAINING
         drained = DrainResult(0, True)
         endpoint = (self.ready_info or {}).get("endpoint")

@@ -2,9 +2,9 @@
 
 Two implementations behind :class:`Launcher`:
 
-- :class:`LocalLauncher` (here): subprocesses on this machine, around :class:`LocalCluster`
-  (what ``tandem serve`` runs);
-- :class:`runtime.ray_launcher.RayLauncher`: every service a Ray actor, placed on GPUs,
+- :class:`deploy.local_launcher.LocalLauncher`: subprocesses on this machine, around
+  :class:`deploy.local_cluster.LocalCluster` (what ``tandem serve`` runs);
+- :class:`deploy.ray_launcher.RayLauncher`: every service a Ray actor, placed on GPUs,
   restarted on failure (``tandem deploy``).
 
 The planner acts through this interface: :meth:`Launcher.scale` to a target per tier, which
@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -290,70 +289,3 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(10)
-
-
-# ---- local: subprocesses on this machine ---------------------------------------------------------
-class LocalLauncher(Launcher):
-    """The embedded cluster (:class:`runtime.local_cluster.LocalCluster`) behind the launcher
-    interface: services are subprocesses of this one, etcd is embedded unless configured."""
-
-    def __init__(self, cfg: ClusterConfig, log_dir: str | Path | None = None, quiet: bool = False) -> None:
-        from runtime.local_cluster import LocalCluster
-
-        self.cluster = LocalCluster(cfg, num_prefill=cfg.num_prefill, num_decode=cfg.num_decode, log_dir=log_dir,
-                                    quiet=quiet)
-        self.cfg = self.cluster.cfg
-        self._stopped: set[str] = set()
-
-    def start(self, timeout_s: float = 600.0) -> LocalLauncher:
-        self.cluster.start(timeout_s)
-        self.cfg = self.cluster.cfg
-        try:
-            for _ in range(self.cfg.num_routers - 1):
-                self.cluster.add_router(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        self.cluster.stop()
-
-    def start_services(self, roles: Sequence[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
-        started = []
-        for role in roles:
-            if role == "router":
-                child = self.cluster.add_router(timeout_s)
-            elif role in WORKER_ROLES:
-                child = self.cluster.add_worker(role, timeout_s)
-            else:
-                raise ValueError(f"the local launcher cannot start a {role!r} service")
-            started.append(self._info(child))
-        return started
-
-    def drain_services(self, names: Sequence[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
-        wait_s = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
-        children = {c.name: c for c in self.cluster.children}
-        result = {}
-        for name in names:
-            child = children[name]
-            drained = DrainResult(0, True)
-            if child.ready and "endpoint" in child.ready and child.proc.poll() is None:
-                drained = drain_worker(child.ready["endpoint"], wait_s)
-            self._stopped.add(name)
-            stop_process(child.proc)
-            result[name] = drained
-        return result
-
-    def services(self) -> list[ServiceInfo]:
-        return [self._info(child) for child in self.cluster.children]
-
-    def _info(self, child: Any) -> ServiceInfo:
-        ready = child.ready or {}
-        if child.proc.poll() is not None:
-            state = ServiceState.STOPPED if child.name in self._stopped else ServiceState.DEAD
-        else:
-            state = ServiceState.SERVING if child.ready else ServiceState.STARTING
-        return ServiceInfo(name=child.name, role=child.name.split("-")[0], state=state, node=self.cfg.host,
-                           pid=child.proc.pid, endpoint=ready.get("endpoint") or ready.get("http", ""),
-                           worker_id=ready.get("worker_id", ""))

@@ -11,14 +11,8 @@ import time
 import openai
 import pytest
 
-from runtime.launcher import (
-    LocalLauncher,
-    ScalePlan,
-    ServiceInfo,
-    ServiceState,
-    gpu_shortfall,
-    plan_scale,
-)
+from deploy.launcher import ScalePlan, ServiceInfo, ServiceState, gpu_shortfall, plan_scale
+from deploy.local_launcher import LocalLauncher
 from runtime.settings import ClusterConfig, ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
