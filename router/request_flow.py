@@ -162,12 +162,13 @@ class RequestFlow:
             ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
             if call.first is not None:
                 call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
+                if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
+                    call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
                 yield delta
-                if delta.finish_reason is not None or not call.first.HasField("handle"):
+                if delta.finish_reason is not None or call.handle is None:
                     yield usage_from_pb(call.first.usage)
                     return
-                call.handle = call.first.handle
             async with contextlib.aclosing(self._decode(call)) as items:  # closed with this one, at once
                 async for item in items:
                     yield item

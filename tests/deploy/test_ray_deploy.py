@@ -51,7 +51,7 @@ MAX_TOKENS = 16
 
 def tandem(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
     """Run ``tandem deploy ...`` as a user would, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "deploy", *args], capture_output=True, text=True,
                           timeout=timeout_s)
 
 
