@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelArch
-from text.gguf import metadata_of, open_reader
+from text.gguf import read_metadata
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -33,7 +33,9 @@ _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
 @functools.lru_cache(maxsize=4)
 def _reader(path: str) -> Any:
     """Parsing a GGUF's header takes seconds (every tokenizer entry): once per file and process."""
-    return open_reader(path)
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 class GGUFFile:
@@ -50,7 +52,7 @@ class GGUFFile:
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
-        return metadata_of(self.reader)
+        return read_metadata(self.path)
 
     def arch(self) -> ModelArch:
         md = self.metadata
