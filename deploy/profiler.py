@@ -82,7 +82,7 @@ class EngineProbe:
         return [self.rng.randrange(10, min(self.vocab, 30000)) for _ in range(n)]
 
     def _sampling(self, max_tokens: int) -> Any:
-        from engine.sampling_params import SamplingParams
+        from protocol.sampling import SamplingParams
 
         return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
 
@@ -101,7 +101,7 @@ class EngineProbe:
         ids = [f"d{self.rng.getrandbits(48)}" for _ in range(batch)]
         for rid in ids:
             self.engine.add_request(rid, self._prompt(context), self._sampling(self.decode_steps + 2))
-        while self.engine.scheduler.num_queued_prefill_tokens:  # prefill first, untimed
+        while self.engine.load().num_queued_prefill_tokens:  # prefill first, untimed
             self.engine.step()
         self.engine.step()  # the first decode step (warm)
         t0 = time.perf_counter()
