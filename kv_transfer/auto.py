@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ class AutoTransport(KVTransport):
 
     ``table``: a table dict or path (default: ``selection.default_table()``); ``transports``: the
     children to try building (default: all that fit the tensor's device); ``store``: enables nccl;
-    other keyword options go to the children that take them (``host``, ``advertise_host``, ``ucx_devices``).
+    ``make_child(name, **opts)`` builds one (``factory.make_transport``, which passes itself: no
+    import cycle); other keyword options go to the children that take them (``host``,
+    ``advertise_host``, ``ucx_devices``).
     """
 
     transport_name = "auto"
@@ -62,9 +64,11 @@ class AutoTransport(KVTransport):
         table: Mapping[str, Any] | str | Path | None = None,
         transports: Sequence[str] | None = None,
         store: Any = None,
+        make_child: Callable[..., KVTransport],
         **child_opts: Any,
     ) -> None:
         super().__init__(model=model)
+        self._make_child = make_child
         if table is None:
             self._table = selection.default_table()
         elif isinstance(table, str | Path):
@@ -82,8 +86,7 @@ class AutoTransport(KVTransport):
         return dict(self._children)
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
-        from kv_transfer.factory import make_transport
-
+        make_transport = self._make_child
         if self._wanted is not None:
             names = self._wanted
         elif kv.is_cuda:

@@ -30,7 +30,7 @@ def make_transport(name: str, **opts: Any) -> KVTransport:
     if name == "auto":
         from kv_transfer.auto import AutoTransport
 
-        return AutoTransport(**opts)
+        return AutoTransport(make_child=make_transport, **opts)
     if name == "nixl":
         from kv_transfer.nixl_transport import NixlTransport
 
