@@ -135,8 +135,11 @@ class LoadModel:
         kv = [float(w.num_active_kv_tokens) for w in workers]
         usage = sum(w.kv_usage for w in workers) / n
         itl = max(self.decode.predict((r, k)) for r, k in zip(running, kv))
-        values = {"itl_s": itl, "kv_usage": usage, "workers": n}
-        if itl > slo or usage > SATURATED:
+        # every seat taken and requests waiting for one: their next token waits for a seat (the
+        # step time alone looks fine)
+        queued = sum(w.num_waiting for w in workers if w.num_running >= self.max_num_seqs)
+        values = {"itl_s": itl, "kv_usage": usage, "workers": n, "waiting_for_a_seat": queued}
+        if itl > slo or usage > SATURATED or queued:
             return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))

@@ -2,7 +2,7 @@
 
 import math
 
-from plannerlib import config, observe, profile, tier, window
+from plannerlib import config, observe, profile, tier, window, worker
 
 from planner import ActionKind, Planner
 
@@ -59,6 +59,17 @@ def test_load_mode_adds_one_decode_worker_when_itl_is_over_the_slo() -> None:
     assert starts(d, "decode") == 1 and len(d.actions) == 1
     reason = next(r for r in d.reasons if r.code == "itl-over-slo")
     assert math.isclose(reason.values["itl_s"], 0.06, rel_tol=1e-6)
+
+
+def test_load_mode_adds_one_decode_worker_when_requests_wait_for_a_seat() -> None:
+    # 100 running (max_num_seqs) of 1000 tokens: a 21 ms step, well under the SLO; but 30 wait for a seat.
+    planner = Planner(config(mode="load"), profile())
+    full = dict(num_running=100, num_active_kv_tokens=100_000, kv_usage=0.01)
+    workers = tier("prefill", 1) + tier("decode", 1, **full) + [worker("d9", "decode", num_waiting=30, **full)]
+    d = planner.tick(observe(10.0, workers, window(5.0)))
+    assert (d.num_prefill, d.num_decode) == (1, 3)
+    reason = next(r for r in d.reasons if r.code == "itl-over-slo")
+    assert reason.values["waiting_for_a_seat"] == 30 and reason.values["itl_s"] < 0.05
 
 
 def test_load_mode_adds_one_prefill_worker_when_the_queue_makes_ttft_miss() -> None:
