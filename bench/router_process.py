@@ -10,8 +10,8 @@ in the same run, alternating tree by tree round by round):
   a router started through a probe that turns ``gc.freeze()`` into a no-op. Once the router's
   ``/health`` answers 200 the probe reads the router's RSS ("after start"), sends one completion,
   reads the RSS again, then times ``gc.collect()`` (a full collection: what stalls the event loop,
-  and every request in flight, when the start-up heap is not frozen) and counts the objects
-  the collector tracks.
+  and every request in flight, when the start-up heap is not frozen), counts the objects the
+  collector tracks, and times it again after ``gc.freeze()`` (what the router itself does).
 
     python bench/router_process.py                              # this tree
     python bench/router_process.py --baseline /tmp/tandem-base  # and a baseline tree, with ratios
@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,19 @@ def _get(url: str, timeout_s: float = 5.0) -> tuple[int, Any]:
         return 0, None
 
 
-def _probe(http: str, num_gc: int) -> None:
+def _timed_collections(num_gc: int) -> list[float]:
+    import gc
+
+    gc.collect()
+    pauses = []
+    for _ in range(num_gc):
+        t = time.perf_counter()
+        gc.collect()
+        pauses.append((time.perf_counter() - t) * 1000)
+    return pauses
+
+
+def _probe(http: str, num_gc: int, freeze: Callable[[], None]) -> None:
     """Runs in a thread of the router process: waits for readiness, then measures."""
     import gc
 
@@ -81,15 +94,14 @@ def _probe(http: str, num_gc: int) -> None:
     with urllib.request.urlopen(req, timeout=60) as resp:
         ok = resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] > 0
     rss_served = _rss_mb()
-    gc.collect()
-    pauses = []
-    for _ in range(num_gc):
-        t = time.perf_counter()
-        gc.collect()
-        pauses.append((time.perf_counter() - t) * 1000)
+    pauses = _timed_collections(num_gc)
+    num_objects = len(gc.get_objects())
+    freeze()  # then as a router that freezes its start-up heap
+    frozen = _timed_collections(num_gc)
     out = {"ready_s": ready_s, "rss_ready_mb": rss_ready, "rss_served_mb": rss_served, "completion_ok": ok,
-           "gc_full_ms": statistics.median(pauses), "gc_full_ms_all": pauses, "gc_objects": len(gc.get_objects()),
-           "torch_imported": "torch" in sys.modules, "num_modules": len(sys.modules)}
+           "gc_full_ms": statistics.median(pauses), "gc_full_ms_all": pauses, "gc_objects": num_objects,
+           "gc_full_frozen_ms": statistics.median(frozen), "torch_imported": "torch" in sys.modules,
+           "num_modules": len(sys.modules)}
     print(_PROBE + json.dumps(out), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -98,8 +110,9 @@ def probe_main(http: str, num_gc: int, router_argv: list[str]) -> None:
     """Run the router (``router.server.main``, as ``python -m router`` does) with a probe thread."""
     import gc
 
-    gc.freeze = lambda: None  # measured as if the router did not freeze its start-up heap
-    threading.Thread(target=_probe, args=(http, num_gc), daemon=True).start()
+    freeze = gc.freeze
+    gc.freeze = lambda: None  # measured as if the router did not freeze its start-up heap (then frozen)
+    threading.Thread(target=_probe, args=(http, num_gc, freeze), daemon=True).start()
     sys.argv = ["router", *router_argv]
     import router.server
 
@@ -207,6 +220,7 @@ ROWS = (  # (key, label, unit)
     ("rss_served_mb", "RSS after one completion", "MB"),
     ("gc_objects", "objects tracked by the GC", ""),
     ("gc_full_ms", "full gc.collect() (no freeze)", "ms"),
+    ("gc_full_frozen_ms", "full gc.collect() (start-up frozen)", "ms"),
 )
 
 
@@ -216,7 +230,8 @@ def summarize(per_tree: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
         imports, starts = parts["import"], parts["start"]
         out[label] = {"import_s": _median(imports, "import_s"), "num_modules_import": _median(imports, "num_modules"),
                       "torch_imported": any(r["torch"] for r in imports)}
-        for key in ("start_to_ready_s", "rss_ready_mb", "rss_served_mb", "gc_objects", "gc_full_ms"):
+        for key in ("start_to_ready_s", "rss_ready_mb", "rss_served_mb", "gc_objects", "gc_full_ms",
+                    "gc_full_frozen_ms"):
             out[label][key] = _median(starts, key)
     return out
 
