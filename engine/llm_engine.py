@@ -169,7 +169,6 @@ class LLMEngine:
         """Abort a request (all n of its sequences); its blocks are freed at once."""
         for rid in self._groups.pop(request_id, []):
             self.scheduler.abort(rid)
-            self.runner.sampler.forget(rid)
             self._tracked.pop(rid, None)
 
     def stop_sequence(self, request_id: str, index: int, stop_reason: StopReason) -> None:
@@ -286,8 +285,7 @@ class LLMEngine:
         )
 
     def _forget(self, t: _Tracked) -> None:
-        """A finished sequence: drop its sampler state and tracking (and its group once empty)."""
-        self.runner.sampler.forget(t.request.request_id)
+        """A finished sequence: drop its tracking (and its group once empty)."""
         self._tracked.pop(t.request.request_id, None)
         group = self._groups.get(t.group_id)
         if group is not None and all(rid not in self._tracked for rid in group):

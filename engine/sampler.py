@@ -2,8 +2,14 @@
 and log-probabilities with top-N alternatives.
 
 Log-probabilities are those of the model's raw distribution (before penalties and
-temperature), like vLLM's default. A seeded request owns a generator, so its tokens do not
-depend on what else is in the batch.
+temperature), like vLLM's default.
+
+A seeded request's draws are seeded by position: the noise for its output token ``k`` comes
+from a generator seeded with ``draw_seed(seed, k)``, on whatever worker draws it. So its tokens
+depend neither on what else is in the batch nor on where the earlier tokens were drawn: a prompt
+prefilled on another worker (which drew token 0), a request preempted and recomputed, or an
+n > 1 child (seed + i) all draw exactly what one aggregated engine would. Nothing about the
+generator crosses a process: the position is the number of tokens the request already has.
 """
 
 from __future__ import annotations
@@ -52,14 +58,29 @@ class SampleBatch:
         return out
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed for a seeded request's output token ``position`` (0: the first token):
+    splitmix64 of the pair, so nearby seeds and positions give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: any torch generator takes it
+
+
+def sample_position(request: Request) -> int:
+    """Which output token of ``request`` a step launched now samples: its tokens on the host
+    plus those sampled by launched steps whose ids have not come back (asynchronous scheduling)."""
+    return request.num_output_tokens + request.num_inflight_tokens
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded requests
+        self._seeded = torch.Generator(device=device)  # reseeded for every seeded row (draw_seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         """``logits``: ``[len(requests), vocab]`` float32, one row per request."""
@@ -158,11 +179,9 @@ class Sampler:
             if seed is None:
                 unseeded.append(i)
                 continue
-            gen = self._generators.get(r.request_id)
-            if gen is None:
-                gen = torch.Generator(device=probs.device).manual_seed(seed)
-                self._generators[r.request_id] = gen
-            noise[i].exponential_(generator=gen)
+            # A launch reads the generator's state when it is queued: one generator serves every row.
+            self._seeded.manual_seed(draw_seed(seed, sample_position(r)))
+            noise[i].exponential_(generator=self._seeded)
         if unseeded:
             idx = _on(probs.device, unseeded)
             noise[idx] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device,

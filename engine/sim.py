@@ -104,11 +104,6 @@ def sim_token(last_token: int, position: int, vocab_size: int, eos_token_ids: tu
     return token
 
 
-class _Sampler:
-    def forget(self, request_id: str) -> None:
-        pass
-
-
 class _Done:
     """A sim step, already run: the ``StepHandle`` interface the engine reads."""
 
@@ -137,7 +132,6 @@ class SimRunner:
         # [num_blocks, num_layers=1, 2, block_size, num_kv_heads=1, head_dim=1]: the layout
         # contract of kv_transfer, one element per token slot.
         self.kv = torch.zeros(self.num_blocks, 1, 2, self.block_size, 1, 1, dtype=self.dtype)
-        self.sampler = _Sampler()
         self.eos_token_ids = tuple(dict.fromkeys((*eos_token_ids, *arch.eos_token_ids)))  # never sampled
         self.num_steps = 0
         self.modeled_s = 0.0  # sum of predicted step times

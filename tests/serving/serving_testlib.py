@@ -172,3 +172,30 @@ def generate_direct(child: Child, request_id: str, prompt_ids: list[int], max_to
             for out in msg.outputs:
                 tokens += out.token_ids
     return tokens, pull
+
+
+class Handoffs:
+    """Whether the requests sent meanwhile took the remote path: :meth:`check` asserts the router
+    prefilled each of them on the prefill worker (its remote-route counter moved by their number,
+    its local one not at all) and the decode worker pulled every block of their prompts over
+    ``transport`` (fresh prompts: none cached there) without falling back to a local prefill."""
+
+    ROUTES = "tandem_router_route_decisions_total"
+
+    def __init__(self, cluster: LocalCluster, transport: str) -> None:
+        (decode,) = live(cluster, "decode")
+        self.router, self.worker, self.transport = router_metrics_url(cluster), decode.ready["metrics"], transport
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        return (sample(self.router, self.ROUTES, path="remote"), sample(self.router, self.ROUTES, path="local"),
+                sample(self.worker, "tandem_kv_transfer_blocks_total", transport=self.transport),
+                sample(self.worker, "tandem_kv_pull_fallbacks_total"))
+
+    def check(self, prompt_lengths: list[int]) -> None:
+        """``prompt_lengths``: the prompt tokens of each request sent since this was made."""
+        remote, local, pulled, fallbacks = (b - a for a, b in zip(self.start, self._read()))
+        want_blocks = sum(-(-n // BLOCK_SIZE) for n in prompt_lengths)
+        assert all(n > MAX_LOCAL_PREFILL_TOKENS for n in prompt_lengths), prompt_lengths
+        assert (remote, local, pulled, fallbacks) == (len(prompt_lengths), 0, want_blocks, 0), \
+            "(remote, local, pulled blocks, fallbacks): not every request was prefilled remotely and pulled"
