@@ -4,7 +4,7 @@ For each source tree (this one, and with ``--baseline DIR`` another checkout of 
 in the same run, alternating tree by tree round by round):
 
 - import: ``import router.server`` in a fresh interpreter (``PYTHONPATH`` = the tree): seconds,
-  whether ``torch`` got imported, how many modules;
+  whether ``torch`` got imported, how many modules, how many objects the GC tracks after it;
 - start: one aggregated cluster of that tree on a shared etcd (its own namespace): one decode
   worker (``--engine sim``: real block manager, scheduler and gRPC service, no forward pass) and
   a router started through a probe that turns ``gc.freeze()`` into a no-op. Once the router's
@@ -130,9 +130,10 @@ class Tree:
 
 
 def measure_import(tree: Tree) -> dict[str, Any]:
-    code = ("import json, sys, time; t = time.perf_counter(); import router.server; "
-            "print(json.dumps({'import_s': time.perf_counter() - t, 'torch': 'torch' in sys.modules, "
-            "'num_modules': len(sys.modules)}))")
+    code = ("import gc, json, sys, time; t = time.perf_counter(); import router.server; "
+            "import_s = time.perf_counter() - t; gc.collect(); "
+            "print(json.dumps({'import_s': import_s, 'torch': 'torch' in sys.modules, "
+            "'num_modules': len(sys.modules), 'gc_objects': len(gc.get_objects())}))")
     out = subprocess.run([sys.executable, "-c", code], env=tree.env(), cwd=tree.path, capture_output=True, text=True,
                          check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -215,10 +216,11 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 ROWS = (  # (key, label, unit)
     ("import_s", "import router.server", "s"),
     ("num_modules_import", "modules after the import", ""),
+    ("gc_objects_import", "GC-tracked objects after the import", ""),
     ("start_to_ready_s", "spawn to /health 200", "s"),
     ("rss_ready_mb", "RSS after start", "MB"),
     ("rss_served_mb", "RSS after one completion", "MB"),
-    ("gc_objects", "objects tracked by the GC", ""),
+    ("gc_objects", "GC-tracked objects after start", ""),
     ("gc_full_ms", "full gc.collect() (no freeze)", "ms"),
     ("gc_full_frozen_ms", "full gc.collect() (start-up frozen)", "ms"),
 )
@@ -229,6 +231,7 @@ def summarize(per_tree: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
     for label, parts in per_tree.items():
         imports, starts = parts["import"], parts["start"]
         out[label] = {"import_s": _median(imports, "import_s"), "num_modules_import": _median(imports, "num_modules"),
+                      "gc_objects_import": _median(imports, "gc_objects"),
                       "torch_imported": any(r["torch"] for r in imports)}
         for key in ("start_to_ready_s", "rss_ready_mb", "rss_served_mb", "gc_objects", "gc_full_ms",
                     "gc_full_frozen_ms"):
@@ -247,9 +250,9 @@ def print_table(summary: dict[str, dict[str, float]], repeats: tuple[int, int]) 
     for key, name, unit in ROWS:
         line = f"{name + (f' ({unit})' if unit else ''):<{width}}"
         values = [summary[label][key] for label in labels]
-        line += "".join(f"{v:>14.3f}" if v < 100 else f"{v:>14.0f}" for v in values)
+        line += "".join(f"{v:>14.4g}" if v < 100 else f"{v:>14.0f}" for v in values)
         if len(values) == 2 and values[1]:
-            line += f"{values[0] / values[1]:>22.2f}"
+            line += f"{values[0] / values[1]:>22.3g}"
         print(line)
     print("torch imported by the router: " + ", ".join(f"{label}: {summary[label]['torch_imported']}"
                                                       for label in labels))
@@ -263,9 +266,10 @@ def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    keys = [("import_s", "import (s)"), ("rss_ready_mb", "RSS after start (MB)"),
-            ("gc_full_ms", "full GC, no freeze (ms)")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    keys = [("import_s", "import router.server (s)"), ("gc_objects_import", "GC objects after import"),
+            ("rss_ready_mb", "RSS after start (MB)"), ("gc_full_ms", "full GC, no freeze (ms)"),
+            ("gc_full_frozen_ms", "full GC, start-up frozen (ms)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2))
     for ax, (key, title) in zip(axes, keys):
         labels = list(summary)
         ax.bar(labels, [summary[label][key] for label in labels], color=["tab:blue", "tab:gray"][:len(labels)])

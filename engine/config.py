@@ -231,7 +231,7 @@ class EngineConfig:
     backend: str = "torch"  # torch: run the model | sim: a fitted timing model stands in (engine.sim)
     sim_profile: str = ""  # sim: profile name in engine/sim_profiles or a .json path ("": the default)
     # Plan and launch step N+1 before step N's tokens reach the host, so the host's work (the
-    # scheduler, detokenization, outputs, the next step's inputs) overlaps the device's.
+    # scheduler, outputs, the next step's inputs) overlaps the device's.
     # None: on for CUDA devices (torch backend), off elsewhere.
     async_scheduling: bool | None = None
 

@@ -128,8 +128,9 @@ def test_model_listed_only_when_servable_and_no_503_after(cluster: tuple[Path, l
     procs.append(decode)
     decode.wait_ready()
     wait_for(lambda: requests.get(f"{http}/health", timeout=10).json()["model"], "the router to adopt the model")
-    body = requests.get(f"{http}/health", timeout=10).json()
-    assert body["decode_workers"] == 1 and "prefill" in body["status"], body
+    health = requests.get(f"{http}/health", timeout=10)
+    body = health.json()
+    assert health.status_code == 503 and body["decode_workers"] == 1 and "prefill" in body["status"], body
     assert models(http) == [] and not grpc_serving(grpc_target)
 
     # The prefill worker registers: the first completion sent as soon as the model is listed succeeds.
