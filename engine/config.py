@@ -226,7 +226,7 @@ class EngineConfig:
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | triton | cpu (the CPU kernels, bfloat16)
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     backend: str = "torch"  # torch: run the model | sim: a fitted timing model stands in (engine.sim)
     sim_profile: str = ""  # sim: profile name in engine/sim_profiles or a .json path ("": the default)
@@ -242,7 +242,7 @@ class EngineConfig:
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
         if self.backend not in ("torch", "sim"):
             raise ValueError(f"engine backend must be 'torch' or 'sim', got {self.backend!r}")

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import PRESETS, EngineConfig, ModelArch
-from engine.model import LlamaModel, Rotary, prepack_for_cpu
+from engine.model import LlamaModel, Rotary, use_cpu_kernels
 from protocol.model_card import TokenizerKind, TokenizerSource
 from text.source import load_tokenizer as load_tokenizer_from
 from text.tokenizer import TextTokenizer
@@ -119,9 +119,10 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progress: bool = True,
-                prepack: bool = True) -> LlamaModel:
-    """Construct the model on ``config.device`` in ``config.dtype`` and load its weights (on the
-    CPU, with ``prepack``, bfloat16 projections are then reordered for oneDNN: :func:`prepack_for_cpu`)."""
+                cpu_kernels: bool = True) -> LlamaModel:
+    """Construct the model on ``config.device`` in ``config.dtype`` and load its weights (a CPU
+    bfloat16 model then moves onto the CPU kernels where they take it, with ``cpu_kernels``:
+    :func:`use_cpu_kernels`)."""
     device = torch.device(config.device)
     dtype = TORCH_DTYPES[config.dtype]
     fmt, path, _ = resolve_model(config)
@@ -144,8 +145,8 @@ def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progr
         bar = tqdm(weights, total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
                    leave=False)
         model.load_weights(bar)
-    if prepack and device.type == "cpu":
-        prepack_for_cpu(model)
+    if cpu_kernels and device.type == "cpu":
+        use_cpu_kernels(model)
     return model.eval()
 
 

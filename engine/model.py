@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_kernels
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelArch, RopeScaling
 
@@ -50,11 +51,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> CosSin:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, signed: bool = True) -> CosSin:
         """cos and sin for each token, ``[T, 1, head_dim]``, computed once per step; with ``sin``
-        negated on its first half where the step applies rotary itself (:func:`rotate`)."""
+        negated on its first half where the step applies rotary itself (:func:`rotate`) on the
+        CPU (``signed``: the attention backend does not)."""
         cos, sin = self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-        if positions.is_cuda:
+        if positions.is_cuda or not signed:
             return cos, sin, None
         half = sin.shape[-1] // 2
         return cos, sin, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
@@ -101,58 +103,38 @@ def _gemv_for(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> 
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose weight can be reordered once into oneDNN's blocked layout for the CPU
-    (:func:`prepack_for_cpu`): bfloat16 matmuls of a few rows then run about twice as fast as
-    ``F.linear`` on the plain weight, with bit-identical results."""
+    """``nn.Linear`` that runs on the CPU kernels' GEMM once :func:`use_cpu_kernels` packed its
+    weight (``cpu``; the plain weight is then freed)."""
 
-    packed: torch.Tensor | None = None
+    cpu: cpu_kernels.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.cpu is not None:
+            return self.cpu(x)
         return F.linear(x, self.weight, self.bias)
 
 
-def _prepack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-
-
-def _prepack_is_exact(layer: Linear) -> bool:
-    """Whether oneDNN's blocked-layout matmul gives ``F.linear``'s results bit for bit on this
-    CPU (it does where both take the same bf16 kernels; a CPU without native bf16 may not)."""
-    gen = torch.Generator().manual_seed(0)
-    packed = _prepack(layer.weight)
-    for rows in (1, 5, 300):
-        x = torch.randn(rows, layer.in_features, generator=gen).to(layer.weight.dtype)
-        ref = F.linear(x, layer.weight, layer.bias)
-        if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""), ref):
-            return False
-    return True
-
-
-def prepack_for_cpu(model: LlamaModel) -> bool:
-    """Reorder a CPU bfloat16 model's projection and LM-head weights for oneDNN, freeing the
-    plain copies (the embedding table stays: lookups need it). Call after the weights are
-    loaded; the model can no longer load weights afterwards. Returns False, changing nothing,
-    where oneDNN cannot take them or would change the results (another dtype; a CPU whose
-    oneDNN kernels differ from ``F.linear``'s)."""
+def use_cpu_kernels(model: LlamaModel) -> bool:
+    """Move a CPU bfloat16 model onto the CPU kernels (:mod:`engine.cpu_kernels`): projection and
+    LM-head weights packed for the GEMM (the plain copies freed; the embedding table stays, for
+    lookups), the gate/up projection with silu(gate) * up in its epilogue, the residual norms on
+    the norm kernel. Call after the weights are loaded; the model can no longer load weights
+    afterwards. Returns False, changing nothing, where the kernels do not take this model."""
+    a = model.arch
     weight = model.embed_tokens.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if not cpu_kernels.supports(weight.device, weight.dtype, a.head_dim, a.hidden_size, a.intermediate_size):
         return False
-    try:
-        head = _prepack(model.lm_head.weight if model.lm_head is not None else weight)
-        exact = _prepack_is_exact(model.layers[0].qkv_proj) if len(model.layers) else True
-    except RuntimeError:
-        return False
-    if not exact:
-        return False
-    model.lm_head_packed = head
+    empty = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+    head = model.lm_head.weight if model.lm_head is not None else weight
+    model.lm_head_cpu = cpu_kernels.PackedWeight.pack(head, out_float32=True)
     if model.lm_head is not None:
-        model.lm_head.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
-    for module in model.modules():
-        if isinstance(module, Linear) and module is not model.lm_head:
-            module.packed = _prepack(module.weight)
-            module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+        model.lm_head.weight = empty
+    for layer in model.layers:
+        for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            lin.cpu = cpu_kernels.PackedWeight.pack(lin.weight, lin.bias, silu_mul=lin is layer.gate_up_proj)
+            lin.weight = empty
+        layer.input_norm.cpu = layer.post_attn_norm.cpu = True
+    model.norm.cpu = True
     return True
 
 
@@ -186,6 +168,8 @@ def act_linear(layer: nn.Linear, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    cpu = False  # on the CPU kernels (set by use_cpu_kernels): 2-D bfloat16 rows only
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -197,6 +181,9 @@ class RMSNorm(nn.Module):
         """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (fused on the GPU)."""
         if x.is_cuda:
             return _triton_ops().rms_norm(x, self.weight, self.eps, residual)
+        if self.cpu:
+            out, res = cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, res)
         if residual is not None:
             residual = x + residual
             return self.forward(residual), residual
@@ -230,6 +217,7 @@ class DecoderLayer(nn.Module):
         attn: AttentionBackend,
         kv: torch.Tensor,
         meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,  # rows to compute past the attention (None: all)
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, the residual stream before it)
         a = self.arch
         t = x.shape[0]
@@ -256,7 +244,13 @@ class DecoderLayer(nn.Module):
             else:
                 o = attn.forward(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, kv[:, self.layer_idx],
                                  meta, self.scale)
-        o = linear(self.o_proj, o.reshape(t, a.q_size))
+        o = o.reshape(t, a.q_size)
+        if keep is not None:  # every row's K/V is in the cache; only these rows go on
+            o, residual = o[keep], residual[keep]
+        o = linear(self.o_proj, o)
+        if self.gate_up_proj.cpu is not None:  # the kernels' GEMM applies silu(gate) * up itself
+            h, residual = self.post_attn_norm(o, residual)
+            return self.down_proj(self.gate_up_proj(h)), residual
         gate_up, residual = norm_linear(self.post_attn_norm, self.gate_up_proj, o, residual)
         return act_linear(self.down_proj, gate_up), residual
 
@@ -273,7 +267,7 @@ class LlamaModel(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
-        self.lm_head_packed: torch.Tensor | None = None  # set by prepack_for_cpu
+        self.lm_head_cpu: cpu_kernels.PackedWeight | None = None  # set by use_cpu_kernels
 
     @torch.inference_mode()
     def forward(
@@ -283,20 +277,23 @@ class LlamaModel(nn.Module):
         kv: torch.Tensor,  # the whole paged cache
         meta: AttentionMetadata,
         attn: AttentionBackend,
-    ) -> torch.Tensor:  # [T, hidden]
+        rows: torch.Tensor | None = None,  # the rows of the output wanted (None: all)
+    ) -> torch.Tensor:  # [T, hidden], or [len(rows), hidden]
         x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary(positions, x.dtype)
+        cos_sin = self.rotary(positions, x.dtype, signed=not hasattr(attn, "forward_with_rotary"))
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, attn, kv, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            # The last layer's MLP (most of its work) runs only for the rows wanted.
+            x, residual = layer(x, residual, cos_sin, attn, kv, meta, rows if i == last else None)
         return x + residual
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on the rows to sample from; float32 logits."""
-        if self.lm_head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(self.norm(hidden), self.lm_head_packed, None, "none", [],
-                                                      "").float()
+        """Final norm + LM head on the rows to sample from; float32 logits (on the CPU kernels,
+        straight from the GEMM's float32 accumulators)."""
+        if self.lm_head_cpu is not None:
+            return self.lm_head_cpu(self.norm(hidden))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(self.norm(hidden), weight).float()
 

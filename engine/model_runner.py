@@ -60,7 +60,8 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.block_size = config.cache.block_size
         self.model = build_model(config, arch, max_model_len, progress=progress)
-        self.attn = make_backend(config.attention_backend, self.device)
+        self.attn = make_backend(config.attention_backend, self.device,
+                                 cpu_kernels=self.model.lm_head_cpu is not None)
         self.num_blocks = config.cache.resolve_num_blocks(self.bytes_per_block)
         # [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]: one block of
         # every layer is contiguous, so a block moves between workers as one byte range.
@@ -138,9 +139,8 @@ class ModelRunner:
             if not sample:
                 return None
             return logits if step.sample_index is None else logits[step.sample_index]
-        hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn)
         if not sample:
+            self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.input_ids[:0])
             return None
-        if step.sample_index is not None:
-            hidden = hidden[step.sample_index]
+        hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.sample_index)
         return self.model.compute_logits(hidden)

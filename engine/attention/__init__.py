@@ -68,13 +68,19 @@ class AttentionBackend(Protocol):
         ...
 
 
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
+def make_backend(name: str, device: torch.device, cpu_kernels: bool = False) -> AttentionBackend:
+    """``auto``: Triton on CUDA; on the CPU the kernels' backend for a model on the CPU kernels
+    (``cpu_kernels``), else the torch one."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "cpu" if cpu_kernels else "torch"
     if name == "torch":
         from engine.attention.torch_ref import TorchAttention
 
         return TorchAttention()
+    if name == "cpu":
+        from engine.attention.cpu_backend import CpuAttention
+
+        return CpuAttention()
     if name == "triton":
         from engine.attention.triton_backend import TritonAttention  # type: ignore[import-not-found]
 

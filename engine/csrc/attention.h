@@ -1,0 +1,240 @@
+// Causal attention over the paged KV cache, the same arithmetic for every query row wherever it
+// is computed (a prompt in one step, in chunks on top of cached blocks, or a decode step):
+//
+// - a query row (one token, one head) attends over the keys at positions 0..its own, taken in
+//   tiles of KT keys at fixed absolute positions (tile j: keys KT*j .. KT*j + KT - 1);
+// - per tile: scores s = (q . k) * scale in fp32 (bf16 pairs accumulated over head_dim in
+//   order), keys after the row's position masked to -inf; online softmax with m (running max),
+//   l (running sum: the tile's exp(s - m) added key by key in order), O = O * alpha + P V
+//   with P rounded to bf16 and V's keys taken in pairs in order;
+// - out = bf16(O / l).
+//
+// A tile whose keys are all masked for a row leaves that row's m, l and O bit for bit as they
+// were (alpha = exp(0) = 1, P = 0), and masked keys inside a tile add exact zeros, so the
+// result of a row does not depend on which other rows (tokens, sequences) a work item holds,
+// nor on the threads. Rows lie along vector lanes: query rows of one KV head's group, packed as
+// bf16 pairs; K and V are read straight from the cache rows.
+
+constexpr int64_t KT = 32;  // keys per tile
+
+struct AttnScratch {
+  std::vector<uint32_t> qp, pp, vp;
+  std::vector<float> s, o, state;
+  std::vector<int32_t> qpos;
+  std::vector<bf16> zeros, out;
+};
+
+// s[key][rg][lane] = q_row . k_key for 8 keys and NRG row groups of 16 rows (both layouts
+// rg_count groups wide).
+template <int NRG>
+static inline void score_block(const uint32_t* qp, int64_t rg_count, const bf16* const* keys, int64_t pairs,
+                               float* s) {
+  v16f acc[8][NRG];
+  for (int k = 0; k < 8; k++)
+    for (int r = 0; r < NRG; r++) acc[k][r] = vset1(0.0f);
+  for (int64_t p = 0; p < pairs; p++) {
+    v16u b[NRG];
+    for (int r = 0; r < NRG; r++) b[r] = vloadu(qp + (p * rg_count + r) * 16);
+    for (int k = 0; k < 8; k++) {
+      const uint32_t x = load_pair(keys[k] + 2 * p);
+      for (int r = 0; r < NRG; r++) acc[k][r] = dot2(acc[k][r], x, b[r]);
+    }
+  }
+  for (int k = 0; k < 8; k++)
+    for (int r = 0; r < NRG; r++) vstore(s + (k * rg_count + r) * 16, acc[k][r]);
+}
+
+// o[d][rg] = o[d][rg] * alpha[rg] + sum over key pairs of P V, for 8 dims from d0 and NRG groups.
+template <int NRG>
+static inline void pv_block(const uint32_t* pp, const uint32_t* vp, int64_t hd, int64_t rg_count, int64_t d0,
+                            const float* alpha, float* o) {
+  v16f acc[8][NRG];
+  for (int r = 0; r < NRG; r++) {
+    const v16f a = vload(alpha + r * 16);
+    for (int i = 0; i < 8; i++) acc[i][r] = vload(o + ((d0 + i) * rg_count + r) * 16) * a;
+  }
+  for (int64_t kp = 0; kp < KT / 2; kp++) {
+    v16u b[NRG];
+    for (int r = 0; r < NRG; r++) b[r] = vloadu(pp + (kp * rg_count + r) * 16);
+    for (int i = 0; i < 8; i++) {
+      const uint32_t x = vp[kp * hd + d0 + i];
+      for (int r = 0; r < NRG; r++) acc[i][r] = dot2(acc[i][r], x, b[r]);
+    }
+  }
+  for (int r = 0; r < NRG; r++)
+    for (int i = 0; i < 8; i++) vstore(o + ((d0 + i) * rg_count + r) * 16, acc[i][r]);
+}
+
+// The tile's scores for NRG row groups from rg0 (s_tile: [KT][rg_count][16]).
+template <int NRG>
+static inline void score_groups(const uint32_t* qp, int64_t rg_count, int64_t rg0, const bf16* const* keys,
+                                int64_t pairs, float* s_tile) {
+  for (int64_t k0 = 0; k0 < KT; k0 += 8)
+    score_block<NRG>(qp + rg0 * 16, rg_count, keys + k0, pairs, s_tile + (k0 * rg_count + rg0) * 16);
+}
+
+struct AttnItem {
+  int64_t seq, kv_head, first, last;  // tokens first..last-1 of the sequence's new tokens
+  int64_t cost;
+};
+
+#define NOINLINE __attribute__((noinline))
+
+// Scores of the tile's keys for every row group.
+static NOINLINE void score_tile(const uint32_t* qp, int64_t rgs, const bf16* const* keys, int64_t pairs, float* s) {
+  for (int64_t rg = 0; rg < rgs;) {
+    const int64_t n = rgs - rg;
+    if (n >= 3) score_groups<3>(qp, rgs, rg, keys, pairs, s), rg += 3;
+    else if (n == 2) score_groups<2>(qp, rgs, rg, keys, pairs, s), rg += 2;
+    else score_groups<1>(qp, rgs, rg, keys, pairs, s), rg += 1;
+  }
+}
+
+// Scale and mask the tile's scores, update m and l, and write P as bf16 key pairs (pp) and
+// alpha (the factor of the rows' previous O). `masked`: some key of the tile lies after some
+// row's position (else no key is masked, and the comparisons are skipped: same results).
+static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, int64_t t0, bool masked, float scale,
+                                  float* m, float* l, float* alpha, uint32_t* pp) {
+  for (int64_t rg = 0; rg < rgs; rg++) {
+    v16i pos;
+    memcpy(&pos, qpos + rg * 16, 64);
+    v16f tile_max = vset1(-INFINITY);
+    for (int64_t j = 0; j < KT; j++) {
+      float* sp = s + (j * rgs + rg) * 16;
+      v16f x = vload(sp) * scale;
+      if (masked) x = (v16i{} + (int32_t)(t0 + j)) > pos ? vset1(-INFINITY) : x;
+      vstore(sp, x);
+      tile_max = vmax(tile_max, x);
+    }
+    const v16f m_old = vload(m + rg * 16), m_new = vmax(m_old, tile_max);
+    const v16i none = m_new == vset1(-INFINITY);  // no key seen yet: P = exp(-inf - 0) = 0, alpha 1
+    const v16f m_sub = none ? vset1(0.0f) : m_new;
+    const v16f a = none ? vset1(1.0f) : vexp(m_old - m_new);
+    v16f sum = vset1(0.0f);
+    for (int64_t j = 0; j < KT; j += 2) {
+      const v16f p0 = vexp(vload(s + (j * rgs + rg) * 16) - m_sub);
+      const v16f p1 = vexp(vload(s + ((j + 1) * rgs + rg) * 16) - m_sub);
+      sum = j == 0 ? p0 + p1 : (sum + p0) + p1;
+      const v16u pair = __builtin_convertvector(to_bf16(p0), v16u) | (__builtin_convertvector(to_bf16(p1), v16u) << 16);
+      memcpy(pp + ((j / 2) * rgs + rg) * 16, &pair, 64);
+    }
+    vstore(l + rg * 16, vload(l + rg * 16) * a + sum);
+    vstore(m + rg * 16, m_new);
+    vstore(alpha + rg * 16, a);
+  }
+}
+
+// vp[kp][d] = (V[2kp][d], V[2kp + 1][d]) as one bf16 pair.
+static NOINLINE void pack_values(const bf16* const* vals, int64_t hd, uint32_t* vp) {
+  for (int64_t kp = 0; kp < KT / 2; kp++) {
+    const bf16 *v0 = vals[2 * kp], *v1 = vals[2 * kp + 1];
+    uint32_t* dst = vp + kp * hd;
+    int64_t d = 0;
+    for (; d + 16 <= hd; d += 16) {
+      v16h lo, hi;
+      memcpy(&lo, v0 + d, 32);
+      memcpy(&hi, v1 + d, 32);
+      const v16u pair = __builtin_convertvector(lo, v16u) | (__builtin_convertvector(hi, v16u) << 16);
+      memcpy(dst + d, &pair, 64);
+    }
+    for (; d < hd; d++) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
+  }
+}
+
+static NOINLINE void pv_tile(const uint32_t* pp, const uint32_t* vp, int64_t hd, int64_t rgs, const float* alpha,
+                             float* o) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+    for (int64_t rg = 0; rg < rgs;) {
+      const int64_t n = rgs - rg;
+      if (n >= 3) pv_block<3>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 3;
+      else if (n == 2) pv_block<2>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 2;
+      else pv_block<1>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 1;
+    }
+  }
+}
+
+static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd, const CacheLayout& cache,
+                        const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0, int64_t first, int64_t last,
+                        float scale, AttnScratch& sc) {
+  const int64_t rows = (last - first) * group, rgs = (rows + 15) / 16, pairs = hd / 2, width = rgs * 16;
+  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
+  const bf16* src[64];  // rows <= 48 (see attention())
+  sc.qpos.assign(width, -1);  // padding lanes: every key masked
+  for (int64_t r = 0; r < width; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    src[r] = r < rows ? q + ((row0 + tok) * num_heads + head) * hd : sc.zeros.data();
+    if (r < rows) sc.qpos[r] = (int32_t)(ctx + tok);
+  }
+  sc.qp.resize(pairs * width);
+  for (int64_t p = 0; p < pairs; p++)
+    for (int64_t r = 0; r < width; r++) sc.qp[p * width + r] = load_pair(src[r] + 2 * p);
+  sc.s.resize(KT * width);
+  sc.pp.resize(KT / 2 * width);
+  sc.vp.resize(KT / 2 * hd);
+  sc.o.assign(hd * width, 0.0f);
+  sc.state.resize(3 * width);  // m, l, alpha
+  float *m = sc.state.data(), *l = m + width, *alpha = l + width;
+  for (int64_t i = 0; i < width; i++) m[i] = -INFINITY, l[i] = 0.0f;
+  const int64_t kv_end = ctx + last, first_pos = ctx + first, koff = kv_head * hd;
+  for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
+    const bf16* keys[KT];
+    const bf16* vals[KT];
+    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
+    for (int64_t j = 0; j < KT; j++) {
+      if (t0 + j < kv_end) {
+        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
+        keys[j] = row, vals[j] = row + cache.v_offset;
+      } else {
+        keys[j] = vals[j] = sc.zeros.data();  // past the last query: masked, and V exactly 0
+      }
+      if (++offset == cache.block_size) offset = 0, block++;
+    }
+    score_tile(sc.qp.data(), rgs, keys, pairs, sc.s.data());
+    softmax_tile(sc.s.data(), rgs, sc.qpos.data(), t0, t0 + KT - 1 > first_pos || rows % 16, scale, m, l, alpha,
+                 sc.pp.data());
+    pack_values(vals, hd, sc.vp.data());
+    pv_tile(sc.pp.data(), sc.vp.data(), hd, rgs, alpha, sc.o.data());
+  }
+  // out = bf16(O / l), through a [width][hd] bf16 transpose of O.
+  sc.out.resize(width * hd);
+  for (int64_t d = 0; d < hd; d++) {
+    for (int64_t rg = 0; rg < rgs; rg++) {
+      const v16h h = to_bf16(vload(sc.o.data() + (d * rgs + rg) * 16) / vload(l + rg * 16));
+      for (int i = 0; i < 16; i++) sc.out[(rg * 16 + i) * hd + d] = h[i];
+    }
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    memcpy(out + ((row0 + tok) * num_heads + head) * hd, sc.out.data() + r * hd, 2 * hd);
+  }
+}
+
+// out [T, H, hd] = attention of q [T, H, hd] (rotary applied; the step's K/V already in the cache).
+static void attention(const bf16* q, bf16* out, int64_t num_heads, int64_t num_kv_heads, int64_t hd,
+                      CacheLayout cache, const int32_t* query_start, const int32_t* seq_lens,
+                      const int32_t* block_tables, int64_t table_stride, int64_t num_seqs, float scale,
+                      int num_threads) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t tokens_per_item = group >= 48 ? 1 : 48 / group;  // 48 rows: 3 groups of 16
+  std::vector<AttnItem> items;
+  for (int64_t s = 0; s < num_seqs; s++) {
+    const int64_t len = query_start[s + 1] - query_start[s], ctx = seq_lens[s] - len;
+    for (int64_t first = 0; first < len; first += tokens_per_item) {
+      const int64_t last = first + tokens_per_item < len ? first + tokens_per_item : len;
+      for (int64_t h = 0; h < num_kv_heads; h++) items.push_back({s, h, first, last, (last - first) * (ctx + last)});
+    }
+  }
+  // Longest first, for the balance only: an item's result does not depend on where it runs.
+  std::stable_sort(items.begin(), items.end(), [](const AttnItem& a, const AttnItem& b) { return a.cost > b.cost; });
+#pragma omp parallel num_threads(num_threads)
+  {
+    AttnScratch sc;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < (int64_t)items.size(); i++) {
+      const AttnItem& it = items[i];
+      const int64_t len = query_start[it.seq + 1] - query_start[it.seq];
+      attend_item(q, out, num_heads, group, hd, cache, block_tables + it.seq * table_stride, it.kv_head,
+                  seq_lens[it.seq] - len, query_start[it.seq], it.first, it.last, scale, sc);
+    }
+  }
+}
