@@ -20,6 +20,7 @@ same bits on a CPU with native bf16; tests use this to check the portable code).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from types import ModuleType
 import torch
 
 from engine import kernel_build
-from engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -217,44 +217,48 @@ def rotary_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     return q_out
 
 
-def check_metadata(meta: AttentionMetadata, num_tokens: int, num_blocks: int) -> None:
-    """What :func:`attention` reads of a step's metadata, checked once per step: int32 host
+def check_tables(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                 block_size: int, num_tokens: int, num_blocks: int) -> None:
+    """What :func:`attention` reads of a step's sequences, checked once per step: int32 host
     tensors of the right sizes, and block tables that cover every sequence with blocks that exist."""
-    n = meta.num_seqs
-    starts, lens, tables = meta.query_start_loc, meta.seq_lens, meta.block_tables
-    for name, x, shape in (("query_start_loc", starts, (n + 1,)), ("seq_lens", lens, (n,))):
+    n = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    for name, x, shape in (("query_start_loc", query_start_loc, (n + 1,)), ("seq_lens", seq_lens, (n,))):
         if x.dtype != torch.int32 or tuple(x.shape) != shape or not x.is_contiguous() or x.device.type != "cpu":
             raise ValueError(f"{name}: want a contiguous CPU int32 {shape}, got {x.dtype} {tuple(x.shape)}")
-    if tables.dtype != torch.int32 or tables.dim() != 2 or tables.shape[0] < n or tables.stride(1) != 1:
-        raise ValueError(f"block_tables: want int32 [seqs, width] rows, got {tables.dtype} {tuple(tables.shape)}")
-    qlens = [b - a for a, b in zip(starts.tolist(), starts.tolist()[1:])]
-    if n and (starts[0] != 0 or starts[-1] != num_tokens or min(qlens) < 1):
-        raise ValueError(f"query_start_loc {starts.tolist()} for {num_tokens} tokens")
+    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < n
+            or block_tables.stride(1) != 1):
+        raise ValueError(f"block_tables: want int32 [seqs, width] rows, got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    qlens = [b - a for a, b in itertools.pairwise(starts)]
+    if starts[0] != 0 or starts[-1] != num_tokens or min(qlens, default=1) < 1:
+        raise ValueError(f"query_start_loc {starts} for {num_tokens} tokens")
     if n == 0:
         return
-    need = [-(-s // meta.block_size) for s in lens.tolist()]
-    if min(s - q for s, q in zip(lens.tolist(), qlens)) < 0 or max(need) > tables.shape[1]:
-        raise ValueError(f"seq_lens {lens.tolist()} beyond the block tables' {tables.shape[1]} blocks")
-    used = torch.cat([tables[i, :k] for i, k in enumerate(need)])
+    need = [-(-s // block_size) for s in lens]
+    if min(s - q for s, q in zip(lens, qlens)) < 0 or max(need) > block_tables.shape[1]:
+        raise ValueError(f"seq_lens {lens} beyond the block tables' {block_tables.shape[1]} blocks")
+    used = torch.cat([block_tables[i, :k] for i, k in enumerate(need)])
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
         raise ValueError(f"block tables name blocks outside 0..{num_blocks - 1}")
 
 
-def attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+              block_tables: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of ``q [T, H, hd]`` (rotary applied, contiguous) over the cache, which
-    already holds the step's K/V. ``meta``: the step's sequences (any mix of decodes and chunks),
-    checked by :func:`check_metadata` for this step."""
+    already holds the step's K/V, for the step's sequences (any mix of decodes and chunks: new
+    tokens ``query_start_loc[i]:query_start_loc[i + 1]`` of sequence i, ``seq_lens[i]`` tokens in
+    all); the tables as :func:`check_tables` checked them for this step."""
     _check(q, "q", torch.bfloat16, 3)
     if not q.is_contiguous():
         raise ValueError("q must be contiguous")
     t, h, hd = q.shape
     addr, bs, block_stride, v_offset, token_stride, kvh = _cache_layout(kv_layer)
-    if h % kvh or kv_layer.shape[-1] != hd or bs != meta.block_size:
+    if h % kvh or kv_layer.shape[-1] != hd:
         raise ValueError(f"q of {h} heads of {hd} for a cache of {tuple(kv_layer.shape)}")
     out = torch.empty_like(q)
     if t:
-        tables = meta.block_tables
         _k().attention(q.data_ptr(), out.data_ptr(), h, kvh, hd, addr, bs, block_stride, v_offset, token_stride,
-                       meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), tables.data_ptr(), tables.stride(0),
-                       meta.num_seqs, scale, torch.get_num_threads())
+                       query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+                       block_tables.stride(0), seq_lens.shape[0], scale, torch.get_num_threads())
     return out

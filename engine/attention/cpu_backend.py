@@ -22,7 +22,10 @@ class CpuAttention:
 
     def _check(self, meta: AttentionMetadata, num_tokens: int, kv_layer: torch.Tensor) -> None:
         if meta is not self._checked:  # once per step: every layer reads the same metadata
-            cpu_kernels.check_metadata(meta, num_tokens, kv_layer.shape[0])
+            if kv_layer.shape[2] != meta.block_size:
+                raise ValueError(f"a cache of {kv_layer.shape[2]}-token blocks for metadata of {meta.block_size}")
+            cpu_kernels.check_tables(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.block_size,
+                                     num_tokens, kv_layer.shape[0])
             self._checked = meta
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
@@ -39,4 +42,4 @@ class CpuAttention:
         if q.shape[0] > 1 and not q.stride(0) == k.stride(0) == v.stride(0):  # e.g. Qwen3's q/k norms
             q, k, v = (torch.cat([q, k, v], dim=1).split([q.shape[1], k.shape[1], v.shape[1]], dim=1))
         q_rot = cpu_kernels.rotary_cache_write(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
-        return cpu_kernels.attention(q_rot, kv_layer, meta, scale)
+        return cpu_kernels.attention(q_rot, kv_layer, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
-from engine.attention import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build here")
 
@@ -127,15 +126,15 @@ def test_rotary_and_cache_write(tier: str) -> None:
 H, KVH, HD, BS = 6, 2, 64, 16
 
 
-def _meta(seqs: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
-    """seqs: (new tokens, sequence length, block table) per sequence."""
+Seqs = list[tuple[int, int, list[int]]]  # (new tokens, sequence length, block table) per sequence
+
+
+def _tables(seqs: Seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query_start_loc, seq_lens, block_tables) of a step."""
     width = max(len(s[2]) for s in seqs)
     tables = torch.tensor([s[2] + [0] * (width - len(s[2])) for s in seqs], dtype=torch.int32)
     starts = torch.tensor([0] + [s[0] for s in seqs]).cumsum(0).int()
-    return AttentionMetadata(num_decodes=sum(s[0] == 1 for s in seqs), query_start_loc=starts,
-                             seq_lens=torch.tensor([s[1] for s in seqs], dtype=torch.int32), block_tables=tables,
-                             slot_mapping=torch.zeros(sum(s[0] for s in seqs), dtype=torch.int64),
-                             query_lens_host=[s[0] for s in seqs], seq_lens_host=[s[1] for s in seqs], block_size=BS)
+    return starts, torch.tensor([s[1] for s in seqs], dtype=torch.int32), tables
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +145,10 @@ def cache() -> tuple[torch.Tensor, list[int], torch.Tensor]:
     return kv[:, 1], table, rand(300, H, HD, seed=22)
 
 
-def _attend(kv_layer: torch.Tensor, q: torch.Tensor, seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-    meta = _meta(seqs)
-    cpu_kernels.check_metadata(meta, q.shape[0], kv_layer.shape[0])
-    return cpu_kernels.attention(q.contiguous(), kv_layer, meta, HD ** -0.5)
+def _attend(kv_layer: torch.Tensor, q: torch.Tensor, seqs: Seqs) -> torch.Tensor:
+    starts, lens, tables = _tables(seqs)
+    cpu_kernels.check_tables(starts, lens, tables, BS, q.shape[0], kv_layer.shape[0])
+    return cpu_kernels.attention(q.contiguous(), kv_layer, starts, lens, tables, HD ** -0.5)
 
 
 def test_attention_matches_float32_sdpa(cache, tier: str) -> None:
@@ -180,11 +179,16 @@ def test_attention_is_chunk_batch_and_thread_invariant(cache, tier: str) -> None
     assert torch.equal(mixed[2:], whole[64:100])
 
 
-def test_attention_metadata_is_checked(cache) -> None:
+def test_attention_tables_are_checked(cache) -> None:
     kv_layer, table, _ = cache
+
+    def check(seqs: Seqs, num_tokens: int) -> None:
+        cpu_kernels.check_tables(*_tables(seqs), BS, num_tokens, kv_layer.shape[0])
+
     with pytest.raises(ValueError, match="beyond the block tables"):
-        cpu_kernels.check_metadata(_meta([(4, 400, table)]), 4, kv_layer.shape[0])
+        check([(4, 400, table)], 4)
     with pytest.raises(ValueError, match="outside"):
-        cpu_kernels.check_metadata(_meta([(4, 20, [0, 99])]), 4, kv_layer.shape[0])
+        check([(4, 20, [0, 99])], 4)
     with pytest.raises(ValueError, match="query_start_loc"):
-        cpu_kernels.check_metadata(_meta([(4, 20, table)]), 5, kv_layer.shape[0])
+        check([(4, 20, table)], 5)
+    check([(4, 20, table), (1, 300, table)], 5)

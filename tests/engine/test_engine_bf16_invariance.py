@@ -15,8 +15,8 @@ import torch
 from engine import cpu_kernels
 from engine.attention.cpu_backend import CpuAttention
 from engine.llm import LLM, GenerateResult
-from engine.sampling_params import SamplingParams
 from kv_transfer import make_transport
+from protocol.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build here")
 
