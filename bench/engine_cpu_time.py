@@ -1,10 +1,13 @@
-"""Decode work per CPU-second, tandem vs transformers, one thread: a comparison that holds up
-on a shared, loaded machine (wall-clock figures there mostly measure the neighbours).
+"""Engine work per CPU-second, tandem vs transformers, one thread: a comparison that holds up on
+a shared, loaded machine (wall-clock figures there mostly measure the neighbours).
 
-SmolLM2-135M-Instruct bf16, 200-token prompts, ``--new-tokens`` tokens (ignore_eos), batch 1
-and 8, both in this process with ``torch.set_num_threads(1)``.
+SmolLM2-135M-Instruct (``--dtype``, bfloat16 by default), both in this process with
+``torch.set_num_threads(1)``: a ``--prefill-len`` (1024) token prefill to its first token
+(transformers: ``logits_to_keep=1``), and 200-token prompts decoding ``--new-tokens`` tokens
+(ignore_eos) at batch 1 and 8. Each workload runs once untimed on each side, then ``--repeats``
+times alternating tandem and transformers; the least CPU time of each side counts.
 
-    python bench/engine_cpu_time.py [--new-tokens 64] [--dtype bfloat16]
+    python bench/engine_cpu_time.py [--new-tokens 64] [--dtype bfloat16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,10 +29,18 @@ from engine.loader import TORCH_DTYPES, default_model_path
 from protocol.sampling import SamplingParams
 
 
+def cpu_seconds(fn: Callable[[], None]) -> tuple[float, float]:
+    c, w = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c, time.perf_counter() - w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
@@ -40,21 +52,44 @@ def main() -> None:
     llm = LLM("default", dtype=args.dtype, progress=False, num_threads=1)
     g = torch.Generator().manual_seed(0)
     n = args.new_tokens
-    for batch in (1, 8):
-        prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(batch)]
+    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+    def ours_generate(prompts: list[list[int]]) -> None:
         llm.engine.reset_prefix_cache()
-        c, w = time.process_time(), time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        ours, ours_w = time.process_time() - c, time.perf_counter() - w
+        llm.generate(prompts, greedy)
+
+    def ref_generate(prompts: list[list[int]]) -> None:
         ids = torch.tensor(prompts)
-        c, w = time.process_time(), time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                         do_sample=False, pad_token_id=0)
-        ref, ref_w = time.process_time() - c, time.perf_counter() - w
-        print(f"batch {batch}: tandem {batch * n / ours:.1f} tok per CPU-s (wall {batch * n / ours_w:.1f} tok/s), "
-              f"transformers {batch * n / ref:.1f} tok per CPU-s (wall {batch * n / ref_w:.1f} tok/s); "
-              f"ratio {ref / ours:.2f}x", flush=True)
+
+    def ours_prefill(prompts: list[list[int]]) -> None:
+        llm.engine.reset_prefix_cache()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+
+    def ref_prefill(prompts: list[list[int]]) -> None:
+        with torch.inference_mode():
+            hf(torch.tensor(prompts), logits_to_keep=1, use_cache=True)
+
+    prefill = [torch.randint(100, 40000, (args.prefill_len,), generator=g).tolist()]
+    workloads = [(f"prefill {args.prefill_len}", args.prefill_len, prefill, ours_prefill, ref_prefill)]
+    for batch in (1, 8):
+        prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(batch)]
+        workloads.append((f"decode batch {batch}", batch * n, prompts, ours_generate, ref_generate))
+    print(f"torch {torch.__version__}, {args.dtype}, 1 thread; least CPU time of {args.repeats} alternating runs "
+          f"after one warm-up each; load average {os.getloadavg()[0]:.1f}", flush=True)
+    for name, tokens, prompts, ours, ref in workloads:
+        ours(prompts)
+        ref(prompts)
+        times: dict[str, list[tuple[float, float]]] = {"tandem": [], "transformers": []}
+        for _ in range(args.repeats):
+            times["tandem"].append(cpu_seconds(lambda p=prompts, f=ours: f(p)))
+            times["transformers"].append(cpu_seconds(lambda p=prompts, f=ref: f(p)))
+        (oc, ow), (rc, rw) = min(times["tandem"]), min(times["transformers"])
+        print(f"{name}: tandem {tokens / oc:.1f} tok per CPU-s (wall {tokens / ow:.1f} tok/s), "
+              f"transformers {tokens / rc:.1f} tok per CPU-s (wall {tokens / rw:.1f} tok/s); "
+              f"tandem/transformers {rc / oc:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
