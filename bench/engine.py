@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from engine import cpu_kernels
 from engine.llm import LLM
 from engine.loader import TORCH_DTYPES, default_model_path
 from protocol.sampling import SamplingParams
@@ -156,11 +155,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def kernels_isa() -> str:
+    """The CPU kernels' ISA tier, "none" where they are off (or, run on an older tree, absent)."""
+    try:
+        from engine import cpu_kernels
+    except ImportError:
+        return "none"
+    return cpu_kernels.isa() if cpu_kernels.load() is not None else "none"
+
+
 def bench_dtype(dtype: str, args: argparse.Namespace, threads: int, batches: list[int]) -> list[dict]:
     log(f"[{dtype}] loading tandem{'' if args.skip_hf else ' and transformers (its GGUF loader)'}...")
     llm = LLM("default", dtype=dtype, progress=False, kv_cache_bytes=1 << 30, num_threads=threads)
     hf = None if args.skip_hf else load_hf(dtype)
-    on_kernels = llm.engine.runner.model.lm_head_cpu is not None
+    on_kernels = getattr(llm.engine.runner.model, "lm_head_cpu", None) is not None
     prompt = make_prompts(1, args.prefill_len, seed=7)[0]
     rows = [measure(f"prefill {args.prefill_len}", lambda: prefill_tandem(llm, prompt),
                     None if hf is None else (lambda: prefill_hf(hf, prompt)), args.repeats)]
@@ -196,7 +204,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         rows += bench_dtype(dtype, args, threads, batches)
     load_after = os.getloadavg()[0]
-    isa = cpu_kernels.isa() if cpu_kernels.load() is not None else "none"
+    isa = kernels_isa()
     header = (f"threads={threads} torch={torch.__version__} cpu_kernels={isa} prompt_len={args.prompt_len} "
               f"new_tokens={args.new_tokens}; best of {args.repeats} alternating runs after one warm-up each; "
               f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} CPUs")

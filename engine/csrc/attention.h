@@ -3,10 +3,10 @@
 //
 // - a query row (one token, one head) attends over the keys at positions 0..its own, taken in
 //   tiles of KT keys at fixed absolute positions (tile j: keys KT*j .. KT*j + KT - 1);
-// - per tile: scores s = (q . k) * scale in fp32 (bf16 pairs accumulated over head_dim in
-//   order), keys after the row's position masked to -inf; online softmax with m (running max),
-//   l (running sum: the tile's exp(s - m) added key by key in order), O = O * alpha + P V
-//   with P rounded to bf16 and V's keys taken in pairs in order;
+// - per tile: scores s = (q . k) * scale * log2(e) in fp32 (bf16 pairs accumulated over
+//   head_dim in order), keys after the row's position masked to -inf; online softmax in base 2
+//   with m (running max), l (running sum: the tile's 2^(s - m) added key by key in order),
+//   O = O * alpha + P V with P rounded to bf16 and V's keys taken in pairs in order;
 // - out = bf16(O / l).
 //
 // A tile whose keys are all masked for a row leaves that row's m, l and O bit for bit as they
@@ -28,7 +28,7 @@ struct AttnScratch {
 // rg_count groups wide).
 template <int NRG>
 static inline void score_block(const uint32_t* qp, int64_t rg_count, const bf16* const* keys, int64_t pairs,
-                               float* s) {
+                               float scale, float* s) {
   v16f acc[8][NRG];
   for (int k = 0; k < 8; k++)
     for (int r = 0; r < NRG; r++) acc[k][r] = vset1(0.0f);
@@ -41,7 +41,7 @@ static inline void score_block(const uint32_t* qp, int64_t rg_count, const bf16*
     }
   }
   for (int k = 0; k < 8; k++)
-    for (int r = 0; r < NRG; r++) vstore(s + (k * rg_count + r) * 16, acc[k][r]);
+    for (int r = 0; r < NRG; r++) vstore(s + (k * rg_count + r) * 16, acc[k][r] * scale);
 }
 
 // o[d][rg] = o[d][rg] * alpha[rg] + sum over key pairs of P V, for 8 dims from d0 and NRG groups.
@@ -68,9 +68,9 @@ static inline void pv_block(const uint32_t* pp, const uint32_t* vp, int64_t hd, 
 // The tile's scores for NRG row groups from rg0 (s_tile: [KT][rg_count][16]).
 template <int NRG>
 static inline void score_groups(const uint32_t* qp, int64_t rg_count, int64_t rg0, const bf16* const* keys,
-                                int64_t pairs, float* s_tile) {
+                                int64_t pairs, float scale, float* s_tile) {
   for (int64_t k0 = 0; k0 < KT; k0 += 8)
-    score_block<NRG>(qp + rg0 * 16, rg_count, keys + k0, pairs, s_tile + (k0 * rg_count + rg0) * 16);
+    score_block<NRG>(qp + rg0 * 16, rg_count, keys + k0, pairs, scale, s_tile + (k0 * rg_count + rg0) * 16);
 }
 
 struct AttnItem {
@@ -81,41 +81,46 @@ struct AttnItem {
 #define NOINLINE __attribute__((noinline))
 
 // Scores of the tile's keys for every row group.
-static NOINLINE void score_tile(const uint32_t* qp, int64_t rgs, const bf16* const* keys, int64_t pairs, float* s) {
+static NOINLINE void score_tile(const uint32_t* qp, int64_t rgs, const bf16* const* keys, int64_t pairs, float scale,
+                                float* s) {
   for (int64_t rg = 0; rg < rgs;) {
     const int64_t n = rgs - rg;
-    if (n >= 3) score_groups<3>(qp, rgs, rg, keys, pairs, s), rg += 3;
-    else if (n == 2) score_groups<2>(qp, rgs, rg, keys, pairs, s), rg += 2;
-    else score_groups<1>(qp, rgs, rg, keys, pairs, s), rg += 1;
+    if (n >= 3) score_groups<3>(qp, rgs, rg, keys, pairs, scale, s), rg += 3;
+    else if (n == 2) score_groups<2>(qp, rgs, rg, keys, pairs, scale, s), rg += 2;
+    else score_groups<1>(qp, rgs, rg, keys, pairs, scale, s), rg += 1;
   }
 }
 
-// Scale and mask the tile's scores, update m and l, and write P as bf16 key pairs (pp) and
-// alpha (the factor of the rows' previous O). `masked`: some key of the tile lies after some
-// row's position (else no key is masked, and the comparisons are skipped: same results).
-static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, int64_t t0, bool masked, float scale,
-                                  float* m, float* l, float* alpha, uint32_t* pp) {
+// Mask the tile's scores, update m and l, and write P as bf16 key pairs (pp) and alpha (the
+// factor of the rows' previous O). Scores are in base 2 (scaled by scale * log2(e)), so
+// P = 2^(s - m). `masked`: some key of the tile lies after some row's position (else no key is
+// masked, and the comparisons are skipped: the same results).
+static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, int64_t t0, bool masked, float* m,
+                                  float* l, float* alpha, uint32_t* pp) {
   for (int64_t rg = 0; rg < rgs; rg++) {
-    v16i pos;
-    memcpy(&pos, qpos + rg * 16, 64);
     v16f tile_max = vset1(-INFINITY);
-    for (int64_t j = 0; j < KT; j++) {
-      float* sp = s + (j * rgs + rg) * 16;
-      v16f x = vload(sp) * scale;
-      if (masked) x = (v16i{} + (int32_t)(t0 + j)) > pos ? vset1(-INFINITY) : x;
-      vstore(sp, x);
-      tile_max = vmax(tile_max, x);
+    if (masked) {
+      v16i pos;
+      memcpy(&pos, qpos + rg * 16, 64);
+      for (int64_t j = 0; j < KT; j++) {
+        float* sp = s + (j * rgs + rg) * 16;
+        const v16f x = (v16i{} + (int32_t)(t0 + j)) > pos ? vset1(-INFINITY) : vload(sp);
+        vstore(sp, x);
+        tile_max = vmax(tile_max, x);
+      }
+    } else {
+      for (int64_t j = 0; j < KT; j++) tile_max = vmax(tile_max, vload(s + (j * rgs + rg) * 16));
     }
     const v16f m_old = vload(m + rg * 16), m_new = vmax(m_old, tile_max);
-    const v16i none = m_new == vset1(-INFINITY);  // no key seen yet: P = exp(-inf - 0) = 0, alpha 1
+    const v16i none = m_new == vset1(-INFINITY);  // no key seen yet: P = 2^(-inf - 0) = 0, alpha 1
     const v16f m_sub = none ? vset1(0.0f) : m_new;
-    const v16f a = none ? vset1(1.0f) : vexp(m_old - m_new);
+    const v16f a = none ? vset1(1.0f) : vexp2(m_old - m_new);
     v16f sum = vset1(0.0f);
     for (int64_t j = 0; j < KT; j += 2) {
-      const v16f p0 = vexp(vload(s + (j * rgs + rg) * 16) - m_sub);
-      const v16f p1 = vexp(vload(s + ((j + 1) * rgs + rg) * 16) - m_sub);
+      const v16f p0 = vexp2(vload(s + (j * rgs + rg) * 16) - m_sub);
+      const v16f p1 = vexp2(vload(s + ((j + 1) * rgs + rg) * 16) - m_sub);
       sum = j == 0 ? p0 + p1 : (sum + p0) + p1;
-      const v16u pair = __builtin_convertvector(to_bf16(p0), v16u) | (__builtin_convertvector(to_bf16(p1), v16u) << 16);
+      const v16u pair = pair_bf16(p0, p1);
       memcpy(pp + ((j / 2) * rgs + rg) * 16, &pair, 64);
     }
     vstore(l + rg * 16, vload(l + rg * 16) * a + sum);
@@ -176,6 +181,7 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
   float *m = sc.state.data(), *l = m + width, *alpha = l + width;
   for (int64_t i = 0; i < width; i++) m[i] = -INFINITY, l[i] = 0.0f;
   const int64_t kv_end = ctx + last, first_pos = ctx + first, koff = kv_head * hd;
+  const float scale2 = scale * 1.44269504088896341f;  // softmax in base 2: 2^(s log2 e) = e^s
   for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
     const bf16* keys[KT];
     const bf16* vals[KT];
@@ -189,8 +195,8 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
       }
       if (++offset == cache.block_size) offset = 0, block++;
     }
-    score_tile(sc.qp.data(), rgs, keys, pairs, sc.s.data());
-    softmax_tile(sc.s.data(), rgs, sc.qpos.data(), t0, t0 + KT - 1 > first_pos || rows % 16, scale, m, l, alpha,
+    score_tile(sc.qp.data(), rgs, keys, pairs, scale2, sc.s.data());
+    softmax_tile(sc.s.data(), rgs, sc.qpos.data(), t0, t0 + KT - 1 > first_pos || rows % 16, m, l, alpha,
                  sc.pp.data());
     pack_values(vals, hd, sc.vp.data());
     pv_tile(sc.pp.data(), sc.vp.data(), hd, rgs, alpha, sc.o.data());

@@ -103,5 +103,36 @@ static inline v16f vexp(v16f x) {
   return under ? vset1(0.0f) : e;
 }
 
+// 2^x: a degree-6 polynomial on the fraction (relative error about 2e-7) times 2^round(x); 0 below
+// -124 (and for -inf), exp2(0) == 1. x - round(x) is exact, so no range reduction error.
+static inline v16f vexp2(v16f x) {
+  const v16i under = x < vset1(-124.0f);
+  x = under ? vset1(-124.0f) : x;
+  x = x > vset1(127.0f) ? vset1(127.0f) : x;
+  const v16f n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
+  const v16f f = x - n;                            // in [-0.5, 0.5]
+  v16f p = vset1(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const v16f e = (v16f)((v16i)p + (__builtin_convertvector(n, v16i) << 23));
+  return under ? vset1(0.0f) : e;
+}
+
+// Two rows of 16 floats as 16 bf16 pairs (lo: a, hi: b), each rounded to nearest even.
+static inline v16u pair_bf16(v16f a, v16f b) {
+#if TANDEM_NATIVE_BF16
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)b, (__m512)a);  // a in words 0-15, b in 16-31
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return (v16u)_mm512_permutexvar_epi16(idx, both);
+#else
+  return __builtin_convertvector(to_bf16(a), v16u) | (__builtin_convertvector(to_bf16(b), v16u) << 16);
+#endif
+}
+
 // silu(x) = x / (1 + exp(-x)), as torch computes it in float32.
 static inline v16f vsilu(v16f x) { return x / (vexp(-x) + 1.0f); }
