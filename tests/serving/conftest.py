@@ -7,11 +7,13 @@ keeps the suite short):
 - ``disagg_cluster``: 1 prefill + 1 decode, NIXL (DRAM, over UCX on lo) when installed, else TCP.
 - ``agg_cluster``: one aggregated worker, the reference for "disaggregated equals aggregated".
 - ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport, with the asynchronous engine step.
+- ``agg_bf16_cluster``, ``disagg_bf16_cluster``: bfloat16, two threads aggregated and one per
+  worker disaggregated (what ``tandem serve`` gives each mode on two cores).
 
 The worker-failure tests kill workers (the TCP cluster's, and the NIXL cluster's prefill worker
 at the very end), so they are marked ``destructive`` and run after every other test.
 
-All use float32 (greedy outputs comparable token for token), one CPU thread per worker (the
+These use float32 (greedy outputs comparable token for token), one CPU thread per worker (the
 same arithmetic in every process), ``max_local_prefill_tokens=16`` (prompts over 16 tokens are
 prefilled remotely) and a 2 s etcd lease (a dead worker leaves within 2 s). Process logs go to
 pytest's temp dir (``clusters*/{disagg,agg,tcp}/``).
@@ -39,6 +41,10 @@ SPECS: dict[str, tuple[dict, int]] = {  # fixture name -> (config, prefill worke
     # The asynchronous engine step on both tiers (off by default on the CPU): the tests comparing
     # this cluster's output with agg_cluster's check it against the synchronous step.
     "tcp_cluster": (dict(mode="disaggregated", transport="tcp", async_scheduling="on"), 1),
+    # bfloat16 on the CPU kernels, each topology with the thread count `tandem serve` gives it on
+    # two cores: the aggregated worker two threads, the disaggregated workers one each.
+    "agg_bf16_cluster": (dict(mode="aggregated", transport="tcp", dtype="bfloat16", threads=2), 0),
+    "disagg_bf16_cluster": (dict(mode="disaggregated", transport="tcp", dtype="bfloat16", threads=1), 1),
 }
 START_TIMEOUT_S = 480.0
 
@@ -64,7 +70,7 @@ class ClusterPool:
         for other in dict.fromkeys([name, *self.needed]) if not self.clusters else [name]:
             if other not in self.clusters:
                 overrides, num_prefill = SPECS[other]
-                cfg = ClusterConfig(**_COMMON, **overrides)
+                cfg = ClusterConfig(**{**_COMMON, **overrides})
                 cluster = LocalCluster(cfg, num_prefill=num_prefill, num_decode=1, quiet=True,
                                        log_dir=self.log_root / other.removesuffix("_cluster"))
                 self.clusters[other] = cluster.launch()  # from the main thread: see LocalCluster
@@ -106,3 +112,13 @@ def agg_cluster(cluster_pool: ClusterPool) -> LocalCluster:
 @pytest.fixture(scope="session")
 def tcp_cluster(cluster_pool: ClusterPool) -> LocalCluster:
     return cluster_pool.get("tcp_cluster")
+
+
+@pytest.fixture(scope="session")
+def agg_bf16_cluster(cluster_pool: ClusterPool) -> LocalCluster:
+    return cluster_pool.get("agg_bf16_cluster")
+
+
+@pytest.fixture(scope="session")
+def disagg_bf16_cluster(cluster_pool: ClusterPool) -> LocalCluster:
+    return cluster_pool.get("disagg_bf16_cluster")
