@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode-workers", type=int, default=1)
     c.add_argument("--model", default="", help="model to serve (empty: the engine default, SmolLM2-135M)")
     c.add_argument("--dtype", default=ClusterConfig.dtype, choices=["bfloat16", "float16", "float32"])
-    c.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: cores / workers)")
+    c.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: the local cluster's default)")
     c.add_argument("--transport", default="auto", help="KV transport: auto, nixl, tcp")
     c.add_argument("--max-local-prefill-tokens", type=int, default=ClusterConfig.max_local_prefill_tokens)
     c.add_argument("--kv-cache-gib", type=float, default=ClusterConfig.kv_cache_gib)

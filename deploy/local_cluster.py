@@ -41,6 +41,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def engine_threads(cpus: int, num_workers: int) -> int:
+    """Engine (torch and kernel) threads per CPU worker: the cores shared between the workers,
+    with one left to the router and the workers' gRPC and event-loop threads, which otherwise
+    wait for a core behind the engines on every streamed token (on two cores, aggregated: one
+    engine thread, as vLLM's CPU server does). bfloat16 results do not depend on it."""
+    return max(1, (cpus - 1) // num_workers)
+
+
 @dataclass
 class Child:
     name: str
@@ -62,9 +70,9 @@ class LocalCluster:
         if num_decode < 1 or num_prefill < 0:
             raise ValueError("need at least one decode worker and no negative prefill count")
         self.num_prefill, self.num_decode = num_prefill, num_decode
-        if cfg.threads == 0 and cfg.device == "cpu":  # share the cores between the workers
+        if cfg.threads == 0 and cfg.device == "cpu":
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            cfg = dataclasses.replace(cfg, threads=max(1, cpus // (num_prefill + num_decode)))
+            cfg = dataclasses.replace(cfg, threads=engine_threads(cpus, num_prefill + num_decode))
         self.cfg = cfg
         self.quiet = quiet
         self.etcd: EtcdServer | None = None

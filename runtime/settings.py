@@ -80,7 +80,7 @@ class ClusterConfig:
     # -- engine (every worker) --
     dtype: str = _field("bfloat16", "weights and KV dtype: bfloat16, float16, float32")
     device: str = _field("cpu", "torch device of the workers: cpu, cuda, cuda:N")
-    threads: int = _field(0, "CPU threads per worker (0: all the process may use)")
+    threads: int = _field(0, "CPU threads per worker (0: the cores shared between the workers, one left to the router)")
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
     kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
     enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from deploy.launcher import ScalePlan, ServiceInfo, ServiceState, gpu_shortfall, plan_scale
+from deploy.local_cluster import engine_threads
 from deploy.local_launcher import LocalLauncher
 from runtime.settings import ClusterConfig, ConfigError
 
@@ -20,6 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def worker(name: str, num_requests: int = 0) -> ServiceInfo:
     return ServiceInfo(name=name, role=name.partition("-")[0], state=ServiceState.SERVING, num_requests=num_requests)
+
+
+def test_engine_threads_leave_a_core_to_the_router() -> None:
+    assert [engine_threads(2, 1), engine_threads(2, 2), engine_threads(1, 1)] == [1, 1, 1]
+    assert [engine_threads(8, 1), engine_threads(16, 2), engine_threads(16, 3)] == [7, 7, 5]
 
 
 def test_plan_scale_starts_and_drains_to_the_target() -> None:

@@ -8,7 +8,7 @@ keeps the suite short):
 - ``agg_cluster``: one aggregated worker, the reference for "disaggregated equals aggregated".
 - ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport, with the asynchronous engine step.
 - ``agg_bf16_cluster``, ``disagg_bf16_cluster``: bfloat16, two threads aggregated and one per
-  worker disaggregated (what ``tandem serve`` gives each mode on two cores).
+  worker disaggregated (the thread count differs between the modes, the answers must not).
 
 The worker-failure tests kill workers (the TCP cluster's, and the NIXL cluster's prefill worker
 at the very end), so they are marked ``destructive`` and run after every other test.
@@ -41,8 +41,8 @@ SPECS: dict[str, tuple[dict, int]] = {  # fixture name -> (config, prefill worke
     # The asynchronous engine step on both tiers (off by default on the CPU): the tests comparing
     # this cluster's output with agg_cluster's check it against the synchronous step.
     "tcp_cluster": (dict(mode="disaggregated", transport="tcp", async_scheduling="on"), 1),
-    # bfloat16 on the CPU kernels, each topology with the thread count `tandem serve` gives it on
-    # two cores: the aggregated worker two threads, the disaggregated workers one each.
+    # bfloat16 on the CPU kernels, the thread count differing between the topologies: the
+    # aggregated worker on two threads, the disaggregated workers on one each.
     "agg_bf16_cluster": (dict(mode="aggregated", transport="tcp", dtype="bfloat16", threads=2), 0),
     "disagg_bf16_cluster": (dict(mode="disaggregated", transport="tcp", dtype="bfloat16", threads=1), 1),
 }

@@ -2,7 +2,7 @@
 and the same logprobs, bit for bit, from an aggregated worker on two threads and from a
 disaggregated pair on one thread each (the prompt prefilled on the prefill worker, its KV moved
 over TCP). On torch's own CPU path (oneDNN) they differ: its bf16 results change with the thread
-count, which is what `tandem serve` gives each mode (issue 16). The CPU kernels (engine/csrc)
+count, which `tandem serve` chose per mode from the number of workers (issue 16). The CPU kernels (engine/csrc)
 make every result a fixed function of a row's inputs."""
 
 from __future__ import annotations
