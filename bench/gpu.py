@@ -24,6 +24,7 @@ Model: dummy weights of Llama-3.1-8B's shape in bfloat16 (hidden 4096, 32 layers
 
     python bench/gpu.py                 # everything (a few minutes)
     python bench/gpu.py --skip-hf --json results.json
+    python bench/gpu.py --decode-only --batches 1,256 --contexts 512   # the decode step's HBM fraction
 """
 
 from __future__ import annotations
@@ -404,6 +405,8 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
                          f"{batch * 1e3 / step_ms:6.0f} tok/s"))
             log(f"  {rows[-1]}")
     results["decode"] = decode
+    if args.decode_only:
+        return {}
 
     log("prefill...")
     n = args.prefill_tokens
@@ -462,6 +465,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed tandem generate runs (the median is shown)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--decode-only", action="store_true", help="sections 1-2 only (ceilings, decode steps)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
     props = torch.cuda.get_device_properties(0)
@@ -477,6 +481,8 @@ def main() -> None:
 
     gen_batches = [int(b) for b in args.gen_batches.split(",")]
     ours = bench_tandem(args, bw, rate, rows, results, gen_batches)
+    if args.decode_only:
+        gen_batches, args.skip_hf = [], True
     gc.collect()
     torch.cuda.empty_cache()
     vocab = PRESETS[MODEL]["vocab_size"]

@@ -10,6 +10,7 @@ The router's own overhead is measured separately: the same small request sent se
 through the router's HTTP API (httpx, and a raw asyncio client to discount httpx's own cost)
 and straight to a decode worker's gRPC Generate.
 
+    python bench/serve.py --device cuda --model dummy:llama-3.1-8b --out DIR  # the sweep (serve_sweep.py)
     python bench/serve.py --launch                          # 1 prefill + 1 decode, SmolLM2 on CPU
     python bench/serve.py --launch --mode aggregated --decode-workers 2
     python bench/serve.py --compare --json out.json         # 1P+1D vs 2 aggregated, same load
@@ -49,6 +50,7 @@ try:  # openai >= 3 ships httpx2 (the same API under a new name)
 except ImportError:  # pragma: no cover
     import httpx
 
+from bench import serve_sweep
 from protocol.sampling import SamplingParams
 from runtime.convert import sampling_to_pb
 from runtime.pb import tandem_worker_pb2 as pb
@@ -498,9 +500,12 @@ async def bench_endpoint(args: argparse.Namespace, url: str, label: str, request
 def bench_launched(args: argparse.Namespace, run: RunConfig, requests: list[BenchRequest]) -> dict[str, Any]:
     from deploy.local_cluster import LocalCluster
 
-    cfg = ClusterConfig(mode=run.mode, port=0, grpc_port=0, model=args.model, dtype=args.dtype,
-                        threads=args.threads, transport=args.transport,
-                        max_local_prefill_tokens=args.max_local_prefill_tokens, kv_cache_gib=args.kv_cache_gib)
+    cfg = ClusterConfig(mode=run.mode, port=0, grpc_port=0, model=args.model, dtype=args.dtype, device=args.device,
+                        threads=args.threads, transport=args.transport, kv_transfer_mode=args.kv_transfer_mode,
+                        max_local_prefill_tokens=args.max_local_prefill_tokens, kv_cache_gib=args.kv_cache_gib,
+                        prefill_kv_cache_gib=args.prefill_kv_cache_gib,
+                        gpu_memory_fraction=args.gpu_memory_fraction if run.num_prefill + run.num_decode > 1 else 0.0,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     log_dir = Path(args.log_dir) / re.sub(r"[^\w+.-]+", "_", run.label) if args.log_dir else None
     print(f"[{run.label}] starting {run.mode} cluster: {run.num_prefill} prefill + {run.num_decode} decode",
           file=sys.stderr, flush=True)
@@ -621,9 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="", help="model to serve (empty: the engine default, SmolLM2-135M)")
     c.add_argument("--dtype", default=ClusterConfig.dtype, choices=["bfloat16", "float16", "float32"])
     c.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: the local cluster's default)")
-    c.add_argument("--transport", default="auto", help="KV transport: auto, nixl, tcp")
+    c.add_argument("--device", default="cpu", help="the workers' torch device: cpu, cuda, cuda:N")
+    c.add_argument("--transport", default="auto", help="KV transport: auto, nixl, cuda_ipc, nccl, tcp")
+    c.add_argument("--kv-transfer-mode", default="auto", choices=["auto", "push", "pull"],
+                   help="who moves a prompt's KV (auto: what the transport measured faster)")
     c.add_argument("--max-local-prefill-tokens", type=int, default=ClusterConfig.max_local_prefill_tokens)
-    c.add_argument("--kv-cache-gib", type=float, default=ClusterConfig.kv_cache_gib)
+    c.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache per worker, GiB (default: 1 on cpu, 32 on cuda)")
+    c.add_argument("--prefill-kv-cache-gib", type=float, default=None,
+                   help="a prefill worker's KV cache, GiB (default: --kv-cache-gib on cpu, 16 on cuda)")
+    c.add_argument("--gpu-memory-fraction", type=float, default=0.45,
+                   help="cuda, 1P+1D: the most of the GPU one worker may take (both share one GPU)")
+    c.add_argument("--max-num-seqs", type=int, default=ClusterConfig.max_num_seqs)
+    c.add_argument("--max-num-batched-tokens", type=int, default=ClusterConfig.max_num_batched_tokens)
     c.add_argument("--log-dir", default=None, help="write each process's log under DIR/<run label>/")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="random", choices=["random", "shared-prefix"])
@@ -651,13 +666,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--worker-endpoint", default=None, help="with --target: a decode worker's gRPC host:port")
     o.add_argument("--model-name", default=None, help="model name for requests (default: from /v1/models)")
     o.add_argument("--json", default=None, help="write the results here")
+    serve_sweep.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if sum(map(bool, (args.target, args.launch, args.compare))) != 1:
-        raise SystemExit("give exactly one of --target URL, --launch, --compare")
+    cuda = args.device.startswith("cuda")
+    if args.kv_cache_gib is None:
+        args.kv_cache_gib = 32.0 if cuda else ClusterConfig.kv_cache_gib
+    if args.prefill_kv_cache_gib is None:
+        args.prefill_kv_cache_gib = 16.0 if cuda else 0.0
+    if not cuda:
+        args.gpu_memory_fraction = 0.0
+    if sum(map(bool, (args.target, args.launch, args.compare, args.sweep))) > 1:
+        raise SystemExit("give at most one of --target URL, --launch, --compare, --sweep")
+    if not (args.target or args.launch or args.compare):
+        return serve_sweep.run(args)
     token_range = _token_range(args.token_range)
     if args.workload == "random":
         requests = random_requests(args.num_requests, args.isl, args.isl_spread, args.osl, args.osl_spread,

@@ -237,7 +237,7 @@ class LocalCluster:
         return child
 
     def _popen(self, argv: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.cfg.worker_env_vars)
         if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
             env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

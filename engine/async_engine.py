@@ -106,33 +106,47 @@ class AsyncEngine:
 
     async def generate_prefilled(
         self, request_id: str, prompt_ids: list[int], first_token: int, sampling: SamplingParams,
-        pull: Callable[[list[int], list[int]], Any], priority: int = 0,
+        fetch: Callable[[list[int], list[int]], Any], priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request whose prompt was prefilled elsewhere. ``pull(block_indices,
+        """Stream a request whose prompt was prefilled elsewhere. ``fetch(block_indices,
         local_block_ids)`` is awaited to fill the missing prompt blocks and returns whether it
-        succeeded; on failure the prompt is recomputed here."""
+        succeeded; on failure the prompt is recomputed here. The engine keeps stepping its other
+        requests meanwhile; this one joins the batch at the first step after ``fetch`` returned.
+        ``fetch`` runs in its own task: when the caller goes away first, the blocks are freed
+        once it has ended (a transfer may write into them until then)."""
         stream = self._open(request_id)
         admitted = False
 
-        def add(e: LLMEngine) -> tuple[list[int] | None, list[int]]:
+        def add(e: LLMEngine) -> tuple[list[int] | None, list[int], Callable[[], None]]:
             nonlocal admitted
             indices = e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority)
             admitted = True
-            return indices, e.block_table(request_id)
+            return indices, e.block_table(request_id), e.launched_step_waiter()
 
         try:
-            indices, table = await self.call(add)
+            indices, table, launched = await self.call(add)
             if indices is not None:
-                ok = False
-                try:
-                    ok = bool(await pull(indices, [table[i] for i in indices])) if indices else True
-                finally:  # shielded: a pulling request's blocks are freed only once it is told
-                    await asyncio.shield(self.call(lambda e: e.kv_ready(request_id, ok)))
+                task = asyncio.ensure_future(self._fetch(fetch, indices, [table[i] for i in indices], launched))
+
+                def ready(t: asyncio.Task) -> None:
+                    ok = not t.cancelled() and t.exception() is None and bool(t.result())
+                    self.post(lambda e: e.kv_ready(request_id, ok))
+
+                task.add_done_callback(ready)
+                await asyncio.shield(task)
         except BaseException:
             self._give_up(request_id, lambda: admitted)
             raise
         async for out in self._drain(request_id, stream):
             yield out
+
+    @staticmethod
+    async def _fetch(fetch: Callable[[list[int], list[int]], Any], indices: list[int], local: list[int],
+                     launched: Callable[[], None]) -> bool:
+        # The blocks may have been freed by a request whose last step is still running on the
+        # device: the transfer starts once that step is done (waited for off the engine thread).
+        await asyncio.to_thread(launched)
+        return bool(await fetch(indices, local)) if indices else True
 
     async def abort(self, request_id: str) -> None:
         if self.dead is None:

@@ -20,6 +20,7 @@ its scheduler, block manager and runner are its own."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -118,15 +119,15 @@ class LLMEngine:
     def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int,
                       sampling: SamplingParams, priority: int = 0) -> list[int] | None:
         """Admit a request whose prompt was prefilled on another worker, which sampled
-        ``first_token``. Returns the indices of prompt blocks to pull into
+        ``first_token``. Returns the indices of prompt blocks to transfer into
         :meth:`block_table` (then call :meth:`kv_ready`), or None when the prompt will be
-        recomputed here instead."""
+        recomputed here instead. A transfer into those blocks must first wait for
+        :meth:`launched_step_waiter`: a step launched before may still write into a block it freed."""
         if sampling.n != 1:
             raise ValueError("a prefilled request takes n = 1")
         prompt_ids = self._validate(request_id, prompt_ids, sampling)
         request = Request(request_id, prompt_ids, sampling, self.eos_token_ids, self.max_model_len, priority)
         request.append_token(first_token)
-        self.wait_for_device()  # the pull must not race a launched step's write into a freed block
         self._groups[request_id] = [request_id]
         tracked = self._tracked[request_id] = _Tracked(request, request_id, 0)
         tracked.num_sent = 1  # the first token already went out from the prefill tier
@@ -140,6 +141,11 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
+
+    def launched_step_waiter(self) -> Callable[[], None]:
+        """A callable that returns once the step launched now (if any) has run on the device; any
+        thread may call it, so a KV transfer waits for it without stopping the engine's loop."""
+        return self._inflight[1].wait if self._inflight is not None else _nothing
 
     def wait_for_device(self) -> None:
         """Until the device has run every launched step (its tokens stay to be applied)."""
@@ -294,3 +300,7 @@ class LLMEngine:
 
 def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _nothing() -> None:
+    pass

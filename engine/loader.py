@@ -65,9 +65,16 @@ def model_name(config: EngineConfig) -> str:
 
 
 def tokenizer_source(config: EngineConfig) -> TokenizerSource | None:
-    """Where the model's tokenizer lives (None: a dummy model, or a directory without one)."""
-    fmt, path, _ = resolve_model(config)
-    if fmt == "dummy" or path is None:
+    """Where the model's tokenizer lives: a file or directory, the synthetic tokenizer of the
+    vocabulary's size for a dummy model (``text.synthetic``), None for a directory without one."""
+    fmt, path, preset = resolve_model(config)
+    if fmt == "dummy":
+        if preset is not None:
+            vocab_size = PRESETS[preset]["vocab_size"]
+        else:
+            vocab_size = read_arch(config).vocab_size
+        return TokenizerSource(TokenizerKind.SYNTHETIC, str(vocab_size))
+    if path is None:
         return None
     if fmt == "gguf":
         return TokenizerSource(TokenizerKind.GGUF, str(path.resolve()))

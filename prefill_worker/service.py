@@ -1,26 +1,35 @@
-"""The prefill tier: computes a prompt's KV, samples the first token, and pins the prompt's
-blocks under a KV handle with a lease until the decode worker has pulled them (``Unpin``) or
-the lease ends (the blocks are then freed by the reaper)."""
+"""The prefill tier: computes a prompt's KV, samples the first token, and holds the prompt's
+blocks (``held.HeldBlocks``) until the decode worker has them: it asks us to write them into its
+own blocks (``PushKV``), or reads them itself and then ``Unpin``s them. The router's ``Unpin``,
+``Abort`` and the hold's lease end a hold too."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 import time
 
 import grpc
 
+from kv_transfer import TransferError
+from prefill_worker.held import HeldBlocks
 from protocol.sampling import SamplingParams
 from runtime import settings
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import WorkerServicer, main
 
+log = logging.getLogger("tandem.prefill")
+
 
 class PrefillServicer(WorkerServicer):
     def configure(self, cfg: settings.ClusterConfig) -> None:
         super().configure(cfg)
-        self.lease_s = cfg.kv_lease_s
-        self.leases: dict[str, float] = {}  # handle id (= request id) -> expiry, monotonic clock
+        self.held = HeldBlocks(self.engine, cfg.kv_lease_s)
+        self._pushes: set[asyncio.Task] = set()
+        self._faults = PushFaults.from_env()
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         if not self.accepting():
@@ -36,9 +45,8 @@ class PrefillServicer(WorkerServicer):
             return await self._prefill(rid, request, sampling, context)
         except asyncio.CancelledError:
             # The caller gave up. A prompt still computing is aborted by the engine stream; one
-            # that finished (and pinned its blocks) before we heard of it is unpinned here.
-            self.leases.pop(rid, None)
-            await asyncio.shield(self.engine.unpin(rid))
+            # that finished (and kept its blocks) before we heard of it is released here.
+            self.held.release(rid, "cancelled")
             raise
 
     async def _prefill(self, rid: str, request: pb.PrefillRequest, sampling: SamplingParams,
@@ -52,56 +60,114 @@ class PrefillServicer(WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         assert last is not None and last.finished
-        elapsed_ms = (time.monotonic() - arrival) * 1000
         response = pb.PrefillResponse(
             outputs=[output_to_pb(last)],
             usage=pb.Usage(num_prompt_tokens=last.num_prompt_tokens, num_completion_tokens=last.num_output_tokens,
                            num_cached_tokens=last.num_cached_tokens),
-            prefill_ms=elapsed_ms,
+            prefill_ms=(time.monotonic() - arrival) * 1000,
         )
-        if last.finish_reason is None:  # handed off: the blocks stay pinned under a handle
-            self.leases[rid] = time.monotonic() + self.lease_s
+        if last.finish_reason is None:  # handed off: the engine keeps the blocks, we hold them
+            # The output reached us after the step that wrote the blocks finished on the device
+            # (its sampled token was read back), so a transfer may read them from now on.
             table = await self.engine.call(lambda e: e.block_table(rid))
+            self.held.hold(rid, table)
             ident = self.identity
             response.handle.CopyFrom(pb.KVHandle(
-                handle_id=rid, request_id=rid, worker_id=ident.worker_id, worker_endpoint=ident.endpoint,
-                transport=self.transport.transport_name if self.transport else "",
+                request_id=rid, worker_id=ident.worker_id, worker_endpoint=ident.endpoint,
                 transport_metadata=self.transport.metadata() if self.transport else b"",
-                block_size=ident.block_size, block_ids=table, num_tokens=last.num_prompt_tokens,
-                first_token_ids=last.new_token_ids,
-                lease_expires_unix_ms=int((time.time() + self.lease_s) * 1000),
+                block_ids=table, num_tokens=last.num_prompt_tokens, first_token_ids=last.new_token_ids,
             ))
         return response
 
+    async def PushKV(self, request: pb.PushKVRequest, context: grpc.aio.ServicerContext) -> pb.PushKVResponse:
+        """Write a held handle's blocks into the caller's, then release them (landed or not)."""
+        rid = request.request_id
+        if self.transport is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has no KV transport")
+        if len(request.block_indices) != len(request.dst_block_ids) or request.timeout_ms <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "block_indices and dst_block_ids must be parallel, timeout_ms positive")
+        blocks = self.held.take(rid)
+        if blocks is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} holds no KV blocks here "
+                                                           "(released, aborted, lease ended, or being pushed)")
+        # The push runs in its own task: if our caller goes away, the write still ends (within its
+        # timeout) before the blocks are released.
+        task = asyncio.create_task(self._push(rid, blocks, request))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        try:
+            return await asyncio.shield(task)
+        except IndexError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TransferError as e:
+            # ABORTED: the write is over (failed), nothing of ours touches the caller's blocks any more.
+            await context.abort(grpc.StatusCode.ABORTED, f"push failed: {e}")
+
+    async def _push(self, rid: str, blocks: list[int], request: pb.PushKVRequest) -> pb.PushKVResponse:
+        try:
+            src = [blocks[i] for i in request.block_indices]
+            if not src:
+                return pb.PushKVResponse()
+            assert self.transport is not None
+            timeout_s = await self._faults.apply(rid, request.timeout_ms / 1000)
+            result = await self.transport.push_async(request.transport_metadata, request.transfer_id, src,
+                                                     list(request.dst_block_ids), timeout_s=timeout_s)
+            return pb.PushKVResponse(push_ms=result.duration_s * 1000, num_blocks=result.num_blocks)
+        except TransferError as e:
+            log.warning("request %s: push of %d blocks failed: %s", rid, len(request.block_indices), e)
+            raise
+        finally:
+            self.held.end_push(rid)
+
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        self.leases.pop(request.request_id, None)  # a handle's id is its request's id
-        return await super().Abort(request, context)
+        held = self.held.release(request.request_id, "aborted")  # a handle's key is its request's id
+        response = await super().Abort(request, context)
+        return pb.AbortResponse(aborted=response.aborted or held)
 
     async def Unpin(self, request: pb.UnpinRequest, context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
-        # Answer at once; the engine frees the blocks between its steps.
-        known = self.leases.pop(request.handle_id, None) is not None
-        handle_id = request.handle_id
-        self.engine.post(lambda e: e.unpin(handle_id))
-        return pb.UnpinResponse(unpinned=known)
-
-    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> pb.PullResponse:
-        """Renew a handle's lease (read-style transports need nothing else from us)."""
-        if request.handle_id not in self.leases:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV handle {request.handle_id!r} (expired or unpinned)")
-        self.leases[request.handle_id] = time.monotonic() + self.lease_s
-        return pb.PullResponse(lease_expires_unix_ms=int((time.time() + self.lease_s) * 1000))
+        # Answered at once; the engine frees the blocks between its steps.
+        return pb.UnpinResponse(unpinned=self.held.release(request.request_id, "unpinned"))
 
     async def run_background(self) -> None:
-        """Free the blocks of handles nobody unpinned before their lease ended."""
-        while True:
-            await asyncio.sleep(min(1.0, self.lease_s / 4))
-            now = time.monotonic()
-            for handle_id in [h for h, t in self.leases.items() if t < now]:
-                del self.leases[handle_id]
-                await self.engine.unpin(handle_id)
+        """Free the blocks of holds nobody came for within their lease."""
+        await self.held.run()
 
     def _idle(self) -> bool:
-        return super()._idle() and not self.leases
+        return super()._idle() and not len(self.held)
+
+
+class PushFaults:
+    """Fault injection for tests, from ``TANDEM_FAULT_PUSH=<regex>=timeout`` (the push of a matching
+    request id times out inside the transport, before it starts) or ``<regex>=delay:<seconds>`` (it
+    starts that much later). Unset (always, outside tests): no effect."""
+
+    FORCED_TIMEOUT_S = 1e-5
+
+    def __init__(self, pattern: str = "", action: str = "") -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+        self.action = action
+        if action != "timeout" and not action.startswith("delay:") and pattern:
+            raise ValueError(f"TANDEM_FAULT_PUSH: unknown action {action!r}")
+
+    @classmethod
+    def from_env(cls) -> PushFaults:
+        spec = os.environ.get("TANDEM_FAULT_PUSH", "")
+        if not spec:
+            return cls()
+        pattern, _, action = spec.rpartition("=")
+        log.warning("fault injection on: pushes of requests matching %r: %s", pattern, action)
+        return cls(pattern, action)
+
+    async def apply(self, request_id: str, timeout_s: float) -> float:
+        if self.pattern is None or not self.pattern.search(request_id):
+            return timeout_s
+        if self.action == "timeout":
+            return self.FORCED_TIMEOUT_S
+        await asyncio.sleep(float(self.action.split(":", 1)[1]))
+        return timeout_s
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 class TokenizerKind(enum.StrEnum):
     GGUF = "gguf"  # the tokenizer in a GGUF file's metadata
     HF_DIR = "hf_dir"  # an HF model directory's tokenizer.json (and tokenizer_config.json, ...)
+    SYNTHETIC = "synthetic"  # no files: text.synthetic's tokenizer; ``path`` is its vocabulary size
 
 
 @dataclass(frozen=True)
 class TokenizerSource:
-    """Where a model's tokenizer lives, as a path on the worker's host (``text.source`` loads it)."""
+    """Where a model's tokenizer lives, as a path on the worker's host (``text.source`` loads it);
+    for ``SYNTHETIC`` (dummy models) ``path`` is the vocabulary size, in decimal."""
 
     kind: TokenizerKind
     path: str

@@ -95,7 +95,7 @@ class _Call:
     plan: RoutePlan
     ticket: Ticket  # the request's share of its decode worker's in-flight load
     first: pb.PrefillResponse | None = None  # the remote prefill's answer
-    handle: pb.KVHandle | None = None  # pinned on a prefill worker until a decode worker pulls it
+    handle: pb.KVHandle | None = None  # held on a prefill worker until a decode worker has its blocks
     streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
 
 

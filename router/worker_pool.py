@@ -110,7 +110,7 @@ class WorkerPool:
     async def unpin(self, handle: pb.KVHandle) -> None:
         """Best effort: give a prefill worker a KV handle's blocks back before its lease ends."""
         with contextlib.suppress(grpc.aio.AioRpcError, WorkerFailedError):
-            await self.stub(handle.worker_id).Unpin(pb.UnpinRequest(handle_id=handle.handle_id), timeout=2.0)
+            await self.stub(handle.worker_id).Unpin(pb.UnpinRequest(request_id=handle.request_id), timeout=2.0)
 
     def _on_event(self, event: WorkerEvent) -> None:
         if event.kind is WorkerEventKind.REMOVED or event.kind is WorkerEventKind.UPDATED:

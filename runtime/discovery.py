@@ -55,7 +55,6 @@ class WorkerInfo:
     endpoint: str  # host:port of the worker's gRPC service
     model: ModelCard
     block_size: int  # tokens per KV block
-    transport: str = ""
     transport_metadata: bytes = b""
     metrics_url: str = ""  # where Prometheus scrapes this process, if it serves /metrics
     pid: int = 0
@@ -76,12 +75,14 @@ class WorkerInfo:
         msg = cpb.WorkerInfo(
             worker_id=self.worker_id, role=_ROLE_TO_PB[self.role], endpoint=self.endpoint,
             model=cpb.ModelCard(name=self.model.name, max_model_len=self.model.max_model_len),
-            block_size=self.block_size, transport=self.transport, transport_metadata=self.transport_metadata,
+            block_size=self.block_size, transport_metadata=self.transport_metadata,
             metrics_url=self.metrics_url, pid=self.pid, started_at_unix_ms=self.started_at_unix_ms)
         source = self.model.tokenizer
         if source is not None:
             if source.kind is TokenizerKind.GGUF:
                 msg.model.tokenizer.gguf_file = source.path
+            elif source.kind is TokenizerKind.SYNTHETIC:
+                msg.model.tokenizer.synthetic_vocab_size = int(source.path)
             else:
                 msg.model.tokenizer.hf_dir = source.path
         return msg
@@ -95,12 +96,14 @@ class WorkerInfo:
             source = TokenizerSource(TokenizerKind.GGUF, msg.model.tokenizer.gguf_file)
         elif which == "hf_dir":
             source = TokenizerSource(TokenizerKind.HF_DIR, msg.model.tokenizer.hf_dir)
+        elif which == "synthetic_vocab_size":
+            source = TokenizerSource(TokenizerKind.SYNTHETIC, str(msg.model.tokenizer.synthetic_vocab_size))
         if msg.role not in _ROLE_FROM_PB:
             raise ValueError(f"worker {msg.worker_id!r}: no role")
         return cls(
             worker_id=msg.worker_id, role=_ROLE_FROM_PB[msg.role], endpoint=msg.endpoint,
             model=ModelCard(msg.model.name, msg.model.max_model_len, source), block_size=msg.block_size,
-            transport=msg.transport, transport_metadata=msg.transport_metadata, metrics_url=msg.metrics_url,
+            transport_metadata=msg.transport_metadata, metrics_url=msg.metrics_url,
             pid=msg.pid, started_at_unix_ms=msg.started_at_unix_ms)
 
     @classmethod

@@ -5,6 +5,7 @@
     /tandem/{ns}/metrics/router/{router_id}            RouterWindowStats          lease-bound, ~1 Hz
     /tandem/{ns}/metrics/router_inflight/{router_id}   RouterInflight             lease-bound, ~1 Hz
     /tandem/{ns}/planner/decision                      PlannerDecision            not lease-bound
+    /tandem/{ns}/nccl/{pair key}/...                   torch.distributed Store    lease-bound (the writer's)
 
 ``role`` is ``prefill`` or ``decode``. The values are the protobuf messages of
 ``proto/tandem_control.proto`` (``Load``: ``proto/tandem_worker.proto``), serialized.
@@ -58,6 +59,11 @@ def router_inflight_key(ns: str, router_id: str) -> str:
 
 def planner_decision_key(ns: str) -> str:
     return f"{namespace_prefix(ns)}planner/decision"
+
+
+def nccl_store_prefix(ns: str) -> str:
+    """Where the NCCL KV transport's worker pairs meet (``worker.etcd_store.EtcdStore``'s keys)."""
+    return f"{namespace_prefix(ns)}nccl/"
 
 
 def id_under(prefix: str, key: str) -> str:

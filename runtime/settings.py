@@ -83,6 +83,9 @@ class ClusterConfig:
     threads: int = _field(0, "CPU threads per worker (0: the cores shared between the workers, one left to the router)")
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
     kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
+    prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
+    gpu_memory_fraction: float = _field(
+        0.0, "most of its GPU's memory one worker may allocate (0: no cap); workers sharing a GPU split it")
     enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")
     max_num_seqs: int = _field(256, "most requests a worker runs at once")
     max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
@@ -92,9 +95,14 @@ class ClusterConfig:
         "auto", "plan and launch step N+1 before step N's tokens reach the host: auto (on with CUDA), on, off"
     )
     # -- KV transfer (prefill -> decode) --
-    transport: str = _field("auto", "KV transport: auto (nixl if installed, else tcp), nixl, tcp")
-    kv_lease_s: float = _field(30.0, "how long a prefill worker pins a KV handle nobody pulled")
-    kv_pull_timeout_s: float = _field(10.0, "a KV pull slower than this is abandoned: decode recomputes")
+    transport: str = _field(
+        "auto", "KV transport: auto (per peer, the fastest measured: kv_transfer/default_table.json), "
+        "nixl, cuda_ipc, nccl (pair groups met through etcd), tcp, loopback (one process)")
+    kv_transfer_mode: str = _field(
+        "auto", "who moves a prompt's KV: auto (what the transport measured faster), push (the prefill "
+        "worker writes), pull (the decode worker reads)")
+    kv_lease_s: float = _field(30.0, "how long a prefill worker holds a prompt's KV blocks nobody came for")
+    kv_pull_timeout_s: float = _field(10.0, "a KV transfer slower than this is abandoned: decode recomputes")
     # -- router --
     mode: str = _field("disaggregated", "serving mode: disaggregated or aggregated")
     max_local_prefill_tokens: int = _field(
@@ -202,8 +210,14 @@ class ClusterConfig:
     def _validate_serving(self) -> None:
         """The KV transfer, router and deployment settings."""
         fail = self._fail
-        if self.transport not in ("auto", "nixl", "tcp", "loopback"):
-            fail("transport", "must be auto, nixl, tcp or loopback")
+        if self.transport not in ("auto", "nixl", "cuda_ipc", "nccl", "tcp", "loopback"):
+            fail("transport", "must be auto, nixl, cuda_ipc, nccl, tcp or loopback")
+        if self.kv_transfer_mode not in ("auto", "push", "pull"):
+            fail("kv_transfer_mode", "must be auto, push or pull")
+        if self.prefill_kv_cache_gib < 0:
+            fail("prefill_kv_cache_gib", "must be >= 0")
+        if not 0 <= self.gpu_memory_fraction <= 1:
+            fail("gpu_memory_fraction", "must be in [0, 1]")
         if self.kv_lease_s <= 0 or self.kv_pull_timeout_s <= 0:
             fail("kv_lease_s", "kv_lease_s and kv_pull_timeout_s must be positive")
         if self.mode not in ("disaggregated", "aggregated"):

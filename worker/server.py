@@ -70,10 +70,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         rid = request.request_id
 
         def abort(e: LLMEngine) -> bool:
-            known = e.has_request(rid)
+            # Blocks held for a KV handle are the prefill tier's to release (prefill_worker.held).
+            known = e.has_request(rid) and rid not in e.scheduler.pinned
             e.abort(rid)
-            # A finished prefill-only request holds its blocks pinned under a KV handle: free them too.
-            return e.unpin(rid) or known
+            return known
 
         # Shielded: the abort happens even if the caller's deadline passes while a long step runs.
         return pb.AbortResponse(aborted=await asyncio.shield(self.engine.call(abort)))
@@ -116,7 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.cfg = cfg
 
     async def run_background(self) -> None:
-        """Background duties of the tier (the prefill tier reaps expired KV handles)."""
+        """Background duties of the tier (the prefill tier reaps expired KV holds)."""
         await asyncio.Event().wait()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -129,13 +129,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
 
 # ---- the process ------------------------------------------------------------------------------
-def engine_config(cfg: settings.ClusterConfig) -> EngineConfig:
+def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineConfig:
+    kv_cache_gib = cfg.prefill_kv_cache_gib if role == "prefill" and cfg.prefill_kv_cache_gib else cfg.kv_cache_gib
     return EngineConfig(
         model=cfg.model or "default", dtype=cfg.dtype, device=cfg.device, backend=cfg.engine,
         sim_profile=cfg.sim_profile,
         async_scheduling={"auto": None, "on": True, "off": False}[cfg.async_scheduling],
         num_threads=cfg.threads or (default_num_threads() if cfg.device == "cpu" else None),
-        cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(cfg.kv_cache_gib * (1 << 30)),
+        cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
     )
@@ -157,12 +158,21 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     if not cfg.etcd_endpoints:
         raise SystemExit("a worker needs --etcd-endpoints (tandem serve starts etcd and passes them)")
 
-    econfig = engine_config(cfg)
+    econfig = engine_config(cfg, role)
     log.info("loading %s (%s on %s)", econfig.model, econfig.dtype, econfig.device)
+    if cfg.gpu_memory_fraction and cfg.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, torch.device(cfg.device))
     llm = await asyncio.to_thread(LLMEngine, econfig, True)
     engine = AsyncEngine(llm)
     engine.start()
-    transport = make_transport(cfg.transport, model=econfig.model)
+    store = None
+    if cfg.transport in ("nccl", "auto"):  # NCCL pairs meet in etcd
+        from worker.etcd_store import EtcdStore
+
+        store = await asyncio.to_thread(EtcdStore, cfg)
+    transport = make_transport(cfg.transport, model=econfig.model, **({"store": store} if store else {}))
     transport.register(llm.kv_cache)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
@@ -184,7 +194,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     await plane.connect()
     info = WorkerInfo(
         worker_id=worker_id, role=role, endpoint=endpoint, model=card, block_size=econfig.cache.block_size,
-        transport=transport.transport_name, transport_metadata=transport.metadata(), metrics_url=metrics.url,
+        transport_metadata=transport.metadata(), metrics_url=metrics.url,
         pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000),
     )
     await register(plane, info)
@@ -222,6 +232,8 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
         await plane.close()
     await engine.stop()
     transport.close()
+    if store is not None:
+        store.close()
     metrics.stop()
     return 1 if engine.dead is not None else 0
 

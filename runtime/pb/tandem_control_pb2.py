@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from runtime.pb import tandem_worker_pb2 as runtime_dot_pb_dot_tandem__worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fruntime/pb/tandem_control.proto\x12\x11tandem.control.v1\x1a\x1eruntime/pb/tandem_worker.proto\"B\n\x0fTokenizerSource\x12\x13\n\tgguf_file\x18\x01 \x01(\tH\x00\x12\x10\n\x06hf_dir\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"g\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x35\n\ttokenizer\x18\x03 \x01(\x0b\x32\".tandem.control.v1.TokenizerSource\"\x8b\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.worker.v1.WorkerRole\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12+\n\x05model\x18\x04 \x01(\x0b\x32\x1c.tandem.control.v1.ModelCard\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x1a\n\x12transport_metadata\x18\x07 \x01(\x0c\x12\x13\n\x0bmetrics_url\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x1a\n\x12started_at_unix_ms\x18\n \x01(\x04\"\xee\x05\n\x11RouterWindowStats\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x14\n\x0cnum_arrivals\x18\x03 \x01(\r\x12\x14\n\x0cnum_finished\x18\x04 \x01(\r\x12\x14\n\x0cnum_inflight\x18\x05 \x01(\r\x12\x14\n\x0crequest_rate\x18\x06 \x01(\x01\x12\x15\n\x08isl_mean\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07isl_p50\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07isl_p95\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08osl_mean\x18\n \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x07osl_p50\x18\x0b \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07osl_p95\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x18\n\x0bttft_ms_p50\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0bttft_ms_p90\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x18\n\x0bttft_ms_p95\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x18\n\x0bttft_ms_p99\x18\x10 \x01(\x01H\t\x88\x01\x01\x12\x17\n\nitl_ms_p50\x18\x11 \x01(\x01H\n\x88\x01\x01\x12\x17\n\nitl_ms_p90\x18\x12 \x01(\x01H\x0b\x88\x01\x01\x12\x17\n\nitl_ms_p95\x18\x13 \x01(\x01H\x0c\x88\x01\x01\x12\x17\n\nitl_ms_p99\x18\x14 \x01(\x01H\r\x88\x01\x01\x12\x17\n\ne2e_ms_p50\x18\x15 \x01(\x01H\x0e\x88\x01\x01\x12\x1c\n\x14published_at_unix_ms\x18\x16 \x01(\x04\x42\x0b\n\t_isl_meanB\n\n\x08_isl_p50B\n\n\x08_isl_p95B\x0b\n\t_osl_meanB\n\n\x08_osl_p50B\n\n\x08_osl_p95B\x0e\n\x0c_ttft_ms_p50B\x0e\n\x0c_ttft_ms_p90B\x0e\n\x0c_ttft_ms_p95B\x0e\n\x0c_ttft_ms_p99B\r\n\x0b_itl_ms_p50B\r\n\x0b_itl_ms_p90B\r\n\x0b_itl_ms_p95B\r\n\x0b_itl_ms_p99B\r\n\x0b_e2e_ms_p50\"S\n\x08Inflight\x12\x14\n\x0cnum_requests\x18\x01 \x01(\r\x12\x1a\n\x12num_prefill_tokens\x18\x02 \x01(\x04\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\x04\"\x9a\x01\n\x0cTierInflight\x12=\n\x07workers\x18\x01 \x03(\x0b\x32,.tandem.control.v1.TierInflight.WorkersEntry\x1aK\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tandem.control.v1.Inflight:\x02\x38\x01\"\xaf\x01\n\x0eRouterInflight\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12;\n\x05tiers\x18\x02 \x03(\x0b\x32,.tandem.control.v1.RouterInflight.TiersEntry\x1aM\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.tandem.control.v1.TierInflight:\x02\x38\x01\"\xc6\x01\n\rPlannerAction\x12\x33\n\x04kind\x18\x01 \x01(\x0e\x32%.tandem.control.v1.PlannerAction.Kind\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_START\x10\x01\x12\x0e\n\nKIND_DRAIN\x10\x02\x12\x0f\n\x0bKIND_SWITCH\x10\x03\x12\x10\n\x0cKIND_ABANDON\x10\x04\"\x98\x01\n\rPlannerReason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12<\n\x06values\x18\x03 \x03(\x0b\x32,.tandem.control.v1.PlannerReason.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xde\x01\n\x0fPlannerDecision\x12\x12\n\nplanner_id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0bnum_prefill\x18\x04 \x01(\r\x12\x12\n\nnum_decode\x18\x05 \x01(\r\x12\x31\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32 .tandem.control.v1.PlannerAction\x12\x31\n\x07reasons\x18\x07 \x03(\x0b\x32 .tandem.control.v1.PlannerReasonb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fruntime/pb/tandem_control.proto\x12\x11tandem.control.v1\x1a\x1eruntime/pb/tandem_worker.proto\"b\n\x0fTokenizerSource\x12\x13\n\tgguf_file\x18\x01 \x01(\tH\x00\x12\x10\n\x06hf_dir\x18\x02 \x01(\tH\x00\x12\x1e\n\x14synthetic_vocab_size\x18\x03 \x01(\rH\x00\x42\x08\n\x06source\"g\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x35\n\ttokenizer\x18\x03 \x01(\x0b\x32\".tandem.control.v1.TokenizerSource\"\x89\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.worker.v1.WorkerRole\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12+\n\x05model\x18\x04 \x01(\x0b\x32\x1c.tandem.control.v1.ModelCard\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x1a\n\x12transport_metadata\x18\x07 \x01(\x0c\x12\x13\n\x0bmetrics_url\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x1a\n\x12started_at_unix_ms\x18\n \x01(\x04J\x04\x08\x06\x10\x07R\ttransport\"\xee\x05\n\x11RouterWindowStats\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x14\n\x0cnum_arrivals\x18\x03 \x01(\r\x12\x14\n\x0cnum_finished\x18\x04 \x01(\r\x12\x14\n\x0cnum_inflight\x18\x05 \x01(\r\x12\x14\n\x0crequest_rate\x18\x06 \x01(\x01\x12\x15\n\x08isl_mean\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07isl_p50\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07isl_p95\x18\t \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08osl_mean\x18\n \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x07osl_p50\x18\x0b \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07osl_p95\x18\x0c \x01(\x01H\x05\x88\x01\x01\x12\x18\n\x0bttft_ms_p50\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0bttft_ms_p90\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x18\n\x0bttft_ms_p95\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x18\n\x0bttft_ms_p99\x18\x10 \x01(\x01H\t\x88\x01\x01\x12\x17\n\nitl_ms_p50\x18\x11 \x01(\x01H\n\x88\x01\x01\x12\x17\n\nitl_ms_p90\x18\x12 \x01(\x01H\x0b\x88\x01\x01\x12\x17\n\nitl_ms_p95\x18\x13 \x01(\x01H\x0c\x88\x01\x01\x12\x17\n\nitl_ms_p99\x18\x14 \x01(\x01H\r\x88\x01\x01\x12\x17\n\ne2e_ms_p50\x18\x15 \x01(\x01H\x0e\x88\x01\x01\x12\x1c\n\x14published_at_unix_ms\x18\x16 \x01(\x04\x42\x0b\n\t_isl_meanB\n\n\x08_isl_p50B\n\n\x08_isl_p95B\x0b\n\t_osl_meanB\n\n\x08_osl_p50B\n\n\x08_osl_p95B\x0e\n\x0c_ttft_ms_p50B\x0e\n\x0c_ttft_ms_p90B\x0e\n\x0c_ttft_ms_p95B\x0e\n\x0c_ttft_ms_p99B\r\n\x0b_itl_ms_p50B\r\n\x0b_itl_ms_p90B\r\n\x0b_itl_ms_p95B\r\n\x0b_itl_ms_p99B\r\n\x0b_e2e_ms_p50\"S\n\x08Inflight\x12\x14\n\x0cnum_requests\x18\x01 \x01(\r\x12\x1a\n\x12num_prefill_tokens\x18\x02 \x01(\x04\x12\x15\n\rnum_kv_tokens\x18\x03 \x01(\x04\"\x9a\x01\n\x0cTierInflight\x12=\n\x07workers\x18\x01 \x03(\x0b\x32,.tandem.control.v1.TierInflight.WorkersEntry\x1aK\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tandem.control.v1.Inflight:\x02\x38\x01\"\xaf\x01\n\x0eRouterInflight\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12;\n\x05tiers\x18\x02 \x03(\x0b\x32,.tandem.control.v1.RouterInflight.TiersEntry\x1aM\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.tandem.control.v1.TierInflight:\x02\x38\x01\"\xc6\x01\n\rPlannerAction\x12\x33\n\x04kind\x18\x01 \x01(\x0e\x32%.tandem.control.v1.PlannerAction.Kind\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_START\x10\x01\x12\x0e\n\nKIND_DRAIN\x10\x02\x12\x0f\n\x0bKIND_SWITCH\x10\x03\x12\x10\n\x0cKIND_ABANDON\x10\x04\"\x98\x01\n\rPlannerReason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12<\n\x06values\x18\x03 \x03(\x0b\x32,.tandem.control.v1.PlannerReason.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xde\x01\n\x0fPlannerDecision\x12\x12\n\nplanner_id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0bnum_prefill\x18\x04 \x01(\r\x12\x12\n\nnum_decode\x18\x05 \x01(\r\x12\x31\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32 .tandem.control.v1.PlannerAction\x12\x31\n\x07reasons\x18\x07 \x03(\x0b\x32 .tandem.control.v1.PlannerReasonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANNERREASON_VALUESENTRY']._loaded_options = None
   _globals['_PLANNERREASON_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIZERSOURCE']._serialized_start=86
-  _globals['_TOKENIZERSOURCE']._serialized_end=152
-  _globals['_MODELCARD']._serialized_start=154
-  _globals['_MODELCARD']._serialized_end=257
-  _globals['_WORKERINFO']._serialized_start=260
-  _globals['_WORKERINFO']._serialized_end=527
-  _globals['_ROUTERWINDOWSTATS']._serialized_start=530
-  _globals['_ROUTERWINDOWSTATS']._serialized_end=1280
-  _globals['_INFLIGHT']._serialized_start=1282
-  _globals['_INFLIGHT']._serialized_end=1365
-  _globals['_TIERINFLIGHT']._serialized_start=1368
-  _globals['_TIERINFLIGHT']._serialized_end=1522
-  _globals['_TIERINFLIGHT_WORKERSENTRY']._serialized_start=1447
-  _globals['_TIERINFLIGHT_WORKERSENTRY']._serialized_end=1522
-  _globals['_ROUTERINFLIGHT']._serialized_start=1525
-  _globals['_ROUTERINFLIGHT']._serialized_end=1700
-  _globals['_ROUTERINFLIGHT_TIERSENTRY']._serialized_start=1623
-  _globals['_ROUTERINFLIGHT_TIERSENTRY']._serialized_end=1700
-  _globals['_PLANNERACTION']._serialized_start=1703
-  _globals['_PLANNERACTION']._serialized_end=1901
-  _globals['_PLANNERACTION_KIND']._serialized_start=1806
-  _globals['_PLANNERACTION_KIND']._serialized_end=1901
-  _globals['_PLANNERREASON']._serialized_start=1904
-  _globals['_PLANNERREASON']._serialized_end=2056
-  _globals['_PLANNERREASON_VALUESENTRY']._serialized_start=2011
-  _globals['_PLANNERREASON_VALUESENTRY']._serialized_end=2056
-  _globals['_PLANNERDECISION']._serialized_start=2059
-  _globals['_PLANNERDECISION']._serialized_end=2281
+  _globals['_TOKENIZERSOURCE']._serialized_end=184
+  _globals['_MODELCARD']._serialized_start=186
+  _globals['_MODELCARD']._serialized_end=289
+  _globals['_WORKERINFO']._serialized_start=292
+  _globals['_WORKERINFO']._serialized_end=557
+  _globals['_ROUTERWINDOWSTATS']._serialized_start=560
+  _globals['_ROUTERWINDOWSTATS']._serialized_end=1310
+  _globals['_INFLIGHT']._serialized_start=1312
+  _globals['_INFLIGHT']._serialized_end=1395
+  _globals['_TIERINFLIGHT']._serialized_start=1398
+  _globals['_TIERINFLIGHT']._serialized_end=1552
+  _globals['_TIERINFLIGHT_WORKERSENTRY']._serialized_start=1477
+  _globals['_TIERINFLIGHT_WORKERSENTRY']._serialized_end=1552
+  _globals['_ROUTERINFLIGHT']._serialized_start=1555
+  _globals['_ROUTERINFLIGHT']._serialized_end=1730
+  _globals['_ROUTERINFLIGHT_TIERSENTRY']._serialized_start=1653
+  _globals['_ROUTERINFLIGHT_TIERSENTRY']._serialized_end=1730
+  _globals['_PLANNERACTION']._serialized_start=1733
+  _globals['_PLANNERACTION']._serialized_end=1931
+  _globals['_PLANNERACTION_KIND']._serialized_start=1836
+  _globals['_PLANNERACTION_KIND']._serialized_end=1931
+  _globals['_PLANNERREASON']._serialized_start=1934
+  _globals['_PLANNERREASON']._serialized_end=2086
+  _globals['_PLANNERREASON_VALUESENTRY']._serialized_start=2041
+  _globals['_PLANNERREASON_VALUESENTRY']._serialized_end=2086
+  _globals['_PLANNERDECISION']._serialized_start=2089
+  _globals['_PLANNERDECISION']._serialized_end=2311
 # @@protoc_insertion_point(module_scope)

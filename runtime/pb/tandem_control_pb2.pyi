@@ -9,12 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TokenizerSource(_message.Message):
-    __slots__ = ("gguf_file", "hf_dir")
+    __slots__ = ("gguf_file", "hf_dir", "synthetic_vocab_size")
     GGUF_FILE_FIELD_NUMBER: _ClassVar[int]
     HF_DIR_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     gguf_file: str
     hf_dir: str
-    def __init__(self, gguf_file: _Optional[str] = ..., hf_dir: _Optional[str] = ...) -> None: ...
+    synthetic_vocab_size: int
+    def __init__(self, gguf_file: _Optional[str] = ..., hf_dir: _Optional[str] = ..., synthetic_vocab_size: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
     __slots__ = ("name", "max_model_len", "tokenizer")
@@ -27,13 +29,12 @@ class ModelCard(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerSource, _Mapping]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "endpoint", "model", "block_size", "transport", "transport_metadata", "metrics_url", "pid", "started_at_unix_ms")
+    __slots__ = ("worker_id", "role", "endpoint", "model", "block_size", "transport_metadata", "metrics_url", "pid", "started_at_unix_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -43,12 +44,11 @@ class WorkerInfo(_message.Message):
     endpoint: str
     model: ModelCard
     block_size: int
-    transport: str
     transport_metadata: bytes
     metrics_url: str
     pid: int
     started_at_unix_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RouterWindowStats(_message.Message):
     __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms")

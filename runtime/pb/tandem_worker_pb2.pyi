@@ -123,44 +123,34 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "request_id", "worker_id", "worker_endpoint", "transport", "transport_metadata", "block_size", "block_ids", "num_tokens", "first_token_ids", "lease_expires_unix_ms")
-    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("request_id", "worker_id", "worker_endpoint", "transport_metadata", "block_ids", "num_tokens", "first_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
-    handle_id: str
     request_id: str
     worker_id: str
     worker_endpoint: str
-    transport: str
     transport_metadata: bytes
-    block_size: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
     first_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    lease_expires_unix_ms: int
-    def __init__(self, handle_id: _Optional[str] = ..., request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., transport: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., block_size: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., first_token_ids: _Optional[_Iterable[int]] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., first_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("handle", "outputs", "usage", "queue_ms", "prefill_ms")
+    __slots__ = ("handle", "outputs", "usage", "prefill_ms")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     handle: KVHandle
     outputs: _containers.RepeatedCompositeFieldContainer[SequenceOutput]
     usage: Usage
-    queue_ms: float
     prefill_ms: float
-    def __init__(self, handle: _Optional[_Union[KVHandle, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, handle: _Optional[_Union[KVHandle, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "kv_handle")
@@ -177,16 +167,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., kv_handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class PullStats(_message.Message):
-    __slots__ = ("num_reused_blocks", "num_pulled_blocks", "pull_ms", "recomputed")
+    __slots__ = ("num_reused_blocks", "num_pulled_blocks", "pull_ms", "recomputed", "pushed")
     NUM_REUSED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_PULLED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PULL_MS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
     num_reused_blocks: int
     num_pulled_blocks: int
     pull_ms: float
     recomputed: bool
-    def __init__(self, num_reused_blocks: _Optional[int] = ..., num_pulled_blocks: _Optional[int] = ..., pull_ms: _Optional[float] = ..., recomputed: bool = ...) -> None: ...
+    pushed: bool
+    def __init__(self, num_reused_blocks: _Optional[int] = ..., num_pulled_blocks: _Optional[int] = ..., pull_ms: _Optional[float] = ..., recomputed: bool = ..., pushed: bool = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("outputs", "usage", "pull")
@@ -198,35 +190,35 @@ class GenerateResponse(_message.Message):
     pull: PullStats
     def __init__(self, outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pull: _Optional[_Union[PullStats, _Mapping]] = ...) -> None: ...
 
-class PullRequest(_message.Message):
-    __slots__ = ("handle_id", "worker_id", "transport", "transport_metadata", "block_ids", "dst_block_ids")
-    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+class PushKVRequest(_message.Message):
+    __slots__ = ("request_id", "transport_metadata", "transfer_id", "block_indices", "dst_block_ids", "timeout_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
-    handle_id: str
-    worker_id: str
-    transport: str
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
     transport_metadata: bytes
-    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    transfer_id: str
+    block_indices: _containers.RepeatedScalarFieldContainer[int]
     dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, handle_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., transport: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., block_ids: _Optional[_Iterable[int]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    timeout_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
 
-class PullResponse(_message.Message):
-    __slots__ = ("transfer_metadata", "lease_expires_unix_ms")
-    TRANSFER_METADATA_FIELD_NUMBER: _ClassVar[int]
-    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
-    transfer_metadata: bytes
-    lease_expires_unix_ms: int
-    def __init__(self, transfer_metadata: _Optional[bytes] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+class PushKVResponse(_message.Message):
+    __slots__ = ("push_ms", "num_blocks")
+    PUSH_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    push_ms: float
+    num_blocks: int
+    def __init__(self, push_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class UnpinRequest(_message.Message):
-    __slots__ = ("handle_id",)
-    HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
-    handle_id: str
-    def __init__(self, handle_id: _Optional[str] = ...) -> None: ...
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class UnpinResponse(_message.Message):
     __slots__ = ("unpinned",)

@@ -45,10 +45,10 @@ class WorkerServiceStub(object):
                 request_serializer=runtime_dot_pb_dot_tandem__worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Pull = channel.unary_unary(
-                '/tandem.worker.v1.WorkerService/Pull',
-                request_serializer=runtime_dot_pb_dot_tandem__worker__pb2.PullRequest.SerializeToString,
-                response_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.PullResponse.FromString,
+        self.PushKV = channel.unary_unary(
+                '/tandem.worker.v1.WorkerService/PushKV',
+                request_serializer=runtime_dot_pb_dot_tandem__worker__pb2.PushKVRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.PushKVResponse.FromString,
                 _registered_method=True)
         self.Unpin = channel.unary_unary(
                 '/tandem.worker.v1.WorkerService/Unpin',
@@ -88,8 +88,9 @@ class WorkerServiceServicer(object):
 
     def Prefill(self, request, context):
         """Prefill a prompt (reusing the worker's prefix cache), sample the first token of each
-        sequence, pin the prompt's blocks and return a KV handle for a decode worker to pull.
-        The blocks stay pinned until Unpin, Abort, or the handle's lease ends.
+        sequence, hold the prompt's blocks and return a KV handle for a decode worker. The blocks
+        are held until PushKV has written them, Unpin, Abort, or the hold's lease ends (on the
+        prefill worker's clock), whichever comes first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,29 +98,30 @@ class WorkerServiceServicer(object):
 
     def Generate(self, request, context):
         """Decode a request. With a KV handle, the worker allocates blocks, reuses its own cached
-        prefix, pulls the missing blocks from the handle's worker, unpins them there and decodes
-        from the handle's first tokens; if the pull fails or the lease has ended it recomputes
-        the prefill itself. Without a handle it prefills locally. Cancelling the call aborts the
+        prefix and gets the missing blocks from the handle's worker: pushed (it expects them and
+        asks the prefill worker to PushKV into its blocks) or pulled (it reads them over its
+        transport, then Unpins them), whichever the transports measured faster between the two.
+        If the transfer fails, or the prefill worker no longer held the blocks, it recomputes the
+        prefill itself. Without a handle it prefills locally. Cancelling the call aborts the
         request and frees its blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Pull(self, request, context):
-        """Ask a prefill worker to make a handle's blocks available to the caller over a transport,
-        and renew the handle's lease. For read-style transports (NIXL) the response carries what
-        the caller needs to read the blocks; for write-style transports (NCCL, TCP) the prefill
-        worker sends the blocks into the caller's destination blocks and answers once they are
-        sent. Pulling does not unpin.
+    def PushKV(self, request, context):
+        """Write a held handle's blocks into the caller's destination blocks over the KV transport,
+        then release them (whether the write succeeded or not). NOT_FOUND: the blocks are no
+        longer held (unpinned, aborted, lease ended): the caller recomputes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Unpin(self, request, context):
-        """Release a handle's pinned blocks on the prefill worker (the decode worker is done with
-        them, or the router gives the handle up). Idempotent.
+        """Release a handle's held blocks on the prefill worker (the decode worker pulled them, or the
+        router gives the handle up). Idempotent. `unpinned` tells a puller whether the blocks were
+        still held, i.e. whether what it read was the prompt's KV.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,10 +181,10 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.GenerateRequest.FromString,
                     response_serializer=runtime_dot_pb_dot_tandem__worker__pb2.GenerateResponse.SerializeToString,
             ),
-            'Pull': grpc.unary_unary_rpc_method_handler(
-                    servicer.Pull,
-                    request_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.PullRequest.FromString,
-                    response_serializer=runtime_dot_pb_dot_tandem__worker__pb2.PullResponse.SerializeToString,
+            'PushKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.PushKVRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__worker__pb2.PushKVResponse.SerializeToString,
             ),
             'Unpin': grpc.unary_unary_rpc_method_handler(
                     servicer.Unpin,
@@ -281,7 +283,7 @@ class WorkerService(object):
             _registered_method=True)
 
     @staticmethod
-    def Pull(request,
+    def PushKV(request,
             target,
             options=(),
             channel_credentials=None,
@@ -294,9 +296,9 @@ class WorkerService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.worker.v1.WorkerService/Pull',
-            runtime_dot_pb_dot_tandem__worker__pb2.PullRequest.SerializeToString,
-            runtime_dot_pb_dot_tandem__worker__pb2.PullResponse.FromString,
+            '/tandem.worker.v1.WorkerService/PushKV',
+            runtime_dot_pb_dot_tandem__worker__pb2.PushKVRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__worker__pb2.PushKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,7 +70,7 @@ async def _serve_and_call() -> None:
             assert gap.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
             with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
-                await stub.Unpin(pb.UnpinRequest(handle_id="h"), timeout=10)
+                await stub.Unpin(pb.UnpinRequest(request_id="r"), timeout=10)
             assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(grace=None)
@@ -84,10 +84,8 @@ def test_optional_fields_keep_presence_and_handles_round_trip() -> None:
     sampling = pb.SamplingParams(temperature=0.0, max_tokens=8)
     assert sampling.HasField("temperature") and sampling.temperature == 0.0  # greedy, not "unset"
     assert not sampling.HasField("top_p") and not sampling.HasField("seed")
-    handle = pb.KVHandle(handle_id="h1", request_id="r1", worker_id="p0", worker_endpoint="127.0.0.1:1",
-                         transport="tcp", transport_metadata=b"\x00\xff", block_size=16,
-                         block_ids=[4, 9, 2], num_tokens=40, first_token_ids=[11],
-                         lease_expires_unix_ms=1_700_000_000_000)
+    handle = pb.KVHandle(request_id="r1", worker_id="p0", worker_endpoint="127.0.0.1:1",
+                         transport_metadata=b"\x00\xff", block_ids=[4, 9, 2], num_tokens=40, first_token_ids=[11])
     request = pb.GenerateRequest(request_id="r1", prompt_token_ids=list(range(40)), sampling=sampling,
                                  kv_handle=handle)
     decoded = pb.GenerateRequest.FromString(request.SerializeToString())

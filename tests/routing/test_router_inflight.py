@@ -32,7 +32,7 @@ class FakePrefill:
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
         return pb.PrefillResponse(
-            handle=pb.KVHandle(handle_id=f"h-{req.request_id}", worker_id="p0"),
+            handle=pb.KVHandle(request_id=req.request_id, worker_id="p0"),
             outputs=[pb.SequenceOutput(index=0, token_ids=[7])],
             usage=pb.Usage(num_prompt_tokens=len(req.prompt_token_ids), num_completion_tokens=1))
 
@@ -99,7 +99,7 @@ def test_decode_worker_counts_a_request_while_its_prompt_prefills_remotely() -> 
         prefill.release.set()
         await asyncio.sleep(0.01)
         for d in decodes.values():
-            assert [c.kv_handle.handle_id for c in d.calls] and d.calls[0].HasField("kv_handle")
+            assert [c.kv_handle.request_id for c in d.calls] and d.calls[0].HasField("kv_handle")
             d.gate.set()
         for task in (first, second):
             assert len(await task) == 3  # the first token (from the prefill tier), one more, usage

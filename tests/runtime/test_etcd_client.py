@@ -69,7 +69,7 @@ def test_keys_follow_design() -> None:
 
 
 def test_worker_info_wire_round_trip_and_validation() -> None:
-    original = info("d0", transport="nixl", transport_metadata=b"\x00agent", pid=42, started_at_unix_ms=7)
+    original = info("d0", transport_metadata=b"\x00agent", pid=42, started_at_unix_ms=7)
     assert WorkerInfo.parse(original.to_pb().SerializeToString()) == original
     no_tokenizer = info("d1", model=ModelCard("dummy", 4096))
     assert WorkerInfo.parse(no_tokenizer.to_pb().SerializeToString()) == no_tokenizer

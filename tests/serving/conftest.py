@@ -4,9 +4,11 @@ Three clusters serve the whole session, and every one the collected tests need i
 once on first use (each loads the model in every process: loading them side by side is what
 keeps the suite short):
 
-- ``disagg_cluster``: 1 prefill + 1 decode, NIXL (DRAM, over UCX on lo) when installed, else TCP.
+- ``disagg_cluster``: 1 prefill + 1 decode, NIXL (DRAM, over UCX on lo) when installed, else TCP;
+  the decode worker pulls.
 - ``agg_cluster``: one aggregated worker, the reference for "disaggregated equals aggregated".
-- ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport, with the asynchronous engine step.
+- ``tcp_cluster``: 1 prefill + 1 decode over the TCP transport, the prefill worker pushing, with
+  the asynchronous engine step.
 - ``agg_bf16_cluster``, ``disagg_bf16_cluster``: bfloat16, two threads aggregated and one per
   worker disaggregated (the thread count differs between the modes, the answers must not).
 
@@ -36,11 +38,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _COMMON = dict(port=0, grpc_port=0, dtype="float32", threads=1, kv_cache_gib=0.5, lease_ttl_s=LEASE_TTL_S,
                max_local_prefill_tokens=MAX_LOCAL_PREFILL_TOKENS)
 SPECS: dict[str, tuple[dict, int]] = {  # fixture name -> (config, prefill workers)
-    "disagg_cluster": (dict(mode="disaggregated", transport="nixl" if NIXL else "tcp"), 1),
+    # The decode worker pulls (NIXL READ of DRAM, or TCP).
+    "disagg_cluster": (dict(mode="disaggregated", transport="nixl" if NIXL else "tcp", kv_transfer_mode="pull"), 1),
     "agg_cluster": (dict(mode="aggregated", transport="tcp"), 0),
-    # The asynchronous engine step on both tiers (off by default on the CPU): the tests comparing
-    # this cluster's output with agg_cluster's check it against the synchronous step.
-    "tcp_cluster": (dict(mode="disaggregated", transport="tcp", async_scheduling="on"), 1),
+    # The prefill worker pushes (PushKV), and the asynchronous engine step on both tiers (off by
+    # default on the CPU): the tests comparing this cluster's output with agg_cluster's check it
+    # against the synchronous step.
+    # Its prefill worker forces a timeout on pushes of requests whose id starts "forced-timeout-".
+    "tcp_cluster": (dict(mode="disaggregated", transport="tcp", kv_transfer_mode="push", async_scheduling="on",
+                         worker_env=("TANDEM_FAULT_PUSH=^forced-timeout-=timeout",)), 1),
     # bfloat16 on the CPU kernels, the thread count differing between the topologies: the
     # aggregated worker on two threads, the disaggregated workers on one each.
     "agg_bf16_cluster": (dict(mode="aggregated", transport="tcp", dtype="bfloat16", threads=2), 0),

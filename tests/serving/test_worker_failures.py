@@ -34,6 +34,7 @@ from serving_testlib import (
 )
 
 from deploy.local_cluster import Child, LocalCluster
+from kv_transfer import PeerMetadata
 from runtime.pb import tandem_worker_pb2 as wpb
 
 pytestmark = [pytest.mark.destructive, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -77,7 +78,8 @@ def test_prefill_killed_between_prefill_and_pull_recomputes(request: pytest.Fixt
     with channel:
         first = stub.Prefill(wpb.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT_IDS, sampling=sampling),
                              timeout=60)
-    assert first.HasField("handle") and first.handle.transport == transport and len(first.handle.block_ids) == 3
+    peer = PeerMetadata.decode(first.handle.transport_metadata)
+    assert first.HasField("handle") and peer.transport == transport and len(first.handle.block_ids) == 3
     assert list(first.outputs[0].token_ids) == list(first.handle.first_token_ids) == want[:1]
 
     killed_at = _kill(prefill)  # the blocks the handle points at are gone with the process

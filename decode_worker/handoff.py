@@ -1,0 +1,173 @@
+"""How a decode worker gets a prefilled prompt's KV blocks from the prefill worker holding them.
+
+Two ways, chosen per prefill worker by ``KVTransport.preferred_mode`` (the transports' measured
+table; ``--kv-transfer-mode push|pull`` forces one):
+
+- push: we ``expect`` a transfer into our blocks and ask the prefill worker to ``PushKV`` its
+  blocks into them; it writes them, releases its own and answers. The blocks are ours once our
+  transport's ``wait`` says they landed (a NIXL notification, the owner's done message), which
+  may come before the RPC's answer.
+- pull: we read its blocks over our transport, then ``Unpin`` them there; its answer says
+  whether it still held them throughout (if not, what we read may be another prompt's KV).
+
+Any failure recomputes the prompt here. A destination block is never handed back to the engine
+while a writer may still write into it: after a failed push we wait for the prefill worker's
+answer (the write has ended), and when it cannot answer, for one more transfer timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from kv_transfer import KVTransport, TransferError
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.decode")
+
+# Transfer bytes and durations per transport are counted by kv_transfer on the side that starts
+# the transfer (the prefill worker for a push); these are the decode worker's view of each handoff.
+FALLBACKS = Counter("tandem_kv_pull_fallbacks_total",
+                    "Requests whose KV transfer failed or was refused, recomputed locally")
+HANDOFF_BLOCKS = Counter("tandem_kv_handoff_blocks_total", "Prompt blocks received from prefill workers", ["mode"])
+_BUCKETS = tuple(round(1e-4 * 1.25 ** k, 7) for k in range(60))  # 0.1 ms .. ~65 s, 25% apart
+HANDOFF_SECONDS = Histogram("tandem_kv_handoff_seconds",
+                            "A request's KV handoff: transfer started to blocks landed", ["mode"], buckets=_BUCKETS)
+
+_OWNER_MARGIN_S = 0.1  # the owner's push timeout ends this much before our own wait's deadline
+_RPC_GRACE_S = 1.0  # how long past the push timeout we wait for the owner's answer
+_WRITER_DONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION}  # answers after which the owner writes nothing
+
+
+class KVHandoff:
+    """A decode worker's transfers of prompt blocks from prefill workers."""
+
+    def __init__(self, transport: KVTransport | None, block_size: int, timeout_s: float, mode: str = "auto") -> None:
+        self.transport = transport
+        self.block_size = block_size
+        self.timeout_s = timeout_s
+        self.mode = mode
+        self._metadata = transport.metadata() if transport is not None else b""
+        self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self._background: set[asyncio.Task] = set()
+
+    async def fetch(self, handle: pb.KVHandle, indices: list[int], local: list[int], stats: pb.PullStats) -> bool:
+        """Bring the handle's blocks at ``indices`` into our ``local`` blocks; whether they landed."""
+        t0 = time.perf_counter()
+        stats.num_reused_blocks = -(-handle.num_tokens // self.block_size) - len(indices)
+        mode = "none"
+        try:
+            if not indices:
+                self._later(self._unpin(handle))
+                return True
+            mode = self._mode(handle)
+            stats.pushed = mode == "push"
+            if mode == "push":
+                await self._receive_push(handle, indices, local)
+            else:
+                await self._pull(handle, indices, local)
+        except (TransferError, ValueError) as e:
+            stats.recomputed = True
+            FALLBACKS.inc()
+            log.warning("request %s: recomputing its prefill locally: %s", handle.request_id, e)
+            return False
+        finally:
+            stats.pull_ms = (time.perf_counter() - t0) * 1000
+        stats.num_pulled_blocks = len(indices)
+        HANDOFF_BLOCKS.labels(mode).inc(len(indices))
+        HANDOFF_SECONDS.labels(mode).observe(stats.pull_ms / 1000)
+        return True
+
+    def _mode(self, handle: pb.KVHandle) -> str:
+        if self.transport is None:
+            raise TransferError("this worker has no KV transport")
+        if self.mode != "auto":
+            return self.mode
+        return self.transport.preferred_mode(handle.transport_metadata)
+
+    async def _pull(self, handle: pb.KVHandle, indices: list[int], local: list[int]) -> None:
+        assert self.transport is not None
+        remote = [handle.block_ids[i] for i in indices]
+        try:
+            await self.transport.pull_async(handle.transport_metadata, remote, local, timeout_s=self.timeout_s)
+        except TransferError:
+            self._later(self._unpin(handle))
+            raise
+        if not await self._unpin(handle):
+            raise TransferError("the prefill worker no longer held the blocks (lease ended, or aborted)")
+
+    async def _receive_push(self, handle: pb.KVHandle, indices: list[int], local: list[int]) -> None:
+        assert self.transport is not None
+        transfer_id = self.transport.expect(local, timeout_s=self.timeout_s)
+        request = pb.PushKVRequest(request_id=handle.request_id, transport_metadata=self._metadata,
+                                   transfer_id=transfer_id, block_indices=indices, dst_block_ids=local,
+                                   timeout_ms=max(self.timeout_s - _OWNER_MARGIN_S, 0.01) * 1000)
+        rpc = asyncio.ensure_future(self._stub(handle.worker_endpoint).PushKV(
+            request, timeout=self.timeout_s + _RPC_GRACE_S))
+        landed = asyncio.ensure_future(self.transport.wait_async(transfer_id))
+        await asyncio.wait({rpc, landed}, return_when=asyncio.FIRST_COMPLETED)
+        if landed.done() and landed.exception() is None:
+            self._later(rpc)  # the owner's answer is not needed any more
+            return
+        if not landed.done():  # the owner answered first
+            error = rpc.exception()
+            if error is None:
+                await landed  # the write ended; its notification is on its way (or it failed)
+                return
+            self.transport.cancel(transfer_id)
+            await asyncio.gather(landed, return_exceptions=True)
+            await self._after_failed_push(error)
+            raise TransferError(f"the prefill worker did not push: {_describe(error)}")
+        error = landed.exception()
+        await asyncio.gather(rpc, return_exceptions=True)  # the write's end, or its deadline
+        await self._after_failed_push(rpc.exception())
+        raise TransferError(f"push did not land: {error}")
+
+    async def _after_failed_push(self, error: BaseException | None) -> None:
+        """Unless the owner said its write is over, keep our blocks away from the engine for one
+        more transfer timeout: a one-sided write may still land in them."""
+        if error is None or (isinstance(error, grpc.aio.AioRpcError) and error.code() in _WRITER_DONE):
+            return
+        log.warning("a prefill worker did not answer a failed push (%s): holding its blocks %.1f s more",
+                    _describe(error), self.timeout_s)
+        await asyncio.sleep(self.timeout_s)
+
+    async def _unpin(self, handle: pb.KVHandle) -> bool:
+        """Release the handle's blocks on the prefill worker; whether it still held them."""
+        try:
+            reply = await self._stub(handle.worker_endpoint).Unpin(pb.UnpinRequest(request_id=handle.request_id),
+                                                                   timeout=2.0)
+            return reply.unpinned
+        except grpc.aio.AioRpcError as e:
+            log.info("unpin of %s on %s failed: %s", handle.request_id, handle.worker_endpoint, e.code().name)
+            return False
+
+    def _stub(self, endpoint: str) -> pb_grpc.WorkerServiceStub:
+        stub = self._peers.get(endpoint)
+        if stub is None:
+            stub = self._peers[endpoint] = pb_grpc.WorkerServiceStub(grpc.aio.insecure_channel(endpoint))
+        return stub
+
+    def _later(self, awaitable: object) -> None:
+        """Let ``awaitable`` finish in the background (its errors are logged at debug level)."""
+        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        self._background.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.debug("background KV handoff call failed: %s", _describe(t.exception()))
+
+        task.add_done_callback(done)
+
+
+def _describe(error: BaseException | None) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return repr(error)
