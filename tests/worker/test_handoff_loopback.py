@@ -1,0 +1,127 @@
+"""The KV handoff between the two tiers' servicers over real gRPC servers, in one process with the
+loopback transport (sim engines: deterministic tokens, no weights): pushed and pulled, the decode
+worker's output equals its own aggregated output, the blocks really moved (bit-exact), and the
+prefill worker's holds all end."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+import torch
+
+from decode_worker.service import DecodeServicer
+from engine.async_engine import AsyncEngine
+from engine.config import CacheConfig, EngineConfig
+from engine.llm_engine import LLMEngine
+from kv_transfer import make_transport
+from prefill_worker.service import PrefillServicer
+from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+from runtime.settings import ClusterConfig
+from worker.server import WorkerIdentity
+
+BLOCK = 4
+PROMPT = list(range(200, 242))  # 42 tokens: 11 blocks, the last partial
+SAMPLING = pb.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+async def _worker(role: str, cls: type, mode: str) -> tuple[grpc.aio.Server, object, str]:
+    llm = LLMEngine(EngineConfig(model="dummy:smollm2-135m", backend="sim", dtype="float32",
+                                 cache=CacheConfig(block_size=BLOCK, num_blocks=64)), progress=False)
+    llm.runner.kv.normal_()  # the sim computes no KV: give the blocks content to move
+    engine = AsyncEngine(llm)
+    engine.start()
+    transport = make_transport("loopback")
+    transport.register(llm.kv_cache)
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    endpoint = f"127.0.0.1:{port}"
+    servicer = cls(WorkerIdentity(role, f"{role}-{uuid.uuid4().hex[:6]}", endpoint, "m", BLOCK), engine, transport)
+    servicer.configure(ClusterConfig(kv_transfer_mode=mode, kv_pull_timeout_s=5.0))
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    await server.start()
+    return server, servicer, endpoint
+
+
+async def _generate(stub: pb_grpc.WorkerServiceStub, rid: str, handle: pb.KVHandle | None
+                    ) -> tuple[list[int], pb.PullStats | None]:
+    request = pb.GenerateRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=SAMPLING)
+    if handle is not None:
+        request.kv_handle.CopyFrom(handle)
+    tokens, stats = [], None
+    async for msg in stub.Generate(request, timeout=30):
+        if msg.HasField("pull"):
+            stats = msg.pull
+        for out in msg.outputs:
+            tokens += out.token_ids
+    return tokens, stats
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_handoff_over_loopback(mode: str) -> None:
+    async def main() -> None:
+        p_server, prefill, p_end = await _worker("prefill", PrefillServicer, mode)
+        d_server, decode, d_end = await _worker("decode", DecodeServicer, mode)
+        try:
+            async with grpc.aio.insecure_channel(p_end) as pc, grpc.aio.insecure_channel(d_end) as dc:
+                p_stub, d_stub = pb_grpc.WorkerServiceStub(pc), pb_grpc.WorkerServiceStub(dc)
+                want, _ = await _generate(d_stub, "agg", None)
+                first = await p_stub.Prefill(pb.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT,
+                                                               sampling=SAMPLING), timeout=30)
+                src_blocks = list(first.handle.block_ids)
+                assert len(src_blocks) == 11 and len(prefill.held) == 1
+                src = prefill.transport.kv[src_blocks].clone()
+                # the decode worker's cached prefix from "agg" would make it pull nothing: start clean
+                await decode.engine.call(lambda e: e.reset_prefix_cache())
+                rest, stats = await _generate(d_stub, "r1", first.handle)
+                assert list(first.outputs[0].token_ids) + rest == want
+                assert stats is not None and not stats.recomputed and stats.pushed == (mode == "push")
+                assert stats.num_pulled_blocks == 11 and stats.num_reused_blocks == 0
+                # each of the prefill worker's blocks is now, bit for bit, one of the decode worker's
+                landed = decode.transport.kv
+                for block in src:
+                    assert any(torch.equal(landed[b], block) for b in range(landed.shape[0]))
+                for _ in range(200):
+                    if len(prefill.held) == 0 and (await prefill.engine.call(
+                            lambda e: e.scheduler.num_pinned_blocks)) == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(prefill.held) == 0
+                assert await prefill.engine.call(lambda e: e.scheduler.num_pinned_blocks) == 0
+        finally:
+            for server, servicer in ((p_server, prefill), (d_server, decode)):
+                await server.stop(None)
+                await servicer.engine.stop()
+                servicer.transport.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_released_hold_is_recomputed_not_read(mode: str) -> None:
+    """The hold ended before the decode worker came (the router gave it up): a push is refused, a
+    pull reads blocks that may be another prompt's by now, and Unpin's answer says so: both recompute."""
+    async def main() -> None:
+        p_server, prefill, p_end = await _worker("prefill", PrefillServicer, mode)
+        d_server, decode, d_end = await _worker("decode", DecodeServicer, mode)
+        try:
+            async with grpc.aio.insecure_channel(p_end) as pc, grpc.aio.insecure_channel(d_end) as dc:
+                p_stub, d_stub = pb_grpc.WorkerServiceStub(pc), pb_grpc.WorkerServiceStub(dc)
+                want, _ = await _generate(d_stub, "agg", None)
+                await decode.engine.call(lambda e: e.reset_prefix_cache())
+                first = await p_stub.Prefill(pb.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT,
+                                                               sampling=SAMPLING), timeout=30)
+                assert (await p_stub.Unpin(pb.UnpinRequest(request_id="r1"), timeout=10)).unpinned
+                rest, stats = await _generate(d_stub, "r1", first.handle)
+                assert list(first.outputs[0].token_ids) + rest == want
+                assert stats is not None and stats.recomputed and stats.num_pulled_blocks == 0
+        finally:
+            for server, servicer in ((p_server, prefill), (d_server, decode)):
+                await server.stop(None)
+                await servicer.engine.stop()
+                servicer.transport.close()
+
+    asyncio.run(main())
