@@ -363,10 +363,12 @@ def write_table(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace
     for row in rows:
         if row["size_mib"] == args.table_size_mib and row["transport"] != "loopback":
             rates[row["transport"]][row["mode"]] = round(row["gb_per_s"], 2)
+    serving = table["localities"].get(locality, {}).get("serving")  # bench/serve.py's: kept
     table["localities"][locality] = {
         "source": f"bench/kv_transfer.py --device {args.device}, {device_name}, {datetime.date.today()}",
         "size_mib": args.table_size_mib,
         "gb_per_s": rates,
+        **({"serving": serving} if serving else {}),
     }
     path.write_text(json.dumps(selection.check_table(table), indent=2) + "\n")
     print(f"# wrote {locality} ({args.table_size_mib} MiB) into {path}", flush=True)

@@ -117,9 +117,12 @@ def run_cluster_side(args: argparse.Namespace, mode: str, points: list[tuple[int
             num = max(8, args.requests_per_user * conc)
             requests = random_requests(num, isl, 0.0, args.osl, 0.0, _token_range(args), args.seed + isl + conc)
             point_args = argparse.Namespace(**{**vars(args), "concurrency": conc, "rate": None, "isl": isl,
-                                               "warmup": 0 if isl in warmed else args.warmup,
-                                               "overhead_requests": 0})
-            warmed.add(isl)
+                                               "warmup": 0, "overhead_requests": 0})
+            if isl not in warmed and args.warmup:  # compiles this length's kernels; not in the point's counts
+                warm = random_requests(args.warmup, isl, 0.0, 4, 0.0, _token_range(args), args.seed + 1)
+                asyncio.run(bench_endpoint(argparse.Namespace(**{**vars(point_args), "concurrency": 1}),
+                                           cluster.http_url, f"{label} isl={isl} warm-up", warm, None, {}))
+                warmed.add(isl)
             before = _histogram(asyncio.run(_scrape_text(decode_metrics)), HANDOFF)
             out = asyncio.run(bench_endpoint(point_args, cluster.http_url, f"{label} isl={isl} c={conc}", requests,
                                              None, {"decode": decode_metrics}))
@@ -278,19 +281,21 @@ def run(args: argparse.Namespace) -> int:
     points = [(isl, c) for isl in isls for c in concs]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     results: list[dict[str, Any]] = []
-    for mode in ("aggregated", "disaggregated"):
-        if mode not in skip:
-            results += run_cluster_side(args, mode, points)
-    if "llm" not in skip:
-        results += run_llm_side(args, points)
+    out = Path(args.out) if args.out else None
+    for side in ("aggregated", "disaggregated", "llm"):
+        if side in skip:
+            continue
+        results += run_llm_side(args, points) if side == "llm" else run_cluster_side(args, side, points)
+        if out is not None:  # so far, in case a later side does not finish
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "sweep.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1,
+                                                       default=str))
     checks = targets(results)
     print("\ntargets:")
     for c in checks:
         print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']:<40} isl {c['isl']:>5} c {c['concurrency']:>3}: "
               f"{c['value']:.3f}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "sweep.json").write_text(json.dumps({"args": vars(args), "results": results, "targets": checks},
                                                    indent=1, default=str))
         plot(results, out / "sweep.png")

@@ -11,6 +11,12 @@ locality, the GB/s each transport measured pushing and pulling a request-sized t
 
 Localities: ``same_gpu`` (two processes on one GPU), ``same_node`` (two GPUs of one machine),
 ``other_node`` (two machines), ``cpu`` (a KV tensor in host memory, one machine).
+
+A locality may also name the (transport, mode) measured fastest end to end, in serving
+(``bench/serve.py``: the decode worker's KV handoff time under load), which wins over the isolated
+transfer rates whenever that transport is available: ``"serving": {"transport": "nixl", "mode":
+"push", "source": "..."}``. On one GPU a CUDA IPC pull is the faster copy in isolation, but NIXL's
+push hands a request's KV over 5-17x faster in serving at concurrency 16-64.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ def check_table(table: Mapping[str, Any]) -> dict[str, Any]:
             for mode, value in modes.items():
                 if not isinstance(value, int | float) or value < 0:
                     raise ValueError(f"transport table: {loc}.gb_per_s.{transport}.{mode} must be a number >= 0")
+        serving = entry.get("serving")
+        if serving is not None and (not isinstance(serving, dict) or serving.get("mode") not in MODES
+                                    or serving.get("transport") not in USABLE[loc]):
+            raise ValueError(f"transport table: {loc}.serving must name a usable transport and push/pull")
     return dict(table)
 
 
@@ -87,15 +97,21 @@ def default_table() -> dict[str, Any]:
 
 
 def choose(table: Mapping[str, Any], loc: str, available: Iterable[str]) -> Choice:
-    """The fastest measured (transport, mode) at ``loc`` among ``available`` transports (ties: push);
-    without a measurement, the first usable one in ``FALLBACK_ORDER``, pushed. ``ValueError`` when
+    """The (transport, mode) measured fastest in serving at ``loc`` if available, else the fastest
+    measured transfer among ``available`` transports (ties: push); without a measurement, the
+    first usable one in ``FALLBACK_ORDER``, pushed. ``ValueError`` when
     none of ``available`` can work at ``loc``."""
     if loc not in LOCALITIES:
         raise ValueError(f"unknown locality {loc!r}; expected one of {LOCALITIES}")
     candidates = [t for t in available if t in USABLE[loc]]
     if not candidates:
         raise ValueError(f"none of the transports {sorted(set(available))} can reach a peer at locality {loc}")
-    rates = table.get("localities", {}).get(loc, {}).get("gb_per_s", {})
+    entry = table.get("localities", {}).get(loc, {})
+    rates = entry.get("gb_per_s", {})
+    serving = entry.get("serving")
+    if serving is not None and serving["transport"] in candidates:
+        transport, mode = serving["transport"], serving["mode"]
+        return Choice(transport, mode, rates.get(transport, {}).get(mode), loc)
     measured = [
         (float(gbps), mode == "push", transport, mode)
         for transport in candidates

@@ -163,7 +163,9 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     if cfg.gpu_memory_fraction and cfg.device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, torch.device(cfg.device))
+        device = torch.device(cfg.device)
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction,
+                                                   device.index if device.index is not None else 0)
     llm = await asyncio.to_thread(LLMEngine, econfig, True)
     engine = AsyncEngine(llm)
     engine.start()

@@ -51,6 +51,24 @@ def test_choose_from_a_table(loc: str, available: list[str], expected: tuple[str
     assert choice.locality == loc
 
 
+def test_a_serving_measurement_wins_where_its_transport_is_available() -> None:
+    table = {"localities": {"same_gpu": {**TABLE["localities"]["same_gpu"],
+                                         "serving": {"transport": "nixl", "mode": "push", "source": "test"}}}}
+    def pick(t: dict, available: list[str]) -> tuple:
+        choice = selection.choose(t, "same_gpu", available)
+        return choice.transport, choice.mode, choice.gb_per_s
+
+    assert pick(table, ["cuda_ipc", "nixl", "tcp"]) == ("nixl", "push", 1500)
+    assert pick(table, ["cuda_ipc", "tcp"]) == ("cuda_ipc", "push", 1800)
+    with pytest.raises(ValueError, match="serving"):
+        selection.check_table({"localities": {"same_gpu": {"gb_per_s": {}, "serving": {"transport": "nccl",
+                                                                                          "mode": "push"}}}})
+    # the shipped table: on one GPU, NIXL push (measured in serving), CUDA IPC pull without NIXL
+    shipped = selection.default_table()
+    assert pick(shipped, ["cuda_ipc", "nixl", "tcp"])[:2] == ("nixl", "push")
+    assert pick(shipped, ["cuda_ipc", "tcp"])[:2] == ("cuda_ipc", "pull")
+
+
 def test_choose_without_measurements_and_without_candidates() -> None:
     empty = {"localities": {}}
     assert selection.choose(empty, "same_node", ["tcp", "nccl", "nixl"]).transport == "nixl"
