@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, Gauge
@@ -159,23 +160,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
         raise SystemExit("a worker needs --etcd-endpoints (tandem serve starts etcd and passes them)")
 
     econfig = engine_config(cfg, role)
-    log.info("loading %s (%s on %s)", econfig.model, econfig.dtype, econfig.device)
-    if cfg.gpu_memory_fraction and cfg.device.startswith("cuda"):
-        import torch
-
-        device = torch.device(cfg.device)
-        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction,
-                                                   device.index if device.index is not None else 0)
-    llm = await asyncio.to_thread(LLMEngine, econfig, True)
-    engine = AsyncEngine(llm)
-    engine.start()
-    store = None
-    if cfg.transport in ("nccl", "auto"):  # NCCL pairs meet in etcd
-        from worker.etcd_store import EtcdStore
-
-        store = await asyncio.to_thread(EtcdStore, cfg)
-    transport = make_transport(cfg.transport, model=econfig.model, **({"store": store} if store else {}))
-    transport.register(llm.kv_cache)
+    llm, engine, transport, store = await _start_engine(cfg, econfig)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
@@ -238,6 +223,30 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
         store.close()
     metrics.stop()
     return 1 if engine.dead is not None else 0
+
+
+async def _start_engine(cfg: settings.ClusterConfig, econfig: EngineConfig
+                        ) -> tuple[LLMEngine, AsyncEngine, KVTransport, Any]:
+    """The engine, running on its thread, and the KV transport with its cache registered (and
+    the etcd-backed store NCCL pairs meet through, or None)."""
+    log.info("loading %s (%s on %s)", econfig.model, econfig.dtype, econfig.device)
+    if cfg.gpu_memory_fraction and cfg.device.startswith("cuda"):
+        import torch
+
+        device = torch.device(cfg.device)
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction,
+                                                   device.index if device.index is not None else 0)
+    llm = await asyncio.to_thread(LLMEngine, econfig, True)
+    engine = AsyncEngine(llm)
+    engine.start()
+    store = None
+    if cfg.transport in ("nccl", "auto"):  # NCCL pairs meet in etcd
+        from worker.etcd_store import EtcdStore
+
+        store = await asyncio.to_thread(EtcdStore, cfg)
+    transport = make_transport(cfg.transport, model=econfig.model, **({"store": store} if store else {}))
+    transport.register(llm.kv_cache)
+    return llm, engine, transport, store
 
 
 def _export_load(engine: AsyncEngine) -> None:
