@@ -12,7 +12,8 @@ table; ``--kv-transfer-mode push|pull`` forces one):
 
 Any failure recomputes the prompt here. A destination block is never handed back to the engine
 while a writer may still write into it: after a failed push we wait for the prefill worker's
-answer (the write has ended), and when it cannot answer, for one more transfer timeout.
+answer (the write has ended), and when it cannot answer, for one more transfer timeout, unless
+its process is gone (its port refuses connections: no writer is left).
 """
 
 from __future__ import annotations
@@ -122,17 +123,20 @@ class KVHandoff:
                 return
             self.transport.cancel(transfer_id)
             await asyncio.gather(landed, return_exceptions=True)
-            await self._after_failed_push(error)
+            await self._after_failed_push(handle.worker_endpoint, error)
             raise TransferError(f"the prefill worker did not push: {_describe(error)}")
         error = landed.exception()
         await asyncio.gather(rpc, return_exceptions=True)  # the write's end, or its deadline
-        await self._after_failed_push(rpc.exception())
+        await self._after_failed_push(handle.worker_endpoint, rpc.exception())
         raise TransferError(f"push did not land: {error}")
 
-    async def _after_failed_push(self, error: BaseException | None) -> None:
-        """Unless the owner said its write is over, keep our blocks away from the engine for one
-        more transfer timeout: a one-sided write may still land in them."""
+    async def _after_failed_push(self, endpoint: str, error: BaseException | None) -> None:
+        """Unless the owner said its write is over, or its process is gone, keep our blocks away
+        from the engine for one more transfer timeout: a one-sided write may still land in them."""
         if error is None or (isinstance(error, grpc.aio.AioRpcError) and error.code() in _WRITER_DONE):
+            return
+        if await _process_gone(endpoint):
+            log.info("the prefill worker at %s is gone (%s): no write of it can land", endpoint, _describe(error))
             return
         log.warning("a prefill worker did not answer a failed push (%s): holding its blocks %.1f s more",
                     _describe(error), self.timeout_s)
@@ -165,6 +169,21 @@ class KVHandoff:
                 log.debug("background KV handoff call failed: %s", _describe(t.exception()))
 
         task.add_done_callback(done)
+
+
+async def _process_gone(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """Whether nothing listens on ``endpoint`` any more (the connection is refused: the worker's
+    process ended). A live process's kernel accepts the connection however busy the process is;
+    an unreachable host (a timeout) is not taken as gone."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return False
 
 
 def _describe(error: BaseException | None) -> str:

@@ -125,3 +125,32 @@ def test_a_released_hold_is_recomputed_not_read(mode: str) -> None:
                 servicer.transport.close()
 
     asyncio.run(main())
+
+
+def test_a_push_from_a_gone_prefill_worker_recomputes_at_once() -> None:
+    """The prefill worker's process is gone (its port refuses connections) when the decode worker
+    asks it to push: no writer is left, so the decode worker recomputes at once instead of keeping
+    its blocks for one more transfer timeout (here 10 minutes: the Generate deadline, 30 s, would
+    end first)."""
+    async def main() -> None:
+        p_server, prefill, p_end = await _worker("prefill", PrefillServicer, "push")
+        d_server, decode, d_end = await _worker("decode", DecodeServicer, "push")
+        decode.handoff.timeout_s = 600.0
+        try:
+            async with grpc.aio.insecure_channel(p_end) as pc, grpc.aio.insecure_channel(d_end) as dc:
+                p_stub, d_stub = pb_grpc.WorkerServiceStub(pc), pb_grpc.WorkerServiceStub(dc)
+                want, _ = await _generate(d_stub, "agg", None)
+                await decode.engine.call(lambda e: e.reset_prefix_cache())
+                first = await p_stub.Prefill(pb.PrefillRequest(request_id="r1", prompt_token_ids=PROMPT,
+                                                               sampling=SAMPLING), timeout=30)
+                await p_server.stop(None)  # nothing listens on its port any more
+                rest, stats = await _generate(d_stub, "r1", first.handle)
+                assert list(first.outputs[0].token_ids) + rest == want
+                assert stats is not None and stats.recomputed and stats.pushed
+        finally:
+            for server, servicer in ((p_server, prefill), (d_server, decode)):
+                await server.stop(None)
+                await servicer.engine.stop()
+                servicer.transport.close()
+
+    asyncio.run(main())
