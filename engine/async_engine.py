@@ -39,9 +39,15 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Held by the engine thread except while it waits: for commands (idle) or for the device
+        # in the middle of a step. ``admit`` runs its call under it: at once during such a wait.
+        self._lock = threading.Lock()
         # KV events, kept for subscribers that resume from an event id.
         self.events: deque[KVEvent] = deque(maxlen=event_history)
         self._event_waiters: set[asyncio.Event] = set()
+        # Block tables of prefill-only requests whose blocks the engine kept (handed off), read
+        # on the engine thread with their last output: taken by :meth:`take_handed_off`.
+        self._handed_off: dict[str, list[int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,6 +77,30 @@ class AsyncEngine:
 
         self._commands.put(run)
         return await asyncio.wrap_future(fut)
+
+    async def admit(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` as soon as the engine thread does no host work: between steps, or
+        while it waits for the device in the middle of one (a decode step lasts milliseconds;
+        :meth:`call` would wait for its end). Only for calls that are safe with a step launched
+        and not applied: admitting a prefilled request (``add_prefilled``, ``block_table``,
+        ``launched_step_waiter``)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine died: {self.dead!r}")
+        gave_up = threading.Event()
+
+        def run() -> T | None:
+            with self._lock:
+                if gave_up.is_set():
+                    return None  # the caller went away first: nothing was done
+                if self.dead is not None:
+                    raise EngineDeadError(f"engine died: {self.dead!r}")
+                return fn(self.engine)
+
+        try:
+            return await asyncio.to_thread(run)  # type: ignore[return-value]
+        except asyncio.CancelledError:
+            gave_up.set()  # before the caller's clean-up posts anything: the order the engine sees
+            raise
 
     def post(self, fn: Callable[[LLMEngine], object]) -> None:
         """Run ``fn(engine)`` on the engine thread without waiting for it (errors are logged)."""
@@ -117,14 +147,15 @@ class AsyncEngine:
         stream = self._open(request_id)
         admitted = False
 
-        def add(e: LLMEngine) -> tuple[list[int] | None, list[int], Callable[[], None]]:
+        def add(e: LLMEngine) -> tuple[list[int] | None, list[int], Callable[[], None] | None]:
             nonlocal admitted
             indices = e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority)
             admitted = True
-            return indices, e.block_table(request_id), e.launched_step_waiter()
+            table = e.block_table(request_id)
+            return indices, table, e.launched_step_waiter([table[i] for i in indices or ()])
 
         try:
-            indices, table, launched = await self.call(add)
+            indices, table, launched = await self.admit(add)
             if indices is not None:
                 task = asyncio.ensure_future(self._fetch(fetch, indices, [table[i] for i in indices], launched))
 
@@ -142,11 +173,19 @@ class AsyncEngine:
 
     @staticmethod
     async def _fetch(fetch: Callable[[list[int], list[int]], Any], indices: list[int], local: list[int],
-                     launched: Callable[[], None]) -> bool:
-        # The blocks may have been freed by a request whose last step is still running on the
-        # device: the transfer starts once that step is done (waited for off the engine thread).
-        await asyncio.to_thread(launched)
+                     launched: Callable[[], None] | None) -> bool:
+        # A block may have been freed by a request whose last step is still running on the
+        # device: then the transfer starts once that step is done (waited for off the engine
+        # thread); when the launched step touches none of the blocks, at once.
+        if launched is not None:
+            await asyncio.to_thread(launched)
         return bool(await fetch(indices, local)) if indices else True
+
+    def take_handed_off(self, request_id: str) -> list[int]:
+        """The block table of a prefill-only request whose last output (``finished``,
+        ``finish_reason`` None) just came out of :meth:`generate`: the blocks the engine keeps for
+        it. Take it on that output, before the stream ends (its end forgets it)."""
+        return self._handed_off.pop(request_id)
 
     async def abort(self, request_id: str) -> None:
         if self.dead is None:
@@ -200,18 +239,21 @@ class AsyncEngine:
                 yield item
         finally:
             self._streams.pop(request_id, None)
+            self._handed_off.pop(request_id, None)
             if num_finished < num_seqs and self.dead is None:
                 await asyncio.shield(self.abort(request_id))
 
     def _run(self) -> None:
         engine = self.engine
+        engine.device_wait = self._unlocked
+        self._lock.acquire()
         try:
             while True:
                 # Run every queued command; block for one only when there is nothing to compute.
                 ran = False
                 while True:
                     try:
-                        cmd = self._commands.get_nowait() if engine.has_work() else self._commands.get(timeout=0.5)
+                        cmd = self._commands.get_nowait() if engine.has_work() else self._unlocked(self._next_command)
                     except queue.Empty:
                         break
                     if cmd is None:
@@ -226,14 +268,31 @@ class AsyncEngine:
             self.dead = e
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._fail_all, e)
+        finally:
+            self._lock.release()
+
+    def _unlocked(self, wait: Callable[[], T]) -> T:
+        """``wait()`` with the engine lock released (the engine thread waits: ``admit`` may run)."""
+        self._lock.release()
+        try:
+            return wait()
+        finally:
+            self._lock.acquire()
+
+    def _next_command(self) -> Callable[[], None] | None:
+        return self._commands.get(timeout=0.5)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         events = self.engine.take_kv_events()
         self.load = self.engine.load()
+        # A handed-off prompt's table, read now: asked for later it would wait for a whole step.
+        handed_off = {out.request_id: self.engine.block_table(out.request_id) for out in outputs
+                      if out.finished and out.finish_reason is None}
         if (outputs or events) and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, outputs, events)
+            self._loop.call_soon_threadsafe(self._deliver, outputs, events, handed_off)
 
-    def _deliver(self, outputs: list[RequestOutput], events: list[KVEvent]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], events: list[KVEvent], handed_off: dict[str, list[int]]) -> None:
+        self._handed_off.update((rid, table) for rid, table in handed_off.items() if rid in self._streams)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:

@@ -20,7 +20,7 @@ its scheduler, block manager and runner are its own."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -77,8 +77,14 @@ class LLMEngine:
         self.num_steps = 0
         # May be switched between steps (a benchmark compares both in one process).
         self.async_scheduling = config.use_async_scheduling
-        # The launched step whose tokens the host has not applied yet (asynchronous scheduling).
-        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        # Steps launched whose tokens the host has not applied yet, oldest first (one between
+        # steps with asynchronous scheduling, two while step() waits for the older), each with
+        # every block it reads or writes: its requests' tables as they were at launch (the block
+        # manager's lists: a later free drops them, never empties them).
+        self._launched: list[tuple[SchedulerOutput, StepHandle, list[list[int]]]] = []
+        # Called with a launched step's ``wait`` when the engine is about to block on the device;
+        # AsyncEngine lets handoff admissions in meanwhile (engine state is consistent then).
+        self.device_wait: Callable[[Callable[[], None]], None] | None = None
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -122,7 +128,8 @@ class LLMEngine:
         ``first_token``. Returns the indices of prompt blocks to transfer into
         :meth:`block_table` (then call :meth:`kv_ready`), or None when the prompt will be
         recomputed here instead. A transfer into those blocks must first wait for
-        :meth:`launched_step_waiter`: a step launched before may still write into a block it freed."""
+        :meth:`launched_step_waiter` of them: a step launched before may still write into a block
+        it freed."""
         if sampling.n != 1:
             raise ValueError("a prefilled request takes n = 1")
         prompt_ids = self._validate(request_id, prompt_ids, sampling)
@@ -140,17 +147,30 @@ class LLMEngine:
         return self.scheduler.unpin(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or bool(self._launched)
 
-    def launched_step_waiter(self) -> Callable[[], None]:
-        """A callable that returns once the step launched now (if any) has run on the device; any
-        thread may call it, so a KV transfer waits for it without stopping the engine's loop."""
-        return self._inflight[1].wait if self._inflight is not None else _nothing
+    def launched_step_waiter(self, block_ids: Sequence[int] | None = None) -> Callable[[], None] | None:
+        """A callable that returns once every step launched now has run on the device (any thread
+        may call it, so a KV transfer waits for it without stopping the engine's loop); None when
+        nothing is to be waited for: no step is launched or, given ``block_ids``, no launched
+        step touches any of them (the usual case: the blocks its requests free go to the back
+        of the free queue)."""
+        if not self._launched or (block_ids is not None and not self._launched_touch(block_ids)):
+            return None
+        return self._launched[-1][1].wait  # the device runs the steps in order
+
+    def _launched_touch(self, block_ids: Sequence[int]) -> bool:
+        wanted = set(block_ids)
+        for output, _, tables in self._launched:
+            if any(not wanted.isdisjoint(table) for table in tables) or \
+                    any(src in wanted or dst in wanted for src, dst in output.block_copies):
+                return True
+        return False
 
     def wait_for_device(self) -> None:
         """Until the device has run every launched step (its tokens stay to be applied)."""
-        if self._inflight is not None:
-            self._inflight[1].wait()
+        if self._launched:
+            self._launched[-1][1].wait()
 
     def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> list[int]:
         if request_id in self._groups or request_id in self.scheduler.pinned:
@@ -243,24 +263,34 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        if prev is not None and (not self.async_scheduling or self._needs_host_tokens(prev[0])):
-            outputs += self._apply(*prev)
-            prev = None
+        if self._launched and (not self.async_scheduling or self._needs_host_tokens(self._launched[-1][0])):
+            outputs += self._apply_oldest()
         output = self.scheduler.schedule()
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
-        handle = self.runner.launch(output, tables, prev[1] if prev is not None else None)
+        prev = self._launched[-1][1] if self._launched else None
+        handle = self.runner.launch(output, tables, prev)
         self.scheduler.on_launch(output)
         self.num_steps += 1
-        if prev is not None:  # the device runs the new step meanwhile
-            outputs += self._apply(*prev)
-        if handle is None or not self.async_scheduling:
-            outputs += self._apply(output, handle)
-        else:
-            self._inflight = (output, handle)
+        if handle is None:
+            outputs += self._apply_oldest() if self._launched else []
+            return outputs + self._apply(output, None)
+        self._launched.append((output, handle, list(tables.values())))
+        if len(self._launched) > 1:  # the device runs the new step meanwhile
+            outputs += self._apply_oldest()
+        if not self.async_scheduling:
+            outputs += self._apply_oldest()
         return outputs
+
+    def _apply_oldest(self) -> list[RequestOutput]:
+        """Wait for the oldest launched step (through ``device_wait``: it counts as launched
+        meanwhile) and apply it."""
+        output, handle, _ = self._launched[0]
+        if self.device_wait is not None:
+            self.device_wait(handle.wait)
+        self._launched.pop(0)
+        return self._apply(output, handle)
 
     @staticmethod
     def _needs_host_tokens(output: SchedulerOutput) -> bool:
@@ -301,6 +331,3 @@ class LLMEngine:
 def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-
-def _nothing() -> None:
-    pass

@@ -53,10 +53,13 @@ class PrefillServicer(WorkerServicer):
                        context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         arrival = time.monotonic()
         last = None
+        table: list[int] = []
         try:
             async for out in self.engine.generate(rid, list(request.prompt_token_ids), sampling,
                                                   request.priority, prefill_only=True):
                 last = out
+                if out.finished and out.finish_reason is None:
+                    table = self.engine.take_handed_off(rid)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         assert last is not None and last.finished
@@ -69,7 +72,6 @@ class PrefillServicer(WorkerServicer):
         if last.finish_reason is None:  # handed off: the engine keeps the blocks, we hold them
             # The output reached us after the step that wrote the blocks finished on the device
             # (its sampled token was read back), so a transfer may read them from now on.
-            table = await self.engine.call(lambda e: e.block_table(rid))
             self.held.hold(rid, table)
             ident = self.identity
             response.handle.CopyFrom(pb.KVHandle(

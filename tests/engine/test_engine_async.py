@@ -163,7 +163,9 @@ def test_prefill_only_and_disaggregated_decode(tiny_llama_path: str, prompts: li
     for i, prompt in enumerate(prompts):
         rid = f"r{i}"
         indices = d.add_prefilled(rid, prompt, first[rid], greedy)
-        d.launched_step_waiter()()  # a step still running may write into a block it freed
+        waiter = d.launched_step_waiter()  # a step still running may write into a block it freed
+        if waiter is not None:
+            waiter()
         assert indices is not None
         src, dst = p.block_manager.block_table(rid), d.block_manager.block_table(rid)
         for k in indices:
@@ -206,3 +208,28 @@ def test_n_children_out_of_blocks(tiny_llama_path: str) -> None:
     sync, fast = both(tiny_llama_path, num_blocks=6)
     assert results(fast, prompts, params) == results(sync, prompts, params)
     assert fast.engine.scheduler.stats.num_preemptions > 0
+
+
+def test_a_transfer_waits_for_the_launched_step_only_when_it_touches_the_blocks(tiny_llama_path: str) -> None:
+    """``launched_step_waiter(blocks)``: no wait for blocks the launched step does not touch; the
+    launched step's wait for a block it uses, among them one freed (aborted) while it runs and
+    handed at once to a prefilled request (a cache of 4 blocks: the free queue wraps)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine = make_tiny_llm(tiny_llama_path, async_scheduling=True, num_blocks=4,
+                           enable_prefix_caching=False).engine
+    assert engine.launched_step_waiter([0]) is None  # nothing launched
+    engine.add_request("r0", list(range(3, 20)), greedy)  # 17 tokens: 2 blocks
+    engine.step()
+    running = engine.block_table("r0")
+    assert engine.has_work() and len(running) == 2
+    idle = [b for b in range(4) if b not in running]
+    assert engine.launched_step_waiter(idle) is None
+    assert engine.launched_step_waiter(running[1:]) is not None
+    assert engine.launched_step_waiter() is not None  # no blocks named: always the step's wait
+    engine.abort("r0")  # its step is still launched: the blocks it freed may still be written
+    indices = engine.add_prefilled("r1", list(range(3, 60)), 5, greedy)  # 57 tokens: all 4 blocks
+    assert indices == [0, 1, 2, 3]
+    table = engine.block_table("r1")
+    assert set(running) <= set(table)
+    assert engine.launched_step_waiter([table[i] for i in indices]) is not None
+    assert engine.launched_step_waiter([b for b in table if b not in running]) is None
