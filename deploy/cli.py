@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -79,10 +80,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.local_cluster import LocalCluster
     from runtime import settings
 
+    # SIGTERM (a service manager, a container's stop) stops everything as Ctrl-C does; so does
+    # SIGINT when our parent ignored it (a non-interactive shell's background job).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     cfg = settings.from_args(args)
     cluster = LocalCluster(cfg, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                            log_dir=args.log_dir)

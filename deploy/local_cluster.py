@@ -139,14 +139,16 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Terminate every child (SIGTERM, then SIGKILL after 10 s), stop etcd, remove temp files.
-        A second Ctrl-C while this runs does not cut the cleanup short."""
+        A second Ctrl-C (or SIGTERM) while this runs does not cut the cleanup short."""
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
+            if in_main else {}
         try:
             self._stop()
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                if handler is not None:  # None: a handler installed outside Python, not restorable
+                    signal.signal(sig, handler)
 
     def _stop(self) -> None:
         for child in reversed(self.children):
