@@ -1,24 +1,34 @@
 """Disaggregated equals aggregated on the remote path, for what users send: greedy and seeded
-sampling, penalties, min_tokens, logprobs with top alternatives, streamed and not, through the
-OpenAI API (completions and chat).
+sampling, penalties, min_tokens, stop strings across token boundaries, logprobs (with top
+alternatives, also checked against the engine run in this process), streamed and not, through the
+OpenAI API (completions and chat) and KServe (stock tritonclient), in float32 and in bfloat16.
 
 Every request here is prefilled on the prefill worker and its KV pulled by the decode worker:
 prompts are fresh (a unique tag: nothing cached anywhere) and longer than the clusters'
 max_local_prefill_tokens, and each test checks the router's route counters and the decode
-worker's pulled blocks (``Handoffs``). Pair: ``disagg_cluster`` / ``agg_cluster`` (float32), one
-CPU thread per worker. (n > 1 is prefilled where it decodes: the router never hands it off.)"""
+worker's pulled blocks (``Handoffs``). Pairs: ``disagg_cluster`` / ``agg_cluster`` (float32, one
+CPU thread per worker) and ``disagg_bf16_cluster`` / ``agg_bf16_cluster`` (bfloat16 on the CPU
+kernels: one thread per disaggregated worker, two in the aggregated one). (n > 1 is prefilled
+where it decodes: the router never hands it off.)"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import queue
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from serving_testlib import LONG_PROMPTS, NIXL, Handoffs, client, fresh, model
 
 from deploy.local_cluster import LocalCluster
 from engine.gguf_file import GGUFFile
+from engine.llm import LLM
 from engine.loader import default_model_path
+from protocol.sampling import SamplingParams
 from text.tokenizer import TextTokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -33,11 +43,15 @@ class Pair:
     agg: LocalCluster
     dtype: str
     tol: float  # logprobs between the two clusters (the same arithmetic: equal but for float noise)
+    transport: str  # the disaggregated cluster's
 
 
-@pytest.fixture(params=["float32"])
-def pair(request: pytest.FixtureRequest, disagg_cluster: LocalCluster, agg_cluster: LocalCluster) -> Pair:
-    return Pair(disagg_cluster, agg_cluster, "float32", 1e-4)
+@pytest.fixture(params=["float32", "bfloat16"])
+def pair(request: pytest.FixtureRequest, disagg_cluster: LocalCluster, agg_cluster: LocalCluster,
+         disagg_bf16_cluster: LocalCluster, agg_bf16_cluster: LocalCluster) -> Pair:
+    if request.param == "float32":
+        return Pair(disagg_cluster, agg_cluster, "float32", 1e-4, TRANSPORT)
+    return Pair(disagg_bf16_cluster, agg_bf16_cluster, "bfloat16", 1e-3, "tcp")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +150,7 @@ def cases(tokenizer: TextTokenizer) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_completions_equal_aggregated(pair: Pair, tokenizer: TextTokenizer, stream: bool) -> None:
-    handoffs = Handoffs(pair.disagg, TRANSPORT)
+    handoffs = Handoffs(pair.disagg, pair.transport)
     lengths = []
     for k, (name, kwargs) in enumerate(cases(tokenizer).items()):
         prompt = fresh(LONG_PROMPTS[k % 2])
@@ -151,7 +165,7 @@ def test_completions_equal_aggregated(pair: Pair, tokenizer: TextTokenizer, stre
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_chat_equals_aggregated(pair: Pair, stream: bool) -> None:
-    handoffs = Handoffs(pair.disagg, TRANSPORT)
+    handoffs = Handoffs(pair.disagg, pair.transport)
     lengths = []
     for kwargs in (dict(temperature=0, max_completion_tokens=14, logprobs=True, top_logprobs=3),
                    dict(temperature=0.9, seed=21, max_completion_tokens=14, logprobs=True, top_logprobs=1),
@@ -163,4 +177,124 @@ def test_chat_equals_aggregated(pair: Pair, stream: bool) -> None:
         assert_same(got, want, pair.tol, repr(kwargs))
         assert all(c.text.strip() for c in want.values())
         lengths.append(num_prompt)
+    handoffs.check(lengths)
+
+
+# ---- stop strings -------------------------------------------------------------------------------------
+def spanning_stop(tokens: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one token and ends inside the next, first met there; and
+    where in the text it starts."""
+    text = "".join(tokens)
+    pos = 0
+    for a, b in itertools.pairwise(tokens):
+        pos += len(a)
+        if len(a) >= 2 and len(b) >= 2 and (a[-1] + b[:2]).strip():
+            stop = a[-1] + b[:2]
+            if text.index(stop) == pos - 1:
+                return stop, pos - 1
+    raise AssertionError(f"no two tokens of two characters or more in {tokens!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_stop_strings_across_token_boundaries(pair: Pair, stream: bool) -> None:
+    """The stop string is cut from the aggregated output so that it straddles two tokens; the
+    disaggregated output stops right before it (or right after it, include_stop_str_in_output)."""
+    handoffs = Handoffs(pair.disagg, pair.transport)
+    lengths = []
+    for sampling in (dict(temperature=0), dict(temperature=0.8, seed=13)):
+        for include in (False, True):
+            prompt = fresh(LONG_PROMPTS[1])
+            full, _ = completion(pair.agg, prompt, False, max_tokens=24, logprobs=0, extra_body=IGNORE_EOS,
+                                 **sampling)
+            stop, at = spanning_stop(full[0].tokens[1:])  # not on the first token: the decode worker's part
+            at += len(full[0].tokens[0])
+            extra = {**IGNORE_EOS, "include_stop_str_in_output": include}
+            got, num_prompt = completion(pair.disagg, prompt, stream, max_tokens=24, stop=[stop, "@@@"],
+                                         extra_body=extra, **sampling)
+            want = full[0].text[:at + (len(stop) if include else 0)]
+            assert (got[0].text, got[0].finish_reason) == (want, "stop"), (sampling, include, stop, full[0].text)
+            lengths.append(num_prompt)
+    handoffs.check(lengths)
+
+
+# ---- logprobs against the engine ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engines() -> dict[str, LLM]:
+    return {}  # by dtype, loaded on first use
+
+
+def test_logprobs_equal_the_engine(pair: Pair, engines: dict[str, LLM], tokenizer: TextTokenizer) -> None:
+    """The served logprobs and top alternatives are the engine's, for the first token (drawn on the
+    prefill worker) and the rest (on the decode worker), greedy and seeded."""
+    handoffs = Handoffs(pair.disagg, pair.transport)
+    lengths = []
+    if pair.dtype not in engines:  # one thread, like the workers: the same arithmetic
+        engines[pair.dtype] = LLM("default", dtype=pair.dtype, num_threads=1, kv_cache_bytes=64 << 20, progress=False)
+    engine = engines[pair.dtype]
+    for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=30, seed=17)):
+        prompt = fresh(LONG_PROMPTS[0])
+        (ref,) = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, logprobs=5, **sampling))
+        got, num_prompt = completion(pair.disagg, prompt, False, max_tokens=12, logprobs=5,
+                                     extra_body={**IGNORE_EOS, **({"top_k": 30} if "top_k" in sampling else {})},
+                                     **{k: v for k, v in sampling.items() if k != "top_k"})
+        want = ref.outputs[0]
+        assert got[0].tokens == [tokenizer.token_text(t) for t in want.token_ids], sampling
+        assert got[0].logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=pair.tol), sampling
+        for top, lp in zip(got[0].top, want.logprobs):
+            assert top == pytest.approx({tokenizer.token_text(t): v for t, v in lp.top.items()}, abs=pair.tol)
+            assert len(top) == 5
+        lengths.append(num_prompt)
+    handoffs.check(lengths)
+
+
+# ---- KServe -------------------------------------------------------------------------------------------
+def _inputs(text: str, params: dict[str, Any]) -> list[grpcclient.InferInput]:
+    prompt = grpcclient.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    sampling = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+    sampling.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=object))
+    flag = grpcclient.InferInput("exclude_input_in_output", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True], dtype=bool))
+    return [prompt, sampling, flag]
+
+
+def kserve(cluster: LocalCluster, text: str, params: dict[str, Any], stream: bool) -> str:
+    triton = grpcclient.InferenceServerClient(cluster.grpc_target)
+    try:
+        if not stream:
+            return triton.infer(model(cluster), _inputs(text, params), client_timeout=120).as_numpy(
+                "text_output")[0].decode()
+        responses: queue.Queue = queue.Queue()
+        triton.start_stream(callback=lambda result, error: responses.put((result, error)))
+        try:
+            triton.async_stream_infer(model(cluster), _inputs(text, params), request_id="r",
+                                      enable_empty_final_response=True)
+            pieces = []
+            while True:
+                result, error = responses.get(timeout=120)
+                assert error is None, error
+                out = result.as_numpy("text_output")
+                pieces += [x.decode() for x in out] if out is not None else []
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    assert len(pieces) > 1  # streamed piece by piece
+                    return "".join(pieces)
+        finally:
+            triton.stop_stream()
+    finally:
+        triton.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["infer", "stream"])
+def test_kserve_equals_aggregated(pair: Pair, tokenizer: TextTokenizer, stream: bool) -> None:
+    handoffs = Handoffs(pair.disagg, pair.transport)
+    lengths = []
+    for params in ({"max_tokens": 16, "temperature": 0, "ignore_eos": True},
+                   {"max_tokens": 16, "temperature": 0.9, "top_p": 0.9, "seed": 5, "ignore_eos": True},
+                   {"max_tokens": 16, "temperature": 0.7, "seed": 8, "frequency_penalty": 0.5,
+                    "repetition_penalty": 1.1, "ignore_eos": True}):
+        prompt = fresh(LONG_PROMPTS[0])
+        want = kserve(pair.agg, prompt, params, stream)
+        assert kserve(pair.disagg, prompt, params, stream) == want, params
+        lengths.append(len(tokenizer.encode(prompt)))
     handoffs.check(lengths)

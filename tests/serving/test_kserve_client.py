@@ -14,14 +14,18 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from serving_testlib import LONG_PROMPTS, SHORT_PROMPTS, greedy_completion, model
+from serving_testlib import LONG_PROMPTS, NIXL, SHORT_PROMPTS, Handoffs, fresh, greedy_completion, model
 from tritonclient.utils import InferenceServerException
 
 from deploy.local_cluster import LocalCluster
+from engine.gguf_file import GGUFFile
+from engine.loader import default_model_path
+from text.tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.timeout(300)
 
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+TRANSPORT = "nixl" if NIXL else "tcp"
 
 
 def _inputs(text: str, params: dict[str, Any], exclude_input: bool | None = None) -> list[grpcclient.InferInput]:
@@ -44,6 +48,11 @@ def triton(disagg_cluster: LocalCluster) -> Iterator[grpcclient.InferenceServerC
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer.from_gguf(GGUFFile(default_model_path()).metadata)
 
 
 class Stream:
@@ -85,34 +94,44 @@ def test_server_and_model_are_ready(triton: grpcclient.InferenceServerClient, di
     assert [o.name for o in meta.outputs] == ["text_output"]
 
 
-@pytest.mark.parametrize("prompt", [SHORT_PROMPTS[0], LONG_PROMPTS[0]], ids=["short", "long"])
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
 def test_streaming_generation_equals_openai_completion(triton: grpcclient.InferenceServerClient,
-                                                       disagg_cluster: LocalCluster, prompt: str) -> None:
-    want = greedy_completion(disagg_cluster, prompt, max_tokens=24).choices[0].text
+                                                       disagg_cluster: LocalCluster, tokenizer: TextTokenizer,
+                                                       long: bool) -> None:
+    """Long: the KServe request comes first with a fresh prompt, so it is the one prefilled on the
+    prefill worker (checked); the OpenAI completion and the repeats find it cached on the decoder."""
+    prompt = fresh(LONG_PROMPTS[0]) if long else SHORT_PROMPTS[0]
+    handoffs = Handoffs(disagg_cluster, TRANSPORT)
     stream = Stream(triton, model(disagg_cluster))
     try:
-        pieces, error = stream.generate(prompt, GREEDY, "req-1")
+        first, error = stream.generate(prompt, GREEDY, "req-1")
         assert error is None
-        assert len(pieces) > 1  # streamed piece by piece, not in one go
-        assert "".join(pieces) == want
+        assert len(first) > 1  # streamed piece by piece, not in one go
+        if long:
+            handoffs.check([len(tokenizer.encode(prompt))])
+        want = greedy_completion(disagg_cluster, prompt, max_tokens=24)
+        assert "".join(first) == want.choices[0].text
         # an error for one request leaves the stream usable for the next
         pieces, error = stream.generate(prompt, {**GREEDY, "temperature": -1}, "req-bad")
         assert pieces == [] and "temperature" in error
         pieces, error = stream.generate(prompt, GREEDY, "req-2")
-        assert error is None and "".join(pieces) == want
+        assert error is None and pieces == first
     finally:
         stream.close()
 
 
-def test_infer_equals_openai_completion(triton: grpcclient.InferenceServerClient,
-                                        disagg_cluster: LocalCluster) -> None:
-    prompt = LONG_PROMPTS[1]
-    want = greedy_completion(disagg_cluster, prompt, max_tokens=24).choices[0].text
+def test_infer_equals_openai_completion(triton: grpcclient.InferenceServerClient, disagg_cluster: LocalCluster,
+                                        tokenizer: TextTokenizer) -> None:
+    """The first request (ModelInfer, fresh prompt) is prefilled on the prefill worker (checked)."""
+    prompt = fresh(LONG_PROMPTS[1])
     name = model(disagg_cluster)
-    whole = triton.infer(name, _inputs(prompt, GREEDY), client_timeout=60)
-    assert whole.as_numpy("text_output")[0].decode() == prompt + want  # the input is echoed by default
+    handoffs = Handoffs(disagg_cluster, TRANSPORT)
     only_new = triton.infer(name, _inputs(prompt, GREEDY, exclude_input=True), client_timeout=60)
-    assert only_new.as_numpy("text_output")[0].decode() == want
+    handoffs.check([len(tokenizer.encode(prompt))])
+    want = greedy_completion(disagg_cluster, prompt, max_tokens=24)
+    assert only_new.as_numpy("text_output")[0].decode() == want.choices[0].text
+    whole = triton.infer(name, _inputs(prompt, GREEDY), client_timeout=60)
+    assert whole.as_numpy("text_output")[0].decode() == prompt + want.choices[0].text  # the input is echoed by default
 
 
 def test_infer_errors(triton: grpcclient.InferenceServerClient, disagg_cluster: LocalCluster) -> None:
