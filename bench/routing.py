@@ -8,7 +8,9 @@ is a turn of one of a tenant's ``--users`` conversations: context + the conversa
 measured): the runs compare steady states, not how fast each policy warms its caches up.
 
 One cluster serves every policy: each policy gets its own router replica (same etcd, same
-workers), and each run uses fresh token ids with the same structure (tenants, lengths,
+workers), ``--rounds`` times, in an order rotated each round (the first policy of a round runs
+on workers whose step times have not yet been shaped by the others' load; the table averages
+the rounds), and each run uses fresh token ids with the same structure (tenants, lengths,
 arrival times), so no run finds another's prefixes cached: every run starts as cold as the
 first. Prints TTFT and E2E (mean, p90, p99), the prefix hit rate (prompt tokens the workers
 served from their caches, over all prompt tokens, from the workers' own counters) and
@@ -173,27 +175,41 @@ def run_cluster(args: argparse.Namespace, workload: Workload) -> dict[str, dict[
                        and not c.name.startswith("router")]
         spec = serve.LoadSpec(rate=args.rate, max_concurrency=args.max_concurrency, max_duration_s=args.max_duration,
                               seed=args.seed)
-        for i, name in enumerate(args.policies):
-            policy_name, _, scale = name.partition("@")
-            router = cluster.add_router(routing_policy=policy_name,
-                                        prefill_load_scale=float(scale) if scale else args.prefill_load_scale)
-            warmup, requests = workload.requests(args.seed * 1000 + i + 1, (1000, 30000))
-            try:
-                results[name] = asyncio.run(run_policy(router.ready["http"], worker_urls, warmup, requests, spec,
-                                                       name))
-            finally:
-                router.proc.terminate()
-                router.proc.wait(30)
-            s = results[name]
-            print(f"[{name}] TTFT mean {s['ttft_ms']['mean']:.0f} ms, p99 {s['ttft_ms']['p99']:.0f} ms, "
-                  f"hit rate {s['prefix_hit_rate']:.2f}, {s['request_throughput']:.2f} req/s", file=sys.stderr,
-                  flush=True)
+        by_policy: dict[str, list[dict[str, Any]]] = {name: [] for name in args.policies}
+        k = 0
+        for rnd in range(args.rounds):  # round r starts with policy r: none always runs first (or last)
+            for name in args.policies[rnd % len(args.policies):] + args.policies[:rnd % len(args.policies)]:
+                k += 1
+                policy_name, _, scale = name.partition("@")
+                router = cluster.add_router(routing_policy=policy_name,
+                                            prefill_load_scale=float(scale) if scale else args.prefill_load_scale)
+                warmup, requests = workload.requests(args.seed * 1000 + k, (1000, 30000))
+                try:
+                    s = asyncio.run(run_policy(router.ready["http"], worker_urls, warmup, requests, spec, name))
+                finally:
+                    router.proc.terminate()
+                    router.proc.wait(30)
+                by_policy[name].append(s)
+                print(f"[{name}, round {rnd + 1}] TTFT mean {s['ttft_ms']['mean']:.0f} ms, p99 "
+                      f"{s['ttft_ms']['p99']:.0f} ms, hit rate {s['prefix_hit_rate']:.2f}, "
+                      f"{s['request_throughput']:.2f} req/s", file=sys.stderr, flush=True)
+        results = {name: mean_summary(runs) for name, runs in by_policy.items()}
         dead = [c.name for c in cluster.children if c.proc.poll() not in (None, 0, -15)]
         if dead:
             print(f"WARNING: {dead} exited during the runs", file=sys.stderr)
     finally:
         cluster.stop()
     return results
+
+
+def mean_summary(runs: list[Any]) -> Any:
+    """The rounds' summaries of one policy, every number averaged (counts too: per round)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: mean_summary([r.get(key, 0) for r in runs]) for key in dict.fromkeys(k for r in runs for k in r)}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.mean(runs)
+    return first
 
 
 # ---- decision latency -----------------------------------------------------------------------------
@@ -293,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--policies", default="kv,round_robin,random,least_loaded,kv@1",
                    type=lambda s: [x for x in s.split(",") if x],
                    help="policies to run in turn; kv@SCALE: kv with prefill_load_scale SCALE")
+    c.add_argument("--rounds", type=int, default=2,
+                   help="every policy runs once a round, the order rotated each round; the table averages rounds")
     c.add_argument("--log-dir", default=None)
     w = p.add_argument_group("workload")
     w.add_argument("--tenants", type=int, default=100)
