@@ -124,13 +124,16 @@ def run_cluster_side(args: argparse.Namespace, mode: str, points: list[tuple[int
                                            cluster.http_url, f"{label} isl={isl} warm-up", warm, None, {}))
                 warmed.add(isl)
             before = _histogram(asyncio.run(_scrape_text(decode_metrics)), HANDOFF)
+            window = [time.monotonic_ns()]  # the point's requests in runtime.trace's clock
             out = asyncio.run(bench_endpoint(point_args, cluster.http_url, f"{label} isl={isl} c={conc}", requests,
                                              None, {"decode": decode_metrics}))
+            window.append(time.monotonic_ns())
             after = _histogram(asyncio.run(_scrape_text(decode_metrics)), HANDOFF)
             handoff = {key: histogram_quantiles(before.get(key, {}), hist, (50, 99)) for key, hist in after.items()}
             out.pop("requests", None)
             results.append({"side": label, "isl": isl, "concurrency": conc, "summary": out["summary"],
-                            "counters": out.get("counters", {}), "kv_handoff_ms": handoff})
+                            "counters": out.get("counters", {}), "kv_handoff_ms": handoff,
+                            "window_monotonic_ns": window})
             _print_point(results[-1])
     finally:
         cluster.stop()

@@ -26,6 +26,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from kv_transfer import KVTransport, TransferError
+from runtime import trace
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 
@@ -61,6 +62,7 @@ class KVHandoff:
     async def fetch(self, handle: pb.KVHandle, indices: list[int], local: list[int], stats: pb.PullStats) -> bool:
         """Bring the handle's blocks at ``indices`` into our ``local`` blocks; whether they landed."""
         t0 = time.perf_counter()
+        trace.mark(handle.request_id, "d.fetch")
         stats.num_reused_blocks = -(-handle.num_tokens // self.block_size) - len(indices)
         mode = "none"
         try:
@@ -80,6 +82,7 @@ class KVHandoff:
             return False
         finally:
             stats.pull_ms = (time.perf_counter() - t0) * 1000
+        trace.mark(handle.request_id, "d.landed")
         stats.num_pulled_blocks = len(indices)
         HANDOFF_BLOCKS.labels(mode).inc(len(indices))
         HANDOFF_SECONDS.labels(mode).observe(stats.pull_ms / 1000)

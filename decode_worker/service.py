@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_worker.handoff import KVHandoff
-from runtime import settings
+from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import WorkerServicer, main
@@ -32,6 +32,7 @@ class DecodeServicer(WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
+        trace.mark(rid, "d.recv")
         prompt = list(request.prompt_token_ids)
         stats = pb.PullStats()
         if request.HasField("kv_handle") and sampling.n == 1:
@@ -49,6 +50,7 @@ class DecodeServicer(WorkerServicer):
                 msg = pb.GenerateResponse(outputs=[output_to_pb(out)])
                 if first and request.HasField("kv_handle"):
                     msg.pull.CopyFrom(stats)
+                    trace.mark(rid, "d.msg1")
                 first = False
                 if out.finished:
                     remaining -= 1

@@ -22,6 +22,7 @@ from protocol.kv_events import KVEvent
 from protocol.load import EngineLoad
 from protocol.outputs import RequestOutput
 from protocol.sampling import SamplingParams
+from runtime import trace
 
 T = TypeVar("T")
 
@@ -156,6 +157,7 @@ class AsyncEngine:
 
         try:
             indices, table, launched = await self.admit(add)
+            trace.mark(request_id, "d.admitted")
             if indices is not None:
                 task = asyncio.ensure_future(self._fetch(fetch, indices, [table[i] for i in indices], launched))
 

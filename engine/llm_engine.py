@@ -37,6 +37,7 @@ from protocol.load import EngineLoad
 from protocol.model_card import ModelCard
 from protocol.outputs import FinishReason, RequestOutput, StopReason
 from protocol.sampling import SamplingParams
+from runtime import trace
 
 
 @dataclass
@@ -85,6 +86,7 @@ class LLMEngine:
         # Called with a launched step's ``wait`` when the engine is about to block on the device;
         # AsyncEngine lets handoff admissions in meanwhile (engine state is consistent then).
         self.device_wait: Callable[[Callable[[], None]], None] | None = None
+        self._traced: set[str] = set()  # prefilled requests whose first decode is traced (runtime.trace)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -142,6 +144,9 @@ class LLMEngine:
 
     def kv_ready(self, request_id: str, ok: bool) -> None:
         self.scheduler.kv_ready(request_id, ok)
+        if trace.enabled:
+            trace.mark(request_id, "d.ready")
+            self._traced.add(request_id)
 
     def unpin(self, request_id: str) -> bool:
         return self.scheduler.unpin(request_id)
@@ -273,6 +278,10 @@ class LLMEngine:
         handle = self.runner.launch(output, tables, prev)
         self.scheduler.on_launch(output)
         self.num_steps += 1
+        if self._traced:
+            for s in output.scheduled:
+                if s.request.request_id in self._traced:
+                    trace.mark(s.request.request_id, "d.launch1")
         if handle is None:
             outputs += self._apply_oldest() if self._launched else []
             return outputs + self._apply(output, None)
@@ -302,6 +311,11 @@ class LLMEngine:
         """Wait for a launched step's tokens and apply them: scheduler update, outputs."""
         sampled = handle.result() if handle is not None else {}
         updated = self.scheduler.update_from_output(output, sampled)
+        if self._traced:
+            for request in updated:
+                if request.request_id in self._traced:
+                    trace.mark(request.request_id, "d.out1")
+                    self._traced.discard(request.request_id)
         return [self._output(tracked) for request in updated
                 if (tracked := self._tracked.get(request.request_id)) is not None]
 

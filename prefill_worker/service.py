@@ -16,7 +16,7 @@ import grpc
 from kv_transfer import TransferError
 from prefill_worker.held import HeldBlocks
 from protocol.sampling import SamplingParams
-from runtime import settings
+from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import WorkerServicer, main
@@ -41,8 +41,11 @@ class PrefillServicer(WorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
+        trace.mark(rid, "p.recv")
         try:
-            return await self._prefill(rid, request, sampling, context)
+            response = await self._prefill(rid, request, sampling, context)
+            trace.mark(rid, "p.ans")
+            return response
         except asyncio.CancelledError:
             # The caller gave up. A prompt still computing is aborted by the engine stream; one
             # that finished (and kept its blocks) before we heard of it is released here.
@@ -58,6 +61,7 @@ class PrefillServicer(WorkerServicer):
             async for out in self.engine.generate(rid, list(request.prompt_token_ids), sampling,
                                                   request.priority, prefill_only=True):
                 last = out
+                trace.mark(rid, "p.out")
                 if out.finished and out.finish_reason is None:
                     table = self.engine.take_handed_off(rid)
         except ValueError as e:
@@ -84,6 +88,7 @@ class PrefillServicer(WorkerServicer):
     async def PushKV(self, request: pb.PushKVRequest, context: grpc.aio.ServicerContext) -> pb.PushKVResponse:
         """Write a held handle's blocks into the caller's, then release them (landed or not)."""
         rid = request.request_id
+        trace.mark(rid, "p.pushkv")
         if self.transport is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has no KV transport")
         if len(request.block_indices) != len(request.dst_block_ids) or request.timeout_ms <= 0:
@@ -117,6 +122,7 @@ class PrefillServicer(WorkerServicer):
             timeout_s = await self._faults.apply(rid, request.timeout_ms / 1000)
             result = await self.transport.push_async(request.transport_metadata, request.transfer_id, src,
                                                      list(request.dst_block_ids), timeout_s=timeout_s)
+            trace.mark(rid, "p.pushed")
             return pb.PushKVResponse(push_ms=result.duration_s * 1000, num_blocks=result.num_blocks)
         except TransferError as e:
             log.warning("request %s: push of %d blocks failed: %s", rid, len(request.block_indices), e)

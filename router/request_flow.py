@@ -35,7 +35,7 @@ from router.inflight import Ticket, inflight_to_pb, sum_peers
 from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
 from router.tier_index import TierIndex
 from router.worker_pool import WorkerPool
-from runtime import keys
+from runtime import keys, trace
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
 from runtime.etcd import ControlPlane
 from runtime.pb import tandem_control_pb2 as cpb
@@ -147,6 +147,7 @@ class RequestFlow:
         """Stream the request's deltas, then one :class:`Usage`. Stop strings are the caller's
         business: it closes the stream when it sees one (that aborts the request upstream)."""
         t0 = time.perf_counter()
+        trace.mark(request_id, "r.plan")
         plan = self._plan(prompt_ids, sampling.n)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
         # The request counts on its decode worker from the decision on, not from the call: while
@@ -162,15 +163,21 @@ class RequestFlow:
             ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
             if call.first is not None:
                 call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
+                trace.mark(request_id, "r.prefill_ans")
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
+                trace.mark(request_id, "r.first_yield")
                 yield delta
                 if delta.finish_reason is not None or call.handle is None:
                     yield usage_from_pb(call.first.usage)
                     return
             async with contextlib.aclosing(self._decode(call)) as items:  # closed with this one, at once
+                marked = not trace.enabled
                 async for item in items:
+                    if not marked:
+                        trace.mark(request_id, "r.second_yield")
+                        marked = True
                     yield item
         finally:
             call.ticket.close()
@@ -302,9 +309,12 @@ class RequestFlow:
 
     async def _stream(self, call: _Call, worker: str, request: pb.GenerateRequest) -> AsyncIterator[Delta | Usage]:
         """One Generate call: its deltas, then the usage (the remote prefill's first token counted)."""
+        trace.mark(call.request_id, "r.decode_call")
         stream = self.decode.stub(worker).Generate(request)
         try:
             async for msg in stream:
+                if not call.streamed:
+                    trace.mark(call.request_id, "r.msg1")
                 if msg.HasField("pull"):
                     call.route.recomputed = msg.pull.recomputed
                 for out in msg.outputs:
