@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
@@ -25,6 +27,8 @@ from protocol.sampling import SamplingParams
 from runtime import trace
 
 T = TypeVar("T")
+
+_JOIN_POLL_S = 5e-4  # while waiting for landings, how often to look whether the device is done
 
 
 class EngineDeadError(RuntimeError):
@@ -264,7 +268,11 @@ class AsyncEngine:
                     ran = True
                 if ran and engine.has_work():  # the load shows new work before a (long) step computes it
                     self._publish([])
-                self._publish(engine.step() if engine.has_work() else [])
+                if engine.has_work():
+                    self._await_landings()
+                    self._publish(engine.step())
+                else:
+                    self._publish([])
         except BaseException as e:
             traceback.print_exc()
             self.dead = e
@@ -272,6 +280,25 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._fail_all, e)
         finally:
             self._lock.release()
+
+    def _await_landings(self) -> None:
+        """Before planning a step: while the device still runs the step before and a prefilled
+        request's blocks are on their way, wait for commands (its ``kv_ready``, admissions) until
+        ``LLMEngine.join_deadline``, so that a request whose blocks land meanwhile is computed in
+        the very next step, not the one after (its first decode then comes a step sooner)."""
+        engine = self.engine
+        while (deadline := engine.join_deadline()) is not None:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or not engine.device_busy():
+                return
+            try:
+                cmd = self._unlocked(partial(self._commands.get, timeout=min(remaining, _JOIN_POLL_S)))
+            except queue.Empty:
+                continue
+            if cmd is None:
+                self._commands.put(None)  # stop: the loop sees it next
+                return
+            cmd()
 
     def _unlocked(self, wait: Callable[[], T]) -> T:
         """``wait()`` with the engine lock released (the engine thread waits: ``admit`` may run)."""

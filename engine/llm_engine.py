@@ -20,6 +20,7 @@ its scheduler, block manager and runner are its own."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -81,8 +82,14 @@ class LLMEngine:
         # Steps launched whose tokens the host has not applied yet, oldest first (one between
         # steps with asynchronous scheduling, two while step() waits for the older), each with
         # every block it reads or writes: its requests' tables as they were at launch (the block
-        # manager's lists: a later free drops them, never empties them).
-        self._launched: list[tuple[SchedulerOutput, StepHandle, list[list[int]]]] = []
+        # manager's lists: a later free drops them, never empties them), and when it was launched.
+        self._launched: list[tuple[SchedulerOutput, StepHandle, list[list[int]], float]] = []
+        # The device's pace, for planning a step late enough that prefilled requests whose blocks
+        # land meanwhile join it (``join_deadline``): when the host saw the last step done, how
+        # long a step that ran right after another took, and the host's planning time (EMAs).
+        self._done_at = 0.0
+        self._step_s = 0.0
+        self._plan_s = 0.0
         # Called with a launched step's ``wait`` when the engine is about to block on the device;
         # AsyncEngine lets handoff admissions in meanwhile (engine state is consistent then).
         self.device_wait: Callable[[Callable[[], None]], None] | None = None
@@ -166,11 +173,26 @@ class LLMEngine:
 
     def _launched_touch(self, block_ids: Sequence[int]) -> bool:
         wanted = set(block_ids)
-        for output, _, tables in self._launched:
+        for output, _, tables, _ in self._launched:
             if any(not wanted.isdisjoint(table) for table in tables) or \
                     any(src in wanted or dst in wanted for src, dst in output.block_copies):
                 return True
         return False
+
+    def join_deadline(self) -> float | None:
+        """Until when (``time.perf_counter``) planning the next step may wait for prefilled
+        requests whose blocks are on their way, so that those landing by then (``kv_ready``) join
+        it rather than the step after: with asynchronous scheduling, while a step runs on the
+        device and a transfer into this engine is in flight. The deadline leaves the host twice
+        its usual planning time (and 0.5 ms) before the running step is expected to end, so the
+        device does not wait for the host. None: plan now."""
+        if not (self.async_scheduling and self.scheduler.pulling and self._launched and self._step_s):
+            return None
+        return self._done_at + self._step_s - 2 * self._plan_s - 5e-4
+
+    def device_busy(self) -> bool:
+        """Whether the device is still running a launched step."""
+        return bool(self._launched) and not self._launched[-1][1].done()
 
     def wait_for_device(self) -> None:
         """Until the device has run every launched step (its tokens stay to be applied)."""
@@ -271,6 +293,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._launched and (not self.async_scheduling or self._needs_host_tokens(self._launched[-1][0])):
             outputs += self._apply_oldest()
+        t0 = time.perf_counter()
         output = self.scheduler.schedule()
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
@@ -285,7 +308,9 @@ class LLMEngine:
         if handle is None:
             outputs += self._apply_oldest() if self._launched else []
             return outputs + self._apply(output, None)
-        self._launched.append((output, handle, list(tables.values())))
+        launched_at = time.perf_counter()
+        self._plan_s = _ema(self._plan_s, launched_at - t0)
+        self._launched.append((output, handle, list(tables.values()), launched_at))
         if len(self._launched) > 1:  # the device runs the new step meanwhile
             outputs += self._apply_oldest()
         if not self.async_scheduling:
@@ -295,9 +320,15 @@ class LLMEngine:
     def _apply_oldest(self) -> list[RequestOutput]:
         """Wait for the oldest launched step (through ``device_wait``: it counts as launched
         meanwhile) and apply it."""
-        output, handle, _ = self._launched[0]
+        output, handle, _, launched_at = self._launched[0]
         if self.device_wait is not None:
             self.device_wait(handle.wait)
+        else:
+            handle.wait()
+        now = time.perf_counter()
+        if launched_at < self._done_at:  # it was queued behind the step before: ran right after it
+            self._step_s = _ema(self._step_s, now - self._done_at)
+        self._done_at = now
         self._launched.pop(0)
         return self._apply(output, handle)
 
@@ -340,6 +371,10 @@ class LLMEngine:
         group = self._groups.get(t.group_id)
         if group is not None and all(rid not in self._tracked for rid in group):
             del self._groups[t.group_id]
+
+
+def _ema(mean: float, x: float, weight: float = 0.2) -> float:
+    return x if mean == 0.0 else (1 - weight) * mean + weight * x
 
 
 def default_num_threads() -> int:

@@ -45,6 +45,10 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
 
+    def done(self) -> bool:
+        """Whether the device has run the whole step (without waiting)."""
+        return self._event is None or self._event.query()
+
     def result(self) -> SampledTokens:
         self.wait()
         if self._host is None:

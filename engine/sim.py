@@ -113,6 +113,9 @@ class _Done:
     def wait(self) -> None:
         pass
 
+    def done(self) -> bool:
+        return True
+
     def result(self) -> SampledTokens:
         return self.sampled
 

@@ -97,6 +97,8 @@ class _Call:
     first: pb.PrefillResponse | None = None  # the remote prefill's answer
     handle: pb.KVHandle | None = None  # held on a prefill worker until a decode worker has its blocks
     streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
+    # The planned decode worker's Generate, called before the first token went out to the client.
+    early: grpc.aio.UnaryStreamCall | None = None
 
 
 def delta_from_pb(out: pb.SequenceOutput) -> Delta:
@@ -167,6 +169,12 @@ class RequestFlow:
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
+                if delta.finish_reason is None and call.handle is not None:
+                    # The decode worker is called before the first token goes out to the client:
+                    # its KV handoff overlaps that token's way through this process.
+                    with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
+                        call.early = self.decode.stub(plan.decode.worker_id).Generate(self._generate_request(call))
+                        trace.mark(request_id, "r.decode_call")
                 trace.mark(request_id, "r.first_yield")
                 yield delta
                 if delta.finish_reason is not None or call.handle is None:
@@ -180,6 +188,8 @@ class RequestFlow:
                         marked = True
                     yield item
         finally:
+            if call.early is not None:  # never read: the client went away at the first token
+                call.early.cancel()
             call.ticket.close()
             if call.handle is not None and not call.streamed:
                 # Nobody will pull: give the prefill worker its blocks back now, not at lease end.
@@ -264,10 +274,7 @@ class RequestFlow:
     async def _decode(self, call: _Call) -> AsyncIterator[Delta | Usage]:
         """Decode on the planned worker; a worker that fails before streaming anything is
         replaced by the next best of the others (as long as there is one)."""
-        request = pb.GenerateRequest(request_id=call.request_id, prompt_token_ids=call.prompt_ids,
-                                     sampling=sampling_to_pb(call.sampling), priority=call.priority)
-        if call.handle is not None:
-            request.kv_handle.CopyFrom(call.handle)
+        request = self._generate_request(call)
         tried: set[str] = set()
         decision: policy.Decision | None = call.plan.decode
         while True:
@@ -299,6 +306,14 @@ class RequestFlow:
                         f"decode worker {decision.worker_id} failed mid-stream: {e.code().name}") from None
             decision = None
 
+    @staticmethod
+    def _generate_request(call: _Call) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(request_id=call.request_id, prompt_token_ids=call.prompt_ids,
+                                     sampling=sampling_to_pb(call.sampling), priority=call.priority)
+        if call.handle is not None:
+            request.kv_handle.CopyFrom(call.handle)
+        return request
+
     def _bind(self, call: _Call, decision: policy.Decision) -> None:
         """Count the request on the decode worker about to serve it: a retry elsewhere, or one
         that now computes the prompt itself (the remote prefill failed), takes a new ticket."""
@@ -309,8 +324,12 @@ class RequestFlow:
 
     async def _stream(self, call: _Call, worker: str, request: pb.GenerateRequest) -> AsyncIterator[Delta | Usage]:
         """One Generate call: its deltas, then the usage (the remote prefill's first token counted)."""
-        trace.mark(call.request_id, "r.decode_call")
-        stream = self.decode.stub(worker).Generate(request)
+        stream, call.early = call.early, None
+        if stream is None or worker != call.plan.decode.worker_id:  # not called early, or a retry
+            if stream is not None:
+                stream.cancel()
+            trace.mark(call.request_id, "r.decode_call")
+            stream = self.decode.stub(worker).Generate(request)
         try:
             async for msg in stream:
                 if not call.streamed:

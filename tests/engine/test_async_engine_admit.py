@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from engine_testlib import make_tiny_llm
 
@@ -67,5 +68,64 @@ def test_admit_runs_while_the_engine_waits_for_the_device(tiny_llama_path: str) 
         bm = llm.block_manager
         assert await engine.call(lambda e: bm.num_free_blocks) == bm.num_blocks
         await engine.stop()
+
+    asyncio.run(main())
+
+
+STEP_S = 0.3  # the emulated device's time per step: long beside the CPU's planning, however loaded
+
+
+def test_prefilled_request_joins_the_step_after_the_running_one(tiny_llama_path: str) -> None:
+    """Asynchronous scheduling queues step N+1 behind the running step N. A prefilled request
+    whose blocks land while N runs is planned into N+1 (the engine waits for the landing before
+    planning, up to shortly before N is expected to end), not into N+2: its first decode comes
+    a step sooner. The device is emulated: each step runs STEP_S after the one before it."""
+    llm = make_tiny_llm(tiny_llama_path, async_scheduling=True).engine
+    launch = llm.runner.launch
+    steps: list[tuple[float, float, set[str]]] = []  # (device start, device end, requests) per step
+
+    def timed_launch(output, *args, **kwargs):
+        handle = launch(output, *args, **kwargs)  # computed here, on the CPU; the device is emulated
+        if handle is not None:
+            start = max(time.perf_counter(), steps[-1][1] if steps else 0.0)
+            end = start + STEP_S
+            steps.append((start, end, {s.request.request_id for s in output.scheduled}))
+            handle.wait = lambda: time.sleep(max(0.0, end - time.perf_counter()))
+            handle.done = lambda: time.perf_counter() >= end
+        return handle
+
+    llm.runner.launch = timed_launch
+    landed = asyncio.Event()
+
+    async def fetch(indices: list[int], local: list[int]) -> bool:
+        await landed.wait()
+        return True
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        r0 = engine.generate("r0", PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        r1 = engine.generate_prefilled("r1", OTHER, 7, GREEDY, fetch)
+        try:
+            await anext(r0)
+            while len(steps) < 4:  # the engine has timed steps that ran back to back
+                await asyncio.sleep(0.01)
+            first = asyncio.ensure_future(anext(r1))
+            while "r1" not in llm.scheduler.pulling:
+                await asyncio.sleep(0.005)
+            # Land a third into the step after the one running now: the step after that one
+            # was planned, without waiting, as soon as the device began it.
+            next_start = min(e for _, e, _ in steps if e > time.perf_counter())
+            await asyncio.sleep(max(0.0, next_start + STEP_S / 3 - time.perf_counter()))
+            t_land = time.perf_counter()
+            landed.set()
+            assert (await first).new_token_ids
+            running_end = next(e for s, e, _ in steps if s <= t_land < e)
+            joined = next(s for s, _, ids in steps if "r1" in ids)
+            assert joined == running_end, f"joined {(joined - running_end) / STEP_S:+.1f} steps late"
+        finally:
+            await r0.aclose()
+            await r1.aclose()
+            await engine.stop()
 
     asyncio.run(main())
