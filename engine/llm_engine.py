@@ -85,11 +85,12 @@ class LLMEngine:
         # manager's lists: a later free drops them, never empties them), and when it was launched.
         self._launched: list[tuple[SchedulerOutput, StepHandle, list[list[int]], float]] = []
         # The device's pace, for planning a step late enough that prefilled requests whose blocks
-        # land meanwhile join it (``join_deadline``): when the host saw the last step done, how
-        # long a step that ran right after another took, and the host's planning time (EMAs).
+        # land meanwhile join it (``join_deadline``): when the host saw the last step done, and,
+        # over decode-only steps, how long one took that ran right after another and the host's
+        # time to plan and launch one (EMAs).
         self._done_at = 0.0
-        self._step_s = 0.0
-        self._plan_s = 0.0
+        self._decode_step_s = 0.0
+        self._decode_plan_s = 0.0
         # Called with a launched step's ``wait`` when the engine is about to block on the device;
         # AsyncEngine lets handoff admissions in meanwhile (engine state is consistent then).
         self.device_wait: Callable[[Callable[[], None]], None] | None = None
@@ -182,13 +183,14 @@ class LLMEngine:
     def join_deadline(self) -> float | None:
         """Until when (``time.perf_counter``) planning the next step may wait for prefilled
         requests whose blocks are on their way, so that those landing by then (``kv_ready``) join
-        it rather than the step after: with asynchronous scheduling, while a step runs on the
-        device and a transfer into this engine is in flight. The deadline leaves the host twice
+        it rather than the step after: with asynchronous scheduling, while a decode-only step runs
+        on the device and a transfer into this engine is in flight. The deadline leaves the host twice
         its usual planning time (and 0.5 ms) before the running step is expected to end, so the
         device does not wait for the host. None: plan now."""
-        if not (self.async_scheduling and self.scheduler.pulling and self._launched and self._step_s):
-            return None
-        return self._done_at + self._step_s - 2 * self._plan_s - 5e-4
+        if not (self.async_scheduling and self.scheduler.pulling and self._launched and self._decode_step_s
+                and _decode_only(self._launched[-1][0])):
+            return None  # a step that prefills takes long anyway (and its length is hard to foresee)
+        return self._done_at + self._decode_step_s - 2 * self._decode_plan_s - 5e-4
 
     def device_busy(self) -> bool:
         """Whether the device is still running a launched step."""
@@ -309,7 +311,8 @@ class LLMEngine:
             outputs += self._apply_oldest() if self._launched else []
             return outputs + self._apply(output, None)
         launched_at = time.perf_counter()
-        self._plan_s = _ema(self._plan_s, launched_at - t0)
+        if _decode_only(output):
+            self._decode_plan_s = _ema(self._decode_plan_s, launched_at - t0)
         self._launched.append((output, handle, list(tables.values()), launched_at))
         if len(self._launched) > 1:  # the device runs the new step meanwhile
             outputs += self._apply_oldest()
@@ -326,8 +329,8 @@ class LLMEngine:
         else:
             handle.wait()
         now = time.perf_counter()
-        if launched_at < self._done_at:  # it was queued behind the step before: ran right after it
-            self._step_s = _ema(self._step_s, now - self._done_at)
+        if launched_at < self._done_at and _decode_only(output):  # it ran right after the step before
+            self._decode_step_s = _ema(self._decode_step_s, now - self._done_at)
         self._done_at = now
         self._launched.pop(0)
         return self._apply(output, handle)
@@ -371,6 +374,10 @@ class LLMEngine:
         group = self._groups.get(t.group_id)
         if group is not None and all(rid not in self._tracked for rid in group):
             del self._groups[t.group_id]
+
+
+def _decode_only(output: SchedulerOutput) -> bool:
+    return all(s.num_new_tokens == 1 for s in output.scheduled)
 
 
 def _ema(mean: float, x: float, weight: float = 0.2) -> float:

@@ -170,11 +170,7 @@ class RequestFlow:
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
                 if delta.finish_reason is None and call.handle is not None:
-                    # The decode worker is called before the first token goes out to the client:
-                    # its KV handoff overlaps that token's way through this process.
-                    with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
-                        call.early = self.decode.stub(plan.decode.worker_id).Generate(self._generate_request(call))
-                        trace.mark(request_id, "r.decode_call")
+                    await self._call_decode_early(call)
                 trace.mark(request_id, "r.first_yield")
                 yield delta
                 if delta.finish_reason is not None or call.handle is None:
@@ -305,6 +301,14 @@ class RequestFlow:
                     raise WorkerFailedError(
                         f"decode worker {decision.worker_id} failed mid-stream: {e.code().name}") from None
             decision = None
+
+    async def _call_decode_early(self, call: _Call) -> None:
+        """Call the planned decode worker before the first token goes out to the client: its KV
+        handoff overlaps that token's way through this process. ``_stream`` reads the call."""
+        with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
+            call.early = self.decode.stub(call.plan.decode.worker_id).Generate(self._generate_request(call))
+            trace.mark(call.request_id, "r.decode_call")
+            await asyncio.sleep(0)  # the call's request goes out now, not after the first token's write
 
     @staticmethod
     def _generate_request(call: _Call) -> pb.GenerateRequest:
