@@ -1,7 +1,8 @@
 """The router's own in-flight accounting, without a cluster: a request counts on its decode
 worker from the routing decision on, including while its prompt prefills on the prefill tier,
 so that requests routed meanwhile see that worker busy; and it stops counting whatever way the
-request ends. Workers are fake stubs; the routing core is the real one."""
+request ends; and the decode worker is called before the first token goes out. Workers are
+fake stubs; the routing core is the real one."""
 
 from __future__ import annotations
 
@@ -138,5 +139,25 @@ def test_a_request_closed_while_prefilling_stops_counting() -> None:
         await asyncio.gather(task, return_exceptions=True)
         assert counted(core) == {}
         assert not any(e.num_requests for e in core.prefill.inflight.values())
+
+    asyncio.run(main())
+
+
+def test_decode_worker_is_called_before_the_first_token_goes_out() -> None:
+    """The KV handoff overlaps the first token's way to the client: by the time the client's side
+    holds the first token, the decode worker has been called with the KV handle."""
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        prefill.release.set()
+        stream = core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))
+        first = await anext(stream)
+        assert first.token_ids == [7]
+        (called,) = [d for d in decodes.values() if d.calls]  # before we asked for a second item
+        assert called.calls[0].HasField("kv_handle")
+        called.gate.set()
+        rest = [x async for x in stream]
+        assert rest[0].token_ids == [8]
+        assert sum(len(d.calls) for d in decodes.values()) == 1  # the early call is the one read
+        assert counted(core) == {}
 
     asyncio.run(main())
