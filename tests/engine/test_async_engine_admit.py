@@ -72,7 +72,7 @@ def test_admit_runs_while_the_engine_waits_for_the_device(tiny_llama_path: str) 
     asyncio.run(main())
 
 
-STEP_S = 0.3  # the emulated device's time per step: long beside the CPU's planning, however loaded
+STEP_S = 0.5  # the emulated device's time per step: long beside the CPU's planning, however loaded
 
 
 def test_prefilled_request_joins_the_step_after_the_running_one(tiny_llama_path: str) -> None:
@@ -113,10 +113,10 @@ def test_prefilled_request_joins_the_step_after_the_running_one(tiny_llama_path:
             first = asyncio.ensure_future(anext(r1))
             while "r1" not in llm.scheduler.pulling:
                 await asyncio.sleep(0.005)
-            # Land a third into the step after the one running now: the step after that one
+            # Land a quarter into the step after the one running now: the step after that one
             # was planned, without waiting, as soon as the device began it.
             next_start = min(e for _, e, _ in steps if e > time.perf_counter())
-            await asyncio.sleep(max(0.0, next_start + STEP_S / 3 - time.perf_counter()))
+            await asyncio.sleep(max(0.0, next_start + STEP_S / 4 - time.perf_counter()))
             t_land = time.perf_counter()
             landed.set()
             assert (await first).new_token_ids
