@@ -266,7 +266,10 @@ class AsyncEngine:
                         return
                     cmd()
                     ran = True
-                if ran and engine.has_work():  # the load shows new work before a (long) step computes it
+                # The load shows new work before a (long) step computes it: a prefill. Not for a
+                # handoff's decode (the step is short): delivering its KV events on the event
+                # loop's thread meanwhile would hold up the step's launch (the GIL).
+                if ran and engine.has_work() and engine.scheduler.num_queued_prefill_tokens:
                     self._publish([])
                 if engine.has_work():
                     self._await_landings()

@@ -129,3 +129,46 @@ def test_prefilled_request_joins_the_step_after_the_running_one(tiny_llama_path:
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_load_is_published_before_a_prefill_step_not_before_a_handoff_decode(tiny_llama_path: str) -> None:
+    """A new request's work shows in the published load (and its KV events) before the step
+    that prefills it; a handed-off request's blocks do not publish before the step that decodes
+    it: on a GPU, delivering its KV events on the event loop's thread held up that step's launch."""
+    llm = make_tiny_llm(tiny_llama_path).engine
+    seen: list[tuple[str, object]] = []
+    launch, kv_ready, add_request = llm.runner.launch, llm.kv_ready, llm.add_request
+
+    def record(name, fn, key):
+        def wrapped(*args, **kwargs):
+            seen.append((name, key(*args)))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    llm.runner.launch = record("launch", launch, lambda output, *_: {s.request.request_id for s in output.scheduled})
+    llm.kv_ready = record("ready", kv_ready, lambda rid, ok: rid)
+    llm.add_request = record("add", add_request, lambda rid, *_: rid)
+
+    async def landed(indices: list[int], local: list[int]) -> bool:
+        return True
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        publish = engine._publish
+        engine._publish = record("publish", publish, lambda outputs: len(outputs))
+        engine.start()
+        try:
+            assert [out async for out in engine.generate_prefilled("r1", OTHER, 7, GREEDY, landed)]
+            assert [out async for out in engine.generate("r2", PROMPT, GREEDY)]
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+    def between(start: tuple[str, object], rid: str) -> list[tuple[str, object]]:
+        i = seen.index(start)
+        j = next(k for k in range(i, len(seen)) if seen[k][0] == "launch" and rid in seen[k][1])
+        return seen[i + 1:j]
+
+    assert ("publish", 0) in between(("add", "r2"), "r2")
+    assert not [e for e in between(("ready", "r1"), "r1") if e[0] == "publish"]
