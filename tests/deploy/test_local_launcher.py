@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -21,6 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def worker(name: str, num_requests: int = 0) -> ServiceInfo:
     return ServiceInfo(name=name, role=name.partition("-")[0], state=ServiceState.SERVING, num_requests=num_requests)
+
+
+def num_running(metrics_url: str) -> float:
+    """A worker's running requests, from its Prometheus page."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith("tandem_worker_num_running "))
 
 
 def test_engine_threads_leave_a_core_to_the_router() -> None:
@@ -101,7 +109,11 @@ def test_local_launcher_scales_and_drains_without_failing_a_request() -> None:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1)  # the requests arrive (1500 tokens take the sim engine about 9 s)
+        # The requests run on both decode workers (1500 tokens take the sim engine about 9 s).
+        deadline = time.monotonic() + 60
+        while not all(num_running(c.ready["metrics"]) >= 1 for c in launcher.cluster.workers("decode")):
+            assert time.monotonic() < deadline, "the requests never ran on both decode workers"
+            time.sleep(0.05)
         result = launcher.scale(1, 1)
         for t in threads:
             t.join(120)

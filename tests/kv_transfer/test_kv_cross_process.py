@@ -13,6 +13,7 @@ from kv_helpers import Owner, block_pattern, empty_kv, layout, spawn_owner
 from prometheus_client import REGISTRY
 
 from kv_transfer import (
+    DEFAULT_TIMEOUT_S,
     KVTransport,
     LayoutMismatchError,
     PeerMetadata,
@@ -95,15 +96,14 @@ def test_layout_mismatch_is_a_clear_error(owner: tuple[str, Owner]) -> None:
         assert _sample("tandem_kv_transfer_failures_total", transport=name, reason="layout") == failures + 1
 
 
+@pytest.mark.parametrize("owner", ["tcp"], indirect=True)  # the tcp handshake only
 def test_tcp_server_checks_layout_too(owner: tuple[str, Owner]) -> None:
-    name, proc = owner
-    if name != "tcp":
-        pytest.skip("the tcp handshake only")
+    _name, proc = owner
     lay = layout("float32")
     # Metadata that lies about the owner's layout: the owner's handshake still refuses.
     md = PeerMetadata.decode(proc.metadata["bfloat16"])
     forged = PeerMetadata(md.transport, md.name, lay, md.address, md.blob).encode()
-    with _puller(name, empty_kv(lay)) as puller, pytest.raises(LayoutMismatchError, match="bfloat16 != float32"):
+    with _puller("tcp", empty_kv(lay)) as puller, pytest.raises(LayoutMismatchError, match="bfloat16 != float32"):
         puller.pull(forged, [0], [0], timeout_s=5.0)
 
 
@@ -132,11 +132,13 @@ def test_dead_peer_raises_transfer_error(name: str) -> None:
         connected.pull(md, [1, 2], [1, 2], timeout_s=10.0)  # connected before the owner dies
         proc.kill()
         for puller in (connected, fresh):
+            # A long deadline: a transport that waits it out fails on the error's type, however
+            # slow the machine; one that notices through some keep-alive fails the bound below.
             start = time.perf_counter()
             with pytest.raises(TransferError) as info:
-                puller.pull(md, [3, 4], [3, 4], timeout_s=5.0)
+                puller.pull(md, [3, 4], [3, 4], timeout_s=45.0)
             assert not isinstance(info.value, TransferTimeoutError), "a dead peer is detected, not waited out"
-            assert time.perf_counter() - start < 5.0
+            assert time.perf_counter() - start < 30.0
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)
@@ -148,7 +150,9 @@ def test_frozen_peer_times_out(name: str) -> None:
         start = time.perf_counter()
         with pytest.raises(TransferTimeoutError):
             puller.pull(proc.metadata["bfloat16"], [0, 1], [0, 1], timeout_s=1.0)
-        assert 1.0 <= time.perf_counter() - start < 3.0
+        # Its own deadline, not before it, and not the transport's default (10 s): the only wall-clock
+        # bound here is the point of the test, with 9 s of slack for a loaded machine.
+        assert 1.0 <= time.perf_counter() - start < DEFAULT_TIMEOUT_S
         assert _sample("tandem_kv_transfer_failures_total", transport=name, reason="timeout") == failures + 1
 
 

@@ -7,6 +7,8 @@ fake stubs; the routing core is the real one."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import grpc
 
@@ -27,8 +29,10 @@ class FakePrefill:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.fail = False
+        self.calls: list[pb.PrefillRequest] = []
 
     async def Prefill(self, req: pb.PrefillRequest) -> pb.PrefillResponse:  # the gRPC method name
+        self.calls.append(req)
         await self.release.wait()
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
@@ -85,20 +89,28 @@ async def collect(agen) -> list:
     return [x async for x in agen]
 
 
+async def until(check: Callable[[], object], what: str) -> None:
+    """Let the routing core's tasks run until ``check()`` holds (the deadline only stops a hang)."""
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0)
+
+
 def test_decode_worker_counts_a_request_while_its_prompt_prefills_remotely() -> None:
     async def main() -> None:
         core, prefill, decodes = make_core()
         prompts = [list(range(1000 * i, 1000 * i + PROMPT)) for i in (1, 2)]
         first = asyncio.create_task(collect(core.generate("a", prompts[0], SamplingParams(max_tokens=2))))
-        await asyncio.sleep(0.01)  # routed; waiting on the prefill worker
+        await until(lambda: len(prefill.calls) == 1, "a routed; waiting on the prefill worker")
         (_worker, load), = counted(core).items()
         assert load == (1, 0, PROMPT)  # one request, no prompt token to compute there, its KV to come
         second = asyncio.create_task(collect(core.generate("b", prompts[1], SamplingParams(max_tokens=2))))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(prefill.calls) == 2, "b routed; waiting on the prefill worker")
         # Costs 32 * 19 + 19 (the busy one) against 32 * 19: the second goes to the other worker.
         assert counted(core) == {"d0": (1, 0, PROMPT), "d1": (1, 0, PROMPT)}
         prefill.release.set()
-        await asyncio.sleep(0.01)
+        await until(lambda: all(d.calls for d in decodes.values()), "both on their decode workers")
         for d in decodes.values():
             assert [c.kv_handle.request_id for c in d.calls] and d.calls[0].HasField("kv_handle")
             d.gate.set()
@@ -113,12 +125,12 @@ def test_remote_prefill_failure_counts_the_prompt_on_the_decode_worker() -> None
     async def main() -> None:
         core, prefill, decodes = make_core()
         task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
-        await asyncio.sleep(0.01)
+        await until(lambda: prefill.calls, "routed; waiting on the prefill worker")
         (worker, load), = counted(core).items()
         assert load == (1, 0, PROMPT)
         prefill.fail = True
         prefill.release.set()
-        await asyncio.sleep(0.01)
+        await until(lambda: decodes[worker].calls, "the decode worker called after the failed prefill")
         # The decode worker now computes the whole prompt itself.
         assert counted(core) == {worker: (1, PROMPT, PROMPT)}
         assert not decodes[worker].calls[0].HasField("kv_handle")
@@ -131,9 +143,9 @@ def test_remote_prefill_failure_counts_the_prompt_on_the_decode_worker() -> None
 
 def test_a_request_closed_while_prefilling_stops_counting() -> None:
     async def main() -> None:
-        core, _prefill, _decodes = make_core()
+        core, prefill, _decodes = make_core()
         task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
-        await asyncio.sleep(0.01)
+        await until(lambda: prefill.calls, "routed; waiting on the prefill worker")
         assert len(counted(core)) == 1
         task.cancel()  # the client left
         await asyncio.gather(task, return_exceptions=True)

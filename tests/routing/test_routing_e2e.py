@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import random
@@ -18,7 +19,11 @@ import time
 import urllib.request
 from typing import Any
 
+import aetcd
+
 from deploy.local_cluster import Child, LocalCluster
+from runtime import keys
+from runtime.pb import tandem_control_pb2 as cpb
 
 BS = 16
 
@@ -117,18 +122,54 @@ def running(worker: Child) -> float:
     return gauges(worker.ready["metrics"], "tandem_worker_num_running")["tandem_worker_num_running"]
 
 
+def published_inflight(cluster: LocalCluster) -> dict[str, tuple[int, cpb.RouterInflight]]:
+    """The routers' in-flight loads as published in etcd: router id -> (mod revision, message)."""
+    async def read() -> dict[str, tuple[int, cpb.RouterInflight]]:
+        host, port = cluster.cfg.etcd_endpoints[0].rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as etcd:
+            got = await etcd.get_prefix(keys.metrics_prefix(cluster.cfg.namespace, keys.ROUTER_INFLIGHT).encode())
+        return {kv.key.decode().rpartition("/")[2]: (kv.mod_revision, cpb.RouterInflight.FromString(bytes(kv.value)))
+                for kv in got.kvs}
+    return asyncio.run(read())
+
+
+def wait_for(check: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
 def test_router_replicas_share_inflight_load(sim_cluster: LocalCluster) -> None:
     replica = sim_cluster.add_router()
     try:
         # A long request through the first router keeps one decode worker busy for seconds.
         long = threading.Thread(target=complete, args=(sim_cluster.http_url, tokens(5, 40), 300))
         long.start()
-        deadline = time.monotonic() + 10
-        while not any(running(w) for w in sim_cluster.workers("decode")):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        busy = next(w.name for w in sim_cluster.workers("decode") if running(w))
-        time.sleep(1.0)  # > the replicas' publish interval
+        busy = wait_for(lambda: next((w.name for w in sim_cluster.workers("decode") if running(w)), None), 10,
+                        "the long request to run")
+
+        # The first router has published the request on the busy worker (at etcd revision `seen`) ...
+        def first_router_published() -> tuple[str, int] | None:
+            for router_id, (revision, msg) in published_inflight(sim_cluster).items():
+                for worker_id, entry in msg.tiers["decode"].workers.items() if "decode" in msg.tiers else ():
+                    if entry.num_requests >= 1:
+                        assert worker_id.startswith(busy + "-"), (worker_id, busy)
+                        return router_id, revision
+            return None
+
+        first_id, seen = wait_for(first_router_published, 10, "the first router to publish its in-flight request")
+        # ... and the replica has since read it: it publishes its own, then reads its peers', so two
+        # of its puts after `seen` mean one whole read after it.
+        puts_after: set[int] = set()
+
+        def replica_read_it() -> bool:
+            puts_after.update(rev for rid, (rev, _) in published_inflight(sim_cluster).items()
+                              if rid != first_id and rev > seen)
+            return len(puts_after) >= 2
+
+        wait_for(replica_read_it, 10, "the replica to read the first router's in-flight load")
         # The replica has no request of its own there, yet sends its short ones elsewhere.
         for i in range(5):
             before = prompt_tokens(sim_cluster)

@@ -89,13 +89,16 @@ def test_modeled_time_is_waited() -> None:
 
 def test_tokens_are_deterministic_on_every_path() -> None:
     prompt = list(range(200, 237))
-    a = sim(fast_profile(), num_blocks=64)
-    expected = run(a, "a", prompt)
-    vocab, eos = a.arch.vocab_size, a.eos_token_ids
+    # The sim's rule, written out here rather than taken from engine/sim.py: after token t at index
+    # i-1 comes (t * 1103515245 + i * 12345 + 7) mod vocab (49152), moved past EOS (2; not met here).
     seq = list(prompt)
     for _ in range(6):
-        seq.append(sim_token(seq[-1], len(seq), vocab, eos))
-    assert expected == seq[len(prompt):]
+        seq.append((seq[-1] * 1103515245 + len(seq) * 12345 + 7) % 49152)
+    expected = [1216, 44605, 7855, 11122, 46258, 5419]
+    assert seq[len(prompt):] == expected
+    a = sim(fast_profile(), num_blocks=64)
+    assert (a.arch.vocab_size, a.eos_token_ids) == (49152, (2,))
+    assert run(a, "a", prompt) == expected
     assert run(a, "b", prompt) == expected  # its prefix cached now
     assert a.block_manager.num_cached_blocks > 0
     assert run(sim(fast_profile(), num_blocks=64), "c", prompt) == expected  # another worker

@@ -107,6 +107,11 @@ def cluster_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def disagg_cluster(cluster_pool: ClusterPool) -> LocalCluster:
+    # Without nixl this cluster runs on TCP and its NIXL path goes untested: in CI that is a failure
+    # (tests/conftest.py fails CI on the skips it causes elsewhere), not a quiet fallback.
+    if not NIXL and os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail("CI: the nixl package is not installed (make install installs it): disagg_cluster would fall "
+                    "back to TCP")
     return cluster_pool.get("disagg_cluster")
 
 

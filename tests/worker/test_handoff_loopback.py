@@ -6,6 +6,7 @@ prefill worker's holds all end."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -84,10 +85,11 @@ def test_handoff_over_loopback(mode: str) -> None:
                 landed = decode.transport.kv
                 for block in src:
                     assert any(torch.equal(landed[b], block) for b in range(landed.shape[0]))
-                for _ in range(200):
-                    if len(prefill.held) == 0 and (await prefill.engine.call(
-                            lambda e: e.scheduler.num_pinned_blocks)) == 0:
-                        break
+                # The prefill side lets go of its blocks once the transfer ended (waited for, not timed:
+                # the deadline only stops a hang).
+                deadline = time.monotonic() + 60
+                while len(prefill.held) or await prefill.engine.call(lambda e: e.scheduler.num_pinned_blocks):
+                    assert time.monotonic() < deadline, "the prefill worker still holds the blocks"
                     await asyncio.sleep(0.01)
                 assert len(prefill.held) == 0
                 assert await prefill.engine.call(lambda e: e.scheduler.num_pinned_blocks) == 0
