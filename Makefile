@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install run test lint bench
+.PHONY: install system-deps run test lint bench
 
 # torch is pinned first: an unpinned torch drags in the CUDA wheels on a CPU machine.
 # On a machine that already has a torch >= 2.11 (a GPU image), nothing is replaced.
@@ -16,6 +16,13 @@ install:
 	# nixl-cu13 on a CUDA 13 machine, nixl-cu12 elsewhere (kv_transfer/nixl_wheel.py).
 	$(PIP) install -q --no-deps nixl==1.5.1 $$($(PYTHON) kv_transfer/nixl_wheel.py)==1.5.1
 	$(PIP) install -q -e ".[test,ray]"
+
+# Debian packages the observability tests drive (tests/observability): the system chromium (playwright
+# drives it: no browser download) and Prometheus (promtool). CI installs them; a developer may once.
+system-deps:
+	command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium prometheus; }
 
 run: install
 	tandem serve

@@ -111,8 +111,8 @@ async def worker_counters(client: Any, urls: list[str]) -> tuple[float, float]:
     prompt = cached = 0.0
     for url in urls:
         text = (await client.get(url)).text
-        for name, value in re.findall(r"^tandem_worker_(num_prompt_tokens|num_cached_tokens) (\S+)$", text, re.M):
-            if name == "num_prompt_tokens":
+        for name, value in re.findall(r"^tandem_worker_(prompt_tokens|cached_prompt_tokens)_total (\S+)$", text, re.M):
+            if name == "prompt_tokens":
                 prompt += float(value)
             else:
                 cached += float(value)

@@ -23,9 +23,9 @@ import logging
 import time
 
 import grpc
-from prometheus_client import Counter, Histogram
 
 from kv_transfer import KVTransport, TransferError
+from runtime import metric_catalog as mc
 from runtime import trace
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
@@ -34,12 +34,9 @@ log = logging.getLogger("tandem.decode")
 
 # Transfer bytes and durations per transport are counted by kv_transfer on the side that starts
 # the transfer (the prefill worker for a push); these are the decode worker's view of each handoff.
-FALLBACKS = Counter("tandem_kv_pull_fallbacks_total",
-                    "Requests whose KV transfer failed or was refused, recomputed locally")
-HANDOFF_BLOCKS = Counter("tandem_kv_handoff_blocks_total", "Prompt blocks received from prefill workers", ["mode"])
-_BUCKETS = tuple(round(1e-4 * 1.25 ** k, 7) for k in range(60))  # 0.1 ms .. ~65 s, 25% apart
-HANDOFF_SECONDS = Histogram("tandem_kv_handoff_seconds",
-                            "A request's KV handoff: transfer started to blocks landed", ["mode"], buckets=_BUCKETS)
+FALLBACKS = mc.HANDOFF_FALLBACKS.create()
+HANDOFF_BLOCKS = mc.HANDOFF_BLOCKS.create()
+HANDOFF_SECONDS = mc.HANDOFF_SECONDS.create()
 
 _OWNER_MARGIN_S = 0.1  # the owner's push timeout ends this much before our own wait's deadline
 _RPC_GRACE_S = 1.0  # how long past the push timeout we wait for the owner's answer

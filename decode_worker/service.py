@@ -14,7 +14,7 @@ from decode_worker.handoff import KVHandoff
 from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
-from worker.server import WorkerServicer, main
+from worker.server import WorkerServicer, main, observe_output
 
 
 class DecodeServicer(WorkerServicer):
@@ -47,6 +47,7 @@ class DecodeServicer(WorkerServicer):
         completion = 0
         try:
             async for out in stream:
+                observe_output(out)
                 msg = pb.GenerateResponse(outputs=[output_to_pb(out)])
                 if first and request.HasField("kv_handle"):
                     msg.pull.CopyFrom(stats)

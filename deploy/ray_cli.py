@@ -4,6 +4,7 @@
     tandem deploy status [--json]
     tandem deploy scale --prefill N --decode M
     tandem deploy down
+    tandem deploy targets --out FILE [--etcd-endpoints H:P]
 
 ``deploy ray`` connects to the Ray cluster at ``--address`` (or ``ray_address`` in the config),
 or starts a Ray head on this machine, then starts the deployment's controller
@@ -188,6 +189,45 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Write the cluster's Prometheus file_sd target list (its routers and registered workers)."""
+    import asyncio
+
+    from runtime import settings
+
+    cfg = settings.from_args(args)
+    routers = list(args.router or [])
+    if not cfg.etcd_endpoints:  # a Ray deployment: its etcd and routers from its controller
+        args.namespace = None if args.namespace == "default" and not args.address else args.namespace
+        namespace, controller = _attach(args)
+        if controller is None:
+            return 1
+        import ray
+
+        status = ray.get(controller.status.remote(), timeout=60)
+        cfg = dataclasses.replace(cfg, namespace=namespace, etcd_endpoints=tuple(status.etcd_endpoints))
+        routers += [url.split("://", 1)[-1] for url in status.router_urls]
+    groups = asyncio.run(_read_targets(cfg, routers))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(groups, indent=1) + "\n")
+    tmp.replace(out)  # Prometheus re-reads the file when it changes: never half-written
+    print(f"{out}: {len(groups)} targets ({sum(1 for g in groups if 'worker' in g['labels'])} workers)")
+    return 0
+
+
+async def _read_targets(cfg: Any, routers: list[str]) -> list[dict[str, Any]]:
+    from runtime.discovery import list_workers, scrape_targets
+    from runtime.etcd import ControlPlane
+    from runtime.keys import WORKER_ROLES
+
+    async with ControlPlane.from_config(cfg) as plane:
+        workers = [info for role in WORKER_ROLES for info in (await list_workers(plane, role)).values()]
+    model = workers[0].model.name if workers else ""
+    return scrape_targets(workers, routers, model)
+
+
 def _teardown(namespace: str, controller: Any | None) -> dict[str, bool]:
     """Down through the controller if there is one; then kill whatever of the namespace remains."""
     import ray
@@ -258,7 +298,7 @@ def _print_status(status: Any) -> None:
 def add_parser(sub: Any) -> None:
     from runtime import settings
 
-    d = sub.add_parser("deploy", help="run tandem on a Ray cluster: ray, status, scale, down")
+    d = sub.add_parser("deploy", help="run tandem on a Ray cluster: ray, status, scale, down, targets")
     dsub = d.add_subparsers(dest="deploy_command", required=True)
 
     r = dsub.add_parser("ray", help="deploy on a Ray cluster (--address) or on a Ray head started here")
@@ -290,3 +330,11 @@ def add_parser(sub: Any) -> None:
     w = dsub.add_parser("down", help="drain every worker, stop everything (and a Ray head deploy started)")
     common(w)
     w.set_defaults(func=cmd_down)
+
+    t = dsub.add_parser("targets", help="write a Prometheus file_sd target list of the cluster (from etcd)")
+    settings.add_arguments(t)  # --etcd-endpoints and --namespace: a cluster not on Ray
+    t.add_argument("--out", required=True, help="the file_sd JSON file to write (replaced atomically)")
+    t.add_argument("--router", action="append", help="a router's host:port to list too (repeatable; on Ray: "
+                                                     "the deployment's routers are listed)")
+    t.add_argument("--address", default=None, help="the Ray cluster of a deployment (without --etcd-endpoints)")
+    t.set_defaults(func=cmd_targets)

@@ -48,6 +48,7 @@ class _Tracked:
     index: int
     num_sent: int = 0
     logprobs_sent: int = 0
+    times_sent: bool = False  # its queue wait and prefill time went out (on its first output with tokens)
 
 
 class LLMEngine:
@@ -356,6 +357,8 @@ class LLMEngine:
     def _output(self, t: _Tracked) -> RequestOutput:
         r = t.request
         new_ids = r.output_token_ids[t.num_sent:]
+        first = bool(new_ids) and not t.times_sent and r.scheduled_time is not None
+        t.times_sent = t.times_sent or first
         t.num_sent = r.num_output_tokens
         new_logprobs = r.logprobs[t.logprobs_sent:]
         t.logprobs_sent = len(r.logprobs)
@@ -366,6 +369,7 @@ class LLMEngine:
             finished=r.is_finished, finish_reason=r.finish_reason, stop_reason=r.stop_reason,
             num_prompt_tokens=r.num_prompt_tokens, num_output_tokens=r.num_output_tokens,
             num_cached_tokens=r.num_cached_tokens,
+            **(_first_output_times(r) if first else {}),
         )
 
     def _forget(self, t: _Tracked) -> None:
@@ -382,6 +386,16 @@ def _decode_only(output: SchedulerOutput) -> bool:
 
 def _ema(mean: float, x: float, weight: float = 0.2) -> float:
     return x if mean == 0.0 else (1 - weight) * mean + weight * x
+
+
+def _first_output_times(r: Request) -> dict[str, float]:
+    """A sequence's queue wait and prefill time, for its first output (RequestOutput)."""
+    if r.scheduled_time is None:
+        return {}
+    times = {"queue_wait_s": max(0.0, r.scheduled_time - r.arrival_time)}
+    if r.first_token_time is not None and r.first_token_time >= r.scheduled_time:
+        times["prefill_s"] = r.first_token_time - r.scheduled_time
+    return times
 
 
 def default_num_threads() -> int:

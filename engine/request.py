@@ -42,6 +42,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # monotonic: its first scheduled step (or its KV landed)
     children: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ them on the device is queued after that row).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -135,6 +136,8 @@ class Scheduler:
         if ok:
             request.num_computed_tokens = request.num_prompt_tokens
             self.block_manager.commit(request_id, request.token_ids, request.num_computed_tokens)
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
         else:
@@ -193,6 +196,8 @@ class Scheduler:
                 if bm.allocate(request.request_id, num_cached + num_new, cached) is None:
                     break
                 self.waiting.remove(request)
+                if request.scheduled_time is None:
+                    request.scheduled_time = time.monotonic()
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = num_cached
                     self.stats.num_prompt_tokens += request.num_prompt_tokens

@@ -22,11 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from engine.async_engine import AsyncEngine
+from runtime import metric_catalog as mc
 
-RELEASES = Counter("tandem_kv_held_releases_total", "KV holds ended on a prefill worker, by why", ["reason"])
+RELEASES = mc.HELD_RELEASES.create()
 REASONS = ("pushed", "unpinned", "aborted", "cancelled", "lease")
 
 

@@ -19,7 +19,7 @@ from protocol.sampling import SamplingParams
 from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
-from worker.server import WorkerServicer, main
+from worker.server import WorkerServicer, main, observe_output
 
 log = logging.getLogger("tandem.prefill")
 
@@ -62,6 +62,7 @@ class PrefillServicer(WorkerServicer):
                                                   request.priority, prefill_only=True):
                 last = out
                 trace.mark(rid, "p.out")
+                observe_output(out)
                 if out.finished and out.finish_reason is None:
                     table = self.engine.take_handed_off(rid)
         except ValueError as e:

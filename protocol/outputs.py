@@ -39,3 +39,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    # On a sequence's first output with tokens (None otherwise): its wait in the queue (arrival in
+    # the engine to its first scheduled step) and its prefill (that step to its first token; None
+    # when the first token came from elsewhere: a prefilled request handed over).
+    queue_wait_s: float | None = None
+    prefill_s: float | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,9 @@ class Served:
     catalog: ModelCatalog
 
 
-def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int) -> ASGIApp:
+def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int,
+               extra_routes: Sequence[tuple[str, Callable]] = ()) -> ASGIApp:
+    """The HTTP app; ``extra_routes`` are further GET (path, handler) pairs (the dashboard's)."""
     app = FastAPI(title="tandem", description="OpenAI-compatible API of a tandem cluster")
     app.state.served = Served(flow, catalog)
     app.add_exception_handler(APIError, on_api_error)
@@ -62,6 +64,8 @@ def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int) ->
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    for path, handler in extra_routes:
+        app.add_api_route(path, handler, methods=["GET"], include_in_schema=False)
     return BodyLimit(app, max_body_bytes)
 
 

@@ -33,6 +33,7 @@ from router import policy
 from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
 from router.inflight import Ticket, inflight_to_pb, sum_peers
 from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
+from router.request_window import HANDOFFS
 from router.tier_index import TierIndex
 from router.worker_pool import WorkerPool
 from runtime import keys, trace
@@ -340,6 +341,8 @@ class RequestFlow:
                     trace.mark(call.request_id, "r.msg1")
                 if msg.HasField("pull"):
                     call.route.recomputed = msg.pull.recomputed
+                    if not msg.pull.recomputed and msg.pull.num_pulled_blocks:
+                        HANDOFFS.add(msg.pull.pull_ms / 1000)
                 for out in msg.outputs:
                     call.streamed = True
                     call.ticket.prefilled()

@@ -81,13 +81,32 @@ class RequestWindow:
         self._finished.append(_Finished(time.monotonic() if now is None else now, isl, osl, ttft_s * 1000, itl,
                                         e2e_s * 1000))
 
-    def snapshot(self, now: float | None = None) -> WindowStats:
-        now = time.monotonic() if now is None else now
-        horizon = now - self.window_s
+    def _prune(self, now: float | None) -> None:
+        horizon = (time.monotonic() if now is None else now) - self.window_s
         while self._arrivals and self._arrivals[0] < horizon:
             self._arrivals.popleft()
         while self._finished and self._finished[0].t < horizon:
             self._finished.popleft()
+
+    def attainment(self, ttft_ms: float, itl_ms: float, now: float | None = None) -> dict[str, float | None]:
+        """Of the requests finished in the window, the fraction that met each SLO target: ``ttft``,
+        ``itl`` (the request's mean inter-token latency; one with a single token meets it) and
+        ``both``. None where no request finished in the window."""
+        self._prune(now)
+        done = list(self._finished)
+        if not done:
+            return {"ttft": None, "itl": None, "both": None}
+        ttft_ok = [f.ttft_ms <= ttft_ms for f in done]
+        itl_ok = [math.isnan(f.itl_ms) or f.itl_ms <= itl_ms for f in done]
+        return {"ttft": sum(ttft_ok) / len(done), "itl": sum(itl_ok) / len(done),
+                "both": sum(a and b for a, b in zip(ttft_ok, itl_ok)) / len(done)}
+
+    def num_finished(self, now: float | None = None) -> int:
+        self._prune(now)
+        return len(self._finished)
+
+    def snapshot(self, now: float | None = None) -> WindowStats:
+        self._prune(now)
         done = list(self._finished)
         isl, osl = [float(f.isl) for f in done], [float(f.osl) for f in done]
         ttft = [f.ttft_ms for f in done]
@@ -110,3 +129,25 @@ class RequestWindow:
 
 # The process's window: requests through this router (fed by router.text_generation).
 WINDOW = RequestWindow()
+
+
+class HandoffWindow:
+    """The KV handoff times the decode workers report (``PullStats.pull_ms``), over a window."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._times: deque[tuple[float, float]] = deque()
+
+    def add(self, seconds: float) -> None:
+        self._times.append((time.monotonic(), seconds))
+
+    def percentiles(self) -> dict[str, float | None]:
+        horizon = time.monotonic() - self.window_s
+        while self._times and self._times[0][0] < horizon:
+            self._times.popleft()
+        values = [s * 1000 for _, s in self._times]
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99), "count": len(values)}
+
+
+# The KV handoffs of requests through this router (fed by router.request_flow).
+HANDOFFS = HandoffWindow()

@@ -21,6 +21,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from router.dashboard import Dashboard
 from router.kserve import add_kserve
 from router.models import ModelCatalog
 from router.openai_api import create_app
@@ -49,7 +50,10 @@ async def serve_router(argv: list[str] | None = None) -> int:
     await flow.start()
     catalog.follow()  # the workers already registered
 
-    http = uvicorn.Server(uvicorn.Config(create_app(flow, catalog, cfg.max_body_bytes), host=cfg.host, port=cfg.port,
+    board = Dashboard(cfg, flow, plane, lambda: catalog.model.name if catalog.model else None)
+    board.start()
+    app = create_app(flow, catalog, cfg.max_body_bytes, extra_routes=board.routes())
+    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
                                          log_level="warning", access_log=False, lifespan="off",
                                          timeout_graceful_shutdown=2))
     grpc_server = grpc.aio.server()
@@ -90,6 +94,7 @@ async def serve_router(argv: list[str] | None = None) -> int:
     await grpc_server.stop(grace=1.0)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, 5)
+    await board.stop()
     await flow.stop()
     with contextlib.suppress(Exception):
         await plane.close()

@@ -16,7 +16,14 @@ from protocol.load import EngineLoad
 from router import policy
 from router.errors import WorkerFailedError
 from router.inflight import Inflight, Ticket
-from router.metrics import PREFIX_HIT_RATE, WORKER_FAILURES, WORKERS
+from router.metrics import (
+    PREFIX_HIT_RATE,
+    WORKER_FAILURES,
+    WORKER_KV_USAGE,
+    WORKER_RUNNING,
+    WORKER_WAITING,
+    WORKERS,
+)
 from runtime import keys
 from runtime.convert import load_from_pb
 from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo, WorkerSet
@@ -27,6 +34,7 @@ from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 log = logging.getLogger("tandem.router")
 _CLOSE_GRACE_S = 3600.0  # how long calls on a channel to a worker that left etcd may still run
 _SUSPECT_S = 5.0
+_PER_WORKER = (PREFIX_HIT_RATE, WORKER_KV_USAGE, WORKER_WAITING, WORKER_RUNNING)
 
 
 class WorkerPool:
@@ -50,6 +58,7 @@ class WorkerPool:
     async def start(self) -> None:
         await self.workers.start()
         WORKERS.labels(role=self.role).set_function(lambda: len(self.members()))
+        WORKER_FAILURES.labels(role=self.role)  # exported from the start, at 0
         self._poller = asyncio.create_task(self._poll_loads())
 
     async def stop(self) -> None:
@@ -126,8 +135,9 @@ class WorkerPool:
             entry = self.inflight.get(event.worker_id)
             if entry is not None and not entry.num_requests:
                 del self.inflight[event.worker_id]
-            with contextlib.suppress(KeyError):
-                PREFIX_HIT_RATE.remove(self.role, event.worker_id)
+            for gauge in _PER_WORKER:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.role, event.worker_id)
             log.info("%s worker %s left", self.role, event.worker_id)
         elif event.kind is WorkerEventKind.ADDED:
             log.info("%s worker %s joined at %s", self.role, event.worker_id,
@@ -140,9 +150,16 @@ class WorkerPool:
         while True:
             try:
                 loads = await self.plane.get_messages(prefix, pb.Load)
+                # The loads and their gauges change together (no await between): /metrics and the
+                # dashboard (router.dashboard reads ``reported``) show the same values.
                 self.reported = {wid: load_from_pb(m) for wid, m in loads.items()}
                 for wid, m in self.reported.items():
-                    if m.num_prompt_tokens and wid in self.workers:
+                    if wid not in self.workers:
+                        continue
+                    WORKER_KV_USAGE.labels(self.role, wid).set(m.kv_usage)
+                    WORKER_WAITING.labels(self.role, wid).set(m.num_waiting + m.num_pulling)
+                    WORKER_RUNNING.labels(self.role, wid).set(m.num_running)
+                    if m.num_prompt_tokens:
                         PREFIX_HIT_RATE.labels(self.role, wid).set(m.num_cached_tokens / m.num_prompt_tokens)
             except Exception as e:  # etcd hiccup: keep the last known loads
                 log.debug("load poll failed: %r", e)

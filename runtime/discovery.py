@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from google.protobuf.message import DecodeError
 
@@ -142,6 +143,23 @@ async def list_workers(plane: ControlPlane, role: str) -> dict[str, WorkerInfo]:
         for key, value in (await plane.get_prefix(prefix)).items()
         if (info := _parse_worker(key, value)) is not None
     }
+
+
+def scrape_targets(workers: list[WorkerInfo], routers: list[str] = (), model: str = "") -> list[dict[str, Any]]:
+    """Prometheus service discovery target groups (``http_sd``/``file_sd`` JSON) of a cluster:
+    each router (``host:port`` serving ``/metrics``) as job ``tandem-router``, each worker with a
+    ``metrics_url`` as job ``tandem-{role}`` labelled ``role``, ``worker`` and ``model`` (its metrics
+    carry none of these: the targets do, ``runtime.metric_catalog``)."""
+    groups: list[dict[str, Any]] = [{"targets": [router], "labels": {"job": "tandem-router", "model": model}}
+                                    for router in routers]
+    for info in sorted(workers, key=lambda w: (w.role, w.worker_id)):
+        if not info.metrics_url:
+            continue
+        url = urlsplit(info.metrics_url)
+        groups.append({"targets": [url.netloc], "labels": {
+            "job": f"tandem-{info.role}", "role": info.role, "worker": info.worker_id, "model": info.model.name,
+            "__metrics_path__": url.path or "/metrics"}})
+    return groups
 
 
 # -- watching ----------------------------------------------------------------------------------

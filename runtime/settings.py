@@ -117,6 +117,8 @@ class ClusterConfig:
         32.0, "kv policy: weight of a prefill block against an active decode block (router/policy.py says why 32)"
     )
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
+    ttft_slo_ms: float = _field(2000.0, "SLO target: time to first token, ms (the router's attainment, the dashboard)")
+    itl_slo_ms: float = _field(50.0, "SLO target: a request's mean inter-token latency, ms")
     # -- deployment (launchers: tandem deploy) --
     num_routers: int = _field(1, "deploy: router replicas")
     num_prefill: int = _field(1, "deploy: prefill workers (disaggregated mode)")
@@ -236,6 +238,8 @@ class ClusterConfig:
             fail("routing_policy", "must be kv, round_robin, random or least_loaded")
         if self.kv_index_ttl_s <= 0:
             fail("kv_index_ttl_s", "must be positive")
+        if self.ttft_slo_ms <= 0 or self.itl_slo_ms <= 0:
+            fail("ttft_slo_ms", "ttft_slo_ms and itl_slo_ms must be positive")
         if self.router_temperature < 0 or self.prefill_load_scale < 0:
             fail("router_temperature", "router_temperature and prefill_load_scale must be >= 0")
         if self.num_routers < 1 or self.num_decode < 1 or self.num_prefill < 0:

@@ -18,18 +18,22 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import REGISTRY, Gauge
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine.async_engine import AsyncEngine
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
 from kv_transfer import KVTransport, make_transport
+from protocol.outputs import RequestOutput
 from runtime import keys, settings
+from runtime import metric_catalog as mc
 from runtime.convert import event_to_pb, load_to_pb
 from runtime.discovery import WorkerInfo, deregister, register
 from runtime.etcd import ControlPlane
@@ -175,7 +179,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     await server.start()
 
-    _export_load(engine)
+    REGISTRY.register(LoadCollector(engine))
     metrics = serve_metrics(REGISTRY, port=cfg.metrics_port, host=cfg.host)
     plane = ControlPlane.from_config(cfg)
     await plane.connect()
@@ -249,17 +253,41 @@ async def _start_engine(cfg: settings.ClusterConfig, econfig: EngineConfig
     return llm, engine, transport, store
 
 
-def _export_load(engine: AsyncEngine) -> None:
-    """The engine's load as Prometheus gauges, read at scrape time."""
-    for name, doc in (("num_waiting", "requests queued"), ("num_running", "requests running"),
-                      ("num_pulling", "requests waiting for their KV pull"),
-                      ("num_queued_prefill_tokens", "prompt tokens still to compute"),
-                      ("num_free_blocks", "free KV blocks"), ("num_pinned_blocks", "blocks pinned for KV handles"),
-                      ("kv_usage", "fraction of KV blocks in use"),
-                      ("num_prompt_tokens", "prompt tokens admitted since start"),
-                      ("num_cached_tokens", "prompt tokens served from the prefix cache since start")):
-        gauge = Gauge(f"tandem_worker_{name}", doc)
-        gauge.set_function(lambda name=name: float(getattr(engine.load, name)))
+class LoadCollector(Collector):
+    """The engine's load as Prometheus samples (``runtime.metric_catalog``'s worker gauges and
+    counters), read at scrape time."""
+
+    _GAUGES = ((mc.WORKER_WAITING, "num_waiting"), (mc.WORKER_RUNNING, "num_running"),
+               (mc.WORKER_PULLING, "num_pulling"), (mc.WORKER_QUEUED_PREFILL, "num_queued_prefill_tokens"),
+               (mc.WORKER_FREE_BLOCKS, "num_free_blocks"), (mc.WORKER_PINNED_BLOCKS, "num_pinned_blocks"),
+               (mc.WORKER_KV_USAGE, "kv_usage"))
+    _COUNTERS = ((mc.WORKER_PROMPT_TOKENS, "num_prompt_tokens"), (mc.WORKER_CACHED_TOKENS, "num_cached_tokens"),
+                 (mc.WORKER_STEPS, "num_steps"))
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        load = self.engine.load
+        for metric, field in self._GAUGES:
+            yield GaugeMetricFamily(metric.name, metric.help, value=float(getattr(load, field)))
+        for metric, field in self._COUNTERS:
+            yield CounterMetricFamily(metric.name.removesuffix("_total"), metric.help,
+                                      value=float(getattr(load, field)))
+
+
+QUEUE_WAIT = mc.WORKER_QUEUE_WAIT.create()
+PREFILL = mc.WORKER_PREFILL.create()
+ROLE_SWITCH = mc.WORKER_ROLE_SWITCH.create()  # observed by a tier switch
+
+
+def observe_output(out: RequestOutput) -> None:
+    """A sequence's queue wait and prefill time, from its first output (the tiers call it on
+    every output they stream)."""
+    if out.queue_wait_s is not None:
+        QUEUE_WAIT.observe(out.queue_wait_s)
+    if out.prefill_s is not None:
+        PREFILL.observe(out.prefill_s)
 
 
 def main(role: str, servicer_cls: type[WorkerServicer]) -> None:

@@ -63,7 +63,7 @@ def gauges(url: str, prefix: str) -> dict[str, float]:
 
 def prompt_tokens(cluster: LocalCluster) -> dict[str, float]:
     """Prompt tokens each decode worker has admitted since it started."""
-    return {c.name: gauges(c.ready["metrics"], "tandem_worker_num_prompt_tokens")["tandem_worker_num_prompt_tokens"]
+    return {c.name: gauges(c.ready["metrics"], "tandem_worker_prompt_tokens_total")["tandem_worker_prompt_tokens_total"]
             for c in cluster.workers("decode")}
 
 

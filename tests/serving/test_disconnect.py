@@ -76,13 +76,13 @@ def test_disconnect_during_remote_prefill_frees_blocks(disagg_cluster: LocalClus
     prompt = fresh(" ".join(f"item {i}," for i in range(175)))  # ~700 tokens: seconds of prefill on one thread
     (prefill,) = live(disagg_cluster, "prefill")
     (decode,) = live(disagg_cluster, "decode")
-    prefill_tokens0 = sample(prefill.ready["metrics"], "tandem_worker_num_prompt_tokens")
-    decode_tokens0 = sample(decode.ready["metrics"], "tandem_worker_num_prompt_tokens")
+    prefill_tokens0 = sample(prefill.ready["metrics"], "tandem_worker_prompt_tokens_total")
+    decode_tokens0 = sample(decode.ready["metrics"], "tandem_worker_prompt_tokens_total")
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(disagg_cluster.http_url + "/v1/completions",
                       json={"model": model(disagg_cluster), "prompt": prompt, **LONG_RUN}, timeout=(5, 1.0))
     took = wait_workers_idle(disagg_cluster, FREED_WITHIN_S)
     print(f"blocks freed {took:.2f} s after the client left during the prefill")
     # the prefill worker took the prompt; the request never reached the decode worker
-    assert sample(prefill.ready["metrics"], "tandem_worker_num_prompt_tokens") - prefill_tokens0 > 600
-    assert sample(decode.ready["metrics"], "tandem_worker_num_prompt_tokens") == decode_tokens0
+    assert sample(prefill.ready["metrics"], "tandem_worker_prompt_tokens_total") - prefill_tokens0 > 600
+    assert sample(decode.ready["metrics"], "tandem_worker_prompt_tokens_total") == decode_tokens0

@@ -1,0 +1,83 @@
+"""Metric names and label sets follow Prometheus's conventions (runtime/metric_catalog.py): the
+catalog passes the checker, the checker catches each kind of violation, and what the router and
+the workers really serve is the catalog (same names, types and labels; nothing undefined)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from obs_testlib import get
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy import observability_gen
+from runtime import metric_catalog as mc
+
+GOOD = mc.Metric("tandem_router_example_seconds", "histogram", "an example", "router", ("role",), "seconds")
+
+
+def test_catalog_follows_the_conventions() -> None:
+    assert mc.convention_problems(mc.CATALOG.values()) == []
+    assert len(mc.CATALOG) >= 40
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(name="router_example_seconds"), "tandem_"),
+    (dict(name="tandem_router_Example_seconds"), "lower snake case"),
+    (dict(name="tandem_router_example_total", kind="gauge"), "_total"),
+    (dict(name="tandem_router_examples", kind="counter", unit=""), "_total"),
+    (dict(name="tandem_router_example_ms", unit=""), "base units"),
+    (dict(name="tandem_router_wait", unit=""), "seconds"),
+    (dict(name="tandem_router_example_bytes"), "last word"),
+    (dict(unit="milliseconds", name="tandem_router_example_milliseconds"), "base unit"),
+    (dict(labels=("request_id",)), "bounded vocabulary"),
+    (dict(labels=("role", "role")), "repeats"),
+    (dict(help=" "), "help"),
+    (dict(name="tandem_router_kv_usage_ratio", kind="gauge", unit=""), "declares none"),
+])
+def test_the_checker_catches(change: dict, words: str) -> None:
+    bad = dataclasses.replace(GOOD, **change)
+    problems = mc.convention_problems([bad])
+    assert any(words in p for p in problems), problems
+    assert mc.convention_problems([GOOD]) == []
+
+
+def test_dashboards_read_catalog_metrics_only() -> None:
+    queried = observability_gen.metrics_queried()
+    assert queried <= set(mc.CATALOG), queried - set(mc.CATALOG)
+    with pytest.raises(KeyError):
+        observability_gen.m("tandem_router_time_to_first_token_secs")
+
+
+def _families(url: str) -> dict[str, tuple[str, set[str]]]:
+    """A /metrics page's tandem_ families: name (as exposed: counters with _total) -> (type, labels)."""
+    out = {}
+    for fam in text_string_to_metric_families(get(url).decode()):
+        if not fam.name.startswith("tandem_"):
+            continue
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        labels = {k for s in fam.samples for k in s.labels if k not in ("le", "quantile")}
+        out[name] = (fam.type, labels)
+    return out
+
+
+def test_served_metrics_are_the_catalog(cluster) -> None:
+    pages = {"router": f"{cluster.http_url}/metrics"}
+    for w in cluster.workers("prefill") + cluster.workers("decode"):
+        pages[w.name] = w.ready["metrics"]
+    seen: set[str] = set()
+    for who, url in pages.items():
+        for name, (kind, labels) in _families(url).items():
+            assert name in mc.CATALOG, f"{who} serves {name}, which runtime/metric_catalog.py does not define"
+            metric = mc.CATALOG[name]
+            assert kind == metric.kind, (who, name, kind, metric.kind)
+            assert labels <= set(metric.labels), (who, name, labels, metric.labels)
+            seen.add(name)
+    # Every metric of the catalog is served by one of the processes (planner gauges appear only once
+    # a decision is in etcd, kv transfer and handoff series once a transfer happened).
+    lazy = {n for n, m in mc.CATALOG.items() if m.labels and m.kind != "gauge"} | {
+        mc.PLANNER_DECISION_TIME.name, mc.PLANNER_PREDICTED_RATE.name, mc.PLANNER_DESIRED_WORKERS.name,
+        mc.PLANNER_REASON.name, mc.ROUTER_WORKER_KV_USAGE.name, mc.ROUTER_WORKER_WAITING.name,
+        mc.ROUTER_WORKER_RUNNING.name, mc.ROUTER_PREFIX_HIT.name, mc.ROUTER_SLO_TARGET.name,
+        mc.ROUTER_SLO_ATTAINMENT.name, mc.ROUTER_WORKERS.name, mc.ROUTER_KV_INDEXED_BLOCKS.name}
+    assert set(mc.CATALOG) - lazy <= seen, set(mc.CATALOG) - lazy - seen
