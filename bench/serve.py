@@ -50,7 +50,7 @@ try:  # openai >= 3 ships httpx2 (the same API under a new name)
 except ImportError:  # pragma: no cover
     import httpx
 
-from bench import serve_sweep
+from bench import plots, serve_sweep
 from protocol.sampling import SamplingParams
 from runtime.convert import sampling_to_pb
 from runtime.pb import tandem_worker_pb2 as pb
@@ -497,10 +497,31 @@ async def bench_endpoint(args: argparse.Namespace, url: str, label: str, request
     return out
 
 
+def sweep_points(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The runs of ``--sweep-concurrency`` and ``--sweep-rate``: ``args`` with the load changed."""
+    points = [argparse.Namespace(**{**vars(args), "concurrency": int(c), "rate": None})
+              for c in (args.sweep_concurrency or "").split(",") if c]
+    points += [argparse.Namespace(**{**vars(args), "rate": float(r)}) for r in (args.sweep_rate or "").split(",") if r]
+    return points
+
+
+async def bench_sweep(args: argparse.Namespace, url: str, series: str, requests: list[BenchRequest],
+                      worker_metrics: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One run per sweep point against one cluster (no router-overhead rounds)."""
+    out = []
+    for point in sweep_points(args):
+        point.overhead_requests = 0
+        label = f"{series} c={point.concurrency}" if point.rate is None else f"{series} {point.rate:g} req/s"
+        run = await bench_endpoint(point, url, label, requests, None, worker_metrics)
+        out.append(run | {"series": series, "concurrency": point.concurrency, "rate": point.rate})
+    return out
+
+
 def bench_launched(args: argparse.Namespace, run: RunConfig, requests: list[BenchRequest]) -> dict[str, Any]:
     from deploy.local_cluster import LocalCluster
 
     cfg = ClusterConfig(mode=run.mode, port=0, grpc_port=0, model=args.model, dtype=args.dtype, device=args.device,
+                        engine=args.engine,
                         threads=args.threads, transport=args.transport, kv_transfer_mode=args.kv_transfer_mode,
                         max_local_prefill_tokens=args.max_local_prefill_tokens, kv_cache_gib=args.kv_cache_gib,
                         prefill_kv_cache_gib=args.prefill_kv_cache_gib,
@@ -517,6 +538,8 @@ def bench_launched(args: argparse.Namespace, run: RunConfig, requests: list[Benc
                           if c.ready and c.ready.get("metrics") and c.name != "router"}
         out = asyncio.run(bench_endpoint(args, cluster.http_url, run.label, requests, decode.get("endpoint"),
                                          worker_metrics))
+        if sweep_points(args):
+            out["sweep"] = asyncio.run(bench_sweep(args, cluster.http_url, run.label, requests, worker_metrics))
         dead = [c.name for c in cluster.children if c.proc.poll() is not None]
         if dead:
             out["dead_processes"] = dead
@@ -624,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefill-workers", type=int, default=1)
     c.add_argument("--decode-workers", type=int, default=1)
     c.add_argument("--model", default="", help="model to serve (empty: the engine default, SmolLM2-135M)")
+    c.add_argument("--engine", default="torch", choices=["torch", "sim"], help="sim: the fitted timing model")
     c.add_argument("--dtype", default=ClusterConfig.dtype, choices=["bfloat16", "float16", "float32"])
     c.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: the local cluster's default)")
     c.add_argument("--device", default="cpu", help="the workers' torch device: cpu, cuda, cuda:N")
@@ -665,7 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overhead-requests", type=int, default=50, help="router overhead rounds (0: skip)")
     o.add_argument("--worker-endpoint", default=None, help="with --target: a decode worker's gRPC host:port")
     o.add_argument("--model-name", default=None, help="model name for requests (default: from /v1/models)")
-    o.add_argument("--json", default=None, help="write the results here")
+    o.add_argument("--sweep-concurrency", default="", help="also run at each of these concurrencies (e.g. 1,4,16): "
+                                                          "throughput against concurrency")
+    o.add_argument("--sweep-rate", default="", help="also run at each of these Poisson rates, req/s (e.g. 2,8,32): "
+                                                   "goodput against rate")
+    o.add_argument("--json", default=None, help="write the results here, and the figures beside it (bench/plots.py)")
     serve_sweep.add_arguments(p)
     return p
 
@@ -693,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         runs = [asyncio.run(bench_endpoint(args, args.target.rstrip("/"), "target", requests,
                                            args.worker_endpoint))]
+        if sweep_points(args):
+            runs[0]["sweep"] = asyncio.run(bench_sweep(args, args.target.rstrip("/"), "target", requests))
     else:
         if args.compare:
             configs = [RunConfig("a: 1P+1D disagg", "disaggregated", 1, 1),
@@ -704,8 +734,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [bench_launched(args, run, requests) for run in configs]
     print_report(runs)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-        print(f"\nresults written to {args.json}")
+        result = {"args": vars(args), "runs": runs, "sweep": [p for r in runs for p in r.pop("sweep", [])]}
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        figures = plots.serve_figures(result, Path(args.json).with_suffix(""))
+        print(f"\nresults written to {args.json}; figures: {', '.join(map(str, figures))}")
     return 0 if all(r["summary"]["num_ok"] for r in runs) else 1
 
 
