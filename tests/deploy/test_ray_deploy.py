@@ -327,6 +327,25 @@ def test_scale_without_failing_inflight_requests(deployment: Deployment,
     assert (health.get("prefill_workers"), health.get("decode_workers")) == (2, 1), health
 
 
+def test_switch_tier_in_place_through_the_controller(deployment: Deployment) -> None:
+    """What the planner's actuator does on Ray: a worker moves to the other tier, same process."""
+    from deploy.controller import find_controller
+
+    before = deployment.services()["prefill-1"]
+    controller = find_controller(deployment.namespace)
+    with Load(deployment, num_clients=3, max_tokens=32) as load:
+        time.sleep(1)
+        result = ray.get(controller.switch_worker.remote("prefill-1", "decode"), timeout=120)
+        time.sleep(2)  # serving goes on, the switched worker in the decode tier
+    after = deployment.services()["prefill-1"]
+    print(f"\nswitch prefill-1 -> decode on Ray: {result.call_ms:.1f} ms ({result.switch_ms:.1f} ms in the worker)")
+    assert (result.previous_role, result.role) == ("prefill", "decode")
+    assert after.role == "decode" and after.pid == before.pid and after.registered
+    assert load.errors == [], load.errors[:3]
+    health = deployment.health()
+    assert (health.get("prefill_workers"), health.get("decode_workers")) == (1, 2), health
+
+
 def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
     pids = deployment_pids(deployment.namespace)
     assert len(pids) >= 5  # the services and etcd
