@@ -44,6 +44,9 @@ def scaled(w: Workload, isl_scale: float, osl_scale: float) -> Workload:
     return replace(w, arrivals=arrivals)
 
 
+ERRORS: dict[str, int] = {}
+
+
 def send(client, model: str, req: Req, t0: float, itl_s: float, seed: int) -> None:
     """One request, open loop at its arrival time; fills req's ttft, gaps and finish like the replay's."""
     rng = random.Random(seed)
@@ -73,7 +76,10 @@ def send(client, model: str, req: Req, t0: float, itl_s: float, seed: int) -> No
             req.done_t = now - t0
         else:
             req.rejected = True
-    except Exception:
+            ERRORS[f"{tokens} of {req.arrival.osl} tokens"] = ERRORS.get(f"{tokens} of {req.arrival.osl} tokens", 0) + 1
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:120]}"
+        ERRORS[why] = ERRORS.get(why, 0) + 1
         req.rejected = True
         req.done_t = time.monotonic() - t0
 
@@ -156,6 +162,7 @@ def live(args: argparse.Namespace, w: Workload) -> tuple[Run, dict]:
                                                            for a in dec.actions],
                                "reasons": [r.code + (f"[{r.role}]" if r.role else "") for r in dec.reasons],
                                "num_prefill": dec.num_prefill, "num_decode": dec.num_decode} for dec in decisions]
+        stats["errors"] = dict(ERRORS)
         if runner.actuator is not None:
             stats["switch_call_ms"] = [s.call_ms for s in runner.actuator.switches]
         attain_timeline(run, args.ttft_ms / 1000, interval)
