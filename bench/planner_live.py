@@ -5,6 +5,7 @@ the local launcher) with the planner service acting on it, and the same workload
 hold on the real control loop (etcd watches, step summaries, start-up and switch times, drains).
 
     python bench/planner_live.py --shape burst --duration-s 240 --scale 0.04 --out-dir DIR
+    python bench/planner_live.py --measure-switch --out-dir DIR    # a tier switch vs a new worker
 
 Per run: SLO attainment (TTFT and the request's p99 gap between streamed chunks within the
 targets; failed requests are bad), goodput per worker-hour, worker-hours, decisions and
@@ -173,6 +174,47 @@ def live(args: argparse.Namespace, w: Workload) -> tuple[Run, dict]:
         cluster.stop()
 
 
+def measure_switch(args: argparse.Namespace) -> dict:
+    """A tier switch against starting a new worker, on a sim cluster: ``--switches`` switches back
+    and forth (the call, and until the router lists the worker in its new tier), then ``--starts``
+    new decode workers started (until the router lists them) and drained."""
+    import statistics
+
+    from deploy.launcher import router_health
+    from deploy.local_launcher import LocalLauncher
+    from runtime.settings import ClusterConfig
+
+    cfg = ClusterConfig(port=0, grpc_port=0, engine="sim", sim_profile=args.profile, kv_cache_gib=0.25,
+                        transport="tcp", lease_ttl_s=3, log_level="WARNING")
+    with LocalLauncher(cfg, quiet=True) as launcher:
+        url = launcher.cluster.http_url
+        name = launcher.workers("decode")[0].name
+        launcher.start_services(["decode"])
+        calls, listed, starts = [], [], []
+        for i in range(args.switches):
+            role = "prefill" if i % 2 == 0 else "decode"
+            want = (2, 1) if role == "prefill" else (1, 2)
+            t0 = time.perf_counter()
+            result = launcher.switch_worker(name, role)
+            while (h := router_health(url)) and (h.get("prefill_workers"), h.get("decode_workers")) != want:
+                time.sleep(0.001)
+            listed.append((time.perf_counter() - t0) * 1000)
+            calls.append(result.call_ms)
+        for _ in range(args.starts):
+            t0 = time.perf_counter()
+            (s,) = launcher.start_services(["decode"])
+            starts.append(time.perf_counter() - t0)
+            launcher.drain_services([s.name])
+    out = {"switch_call_ms": calls, "switch_listed_ms": listed, "start_s": starts,
+           "switch_listed_ms_median": statistics.median(listed), "switch_listed_ms_max": max(listed),
+           "start_s_median": statistics.median(starts)}
+    print(f"tier switch: {out['switch_listed_ms_median']:.1f} ms median to the router's listing (max "
+          f"{out['switch_listed_ms_max']:.1f}, {len(listed)} switches; call {statistics.median(calls):.1f} ms); "
+          f"a new sim worker: {out['start_s_median']:.2f} s median ({len(starts)} starts): "
+          f"{out['start_s_median'] * 1000 / out['switch_listed_ms_median']:.0f}x")
+    return out
+
+
 def plot(runs: list[Run], w: Workload, path: Path) -> None:
     import matplotlib
 
@@ -221,7 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drain-s", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    ap.add_argument("--measure-switch", action="store_true", help="only time tier switches against new workers")
+    ap.add_argument("--switches", type=int, default=10)
+    ap.add_argument("--starts", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.measure_switch:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "planner-switch.json").write_text(json.dumps(measure_switch(args), indent=1) + "\n")
+        print(f"wrote {out / 'planner-switch.json'}")
+        return
     from engine.sim import SimProfile
     from planner.service import planner_config
     from runtime.settings import ClusterConfig
