@@ -95,8 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = settings.from_args(args)
     cluster = LocalCluster(cfg, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                            log_dir=args.log_dir)
+    planner = None
     try:
         cluster.start()
+        planner = _serve_planner(args, cluster)
         r = cluster.router
         mode = f"{cluster.num_prefill} prefill + {cluster.num_decode} decode" if cfg.mode == "disaggregated" \
             else f"{cluster.num_decode} aggregated"
@@ -104,7 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  OpenAI API   {r['http']}/v1   (e.g. curl {r['http']}/v1/models)\n"
               f"  KServe gRPC  {r['grpc']}\n"
               f"  metrics      {r['http']}/metrics\n"
-              f"Ctrl-C stops everything.", flush=True)
+              + (f"  planner      {planner.config.mode} mode, every {planner.config.adjustment_interval_s:g} s, "
+                 f"up to {planner.config.max_workers} workers, {planner.metrics_url} (--no-planner: none)\n"
+                 if planner else "")
+              + "Ctrl-C stops everything.", flush=True)
         while all(c.proc.poll() is None for c in cluster.children):
             time.sleep(0.5)
         dead = [c.name for c in cluster.children if c.proc.poll() is not None]
@@ -114,7 +119,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("\ntandem: stopping...", file=sys.stderr)
         return 0
     finally:
+        if planner is not None:
+            planner.stop()
         cluster.stop()
+
+
+def _serve_planner(args: argparse.Namespace, cluster):
+    """``tandem serve``'s planner, in this process, acting on its cluster: on unless the planner
+    setting says false (``--no-planner``, TANDEM_PLANNER, the config file); disaggregated mode only."""
+    import os
+
+    from deploy.local_launcher import LocalLauncher
+    from deploy.planner_actuator import PlannerRunner
+    from runtime import settings
+
+    explicit = args.planner if args.planner is not None else settings.read_env(os.environ).get("planner")
+    if explicit is None and args.config:
+        explicit = settings.read_config_file(args.config).get("planner")
+    if explicit is False or cluster.cfg.mode != "disaggregated":
+        return None
+    return PlannerRunner(cluster.cfg, LocalLauncher.around(cluster)).start()
+
+
+def cmd_planner(args: argparse.Namespace) -> int:
+    """The planner in the foreground on a running cluster: on a Ray deployment (``tandem deploy``)
+    it acts through the deployment's controller; with ``--dry-run`` it only writes decisions, on
+    any cluster's etcd (``tandem serve`` runs its own planner, acting on its cluster)."""
+    import dataclasses
+    import logging
+    import os
+
+    from deploy.planner_actuator import ControllerLauncher, PlannerRunner
+    from runtime import settings
+
+    cfg = settings.from_args(args)
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s planner %(levelname)s %(name)s: %(message)s")
+    launcher = None
+    if not args.dry_run:
+        import ray
+
+        from deploy.controller import find_controller
+        from deploy.ray_cli import connect, load_state
+
+        state = load_state(cfg.namespace)
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "") or (state.ray_address if state else "")
+        if not address:
+            raise ValueError("no Ray deployment to act on: pass --ray-address (or --dry-run to only decide; "
+                             "tandem serve runs a planner that acts on its cluster)")
+        connect(address)
+        controller = find_controller(cfg.namespace)
+        if controller is None:
+            raise ValueError(f"no deployment {cfg.namespace!r} on the Ray cluster at {address}")
+        status = ray.get(controller.status.remote(), timeout=60)
+        cfg = dataclasses.replace(cfg, etcd_endpoints=cfg.etcd_endpoints or status.etcd_endpoints)
+        launcher = ControllerLauncher(controller, ray.get(controller.config.remote(), timeout=60))
+    if not cfg.etcd_endpoints:
+        raise ValueError("tandem planner --dry-run needs --etcd-endpoints (the cluster's etcd)")
+    runner = PlannerRunner(cfg, launcher, dry_run=args.dry_run,
+                           num_workers=cfg.gpu_budget or cfg.num_prefill + cfg.num_decode)
+    runner.run_forever()  # until Ctrl-C
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-workers", type=int, default=1, help="decode workers")
     s.add_argument("--log-dir", default=None, help="write each process's log here instead of the terminal")
     s.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("planner", help="the autoscaler on a Ray deployment (--ray-address), or on any cluster's "
+                                        "etcd with --dry-run (decisions only)")
+    settings.add_arguments(pl)
+    pl.add_argument("--dry-run", action="store_true", help="write decisions to etcd and Prometheus, act on nothing")
+    pl.set_defaults(func=cmd_planner)
 
     from deploy.ray_cli import add_parser as add_deploy_parser
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from deploy.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState
+from deploy.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState, SwitchResult
 from deploy.ray_launcher import HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
 from runtime.settings import ClusterConfig
 
@@ -57,6 +57,24 @@ class DeploymentController:
     def scale(self, num_prefill: int, num_decode: int, timeout_s: float = 600.0) -> ScaleResult:
         with self._lock, self._timed("scale"):
             return self.launcher.scale(num_prefill, num_decode, timeout_s)
+
+    # The planner's actuator acts through these (deploy.planner_actuator.ControllerLauncher).
+    def start_services(self, roles: list[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
+        with self._lock, self._timed("start"):
+            self.launcher.check_capacity(roles)
+            return self.launcher.start_services(roles, timeout_s)
+
+    def drain_services(self, names: list[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
+        with self._lock, self._timed("drain"):
+            return self.launcher.drain_services(names, timeout_s)
+
+    def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+        """Not behind the lock: a switch takes milliseconds and must not wait for a start."""
+        with self._timed("switch"):
+            return self.launcher.switch_worker(name, role, timeout_s)
+
+    def services(self) -> list[ServiceInfo]:
+        return self.launcher.services()
 
     def down(self) -> dict[str, DrainResult]:
         """Drain every worker, then stop everything; the caller kills this actor afterwards."""

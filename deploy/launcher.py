@@ -37,6 +37,7 @@ from runtime.settings import ClusterConfig
 
 WORKER_ROLES = ("prefill", "decode")
 SERVICE_ROLES = ("router", "prefill", "decode", "planner", "etcd")
+_ROLE_TO_PB = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE}
 
 
 class DeployError(RuntimeError):
@@ -99,6 +100,17 @@ class DrainResult:
 
     def __str__(self) -> str:
         return f"{self.num_inflight} in flight, " + ("all finished" if self.drained else "drain timed out")
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """How a worker's tier switch went (``SwitchRole``)."""
+
+    previous_role: str
+    role: str
+    num_inflight: int  # requests of the previous tier still finishing when it answered
+    switch_ms: float  # in the worker: from the call to registered in the new tier
+    call_ms: float  # here: the whole call
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,11 @@ class Launcher(abc.ABC):
     def services(self) -> list[ServiceInfo]:
         """What runs where, now."""
 
+    def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+        """Move the worker ``name`` to the other tier in place (its process, weights and KV cache stay;
+        its in-flight requests finish). Launchers whose workers cannot switch raise DeployError."""
+        raise DeployError(f"this launcher cannot switch a worker's tier ({type(self).__name__})")
+
     def free_gpus(self) -> float:
         """GPUs free for new workers."""
         return math.inf
@@ -225,6 +242,22 @@ def drain_worker(endpoint: str, wait_s: float) -> DrainResult:
         except grpc.RpcError:
             return DrainResult(0, False)
     return DrainResult(load.num_running + load.num_waiting + load.num_pulling, reply.drained)
+
+
+def switch_worker(endpoint: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+    """Ask the worker at ``endpoint`` to serve ``role`` from now on (``SwitchRole``); DeployError
+    when it cannot (a single-tier worker, draining, gone)."""
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.WorkerServiceStub(channel)
+        try:
+            reply = stub.SwitchRole(pb.SwitchRoleRequest(role=_ROLE_TO_PB[role]), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise DeployError(f"the worker at {endpoint} cannot switch to {role}: {e.code().name} {e.details()}"
+                              ) from None
+    names = {v: k for k, v in _ROLE_TO_PB.items()}
+    return SwitchResult(names[reply.previous_role], names[reply.role], reply.num_inflight, reply.switch_ms,
+                        (time.perf_counter() - t0) * 1000)
 
 
 def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:

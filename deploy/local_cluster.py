@@ -54,6 +54,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     argv: list[str] = field(default_factory=list)
+    role: str = ""  # a worker's tier now (SwitchRole changes it; the name keeps the first), else ""
     ready: dict[str, Any] | None = None
     log_tail: list[str] = field(default_factory=list)
     num_restarts: int = 0
@@ -116,7 +117,7 @@ class LocalCluster:
         lists it (and no longer lists dead workers of that role)."""
         if role not in ("prefill", "decode") or (role == "prefill" and self.cfg.mode == "aggregated"):
             raise ValueError(f"cannot add a {role!r} worker to a {self.cfg.mode} cluster")
-        child = self._spawn_worker(role, len(self.workers(role)))
+        child = self._spawn_worker(role, sum(1 for c in self.children if c.name.startswith(f"{role}-")))
         deadline = time.monotonic() + timeout_s
         self._wait([child], timeout_s)
         self._wait_router_lists_workers(deadline - time.monotonic())
@@ -189,8 +190,8 @@ class LocalCluster:
         return self.router["grpc"]
 
     def workers(self, role: str) -> list[Child]:
-        """The cluster's workers of ``role`` (prefill or decode), dead ones included."""
-        return [c for c in self.children if c.name.startswith(f"{role}-")]
+        """The cluster's workers serving ``role`` (prefill or decode), dead ones included."""
+        return [c for c in self.children if c.role == role]
 
     # ---- internals ----------------------------------------------------------------------------
     def _launch(self) -> None:
@@ -211,8 +212,12 @@ class LocalCluster:
         self._spawn("router", [sys.executable, "-m", "router", "--config", str(self._config_path)])
 
     def _spawn_worker(self, role: str, index: int) -> Child:
-        return self._spawn(f"{role}-{index}", [sys.executable, "-m", f"{role}_worker", "--config",
-                                               str(self._config_path), "--worker-id", f"{role}-{index}-{os.getpid()}"])
+        """A worker that serves either tier (``deploy.switchable_worker``), starting in ``role``."""
+        child = self._spawn(f"{role}-{index}", [sys.executable, "-m", "deploy.switchable_worker", "--role", role,
+                                                "--config", str(self._config_path),
+                                                "--worker-id", f"{role}-{index}-{os.getpid()}"])
+        child.role = role
+        return child
 
     def _wait_router_lists_workers(self, timeout_s: float) -> None:
         """Until the router's /health counts exactly the live workers of each role (a dead one

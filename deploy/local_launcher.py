@@ -12,8 +12,10 @@ from deploy.launcher import (
     Launcher,
     ServiceInfo,
     ServiceState,
+    SwitchResult,
     drain_worker,
     stop_process,
+    switch_worker,
 )
 from deploy.local_cluster import Child, LocalCluster
 from runtime.settings import ClusterConfig
@@ -28,6 +30,13 @@ class LocalLauncher(Launcher):
                                     quiet=quiet)
         self.cfg = self.cluster.cfg
         self._stopped: set[str] = set()
+
+    @classmethod
+    def around(cls, cluster: LocalCluster) -> LocalLauncher:
+        """The launcher of a cluster started elsewhere (``tandem serve``'s, for its planner)."""
+        launcher = cls.__new__(cls)
+        launcher.cluster, launcher.cfg, launcher._stopped = cluster, cluster.cfg, set()
+        return launcher
 
     def start(self, timeout_s: float = 600.0) -> LocalLauncher:
         self.cluster.start(timeout_s)
@@ -69,6 +78,12 @@ class LocalLauncher(Launcher):
             result[name] = drained
         return result
 
+    def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+        child = next(c for c in self.cluster.children if c.name == name)
+        result = switch_worker(self._info(child).endpoint, role, timeout_s)
+        child.role = role
+        return result
+
     def services(self) -> list[ServiceInfo]:
         return [self._info(child) for child in self.cluster.children]
 
@@ -78,6 +93,7 @@ class LocalLauncher(Launcher):
             state = ServiceState.STOPPED if child.name in self._stopped else ServiceState.DEAD
         else:
             state = ServiceState.SERVING if child.ready else ServiceState.STARTING
-        return ServiceInfo(name=child.name, role=child.name.split("-")[0], state=state, node=self.cfg.host,
-                           pid=child.proc.pid, endpoint=ready.get("endpoint") or ready.get("http", ""),
+        return ServiceInfo(name=child.name, role=child.role or child.name.split("-")[0], state=state,
+                           node=self.cfg.host, pid=child.proc.pid,
+                           endpoint=ready.get("endpoint") or ready.get("http", ""),
                            worker_id=ready.get("worker_id", ""))

@@ -59,9 +59,11 @@ from deploy.launcher import (
     Launcher,
     ServiceInfo,
     ServiceState,
+    SwitchResult,
     drain_worker,
     gpu_shortfall,
     stop_process,
+    switch_worker,
     wait_router_serves,
     wait_routers_list,
 )
@@ -76,8 +78,9 @@ _READY = "TANDEM_READY "
 _PR_SET_PDEATHSIG = 1
 _ETCD_READ_LOCK = threading.Lock()
 _ROUTER_CPUS = 1.0
-_MODULES = {"router": "router", "prefill": "prefill_worker", "decode": "decode_worker", "planner": "planner",
-            "etcd": "runtime.etcd_server"}
+# Workers serve either tier and switch in place (SwitchRole): both start as deploy.switchable_worker.
+_MODULES = {"router": "router", "prefill": "deploy.switchable_worker", "decode": "deploy.switchable_worker",
+            "planner": "planner", "etcd": "runtime.etcd_server"}
 
 
 def actor_name(namespace: str, service: str) -> str:
@@ -112,6 +115,7 @@ class ServiceActor:
     def __init__(self, spec: ServiceSpec) -> None:
         ctx = ray.get_runtime_context()
         self.spec = spec
+        self.role = spec.role  # a worker's tier now (a switch changes it; a restart starts in spec.role)
         self.restarted = ctx.was_current_actor_reconstructed
         self.node = ray.util.get_node_ip_address()
         self.gpus = tuple(str(g) for g in ray.get_gpu_ids())
@@ -143,13 +147,22 @@ class ServiceActor:
 
     def info(self) -> dict[str, Any]:
         ready = self.ready_info or {}
-        return {"name": self.spec.name, "role": self.spec.role, "state": str(self.state), "node": self.node,
+        return {"name": self.spec.name, "role": self.role, "state": str(self.state), "node": self.node,
                 "gpus": self.gpus, "pid": self._proc.pid if self._proc else 0,
                 "endpoint": ready.get("endpoint") or ready.get("http", ""), "worker_id": ready.get("worker_id", ""),
                 "ready": ready, "restarted": self.restarted}
 
     def log_tail(self) -> list[str]:
         return list(self.tail)
+
+    def switch(self, role: str, timeout_s: float = 30.0) -> SwitchResult:
+        """Move the worker to the other tier in place (see :func:`deploy.launcher.switch_worker`)."""
+        endpoint = (self.ready_info or {}).get("endpoint")
+        if self.spec.role not in WORKER_ROLES or not endpoint:
+            raise DeployError(f"{self.spec.name} is not a serving worker")
+        result = switch_worker(endpoint, role, timeout_s)
+        self.role = role
+        return result
 
     def drain(self, wait_s: float) -> DrainResult:
         """Drain a worker (see :func:`deploy.launcher.drain_worker`), then stop the process."""
@@ -173,7 +186,8 @@ class ServiceActor:
     # ---- the child -------------------------------------------------------------------------------
     def _command(self) -> list[str]:
         spec = self.spec
-        argv = [sys.executable, "-m", spec.module, *spec.args]
+        argv = [sys.executable, "-m", spec.module, *(("--role", spec.role) if spec.role in WORKER_ROLES else ()),
+                *spec.args]
         if spec.config is not None:
             config = dict(spec.config)
             if config.get("host") == "auto":
@@ -373,7 +387,7 @@ class RayLauncher(Launcher):
             else:
                 state = ServiceState.STARTING
             worker_id = info.get("worker_id", "")
-            role = name.rpartition("-")[0] if "-" in name else name
+            role = info.get("role") or (name.rpartition("-")[0] if "-" in name else name)
             out.append(ServiceInfo(
                 name=name, role=role, state=state, node=info.get("node") or gcs.get("Address", {}).get("IPAddress", ""),
                 pid=info.get("pid", 0), gpus=tuple(info.get("gpus", ())), endpoint=info.get("endpoint", ""),
@@ -381,6 +395,15 @@ class RayLauncher(Launcher):
                 registered=(worker_id in registered) if role in WORKER_ROLES and registered is not None else None,
                 num_requests=(registered or {}).get(worker_id, 0)))
         return sorted(out, key=lambda s: (list(_MODULES).index(s.role), s.index))
+
+    def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+        handle = self._handles().get(name)
+        if handle is None:
+            raise DeployError(f"no service {name!r} in namespace {self.ns!r}")
+        result = ray.get(handle.switch.remote(role, timeout_s), timeout=timeout_s + 10)
+        remaining = collections.Counter(s.role for s in self._live() if s.role in WORKER_ROLES)
+        wait_routers_list(self.router_urls(), 30.0, at_least={r: remaining[r] for r in WORKER_ROLES})
+        return result
 
     def router_urls(self) -> list[str]:
         return [s.endpoint for s in self.services(with_etcd=False) if s.role == "router" and s.endpoint]

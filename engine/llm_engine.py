@@ -78,6 +78,8 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._groups: dict[str, list[str]] = {}
         self.num_steps = 0
+        # the step totals of ``load()`` (see protocol.load.EngineLoad)
+        self.step_totals = [0.0, 0, 0, 0]  # wall s, prefill tokens, decode rows, their KV tokens
         # May be switched between steps (a benchmark compares both in one process).
         self.async_scheduling = config.use_async_scheduling
         # Steps launched whose tokens the host has not applied yet, oldest first (one between
@@ -260,7 +262,8 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             num_pinned_blocks=sched.num_pinned_blocks, kv_usage=bm.usage,
             num_prompt_tokens=sched.stats.num_prompt_tokens, num_cached_tokens=sched.stats.num_cached_tokens,
-            num_steps=self.num_steps,
+            num_steps=self.num_steps, step_time_s=self.step_totals[0], num_step_prefill_tokens=self.step_totals[1],
+            num_step_decode_tokens=self.step_totals[2], num_step_kv_tokens=self.step_totals[3],
         )
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -293,11 +296,30 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_totals[0] += time.perf_counter() - start
+
+    def _count_step(self, output: SchedulerOutput) -> None:
+        """Add a scheduled step's tokens to the totals: a row past its prompt is a decode row."""
+        totals = self.step_totals
+        for s in output.scheduled:
+            r = s.request
+            if r.num_computed_tokens >= r.num_prompt_tokens and s.num_new_tokens == 1:
+                totals[2] += 1
+                totals[3] += r.num_computed_tokens + 1
+            else:
+                totals[1] += s.num_new_tokens
+
+    def _step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         if self._launched and (not self.async_scheduling or self._needs_host_tokens(self._launched[-1][0])):
             outputs += self._apply_oldest()
         t0 = time.perf_counter()
         output = self.scheduler.schedule()
+        self._count_step(output)
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
         prev = self._launched[-1][1] if self._launched else None

@@ -21,6 +21,12 @@ class EngineLoad:
     num_prompt_tokens: int = 0  # since start: prompt tokens admitted / served from cache
     num_cached_tokens: int = 0
     num_steps: int = 0
+    # Since start, summed over the engine's steps (a reader differences two samples for a
+    # window's means: the planner's step summaries, ``worker/step_stats.py``).
+    step_time_s: float = 0.0  # wall time inside ``LLMEngine.step``
+    num_step_prefill_tokens: int = 0  # prompt tokens computed (prefill chunks, recomputes)
+    num_step_decode_tokens: int = 0  # decode rows: one token each for a running sequence
+    num_step_kv_tokens: int = 0  # KV tokens the decode rows attended to
 
     @property
     def num_requests(self) -> int:

@@ -4,7 +4,9 @@
     /tandem/{ns}/metrics/{role}/{worker_id}            tandem.worker.v1.Load      lease-bound, ~1 Hz
     /tandem/{ns}/metrics/router/{router_id}            RouterWindowStats          lease-bound, ~1 Hz
     /tandem/{ns}/metrics/router_inflight/{router_id}   RouterInflight             lease-bound, ~1 Hz
+    /tandem/{ns}/metrics/steps/{worker_id}             WorkerStepStats            lease-bound, ~1 Hz
     /tandem/{ns}/planner/decision                      PlannerDecision            not lease-bound
+    /tandem/{ns}/planner/history/{seq:012d}            PlannerDecision            not lease-bound, last 200
     /tandem/{ns}/nccl/{pair key}/...                   torch.distributed Store    lease-bound (the writer's)
 
 ``role`` is ``prefill`` or ``decode``. The values are the protobuf messages of
@@ -20,6 +22,7 @@ ROOT = "/tandem"
 WORKER_ROLES = ("prefill", "decode")
 ROUTER_STATS = "router"  # the metrics "role" of router window stats
 ROUTER_INFLIGHT = "router_inflight"  # the metrics "role" of router in-flight load
+WORKER_STEPS = "steps"  # the metrics "role" of workers' step summaries (one key per worker, any tier)
 
 
 def namespace_prefix(ns: str) -> str:
@@ -57,8 +60,23 @@ def router_inflight_key(ns: str, router_id: str) -> str:
     return metrics_key(ns, ROUTER_INFLIGHT, router_id)
 
 
+def worker_steps_key(ns: str, worker_id: str) -> str:
+    return metrics_key(ns, WORKER_STEPS, worker_id)
+
+
 def planner_decision_key(ns: str) -> str:
     return f"{namespace_prefix(ns)}planner/decision"
+
+
+def planner_history_prefix(ns: str) -> str:
+    return f"{namespace_prefix(ns)}planner/history/"
+
+
+def planner_history_key(ns: str, seq: int) -> str:
+    """Zero-padded: the keys sort in decision order."""
+    if seq < 0:
+        raise ValueError(f"bad history sequence number {seq}")
+    return f"{planner_history_prefix(ns)}{seq:012d}"
 
 
 def nccl_store_prefix(ns: str) -> str:

@@ -134,6 +134,17 @@ class ClusterConfig:
     placement_timeout_s: float = _field(60.0, "deploy: how long to wait for the cluster to place a service")
     ray_address: str = _field("", "deploy: Ray cluster address (empty: start a local Ray head)")
     worker_env: tuple[str, ...] = _field((), "deploy: KEY=VALUE environment of every service (NCCL_*, UCX_*, NIXL_*)")
+    # -- planner (tandem planner; tandem serve runs one unless --no-planner) --
+    planner_mode: str = _field("load", "planner: load (step-time regressions), throughput (forecast + profile) or both")
+    planner_profile: str = _field("", "planner: profile for the throughput mode (planner/profiles name or .json path)")
+    ttft_slo_ms: float = _field(2000.0, "planner: time-to-first-token target")
+    itl_slo_ms: float = _field(50.0, "planner: inter-token latency target")
+    gpu_budget: int = _field(0, "planner: most workers both tiers hold together (0: the workers started)")
+    min_prefill: int = _field(1, "planner: fewest prefill workers (disaggregated mode)")
+    min_decode: int = _field(1, "planner: fewest decode workers")
+    adjustment_interval_s: float = _field(10.0, "planner: seconds between decisions")
+    planner_window_s: float = _field(
+        0.0, "planner: arrivals counted over this window (0: three intervals); no arrival in it is zero traffic")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -252,6 +263,12 @@ class ClusterConfig:
             fail("worker_restarts", "must be >= 0")
         if self.drain_timeout_s < 0 or self.placement_timeout_s <= 0:
             fail("drain_timeout_s", "drain_timeout_s must be >= 0 and placement_timeout_s positive")
+        if self.planner_mode not in ("load", "throughput", "both"):
+            fail("planner_mode", "must be load, throughput or both")
+        if self.ttft_slo_ms <= 0 or self.itl_slo_ms <= 0 or self.adjustment_interval_s <= 0:
+            fail("ttft_slo_ms", "ttft_slo_ms, itl_slo_ms and adjustment_interval_s must be positive")
+        if self.gpu_budget < 0 or self.min_prefill < 0 or self.min_decode < 1 or self.planner_window_s < 0:
+            fail("gpu_budget", "gpu_budget, min_prefill and planner_window_s must be >= 0, min_decode >= 1")
         for item in self.worker_env:
             if "=" not in item or not item.split("=", 1)[0]:
                 fail("worker_env", f"{item!r} is not KEY=VALUE")

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +32,16 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
 from kv_transfer import KVTransport, make_transport
 from protocol.outputs import RequestOutput
-from runtime import keys, settings
 from runtime import metric_catalog as mc
+from runtime import settings
 from runtime.convert import event_to_pb, load_to_pb
-from runtime.discovery import WorkerInfo, deregister, register
+from runtime.discovery import WorkerInfo
 from runtime.etcd import ControlPlane
 from runtime.metrics import serve_metrics
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+from worker.membership import Membership
+from worker.step_stats import StepWindow
 
 log = logging.getLogger("tandem.worker")
 
@@ -57,6 +59,8 @@ class WorkerIdentity:
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     """The RPCs every worker serves. Subclasses add Prefill/Unpin (prefill) or Generate (decode)."""
+
+    membership: Membership | None = None  # its etcd presence, once registered
 
     def __init__(self, identity: WorkerIdentity, engine: AsyncEngine, transport: KVTransport | None) -> None:
         self.identity = identity
@@ -128,6 +132,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def accepting(self) -> bool:
         return self.status == pb.WORKER_STATUS_SERVING
 
+    def state(self) -> str:
+        """What its step summary says: serving or draining (a switchable worker also switching)."""
+        return "serving" if self.accepting() else "draining"
+
     def _idle(self) -> bool:
         load = self.engine.load
         return not (load.num_waiting or load.num_running or load.num_pulling or load.num_pinned_blocks)
@@ -155,7 +163,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     return parser
 
 
-async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list[str] | None = None) -> int:
+ServicerFactory = Callable[[WorkerIdentity, AsyncEngine, KVTransport], WorkerServicer]
+
+
+async def serve_worker(role: str, servicer_cls: ServicerFactory, argv: list[str] | None = None) -> int:
+    """``servicer_cls``: a servicer class of one tier, or any factory of a servicer
+    (``deploy.switchable_worker`` builds one that serves both tiers and switches)."""
     args = build_parser(role).parse_args(argv)
     cfg = settings.from_args(args)
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
@@ -188,14 +201,11 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
         transport_metadata=transport.metadata(), metrics_url=metrics.url,
         pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000),
     )
-    await register(plane, info)
-
-    async def leave() -> None:
-        await deregister(plane, role, worker_id)
-
-    servicer.on_drain.append(leave)
-    plane.start_publisher(keys.worker_load_key(cfg.namespace, role, worker_id), lambda: load_to_pb(engine.load),
-                          cfg.metrics_interval_s)
+    membership = servicer.membership = Membership(plane, info, lambda: engine.load, cfg.metrics_interval_s)
+    await membership.join()
+    servicer.on_drain.append(membership.deregister)
+    membership.publish_steps(StepWindow(worker_id, econfig.cache.block_size, lambda: engine.load,
+                                       lambda: servicer.identity.role, servicer.state))
     print("TANDEM_READY " + json.dumps({"role": role, "worker_id": worker_id, "endpoint": endpoint,
                                         "metrics": metrics.url, "pid": os.getpid()}), flush=True)
     log.info("%s worker %s serving on %s", role, worker_id, endpoint)
@@ -215,7 +225,7 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     await stop.wait()
     log.info("shutting down")
     with contextlib.suppress(Exception):
-        await deregister(plane, role, worker_id)
+        await membership.deregister()
     await server.stop(grace=2.0)
     for task in background:
         task.cancel()
@@ -290,7 +300,7 @@ def observe_output(out: RequestOutput) -> None:
         PREFILL.observe(out.prefill_s)
 
 
-def main(role: str, servicer_cls: type[WorkerServicer]) -> None:
+def main(role: str, servicer_cls: ServicerFactory) -> None:
     try:
         code = asyncio.run(serve_worker(role, servicer_cls))
     except KeyboardInterrupt:

@@ -50,8 +50,62 @@ class WorkerInfo(_message.Message):
     started_at_unix_ms: int
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
 
+class WorkerStepStats(_message.Message):
+    __slots__ = ("worker_id", "role", "state", "window_s", "num_waiting", "num_running", "num_queued_prefill_tokens", "num_active_kv_tokens", "kv_usage", "num_steps", "step_s", "step_prefill_tokens", "step_decode_tokens", "step_kv_tokens", "tokens_per_s", "decode_tokens_per_s", "num_prompt_tokens", "num_cached_tokens", "pid", "published_at_unix_ms")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[WorkerStepStats.State]
+        STATE_SERVING: _ClassVar[WorkerStepStats.State]
+        STATE_DRAINING: _ClassVar[WorkerStepStats.State]
+        STATE_SWITCHING: _ClassVar[WorkerStepStats.State]
+    STATE_UNSPECIFIED: WorkerStepStats.State
+    STATE_SERVING: WorkerStepStats.State
+    STATE_DRAINING: WorkerStepStats.State
+    STATE_SWITCHING: WorkerStepStats.State
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: _tandem_worker_pb2.WorkerRole
+    state: WorkerStepStats.State
+    window_s: float
+    num_waiting: int
+    num_running: int
+    num_queued_prefill_tokens: int
+    num_active_kv_tokens: int
+    kv_usage: float
+    num_steps: int
+    step_s: float
+    step_prefill_tokens: float
+    step_decode_tokens: float
+    step_kv_tokens: float
+    tokens_per_s: float
+    decode_tokens_per_s: float
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    pid: int
+    published_at_unix_ms: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., state: _Optional[_Union[WorkerStepStats.State, str]] = ..., window_s: _Optional[float] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., num_active_kv_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps: _Optional[int] = ..., step_s: _Optional[float] = ..., step_prefill_tokens: _Optional[float] = ..., step_decode_tokens: _Optional[float] = ..., step_kv_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., pid: _Optional[int] = ..., published_at_unix_ms: _Optional[int] = ...) -> None: ...
+
 class RouterWindowStats(_message.Message):
-    __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms")
+    __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms", "num_arrivals_total", "num_finished_total")
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     NUM_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +128,8 @@ class RouterWindowStats(_message.Message):
     ITL_MS_P99_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_P50_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ARRIVALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     router_id: str
     window_s: float
     num_arrivals: int
@@ -96,7 +152,9 @@ class RouterWindowStats(_message.Message):
     itl_ms_p99: float
     e2e_ms_p50: float
     published_at_unix_ms: int
-    def __init__(self, router_id: _Optional[str] = ..., window_s: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_inflight: _Optional[int] = ..., request_rate: _Optional[float] = ..., isl_mean: _Optional[float] = ..., isl_p50: _Optional[float] = ..., isl_p95: _Optional[float] = ..., osl_mean: _Optional[float] = ..., osl_p50: _Optional[float] = ..., osl_p95: _Optional[float] = ..., ttft_ms_p50: _Optional[float] = ..., ttft_ms_p90: _Optional[float] = ..., ttft_ms_p95: _Optional[float] = ..., ttft_ms_p99: _Optional[float] = ..., itl_ms_p50: _Optional[float] = ..., itl_ms_p90: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., itl_ms_p99: _Optional[float] = ..., e2e_ms_p50: _Optional[float] = ..., published_at_unix_ms: _Optional[int] = ...) -> None: ...
+    num_arrivals_total: int
+    num_finished_total: int
+    def __init__(self, router_id: _Optional[str] = ..., window_s: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_inflight: _Optional[int] = ..., request_rate: _Optional[float] = ..., isl_mean: _Optional[float] = ..., isl_p50: _Optional[float] = ..., isl_p95: _Optional[float] = ..., osl_mean: _Optional[float] = ..., osl_p50: _Optional[float] = ..., osl_p95: _Optional[float] = ..., ttft_ms_p50: _Optional[float] = ..., ttft_ms_p90: _Optional[float] = ..., ttft_ms_p95: _Optional[float] = ..., ttft_ms_p99: _Optional[float] = ..., itl_ms_p50: _Optional[float] = ..., itl_ms_p90: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., itl_ms_p99: _Optional[float] = ..., e2e_ms_p50: _Optional[float] = ..., published_at_unix_ms: _Optional[int] = ..., num_arrivals_total: _Optional[int] = ..., num_finished_total: _Optional[int] = ...) -> None: ...
 
 class Inflight(_message.Message):
     __slots__ = ("num_requests", "num_prefill_tokens", "num_kv_tokens")
@@ -176,7 +234,7 @@ class PlannerReason(_message.Message):
     def __init__(self, code: _Optional[str] = ..., role: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PlannerDecision(_message.Message):
-    __slots__ = ("planner_id", "decided_at_unix_ms", "mode", "num_prefill", "num_decode", "actions", "reasons")
+    __slots__ = ("planner_id", "decided_at_unix_ms", "mode", "num_prefill", "num_decode", "actions", "reasons", "num_prefill_ready", "num_decode_ready", "request_rate", "dry_run", "seq")
     PLANNER_ID_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +242,11 @@ class PlannerDecision(_message.Message):
     NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_READY_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_READY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     planner_id: str
     decided_at_unix_ms: int
     mode: str
@@ -191,4 +254,9 @@ class PlannerDecision(_message.Message):
     num_decode: int
     actions: _containers.RepeatedCompositeFieldContainer[PlannerAction]
     reasons: _containers.RepeatedCompositeFieldContainer[PlannerReason]
-    def __init__(self, planner_id: _Optional[str] = ..., decided_at_unix_ms: _Optional[int] = ..., mode: _Optional[str] = ..., num_prefill: _Optional[int] = ..., num_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[PlannerAction, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[PlannerReason, _Mapping]]] = ...) -> None: ...
+    num_prefill_ready: int
+    num_decode_ready: int
+    request_rate: float
+    dry_run: bool
+    seq: int
+    def __init__(self, planner_id: _Optional[str] = ..., decided_at_unix_ms: _Optional[int] = ..., mode: _Optional[str] = ..., num_prefill: _Optional[int] = ..., num_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[PlannerAction, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[PlannerReason, _Mapping]]] = ..., num_prefill_ready: _Optional[int] = ..., num_decode_ready: _Optional[int] = ..., request_rate: _Optional[float] = ..., dry_run: bool = ..., seq: _Optional[int] = ...) -> None: ...

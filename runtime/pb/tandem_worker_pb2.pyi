@@ -252,6 +252,24 @@ class DrainResponse(_message.Message):
     load: Load
     def __init__(self, drained: bool = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
+class SwitchRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: WorkerRole
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
+
+class SwitchRoleResponse(_message.Message):
+    __slots__ = ("previous_role", "role", "num_inflight", "switch_ms")
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_MS_FIELD_NUMBER: _ClassVar[int]
+    previous_role: WorkerRole
+    role: WorkerRole
+    num_inflight: int
+    switch_ms: float
+    def __init__(self, previous_role: _Optional[_Union[WorkerRole, str]] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_inflight: _Optional[int] = ..., switch_ms: _Optional[float] = ...) -> None: ...
+
 class Load(_message.Message):
     __slots__ = ("num_waiting", "num_running", "num_queued_prefill_tokens", "num_total_blocks", "num_free_blocks", "num_pinned_blocks", "kv_usage", "num_pulling", "num_active_blocks", "num_prompt_tokens", "num_cached_tokens", "num_steps")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]

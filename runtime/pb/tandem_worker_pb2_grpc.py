@@ -80,6 +80,11 @@ class WorkerServiceStub(object):
                 request_serializer=runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotRequest.SerializeToString,
                 response_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotResponse.FromString,
                 _registered_method=True)
+        self.SwitchRole = channel.unary_unary(
+                '/tandem.worker.v1.WorkerService/SwitchRole',
+                request_serializer=runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer(object):
@@ -168,6 +173,17 @@ class WorkerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchRole(self, request, context):
+        """Serve the other tier, in place: the worker deregisters from its current tier (routers stop
+        sending it that tier's requests), registers in `role` and answers that tier's rpcs from
+        then on, keeping its process, weights and KV cache. Requests in flight in the old tier
+        finish as they would have (a held KV handle can still be pushed or unpinned). Idempotent.
+        FAILED_PRECONDITION while the worker drains; UNIMPLEMENTED on a single-tier worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +231,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.KVSnapshot,
                     request_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotRequest.FromString,
                     response_serializer=runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotResponse.SerializeToString,
+            ),
+            'SwitchRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchRole,
+                    request_deserializer=runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +482,33 @@ class WorkerService(object):
             '/tandem.worker.v1.WorkerService/KVSnapshot',
             runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotRequest.SerializeToString,
             runtime_dot_pb_dot_tandem__worker__pb2.KVSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.WorkerService/SwitchRole',
+            runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__worker__pb2.SwitchRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

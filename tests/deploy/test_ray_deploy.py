@@ -327,6 +327,28 @@ def test_scale_without_failing_inflight_requests(deployment: Deployment,
     assert (health.get("prefill_workers"), health.get("decode_workers")) == (2, 1), health
 
 
+def test_switch_tier_in_place_through_the_controller(deployment: Deployment,
+                                                    reference: Callable[[str, int], str]) -> None:
+    """What the planner's actuator does on Ray: a worker moves to the other tier, same process."""
+    from deploy.controller import find_controller
+
+    before = deployment.services()["prefill-1"]
+    controller = find_controller(deployment.namespace)
+    with Load(deployment, num_clients=3, max_tokens=32) as load:
+        t0 = time.monotonic()
+        result = ray.get(controller.switch_worker.remote("prefill-1", "decode"), timeout=120)
+        load.wait_answers_since(time.monotonic(), load.num_clients, "answers after the switch")  # serving goes on
+    after = deployment.services()["prefill-1"]
+    print(f"\nswitch prefill-1 -> decode on Ray: {result.call_ms:.1f} ms ({result.switch_ms:.1f} ms in the worker), "
+          f"{time.monotonic() - t0:.1f} s with the answers after it")
+    assert (result.previous_role, result.role) == ("prefill", "decode")
+    assert after.role == "decode" and after.pid == before.pid and after.registered
+    assert load.errors == [], load.errors[:3]
+    load.assert_answers_correct(reference)
+    health = deployment.health()
+    assert (health.get("prefill_workers"), health.get("decode_workers")) == (1, 2), health
+
+
 def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
     pids = deployment_pids(deployment.namespace)
     assert len(pids) >= 5  # the services and etcd

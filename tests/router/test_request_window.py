@@ -47,6 +47,9 @@ def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value()
     assert msg.isl_p50 == 109.0 and msg.isl_p95 == 118.0 and msg.osl_mean == 10.0
     assert abs(msg.ttft_ms_p95 - 280.0) < 1e-6 and msg.HasField("itl_ms_p99")
     assert msg.published_at_unix_ms > 0
+    # the totals since start outlive the window: a reader differences them for its own interval
+    later = w.snapshot(now=100.0).to_pb("r0")
+    assert (later.num_arrivals, later.num_arrivals_total, later.num_finished_total) == (0, 20, 20)
 
 
 def test_inflight_is_shared_as_a_message() -> None:

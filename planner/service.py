@@ -1,0 +1,231 @@
+"""The planner service: the pure core (:class:`planner.core.Planner`) on a live cluster.
+
+Every ``adjustment_interval_s`` it builds an observation from what its etcd watches hold
+(:class:`planner.view.ClusterView`: the workers' registrations and step summaries, the routers'
+request windows) and the launcher's transitions, runs one tick of the core, and then:
+
+- writes the decision to ``/tandem/{ns}/planner/decision`` (every tick) and, when it changes
+  something, to ``/tandem/{ns}/planner/history/{seq}`` (the last :data:`HISTORY` kept);
+- sets its Prometheus gauges (desired vs ready replicas per tier, predicted vs observed latency
+  and request rate, the last decision's reasons);
+- hands the actions to an :class:`Actuator` (``deploy/planner_actuator.py``: the local launcher
+  or the Ray controller), unless it is a dry run.
+
+It watches prefixes (``runtime.watch.PrefixView``); it polls nothing. The planner imports no
+launcher: the actuator is given to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from planner.config import PlannerConfig
+from planner.core import Planner
+from planner.decision import Action, ActionKind, Decision
+from planner.observations import ROLES, Observation, Traffic
+from planner.profile import Profile
+from planner.view import ClusterView, Transition
+from runtime import keys
+from runtime.etcd import ControlPlane
+from runtime.pb import tandem_control_pb2 as cpb
+from runtime.settings import ClusterConfig
+from runtime.watch import PrefixView
+
+log = logging.getLogger("tandem.planner")
+
+HISTORY = 200  # decisions kept under planner/history/
+KIND_TO_PB = {ActionKind.START: cpb.PlannerAction.KIND_START, ActionKind.DRAIN: cpb.PlannerAction.KIND_DRAIN,
+              ActionKind.SWITCH: cpb.PlannerAction.KIND_SWITCH, ActionKind.ABANDON: cpb.PlannerAction.KIND_ABANDON}
+
+
+class Actuator(Protocol):
+    """What carries the planner's actions out (``deploy/planner_actuator.py``)."""
+
+    def transitions(self) -> Mapping[str, Transition]:
+        """Workers it is starting (not registered yet) or draining, by worker id (or a placeholder id)."""
+
+    def num_gpus_free(self) -> int | None:
+        """Worker slots it could start now (None: only the budget limits)."""
+
+    def act(self, actions: tuple[Action, ...]) -> None:
+        """Carry the actions out without blocking the caller (starts take seconds to minutes)."""
+
+
+def planner_config(cfg: ClusterConfig, num_workers: int) -> PlannerConfig:
+    """The core's config from the cluster's settings; ``num_workers``: those started (the budget's default)."""
+    interval = cfg.adjustment_interval_s
+    budget = cfg.gpu_budget or num_workers
+    min_prefill = cfg.min_prefill if cfg.mode == "disaggregated" else 0
+    return PlannerConfig(
+        mode=cfg.planner_mode, ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms,
+        gpu_budget=max(budget, min_prefill + cfg.min_decode), min_prefill=min_prefill, min_decode=cfg.min_decode,
+        adjustment_interval_s=interval, grace_s=2 * interval, start_timeout_s=max(120.0, 6 * interval),
+        action_timeout_s=max(300.0, 12 * interval), scale_down_ticks=3)
+
+
+def decision_to_pb(d: Decision, planner_id: str, obs: Observation, seq: int, dry_run: bool) -> cpb.PlannerDecision:
+    rate = Traffic.merge(obs.windows).request_rate
+    return cpb.PlannerDecision(
+        planner_id=planner_id, decided_at_unix_ms=int(time.time() * 1000), mode=d.mode,
+        num_prefill=d.num_prefill, num_decode=d.num_decode,
+        actions=[cpb.PlannerAction(kind=KIND_TO_PB[a.kind], role=a.role, worker_id=a.worker_id) for a in d.actions],
+        reasons=[cpb.PlannerReason(code=r.code, role=r.role, values={k: float(v) for k, v in r.values.items()})
+                 for r in d.reasons],
+        num_prefill_ready=len(obs.tier("prefill")), num_decode_ready=len(obs.tier("decode")),
+        request_rate=0.0 if math.isnan(rate) else rate, dry_run=dry_run, seq=seq)
+
+
+class PlannerGauges:
+    """The planner's Prometheus metrics, in their own registry (serve it, or scrape it in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.replicas = Gauge("tandem_planner_replicas", "workers per tier: desired (the last decision) or ready",
+                              ["tier", "kind"], registry=r)
+        self.latency = Gauge("tandem_planner_latency_seconds", "per tier: the load mode's predicted TTFT "
+                             "(prefill) or ITL (decode) vs the routers' observed p95", ["tier", "kind"], registry=r)
+        self.request_rate = Gauge("tandem_planner_request_rate", "requests per second: observed over the planner's "
+                                  "window, or predicted for the next interval (throughput mode)", ["kind"], registry=r)
+        self.reason = Gauge("tandem_planner_last_decision_reason", "1 for each reason of the last decision",
+                            ["code", "tier"], registry=r)
+        self.decided_at = Gauge("tandem_planner_last_decision_timestamp_seconds", "when it last decided",
+                                registry=r)
+        self.actions = Counter("tandem_planner_actions", "actions issued", ["kind", "tier"], registry=r)
+
+    def update(self, d: Decision, obs: Observation, core: Planner) -> None:
+        traffic = Traffic.merge(obs.windows)
+        for role in ROLES:
+            self.replicas.labels(role, "desired").set(d.replicas(role))
+            self.replicas.labels(role, "ready").set(len(obs.tier(role)))
+        observed = {"prefill": traffic.ttft_ms_p95 / 1000, "decode": traffic.itl_ms_p95 / 1000}
+        predicted = {"prefill": math.nan, "decode": math.nan}
+        for r in d.reasons:
+            if r.role == "prefill" and "ttft_s" in r.values:
+                predicted["prefill"] = r.values["ttft_s"]
+            if r.role == "decode" and "itl_s" in r.values:
+                predicted["decode"] = r.values["itl_s"]
+        for role in ROLES:
+            self.latency.labels(role, "observed").set(observed[role])
+            self.latency.labels(role, "predicted").set(predicted[role])
+        self.request_rate.labels("observed").set(traffic.request_rate)
+        if core.throughput is not None:
+            self.request_rate.labels("predicted").set(core.throughput.forecast().rate)
+        self.reason.clear()
+        for r in d.reasons:
+            self.reason.labels(r.code, r.role or "all").set(1)
+        self.decided_at.set(time.time())
+        for a in d.actions:
+            self.actions.labels(a.kind.value, a.role).inc()
+
+
+class PlannerService:
+    def __init__(self, cfg: ClusterConfig, config: PlannerConfig, actuator: Actuator | None = None, *,
+                 dry_run: bool = False, profile: Profile | None = None, planner_id: str = "",
+                 gauges: PlannerGauges | None = None) -> None:
+        if actuator is None and not dry_run:
+            raise ValueError("a planner that acts needs an actuator (or dry_run=True)")
+        if profile is None and config.mode != "load":
+            profile = Profile.load(cfg.planner_profile) if cfg.planner_profile else None
+        self.cfg, self.config = cfg, config
+        self.core = Planner(config, profile)
+        self.actuator = actuator
+        self.dry_run = dry_run
+        self.planner_id = planner_id or f"planner-{uuid.uuid4().hex[:6]}"
+        self.view = ClusterView(cfg.planner_window_s or 3 * config.adjustment_interval_s)
+        self.gauges = gauges or PlannerGauges()
+        self.seq = 0
+        self.last: Decision | None = None
+        self.first_seen: dict[str, float] = {}
+        self._history: list[int] = []
+        self._plane: ControlPlane | None = None
+        self._views: list[PrefixView] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until ``stop`` is set; etcd errors skip a tick, never end the loop."""
+        cfg, ns = self.cfg, self.cfg.namespace
+        self._plane = plane = await ControlPlane.from_config(cfg).connect()
+        view = self.view
+        now = time.monotonic
+        registered = {r: PrefixView(plane, keys.workers_prefix(ns, r), cpb.WorkerInfo) for r in ROLES}
+        steps = PrefixView(plane, keys.metrics_prefix(ns, keys.WORKER_STEPS), cpb.WorkerStepStats,
+                           on_put=view.steps_put, on_delete=view.steps_deleted)
+        routers = PrefixView(plane, keys.metrics_prefix(ns, keys.ROUTER_STATS), cpb.RouterWindowStats,
+                             on_put=lambda rid, msg: view.router_put(rid, msg, now()),
+                             on_delete=view.router_deleted)
+        self._views = [*registered.values(), steps, routers]
+        try:
+            for v in self._views:
+                await v.start()
+            for rid, msg in routers.items.items():
+                view.router_put(rid, msg, now())
+            for wid, msg in steps.items.items():
+                view.steps_put(wid, msg)
+            await self._read_history()
+            log.info("planner %s: %s mode, every %.1f s, budget %d%s", self.planner_id, self.config.mode,
+                     self.config.adjustment_interval_s, self.config.gpu_budget, " (dry run)" if self.dry_run else "")
+            while not stop.is_set():
+                try:
+                    await self.tick({r: registered[r].items for r in ROLES})
+                except Exception:
+                    log.exception("planner tick failed")
+                try:
+                    async with asyncio.timeout(self.config.adjustment_interval_s):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            for v in self._views:
+                await v.stop()
+            await plane.close()
+
+    async def tick(self, registered: Mapping[str, Mapping[str, object]]) -> Decision:
+        now = time.monotonic()
+        for role in ROLES:
+            for wid in registered.get(role, {}):
+                self.first_seen.setdefault(wid, now)
+        transitions = self.actuator.transitions() if self.actuator is not None else {}
+        free = self.actuator.num_gpus_free() if self.actuator is not None else None
+        obs = self.view.observe(now, registered, transitions, free, self.first_seen)
+        decision = self.core.tick(obs)
+        self.seq += 1
+        self.last = decision
+        msg = decision_to_pb(decision, self.planner_id, obs, self.seq, self.dry_run)
+        self.gauges.update(decision, obs, self.core)
+        if decision.actions:
+            log.info("planner: %d prefill + %d decode; %s; %s", decision.num_prefill, decision.num_decode,
+                     ", ".join(f"{a.kind.value} {a.role} {a.worker_id}".strip() for a in decision.actions),
+                     "; ".join(str(r) for r in decision.reasons))
+        if self.dry_run:
+            self.core.pending.clear()  # nothing is carried out: nothing to wait for
+        elif decision.actions and self.actuator is not None:
+            self.actuator.act(decision.actions)
+        await self._publish(msg, bool(decision.actions))
+        return decision
+
+    async def _publish(self, msg: cpb.PlannerDecision, changes: bool) -> None:
+        plane, ns = self._plane, self.cfg.namespace
+        if plane is None:
+            return
+        await plane.put_message(keys.planner_decision_key(ns), msg, lease=False)
+        if not changes:
+            return
+        seq = (self._history[-1] + 1) if self._history else 0
+        await plane.put_message(keys.planner_history_key(ns, seq), msg, lease=False)
+        self._history.append(seq)
+        while len(self._history) > HISTORY:
+            await plane.delete(keys.planner_history_key(ns, self._history.pop(0)))
+
+    async def _read_history(self) -> None:
+        assert self._plane is not None
+        prefix = keys.planner_history_prefix(self.cfg.namespace)
+        self._history = sorted(int(k[len(prefix):]) for k in await self._plane.get_prefix(prefix)
+                               if k[len(prefix):].isdigit())

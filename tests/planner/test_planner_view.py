@@ -1,0 +1,108 @@
+"""The live planner's adapter (``planner.view``) and settings, without processes: etcd's messages
+folded into the core's observation, with hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from planner import WorkerState
+from planner.service import decision_to_pb, planner_config
+from planner.view import ClusterView, Transition, merge_steps
+from runtime import keys
+from runtime.pb import tandem_control_pb2 as cpb
+from runtime.pb import tandem_worker_pb2 as wpb
+from runtime.settings import ClusterConfig, ConfigError
+
+DECODE = wpb.WORKER_ROLE_DECODE
+PREFILL = wpb.WORKER_ROLE_PREFILL
+
+
+def steps(n: int, step_s: float, decode: float, kv: float, window_s: float = 1.0, role: int = DECODE,
+          running: int = 4) -> cpb.WorkerStepStats:
+    m = cpb.WorkerStepStats(worker_id="d0", role=role, window_s=window_s, num_steps=n, num_running=running,
+                            tokens_per_s=n * decode / window_s, decode_tokens_per_s=n * decode / window_s)
+    if n:
+        m.step_s, m.step_prefill_tokens, m.step_decode_tokens, m.step_kv_tokens = step_s, 0.0, decode, kv
+    return m
+
+
+def test_step_summaries_merge_weighted_by_their_steps() -> None:
+    merged = merge_steps([steps(10, 0.02, 4, 400), steps(30, 0.04, 8, 800), steps(0, 0, 0, 0)])
+    assert merged["num_steps"] == 40
+    assert merged["step_s"] == pytest.approx((10 * 0.02 + 30 * 0.04) / 40)  # 0.035
+    assert merged["step_decode_tokens"] == pytest.approx((10 * 4 + 30 * 8) / 40)  # 7
+    assert merged["step_kv_tokens"] == pytest.approx(700)
+    assert merged["decode_tokens_per_s"] == pytest.approx((40 + 240) / 3)  # over the 3 s of windows
+    assert math.isnan(merge_steps([steps(0, 0, 0, 0)])["step_s"])
+
+
+def test_a_tick_sees_every_summary_since_the_last_and_never_one_twice() -> None:
+    view = ClusterView(window_s=3.0)
+    view.steps_put("d0", steps(10, 0.02, 4, 400))
+    view.steps_put("d0", steps(30, 0.04, 8, 800, running=6))
+    obs = view.observe(10.0, {"decode": {"d0": None}})
+    (w,) = obs.workers
+    assert (w.role, w.state, w.num_steps, w.num_running) == ("decode", WorkerState.READY, 40, 6)
+    assert w.step_s == pytest.approx(0.035)
+    (w,) = view.observe(11.0, {"decode": {"d0": None}}).workers  # nothing new: counts, no steps
+    assert w.num_steps == 0 and math.isnan(w.step_s) and w.num_running == 6
+
+
+def test_traffic_is_differenced_over_the_window_not_one_tick() -> None:
+    view = ClusterView(window_s=3.0)
+
+    def router(t: float, arrivals: int) -> None:
+        view.router_put("r0", cpb.RouterWindowStats(window_s=60, num_arrivals=arrivals, num_arrivals_total=arrivals,
+                                                    num_finished_total=arrivals, isl_mean=100.0), t)
+
+    router(0.0, 0)
+    (only,) = view.traffic(0.0)
+    assert only.window_s == 60 and only.num_arrivals == 0  # one sample: the router's own window
+    for t, total in ((1.0, 2), (2.0, 2), (3.0, 2), (4.0, 2)):
+        router(t, total)
+    (win,) = view.traffic(4.0)
+    # the oldest sample kept is the last at or before 4 - 3 = 1 s: arrivals 2 -> 2 over 3 s
+    assert (win.window_s, win.num_arrivals, win.request_rate) == (3.0, 0, 0.0)
+    router(5.0, 5)
+    (win,) = view.traffic(5.0)
+    assert (win.window_s, win.num_arrivals) == (3.0, 3) and win.isl_mean == 100.0
+    router(6.0, 1)  # a restarted router of the same id: its totals start again
+    (win,) = view.traffic(6.0)
+    assert win.num_arrivals == 1 and win.window_s == 60  # its own window again
+
+
+def test_workers_come_from_registrations_and_the_launchers_transitions() -> None:
+    view = ClusterView(window_s=3.0)
+    view.steps_put("w1", steps(5, 0.01, 1, 10, role=PREFILL))  # switched to prefill, decode key not yet gone
+    obs = view.observe(5.0, {"prefill": {"p0": None, "w1": None}, "decode": {"d0": None, "w1": None}},
+                       {"d0": Transition("d0", "decode", WorkerState.DRAINING, 4.0),
+                        "starting-decode-0": Transition("starting-decode-0", "decode", WorkerState.STARTING, 4.5)})
+    got = sorted((w.worker_id, w.role, w.state) for w in obs.workers)
+    assert got == [("d0", "decode", WorkerState.DRAINING), ("p0", "prefill", WorkerState.READY),
+                   ("starting-decode-0", "decode", WorkerState.STARTING), ("w1", "prefill", WorkerState.READY)]
+
+
+def test_settings_make_the_core_config() -> None:
+    cfg = ClusterConfig(gpu_budget=0, adjustment_interval_s=2.0, itl_slo_ms=60)
+    p = planner_config(cfg, num_workers=3)
+    assert (p.gpu_budget, p.grace_s, p.itl_slo_ms, p.min_prefill, p.mode) == (3, 4.0, 60, 1, "load")
+    assert planner_config(ClusterConfig(mode="aggregated"), 1).min_prefill == 0
+    for bad in (dict(planner_mode="fast"), dict(min_decode=0), dict(itl_slo_ms=0), dict(gpu_budget=-1)):
+        with pytest.raises(ConfigError):
+            ClusterConfig(**bad)
+    assert keys.planner_history_key("ns", 7) == "/tandem/ns/planner/history/000000000007"
+    assert keys.worker_steps_key("ns", "d0") == "/tandem/ns/metrics/steps/d0"
+
+
+def test_a_decision_round_trips_as_its_message() -> None:
+    from planner import Action, ActionKind, Decision, Observation, Reason, RouterWindow
+
+    d = Decision(1.0, "load", 1, 2, (Action(ActionKind.START, "decode"),),
+                 (Reason("itl-over-slo", "decode", {"itl_s": 0.08}),))
+    obs = Observation(1.0, (), (RouterWindow(window_s=4.0, num_arrivals=6),))
+    msg = cpb.PlannerDecision.FromString(decision_to_pb(d, "pl", obs, 3, dry_run=True).SerializeToString())
+    assert (msg.num_prefill, msg.num_decode, msg.seq, msg.dry_run, msg.request_rate) == (1, 2, 3, True, 1.5)
+    assert msg.actions[0].kind == cpb.PlannerAction.KIND_START and msg.actions[0].role == "decode"
+    assert msg.reasons[0].code == "itl-over-slo" and msg.reasons[0].values["itl_s"] == pytest.approx(0.08)

@@ -1,0 +1,126 @@
+"""Switching a worker's tier in place.
+
+:class:`SwitchableServicer` serves either tier from one process: it holds both tiers' servicers
+over the one engine and KV transport, answers the current tier's rpcs (the other tier's new
+requests get UNAVAILABLE: the router retries them elsewhere), and on ``SwitchRole`` deregisters
+from the old tier and registers in the new one. The weights, the KV cache and its prefix cache
+stay; requests in flight in the old tier finish on the same engine, and a prefill worker's held
+KV handles can still be pushed or unpinned after it became a decode worker (``PushKV``,
+``Unpin`` and ``Abort`` always reach the prefill servicer, which owns the holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+
+from runtime.pb import tandem_worker_pb2 as pb
+from worker.server import ROLE_SWITCH, WorkerIdentity, WorkerServicer
+
+ROLE_FROM_PB = {pb.WORKER_ROLE_PREFILL: "prefill", pb.WORKER_ROLE_DECODE: "decode"}
+ROLE_TO_PB = {v: k for k, v in ROLE_FROM_PB.items()}
+
+
+class SwitchableServicer(WorkerServicer):
+    """Both tiers' rpcs over one engine; the current tier is ``identity.role``."""
+
+    def __init__(self, identity: WorkerIdentity, engine: Any, transport: Any,
+                 tiers: Mapping[str, WorkerServicer]) -> None:
+        super().__init__(identity, engine, transport)
+        if set(tiers) != {"prefill", "decode"}:
+            raise ValueError(f"a switchable worker needs a prefill and a decode servicer, got {sorted(tiers)}")
+        self.tiers = dict(tiers)
+        self.num_inflight = {"prefill": 0, "decode": 0}  # rpcs in flight per tier
+        self.previous_role = ""
+        self.num_switches = 0
+
+    @classmethod
+    def build(cls, identity: WorkerIdentity, engine: Any, transport: Any,
+              classes: Mapping[str, type[WorkerServicer]]) -> SwitchableServicer:
+        tiers = {r: c(dataclasses.replace(identity, role=r), engine, transport) for r, c in classes.items()}
+        return cls(identity, engine, transport, tiers)
+
+    def configure(self, cfg: Any) -> None:
+        super().configure(cfg)
+        for tier in self.tiers.values():
+            tier.configure(cfg)
+
+    async def run_background(self) -> None:
+        await asyncio.gather(*(tier.run_background() for tier in self.tiers.values()))
+
+    def state(self) -> str:
+        """serving, draining, or switching (serving its tier; the previous tier's requests still finishing)."""
+        if not self.accepting():
+            return "draining"
+        if self.previous_role and (self.num_inflight[self.previous_role] or
+                                   (self.previous_role == "prefill" and len(self.tiers["prefill"].held))):
+            return "switching"
+        return "serving"
+
+    def _idle(self) -> bool:
+        return all(tier._idle() for tier in self.tiers.values())
+
+    # ---- the tiers' rpcs ---------------------------------------------------------------------------
+    async def _check(self, role: str, context: grpc.aio.ServicerContext) -> None:
+        if not self.accepting():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        if self.identity.role != role:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker serves the {self.identity.role} tier now")
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        await self._check("prefill", context)
+        self.num_inflight["prefill"] += 1
+        try:
+            return await self.tiers["prefill"].Prefill(request, context)
+        finally:
+            self.num_inflight["prefill"] -= 1
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        await self._check("decode", context)
+        self.num_inflight["decode"] += 1
+        try:
+            async for msg in self.tiers["decode"].Generate(request, context):
+                yield msg
+        finally:
+            self.num_inflight["decode"] -= 1
+
+    async def PushKV(self, request: pb.PushKVRequest, context: grpc.aio.ServicerContext) -> pb.PushKVResponse:
+        return await self.tiers["prefill"].PushKV(request, context)
+
+    async def Unpin(self, request: pb.UnpinRequest, context: grpc.aio.ServicerContext) -> pb.UnpinResponse:
+        return await self.tiers["prefill"].Unpin(request, context)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return await self.tiers["prefill"].Abort(request, context)  # held handles, then the engine
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        for tier in self.tiers.values():
+            tier.status = pb.WORKER_STATUS_DRAINING
+        return await super().Drain(request, context)
+
+    # ---- the switch ----------------------------------------------------------------------------------
+    async def SwitchRole(self, request: pb.SwitchRoleRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.SwitchRoleResponse:
+        start = time.perf_counter()
+        role = ROLE_FROM_PB.get(request.role)
+        if role is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be prefill or decode")
+        if not self.accepting() or self.membership is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is draining or not registered yet")
+        previous = self.identity.role
+        if role != previous:
+            # From here on the old tier's new calls get UNAVAILABLE; then the routers learn it.
+            self.identity = dataclasses.replace(self.identity, role=role)
+            self.previous_role = previous
+            self.num_switches += 1
+            await self.membership.move(role)
+            ROLE_SWITCH.observe(time.perf_counter() - start)
+        return pb.SwitchRoleResponse(previous_role=ROLE_TO_PB[previous], role=ROLE_TO_PB[role],
+                                     num_inflight=self.num_inflight[previous] if role != previous else 0,
+                                     switch_ms=(time.perf_counter() - start) * 1000)
