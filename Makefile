@@ -30,7 +30,7 @@ run: install
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m ruff check .
 	PYTHONPATH=$(CURDIR) lint-imports
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --durations=30
 
 bench: install
 	$(PYTHON) bench/engine.py
