@@ -36,6 +36,7 @@ from runtime.etcd import ControlPlane
 from runtime.metrics import serve_metrics
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+from worker.wire_guard import MalformedRequests
 
 log = logging.getLogger("tandem.worker")
 
@@ -162,7 +163,8 @@ async def serve_worker(role: str, servicer_cls: type[WorkerServicer], argv: list
     econfig = engine_config(cfg, role)
     llm, engine, transport, store = await _start_engine(cfg, econfig)
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+    server = grpc.aio.server(interceptors=[MalformedRequests()],
+                             options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     port = server.add_insecure_port(f"{cfg.host}:{args.worker_port}")
     if port == 0:
