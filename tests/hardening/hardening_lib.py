@@ -6,9 +6,11 @@ tritonclient's own copy of those messages (both in one process would clash)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -129,3 +131,32 @@ def stopped(child: Child):
         yield
     finally:
         os.kill(child.proc.pid, signal.SIGCONT)
+
+
+def start_router(cluster: LocalCluster, timeout_s: float = 60.0, **overrides: Any) -> Child:
+    """Another router replica on the cluster's etcd with ``overrides`` (API keys, TLS, tight
+    admission), its own ports; returns once it listens (``child.ready``: ``http``, ``grpc``),
+    not once it serves: a test that needs keys or client certificates waits with them."""
+    cfg = dataclasses.replace(cluster.cfg, port=0, grpc_port=0, metrics_port=0, **overrides)
+    name = f"router-{sum(1 for c in cluster.children if c.name.startswith('router'))}"
+    path = cluster._tmp / f"{name}.json"
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    child = cluster._spawn(name, [sys.executable, "-m", "router", "--config", str(path)])
+    cluster._wait([child], timeout_s)
+    return child
+
+
+def stop_router(child: Child) -> None:
+    child.proc.terminate()
+    child.proc.wait(20)
+
+
+def wait_serves(url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None, context: Any = None) -> None:
+    """Until ``url``'s /health is 200 (the model is ready)."""
+    def ready() -> bool:
+        try:
+            return get(f"{url}/health", headers=headers, context=context)[0] == 200
+        except OSError:
+            return False
+
+    wait_until(ready, timeout_s, f"{url} to serve")
