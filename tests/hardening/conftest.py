@@ -8,7 +8,9 @@ replica on this cluster's etcd (``LocalCluster.add_router``). Tests that stop or
 process put it back as they found it; ``destructive`` ones (etcd outage, load, shutdown) run last.
 
 Settings: a 2 s etcd lease (a dead or stopped worker leaves within it), the watchdog probing a
-silent worker after 1 s (``worker_silence_s``) with a 1 s Health timeout, TCP transport.
+silent worker after 1 s (``worker_silence_s``) with a 1 s Health timeout, TCP transport, the
+prefill worker pushing, and its pushes of requests named ``hang-*`` starting 6 s late (a hung
+transfer: the decode worker gives up after ``kv_pull_timeout_s`` = 3 s).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ SILENCE_S = 1.0
 PROBE_TIMEOUT_S = 1.0
 CONFIG = dict(port=0, grpc_port=0, mode="disaggregated", engine="sim", model=MODEL, kv_cache_gib=0.25,
               transport="tcp", lease_ttl_s=LEASE_TTL_S, metrics_interval_s=0.25, max_local_prefill_tokens=16,
-              worker_silence_s=SILENCE_S, worker_probe_timeout_s=PROBE_TIMEOUT_S, kv_pull_timeout_s=3.0)
+              worker_silence_s=SILENCE_S, worker_probe_timeout_s=PROBE_TIMEOUT_S, kv_pull_timeout_s=3.0,
+              kv_transfer_mode="push", worker_env=("TANDEM_FAULT_PUSH=^hang-=delay:6",))
 
 
 def pytest_configure(config: pytest.Config) -> None:
