@@ -6,6 +6,7 @@ prints how long recovery took. The stopped worker is continued at the end and mu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import threading
@@ -20,6 +21,7 @@ from conftest import CONFIG, PROBE_TIMEOUT_S, SILENCE_S
 from hardening_lib import completion, get, live, load, router_lists, stopped, wait_nothing_leaked, wait_until
 
 from deploy.local_cluster import Child, LocalCluster
+from runtime.etcd import ControlPlane
 from runtime.settings import ClusterConfig
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,3 +164,40 @@ def test_kv_cache_exhausted_preempts_not_fails(tmp_path) -> None:
         assert all(b["usage"]["completion_tokens"] == 60 for _, b in results)
         wait_nothing_leaked(small)
         assert load(worker).num_total_blocks == 29
+
+
+def _registrations(cluster: LocalCluster) -> dict[str, int]:
+    """Worker key -> the lease it is under, read from etcd."""
+    async def read() -> dict[str, int]:
+        async with ControlPlane(list(cluster.cfg.etcd_endpoints), namespace=cluster.cfg.namespace) as plane:
+            result = await plane.client.get_prefix(f"/tandem/{cluster.cfg.namespace}/workers/".encode())
+            return {kv.key.decode(): kv.lease for kv in result.kvs}
+
+    return asyncio.run(read())
+
+
+def test_workers_reregister_after_losing_their_lease(sim_cluster: LocalCluster) -> None:
+    """Every worker's lease revoked in etcd while the processes live (what a keep-alive starved
+    past the TTL, or an etcd that forgot the lease, amounts to): each registration is put back
+    under a new lease within a keep-alive period or so, and the router lists every worker."""
+    before = _registrations(sim_cluster)
+    assert len(before) == 3, before
+
+    async def revoke() -> None:
+        async with ControlPlane(list(sim_cluster.cfg.etcd_endpoints), namespace=sim_cluster.cfg.namespace) as plane:
+            for lease in set(before.values()):
+                await plane.client.revoke_lease(lease)
+
+    asyncio.run(revoke())
+    t0 = time.monotonic()
+    assert not _registrations(sim_cluster)  # gone with their leases
+    def back() -> dict[str, int] | None:
+        now = _registrations(sim_cluster)
+        return now if set(now) == set(before) else None
+
+    after = wait_until(back, 10, "every worker to register again")
+    back_s = time.monotonic() - t0
+    assert all(after[k] != before[k] for k in before), (before, after)
+    wait_until(lambda: router_lists(sim_cluster) == {"prefill": 1, "decode": 2}, 10, "the router to list them")
+    assert completion(sim_cluster)[0] == 200
+    print(f"leases revoked: every worker registered again under a new lease in {back_s:.2f} s")
