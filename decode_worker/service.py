@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_worker.handoff import KVHandoff
+from decode_worker.wire import check_handle
 from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
 from runtime.pb import tandem_worker_pb2 as pb
@@ -29,6 +30,8 @@ class DecodeServicer(WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         try:
             sampling = sampling_from_pb(request.sampling)
+            if request.HasField("kv_handle") and sampling.n == 1:
+                check_handle(request.kv_handle, len(request.prompt_token_ids), self.identity.block_size)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id

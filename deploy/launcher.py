@@ -276,19 +276,21 @@ def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 def wait_router_serves(http_url: str, timeout_s: float) -> str:
-    """Until the router lists a model in ``/v1/models`` (it is then ready: every tier its mode
-    needs has a worker of it); returns the model's name. TimeoutError after ``timeout_s``."""
+    """Until the router serves a model (``/health`` 200: it is ready, every tier its mode needs has
+    a worker of it, and ``/v1/models`` lists it); returns the model's name. ``/health`` is public
+    when the router asks for API keys (``public_paths``), ``/v1/models`` is not. TimeoutError
+    after ``timeout_s``."""
     deadline = time.monotonic() + max(timeout_s, 1.0)
     while True:
         try:
-            with urllib.request.urlopen(f"{http_url}/v1/models", timeout=5) as resp:
-                listed = json.loads(resp.read()).get("data") or []
+            with urllib.request.urlopen(f"{http_url}/health", timeout=5) as resp:
+                body = json.loads(resp.read())
         except (OSError, ValueError):
-            listed = []
-        if listed:
-            return listed[0]["id"]
+            body = {}
+        if body.get("status") == "ok" and body.get("model"):
+            return body["model"]
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the router at {http_url} lists no model; /health: {router_health(http_url)}")
+            raise TimeoutError(f"the router at {http_url} serves no model; /health: {router_health(http_url)}")
         time.sleep(0.1)
 
 

@@ -33,3 +33,13 @@ class WorkerFailedError(RuntimeError):
 
 class InvalidRequestError(ValueError):
     """A worker rejected the request's parameters (HTTP 400)."""
+
+
+class OverloadedError(RuntimeError):
+    """The router will not take the request now (HTTP 429 with ``Retry-After`` / RESOURCE_EXHAUSTED
+    with ``retry-after`` metadata): a tier's queue is full (``code`` ``overloaded``) or the API key
+    spent its rate (``rate_limited``). Nothing was sent to a worker."""
+
+    def __init__(self, message: str, retry_after_s: int, code: str = "overloaded") -> None:
+        super().__init__(message)
+        self.retry_after_s, self.code = max(1, int(retry_after_s)), code

@@ -18,6 +18,7 @@ from router.errors import (
     InvalidRequestError,
     ModelNotReadyError,
     NoWorkersError,
+    OverloadedError,
     RequestError,
     UnknownModelError,
     WorkerFailedError,
@@ -28,16 +29,17 @@ T = TypeVar("T")
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
 
 
 def api_error(e: BaseException) -> APIError:
@@ -54,6 +56,9 @@ def api_error(e: BaseException) -> APIError:
         return APIError(503, str(e), type_="service_unavailable", code="model_not_ready")
     if isinstance(e, NoWorkersError):
         return APIError(503, str(e), type_="service_unavailable", code="no_workers")
+    if isinstance(e, OverloadedError):
+        return APIError(429, str(e), type_="rate_limit_error", code=e.code,
+                        headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, WorkerFailedError):
         return APIError(502, str(e), type_="upstream_error", code="worker_failed")
     return APIError(500, f"internal error: {e!r}", type_="internal_error")

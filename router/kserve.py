@@ -30,6 +30,7 @@ from router.errors import (
     InvalidRequestError,
     ModelNotReadyError,
     NoWorkersError,
+    OverloadedError,
     RequestError,
     UnknownModelError,
     WorkerFailedError,
@@ -49,12 +50,19 @@ class KServeError(RequestError):
 
 
 def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[Any]:
+    """An input's elements, from its raw contents when the request has them. Malformed contents
+    (a length prefix running past the end, a size that is not a whole number of elements) are a
+    KServeError (INVALID_ARGUMENT), never a partial read."""
     dt = tensor.datatype
     if raw is not None:
         if dt == "BYTES":
             out, pos = [], 0
-            while pos + 4 <= len(raw):
+            while pos < len(raw):
+                if pos + 4 > len(raw):
+                    raise KServeError(f"input {tensor.name!r}: raw contents end inside a length prefix")
                 (n,) = struct.unpack_from("<I", raw, pos)
+                if pos + 4 + n > len(raw):
+                    raise KServeError(f"input {tensor.name!r}: an element of {n} bytes runs past the raw contents")
                 out.append(raw[pos + 4:pos + 4 + n])
                 pos += 4 + n
             return out
@@ -63,10 +71,30 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         fmt = {"INT32": "i", "INT64": "q", "UINT32": "I", "FP32": "f", "FP64": "d"}.get(dt)
         if fmt is None:
             raise KServeError(f"input {tensor.name!r}: datatype {dt} is not supported")
-        return list(struct.unpack(f"<{len(raw) // struct.calcsize(fmt)}{fmt}", raw))
+        size = struct.calcsize(fmt)
+        if len(raw) % size:
+            raise KServeError(f"input {tensor.name!r}: {len(raw)} bytes of raw contents are not whole {dt} elements")
+        return list(struct.unpack(f"<{len(raw) // size}{fmt}", raw))
     c = tensor.contents
     return list(c.bytes_contents or c.bool_contents or c.int_contents or c.int64_contents or c.uint_contents
                 or c.fp32_contents or c.fp64_contents)
+
+
+def _first(inputs: dict[str, list[Any]], name: str, default: Any) -> Any:
+    """The first element of an optional input; ``default`` when absent or empty."""
+    values = inputs.get(name)
+    return values[0] if values else default
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bytes):
+        raise KServeError(f"input {name!r} must be BYTES (UTF-8 text), got {type(value).__name__}")
+    try:
+        return value.decode()
+    except UnicodeDecodeError as e:
+        raise KServeError(f"input {name!r} is not valid UTF-8: {e}") from None
 
 
 def _param(p: pb.InferParameter) -> Any:
@@ -83,10 +111,9 @@ def parse_request(req: pb.ModelInferRequest, catalog: ModelCatalog, streaming: b
     for i, tensor in enumerate(req.inputs):
         raw = req.raw_input_contents[i] if i < len(req.raw_input_contents) else None
         inputs[tensor.name] = _decode_input(tensor, raw)
-    if "text_input" not in inputs or not inputs["text_input"]:
+    if not inputs.get("text_input"):
         raise KServeError("the request needs a BYTES input 'text_input'")
-    text = inputs["text_input"][0]
-    text = text.decode() if isinstance(text, bytes) else str(text)
+    text = _text(inputs["text_input"][0], "text_input")
     fields = _sampling_fields(req, inputs)
     fields.setdefault("max_tokens", 16)
     fields.setdefault("temperature", 0.0)
@@ -94,7 +121,7 @@ def parse_request(req: pb.ModelInferRequest, catalog: ModelCatalog, streaming: b
     if not prompt_ids:
         raise KServeError("text_input is empty")
     sampling = request_params.prepare(model, prompt_ids, fields, prompt_param="text_input")
-    exclude = inputs.get("exclude_input_in_output", [streaming])[0]
+    exclude = _first(inputs, "exclude_input_in_output", streaming)
     return model, prompt_ids, sampling, not bool(exclude), text
 
 
@@ -102,11 +129,11 @@ def _sampling_fields(req: pb.ModelInferRequest, inputs: dict[str, list[Any]]) ->
     """Sampling fields from, in increasing priority, the request's parameters, the JSON of its
     ``sampling_parameters`` input, and inputs of their own name."""
     fields: dict[str, Any] = {name: _param(value) for name, value in req.parameters.items() if name in _SAMPLING_FIELDS}
-    if "sampling_parameters" in inputs:
-        raw = inputs["sampling_parameters"][0]
+    raw = _first(inputs, "sampling_parameters", None)
+    if raw is not None:
         try:
-            extra = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            extra = json.loads(_text(raw, "sampling_parameters"))
+        except (ValueError, RecursionError) as e:
             raise KServeError(f"sampling_parameters is not valid JSON: {e}") from None
         if not isinstance(extra, dict):
             raise KServeError("sampling_parameters must be a JSON object")
@@ -140,6 +167,8 @@ def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, WorkerFailedError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after_s} s)"
     return grpc.StatusCode.INTERNAL, f"internal error: {e!r}"
 
 
@@ -182,7 +211,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 pass
         except Exception as e:
             code, message = _status(e)
-            await context.abort(code, message)
+            trailing = (("retry-after", str(e.retry_after_s)),) if isinstance(e, OverloadedError) else ()
+            await context.abort(code, message, trailing_metadata=trailing)
         out = "".join(c.text for c in gen.choices)
         return _text_response(request, model, (text if include_input else "") + out, None)
 

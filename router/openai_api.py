@@ -149,8 +149,12 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     model = _resolve(served, req)
     if req.echo and req.stream:
         raise APIError(400, "echo is not supported with stream", param="echo")
+    prompts = _prompts(req.prompt, model.tokenizer)
+    if len(prompts) * max(req.n, 1) > request_params.MAX_SEQUENCES:
+        raise APIError(400, f"a request may ask for at most {request_params.MAX_SEQUENCES} sequences (prompts x n), "
+                       f"got {len(prompts)} x {req.n}", param="prompt" if req.n <= 1 else "n")
     gens = [Generation(served.flow, model.tokenizer, ids, _prepare(model, req, ids, req.max_tokens), req.priority)
-            for ids in _prompts(req.prompt, model.tokenizer)]
+            for ids in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model.name}
     if req.stream:

@@ -22,19 +22,21 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from protocol.outputs import FinishReason, StopReason, TokenLogprob
 from protocol.sampling import SamplingParams
-from router import policy
+from router import auth, policy
+from router.admission import Admission, AdmissionLimits
 from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
 from router.inflight import Ticket, inflight_to_pb, sum_peers
 from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
 from router.request_window import HANDOFFS
 from router.tier_index import TierIndex
+from router.watchdog import WorkerHungError, watched_call, watched_stream
 from router.worker_pool import WorkerPool
 from runtime import keys, trace
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
@@ -128,6 +130,7 @@ class RequestFlow:
         self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s) for role in self.pools}
         self._turns = {"decode": 0, "prefill": 0}  # round_robin
         self._sharing: asyncio.Task | None = None
+        self.admission = Admission(AdmissionLimits(cfg.max_queued_requests, cfg.max_queued_tokens))
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -153,6 +156,9 @@ class RequestFlow:
         trace.mark(request_id, "r.plan")
         plan = self._plan(prompt_ids, sampling.n)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
+        # Queued on the tier that computes the prompt until the first token: past the bound, a 429.
+        permit = self.admission.admit("decode" if plan.prefill is None else "prefill", len(prompt_ids))
+        auth.charge_tokens(len(prompt_ids))
         # The request counts on its decode worker from the decision on, not from the call: while
         # its prompt prefills remotely the worker is already bound to it, and the decisions taken
         # meanwhile must see that (a burst would otherwise all pick the same idle-looking worker).
@@ -173,6 +179,7 @@ class RequestFlow:
                 if delta.finish_reason is None and call.handle is not None:
                     await self._call_decode_early(call)
                 trace.mark(request_id, "r.first_yield")
+                permit.release()
                 yield delta
                 if delta.finish_reason is not None or call.handle is None:
                     yield usage_from_pb(call.first.usage)
@@ -183,8 +190,12 @@ class RequestFlow:
                     if not marked:
                         trace.mark(request_id, "r.second_yield")
                         marked = True
+                    if isinstance(item, Delta):
+                        permit.release()
+                        auth.charge_tokens(len(item.token_ids))
                     yield item
         finally:
+            permit.release()
             if call.early is not None:  # never read: the client went away at the first token
                 call.early.cancel()
             call.ticket.close()
@@ -253,18 +264,20 @@ class RequestFlow:
         to_compute = len(call.prompt_ids) - decision.overlap_blocks * self.tiers["prefill"].block_size
         try:
             with self.prefill.track(worker, to_compute, len(call.prompt_ids)):
-                return await self.prefill.stub(worker).Prefill(req)
+                return await watched_call(self.prefill.stub(worker).Prefill(req), self._probe(self.prefill, worker),
+                                          self.cfg.worker_silence_s, f"prefill worker {worker}")
         except asyncio.CancelledError:
             # The client left. The worker aborts the cancelled call, but its answer (a pinned
             # KV handle) may already be on the way: abort it there too rather than wait for its lease.
             asyncio.get_running_loop().create_task(self.prefill.abort(worker, call.request_id))
             raise
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        except (grpc.aio.AioRpcError, WorkerHungError) as e:
+            if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequestError(e.details()) from None
-            self.prefill.suspect(worker)
+            hung = isinstance(e, WorkerHungError)
+            self.prefill.suspect(worker, self._suspect_s if hung else None)
             log.warning("request %s: prefill worker %s failed (%s); prefilling on the decode tier",
-                        call.request_id, worker, e.code().name)
+                        call.request_id, worker, e if hung else e.code().name)
             call.route.prefill_worker = ""
             return None
 
@@ -290,17 +303,18 @@ class RequestFlow:
                     async for item in items:
                         yield item
                 return
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            except (grpc.aio.AioRpcError, WorkerHungError) as e:
+                hung = isinstance(e, WorkerHungError)
+                if not hung and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequestError(e.details()) from None
-                if e.code() == grpc.StatusCode.CANCELLED:
+                if not hung and e.code() == grpc.StatusCode.CANCELLED:
                     raise
-                self.decode.suspect(decision.worker_id)
-                log.warning("request %s: decode worker %s failed: %s %s", call.request_id, decision.worker_id,
-                            e.code().name, e.details())
+                why = str(e) if hung else f"{e.code().name} {e.details()}"
+                self.decode.suspect(decision.worker_id, self._suspect_s if hung else None)
+                log.warning("request %s: decode worker %s failed: %s", call.request_id, decision.worker_id, why)
                 if call.streamed:
-                    raise WorkerFailedError(
-                        f"decode worker {decision.worker_id} failed mid-stream: {e.code().name}") from None
+                    raise WorkerFailedError(f"decode worker {decision.worker_id} failed mid-stream: "
+                                            f"{'hung' if hung else e.code().name}") from None
             decision = None
 
     async def _call_decode_early(self, call: _Call) -> None:
@@ -336,29 +350,40 @@ class RequestFlow:
             trace.mark(call.request_id, "r.decode_call")
             stream = self.decode.stub(worker).Generate(request)
         try:
-            async for msg in stream:
-                if not call.streamed:
-                    trace.mark(call.request_id, "r.msg1")
-                if msg.HasField("pull"):
-                    call.route.recomputed = msg.pull.recomputed
-                    if not msg.pull.recomputed and msg.pull.num_pulled_blocks:
-                        HANDOFFS.add(msg.pull.pull_ms / 1000)
-                for out in msg.outputs:
-                    call.streamed = True
-                    call.ticket.prefilled()
-                    call.ticket.grow(len(out.token_ids))
-                    yield delta_from_pb(out)
-                if msg.HasField("usage"):
-                    usage = usage_from_pb(msg.usage)
-                    if call.first is not None:  # the first token and the cache hit were the prefill worker's
-                        usage.num_completion_tokens += call.first.usage.num_completion_tokens
-                        usage.num_cached_tokens = call.first.usage.num_cached_tokens
-                    call.handle = None
-                    yield usage
-                    return
+            messages = watched_stream(stream, self._probe(self.decode, worker), self.cfg.worker_silence_s,
+                                      f"decode worker {worker}")
+            async with contextlib.aclosing(messages):
+                async for msg in messages:
+                    if not call.streamed:
+                        trace.mark(call.request_id, "r.msg1")
+                    if msg.HasField("pull"):
+                        call.route.recomputed = msg.pull.recomputed
+                        if not msg.pull.recomputed and msg.pull.num_pulled_blocks:
+                            HANDOFFS.add(msg.pull.pull_ms / 1000)
+                    for out in msg.outputs:
+                        call.streamed = True
+                        call.ticket.prefilled()
+                        call.ticket.grow(len(out.token_ids))
+                        yield delta_from_pb(out)
+                    if msg.HasField("usage"):
+                        usage = usage_from_pb(msg.usage)
+                        if call.first is not None:  # the first token and the cache hit were the prefill worker's
+                            usage.num_completion_tokens += call.first.usage.num_completion_tokens
+                            usage.num_cached_tokens = call.first.usage.num_cached_tokens
+                        call.handle = None
+                        yield usage
+                        return
             raise WorkerFailedError(f"decode worker {worker} ended the stream early")
         finally:
             stream.cancel()
+
+    def _probe(self, pool: WorkerPool, worker: str) -> Callable[[], Awaitable[bool]]:
+        return lambda: pool.probe(worker, self.cfg.worker_probe_timeout_s)
+
+    @property
+    def _suspect_s(self) -> float:
+        """How long a hung worker is skipped: until its lease (it cannot renew it) is surely gone."""
+        return float(self.cfg.lease_ttl_s) + self.cfg.worker_silence_s
 
     # ---- peers -----------------------------------------------------------------------------------
     async def _share_inflight(self) -> None:

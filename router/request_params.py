@@ -12,6 +12,13 @@ from protocol.sampling import SamplingParams
 from router.errors import RequestError
 from router.models import ServedModel
 
+# Bounds on what one request may ask for (each breach is a 400 naming the field): the work a
+# single request can make the cluster do, and what the router keeps per request.
+MAX_SEQUENCES = 128  # n, or prompts x n in one completions request
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 256
+
 # The sampling fields a request may carry, by their OpenAI/vLLM names (= SamplingParams' names),
 # with the type a value is coerced to (None: a string or a list, normalized below).
 SAMPLING_FIELDS: dict[str, type | None] = {
@@ -34,24 +41,49 @@ def to_sampling(fields: Mapping[str, Any], names: Mapping[str, str] | None = Non
         if value is not None:
             values[name] = _coerce(name, value, names.get(name, name))
     try:
-        return SamplingParams(**values)
+        sampling = SamplingParams(**values)
     except (TypeError, ValueError) as e:  # the message starts with the field's name
         name = str(e).split(" ", 1)[0]
         raise RequestError(str(e), param=names.get(name, name) if name in fields else None) from None
+    _check_bounds(sampling, names)
+    return sampling
+
+
+def _check_bounds(sampling: SamplingParams, names: Mapping[str, str]) -> None:
+    if sampling.n > MAX_SEQUENCES:
+        raise RequestError(f"n must be at most {MAX_SEQUENCES}, got {sampling.n}", param=names.get("n", "n"))
+    param = names.get("stop", "stop")
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(sampling.stop)}", param=param)
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in sampling.stop):
+        raise RequestError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters", param=param)
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise RequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids",
+                           param=names.get("stop_token_ids", "stop_token_ids"))
 
 
 def _coerce(name: str, value: Any, param: str) -> Any:
     kind = SAMPLING_FIELDS[name]
     if name == "stop":
-        return (value,) if isinstance(value, str) else tuple(value)
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list | tuple):
+            raise RequestError(f"{param} must be a string or a list of strings, got {value!r}", param=param)
+        return tuple(value)
     if name == "stop_token_ids":
+        if not isinstance(value, list | tuple):
+            raise RequestError(f"{param} must be a list of token ids, got {value!r}", param=param)
         return tuple(value)
     assert kind is not None
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if kind is bool or isinstance(value, bool | list | dict | tuple):
+        raise RequestError(f"{param} must be of type {kind.__name__}, got {value!r}", param=param)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise RequestError(f"{param} must be an integer, got {value!r}", param=param)
     try:
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError(f"{param} must be of type {kind.__name__}, got {value!r}", param=param) from None
 
 
@@ -80,6 +112,10 @@ def prepare(model: ServedModel, prompt_ids: list[int], fields: Mapping[str, Any]
     if not prompt_ids:
         raise RequestError("the prompt is empty", param=prompt_param)
     sampling = to_sampling(fields, names)
+    vocab_size = model.tokenizer.vocab_size
+    if any(t >= vocab_size for t in sampling.stop_token_ids):
+        raise RequestError(f"stop_token_ids must be in [0, {vocab_size})",
+                           param=names.get("stop_token_ids", "stop_token_ids"))
     check_prompt(model, prompt_ids, sampling.max_tokens, prompt_param=prompt_param,
                  max_tokens_param=names.get("max_tokens", "max_tokens"))
     return sampling

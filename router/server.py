@@ -21,6 +21,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from router import edge
 from router.dashboard import Dashboard
 from router.kserve import add_kserve
 from router.models import ModelCatalog
@@ -52,15 +53,15 @@ async def serve_router(argv: list[str] | None = None) -> int:
 
     board = Dashboard(cfg, flow, plane, lambda: catalog.model.name if catalog.model else None)
     board.start()
-    app = create_app(flow, catalog, cfg.max_body_bytes, extra_routes=board.routes())
-    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
-                                         log_level="warning", access_log=False, lifespan="off",
-                                         timeout_graceful_shutdown=2))
-    grpc_server = grpc.aio.server()
+    auth = edge.make_auth(cfg)
+    app = edge.http_app(create_app(flow, catalog, cfg.max_body_bytes, extra_routes=board.routes()), auth)
+    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                                         lifespan="off", timeout_graceful_shutdown=2, **edge.uvicorn_tls(cfg)))
+    grpc_server = edge.grpc_server(auth)
     add_kserve(grpc_server, flow, catalog)
     health_servicer = _Health(catalog)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    grpc_port = grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    grpc_port = edge.add_grpc_port(grpc_server, cfg)
     if grpc_port == 0:
         raise SystemExit(f"cannot bind gRPC on {cfg.host}:{cfg.grpc_port}")
     await grpc_server.start()
@@ -79,10 +80,11 @@ async def serve_router(argv: list[str] | None = None) -> int:
     # Request-level stats for the planner: /tandem/{ns}/metrics/router/{router_id}
     plane.start_publisher(keys.router_stats_key(cfg.namespace, flow.router_id),
                           lambda: WINDOW.snapshot().to_pb(flow.router_id), cfg.metrics_interval_s)
-    print("TANDEM_READY " + json.dumps({"role": "router", "http": f"http://{cfg.host}:{port}",
+    print("TANDEM_READY " + json.dumps({"role": "router", "http": f"{edge.http_scheme(cfg)}://{cfg.host}:{port}",
                                         "grpc": f"{cfg.host}:{grpc_port}", "router_id": flow.router_id,
                                         "pid": os.getpid()}), flush=True)
-    log.info("OpenAI API on http://%s:%d, KServe gRPC on %s:%d", cfg.host, port, cfg.host, grpc_port)
+    log.info("OpenAI API on %s://%s:%d, KServe gRPC on %s:%d", edge.http_scheme(cfg), cfg.host, port, cfg.host,
+             grpc_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -92,9 +92,9 @@ class WorkerPool:
             stub = self._stubs[worker_id] = pb_grpc.WorkerServiceStub(channel)
         return stub
 
-    def suspect(self, worker_id: str, for_s: float = _SUSPECT_S) -> None:
+    def suspect(self, worker_id: str, for_s: float | None = None) -> None:
         """Skip a worker that just failed until etcd confirms it gone (or the time passes)."""
-        self._suspect[worker_id] = time.monotonic() + for_s
+        self._suspect[worker_id] = time.monotonic() + (_SUSPECT_S if for_s is None else for_s)
         WORKER_FAILURES.labels(role=self.role).inc()
 
     def open(self, worker_id: str, prefill_tokens: int, kv_tokens: int = 0) -> Ticket:
@@ -110,6 +110,15 @@ class WorkerPool:
             yield ticket
         finally:
             ticket.close()
+
+    async def probe(self, worker_id: str, timeout_s: float) -> bool:
+        """Whether the worker answers ``Health`` within ``timeout_s`` (the hung-worker watchdog's
+        check, ``router.watchdog``)."""
+        try:
+            await self.stub(worker_id).Health(pb.HealthRequest(), timeout=timeout_s)
+        except (grpc.aio.AioRpcError, WorkerFailedError):
+            return False
+        return True
 
     async def abort(self, worker_id: str, request_id: str) -> None:
         """Best effort: stop a request on a worker (its blocks are freed there)."""

@@ -119,6 +119,25 @@ class ClusterConfig:
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
     ttft_slo_ms: float = _field(2000.0, "SLO target: time to first token, ms (the router's attainment, the dashboard)")
     itl_slo_ms: float = _field(50.0, "SLO target: a request's mean inter-token latency, ms")
+    # -- router: admission, API keys, TLS, hung workers (README "Security") --
+    max_queued_requests: int = _field(
+        1024, "admission: most requests queued (routed, no first token yet) per tier; past it 429 (0: no bound)")
+    max_queued_tokens: int = _field(
+        1 << 20, "admission: most prompt tokens queued per tier; past it 429 (0: no bound)")
+    api_keys: tuple[str, ...] = _field(
+        (), "API keys clients must send (HTTP Bearer, gRPC authorization metadata); empty: no keys asked "
+        "(prefer TANDEM_API_KEYS to a flag)")
+    public_paths: tuple[str, ...] = _field(
+        ("/health", "/metrics", "/metrics/targets", "/dashboard", "/dashboard/data"),
+        "HTTP paths served without a key when api_keys are set")
+    rate_limit_rpm: int = _field(0, "requests per minute one API key may make (0: no limit)")
+    rate_limit_tpm: int = _field(0, "prompt + generated tokens per minute one API key may use (0: no limit)")
+    tls_cert_file: str | None = _field(None, "router: certificate (PEM) to serve HTTPS and gRPC over TLS")
+    tls_key_file: str | None = _field(None, "router: private key (PEM) of tls_cert_file")
+    tls_client_ca_file: str | None = _field(None, "router: CA bundle clients' certificates must chain to (mTLS)")
+    worker_silence_s: float = _field(
+        5.0, "a worker call silent this long is checked with a Health probe; a worker that fails it is failed over")
+    worker_probe_timeout_s: float = _field(2.0, "how long the hung-worker Health probe waits")
     # -- deployment (launchers: tandem deploy) --
     num_routers: int = _field(1, "deploy: router replicas")
     num_prefill: int = _field(1, "deploy: prefill workers (disaggregated mode)")
@@ -237,6 +256,7 @@ class ClusterConfig:
             fail("mode", "must be disaggregated or aggregated")
         if self.max_local_prefill_tokens < 0:
             fail("max_local_prefill_tokens", "must be >= 0")
+        self._validate_security()
         if self.max_body_bytes < 1024:
             fail("max_body_bytes", "must be at least 1024")
         if self.engine not in ("torch", "sim"):
@@ -272,6 +292,29 @@ class ClusterConfig:
         for item in self.worker_env:
             if "=" not in item or not item.split("=", 1)[0]:
                 fail("worker_env", f"{item!r} is not KEY=VALUE")
+
+
+    def _validate_security(self) -> None:
+        """Admission, API keys, TLS and the hung-worker watchdog."""
+        fail = self._fail
+        if self.max_queued_requests < 0 or self.max_queued_tokens < 0:
+            fail("max_queued_requests", "max_queued_requests and max_queued_tokens must be >= 0")
+        if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
+            fail("api_keys", "keys must be non-empty and have no whitespace")
+        if any(not path.startswith("/") for path in self.public_paths):
+            fail("public_paths", "paths start with /")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            fail("rate_limit_rpm", "rate_limit_rpm and rate_limit_tpm must be >= 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            fail("tls_cert_file", "tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            fail("tls_client_ca_file", "client certificates need the router to serve TLS (tls_cert_file)")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                fail(name, "no such file")
+        if self.worker_silence_s <= 0 or self.worker_probe_timeout_s <= 0:
+            fail("worker_silence_s", "worker_silence_s and worker_probe_timeout_s must be positive")
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(ClusterConfig)

@@ -1,0 +1,194 @@
+"""The edge's pure parts, without processes: sampling values against the worker wire's ranges,
+per-request limits naming the field, admission's bounds, API keys and their rate limits, the
+hung-worker watchdog's decisions, and the decode worker's check of a KV handle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decode_worker.wire import check_handle
+from protocol.sampling import SamplingParams
+from router.admission import Admission, AdmissionLimits
+from router.auth import Auth, UnauthenticatedError
+from router.errors import OverloadedError, RequestError
+from router.request_params import MAX_SEQUENCES, MAX_STOP_STRINGS, to_sampling
+from router.watchdog import WorkerHungError, watched_call, watched_stream
+from runtime.convert import sampling_from_pb, sampling_to_pb
+from runtime.pb import tandem_worker_pb2 as pb
+
+# ---- sampling values vs the worker wire ---------------------------------------------------------
+
+_INTS = st.one_of(st.integers(), st.integers(-(1 << 70), 1 << 70), st.sampled_from([-1, 0, 1, (1 << 31) - 1, 1 << 31,
+                                                                                    (1 << 32) - 1, 1 << 32,
+                                                                                    (1 << 63) - 1, 1 << 63]))
+_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=_INTS, max_tokens=st.one_of(st.none(), _INTS), min_tokens=_INTS, top_k=_INTS, seed=st.one_of(st.none(), _INTS),
+       stop_token_ids=st.lists(_INTS, max_size=3), temperature=_FLOATS, top_p=_FLOATS, min_p=_FLOATS,
+       logprobs=st.one_of(st.none(), _INTS), presence_penalty=_FLOATS, repetition_penalty=_FLOATS)
+def test_accepted_sampling_always_fits_the_worker_wire(**fields: object) -> None:
+    """Whatever a client sends, SamplingParams either refuses it (ValueError naming the field:
+    a 400) or the worker wire carries it and the worker reads back the same values: a value
+    never fails at encoding (that was a 500: ``stop_token_ids: [-14120]``)."""
+    try:
+        params = SamplingParams(**fields)  # type: ignore[arg-type]
+    except ValueError as e:
+        assert str(e).split(" ", 1)[0] in fields or str(e).startswith(("min_tokens", "stop")), e
+        return
+    assert sampling_from_pb(pb.SamplingParams.FromString(sampling_to_pb(params).SerializeToString())) == params
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"stop_token_ids": [-14120]}, "stop_token_ids"),  # the issue's 500
+    ({"stop_token_ids": [1 << 32]}, "stop_token_ids"),
+    ({"stop_token_ids": "12"}, "stop_token_ids"),
+    ({"stop": 5}, "stop"),
+    ({"n": 1 << 32}, "n"),
+    ({"n": MAX_SEQUENCES + 1}, "n"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 1 << 40}, "max_tokens"),
+    ({"max_tokens": 10 ** 400}, "max_tokens"),
+    ({"temperature": 10 ** 400}, "temperature"),  # float(int) overflows
+    ({"temperature": float("inf")}, "temperature"),
+    ({"seed": 1 << 64}, "seed"),
+    ({"top_k": 1 << 31}, "top_k"),
+    ({"min_tokens": 2.5}, "min_tokens"),
+    ({"ignore_eos": "false"}, "ignore_eos"),  # bool("false") was True
+    ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+    ({"stop": ["x" * 5000]}, "stop"),
+    ({"stop_token_ids": list(range(300))}, "stop_token_ids"),
+])
+def test_each_bad_field_is_a_request_error_naming_it(fields: dict, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        to_sampling(fields, {"max_tokens": "max_tokens"})
+    assert info.value.param == param, info.value
+
+
+# ---- admission ----------------------------------------------------------------------------------
+
+def test_admission_bounds_requests_and_tokens_per_tier() -> None:
+    admission = Admission(AdmissionLimits(max_queued_requests=2, max_queued_tokens=100))
+    a = admission.admit("prefill", 60)
+    with pytest.raises(OverloadedError) as info:  # 60 + 50 > 100 tokens
+        admission.admit("prefill", 50)
+    assert info.value.code == "overloaded" and 1 <= info.value.retry_after_s <= 30
+    b = admission.admit("prefill", 40)
+    with pytest.raises(OverloadedError):  # 2 requests
+        admission.admit("prefill", 1)
+    admission.admit("decode", 10).release()  # another tier, its own bound
+    a.release()
+    a.release()  # once only
+    assert admission.queued("prefill") == (1, 40)
+    c = admission.admit("prefill", 60)
+    b.release()
+    c.release()
+    assert admission.queued("prefill") == (0, 0)
+    big = admission.admit("prefill", 1000)  # larger than the bound: admitted into an empty queue
+    big.release()
+
+
+def test_admission_unbounded_when_zero() -> None:
+    admission = Admission(AdmissionLimits())
+    permits = [admission.admit("decode", 10**6) for _ in range(1000)]
+    assert admission.queued("decode") == (1000, 10**9)
+    for p in permits:
+        p.release()
+
+
+# ---- API keys -----------------------------------------------------------------------------------
+
+def test_api_keys_and_rate_limits() -> None:
+    auth = Auth(["k1", "k2"], rate_limit_rpm=3, rate_limit_tpm=100)
+    for bad in (None, "", "Bearer", "Bearer nope", "Basic k1", "k3"):
+        with pytest.raises(UnauthenticatedError):
+            auth.check(bad, now=0.0)
+    usage = auth.check("Bearer k1", now=0.0)
+    auth.check("k1", now=1.0)  # a bare key too (gRPC metadata)
+    auth.check("bearer  k1 ", now=2.0)
+    with pytest.raises(OverloadedError) as info:
+        auth.check("Bearer k1", now=3.0)
+    assert info.value.code == "rate_limited" and info.value.retry_after_s == 57
+    auth.check("Bearer k2", now=3.0)  # keys are counted apart
+    auth.check("Bearer k1", now=60.5)  # the first request left the window
+    usage.charge(100, now=61.0)
+    with pytest.raises(OverloadedError) as info:
+        auth.check("Bearer k1", now=62.0)
+    assert "tokens" in str(info.value) and info.value.retry_after_s == 59
+    assert not Auth([]).enabled
+
+
+# ---- the watchdog -------------------------------------------------------------------------------
+
+def test_watchdog_fails_a_silent_call_whose_worker_does_not_answer() -> None:
+    async def scenario() -> None:
+        probes: list[bool] = []
+
+        async def dead() -> bool:
+            probes.append(False)
+            return False
+
+        async def alive() -> bool:
+            probes.append(True)
+            return True
+
+        hang: asyncio.Future = asyncio.get_running_loop().create_future()
+        with pytest.raises(WorkerHungError):
+            await watched_call(hang, dead, 0.05, "w")
+        assert hang.cancelled() and probes == [False]
+
+        async def slow() -> str:  # silent for 3 periods, but its worker answers Health
+            await asyncio.sleep(0.17)
+            return "ok"
+
+        assert await watched_call(slow(), alive, 0.05, "w") == "ok"
+        assert probes.count(True) >= 2
+
+        async def stream():  # two messages, then silence
+            yield 1
+            yield 2
+            await asyncio.sleep(3600)
+
+        got = []
+        with pytest.raises(WorkerHungError):
+            async for msg in watched_stream(stream(), dead, 0.05, "w"):
+                got.append(msg)
+        assert got == [1, 2]
+
+        async def short():
+            yield 1
+            await asyncio.sleep(0.12)
+            yield 2
+
+        assert [m async for m in watched_stream(short(), alive, 0.05, "w")] == [1, 2]
+
+    asyncio.run(scenario())
+
+
+# ---- the decode worker's KV handle check --------------------------------------------------------
+
+def _handle(**kw: object) -> pb.KVHandle:
+    fields = dict(request_id="r", worker_id="p", worker_endpoint="127.0.0.1:5000", block_ids=[1, 2, 3],
+                  num_tokens=40, first_token_ids=[7])
+    fields.update(kw)
+    return pb.KVHandle(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("handle", "what"), [
+    (_handle(first_token_ids=[]), "first_token_ids"),
+    (_handle(num_tokens=39), "num_tokens"),
+    (_handle(block_ids=[1, 2]), "block ids"),
+    (_handle(block_ids=[1, 2, 3, 4]), "block ids"),
+    (_handle(worker_endpoint="nowhere"), "worker_endpoint"),
+    (_handle(worker_endpoint="h:99999"), "worker_endpoint"),
+    (_handle(request_id=""), "request_id"),
+])
+def test_malformed_kv_handles_are_refused(handle: pb.KVHandle, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        check_handle(handle, 40, 16)
+    check_handle(_handle(), 40, 16)

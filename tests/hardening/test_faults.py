@@ -1,0 +1,203 @@
+"""Faults with nothing lost: a worker that hangs (SIGSTOP, not killed) mid-stream, before its
+first token, or while it prefills; a KV transfer that hangs; the KV cache exhausted. Each test
+asserts what the client saw, that every block is back and every pin released afterwards, and
+prints how long recovery took. The stopped worker is continued at the end and must serve again
+(it re-registers once its lease is back)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import tritonclient.grpc.service_pb2 as kpb
+import tritonclient.grpc.service_pb2_grpc as kpb_grpc
+from conftest import CONFIG, PROBE_TIMEOUT_S, SILENCE_S
+from hardening_lib import completion, get, live, load, router_lists, stopped, wait_nothing_leaked, wait_until
+
+from deploy.local_cluster import Child, LocalCluster
+from runtime.etcd import ControlPlane
+from runtime.settings import ClusterConfig
+
+pytestmark = pytest.mark.timeout(180)
+HUNG_WITHIN_S = SILENCE_S + PROBE_TIMEOUT_S + 2.0  # + a loaded machine's slack
+LONG = list(range(100, 400))  # 300 tokens: prefilled on the prefill worker
+
+
+def _failures(cluster: LocalCluster, role: str) -> float:
+    text = get(f"{cluster.http_url}/metrics")[2].decode()
+    for line in text.splitlines():
+        if line.startswith(f'tandem_router_worker_failures_total{{role="{role}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _back(cluster: LocalCluster, child: Child, t0: float) -> float:
+    """After SIGCONT: until the router lists every worker again; seconds since ``t0``."""
+    want = {"prefill": len(live(cluster, "prefill")), "decode": len(live(cluster, "decode"))}
+    wait_until(lambda: router_lists(cluster) == want, 15, f"the router to list {want} again")
+    return time.monotonic() - t0
+
+
+def test_decode_stopped_mid_stream_ends_the_stream_cleanly(sim_cluster: LocalCluster) -> None:
+    body = json.dumps({"model": sim_cluster.router["model"], "prompt": "Count:", "max_tokens": 3000,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{sim_cluster.http_url}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        lines = iter(resp)
+        for _ in range(6):
+            next(lines)
+        (victim,) = [c for c in live(sim_cluster, "decode") if load(c).num_running]
+        with stopped(victim):
+            t0 = time.monotonic()
+            rest = b"".join(lines)  # until the router ends the stream
+            ended_s = time.monotonic() - t0
+            events = [json.loads(x[6:]) for x in rest.split(b"\n\n") if x.startswith(b"data: {")]
+            assert events[-1].get("error", {}).get("code") == "worker_failed", events[-1]
+            assert rest.rstrip().endswith(b"data: [DONE]")
+            # meanwhile, new requests go to the other decode worker
+            answers = [completion(sim_cluster, max_tokens=4)[0] for _ in range(5)]
+            assert answers == [200] * 5
+            stopped_for = time.monotonic() - t0
+        back_s = _back(sim_cluster, victim, time.monotonic())
+    print(f"decode SIGSTOP mid-stream: stream ended with worker_failed {ended_s:.2f} s after the stop; "
+          f"5/5 later requests served while it was stopped ({stopped_for:.1f} s); listed again {back_s:.2f} s "
+          "after SIGCONT")
+    assert ended_s < HUNG_WITHIN_S
+    wait_nothing_leaked(sim_cluster)
+
+
+def test_decode_stopped_before_first_token_is_retried(sim_cluster: LocalCluster) -> None:
+    before = _failures(sim_cluster, "decode")
+    victim = live(sim_cluster, "decode")[0]
+    results: list[tuple[int, dict, float]] = []
+    with stopped(victim):
+        t0 = time.monotonic()
+
+        def one(i: int) -> None:
+            status, body = completion(sim_cluster, prompt=f"{i} hello", max_tokens=6)
+            results.append((status, body, time.monotonic() - t0))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    back_s = _back(sim_cluster, victim, time.monotonic())
+    assert [s for s, _, _ in results] == [200] * 6
+    assert all(b["usage"]["completion_tokens"] == 6 for _, b, _ in results)
+    assert _failures(sim_cluster, "decode") > before  # some went to the stopped worker first
+    print(f"decode SIGSTOP before the first token: 6/6 normal answers, slowest {max(t for *_, t in results):.2f} s; "
+          f"listed again {back_s:.2f} s after SIGCONT")
+    wait_nothing_leaked(sim_cluster)
+
+
+def test_prefill_stopped_prefills_on_decode(sim_cluster: LocalCluster) -> None:
+    before = _failures(sim_cluster, "prefill")
+    (victim,) = live(sim_cluster, "prefill")
+    with stopped(victim):
+        t0 = time.monotonic()
+        status, body = completion(sim_cluster, prompt=[*LONG, 1], max_tokens=6)
+        took = time.monotonic() - t0
+    back_s = _back(sim_cluster, victim, time.monotonic())
+    assert status == 200 and body["usage"]["completion_tokens"] == 6
+    assert _failures(sim_cluster, "prefill") == before + 1
+    print(f"prefill SIGSTOP: a normal answer in {took:.2f} s (prefilled on decode); listed again {back_s:.2f} s "
+          "after SIGCONT")
+    assert took < HUNG_WITHIN_S + 2
+    wait_nothing_leaked(sim_cluster)
+
+
+def test_hung_kv_transfer_recomputes(sim_cluster: LocalCluster) -> None:
+    """The prefill worker's push of requests named ``hang-*`` starts only after 6 s (conftest's
+    TANDEM_FAULT_PUSH): the decode worker gives up after ``kv_pull_timeout_s`` and recomputes;
+    the prefill worker's pinned blocks are released when the late push ends."""
+    text = " ".join(str(t) for t in LONG).encode()
+    req = kpb.ModelInferRequest(model_name=sim_cluster.router["model"], id=f"hang-{time.time_ns()}")
+    req.inputs.append(kpb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1]))
+    req.raw_input_contents.append(struct.pack("<I", len(text)) + text)
+    fallbacks = {c.name: _fallbacks(c) for c in live(sim_cluster, "decode")}
+    t0 = time.monotonic()
+    with grpc.insecure_channel(sim_cluster.grpc_target) as channel:
+        reply = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+    took = time.monotonic() - t0
+    assert len(reply.raw_output_contents[0]) > 4
+    assert sum(_fallbacks(c) - fallbacks[c.name] for c in live(sim_cluster, "decode")) == 1
+    assert took >= CONFIG["kv_pull_timeout_s"]
+    t1 = time.monotonic()
+    wait_nothing_leaked(sim_cluster, timeout_s=20)  # the late push ends, the pin is released
+    print(f"hung KV transfer: answered in {took:.2f} s (recomputed after the {CONFIG['kv_pull_timeout_s']} s "
+          f"timeout); pins released {time.monotonic() - t1:.2f} s later")
+
+
+def _fallbacks(child: Child) -> float:
+    with urllib.request.urlopen(child.ready["metrics"], timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("tandem_kv_pull_fallbacks_total "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_kv_cache_exhausted_preempts_not_fails(tmp_path) -> None:
+    """A worker whose KV cache holds 29 blocks (464 tokens) given 8 requests that each grow to
+    10 blocks: the scheduler preempts and recomputes; every client gets its whole answer."""
+    cfg = ClusterConfig(**{**CONFIG, "mode": "aggregated", "kv_cache_gib": 29 * 368640 / (1 << 30)})
+    with LocalCluster(cfg, num_decode=1, quiet=True, log_dir=tmp_path) as small:
+        (worker,) = live(small, "decode")
+        results: list[tuple[int, dict]] = []
+
+        def one(i: int) -> None:
+            results.append(completion(small, prompt=[i, *range(200, 300)], max_tokens=60))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [s for s, _ in results] == [200] * 8, results
+        assert all(b["usage"]["completion_tokens"] == 60 for _, b in results)
+        wait_nothing_leaked(small)
+        assert load(worker).num_total_blocks == 29
+
+
+def _registrations(cluster: LocalCluster) -> dict[str, int]:
+    """Worker key -> the lease it is under, read from etcd."""
+    async def read() -> dict[str, int]:
+        async with ControlPlane(list(cluster.cfg.etcd_endpoints), namespace=cluster.cfg.namespace) as plane:
+            result = await plane.client.get_prefix(f"/tandem/{cluster.cfg.namespace}/workers/".encode())
+            return {kv.key.decode(): kv.lease for kv in result.kvs}
+
+    return asyncio.run(read())
+
+
+def test_workers_reregister_after_losing_their_lease(sim_cluster: LocalCluster) -> None:
+    """Every worker's lease revoked in etcd while the processes live (what a keep-alive starved
+    past the TTL, or an etcd that forgot the lease, amounts to): each registration is put back
+    under a new lease within a keep-alive period or so, and the router lists every worker."""
+    before = _registrations(sim_cluster)
+    assert len(before) == 3, before
+
+    async def revoke() -> None:
+        async with ControlPlane(list(sim_cluster.cfg.etcd_endpoints), namespace=sim_cluster.cfg.namespace) as plane:
+            for lease in set(before.values()):
+                await plane.client.revoke_lease(lease)
+
+    asyncio.run(revoke())
+    t0 = time.monotonic()
+    assert not _registrations(sim_cluster)  # gone with their leases
+    def back() -> dict[str, int] | None:
+        now = _registrations(sim_cluster)
+        return now if set(now) == set(before) else None
+
+    after = wait_until(back, 10, "every worker to register again")
+    back_s = time.monotonic() - t0
+    assert all(after[k] != before[k] for k in before), (before, after)
+    wait_until(lambda: router_lists(sim_cluster) == {"prefill": 1, "decode": 2}, 10, "the router to list them")
+    assert completion(sim_cluster)[0] == 200
+    print(f"leases revoked: every worker registered again under a new lease in {back_s:.2f} s")

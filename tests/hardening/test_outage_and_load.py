@@ -1,0 +1,133 @@
+"""The control plane down, sustained overload, and what both leave behind.
+
+- etcd stopped for ``TANDEM_ETCD_OUTAGE_S`` (30 s) and restarted empty on its port: serving
+  goes on from the last known membership (every request answered), the workers and the router
+  re-register under new leases, a worker added afterwards is routed to, and a router started
+  afterwards lists every worker.
+- ``TANDEM_LOAD_CLIENTS`` (500) streaming clients for ``TANDEM_LOAD_S`` (20 s here; the issue's
+  60 s: ``TANDEM_LOAD_S=60``) against a router with a queue bound: only 200s and 429s, admitted
+  TTFT bounded, RSS of router and workers flat between a third of the run and its end; afterwards
+  every worker is idle and a router started then lists every worker (the workers' registrations
+  outlive a load that starves their lease keep-alives: they are put back under a new lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hardening_lib import (
+    completion,
+    live,
+    router_lists,
+    start_router,
+    stop_router,
+    wait_nothing_leaked,
+    wait_serves,
+    wait_until,
+)
+from loadgen import run_load
+
+from deploy.local_cluster import LocalCluster
+from runtime.etcd_server import EtcdServer
+
+pytestmark = [pytest.mark.destructive, pytest.mark.timeout(420)]
+OUTAGE_S = float(os.environ.get("TANDEM_ETCD_OUTAGE_S", "30"))
+LOAD_S = float(os.environ.get("TANDEM_LOAD_S", "20"))
+LOAD_CLIENTS = int(os.environ.get("TANDEM_LOAD_CLIENTS", "500"))
+
+
+def _expected(cluster: LocalCluster) -> dict[str, int]:
+    return {"prefill": len(live(cluster, "prefill")), "decode": len(live(cluster, "decode"))}
+
+
+def _new_router_lists_everyone(cluster: LocalCluster) -> float:
+    """A router started now (it knows only what etcd holds) lists every live worker; how long it took."""
+    t0 = time.monotonic()
+    router = start_router(cluster)
+    try:
+        want = _expected(cluster)
+        wait_until(lambda: router_lists(cluster, router.ready["http"]) == want, 10,
+                   f"a new router to list {want} (etcd holds every registration)")
+        return time.monotonic() - t0
+    finally:
+        stop_router(router)
+
+
+def test_etcd_outage(sim_cluster: LocalCluster) -> None:
+    etcd = sim_cluster.etcd
+    assert etcd is not None
+    client_port, peer_port = etcd.client_port, etcd.peer_port
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            answers.append(completion(sim_cluster, prompt=f"{len(answers)} outage", max_tokens=4)[0])
+            time.sleep(0.3)
+
+    etcd.stop()  # data dir removed: the new etcd starts empty
+    t_down = time.monotonic()
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    time.sleep(OUTAGE_S)
+    sim_cluster.etcd = EtcdServer(host=sim_cluster.cfg.host, client_port=client_port, peer_port=peer_port).start()
+    t_up = time.monotonic()
+    want = _expected(sim_cluster)
+    wait_until(lambda: router_lists(sim_cluster) == want, 20, f"the router to list {want} after the restart")
+    relisted_s = time.monotonic() - t_up
+    stop.set()
+    thread.join()
+    assert answers and set(answers) == {200}, answers
+    added = sim_cluster.add_worker("decode", timeout_s=120)  # routed to: the router lists it
+    seen_s = _new_router_lists_everyone(sim_cluster)
+    print(f"etcd outage {t_up - t_down:.1f} s: {len(answers)}/{len(answers)} requests 200 meanwhile; every worker "
+          f"listed {relisted_s:.2f} s after the restart; a worker added afterwards listed; a new router saw every "
+          f"worker in {seen_s:.2f} s")
+    added.proc.terminate()
+    added.proc.wait(20)
+    wait_until(lambda: router_lists(sim_cluster) == _expected(sim_cluster), 10, "the router to drop the added worker")
+    wait_nothing_leaked(sim_cluster)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_500_streaming_clients(sim_cluster: LocalCluster) -> None:
+    router = start_router(sim_cluster, max_queued_requests=64)
+    try:
+        url = router.ready["http"]
+        wait_serves(url)
+        procs = {"router": router.proc.pid, "prefill": live(sim_cluster, "prefill")[0].proc.pid,
+                 **{c.name: c.proc.pid for c in live(sim_cluster, "decode")}}
+        marks: dict[str, dict[str, float]] = {}
+
+        def tick(elapsed_s: float) -> None:
+            if "early" not in marks and elapsed_s >= LOAD_S / 3:
+                marks["early"] = {name: _rss_mb(pid) for name, pid in procs.items()}
+
+        t0 = time.monotonic()
+        result = asyncio.run(run_load(url, sim_cluster.router["model"], LOAD_CLIENTS, LOAD_S, on_tick=tick))
+        marks["end"] = {name: _rss_mb(pid) for name, pid in procs.items()}
+        growth = {name: marks["end"][name] / marks["early"][name] - 1 for name in procs}
+        print(f"{LOAD_CLIENTS} clients, {time.monotonic() - t0:.0f} s: {dict(result.statuses)}; errors "
+              f"{dict(result.errors)}; admitted TTFT p50 {result.percentile(0.5):.2f} s, p99 "
+              f"{result.percentile(0.99):.2f} s; RSS growth {LOAD_S / 3:.0f} s -> end: "
+              + ", ".join(f"{k} {v * 100:+.1f}% ({marks['end'][k]:.0f} MB)" for k, v in growth.items()))
+        assert not result.errors and set(result.statuses) <= {200, 429}, result
+        assert result.statuses[200] > LOAD_CLIENTS and result.statuses[429] > 0
+        assert result.percentile(0.99) < 10.0
+        assert all(g <= 0.05 for g in growth.values()), growth
+        wait_nothing_leaked(sim_cluster, timeout_s=60)
+        seen_s = _new_router_lists_everyone(sim_cluster)
+        print(f"after the load: a new router saw every worker in {seen_s:.2f} s")
+    finally:
+        stop_router(router)
