@@ -303,18 +303,21 @@ class RequestFlow:
                     async for item in items:
                         yield item
                 return
-            except (grpc.aio.AioRpcError, WorkerHungError) as e:
+            except (grpc.aio.AioRpcError, WorkerFailedError) as e:
+                # WorkerFailedError: hung (the watchdog), gone from etcd between the plan and the
+                # call, or a stream ended without its usage
+                rpc = isinstance(e, grpc.aio.AioRpcError)
                 hung = isinstance(e, WorkerHungError)
-                if not hung and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if rpc and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequestError(e.details()) from None
-                if not hung and e.code() == grpc.StatusCode.CANCELLED:
+                if rpc and e.code() == grpc.StatusCode.CANCELLED:
                     raise
-                why = str(e) if hung else f"{e.code().name} {e.details()}"
+                why = f"{e.code().name} {e.details()}" if rpc else str(e)
                 self.decode.suspect(decision.worker_id, self._suspect_s if hung else None)
                 log.warning("request %s: decode worker %s failed: %s", call.request_id, decision.worker_id, why)
                 if call.streamed:
                     raise WorkerFailedError(f"decode worker {decision.worker_id} failed mid-stream: "
-                                            f"{'hung' if hung else e.code().name}") from None
+                                            f"{e.code().name if rpc else 'hung' if hung else e}") from None
             decision = None
 
     async def _call_decode_early(self, call: _Call) -> None:
@@ -378,7 +381,7 @@ class RequestFlow:
             stream.cancel()
 
     def _probe(self, pool: WorkerPool, worker: str) -> Callable[[], Awaitable[bool]]:
-        return lambda: pool.probe(worker, self.cfg.worker_probe_timeout_s)
+        return lambda: pool.probe(worker, self.cfg.worker_probe_timeout_s, pool.endpoint(worker))
 
     @property
     def _suspect_s(self) -> float:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -34,6 +35,7 @@ from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 log = logging.getLogger("tandem.router")
 _CLOSE_GRACE_S = 3600.0  # how long calls on a channel to a worker that left etcd may still run
 _SUSPECT_S = 5.0
+_LEFT_REMEMBERED = 1024  # endpoints of workers that left etcd, kept for the watchdog's probe
 _PER_WORKER = (PREFIX_HIT_RATE, WORKER_KV_USAGE, WORKER_WAITING, WORKER_RUNNING)
 
 
@@ -53,6 +55,7 @@ class WorkerPool:
         self.reported: dict[str, EngineLoad] = {}  # what the workers publish
         self.listeners: list[Callable[[WorkerEvent], None]] = []  # called on every membership change
         self._suspect: dict[str, float] = {}  # worker -> monotonic time until which it is skipped
+        self._left: OrderedDict[str, str] = OrderedDict()  # worker -> endpoint, of the last that left etcd
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -111,11 +114,22 @@ class WorkerPool:
         finally:
             ticket.close()
 
-    async def probe(self, worker_id: str, timeout_s: float) -> bool:
+    def endpoint(self, worker_id: str) -> str | None:
+        """Where the worker serves (or served, if it left etcd lately)."""
+        info = self.workers.get(worker_id)
+        return info.endpoint if info is not None else self._left.get(worker_id)
+
+    async def probe(self, worker_id: str, timeout_s: float, endpoint: str | None = None) -> bool:
         """Whether the worker answers ``Health`` within ``timeout_s`` (the hung-worker watchdog's
-        check, ``router.watchdog``)."""
+        check, ``router.watchdog``). A worker that has left etcd since its call began (a lease its
+        keep-alives could not renew in time under load, a drain) is asked at ``endpoint``, where
+        the call went: the question is whether the process answers, not whether it is registered."""
         try:
-            await self.stub(worker_id).Health(pb.HealthRequest(), timeout=timeout_s)
+            if endpoint is None or self.workers.get(worker_id) is not None:
+                await self.stub(worker_id).Health(pb.HealthRequest(), timeout=timeout_s)
+            else:
+                async with grpc.aio.insecure_channel(endpoint) as channel:
+                    await pb_grpc.WorkerServiceStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
         except (grpc.aio.AioRpcError, WorkerFailedError):
             return False
         return True
@@ -139,6 +153,10 @@ class WorkerPool:
                 # calls fail on their own): close the channel without cutting its calls short.
                 asyncio.get_running_loop().create_task(channel.close(grace=_CLOSE_GRACE_S))
         if event.kind is WorkerEventKind.REMOVED:
+            if event.info is not None:
+                self._left[event.worker_id] = event.info.endpoint
+                while len(self._left) > _LEFT_REMEMBERED:
+                    self._left.popitem(last=False)
             self.reported.pop(event.worker_id, None)
             self._suspect.pop(event.worker_id, None)
             entry = self.inflight.get(event.worker_id)

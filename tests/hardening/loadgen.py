@@ -22,6 +22,7 @@ class LoadResult:
     statuses: Counter = field(default_factory=Counter)
     ttft_s: list[float] = field(default_factory=list)  # admitted requests: send -> first data chunk
     errors: Counter = field(default_factory=Counter)  # anything but 200 / 429, by kind
+    error_messages: list[str] = field(default_factory=list)  # the first few SSE error events' messages
     num_tokens: int = 0
 
     def percentile(self, q: float) -> float:
@@ -55,7 +56,10 @@ async def _one(host: str, port: int, body: bytes, result: LoadResult) -> float:
                     result.ttft_s.append(time.monotonic() - t0)
                     first = False
                 if b'"error"' in line:
-                    result.errors["stream error"] += 1
+                    error = json.loads(line[6:]).get("error", {})
+                    result.errors[f"stream error {error.get('code')}"] += 1
+                    if len(result.error_messages) < 5:
+                        result.error_messages.append(str(error.get("message")))
                 result.num_tokens += 1
             elif line.startswith(b"data: [DONE]"):
                 return 0.0

@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from decode_worker.wire import check_handle
+from protocol.model_card import ModelCard
 from protocol.sampling import SamplingParams
 from router.admission import Admission, AdmissionLimits
 from router.auth import Auth, UnauthenticatedError
 from router.errors import OverloadedError, RequestError
 from router.request_params import MAX_SEQUENCES, MAX_STOP_STRINGS, to_sampling
 from router.watchdog import WorkerHungError, watched_call, watched_stream
+from router.worker_pool import WorkerPool
 from runtime.convert import sampling_from_pb, sampling_to_pb
+from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
+from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 
 # ---- sampling values vs the worker wire ---------------------------------------------------------
 
@@ -166,6 +171,39 @@ def test_watchdog_fails_a_silent_call_whose_worker_does_not_answer() -> None:
             yield 2
 
         assert [m async for m in watched_stream(short(), alive, 0.05, "w")] == [1, 2]
+
+    asyncio.run(scenario())
+
+
+def test_watchdog_asks_a_worker_that_left_etcd_at_its_endpoint() -> None:
+    """A worker that left etcd while a call to it ran (its lease starved under load, a drain) but
+    answers Health is not hung: the probe goes to the endpoint its call went to. Before, the
+    probe asked only registered workers, so every silent call to such a worker failed."""
+    class Alive(pb_grpc.WorkerServiceServicer):
+        async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+            return pb.HealthResponse(worker_id="d0")
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_WorkerServiceServicer_to_server(Alive(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        pool = WorkerPool(None, "decode")  # type: ignore[arg-type]  # no start(): fed by hand
+        try:
+            info = WorkerInfo("d0", "decode", f"127.0.0.1:{port}", ModelCard("m", 4096), 16)
+            pool.workers._workers = {"d0": info}
+            assert pool.endpoint("d0") == info.endpoint and await pool.probe("d0", 5.0, pool.endpoint("d0"))
+            pool.workers._workers = {}
+            pool._on_event(WorkerEvent(WorkerEventKind.REMOVED, "decode", "d0", info))
+            assert pool.endpoint("d0") == info.endpoint
+            assert await pool.probe("d0", 5.0, pool.endpoint("d0"))  # alive though gone from etcd
+            assert not await pool.probe("d0", 5.0, None)  # nowhere to ask
+            await server.stop(None)
+            assert not await pool.probe("d0", 1.0, pool.endpoint("d0"))  # the process answers no more
+        finally:
+            await server.stop(None)
+            for channel in pool._channels.values():
+                await channel.close()
 
     asyncio.run(scenario())
 

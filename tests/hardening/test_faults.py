@@ -7,7 +7,9 @@ prints how long recovery took. The stopped worker is continued at the end and mu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import random
 import struct
 import threading
 import time
@@ -26,7 +28,15 @@ from runtime.settings import ClusterConfig
 
 pytestmark = pytest.mark.timeout(180)
 HUNG_WITHIN_S = SILENCE_S + PROBE_TIMEOUT_S + 2.0  # + a loaded machine's slack
-LONG = list(range(100, 400))  # 300 tokens: prefilled on the prefill worker
+LONG = list(range(100, 400))  # 300 tokens: prefilled on the prefill worker (see _fresh)
+# Leading tokens no other test's prompt starts with (the cluster is shared: test_admission's
+# prompts start with LONG, and a decode worker holding most of a prompt's blocks prefills it itself).
+_NONCES = itertools.count(random.Random().randrange(40000, 48000))
+
+
+def _fresh(prompt: list[int]) -> list[int]:
+    """``prompt`` behind a token of its own: no worker holds any of its blocks."""
+    return [next(_NONCES), *prompt]
 
 
 def _failures(cluster: LocalCluster, role: str) -> float:
@@ -98,18 +108,30 @@ def test_decode_stopped_before_first_token_is_retried(sim_cluster: LocalCluster)
     wait_nothing_leaked(sim_cluster)
 
 
+def _prefilled_remotely(cluster: LocalCluster, prefill: Child) -> bool:
+    """Whether a prompt of fresh blocks now goes to the prefill worker (its prompt tokens grow)."""
+    before = load(prefill).num_prompt_tokens
+    status, _ = completion(cluster, prompt=_fresh(LONG), max_tokens=2)
+    return status == 200 and load(prefill).num_prompt_tokens > before
+
+
 def test_prefill_stopped_prefills_on_decode(sim_cluster: LocalCluster) -> None:
-    before = _failures(sim_cluster, "prefill")
     (victim,) = live(sim_cluster, "prefill")
+    # The prompt below is planned on the prefill worker (not skipped after an earlier test's fault).
+    wait_until(lambda: _prefilled_remotely(sim_cluster, victim), 15, "the router to route to the prefill worker")
+    before = _failures(sim_cluster, "prefill")
     with stopped(victim):
         t0 = time.monotonic()
-        status, body = completion(sim_cluster, prompt=[*LONG, 1], max_tokens=6)
+        status, body = completion(sim_cluster, prompt=_fresh(LONG), max_tokens=6)
         took = time.monotonic() - t0
     back_s = _back(sim_cluster, victim, time.monotonic())
     assert status == 200 and body["usage"]["completion_tokens"] == 6
-    assert _failures(sim_cluster, "prefill") == before + 1
+    assert _failures(sim_cluster, "prefill") == before + 1  # the hung prefill, failed over once
+    # Serving again: routed to once the router stops skipping it (up to its lease TTL + the silence).
+    wait_until(lambda: _prefilled_remotely(sim_cluster, victim), 15, "a prompt prefilled on the prefill worker again")
+    again_s = time.monotonic() - t0 - took
     print(f"prefill SIGSTOP: a normal answer in {took:.2f} s (prefilled on decode); listed again {back_s:.2f} s "
-          "after SIGCONT")
+          f"after SIGCONT; prefilling again {again_s:.2f} s after the answer")
     assert took < HUNG_WITHIN_S + 2
     wait_nothing_leaked(sim_cluster)
 
@@ -118,7 +140,9 @@ def test_hung_kv_transfer_recomputes(sim_cluster: LocalCluster) -> None:
     """The prefill worker's push of requests named ``hang-*`` starts only after 6 s (conftest's
     TANDEM_FAULT_PUSH): the decode worker gives up after ``kv_pull_timeout_s`` and recomputes;
     the prefill worker's pinned blocks are released when the late push ends."""
-    text = " ".join(str(t) for t in LONG).encode()
+    text = " ".join(str(t) for t in _fresh(LONG)).encode()  # ~1,200 byte tokens, none cached anywhere
+    (prefill,) = live(sim_cluster, "prefill")
+    wait_until(lambda: _prefilled_remotely(sim_cluster, prefill), 15, "the router to route to the prefill worker")
     req = kpb.ModelInferRequest(model_name=sim_cluster.router["model"], id=f"hang-{time.time_ns()}")
     req.inputs.append(kpb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1]))
     req.raw_input_contents.append(struct.pack("<I", len(text)) + text)

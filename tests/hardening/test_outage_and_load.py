@@ -119,7 +119,7 @@ def test_500_streaming_clients(sim_cluster: LocalCluster) -> None:
         marks["end"] = {name: _rss_mb(pid) for name, pid in procs.items()}
         growth = {name: marks["end"][name] / marks["early"][name] - 1 for name in procs}
         print(f"{LOAD_CLIENTS} clients, {time.monotonic() - t0:.0f} s: {dict(result.statuses)}; errors "
-              f"{dict(result.errors)}; admitted TTFT p50 {result.percentile(0.5):.2f} s, p99 "
+              f"{dict(result.errors)} {result.error_messages}; admitted TTFT p50 {result.percentile(0.5):.2f} s, p99 "
               f"{result.percentile(0.99):.2f} s; RSS growth {LOAD_S / 3:.0f} s -> end: "
               + ", ".join(f"{k} {v * 100:+.1f}% ({marks['end'][k]:.0f} MB)" for k, v in growth.items()))
         assert not result.errors and set(result.statuses) <= {200, 429}, result

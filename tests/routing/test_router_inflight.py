@@ -14,6 +14,7 @@ import grpc
 
 from protocol.model_card import ModelCard
 from protocol.sampling import SamplingParams
+from router.errors import WorkerFailedError
 from router.request_flow import RequestFlow
 from runtime.discovery import WorkerInfo
 from runtime.pb import tandem_worker_pb2 as pb
@@ -170,6 +171,34 @@ def test_decode_worker_is_called_before_the_first_token_goes_out() -> None:
         rest = [x async for x in stream]
         assert rest[0].token_ids == [8]
         assert sum(len(d.calls) for d in decodes.values()) == 1  # the early call is the one read
+        assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_a_decode_worker_gone_before_its_call_is_retried_elsewhere() -> None:
+    """The planned decode worker leaves etcd while the prompt prefills remotely (a drain, a lease
+    its keep-alives could not renew in time): nothing was streamed from it, so the request goes to
+    the other decode worker with the KV handle, as for any decode failure before the first token."""
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
+        await until(lambda: prefill.calls, "routed; waiting on the prefill worker")
+        (gone, _load), = counted(core).items()
+        (other,) = [w for w in decodes if w != gone]
+        del core.decode.workers._workers[gone]
+
+        def stub(w: str) -> FakeDecode:
+            if w == gone:
+                raise WorkerFailedError(f"decode worker {w} is gone")
+            return decodes[w]
+
+        core.decode.stub = stub  # type: ignore[method-assign]
+        decodes[other].gate.set()
+        prefill.release.set()
+        items = await task
+        assert [x.token_ids for x in items[:2]] == [[7], [8]] and len(items) == 3
+        assert not decodes[gone].calls and decodes[other].calls[0].HasField("kv_handle")
         assert counted(core) == {}
 
     asyncio.run(main())
