@@ -20,20 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hardening_lib import CONFIG
 
 from deploy.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-MODEL = "dummy:smollm2-135m"  # a synthetic tokenizer: no files, no weights (sim engine)
-LEASE_TTL_S = 2
-SILENCE_S = 1.0
-PROBE_TIMEOUT_S = 1.0
-CONFIG = dict(port=0, grpc_port=0, mode="disaggregated", engine="sim", model=MODEL, kv_cache_gib=0.25,
-              transport="tcp", lease_ttl_s=LEASE_TTL_S, metrics_interval_s=0.25, max_local_prefill_tokens=16,
-              worker_silence_s=SILENCE_S, worker_probe_timeout_s=PROBE_TIMEOUT_S, kv_pull_timeout_s=3.0,
-              kv_transfer_mode="push", worker_env=("TANDEM_FAULT_PUSH=^hang-=delay:6",))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,8 +19,19 @@ import grpc
 import pytest
 import tritonclient.grpc.service_pb2 as kpb
 import tritonclient.grpc.service_pb2_grpc as kpb_grpc
-from conftest import CONFIG, PROBE_TIMEOUT_S, SILENCE_S
-from hardening_lib import completion, get, live, load, router_lists, stopped, wait_nothing_leaked, wait_until
+from hardening_lib import (
+    CONFIG,
+    PROBE_TIMEOUT_S,
+    SILENCE_S,
+    completion,
+    get,
+    live,
+    load,
+    router_lists,
+    stopped,
+    wait_nothing_leaked,
+    wait_until,
+)
 
 from deploy.local_cluster import Child, LocalCluster
 from runtime.etcd import ControlPlane
