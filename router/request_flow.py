@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,7 +36,7 @@ from router.inflight import Ticket, inflight_to_pb, sum_peers
 from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
 from router.request_window import HANDOFFS
 from router.tier_index import TierIndex
-from router.watchdog import WorkerHungError, watched_call, watched_stream
+from router.watchdog import Patience, Watch, WorkerHungError, watched_call, watched_stream
 from router.worker_pool import WorkerPool
 from runtime import keys, trace
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
@@ -264,8 +264,7 @@ class RequestFlow:
         to_compute = len(call.prompt_ids) - decision.overlap_blocks * self.tiers["prefill"].block_size
         try:
             with self.prefill.track(worker, to_compute, len(call.prompt_ids)):
-                return await watched_call(self.prefill.stub(worker).Prefill(req), self._probe(self.prefill, worker),
-                                          self.cfg.worker_silence_s, f"prefill worker {worker}")
+                return await watched_call(self.prefill.stub(worker).Prefill(req), self._watch(self.prefill, worker))
         except asyncio.CancelledError:
             # The client left. The worker aborts the cancelled call, but its answer (a pinned
             # KV handle) may already be on the way: abort it there too rather than wait for its lease.
@@ -353,8 +352,7 @@ class RequestFlow:
             trace.mark(call.request_id, "r.decode_call")
             stream = self.decode.stub(worker).Generate(request)
         try:
-            messages = watched_stream(stream, self._probe(self.decode, worker), self.cfg.worker_silence_s,
-                                      f"decode worker {worker}")
+            messages = watched_stream(stream, self._watch(self.decode, worker))
             async with contextlib.aclosing(messages):
                 async for msg in messages:
                     if not call.streamed:
@@ -380,8 +378,10 @@ class RequestFlow:
         finally:
             stream.cancel()
 
-    def _probe(self, pool: WorkerPool, worker: str) -> Callable[[], Awaitable[bool]]:
-        return lambda: pool.probe(worker, self.cfg.worker_probe_timeout_s, pool.endpoint(worker))
+    def _watch(self, pool: WorkerPool, worker: str) -> Watch:
+        timeout_s = self.cfg.worker_probe_timeout_s
+        return Watch(lambda: pool.probe(worker, timeout_s, pool.endpoint(worker)), pool.liveness(worker),
+                     Patience(self.cfg.worker_silence_s, timeout_s), f"{pool.role} worker {worker}")
 
     @property
     def _suspect_s(self) -> float:

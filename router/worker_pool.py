@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from router.metrics import (
     WORKER_WAITING,
     WORKERS,
 )
+from router.watchdog import Liveness
 from runtime import keys
 from runtime.convert import load_from_pb
 from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo, WorkerSet
@@ -56,6 +58,7 @@ class WorkerPool:
         self.listeners: list[Callable[[WorkerEvent], None]] = []  # called on every membership change
         self._suspect: dict[str, float] = {}  # worker -> monotonic time until which it is skipped
         self._left: OrderedDict[str, str] = OrderedDict()  # worker -> endpoint, of the last that left etcd
+        self._liveness: dict[str, Liveness] = {}  # what the watchdog last heard from each worker
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -119,6 +122,13 @@ class WorkerPool:
         info = self.workers.get(worker_id)
         return info.endpoint if info is not None else self._left.get(worker_id)
 
+    def liveness(self, worker_id: str) -> Liveness:
+        """What was last heard from the worker (every watched call to it shares one)."""
+        live = self._liveness.get(worker_id)
+        if live is None:
+            live = self._liveness[worker_id] = Liveness()
+        return live
+
     async def probe(self, worker_id: str, timeout_s: float, endpoint: str | None = None) -> bool:
         """Whether the worker answers ``Health`` within ``timeout_s`` (the hung-worker watchdog's
         check, ``router.watchdog``). A worker that has left etcd since its call began (a lease its
@@ -156,7 +166,9 @@ class WorkerPool:
             if event.info is not None:
                 self._left[event.worker_id] = event.info.endpoint
                 while len(self._left) > _LEFT_REMEMBERED:
-                    self._left.popitem(last=False)
+                    forgotten, _ = self._left.popitem(last=False)
+                    if forgotten not in self.workers:
+                        self._liveness.pop(forgotten, None)
             self.reported.pop(event.worker_id, None)
             self._suspect.pop(event.worker_id, None)
             entry = self.inflight.get(event.worker_id)
@@ -172,11 +184,23 @@ class WorkerPool:
         for listener in self.listeners:
             listener(event)
 
+    def _hear_steps(self, loads: dict[str, pb.Load], polled_s: float) -> None:
+        """A worker whose published step count moved since the previous poll (begun at
+        ``polled_s``) published after that poll read: it was alive then (the watchdog's evidence)."""
+        for wid, new in loads.items():
+            old = self.reported.get(wid)
+            if old is not None and new.num_steps > old.num_steps:
+                self.liveness(wid).heard(polled_s)
+
     async def _poll_loads(self) -> None:
         prefix = keys.metrics_prefix(self.plane.namespace, self.role)
+        polled_s = -math.inf  # when the previous poll began
         while True:
+            now_s = time.monotonic()
             try:
                 loads = await self.plane.get_messages(prefix, pb.Load)
+                self._hear_steps(loads, polled_s)
+                polled_s = now_s
                 # The loads and their gauges change together (no await between): /metrics and the
                 # dashboard (router.dashboard reads ``reported``) show the same values.
                 self.reported = {wid: load_from_pb(m) for wid, m in loads.items()}

@@ -136,7 +136,8 @@ class ClusterConfig:
     tls_key_file: str | None = _field(None, "router: private key (PEM) of tls_cert_file")
     tls_client_ca_file: str | None = _field(None, "router: CA bundle clients' certificates must chain to (mTLS)")
     worker_silence_s: float = _field(
-        5.0, "a worker call silent this long is checked with a Health probe; a worker that fails it is failed over")
+        5.0, "a worker call silent this long (twice that mid-stream, at least 4x the worker's recent gaps), "
+        "its worker heard nowhere else, is checked with a Health probe; a worker that fails it is failed over")
     worker_probe_timeout_s: float = _field(2.0, "how long the hung-worker Health probe waits")
     # -- deployment (launchers: tandem deploy) --
     num_routers: int = _field(1, "deploy: router replicas")

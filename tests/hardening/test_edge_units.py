@@ -5,6 +5,8 @@ hung-worker watchdog's decisions, and the decode worker's check of a KV handle."
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import grpc
 import pytest
@@ -18,7 +20,17 @@ from router.admission import Admission, AdmissionLimits
 from router.auth import Auth, UnauthenticatedError
 from router.errors import OverloadedError, RequestError
 from router.request_params import MAX_SEQUENCES, MAX_STOP_STRINGS, to_sampling
-from router.watchdog import WorkerHungError, watched_call, watched_stream
+from router.watchdog import (
+    GAP_FACTOR,
+    GAP_HALF_LIFE_S,
+    STREAMED_FACTOR,
+    Liveness,
+    Patience,
+    Watch,
+    WorkerHungError,
+    watched_call,
+    watched_stream,
+)
 from router.worker_pool import WorkerPool
 from runtime.convert import sampling_from_pb, sampling_to_pb
 from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo
@@ -130,12 +142,17 @@ def test_api_keys_and_rate_limits() -> None:
 
 # ---- the watchdog -------------------------------------------------------------------------------
 
+def _watch(probe, silence_s: float = 0.05, liveness: Liveness | None = None) -> Watch:
+    return Watch(probe, liveness or Liveness(), Patience(silence_s, 0.05), "w")
+
+
 def test_watchdog_fails_a_silent_call_whose_worker_does_not_answer() -> None:
     async def scenario() -> None:
         probes: list[bool] = []
 
         async def dead() -> bool:
             probes.append(False)
+            await asyncio.sleep(0.05)  # its timeout
             return False
 
         async def alive() -> bool:
@@ -144,14 +161,14 @@ def test_watchdog_fails_a_silent_call_whose_worker_does_not_answer() -> None:
 
         hang: asyncio.Future = asyncio.get_running_loop().create_future()
         with pytest.raises(WorkerHungError):
-            await watched_call(hang, dead, 0.05, "w")
+            await watched_call(hang, _watch(dead))
         assert hang.cancelled() and probes == [False]
 
         async def slow() -> str:  # silent for 3 periods, but its worker answers Health
             await asyncio.sleep(0.17)
             return "ok"
 
-        assert await watched_call(slow(), alive, 0.05, "w") == "ok"
+        assert await watched_call(slow(), _watch(alive)) == "ok"
         assert probes.count(True) >= 2
 
         async def stream():  # two messages, then silence
@@ -160,19 +177,80 @@ def test_watchdog_fails_a_silent_call_whose_worker_does_not_answer() -> None:
             await asyncio.sleep(3600)
 
         got = []
+        t0 = time.monotonic()
         with pytest.raises(WorkerHungError):
-            async for msg in watched_stream(stream(), dead, 0.05, "w"):
+            async for msg in watched_stream(stream(), _watch(dead)):
                 got.append(msg)
         assert got == [1, 2]
+        # after a message: STREAMED_FACTOR x the silence, then the probe's timeout
+        assert 0.05 * STREAMED_FACTOR + 0.05 <= time.monotonic() - t0 < 2.0
 
         async def short():
             yield 1
             await asyncio.sleep(0.12)
             yield 2
 
-        assert [m async for m in watched_stream(short(), alive, 0.05, "w")] == [1, 2]
+        assert [m async for m in watched_stream(short(), _watch(alive))] == [1, 2]
 
     asyncio.run(scenario())
+
+
+def test_watchdog_keeps_a_slow_worker_that_is_alive() -> None:
+    """A worker slowed by a loaded machine, not hung: its Health answer comes too late, yet the
+    call's own answer comes while the probe waits, or the worker is heard on another call, or the
+    call is silent no longer than the worker's own recent gaps allow. Each of these calls failed
+    before (a fixed silence, then one probe whose timeout was the verdict)."""
+    async def scenario() -> None:
+        async def starved() -> bool:  # Health queued behind a long stall: no answer in time
+            await asyncio.sleep(0.05)
+            return False
+
+        async def answer_during_probe() -> str:  # silent 0.05 s, answers 0.03 s into the probe
+            await asyncio.sleep(0.08)
+            return "ok"
+
+        assert await watched_call(answer_during_probe(), _watch(starved)) == "ok"
+
+        live = Liveness()
+
+        async def heard_elsewhere() -> None:  # the worker's other calls keep getting messages
+            for _ in range(12):
+                await asyncio.sleep(0.02)
+                live.message(0.02)
+
+        async def slow_call() -> str:  # silent for 0.25 s (5 silences), its worker busy elsewhere
+            await asyncio.sleep(0.25)
+            return "ok"
+
+        other = asyncio.ensure_future(heard_elsewhere())
+        assert await watched_call(slow_call(), _watch(starved, liveness=live)) == "ok"
+        await other
+
+        async def bursty():  # gaps of 0.09 s, then one of 0.25 s: 5 silences, within 4 x its gaps
+            for pause in (0.0, 0.09, 0.09, 0.25):
+                await asyncio.sleep(pause)
+                yield pause
+
+        got = [m async for m in watched_stream(bursty(), _watch(starved))]
+        assert got == [0.0, 0.09, 0.09, 0.25]
+
+    asyncio.run(scenario())
+
+
+def test_liveness_remembers_the_longest_recent_gap() -> None:
+    live = Liveness()
+    assert live.gap_s(0.0) == 0.0 and live.last_heard_s == -math.inf
+    live.message(0.1, now_s=10.0)
+    live.message(2.0, now_s=12.0)
+    live.message(0.1, now_s=12.1)  # a short gap does not shorten the memory
+    assert live.gap_s(12.0) == 2.0 and live.last_heard_s == 12.1
+    assert live.gap_s(12.0 + GAP_HALF_LIFE_S) == pytest.approx(1.0)  # halved per half-life
+    live.heard(5.0)  # an older piece of evidence changes nothing
+    assert live.last_heard_s == 12.1
+    patience = Patience(silence_s=1.0, probe_timeout_s=2.0)
+    assert patience.silence_limit_s(False, 0.0) == 1.0
+    assert patience.silence_limit_s(True, 0.0) == STREAMED_FACTOR
+    assert patience.silence_limit_s(True, 2.0) == GAP_FACTOR * 2.0
 
 
 def test_watchdog_asks_a_worker_that_left_etcd_at_its_endpoint() -> None:

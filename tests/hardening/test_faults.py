@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
+import signal
 import struct
 import threading
 import time
@@ -34,11 +36,14 @@ from hardening_lib import (
 )
 
 from deploy.local_cluster import Child, LocalCluster
+from router.watchdog import STREAMED_FACTOR
 from runtime.etcd import ControlPlane
 from runtime.settings import ClusterConfig
 
 pytestmark = pytest.mark.timeout(180)
-HUNG_WITHIN_S = SILENCE_S + PROBE_TIMEOUT_S + 2.0  # + a loaded machine's slack
+# A stopped worker's stream ends within its silence limit (STREAMED_FACTOR x the silence once it has
+# streamed) and the probe's timeout; + a loaded machine's slack.
+HUNG_WITHIN_S = STREAMED_FACTOR * SILENCE_S + PROBE_TIMEOUT_S + 2.0
 LONG = list(range(100, 400))  # 300 tokens: prefilled on the prefill worker (see _fresh)
 # Leading tokens no other test's prompt starts with (the cluster is shared: test_admission's
 # prompts start with LONG, and a decode worker holding most of a prompt's blocks prefills it itself).
@@ -91,6 +96,59 @@ def test_decode_stopped_mid_stream_ends_the_stream_cleanly(sim_cluster: LocalClu
           f"5/5 later requests served while it was stopped ({stopped_for:.1f} s); listed again {back_s:.2f} s "
           "after SIGCONT")
     assert ended_s < HUNG_WITHIN_S
+    wait_nothing_leaked(sim_cluster)
+
+
+def _starve(child: Child, cycles: list[tuple[float, float]], done: threading.Event) -> None:
+    """Starve a process the way a loaded machine does, in bursts: stopped for ``stop_s``, then
+    running for ``run_s``, per cycle (it is alive and makes progress, slowly)."""
+    try:
+        for stop_s, run_s in cycles:
+            os.kill(child.proc.pid, signal.SIGSTOP)
+            time.sleep(stop_s)
+            os.kill(child.proc.pid, signal.SIGCONT)
+            time.sleep(run_s)
+    finally:
+        os.kill(child.proc.pid, signal.SIGCONT)
+        done.set()
+
+
+# Bursts of CPU: first stops of 0.9 s (the worker shows its gaps), then two of 3 s. Before, the
+# watchdog judged every worker against the fixed silence: a probe after 1 s, no answer within 1 s,
+# the stream failed at the first long stop. Now a stream's silence limit is at least 4x the
+# worker's recent longest gap (4 x 0.9 s, decaying to ~2.9 s by then), then the probe waits 1 s
+# and is answered after the 3 s: the worker is alive. A SIGSTOP that lasts is still found (above).
+STARVED = [(0.9, 0.3)] * 3 + [(3.0, 0.5)] * 2
+
+
+def test_decode_starved_not_stopped_keeps_streaming(sim_cluster: LocalCluster) -> None:
+    before = _failures(sim_cluster, "decode")
+    body = json.dumps({"model": sim_cluster.router["model"], "prompt": _fresh(LONG[:20]), "max_tokens": 3000,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{sim_cluster.http_url}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    done = threading.Event()
+    events: list[dict] = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        lines = (x for x in resp if x.startswith(b"data: {"))
+        events.append(json.loads(next(lines)[6:]))
+        (victim,) = [c for c in live(sim_cluster, "decode") if load(c).num_running]
+        starver = threading.Thread(target=_starve, args=(victim, STARVED, done))
+        starver.start()
+        t0 = time.monotonic()
+        after = 0
+        for line in lines:  # until 20 events after the starvation ends (the client then leaves)
+            events.append(json.loads(line[6:]))
+            after += done.is_set()
+            if "error" in events[-1] or after >= 20:
+                break
+        starver.join()
+    took = time.monotonic() - t0
+    errors = [e for e in events if "error" in e]
+    print(f"decode starved {len(STARVED)} times ({sum(s for s, _ in STARVED):.1f} s stopped): {len(events)} events "
+          f"in {took:.1f} s, errors {errors}")
+    assert not errors and after >= 20, errors
+    assert _failures(sim_cluster, "decode") == before  # not judged hung
     wait_nothing_leaked(sim_cluster)
 
 
