@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from decode_worker.wire import check_handle
+from protocol.load import EngineLoad
 from protocol.model_card import ModelCard
 from protocol.sampling import SamplingParams
 from router.admission import Admission, AdmissionLimits
@@ -251,6 +252,15 @@ def test_liveness_remembers_the_longest_recent_gap() -> None:
     assert patience.silence_limit_s(False, 0.0) == 1.0
     assert patience.silence_limit_s(True, 0.0) == STREAMED_FACTOR
     assert patience.silence_limit_s(True, 2.0) == GAP_FACTOR * 2.0
+
+
+def test_a_published_load_with_new_steps_is_heard() -> None:
+    """A worker whose step count moved between two polls of its load was alive after the first."""
+    pool = WorkerPool(None, "decode")  # type: ignore[arg-type]  # no start(): fed by hand
+    pool.reported = {"d0": EngineLoad(num_steps=5), "d1": EngineLoad(num_steps=7)}
+    pool._hear_steps({"d0": pb.Load(num_steps=9), "d1": pb.Load(num_steps=7)}, polled_s=100.0)
+    assert pool.liveness("d0").last_heard_s == 100.0
+    assert pool.liveness("d1").last_heard_s == -math.inf  # no new step: stopped, or idle
 
 
 def test_watchdog_asks_a_worker_that_left_etcd_at_its_endpoint() -> None:
