@@ -136,8 +136,9 @@ async def watched_call(call: Awaitable[T], watch: Watch) -> T:
     task = asyncio.ensure_future(call)
     try:
         await _until_done(task, watch, streamed=False)
-        watch.liveness.heard()
-        return task.result()
+        answer = task.result()
+        watch.liveness.heard()  # an answer, not a failed call (a dead channel fails too)
+        return answer
     finally:
         if not task.done():
             if hasattr(call, "cancel"):
