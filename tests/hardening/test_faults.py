@@ -131,7 +131,9 @@ def test_decode_starved_not_stopped_keeps_streaming(sim_cluster: LocalCluster) -
     events: list[dict] = []
     with urllib.request.urlopen(req, timeout=60) as resp:
         lines = (x for x in resp if x.startswith(b"data: {"))
-        events.append(json.loads(next(lines)[6:]))
+        events += [json.loads(next(lines)[6:]) for _ in range(6)]  # past the prefill worker's first token
+        wait_until(lambda: any(load(c).num_running for c in live(sim_cluster, "decode")), 10,
+                   "a decode worker to run it")
         (victim,) = [c for c in live(sim_cluster, "decode") if load(c).num_running]
         starver = threading.Thread(target=_starve, args=(victim, STARVED, done))
         starver.start()

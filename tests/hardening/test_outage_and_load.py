@@ -110,7 +110,10 @@ def test_500_streaming_clients(sim_cluster: LocalCluster) -> None:
                  **{c.name: c.proc.pid for c in live(sim_cluster, "decode")}}
         marks: dict[str, dict[str, float]] = {}
 
+        router_rss: list[int] = []
+
         def tick(elapsed_s: float) -> None:
+            router_rss.append(round(_rss_mb(procs["router"])))
             if "early" not in marks and elapsed_s >= LOAD_S / 3:
                 marks["early"] = {name: _rss_mb(pid) for name, pid in procs.items()}
 
@@ -122,6 +125,7 @@ def test_500_streaming_clients(sim_cluster: LocalCluster) -> None:
               f"{dict(result.errors)} {result.error_messages}; admitted TTFT p50 {result.percentile(0.5):.2f} s, p99 "
               f"{result.percentile(0.99):.2f} s; RSS growth {LOAD_S / 3:.0f} s -> end: "
               + ", ".join(f"{k} {v * 100:+.1f}% ({marks['end'][k]:.0f} MB)" for k, v in growth.items()))
+        print(f"router RSS (MB) each second: {router_rss}")
         assert not result.errors and set(result.statuses) <= {200, 429}, result
         assert result.statuses[200] > LOAD_CLIENTS and result.statuses[429] > 0
         assert result.percentile(0.99) < 10.0
