@@ -98,8 +98,10 @@ class _Call:
     first: pb.PrefillResponse | None = None  # the remote prefill's answer
     handle: pb.KVHandle | None = None  # held on a prefill worker until a decode worker has its blocks
     streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
-    # The planned decode worker's Generate, called before the first token went out to the client.
+    # The planned decode worker's Generate, called before the first token went out to the client
+    # (with the handle sent ahead: while the prompt still prefilled).
     early: grpc.aio.UnaryStreamCall | None = None
+    ahead: bool = False  # ``early`` carries a handle sent ahead
 
 
 def delta_from_pb(out: pb.SequenceOutput) -> Delta:
@@ -162,7 +164,11 @@ class RequestFlow:
         call.route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
         try:
             if plan.prefill is not None:
+                self._send_handle_ahead(call, plan.prefill.worker_id)
                 call.first = await self._prefill(call, plan.prefill)
+                if call.first is None and call.early is not None:  # P failed: D prefills, called anew
+                    call.early.cancel()
+                    call.early = None
             ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
             if call.first is not None:
                 call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
@@ -170,7 +176,9 @@ class RequestFlow:
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
-                if delta.finish_reason is None and call.handle is not None:
+                if call.early is not None and call.early.done():  # the handle sent ahead was refused
+                    call.early = None
+                if delta.finish_reason is None and call.handle is not None and call.early is None:
                     await self._call_decode_early(call)
                 trace.mark(request_id, "r.first_yield")
                 yield delta
@@ -262,6 +270,8 @@ class RequestFlow:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequestError(e.details()) from None
+            if call.early is not None:  # a push waiting there for this prefill gives up at once
+                asyncio.get_running_loop().create_task(self.prefill.abort(worker, call.request_id))
             self.prefill.suspect(worker)
             log.warning("request %s: prefill worker %s failed (%s); prefilling on the decode tier",
                         call.request_id, worker, e.code().name)
@@ -303,11 +313,29 @@ class RequestFlow:
                         f"decode worker {decision.worker_id} failed mid-stream: {e.code().name}") from None
             decision = None
 
+    def _send_handle_ahead(self, call: _Call, prefill_worker: str) -> None:
+        """Call the planned decode worker while the prompt prefills, with a handle sent ahead (the
+        prefill worker's address and transport, no blocks nor first token yet): it allocates the
+        blocks and asks the prefill worker to push into them as soon as the prefill ends, whose
+        answer brings it the first token. Not when the cluster pulls (that needs the blocks' ids)."""
+        info = self.prefill.members().get(prefill_worker)
+        if self.cfg.kv_transfer_mode == "pull" or info is None:
+            return
+        ahead = pb.KVHandle(request_id=call.request_id, worker_id=prefill_worker, worker_endpoint=info.endpoint,
+                            transport_metadata=info.transport_metadata, num_tokens=len(call.prompt_ids))
+        request = self._generate_request(call)
+        request.kv_handle.CopyFrom(ahead)
+        with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
+            call.early = self.decode.stub(call.plan.decode.worker_id).Generate(request)
+            call.ahead = True
+            trace.mark(call.request_id, "r.decode_call")
+
     async def _call_decode_early(self, call: _Call) -> None:
         """Call the planned decode worker before the first token goes out to the client: its KV
         handoff overlaps that token's way through this process. ``_stream`` reads the call."""
         with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
             call.early = self.decode.stub(call.plan.decode.worker_id).Generate(self._generate_request(call))
+            call.ahead = False
             trace.mark(call.request_id, "r.decode_call")
             await asyncio.sleep(0)  # the call's request goes out now, not after the first token's write
 
@@ -333,8 +361,31 @@ class RequestFlow:
         if stream is None or worker != call.plan.decode.worker_id:  # not called early, or a retry
             if stream is not None:
                 stream.cancel()
+            stream, call.ahead = None, False
+        if call.ahead:
+            call.ahead = False
+            try:
+                async with contextlib.aclosing(self._read(call, worker, stream)) as items:
+                    async for item in items:
+                        yield item
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.ABORTED or call.streamed:
+                    raise
+                # The handle sent ahead did not land (no room, a failed push, a refused prefill):
+                # nothing of it is left there; the same worker again, with the whole handle.
+                log.info("request %s: the handle sent ahead to %s did not land: %s", call.request_id, worker,
+                         e.details())
+                stream = None
+        if stream is None:
             trace.mark(call.request_id, "r.decode_call")
             stream = self.decode.stub(worker).Generate(request)
+        async with contextlib.aclosing(self._read(call, worker, stream)) as items:
+            async for item in items:
+                yield item
+
+    async def _read(self, call: _Call, worker: str, stream: grpc.aio.UnaryStreamCall
+                    ) -> AsyncIterator[Delta | Usage]:
         try:
             async for msg in stream:
                 if not call.streamed:
