@@ -102,7 +102,6 @@ class PrefillServicer(WorkerServicer):
     async def PushKV(self, request: pb.PushKVRequest, context: grpc.aio.ServicerContext) -> pb.PushKVResponse:
         """Write a held handle's blocks into the caller's, then release them (landed or not)."""
         rid = request.request_id
-        trace.mark(rid, "p.pushkv")
         if self.transport is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has no KV transport")
         if len(request.block_indices) != len(request.dst_block_ids) or request.timeout_ms <= 0:
@@ -110,6 +109,7 @@ class PrefillServicer(WorkerServicer):
                                 "block_indices and dst_block_ids must be parallel, timeout_ms positive")
         if request.wait_for_prefill and not await self.prefills.wait_ended(rid, request.timeout_ms / 1000):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no prefill of request {rid!r} arrived in time")
+        trace.mark(rid, "p.pushkv")
         blocks = self.held.take(rid)
         if blocks is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} holds no KV blocks here "
