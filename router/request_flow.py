@@ -176,8 +176,8 @@ class RequestFlow:
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
-                if call.early is not None and call.early.done():  # the handle sent ahead was refused
-                    call.early = None
+                if call.early is not None and call.early.done() and await call.early.code() != grpc.StatusCode.OK:
+                    call.early = None  # the handle sent ahead was refused (or the worker failed): call anew
                 if delta.finish_reason is None and call.handle is not None and call.early is None:
                     await self._call_decode_early(call)
                 trace.mark(request_id, "r.first_yield")
