@@ -1,8 +1,10 @@
 """The router's own in-flight accounting, without a cluster: a request counts on its decode
 worker from the routing decision on, including while its prompt prefills on the prefill tier,
 so that requests routed meanwhile see that worker busy; and it stops counting whatever way the
-request ends; and the decode worker is called before the first token goes out. Workers are
-fake stubs; the routing core is the real one."""
+request ends; and the decode worker is called before the first token goes out: with the handle
+sent ahead while the prompt prefills (and again with the whole handle when that one fails), or,
+when the cluster pulls, once the prefill answered. Workers are fake stubs; the routing core is
+the real one."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class FakePrefill:
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
         return pb.PrefillResponse(
-            handle=pb.KVHandle(request_id=req.request_id, worker_id="p0"),
+            handle=pb.KVHandle(request_id=req.request_id, worker_id="p0", first_token_ids=[7]),
             outputs=[pb.SequenceOutput(index=0, token_ids=[7])],
             usage=pb.Usage(num_prompt_tokens=len(req.prompt_token_ids), num_completion_tokens=1))
 
@@ -46,14 +48,23 @@ class FakePrefill:
 
 
 class FakeCall:
-    def __init__(self, gate: asyncio.Event) -> None:
+    """A Generate call; ``aborted``: it ends ABORTED before any output (a handle sent ahead that did not land)."""
+
+    def __init__(self, gate: asyncio.Event, aborted: bool = False) -> None:
         self.gate = gate
+        self.aborted = aborted
 
     def cancel(self) -> None:
         pass
 
+    def done(self) -> bool:
+        return False
+
     async def __aiter__(self):
         await self.gate.wait()
+        if self.aborted:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the handle sent ahead did not land")
         yield pb.GenerateResponse(outputs=[pb.SequenceOutput(index=0, token_ids=[8])])
         yield pb.GenerateResponse(usage=pb.Usage(num_prompt_tokens=PROMPT, num_completion_tokens=1))
 
@@ -62,14 +73,20 @@ class FakeDecode:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.calls: list[pb.GenerateRequest] = []
+        self.abort_ahead = False
 
     def Generate(self, req: pb.GenerateRequest) -> FakeCall:  # the gRPC method name
         self.calls.append(req)
-        return FakeCall(self.gate)
+        return FakeCall(self.gate, self.abort_ahead and not req.kv_handle.first_token_ids)
 
 
-def make_core() -> tuple[RequestFlow, FakePrefill, dict[str, FakeDecode]]:
-    cfg = ClusterConfig(mode="disaggregated", routing_policy="kv", kv_events=False, max_local_prefill_tokens=64)
+def sent_ahead(req: pb.GenerateRequest) -> bool:
+    return req.HasField("kv_handle") and not req.kv_handle.first_token_ids
+
+
+def make_core(kv_transfer_mode: str = "auto") -> tuple[RequestFlow, FakePrefill, dict[str, FakeDecode]]:
+    cfg = ClusterConfig(mode="disaggregated", routing_policy="kv", kv_events=False, max_local_prefill_tokens=64,
+                        kv_transfer_mode=kv_transfer_mode)
     core = RequestFlow(cfg, plane=None)  # type: ignore[arg-type]  (no I/O: workers set below)
     prefill, decodes = FakePrefill(), {"d0": FakeDecode(), "d1": FakeDecode()}
     for pool, ids in ((core.prefill, ["p0"]), (core.decode, list(decodes))):
@@ -103,8 +120,9 @@ def test_decode_worker_counts_a_request_while_its_prompt_prefills_remotely() -> 
         prompts = [list(range(1000 * i, 1000 * i + PROMPT)) for i in (1, 2)]
         first = asyncio.create_task(collect(core.generate("a", prompts[0], SamplingParams(max_tokens=2))))
         await until(lambda: len(prefill.calls) == 1, "a routed; waiting on the prefill worker")
-        (_worker, load), = counted(core).items()
+        (worker, load), = counted(core).items()
         assert load == (1, 0, PROMPT)  # one request, no prompt token to compute there, its KV to come
+        assert [sent_ahead(c) for c in decodes[worker].calls] == [True]  # called while the prompt prefills
         second = asyncio.create_task(collect(core.generate("b", prompts[1], SamplingParams(max_tokens=2))))
         await until(lambda: len(prefill.calls) == 2, "b routed; waiting on the prefill worker")
         # Costs 32 * 19 + 19 (the busy one) against 32 * 19: the second goes to the other worker.
@@ -130,10 +148,10 @@ def test_remote_prefill_failure_counts_the_prompt_on_the_decode_worker() -> None
         assert load == (1, 0, PROMPT)
         prefill.fail = True
         prefill.release.set()
-        await until(lambda: decodes[worker].calls, "the decode worker called after the failed prefill")
-        # The decode worker now computes the whole prompt itself.
+        await until(lambda: len(decodes[worker].calls) == 2, "the decode worker called after the failed prefill")
+        # The call sent ahead was given up; the decode worker now computes the whole prompt itself.
         assert counted(core) == {worker: (1, PROMPT, PROMPT)}
-        assert not decodes[worker].calls[0].HasField("kv_handle")
+        assert sent_ahead(decodes[worker].calls[0]) and not decodes[worker].calls[1].HasField("kv_handle")
         decodes[worker].gate.set()
         assert len(await task) == 2
         assert counted(core) == {}
@@ -165,11 +183,47 @@ def test_decode_worker_is_called_before_the_first_token_goes_out() -> None:
         first = await anext(stream)
         assert first.token_ids == [7]
         (called,) = [d for d in decodes.values() if d.calls]  # before we asked for a second item
-        assert called.calls[0].HasField("kv_handle")
+        assert sent_ahead(called.calls[0])
         called.gate.set()
         rest = [x async for x in stream]
         assert rest[0].token_ids == [8]
         assert sum(len(d.calls) for d in decodes.values()) == 1  # the early call is the one read
         assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_a_handle_sent_ahead_that_did_not_land_is_sent_again_whole_to_the_same_worker() -> None:
+    """The decode worker ends the call sent ahead with ABORTED (its push failed; it has no first
+    token to recompute from): the router calls it again with the whole handle, and the client
+    gets the prefill worker's first token once, then the rest."""
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        for d in decodes.values():
+            d.abort_ahead = True
+            d.gate.set()
+        prefill.release.set()
+        got = await collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2)))
+        assert [x.token_ids for x in got[:2]] == [[7], [8]] and len(got) == 3
+        (called,) = [d for d in decodes.values() if d.calls]
+        assert [sent_ahead(c) for c in called.calls] == [True, False]
+        assert list(called.calls[1].kv_handle.first_token_ids) == [7]  # the whole handle, from the prefill's answer
+        assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_a_cluster_that_pulls_sends_no_handle_ahead() -> None:
+    async def main() -> None:
+        core, prefill, decodes = make_core("pull")
+        for d in decodes.values():
+            d.gate.set()
+        task = asyncio.create_task(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))))
+        await until(lambda: prefill.calls, "routed; waiting on the prefill worker")
+        assert not any(d.calls for d in decodes.values())
+        prefill.release.set()
+        assert len(await task) == 3
+        (called,) = [d for d in decodes.values() if d.calls]
+        assert len(called.calls) == 1 and not sent_ahead(called.calls[0])
 
     asyncio.run(main())
