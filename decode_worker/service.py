@@ -42,7 +42,8 @@ class DecodeServicer(WorkerServicer):
         handle = request.kv_handle
         if request.HasField("kv_handle") and not handle.first_token_ids:  # sent ahead
             if sampling.n != 1 or not self.handoff.pushes(handle):
-                await context.abort(grpc.StatusCode.ABORTED, "a handle sent ahead is taken pushed only, for n = 1")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "a handle sent ahead is taken pushed only, for n = 1")
 
             async def fetch_ahead(indices: list[int], local: list[int]) -> Landing:
                 first = await self.handoff.fetch_ahead(handle, indices, local, stats)

@@ -45,6 +45,10 @@ from runtime.settings import ClusterConfig
 
 log = logging.getLogger("tandem.router")
 
+# How a decode worker ends a call with a handle sent ahead that it refused (it would pull from that
+# prefill worker) or that did not land, before any output: then it is called again with the whole handle.
+_AHEAD_FAILED = {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
+
 
 @dataclass
 class Delta:
@@ -130,6 +134,9 @@ class RequestFlow:
         self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s) for role in self.pools}
         self._turns = {"decode": 0, "prefill": 0}  # round_robin
         self._sharing: asyncio.Task | None = None
+        # (decode, prefill) worker pairs whose decode worker refused a handle sent ahead (it pulls
+        # from that prefill worker): they get the whole handle only.
+        self._no_ahead: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -177,6 +184,7 @@ class RequestFlow:
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
                 if call.early is not None and call.early.done() and await call.early.code() != grpc.StatusCode.OK:
+                    self._refused_ahead(call, await call.early.code())
                     call.early = None  # the handle sent ahead was refused (or the worker failed): call anew
                 if delta.finish_reason is None and call.handle is not None and call.early is None:
                     await self._call_decode_early(call)
@@ -319,7 +327,8 @@ class RequestFlow:
         blocks and asks the prefill worker to push into them as soon as the prefill ends, whose
         answer brings it the first token. Not when the cluster pulls (that needs the blocks' ids)."""
         info = self.prefill.members().get(prefill_worker)
-        if self.cfg.kv_transfer_mode == "pull" or info is None:
+        if self.cfg.kv_transfer_mode == "pull" or info is None or \
+                (call.plan.decode.worker_id, prefill_worker) in self._no_ahead:
             return
         ahead = pb.KVHandle(request_id=call.request_id, worker_id=prefill_worker, worker_endpoint=info.endpoint,
                             transport_metadata=info.transport_metadata, num_tokens=len(call.prompt_ids))
@@ -370,10 +379,11 @@ class RequestFlow:
                         yield item
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.ABORTED or call.streamed:
+                if e.code() not in _AHEAD_FAILED or call.streamed:
                     raise
-                # The handle sent ahead did not land (no room, a failed push, a refused prefill):
-                # nothing of it is left there; the same worker again, with the whole handle.
+                # The handle sent ahead was refused, or did not land (no room, a failed push, a
+                # failed prefill): nothing of it is left there; the same worker again, whole.
+                self._refused_ahead(call, e.code())
                 log.info("request %s: the handle sent ahead to %s did not land: %s", call.request_id, worker,
                          e.details())
                 stream = None
@@ -383,6 +393,10 @@ class RequestFlow:
         async with contextlib.aclosing(self._read(call, worker, stream)) as items:
             async for item in items:
                 yield item
+
+    def _refused_ahead(self, call: _Call, code: grpc.StatusCode) -> None:
+        if code == grpc.StatusCode.FAILED_PRECONDITION and call.plan.prefill is not None:  # it pulls from P
+            self._no_ahead.add((call.plan.decode.worker_id, call.plan.prefill.worker_id))
 
     async def _read(self, call: _Call, worker: str, stream: grpc.aio.UnaryStreamCall
                     ) -> AsyncIterator[Delta | Usage]:

@@ -50,7 +50,7 @@ class FakePrefill:
 class FakeCall:
     """A Generate call; ``aborted``: it ends ABORTED before any output (a handle sent ahead that did not land)."""
 
-    def __init__(self, gate: asyncio.Event, aborted: bool = False) -> None:
+    def __init__(self, gate: asyncio.Event, aborted: grpc.StatusCode | None = None) -> None:
         self.gate = gate
         self.aborted = aborted
 
@@ -62,9 +62,9 @@ class FakeCall:
 
     async def __aiter__(self):
         await self.gate.wait()
-        if self.aborted:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       "the handle sent ahead did not land")
+        if self.aborted is not None:
+            raise grpc.aio.AioRpcError(self.aborted, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the handle sent ahead did not land, or was refused")
         yield pb.GenerateResponse(outputs=[pb.SequenceOutput(index=0, token_ids=[8])])
         yield pb.GenerateResponse(usage=pb.Usage(num_prompt_tokens=PROMPT, num_completion_tokens=1))
 
@@ -73,11 +73,11 @@ class FakeDecode:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.calls: list[pb.GenerateRequest] = []
-        self.abort_ahead = False
+        self.ahead_ends: grpc.StatusCode | None = None  # how a call with a handle sent ahead ends
 
     def Generate(self, req: pb.GenerateRequest) -> FakeCall:  # the gRPC method name
         self.calls.append(req)
-        return FakeCall(self.gate, self.abort_ahead and not req.kv_handle.first_token_ids)
+        return FakeCall(self.gate, self.ahead_ends if sent_ahead(req) else None)
 
 
 def sent_ahead(req: pb.GenerateRequest) -> bool:
@@ -200,7 +200,7 @@ def test_a_handle_sent_ahead_that_did_not_land_is_sent_again_whole_to_the_same_w
     async def main() -> None:
         core, prefill, decodes = make_core()
         for d in decodes.values():
-            d.abort_ahead = True
+            d.ahead_ends = grpc.StatusCode.ABORTED
             d.gate.set()
         prefill.release.set()
         got = await collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2)))
@@ -225,5 +225,26 @@ def test_a_cluster_that_pulls_sends_no_handle_ahead() -> None:
         assert len(await task) == 3
         (called,) = [d for d in decodes.values() if d.calls]
         assert len(called.calls) == 1 and not sent_ahead(called.calls[0])
+
+    asyncio.run(main())
+
+
+def test_a_pair_whose_decode_worker_refused_a_handle_sent_ahead_gets_whole_handles_only() -> None:
+    """A decode worker that would pull from the prefill worker refuses the handle sent ahead
+    (FAILED_PRECONDITION): the request is served with the whole handle, and that pair is sent no
+    handle ahead again."""
+    async def main() -> None:
+        core, prefill, decodes = make_core()
+        for d in decodes.values():
+            d.ahead_ends = grpc.StatusCode.FAILED_PRECONDITION
+            d.gate.set()
+        prefill.release.set()
+        for i in range(4):
+            got = await collect(core.generate(f"r{i}", list(range(1000 * i, 1000 * i + PROMPT)),
+                                              SamplingParams(max_tokens=2)))
+            assert [x.token_ids for x in got[:2]] == [[7], [8]]
+        for d in decodes.values():
+            assert sum(sent_ahead(c) for c in d.calls) <= 1
+        assert sum(not sent_ahead(c) for d in decodes.values() for c in d.calls) == 4
 
     asyncio.run(main())
