@@ -23,7 +23,9 @@ SEGMENTS = (
     ("Generate call -> decode worker", "r.decode_call", "d.recv"),
     ("admit", "d.recv", "d.admitted"),
     ("admitted -> PushKV at P", "d.admitted", "p.pushkv"),
+    ("P's prefill answered -> push starts (ahead)", "p.ans", "p.pushkv"),
     ("push at P", "p.pushkv", "p.pushed"),
+    ("pushed -> landed at D", "p.pushed", "d.landed"),
     ("handoff (fetch -> landed)", "d.fetch", "d.landed"),
     ("landed -> engine has it", "d.landed", "d.ready"),
     ("engine has it -> first launch", "d.ready", "d.launch1"),
@@ -76,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, window in points:
         b = report[label] = breakdown(events, window)
         print(f"\n{label}: {b['num_requests']} requests handed off (ms)")
-        print(f"  {'segment':<40}{'p50':>8}{'p90':>8}{'mean':>8}")
+        print(f"  {'segment':<46}{'p50':>8}{'p90':>8}{'mean':>8}")
         for name, _, _ in SEGMENTS:
             if name in b:
                 s = b[name]
-                print(f"  {name:<40}{s['p50']:>8.2f}{s['p90']:>8.2f}{s['mean']:>8.2f}")
+                print(f"  {name:<46}{s['p50']:>8.2f}{s['p90']:>8.2f}{s['mean']:>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

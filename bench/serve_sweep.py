@@ -4,7 +4,8 @@ concurrency (``--concurrencies``), ``--osl`` output tokens, exact lengths, greed
 
 Per point: output tok/s, TTFT, ITL and first-to-second-token gap p50/p99 (client side), and for
 1P+1D the KV handoff time p50/p99 (the decode worker's ``tandem_kv_handoff_seconds`` histogram:
-transfer started to blocks landed, interpolated within its 25%-wide buckets) and recomputes. Each
+transfer started to blocks landed, or for a handle sent ahead the prefill worker's write;
+interpolated within its 25%-wide buckets) and recomputes. Each
 cluster starts once and serves every point; ``LLM.generate`` runs in this process after both
 clusters stopped, with ``max_num_seqs`` = the concurrency (its scheduler keeps that many in flight,
 as the clients do). Then the issue's targets, checked. JSON + PNG under ``--out``.

@@ -10,7 +10,13 @@ table; ``--kv-transfer-mode push|pull`` forces one):
 - pull: we read its blocks over our transport, then ``Unpin`` them there; its answer says
   whether it still held them throughout (if not, what we read may be another prompt's KV).
 
-Any failure recomputes the prompt here. A destination block is never handed back to the engine
+A handle sent ahead (the router calls us while the prompt still prefills on the prefill worker)
+is pushed only: ``fetch_ahead`` expects the transfer and calls ``PushKV`` with
+``wait_for_prefill`` at once, so the prefill worker writes the blocks as soon as its prefill ends;
+its answer brings the first token. Then a failure cannot recompute here (no first token): the
+request is aborted and the router calls again with the whole handle.
+
+Any other failure recomputes the prompt here. A destination block is never handed back to the engine
 while a writer may still write into it: after a failed push we wait for the prefill worker's
 answer (the write has ended), and when it cannot answer, for one more transfer timeout, unless
 its process is gone (its port refuses connections: no writer is left).
@@ -37,9 +43,11 @@ log = logging.getLogger("tandem.decode")
 FALLBACKS = mc.HANDOFF_FALLBACKS.create()
 HANDOFF_BLOCKS = mc.HANDOFF_BLOCKS.create()
 HANDOFF_SECONDS = mc.HANDOFF_SECONDS.create()
+AHEAD_LANDED = mc.HANDOFF_AHEAD_LANDED.create()
 
 _OWNER_MARGIN_S = 0.1  # the owner's push timeout ends this much before our own wait's deadline
 _RPC_GRACE_S = 1.0  # how long past the push timeout we wait for the owner's answer
+_AHEAD_EXPECT_S = 24 * 3600.0  # a push sent ahead: no deadline of ours (see _receive_push)
 _WRITER_DONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED, grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.FAILED_PRECONDITION}  # answers after which the owner writes nothing
 
@@ -85,6 +93,38 @@ class KVHandoff:
         HANDOFF_SECONDS.labels(mode).observe(stats.pull_ms / 1000)
         return True
 
+    def pushes(self, handle: pb.KVHandle) -> bool:
+        """Whether blocks from the handle's worker come pushed (a handle sent ahead needs that)."""
+        try:
+            return self._mode(handle) == "push"
+        except (TransferError, ValueError):
+            return False
+
+    async def fetch_ahead(self, handle: pb.KVHandle, indices: list[int], local: list[int],
+                          stats: pb.PullStats) -> int | None:
+        """For a handle sent ahead: have the prefill worker push the blocks at ``indices`` into
+        our ``local`` blocks as soon as its prefill ends; its first token once they landed, None
+        when anything failed (then nothing writes into ``local`` any more)."""
+        trace.mark(handle.request_id, "d.fetch")
+        stats.num_reused_blocks = -(-handle.num_tokens // self.block_size) - len(indices)
+        stats.pushed = True
+        try:
+            answer = await self._receive_push(handle, indices, local, wait_for_prefill=True)
+        except (TransferError, ValueError) as e:
+            log.info("request %s: the handle sent ahead did not land: %s", handle.request_id, e)
+            return None
+        if answer is None or not answer.first_token_ids:
+            log.warning("request %s: the prefill worker pushed without a first token", handle.request_id)
+            return None
+        trace.mark(handle.request_id, "d.landed")
+        # The wait included the prompt's prefill: the handoff is the write itself.
+        stats.pull_ms = answer.push_ms
+        stats.num_pulled_blocks = len(indices)
+        HANDOFF_BLOCKS.labels("push").inc(len(indices))
+        HANDOFF_SECONDS.labels("push").observe(answer.push_ms / 1000)
+        AHEAD_LANDED.inc()
+        return answer.first_token_ids[0]
+
     def _mode(self, handle: pb.KVHandle) -> str:
         if self.transport is None:
             raise TransferError("this worker has no KV transport")
@@ -103,24 +143,41 @@ class KVHandoff:
         if not await self._unpin(handle):
             raise TransferError("the prefill worker no longer held the blocks (lease ended, or aborted)")
 
-    async def _receive_push(self, handle: pb.KVHandle, indices: list[int], local: list[int]) -> None:
+    async def _receive_push(self, handle: pb.KVHandle, indices: list[int], local: list[int],
+                            wait_for_prefill: bool = False) -> pb.PushKVResponse | None:
+        """The push into ``local``; the owner's answer, always when it is needed (a handle sent
+        ahead: we wait for it even after the blocks landed), else None when they landed first."""
         assert self.transport is not None
-        transfer_id = self.transport.expect(local, timeout_s=self.timeout_s)
+        # Sent ahead, the push starts only when the prompt's prefill (and its queue) ends there:
+        # nothing bounds that but the prefill's own end, so our wait for the landing has no
+        # deadline of its own; the owner's write still gives up after timeout_ms once it starts,
+        # and its answer (or its failure) ends our wait.
+        expect_s = _AHEAD_EXPECT_S if wait_for_prefill else self.timeout_s
+        transfer_id = self.transport.expect(local, timeout_s=expect_s) if local else ""
         request = pb.PushKVRequest(request_id=handle.request_id, transport_metadata=self._metadata,
                                    transfer_id=transfer_id, block_indices=indices, dst_block_ids=local,
-                                   timeout_ms=max(self.timeout_s - _OWNER_MARGIN_S, 0.01) * 1000)
+                                   timeout_ms=max(self.timeout_s - _OWNER_MARGIN_S, 0.01) * 1000,
+                                   wait_for_prefill=wait_for_prefill)
         rpc = asyncio.ensure_future(self._stub(handle.worker_endpoint).PushKV(
-            request, timeout=self.timeout_s + _RPC_GRACE_S))
+            request, timeout=None if wait_for_prefill else self.timeout_s + _RPC_GRACE_S))
+        if not local:
+            try:
+                return await rpc
+            except grpc.aio.AioRpcError as e:
+                raise TransferError(f"the prefill worker did not answer: {_describe(e)}") from None
         landed = asyncio.ensure_future(self.transport.wait_async(transfer_id))
-        await asyncio.wait({rpc, landed}, return_when=asyncio.FIRST_COMPLETED)
-        if landed.done() and landed.exception() is None:
+        if wait_for_prefill:  # the answer brings the first token: wait for it whatever lands first
+            await asyncio.wait({rpc})
+        else:
+            await asyncio.wait({rpc, landed}, return_when=asyncio.FIRST_COMPLETED)
+        if landed.done() and landed.exception() is None and not rpc.done():
             self._later(rpc)  # the owner's answer is not needed any more
-            return
-        if not landed.done():  # the owner answered first
+            return None
+        if rpc.done():  # the owner answered
             error = rpc.exception()
             if error is None:
                 await landed  # the write ended; its notification is on its way (or it failed)
-                return
+                return rpc.result()
             self.transport.cancel(transfer_id)
             await asyncio.gather(landed, return_exceptions=True)
             await self._after_failed_push(handle.worker_endpoint, error)

@@ -14,10 +14,11 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from engine.llm_engine import LLMEngine
 from protocol.kv_events import KVEvent
@@ -33,6 +34,19 @@ _JOIN_POLL_S = 5e-4  # while waiting for landings, how often to look whether the
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class HandoffAbortedError(RuntimeError):
+    """A request admitted before its first token was known (a handle sent ahead) could not get
+    its KV and first token: it was aborted here, and nothing writes into its blocks any more."""
+
+
+@dataclass(frozen=True)
+class Landing:
+    """How a prefilled request's KV transfer ended (what ``generate_prefilled``'s fetch returns)."""
+
+    ok: bool  # the blocks landed; False: recompute the prompt here (or, without a first token, abort)
+    first_token: int | None = None  # the prefill worker's, for a request admitted without it
 
 
 class AsyncEngine:
@@ -53,6 +67,13 @@ class AsyncEngine:
         # Block tables of prefill-only requests whose blocks the engine kept (handed off), read
         # on the engine thread with their last output: taken by :meth:`take_handed_off`.
         self._handed_off: dict[str, list[int]] = {}
+        # Prefilled requests' transfers still running (they may write into the request's blocks):
+        # a new request of the same id waits for its predecessor's to end (its kv_ready first).
+        self._fetches: dict[str, asyncio.Task] = {}
+        # Admissions and waits for a launched step block a thread each: their own pools, so that
+        # neither waits behind the other nor behind anything else in asyncio's default pool.
+        self._admit_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-admit")
+        self._launched_pool = ThreadPoolExecutor(4, thread_name_prefix="engine-launched")
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -64,6 +85,8 @@ class AsyncEngine:
         self._commands.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self._admit_pool.shutdown(wait=False, cancel_futures=True)
+        self._launched_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- calls into the engine thread ------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
@@ -102,7 +125,7 @@ class AsyncEngine:
                 return fn(self.engine)
 
         try:
-            return await asyncio.to_thread(run)  # type: ignore[return-value]
+            return await asyncio.get_running_loop().run_in_executor(self._admit_pool, run)  # type: ignore[return-value]
         except asyncio.CancelledError:
             gave_up.set()  # before the caller's clean-up posts anything: the order the engine sees
             raise
@@ -123,6 +146,7 @@ class AsyncEngine:
         prefill_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early aborts the request."""
+        await self._after_fetch(request_id)
         stream = self._open(request_id)
         admitted = False
 
@@ -140,15 +164,22 @@ class AsyncEngine:
             yield out
 
     async def generate_prefilled(
-        self, request_id: str, prompt_ids: list[int], first_token: int, sampling: SamplingParams,
-        fetch: Callable[[list[int], list[int]], Any], priority: int = 0,
+        self, request_id: str, prompt_ids: list[int], first_token: int | None, sampling: SamplingParams,
+        fetch: Callable[[list[int], list[int]], Awaitable[Landing]], priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request whose prompt was prefilled elsewhere. ``fetch(block_indices,
-        local_block_ids)`` is awaited to fill the missing prompt blocks and returns whether it
-        succeeded; on failure the prompt is recomputed here. The engine keeps stepping its other
-        requests meanwhile; this one joins the batch at the first step after ``fetch`` returned.
-        ``fetch`` runs in its own task: when the caller goes away first, the blocks are freed
-        once it has ended (a transfer may write into them until then)."""
+        local_block_ids)`` is awaited to fill the missing prompt blocks and returns a
+        :class:`Landing`; on failure the prompt is recomputed here. The engine keeps stepping its
+        other requests meanwhile; this one joins the batch at the first step after ``fetch``
+        returned. ``fetch`` runs in its own task: when the caller goes away first, the blocks are
+        freed once it has ended (a transfer may write into them until then).
+
+        ``first_token`` None: the prompt is still prefilling elsewhere; ``fetch`` is awaited even
+        with no block to move, and its landing brings the first token. Without one (a failed
+        transfer), or with no room here, the request is aborted: :class:`HandoffAbortedError`
+        before any output, once nothing writes into its blocks any more. Its stream does not
+        repeat the first token either way."""
+        await self._after_fetch(request_id)
         stream = self._open(request_id)
         admitted = False
 
@@ -156,36 +187,56 @@ class AsyncEngine:
             nonlocal admitted
             indices = e.add_prefilled(request_id, prompt_ids, first_token, sampling, priority)
             admitted = True
+            if indices is None and first_token is None:
+                e.abort(request_id)  # no room, and nothing to recompute from: not even queued
+                return None, [], None
             table = e.block_table(request_id)
             return indices, table, e.launched_step_waiter([table[i] for i in indices or ()])
 
         try:
             indices, table, launched = await self.admit(add)
             trace.mark(request_id, "d.admitted")
+            if indices is None and first_token is None:
+                raise HandoffAbortedError(f"request {request_id!r}: no room for a handle sent ahead")
             if indices is not None:
-                task = asyncio.ensure_future(self._fetch(fetch, indices, [table[i] for i in indices], launched))
+                task = asyncio.ensure_future(self._fetch(fetch, indices, [table[i] for i in indices], launched,
+                                                         first_token is None))
+                self._fetches[request_id] = task
 
                 def ready(t: asyncio.Task) -> None:
-                    ok = not t.cancelled() and t.exception() is None and bool(t.result())
-                    self.post(lambda e: e.kv_ready(request_id, ok))
+                    if self._fetches.get(request_id) is t:
+                        del self._fetches[request_id]
+                    landing = t.result() if not t.cancelled() and t.exception() is None else Landing(False)
+                    if first_token is None and landing.first_token is None:  # nothing to recompute from
+                        self.post(lambda e: (e.abort(request_id), e.kv_ready(request_id, False)))
+                    else:
+                        self.post(lambda e: e.kv_ready(request_id, landing.ok, landing.first_token))
 
                 task.add_done_callback(ready)
-                await asyncio.shield(task)
+                landing = await asyncio.shield(task)
+                if first_token is None and landing.first_token is None:
+                    raise HandoffAbortedError(f"request {request_id!r}: the handle sent ahead did not land")
         except BaseException:
             self._give_up(request_id, lambda: admitted)
             raise
         async for out in self._drain(request_id, stream):
             yield out
 
-    @staticmethod
-    async def _fetch(fetch: Callable[[list[int], list[int]], Any], indices: list[int], local: list[int],
-                     launched: Callable[[], None] | None) -> bool:
+    async def _fetch(self, fetch: Callable[[list[int], list[int]], Awaitable[Landing]], indices: list[int],
+                     local: list[int], launched: Callable[[], None] | None, ahead: bool) -> Landing:
         # A block may have been freed by a request whose last step is still running on the
         # device: then the transfer starts once that step is done (waited for off the engine
         # thread); when the launched step touches none of the blocks, at once.
         if launched is not None:
-            await asyncio.to_thread(launched)
-        return bool(await fetch(indices, local)) if indices else True
+            await asyncio.get_running_loop().run_in_executor(self._launched_pool, launched)
+        return await fetch(indices, local) if indices or ahead else Landing(True)
+
+    async def _after_fetch(self, request_id: str) -> None:
+        """Wait until an earlier request of this id has no transfer running (the caller went away
+        and comes back with the same id: its first call's blocks are freed first)."""
+        task = self._fetches.get(request_id)
+        if task is not None:
+            await asyncio.wait({task})
 
     def take_handed_off(self, request_id: str) -> list[int]:
         """The block table of a prefill-only request whose last output (``finished``,

@@ -135,10 +135,12 @@ class LLMEngine:
         for i, r in enumerate(requests):
             self._tracked[r.request_id] = _Tracked(r, request_id, i)
 
-    def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int,
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int | None,
                       sampling: SamplingParams, priority: int = 0) -> list[int] | None:
         """Admit a request whose prompt was prefilled on another worker, which sampled
-        ``first_token``. Returns the indices of prompt blocks to transfer into
+        ``first_token`` (None: it is still prefilling there; :meth:`kv_ready` then brings the token,
+        and the caller never lets such a request recompute: no room here, or a failed transfer,
+        it aborts the request). Returns the indices of prompt blocks to transfer into
         :meth:`block_table` (then call :meth:`kv_ready`), or None when the prompt will be
         recomputed here instead. A transfer into those blocks must first wait for
         :meth:`launched_step_waiter` of them: a step launched before may still write into a block
@@ -149,14 +151,17 @@ class LLMEngine:
         if not 0 <= first_token < self.arch.vocab_size:
             raise ValueError(f"the first token {first_token} is not in [0, {self.arch.vocab_size})")
         request = Request(request_id, prompt_ids, sampling, self.eos_token_ids, self.max_model_len, priority)
-        request.append_token(first_token)
+        if first_token is not None:
+            request.append_token(first_token)
         self._groups[request_id] = [request_id]
         tracked = self._tracked[request_id] = _Tracked(request, request_id, 0)
         tracked.num_sent = 1  # the first token already went out from the prefill tier
         return self.scheduler.add_prefilled(request)
 
-    def kv_ready(self, request_id: str, ok: bool) -> None:
-        self.scheduler.kv_ready(request_id, ok)
+    def kv_ready(self, request_id: str, ok: bool, first_token: int | None = None) -> None:
+        """The transfer for :meth:`add_prefilled` ended (``first_token``: the prefill worker's, for
+        a request admitted without it)."""
+        self.scheduler.kv_ready(request_id, ok, first_token)
         if trace.enabled:
             trace.mark(request_id, "d.ready")
             self._traced.add(request_id)

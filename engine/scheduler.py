@@ -112,7 +112,9 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         bm = self.block_manager
         self.requests[request.request_id] = request
-        cached = bm.match_prefix(request.token_ids)
+        # Every whole prompt block may come from the cache (the first token, known or not, is the
+        # one left uncovered; its value does not matter to the match).
+        cached = bm.match_prefix([*request.prompt_token_ids, 0])
         num_prompt = request.num_prompt_tokens
         if len(self.running) >= self.config.max_num_seqs or bm.allocate(request.request_id, num_prompt, cached) is None:
             self.waiting.append(request)
@@ -123,16 +125,21 @@ class Scheduler:
         self.pulling[request.request_id] = request
         return list(range(len(cached), -(-num_prompt // bm.block_size)))
 
-    def kv_ready(self, request_id: str, ok: bool) -> None:
+    def kv_ready(self, request_id: str, ok: bool, first_token: int | None = None) -> None:
         """The pull for ``add_prefilled`` ended. On success the request decodes from its first
-        token; on failure it recomputes its prompt here. Blocks of a request aborted during the
-        pull are freed only now, when no transfer can write into them any more."""
+        token (``first_token`` when it was admitted without one); on failure it recomputes its
+        prompt here. Blocks of a request aborted during the pull are freed only now, when no
+        transfer can write into them any more."""
         request = self.pulling.pop(request_id, None)
         if request is None:
             return
         if request.is_finished:
             self.block_manager.free(request_id)
             return
+        if first_token is not None and not request.num_output_tokens:
+            request.append_token(first_token)
+        if not request.num_output_tokens:
+            raise ValueError(f"request {request_id!r} landed without its first token")
         if ok:
             request.num_computed_tokens = request.num_prompt_tokens
             self.block_manager.commit(request_id, request.token_ids, request.num_computed_tokens)

@@ -47,6 +47,10 @@ from runtime.settings import ClusterConfig
 
 log = logging.getLogger("tandem.router")
 
+# How a decode worker ends a call with a handle sent ahead that it refused (it would pull from that
+# prefill worker) or that did not land, before any output: then it is called again with the whole handle.
+_AHEAD_FAILED = {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
+
 
 @dataclass
 class Delta:
@@ -100,8 +104,10 @@ class _Call:
     first: pb.PrefillResponse | None = None  # the remote prefill's answer
     handle: pb.KVHandle | None = None  # held on a prefill worker until a decode worker has its blocks
     streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
-    # The planned decode worker's Generate, called before the first token went out to the client.
+    # The planned decode worker's Generate, called before the first token went out to the client
+    # (with the handle sent ahead: while the prompt still prefilled).
     early: grpc.aio.UnaryStreamCall | None = None
+    ahead: bool = False  # ``early`` carries a handle sent ahead
 
 
 def delta_from_pb(out: pb.SequenceOutput) -> Delta:
@@ -131,6 +137,9 @@ class RequestFlow:
         self._turns = {"decode": 0, "prefill": 0}  # round_robin
         self._sharing: asyncio.Task | None = None
         self.admission = Admission(AdmissionLimits(cfg.max_queued_requests, cfg.max_queued_tokens))
+        # (decode, prefill) worker pairs whose decode worker refused a handle sent ahead (it pulls
+        # from that prefill worker): they get the whole handle only.
+        self._no_ahead: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -168,7 +177,11 @@ class RequestFlow:
         call.route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
         try:
             if plan.prefill is not None:
+                self._send_handle_ahead(call, plan.prefill.worker_id)
                 call.first = await self._prefill(call, plan.prefill)
+                if call.first is None and call.early is not None:  # P failed: D prefills, called anew
+                    call.early.cancel()
+                    call.early = None
             ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
             if call.first is not None:
                 call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
@@ -176,7 +189,10 @@ class RequestFlow:
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
                 delta = delta_from_pb(call.first.outputs[0])
-                if delta.finish_reason is None and call.handle is not None:
+                if call.early is not None and call.early.done() and await call.early.code() != grpc.StatusCode.OK:
+                    self._refused_ahead(call, await call.early.code())
+                    call.early = None  # the handle sent ahead was refused (or the worker failed): call anew
+                if delta.finish_reason is None and call.handle is not None and call.early is None:
                     await self._call_decode_early(call)
                 trace.mark(request_id, "r.first_yield")
                 permit.release()
@@ -273,6 +289,8 @@ class RequestFlow:
         except (grpc.aio.AioRpcError, WorkerHungError) as e:
             if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequestError(e.details()) from None
+            if call.early is not None:  # a push waiting there for this prefill gives up at once
+                asyncio.get_running_loop().create_task(self.prefill.abort(worker, call.request_id))
             hung = isinstance(e, WorkerHungError)
             self.prefill.suspect(worker, self._suspect_s if hung else None)
             log.warning("request %s: prefill worker %s failed (%s); prefilling on the decode tier",
@@ -319,11 +337,30 @@ class RequestFlow:
                                             f"{e.code().name if rpc else 'hung' if hung else e}") from None
             decision = None
 
+    def _send_handle_ahead(self, call: _Call, prefill_worker: str) -> None:
+        """Call the planned decode worker while the prompt prefills, with a handle sent ahead (the
+        prefill worker's address and transport, no blocks nor first token yet): it allocates the
+        blocks and asks the prefill worker to push into them as soon as the prefill ends, whose
+        answer brings it the first token. Not when the cluster pulls (that needs the blocks' ids)."""
+        info = self.prefill.members().get(prefill_worker)
+        if self.cfg.kv_transfer_mode == "pull" or info is None or \
+                (call.plan.decode.worker_id, prefill_worker) in self._no_ahead:
+            return
+        ahead = pb.KVHandle(request_id=call.request_id, worker_id=prefill_worker, worker_endpoint=info.endpoint,
+                            transport_metadata=info.transport_metadata, num_tokens=len(call.prompt_ids))
+        request = self._generate_request(call)
+        request.kv_handle.CopyFrom(ahead)
+        with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
+            call.early = self.decode.stub(call.plan.decode.worker_id).Generate(request)
+            call.ahead = True
+            trace.mark(call.request_id, "r.decode_call")
+
     async def _call_decode_early(self, call: _Call) -> None:
         """Call the planned decode worker before the first token goes out to the client: its KV
         handoff overlaps that token's way through this process. ``_stream`` reads the call."""
         with contextlib.suppress(WorkerFailedError):  # gone: _decode finds out as before
             call.early = self.decode.stub(call.plan.decode.worker_id).Generate(self._generate_request(call))
+            call.ahead = False
             trace.mark(call.request_id, "r.decode_call")
             await asyncio.sleep(0)  # the call's request goes out now, not after the first token's write
 
@@ -349,8 +386,38 @@ class RequestFlow:
         if stream is None or worker != call.plan.decode.worker_id:  # not called early, or a retry
             if stream is not None:
                 stream.cancel()
+            stream, call.ahead = None, False
+        if call.ahead:
+            # Read (and so watched) only from here, once P's Prefill has answered: the call sent
+            # ahead is silent for the whole prefill by design, not hung.
+            call.ahead = False
+            try:
+                async with contextlib.aclosing(self._read(call, worker, stream)) as items:
+                    async for item in items:
+                        yield item
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _AHEAD_FAILED or call.streamed:
+                    raise
+                # The handle sent ahead was refused, or did not land (no room, a failed push, a
+                # failed prefill): nothing of it is left there; the same worker again, whole.
+                self._refused_ahead(call, e.code())
+                log.info("request %s: the handle sent ahead to %s did not land: %s", call.request_id, worker,
+                         e.details())
+                stream = None
+        if stream is None:
             trace.mark(call.request_id, "r.decode_call")
             stream = self.decode.stub(worker).Generate(request)
+        async with contextlib.aclosing(self._read(call, worker, stream)) as items:
+            async for item in items:
+                yield item
+
+    def _refused_ahead(self, call: _Call, code: grpc.StatusCode) -> None:
+        if code == grpc.StatusCode.FAILED_PRECONDITION and call.plan.prefill is not None:  # it pulls from P
+            self._no_ahead.add((call.plan.decode.worker_id, call.plan.prefill.worker_id))
+
+    async def _read(self, call: _Call, worker: str, stream: grpc.aio.UnaryStreamCall
+                    ) -> AsyncIterator[Delta | Usage]:
         try:
             messages = watched_stream(stream, self._watch(self.decode, worker))
             async with contextlib.aclosing(messages):

@@ -228,10 +228,13 @@ KV_TRANSFER_CONNECTS = _define(
 # ---- KV handoff: the decode worker's view of each request, the prefill worker's holds -----------------
 HANDOFF_FALLBACKS = _define("tandem_kv_pull_fallbacks_total", "counter",
                             "Requests whose KV transfer failed or was refused, recomputed locally", "decode")
+HANDOFF_AHEAD_LANDED = _define("tandem_kv_handoff_ahead_total", "counter",
+                               "Handles sent ahead (while the prompt prefilled) whose blocks landed", "decode")
 HANDOFF_BLOCKS = _define("tandem_kv_handoff_blocks_total", "counter", "Prompt blocks received from prefill workers",
                          "decode", ("mode",))
 HANDOFF_SECONDS = _define("tandem_kv_handoff_seconds", "histogram",
-                          "A request's KV handoff on the decode worker: transfer started to blocks landed", "decode",
+                          "A request's KV handoff on the decode worker: transfer started to blocks landed "
+                          "(a handle sent ahead: the prefill worker's write)", "decode",
                           ("mode",), "seconds", FINE_BUCKETS)
 HELD_RELEASES = _define("tandem_kv_held_releases_total", "counter", "KV holds ended on a prefill worker, by why",
                         "prefill", ("reason",))

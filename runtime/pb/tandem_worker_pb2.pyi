@@ -191,28 +191,32 @@ class GenerateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[SequenceOutput, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., pull: _Optional[_Union[PullStats, _Mapping]] = ...) -> None: ...
 
 class PushKVRequest(_message.Message):
-    __slots__ = ("request_id", "transport_metadata", "transfer_id", "block_indices", "dst_block_ids", "timeout_ms")
+    __slots__ = ("request_id", "transport_metadata", "transfer_id", "block_indices", "dst_block_ids", "timeout_ms", "wait_for_prefill")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transport_metadata: bytes
     transfer_id: str
     block_indices: _containers.RepeatedScalarFieldContainer[int]
     dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
     timeout_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
+    wait_for_prefill: bool
+    def __init__(self, request_id: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., block_indices: _Optional[_Iterable[int]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., timeout_ms: _Optional[float] = ..., wait_for_prefill: bool = ...) -> None: ...
 
 class PushKVResponse(_message.Message):
-    __slots__ = ("push_ms", "num_blocks")
+    __slots__ = ("push_ms", "num_blocks", "first_token_ids")
     PUSH_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     push_ms: float
     num_blocks: int
-    def __init__(self, push_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    first_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, push_ms: _Optional[float] = ..., num_blocks: _Optional[int] = ..., first_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UnpinRequest(_message.Message):
     __slots__ = ("request_id",)

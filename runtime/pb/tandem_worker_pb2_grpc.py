@@ -117,7 +117,8 @@ class WorkerServiceServicer(object):
     def PushKV(self, request, context):
         """Write a held handle's blocks into the caller's destination blocks over the KV transport,
         then release them (whether the write succeeded or not). NOT_FOUND: the blocks are no
-        longer held (unpinned, aborted, lease ended): the caller recomputes.
+        longer held (unpinned, aborted, lease ended): the caller recomputes. With
+        wait_for_prefill it may come before the prompt's prefill has ended (a handle sent ahead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

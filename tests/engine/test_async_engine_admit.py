@@ -12,7 +12,7 @@ import time
 
 from engine_testlib import make_tiny_llm
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, HandoffAbortedError, Landing
 from protocol.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -97,9 +97,9 @@ def test_prefilled_request_joins_the_step_after_the_running_one(tiny_llama_path:
     llm.runner.launch = timed_launch
     landed = asyncio.Event()
 
-    async def fetch(indices: list[int], local: list[int]) -> bool:
+    async def fetch(indices: list[int], local: list[int]) -> Landing:
         await landed.wait()
-        return True
+        return Landing(True)
 
     async def main() -> None:
         engine = AsyncEngine(llm)
@@ -146,11 +146,11 @@ def test_load_is_published_before_a_prefill_step_not_before_a_handoff_decode(tin
         return wrapped
 
     llm.runner.launch = record("launch", launch, lambda output, *_: {s.request.request_id for s in output.scheduled})
-    llm.kv_ready = record("ready", kv_ready, lambda rid, ok: rid)
+    llm.kv_ready = record("ready", kv_ready, lambda rid, *_: rid)
     llm.add_request = record("add", add_request, lambda rid, *_: rid)
 
-    async def landed(indices: list[int], local: list[int]) -> bool:
-        return True
+    async def landed(indices: list[int], local: list[int]) -> Landing:
+        return Landing(True)
 
     async def main() -> None:
         engine = AsyncEngine(llm)
@@ -172,3 +172,47 @@ def test_load_is_published_before_a_prefill_step_not_before_a_handoff_decode(tin
 
     assert ("publish", 0) in between(("add", "r2"), "r2")
     assert not [e for e in between(("ready", "r1"), "r1") if e[0] == "publish"]
+
+
+def test_a_request_admitted_before_its_first_token_decodes_from_the_landed_one(tiny_llama_path: str) -> None:
+    """A handle sent ahead: the request is admitted with no first token; the landing brings it, and
+    the outputs are those of a request admitted with it. A landing without one aborts the request
+    (no recompute: there is no first token to continue from), frees its blocks, and the same id
+    is served again at once."""
+    llm = make_tiny_llm(tiny_llama_path).engine
+    total = llm.load().num_free_blocks
+    fetched: list[list[int]] = []
+
+    async def lands_with_7(indices: list[int], local: list[int]) -> Landing:
+        fetched.append(indices)
+        return Landing(True, 7)
+
+    async def fails(indices: list[int], local: list[int]) -> Landing:
+        return Landing(False)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        try:
+            prompt = OTHER[:32]
+            known = engine.generate_prefilled("known", prompt, 7, GREEDY, lands_with_7)
+            want = [t async for out in known for t in out.new_token_ids]
+            ahead = engine.generate_prefilled("ahead", prompt, None, GREEDY, lands_with_7)
+            got = [t async for out in ahead for t in out.new_token_ids]
+            assert got == want and len(got) == GREEDY.max_tokens - 1  # the first token is not repeated
+            # 32 tokens, two whole blocks: cached by the first request, so none moved; the token still came
+            assert fetched == [[0, 1], []]
+            failed = engine.generate_prefilled("reused", PROMPT, None, GREEDY, fails)
+            try:
+                await anext(failed)
+                raise AssertionError("a landing without a first token must abort the request")
+            except HandoffAbortedError:
+                pass
+            again = [o async for o in engine.generate("reused", PROMPT, GREEDY)]
+            assert sum(len(o.new_token_ids) for o in again) == GREEDY.max_tokens
+            assert engine.load.num_running == 0
+        finally:
+            await engine.stop()
+        assert llm.load().num_free_blocks == total
+
+    asyncio.run(main())

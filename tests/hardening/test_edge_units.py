@@ -313,8 +313,18 @@ def _handle(**kw: object) -> pb.KVHandle:
     (_handle(worker_endpoint="nowhere"), "worker_endpoint"),
     (_handle(worker_endpoint="h:99999"), "worker_endpoint"),
     (_handle(request_id=""), "request_id"),
+    # sent ahead (no first token, no block ids): its other fields are checked the same
+    (_handle(first_token_ids=[], block_ids=[], num_tokens=39), "num_tokens"),
+    (_handle(first_token_ids=[], block_ids=[], worker_endpoint="nowhere"), "worker_endpoint"),
+    (_handle(first_token_ids=[], block_ids=[], request_id=""), "request_id"),
+    (_handle(block_ids=[]), "block ids"),  # a first token without blocks
 ])
 def test_malformed_kv_handles_are_refused(handle: pb.KVHandle, what: str) -> None:
     with pytest.raises(ValueError, match=what):
         check_handle(handle, 40, 16)
     check_handle(_handle(), 40, 16)
+
+
+def test_a_handle_sent_ahead_is_well_formed() -> None:
+    """The router's handle sent ahead while the prompt prefills: no block ids, no first token."""
+    check_handle(_handle(first_token_ids=[], block_ids=[]), 40, 16)

@@ -46,6 +46,7 @@ def _check_equal_to_aggregated(cluster: LocalCluster, agg: LocalCluster, transpo
     blocks0 = sample(mover, "tandem_kv_transfer_blocks_total", transport=transport)
     handoff0 = sample(decode, "tandem_kv_handoff_blocks_total", mode=mode)
     fallbacks0 = sample(decode, "tandem_kv_pull_fallbacks_total")
+    ahead0 = sample(decode, "tandem_kv_handoff_ahead_total")
 
     for prompt in short + long:
         got = greedy_completion(cluster, prompt)
@@ -59,6 +60,8 @@ def _check_equal_to_aggregated(cluster: LocalCluster, agg: LocalCluster, transpo
     assert moved > 0
     assert sample(decode, "tandem_kv_handoff_blocks_total", mode=mode) - handoff0 == moved
     assert sample(decode, "tandem_kv_pull_fallbacks_total") == fallbacks0
+    # pushed: the router sent each long prompt's handle ahead, and its blocks landed through it
+    assert sample(decode, "tandem_kv_handoff_ahead_total") - ahead0 == (len(long) if mode == "push" else 0)
     prefill = _metrics(cluster, "prefill")
     wait_until(lambda: sample(prefill, "tandem_worker_num_pinned_blocks") == 0, 30, "every hold released")
 

@@ -156,3 +156,60 @@ def test_a_push_from_a_gone_prefill_worker_recomputes_at_once() -> None:
                 servicer.transport.close()
 
     asyncio.run(main())
+
+
+def test_a_handle_sent_ahead_lands_or_ends_aborted_and_its_id_is_served_again() -> None:
+    """As the router sends it, while the prompt is not even at the prefill worker yet: the push
+    waits there for the prefill and lands, the output is aggregated's. One whose prefill is given
+    up (the router's Abort after a failed Prefill) ends ABORTED with nothing streamed, and the same
+    request id is then prefilled on the decode worker with the aggregated answer. So is one whose
+    caller cancelled the call sent ahead and came back with the same id at once (the router after a
+    failed Prefill): the new request waits until the old one's transfer has ended."""
+    async def main() -> None:
+        p_server, prefill, p_end = await _worker("prefill", PrefillServicer, "push")
+        d_server, decode, d_end = await _worker("decode", DecodeServicer, "push")
+        decode.handoff.timeout_s = 600.0  # a push waiting for a prefill that never arrives: only Abort ends it
+        try:
+            async with grpc.aio.insecure_channel(p_end) as pc, grpc.aio.insecure_channel(d_end) as dc:
+                p_stub, d_stub = pb_grpc.WorkerServiceStub(pc), pb_grpc.WorkerServiceStub(dc)
+                want, _ = await _generate(d_stub, "agg", None)
+                free = (await d_stub.Health(pb.HealthRequest(), timeout=10)).load.num_free_blocks
+                for rid in ("r1", "r2", "r3"):
+                    await decode.engine.call(lambda e: e.reset_prefix_cache())
+                    ahead = pb.KVHandle(request_id=rid, worker_id=prefill.identity.worker_id, worker_endpoint=p_end,
+                                        transport_metadata=prefill.transport.metadata(), num_tokens=len(PROMPT))
+                    decoding = asyncio.ensure_future(_generate(d_stub, rid, ahead))
+                    await asyncio.sleep(0.2)
+                    assert not decoding.done()  # its push waits on the prefill worker
+                    if rid == "r1":
+                        first = await p_stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT,
+                                                                       sampling=SAMPLING), timeout=30)
+                        rest, stats = await decoding
+                        assert list(first.outputs[0].token_ids) + rest == want
+                        assert stats is not None and stats.pushed and not stats.recomputed
+                        assert stats.num_pulled_blocks == 11
+                        continue
+                    if rid == "r2":
+                        await p_stub.Abort(pb.AbortRequest(request_id=rid), timeout=10)
+                        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+                            await decoding
+                        assert aborted.value.code() == grpc.StatusCode.ABORTED
+                        tokens, stats = await _generate(d_stub, rid, None)
+                    else:
+                        decoding.cancel()
+                        await asyncio.gather(decoding, return_exceptions=True)
+                        again = asyncio.ensure_future(_generate(d_stub, rid, None))
+                        await asyncio.sleep(0.2)
+                        assert not again.done()  # the push sent ahead may still write into its blocks
+                        await p_stub.Abort(pb.AbortRequest(request_id=rid), timeout=10)
+                        tokens, stats = await again
+                    assert tokens == want and stats is None
+                load = (await d_stub.Health(pb.HealthRequest(), timeout=10)).load
+                assert load.num_pulling == 0 and load.num_running == 0 and load.num_free_blocks == free
+        finally:
+            for server, servicer in ((p_server, prefill), (d_server, decode)):
+                await server.stop(None)
+                await servicer.engine.stop()
+                servicer.transport.close()
+
+    asyncio.run(main())
