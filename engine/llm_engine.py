@@ -148,7 +148,7 @@ class LLMEngine:
         if sampling.n != 1:
             raise ValueError("a prefilled request takes n = 1")
         prompt_ids = self._validate(request_id, prompt_ids, sampling)
-        if not 0 <= first_token < self.arch.vocab_size:
+        if first_token is not None and not 0 <= first_token < self.arch.vocab_size:  # None: sent ahead
             raise ValueError(f"the first token {first_token} is not in [0, {self.arch.vocab_size})")
         request = Request(request_id, prompt_ids, sampling, self.eos_token_ids, self.max_model_len, priority)
         if first_token is not None:
