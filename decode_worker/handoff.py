@@ -167,7 +167,17 @@ class KVHandoff:
                 raise TransferError(f"the prefill worker did not answer: {_describe(e)}") from None
         landed = asyncio.ensure_future(self.transport.wait_async(transfer_id))
         if wait_for_prefill:  # the answer brings the first token: wait for it whatever lands first
-            await asyncio.wait({rpc})
+            try:
+                await asyncio.wait({rpc})
+            except asyncio.CancelledError:
+                # Our caller gave the handle sent ahead up (the router's deadline past the prefill's
+                # answer, or its prefill worker failed over): stop asking, but the owner may still
+                # write into ``local``, so keep it from the engine as after a failed push.
+                rpc.cancel()
+                self.transport.cancel(transfer_id)
+                await asyncio.gather(rpc, landed, return_exceptions=True)
+                await self._after_failed_push(handle.worker_endpoint, TransferError("push given up"))
+                raise TransferError("the handle sent ahead was given up before its push answered") from None
         else:
             await asyncio.wait({rpc, landed}, return_when=asyncio.FIRST_COMPLETED)
         if landed.done() and landed.exception() is None and not rpc.done():

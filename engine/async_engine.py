@@ -178,10 +178,12 @@ class AsyncEngine:
         with no block to move, and its landing brings the first token. Without one (a failed
         transfer), or with no room here, the request is aborted: :class:`HandoffAbortedError`
         before any output, once nothing writes into its blocks any more. Its stream does not
-        repeat the first token either way."""
+        repeat the first token either way. A caller that goes away while it waits cancels
+        ``fetch`` (which must keep the blocks until no write can land in them, then return)."""
         await self._after_fetch(request_id)
         stream = self._open(request_id)
         admitted = False
+        task: asyncio.Task | None = None
 
         def add(e: LLMEngine) -> tuple[list[int] | None, list[int], Callable[[], None] | None]:
             nonlocal admitted
@@ -217,6 +219,11 @@ class AsyncEngine:
                 if first_token is None and landing.first_token is None:
                     raise HandoffAbortedError(f"request {request_id!r}: the handle sent ahead did not land")
         except BaseException:
+            if first_token is None and task is not None and not task.done():
+                # The caller gave up a handle sent ahead (the router's deadline, or its prefill
+                # worker failed over): stop waiting for the push. The fetch still keeps the blocks
+                # while a write may land in them, then ends, and a reused id proceeds.
+                task.cancel()
             self._give_up(request_id, lambda: admitted)
             raise
         async for out in self._drain(request_id, stream):

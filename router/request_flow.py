@@ -33,7 +33,7 @@ from router import auth, policy
 from router.admission import Admission, AdmissionLimits
 from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
 from router.inflight import Ticket, inflight_to_pb, sum_peers
-from router.metrics import DECISION_SECONDS, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
+from router.metrics import DECISION_SECONDS, KV_AHEAD_GIVEN_UP, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
 from router.request_window import HANDOFFS
 from router.tier_index import TierIndex
 from router.watchdog import Patience, Watch, WorkerHungError, watched_call, watched_stream
@@ -50,6 +50,10 @@ log = logging.getLogger("tandem.router")
 # How a decode worker ends a call with a handle sent ahead that it refused (it would pull from that
 # prefill worker) or that did not land, before any output: then it is called again with the whole handle.
 _AHEAD_FAILED = {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION}
+# Past the prefill's answer a call sent ahead has kv_pull_timeout_s (the bound a decode worker puts
+# on a whole handle's transfer) plus this for its first message (the push's answer, admission, one
+# step); then it is given up and the same worker is called with the whole handle.
+_AHEAD_FIRST_GRACE_S = 2.0
 
 
 @dataclass
@@ -390,12 +394,25 @@ class RequestFlow:
         if call.ahead:
             # Read (and so watched) only from here, once P's Prefill has answered: the call sent
             # ahead is silent for the whole prefill by design, not hung.
+            # Its first message must come within the bound D puts on a whole handle's transfer
+            # (plus a grace): D has no deadline of its own on it (the wait includes the prefill).
             call.ahead = False
+            deadline_s = self.cfg.kv_pull_timeout_s + _AHEAD_FIRST_GRACE_S
             try:
                 async with contextlib.aclosing(self._read(call, worker, stream)) as items:
-                    async for item in items:
-                        yield item
+                    first = await asyncio.wait_for(anext(items, None), deadline_s)
+                    if first is not None:
+                        yield first
+                        async for item in items:
+                            yield item
                 return
+            except TimeoutError:
+                # Given up (cancelled: D stops waiting for the push and keeps the blocks while P
+                # may still write into them); the whole handle recomputes if the push cannot land.
+                KV_AHEAD_GIVEN_UP.inc()
+                log.warning("request %s: the handle sent ahead to %s sent nothing %.1f s after the prefill; "
+                            "calling it with the whole handle", call.request_id, worker, deadline_s)
+                stream = None
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _AHEAD_FAILED or call.streamed:
                     raise

@@ -165,6 +165,10 @@ ROUTER_KV_OVERLAP_BLOCKS = _define(
     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 ROUTER_KV_INDEXED_BLOCKS = _define("tandem_router_kv_indexed_blocks", "gauge", "(worker, block) pairs in the KV index",
                                    "router", ("role",))
+ROUTER_KV_AHEAD_GIVEN_UP = _define("tandem_router_kv_ahead_given_up_total", "counter",
+                                   "Calls with a handle sent ahead that sent nothing within kv_pull_timeout_s (+ a "
+                                   "grace) of the prefill's answer: cancelled, the decode worker called again whole",
+                                   "router")
 # ---- planner: its last decision, read from etcd by the router ---------------------------------------
 PLANNER_DESIRED_WORKERS = _define("tandem_planner_desired_workers", "gauge",
                                   "The replicas the planner's last decision wants per tier (PlannerDecision)",

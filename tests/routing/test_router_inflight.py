@@ -16,6 +16,7 @@ import grpc
 
 from protocol.model_card import ModelCard
 from protocol.sampling import SamplingParams
+from router import request_flow
 from router.errors import WorkerFailedError
 from router.request_flow import RequestFlow
 from runtime.discovery import WorkerInfo
@@ -57,9 +58,10 @@ class FakeCall:
     def __init__(self, gate: asyncio.Event, aborted: grpc.StatusCode | None = None) -> None:
         self.gate = gate
         self.aborted = aborted
+        self.cancelled = False
 
     def cancel(self) -> None:
-        pass
+        self.cancelled = True
 
     def done(self) -> bool:
         return False
@@ -78,10 +80,14 @@ class FakeDecode:
         self.gate = asyncio.Event()
         self.calls: list[pb.GenerateRequest] = []
         self.ahead_ends: grpc.StatusCode | None = None  # how a call with a handle sent ahead ends
+        self.ahead_hangs = False  # a call with a handle sent ahead never sends anything (its push hangs)
+        self.streams: list[FakeCall] = []
 
     def Generate(self, req: pb.GenerateRequest) -> FakeCall:  # the gRPC method name
         self.calls.append(req)
-        return FakeCall(self.gate, self.ahead_ends if sent_ahead(req) else None)
+        gate = asyncio.Event() if self.ahead_hangs and sent_ahead(req) else self.gate
+        self.streams.append(FakeCall(gate, self.ahead_ends if sent_ahead(req) else None))
+        return self.streams[-1]
 
     async def Health(self, req: pb.HealthRequest, timeout: float) -> pb.HealthResponse:  # the watchdog's probe
         await asyncio.sleep(timeout)  # never in time: only the call itself shows the worker alive
@@ -247,6 +253,33 @@ def test_a_handle_sent_ahead_that_did_not_land_is_sent_again_whole_to_the_same_w
         (called,) = [d for d in decodes.values() if d.calls]
         assert [sent_ahead(c) for c in called.calls] == [True, False]
         assert list(called.calls[1].kv_handle.first_token_ids) == [7]  # the whole handle, from the prefill's answer
+        assert counted(core) == {}
+
+    asyncio.run(main())
+
+
+def test_a_handle_sent_ahead_silent_past_the_transfer_timeout_is_given_up_and_sent_again_whole(monkeypatch) -> None:
+    """The prefill answered but the call sent ahead sends nothing (its push hangs; the decode
+    worker, which has no deadline on it, stays alive): past kv_pull_timeout_s plus a grace from
+    the prefill's answer the router cancels it and calls the same worker with the whole handle
+    (which recomputes from the prefill's first token if the push cannot land)."""
+    monkeypatch.setattr(request_flow, "_AHEAD_FIRST_GRACE_S", 0.05)
+
+    async def main() -> None:
+        core, prefill, decodes = make_core(kv_pull_timeout_s=0.2, worker_silence_s=60.0)
+        for d in decodes.values():
+            d.ahead_hangs = True
+            d.gate.set()
+        prefill.release.set()
+        given_up = request_flow.KV_AHEAD_GIVEN_UP._value.get()
+        got = await asyncio.wait_for(collect(core.generate("a", list(range(PROMPT)), SamplingParams(max_tokens=2))),
+                                     20)
+        assert [x.token_ids for x in got[:2]] == [[7], [8]] and len(got) == 3
+        (called,) = [d for d in decodes.values() if d.calls]
+        assert [sent_ahead(c) for c in called.calls] == [True, False]
+        assert list(called.calls[1].kv_handle.first_token_ids) == [7]  # the whole handle
+        assert called.streams[0].cancelled  # the decode worker gives up its push
+        assert request_flow.KV_AHEAD_GIVEN_UP._value.get() == given_up + 1
         assert counted(core) == {}
 
     asyncio.run(main())

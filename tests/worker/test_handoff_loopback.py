@@ -164,7 +164,8 @@ def test_a_handle_sent_ahead_lands_or_ends_aborted_and_its_id_is_served_again() 
     up (the router's Abort after a failed Prefill) ends ABORTED with nothing streamed, and the same
     request id is then prefilled on the decode worker with the aggregated answer. So is one whose
     caller cancelled the call sent ahead and came back with the same id at once (the router after a
-    failed Prefill): the new request waits until the old one's transfer has ended."""
+    failed Prefill): the new request waits until the old one's transfer has ended (its push given
+    up, its blocks kept one transfer timeout)."""
     async def main() -> None:
         p_server, prefill, p_end = await _worker("prefill", PrefillServicer, "push")
         d_server, decode, d_end = await _worker("decode", DecodeServicer, "push")
@@ -196,6 +197,7 @@ def test_a_handle_sent_ahead_lands_or_ends_aborted_and_its_id_is_served_again() 
                         assert aborted.value.code() == grpc.StatusCode.ABORTED
                         tokens, stats = await _generate(d_stub, rid, None)
                     else:
+                        decode.handoff.timeout_s = 1.0  # how long the given-up push's blocks are kept
                         decoding.cancel()
                         await asyncio.gather(decoding, return_exceptions=True)
                         again = asyncio.ensure_future(_generate(d_stub, rid, None))
@@ -211,5 +213,49 @@ def test_a_handle_sent_ahead_lands_or_ends_aborted_and_its_id_is_served_again() 
                 await server.stop(None)
                 await servicer.engine.stop()
                 servicer.transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_call_sent_ahead_given_up_stops_its_push_and_frees_its_id_after_one_transfer_timeout() -> None:
+    """The prefill worker never answers the push sent ahead (here an endpoint that accepts
+    connections and says nothing: a stopped process, or a prefill that never ends). The caller
+    cancels the call (the router's deadline past the prefill's answer, or its failover): the decode
+    worker gives the push up, keeps the blocks one transfer timeout (a write may still land in
+    them), then frees them, and the same request id is served (without the cancel of the push it
+    would wait for that answer for ever)."""
+    async def main() -> None:
+        held: list[asyncio.StreamWriter] = []  # its connections stay open
+        silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # accepts, never answers
+        silent_end = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+        d_server, decode, d_end = await _worker("decode", DecodeServicer, "push")
+        decode.handoff.timeout_s = 1.0
+        try:
+            async with grpc.aio.insecure_channel(d_end) as dc:
+                d_stub = pb_grpc.WorkerServiceStub(dc)
+                want, _ = await _generate(d_stub, "agg", None)
+                free = (await d_stub.Health(pb.HealthRequest(), timeout=10)).load.num_free_blocks
+                await decode.engine.call(lambda e: e.reset_prefix_cache())
+                ahead = pb.KVHandle(request_id="r1", worker_id="p-silent", worker_endpoint=silent_end,
+                                    transport_metadata=decode.transport.metadata(), num_tokens=len(PROMPT))
+                decoding = asyncio.ensure_future(_generate(d_stub, "r1", ahead))
+                await asyncio.sleep(0.3)
+                assert not decoding.done()  # its push waits on the silent prefill worker
+                decoding.cancel()
+                await asyncio.gather(decoding, return_exceptions=True)
+                t0 = time.monotonic()
+                again = asyncio.ensure_future(_generate(d_stub, "r1", None))
+                await asyncio.sleep(0.3)
+                assert not again.done()  # the blocks are kept: a write of the given-up push may land
+                tokens, stats = await asyncio.wait_for(again, 10)  # ~1 s; unfixed: > 20 s (gRPC stops connecting)
+                assert tokens == want and stats is None
+                assert time.monotonic() - t0 >= 0.5  # waited for the hold (1 s; a generous margin below)
+                load = (await d_stub.Health(pb.HealthRequest(), timeout=10)).load
+                assert load.num_pulling == 0 and load.num_running == 0 and load.num_free_blocks == free
+        finally:
+            await d_server.stop(None)
+            await decode.engine.stop()
+            decode.transport.close()
+            silent.close()
 
     asyncio.run(main())
