@@ -173,10 +173,12 @@ class KVHandoff:
                 # Our caller gave the handle sent ahead up (the router's deadline past the prefill's
                 # answer, or its prefill worker failed over): stop asking, but the owner may still
                 # write into ``local``, so keep it from the engine as after a failed push.
+                written = landed.done() and not landed.cancelled() and landed.exception() is None
                 rpc.cancel()
                 self.transport.cancel(transfer_id)
                 await asyncio.gather(rpc, landed, return_exceptions=True)
-                await self._after_failed_push(handle.worker_endpoint, TransferError("push given up"))
+                if not written:  # landed: the write is over, nothing more can land
+                    await self._after_failed_push(handle.worker_endpoint, TransferError("push given up"))
                 raise TransferError("the handle sent ahead was given up before its push answered") from None
         else:
             await asyncio.wait({rpc, landed}, return_when=asyncio.FIRST_COMPLETED)
