@@ -88,7 +88,7 @@ class GGUFFile:
             rows_cols = tuple(reversed(t.dims))
             data = quants.dequantize(_tensor_data(raw, t), t.ggml_type)
             data = np.asarray(data, dtype=np.float32).reshape(rows_cols)
-            name = self._hf_name(t.name)
+            name = self.hf_name(t.name)
             if permuted and name.endswith("self_attn.q_proj.weight"):
                 data = _unpermute(data, arch.num_heads)
             elif permuted and name.endswith("self_attn.k_proj.weight"):
@@ -96,7 +96,7 @@ class GGUFFile:
             yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
 
     @staticmethod
-    def _hf_name(name: str) -> str:
+    def hf_name(name: str) -> str:
         if name in _GLOBAL_NAMES:
             return _GLOBAL_NAMES[name]
         parts = name.split(".")

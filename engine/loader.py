@@ -145,9 +145,10 @@ def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progr
     else:
         assert path is not None
         if fmt == "gguf":
+            from engine import weight_cache
             from engine.gguf_file import GGUFFile
 
-            weights = GGUFFile(path).iter_weights()
+            weights = weight_cache.iter_weights(GGUFFile(path))
             total = GGUFFile(path).num_tensors
         else:
             weights = iter_safetensors(path)
