@@ -5,8 +5,9 @@ Dequantizing the default model takes one to two seconds of CPU in every worker's
 the cached file is a memory map. The file's name is a digest of the GGUF's bytes, of this
 conversion's code (``engine/gguf_file.py``) and of the ``gguf`` package's version, so an edited
 model or conversion never reads a stale file. A start that misses converts as before and writes
-the file (one writer at a time, by a file lock; the others do not wait for it). A cache that cannot
-be written (read-only home, full disk) is skipped with a warning: it only saves time.
+the file, one writer at a time (a file lock): a start that finds the lock taken only converts,
+without holding every tensor for a write. A cache that cannot be written (read-only home, full
+disk) is skipped with a warning: it only saves time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -61,30 +63,45 @@ def iter_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
             for t in gguf.header.tensors:
                 yield GGUFFile.hf_name(t.name), f.get_tensor(GGUFFile.hf_name(t.name))
         return
-    weights = dict(gguf.iter_weights())
-    yield from weights.items()
-    _write(path, weights)
+    writer = _writer_lock(path.parent)
+    if writer is None:  # another process writes the file (or none can): convert as before
+        yield from gguf.iter_weights()
+        return
+    with writer:
+        weights = {}
+        for name, tensor in gguf.iter_weights():
+            weights[name] = tensor
+            yield name, tensor
+        if not path.exists():
+            _write(path, weights)
+
+
+def _writer_lock(directory: Path) -> IO[str] | None:
+    """The cache directory's writer lock, taken (closing the file releases it); None when another
+    process holds it or the directory cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / ".lock", "w")  # noqa: SIM115 (the caller closes it)
+    except OSError as e:
+        log.warning("cannot cache the dequantized weights in %s: %s", directory, e)
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
 
 
 def _write(path: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another process is writing it
-            if path.exists():
-                return
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                save_file(weights, str(tmp))
-                os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        save_file(weights, str(tmp))
+        os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
     except OSError as e:
         log.warning("could not cache the dequantized weights in %s: %s", path.parent, e)
-
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,7 +1,7 @@
 """The disk cache of dequantized GGUF weights (``engine.weight_cache``): a start that misses
 converts and writes the file; the next one reads it, without dequantizing, and gets the same
 tensors bit for bit; another model file or another conversion code is another file; with
-``TANDEM_WEIGHT_CACHE=0`` nothing is written."""
+``TANDEM_WEIGHT_CACHE=0``, or while another process holds the writer's lock, nothing is written."""
 
 from __future__ import annotations
 
@@ -56,7 +56,17 @@ def test_the_key_follows_the_file_and_the_conversion(smollm_path: Path, cache_di
     assert weight_cache.cache_path(gguf) != key
 
 
-def test_off_writes_nothing(smollm_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_written_when_off_or_another_process_writes(smollm_path: Path, cache_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    gguf = GGUFFile(smollm_path)
     monkeypatch.setenv("TANDEM_WEIGHT_CACHE", "0")
-    assert sum(1 for _ in weight_cache.iter_weights(GGUFFile(smollm_path))) == 272
+    assert sum(1 for _ in weight_cache.iter_weights(gguf)) == 272
     assert not cache_dir.exists()
+    monkeypatch.delenv("TANDEM_WEIGHT_CACHE")
+    cache_dir.mkdir(parents=True)
+    with open(cache_dir / ".lock", "w") as lock:  # another process is writing the file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert sum(1 for _ in weight_cache.iter_weights(gguf)) == 272
+    assert not weight_cache.cache_path(gguf).exists()
