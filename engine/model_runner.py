@@ -10,6 +10,9 @@ in-flight decodes (rows whose token the host does not know yet) from that step's
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from engine.attention import make_backend
@@ -56,6 +59,19 @@ class StepHandle:
         return {r.request_id: [t] for r, t in zip(self.requests, self._host.tolist())}
 
 
+def kv_cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed cache. On the CPU, anonymous memory the kernel zeroes page by page as blocks are
+    first written: ``torch.zeros`` would touch every page up front (seconds per GiB at a worker's
+    start, on a virtual machine's page faults)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize)  # the tensor keeps it alive
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, progress: bool = True) -> None:
         self.config = config
@@ -69,10 +85,9 @@ class ModelRunner:
         self.num_blocks = config.cache.resolve_num_blocks(self.bytes_per_block)
         # [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]: one block of
         # every layer is contiguous, so a block moves between workers as one byte range.
-        self.kv = torch.zeros(
-            self.num_blocks, arch.num_layers, 2, self.block_size, arch.num_kv_heads, arch.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        self.kv = kv_cache_zeros(
+            (self.num_blocks, arch.num_layers, 2, self.block_size, arch.num_kv_heads, arch.head_dim),
+            self.dtype, self.device)
         self.sampler = Sampler(self.device, config.seed)
         sched = config.scheduler
         self.inputs = StepInputBuilder(
