@@ -24,6 +24,8 @@ from engine.request import Request
 from engine.sampler import SampleBatch, Sampler
 from engine.step_inputs import StepInputBuilder, StepInputs
 
+PREFILL_STEP_TOKENS = 64  # a step prefilling this many tokens runs on num_prefill_threads
+
 
 class StepHandle:
     """A launched step. ``tokens``: its sampled token ids on the device, row ``index[request_id]``
@@ -120,10 +122,27 @@ class ModelRunner:
         if output.is_empty:
             return None
         step = self.prepare(output, block_tables, prev)
-        logits = self.compute_logits(step, bool(output.sample_rows))
+        threads = self.step_threads(output)
+        if threads:
+            decode_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        try:
+            logits = self.compute_logits(step, bool(output.sample_rows))
+        finally:
+            if threads:
+                torch.set_num_threads(decode_threads)
         requests: list[Request] = [r for r, _ in output.sample_rows]
         batch = self.sampler.sample(logits, requests) if logits is not None else None
         return StepHandle(requests, batch, self.device)
+
+    def step_threads(self, output: SchedulerOutput) -> int | None:
+        """The threads of this step where they differ from the engine's (``num_prefill_threads``:
+        on the CPU kernels, a step that prefills at least ``PREFILL_STEP_TOKENS`` tokens); else None."""
+        threads = self.config.num_prefill_threads
+        if not threads or threads == self.config.num_threads or self.model.lm_head_cpu is None:
+            return None
+        prefill = sum(s.num_new_tokens for s in output.scheduled if s.num_new_tokens > 1)
+        return threads if prefill >= PREFILL_STEP_TOKENS else None
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 prev: StepHandle | None = None) -> StepInputs:
