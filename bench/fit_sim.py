@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench import plots
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine, default_num_threads
 from engine.sim import COEFFICIENTS, PROFILE_DIR, SimProfile
@@ -84,8 +85,9 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 Sample = tuple[list[tuple[int, int]], list[int], float]  # prefills (new, cached), decode KV lengths, seconds
 
 
-def fit_samples(samples: list[Sample]) -> tuple[np.ndarray, dict]:
-    """NNLS fit of the step-time coefficients; prints every sample beside its prediction.
+def fit_samples(samples: list[Sample], figure: Path | None = None) -> tuple[np.ndarray, dict]:
+    """NNLS fit of the step-time coefficients; prints every sample beside its prediction and,
+    given ``figure``, plots them there (measured against modelled, prefill and decode apart).
 
     The prefill term is a hinge, max(prefill_min_s, linear): each prefill sample is assigned to
     the floor or the linear regime by the current fit, and the fit is repeated until the
@@ -119,6 +121,8 @@ def fit_samples(samples: list[Sample]) -> tuple[np.ndarray, dict]:
         pf_s = ",".join(f"({n},{c})" for n, c in pf) or "-"
         dc_s = f"({len(dc)},{round(sum(dc) / len(dc))})" if dc else "-"
         print(f"{pf_s:>24}{dc_s:>18}{t * 1000:>13.2f}{pr * 1000:>10.2f}")
+    if figure is not None:
+        print(f"figure: {plots.fit_scatter(y, pred, is_prefill, f'R^2 {r2:.3f}', figure)}")
     fit = {"num_samples": len(y), "r2": round(r2, 4), "median_rel_error": round(float(np.median(rel)), 4),
            "p90_rel_error": round(float(np.percentile(rel, 90)), 4), "max_rel_error": round(float(rel.max()), 4),
            "prefill_median_rel_error": round(float(np.median(rel[is_prefill])), 4) if n_prefill else None,
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the grid this many times unrecorded first (JIT compilation, allocator growth)")
     p.add_argument("--decode-steps", type=int, default=6)
     p.add_argument("--out", default=str(PROFILE_DIR), help="directory to write NAME.json in")
+    p.add_argument("--figure-dir", default=str(Path(__file__).parent / "results"),
+                   help="where fit_sim_NAME.png goes (measured against modelled step times)")
     p.add_argument("--refit", default=None, metavar="PROFILE",
                    help="fit the samples stored in an existing profile again (nothing is run)")
     args = p.parse_args(argv)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         old = SimProfile.load(args.refit)
         samples = [([tuple(c) for c in pf], [sum_kv // n] * n if n else [], t)
                    for pf, (n, sum_kv), t in old.fit["samples"]]
-        coef, fit = fit_samples(samples)
+        coef, fit = fit_samples(samples, Path(args.figure_dir) / f"fit_sim_{args.name}.png")
         return save(SimProfile(args.name, *(float(c) for c in coef), fitted_on=old.fitted_on, fit=fit), args.out)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
 
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(timer.samples)} samples", file=sys.stderr, flush=True)
 
     samples = timer.samples
-    coef, fit = fit_samples(samples)
+    coef, fit = fit_samples(samples, Path(args.figure_dir) / f"fit_sim_{args.name}.png")
     fitted_on = {"model": args.model, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
                  else f"cpu ({threads} threads)", "dtype": args.dtype, "torch": torch.__version__,
                  "date": datetime.date.today().isoformat(), "grid": {"new": new_grid, "cached": cached_grid,

@@ -99,6 +99,45 @@ def goodput_vs_rate(points: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def policy_bars(runs_by_engine: dict[str, dict[str, Any]], path: Path) -> Path:
+    """``bench/routing.py``'s policies side by side, a row per engine: TTFT mean and p99, prefix
+    hit rate, output tokens/s. ``runs_by_engine``: engine -> policy -> {"summary": ...}."""
+    panels = (("TTFT ms (bar: mean, tick: p99)", None), ("prefix hit rate", "prefix_hit_rate"),
+              ("output tokens / s", "output_throughput"))
+    fig, axes = plt.subplots(len(runs_by_engine), len(panels), figsize=(13, 3.6 * len(runs_by_engine)),
+                             squeeze=False)
+    for row, (engine, runs) in zip(axes, runs_by_engine.items()):
+        names = list(runs)
+        xs = range(len(names))
+        for ax, (title, key) in zip(row, panels):
+            if key is None:
+                ax.bar(xs, [runs[n]["summary"]["ttft_ms"]["mean"] for n in names], color="tab:blue")
+                ax.scatter(xs, [runs[n]["summary"]["ttft_ms"]["p99"] for n in names], marker="_", s=400,
+                           color="black", zorder=3)
+            else:
+                ax.bar(xs, [runs[n]["summary"][key] for n in names], color="tab:green")
+            ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
+            ax.set_title(f"{engine}: {title}" if engine else title, fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def fit_scatter(measured_s: Any, modelled_s: Any, is_prefill: Any, title: str, path: Path) -> Path:
+    """``bench/fit_sim.py``'s fit: each timed step's measured against modelled time (log-log),
+    prefill and decode steps apart, the diagonal where the model is exact."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for mask, label in ((is_prefill, "prefill steps"), (~is_prefill, "decode steps")):
+        ax.scatter(measured_s[mask] * 1000, modelled_s[mask] * 1000, s=14, label=f"{label} (n={int(mask.sum())})")
+    lo = float(min(measured_s.min(), modelled_s.min())) * 1000
+    hi = float(max(measured_s.max(), modelled_s.max())) * 1000
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8)
+    ax.set(title=f"sim step-time model: {title}", xlabel="measured ms", ylabel="modelled ms",
+           xscale="log", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import serve  # bench/serve.py: the load generator
 
+from bench import plots
 from deploy.local_cluster import LocalCluster
 from engine.sim import COEFFICIENTS, SimProfile
 from protocol.hashing import hash_blocks
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        if "runs" in out:
+            by_engine = out["runs"] if args.engine == "both" else {args.engine: out["runs"]}
+            print(f"figure: {plots.policy_bars(by_engine, Path(args.json).with_suffix('.png'))}")
     return 0
 
 

@@ -145,38 +145,18 @@ def cmd_planner(args: argparse.Namespace) -> int:
     """The planner in the foreground on a running cluster: on a Ray deployment (``tandem deploy``)
     it acts through the deployment's controller; with ``--dry-run`` it only writes decisions, on
     any cluster's etcd (``tandem serve`` runs its own planner, acting on its cluster)."""
-    import dataclasses
     import logging
-    import os
 
-    from deploy.planner_actuator import ControllerLauncher, PlannerRunner
+    from deploy.planner_actuator import PlannerRunner
+    from deploy.planner_service import ray_planner
     from runtime import settings
 
     cfg = settings.from_args(args)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s planner %(levelname)s %(name)s: %(message)s")
-    launcher = None
-    if not args.dry_run:
-        import ray
-
-        from deploy.controller import find_controller
-        from deploy.ray_cli import connect, load_state
-
-        state = load_state(cfg.namespace)
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "") or (state.ray_address if state else "")
-        if not address:
-            raise ValueError("no Ray deployment to act on: pass --ray-address (or --dry-run to only decide; "
-                             "tandem serve runs a planner that acts on its cluster)")
-        connect(address)
-        controller = find_controller(cfg.namespace)
-        if controller is None:
-            raise ValueError(f"no deployment {cfg.namespace!r} on the Ray cluster at {address}")
-        status = ray.get(controller.status.remote(), timeout=60)
-        cfg = dataclasses.replace(cfg, etcd_endpoints=cfg.etcd_endpoints or status.etcd_endpoints)
-        launcher = ControllerLauncher(controller, ray.get(controller.config.remote(), timeout=60))
-    if not cfg.etcd_endpoints:
-        raise ValueError("tandem planner --dry-run needs --etcd-endpoints (the cluster's etcd)")
-    runner = PlannerRunner(cfg, launcher, dry_run=args.dry_run,
-                           num_workers=cfg.gpu_budget or cfg.num_prefill + cfg.num_decode)
+    if args.dry_run and cfg.etcd_endpoints:  # any cluster's etcd: decide only
+        runner = PlannerRunner(cfg, None, dry_run=True, num_workers=cfg.gpu_budget or cfg.num_prefill + cfg.num_decode)
+    else:  # a Ray deployment: act through its controller
+        runner = ray_planner(cfg, dry_run=args.dry_run)
     runner.run_forever()  # until Ctrl-C
     return 0
 

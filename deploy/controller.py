@@ -2,8 +2,10 @@
 ``tandem``) on the head node, holding the deployment's config and running its
 :class:`RayLauncher`. ``tandem deploy status|scale|down`` and the planner reach it by name from
 any later process; it serialises changes (one scale or down at a time) and answers status
-meanwhile. It holds no other state (the deployment is its named actors), so a restarted
-controller adopts what runs.
+meanwhile. Its one state besides the config is the tier each switched worker actor is in
+(:meth:`DeploymentController.recorded_role`: a restarted worker actor asks it, and comes back
+in the tier it was switched to); the rest is the deployment's named actors, so a restarted
+controller adopts what runs and reads the switched tiers back from the live actors.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import ray
 
-from deploy.launcher import DrainResult, ScaleResult, ServiceInfo, ServiceState, SwitchResult
-from deploy.ray_launcher import HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
+from deploy.launcher import WORKER_ROLES, DrainResult, ScaleResult, ServiceInfo, ServiceState, SwitchResult
+from deploy.ray_launcher import CONTROLLER, HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
 from runtime.settings import ClusterConfig
 
 
@@ -48,6 +50,12 @@ class DeploymentController:
         self.launcher = RayLauncher(cfg)
         self._lock = threading.Lock()
         self._timings: dict[str, float] = {}
+        # worker name -> (its actor id, the tier a switch put it in). Keyed by the actor too: a
+        # name is reused by a later start once its worker is drained, and the new one starts afresh.
+        self._switched: dict[str, tuple[str, str]] = {}
+        with contextlib.suppress(Exception):  # a restarted controller: the live actors know their tiers
+            self._switched = {s.name: (s.actor_id, s.role) for s in self.launcher.services(with_etcd=False)
+                              if s.role in WORKER_ROLES and s.role != s.name.rpartition("-")[0]}
 
     def deploy(self, timeout_s: float = 600.0) -> DeploymentStatus:
         with self._lock, self._timed("deploy"):
@@ -69,9 +77,18 @@ class DeploymentController:
             return self.launcher.drain_services(names, timeout_s)
 
     def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
-        """Not behind the lock: a switch takes milliseconds and must not wait for a start."""
+        """Not behind the lock: a switch takes milliseconds and must not wait for a start. The new
+        tier is recorded for the worker's actor, which comes back in it if Ray restarts it."""
         with self._timed("switch"):
-            return self.launcher.switch_worker(name, role, timeout_s)
+            result = self.launcher.switch_worker(name, role, timeout_s)
+        actor_id = next((s.actor_id for s in self.launcher.services(with_etcd=False) if s.name == name), "")
+        self._switched[name] = (actor_id, result.role)
+        return result
+
+    def recorded_role(self, name: str, actor_id: str) -> str | None:
+        """The tier worker ``name`` (the actor ``actor_id``) was last switched to; None if never."""
+        actor, role = self._switched.get(name, ("", ""))
+        return role if actor == actor_id and role else None
 
     def services(self) -> list[ServiceInfo]:
         return self.launcher.services()
@@ -101,7 +118,7 @@ class DeploymentController:
 
 
 def controller_name(namespace: str) -> str:
-    return actor_name(namespace, "controller")
+    return actor_name(namespace, CONTROLLER)
 
 
 def create_controller(cfg: ClusterConfig) -> Any:

@@ -69,6 +69,7 @@ class ServiceInfo:
     num_restarts: int = 0
     registered: bool | None = None  # a worker's key in etcd (None: not checked)
     num_requests: int = 0  # a worker's running + waiting requests, as last published
+    actor_id: str = ""  # its Ray actor (the same across the actor's restarts); "" off Ray
 
     @property
     def index(self) -> int:

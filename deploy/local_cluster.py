@@ -49,6 +49,14 @@ def engine_threads(cpus: int, num_workers: int) -> int:
     return max(1, (cpus - 1) // num_workers)
 
 
+def prefill_threads(cpus: int, num_workers: int) -> int:
+    """Engine threads of a step that prefills (``EngineConfig.num_prefill_threads``): the cores
+    shared between the workers, none left over. While it runs, no decode of that worker streams
+    a token, so the core its decode steps leave to the token streams is idle but for the router
+    (on two cores, aggregated: two threads for a prefill step, one for a decode step)."""
+    return max(1, cpus // num_workers)
+
+
 @dataclass
 class Child:
     name: str
@@ -73,7 +81,9 @@ class LocalCluster:
         self.num_prefill, self.num_decode = num_prefill, num_decode
         if cfg.threads == 0 and cfg.device == "cpu":
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            cfg = dataclasses.replace(cfg, threads=engine_threads(cpus, num_prefill + num_decode))
+            workers = num_prefill + num_decode
+            cfg = dataclasses.replace(cfg, threads=engine_threads(cpus, workers),
+                                      prefill_threads=cfg.prefill_threads or prefill_threads(cpus, workers))
         self.cfg = cfg
         self.quiet = quiet
         self.etcd: EtcdServer | None = None

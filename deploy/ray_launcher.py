@@ -79,8 +79,11 @@ _PR_SET_PDEATHSIG = 1
 _ETCD_READ_LOCK = threading.Lock()
 _ROUTER_CPUS = 1.0
 # Workers serve either tier and switch in place (SwitchRole): both start as deploy.switchable_worker.
+# The planner acts through the deployment's controller: deploy.planner_service (the planner package
+# sits below deploy and cannot reach a launcher).
 _MODULES = {"router": "router", "prefill": "deploy.switchable_worker", "decode": "deploy.switchable_worker",
-            "planner": "planner", "etcd": "runtime.etcd_server"}
+            "planner": "deploy.planner_service", "etcd": "runtime.etcd_server"}
+CONTROLLER = "controller"  # the deployment controller's service name (deploy.controller)
 
 
 def actor_name(namespace: str, service: str) -> str:
@@ -115,8 +118,11 @@ class ServiceActor:
     def __init__(self, spec: ServiceSpec) -> None:
         ctx = ray.get_runtime_context()
         self.spec = spec
-        self.role = spec.role  # a worker's tier now (a switch changes it; a restart starts in spec.role)
+        self.actor_id = ctx.get_actor_id()
         self.restarted = ctx.was_current_actor_reconstructed
+        # A worker's tier now: a switch changes it, and a restart comes back in the tier the
+        # controller recorded for this actor (the last switch), else in spec.role.
+        self.role = (self.restarted and _recorded_role(spec, self.actor_id)) or spec.role
         self.node = ray.util.get_node_ip_address()
         self.gpus = tuple(str(g) for g in ray.get_gpu_ids())
         self.incarnation = uuid.uuid4().hex[:6]
@@ -186,7 +192,7 @@ class ServiceActor:
     # ---- the child -------------------------------------------------------------------------------
     def _command(self) -> list[str]:
         spec = self.spec
-        argv = [sys.executable, "-m", spec.module, *(("--role", spec.role) if spec.role in WORKER_ROLES else ()),
+        argv = [sys.executable, "-m", spec.module, *(("--role", self.role) if spec.role in WORKER_ROLES else ()),
                 *spec.args]
         if spec.config is not None:
             config = dict(spec.config)
@@ -237,6 +243,18 @@ class ServiceActor:
             os._exit(1)
 
 
+def _recorded_role(spec: ServiceSpec, actor_id: str) -> str | None:
+    """The tier the deployment's controller recorded for this worker actor (its last switch), if any."""
+    if spec.role not in WORKER_ROLES:
+        return None
+    try:
+        controller = ray.get_actor(actor_name(spec.namespace, CONTROLLER), namespace=RAY_NAMESPACE)
+        return ray.get(controller.recorded_role.remote(spec.name, actor_id), timeout=30)
+    except Exception as e:  # no controller (a launcher used directly): the spec's tier
+        print(f"tandem: {spec.name}: no recorded tier ({e!r}); starting as {spec.role}", flush=True)
+        return None
+
+
 _ServiceActor = ray.remote(ServiceActor)
 
 
@@ -285,11 +303,13 @@ class RayLauncher(Launcher):
         have = collections.Counter(s.role for s in self._live())
         roles = [role for role, n in want.items() for _ in range(n - have[role])]
         self.check_capacity(roles)
-        if cfg.planner and not _module_exists("planner.__main__"):
-            raise DeployError("planner: true, but this tandem has no planner service yet (python -m planner)")
         try:
             self._ensure_etcd(timeout_s)
-            self.start_services(roles, timeout_s, cleanup_all=True)
+            # The planner last, once the workers serve: its first tick sees the deployment.
+            t0 = time.monotonic()
+            self.start_services([r for r in roles if r != "planner"], timeout_s, cleanup_all=True)
+            if "planner" in roles:
+                self.start_services(["planner"], max(60.0, timeout_s - (time.monotonic() - t0)), cleanup_all=True)
         except BaseException:
             self.stop()
             raise
@@ -391,7 +411,7 @@ class RayLauncher(Launcher):
             out.append(ServiceInfo(
                 name=name, role=role, state=state, node=info.get("node") or gcs.get("Address", {}).get("IPAddress", ""),
                 pid=info.get("pid", 0), gpus=tuple(info.get("gpus", ())), endpoint=info.get("endpoint", ""),
-                worker_id=worker_id, num_restarts=int(gcs.get("NumRestarts", 0)),
+                worker_id=worker_id, num_restarts=int(gcs.get("NumRestarts", 0)), actor_id=handle._actor_id.hex(),
                 registered=(worker_id in registered) if role in WORKER_ROLES and registered is not None else None,
                 num_requests=(registered or {}).get(worker_id, 0)))
         return sorted(out, key=lambda s: (list(_MODULES).index(s.role), s.index))
@@ -482,6 +502,8 @@ class RayLauncher(Launcher):
                 i = next_index[role]
                 overrides |= {"port": cfg.port + i if cfg.port else 0, "grpc_port": cfg.grpc_port + i if cfg.grpc_port
                               else 0}
+            if role == "planner":  # it reaches the controller through Ray
+                overrides["ray_address"] = ray.get_runtime_context().gcs_address
             if role in WORKER_ROLES and cfg.threads == 0 and cfg.device == "cpu":
                 overrides["threads"] = max(1, int(cfg.num_cpus_per_worker))  # the cores Ray gave it
             config = dataclasses.asdict(dataclasses.replace(cfg, **overrides))
@@ -580,15 +602,6 @@ class RayLauncher(Launcher):
             if group.get("name", "").startswith(prefix) and group.get("state") != "REMOVED":
                 with contextlib.suppress(Exception):
                     ray.util.remove_placement_group(ray.util.get_placement_group(group["name"]))
-
-
-def _module_exists(name: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _registrations(cfg: ClusterConfig, endpoints: tuple[str, ...]) -> dict[str, int] | None:

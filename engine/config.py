@@ -224,6 +224,10 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     seed: int = 0
     num_threads: int | None = None
+    # CPU, on the kernels (bfloat16: results independent of the thread count): the threads of a step
+    # that prefills at least PREFILL_STEP_TOKENS tokens (None: num_threads). Serving leaves a core of
+    # the decode steps to the token streams; a prefill step holds every running decode back anyway.
+    num_prefill_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton | cpu (the CPU kernels, bfloat16)

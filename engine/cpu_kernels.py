@@ -97,7 +97,7 @@ def isa() -> str:
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
-    if t.dtype != dtype or t.dim() != dim or t.device.type != "cpu" or t.stride(-1) != 1:
+    if t.dtype != dtype or t.dim() != dim or not t.is_cpu or t.stride(-1) != 1:
         raise ValueError(f"{name}: want a CPU {dtype} tensor of {dim} dims with unit last stride, got "
                          f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
 
@@ -184,7 +184,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def _cache_layout(kv_layer: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """(address, block_size, block stride, V offset, token stride, KV heads) of one layer's cache
     view ``[num_blocks, 2, block_size, kv_heads, head_dim]``."""
-    if kv_layer.dtype != torch.bfloat16 or kv_layer.dim() != 5 or kv_layer.device.type != "cpu":
+    if kv_layer.dtype != torch.bfloat16 or kv_layer.dim() != 5 or not kv_layer.is_cpu:
         raise ValueError(f"a layer's KV cache: want a CPU bfloat16 [blocks, 2, block, heads, dim] view, got "
                          f"{kv_layer.dtype} {tuple(kv_layer.shape)}")
     _, _, bs, kvh, hd = kv_layer.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelArch
-from text.gguf import read_metadata
+from text.gguf import Header, TensorInfo, read_header
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -31,35 +30,31 @@ _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
 
 
 @functools.lru_cache(maxsize=4)
-def _reader(path: str) -> Any:
-    """Parsing a GGUF's header takes seconds (every tokenizer entry): once per file and process."""
-    import gguf
-
-    return gguf.GGUFReader(path)
+def _header(path: str) -> Header:
+    """Metadata and tensor table, read once per file and process (``text.gguf``: a fraction of
+    a second, where ``gguf.GGUFReader`` takes seconds on a 49k-token vocabulary)."""
+    return read_header(path)
 
 
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
-        self._gguf = gguf
-        self.reader = _reader(str(Path(path).resolve()))
+        self.header = _header(str(self.path.resolve()))
 
     @property
     def num_tensors(self) -> int:
-        return len(self.reader.tensors)
+        return len(self.header.tensors)
 
-    @cached_property
+    @property
     def metadata(self) -> dict[str, Any]:
-        return read_metadata(self.path)
+        return self.header.metadata
 
     def arch(self) -> ModelArch:
         md = self.metadata
         name = md["general.architecture"]
         if name not in _ARCHS:
             raise ValueError(f"unsupported GGUF architecture {name!r}")
-        tensor_names = {t.name for t in self.reader.tensors}
+        tensor_names = {t.name for t in self.header.tensors}
         num_heads = int(md[f"{name}.attention.head_count"])
         hidden = int(md[f"{name}.embedding_length"])
         vocab = md.get(f"{name}.vocab_size") or len(md["tokenizer.ggml.tokens"])
@@ -86,11 +81,14 @@ class GGUFFile:
         permuted for its rotary layout; HF's rotate-half layout is restored here."""
         arch = self.arch()
         permuted = arch.architecture in ("llama", "mistral")  # llama.cpp permutes these only
-        for t in self.reader.tensors:
-            data = self._gguf.quants.dequantize(t.data, t.tensor_type)
-            rows_cols = tuple(int(d) for d in reversed(t.shape.tolist()))
+        from gguf import quants
+
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for t in self.header.tensors:
+            rows_cols = tuple(reversed(t.dims))
+            data = quants.dequantize(_tensor_data(raw, t), t.ggml_type)
             data = np.asarray(data, dtype=np.float32).reshape(rows_cols)
-            name = self._hf_name(t.name)
+            name = self.hf_name(t.name)
             if permuted and name.endswith("self_attn.q_proj.weight"):
                 data = _unpermute(data, arch.num_heads)
             elif permuted and name.endswith("self_attn.k_proj.weight"):
@@ -98,13 +96,36 @@ class GGUFFile:
             yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
 
     @staticmethod
-    def _hf_name(name: str) -> str:
+    def hf_name(name: str) -> str:
         if name in _GLOBAL_NAMES:
             return _GLOBAL_NAMES[name]
         parts = name.split(".")
         if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
             return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
         raise ValueError(f"unexpected GGUF tensor {name!r}")
+
+
+def _tensor_data(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """The tensor's stored data as ``gguf.quants.dequantize`` takes it (what ``GGUFReader``
+    gives): plain types as their numpy dtype in numpy's shape, quantized ones as bytes, each row
+    its blocks' bytes."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    kind = GGMLQuantizationType(t.ggml_type)
+    shape = tuple(reversed(t.dims))
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    num_bytes = int(np.prod(t.dims, dtype=np.int64)) * type_size // block_size
+    data = raw[t.offset:t.offset + num_bytes]
+    if len(data) != num_bytes:
+        raise ValueError(f"GGUF tensor {t.name!r} runs past the end of the file")
+    if kind.name in _PLAIN_TYPES:
+        return data.view(_PLAIN_TYPES[kind.name]).reshape(shape)
+    return data.reshape(quant_shape_to_byte_shape(shape, kind))
+
+
+_PLAIN_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

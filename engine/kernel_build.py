@@ -42,10 +42,15 @@ def extension_filename() -> str:
     return MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """tandem's cache directory: ``$TANDEM_CACHE_DIR``, else ``~/.cache/tandem`` (XDG)."""
     root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem")
-    return Path(root) / "cpu_kernels"
+    return Path(root)
+
+
+def cache_dir() -> Path:
+    return cache_root() / "cpu_kernels"
 
 
 def build_cached() -> Path:

@@ -135,16 +135,20 @@ def build_model(config: EngineConfig, arch: ModelArch, max_positions: int, progr
     fmt, path, _ = resolve_model(config)
     with torch.device("meta"):
         model = LlamaModel(arch, max_positions)
-    model = model.to(dtype).to_empty(device=device)
+    # Each parameter allocated for real, uninitialized (the weights overwrite it): like
+    # ``to_empty``, whose empty_like of a meta tensor imports torch's symbolic shapes (seconds).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype,
+                                               device=device))
     model.rotary = Rotary(arch, max_positions).to(device)  # buffers built for real, in float32
     if fmt == "dummy":
         _init_dummy(model, config.seed)
     else:
         assert path is not None
         if fmt == "gguf":
+            from engine import weight_cache
             from engine.gguf_file import GGUFFile
 
-            weights = GGUFFile(path).iter_weights()
+            weights = weight_cache.iter_weights(GGUFFile(path))
             total = GGUFFile(path).num_tensors
         else:
             weights = iter_safetensors(path)

@@ -22,7 +22,9 @@ from engine.config import ModelArch, RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # On the CPU, whatever the ambient device: under the meta device (engine.loader builds the
+    # model there) these ops would import torch._dynamo, seconds of a worker's start.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
     if scaling.rope_type != "llama3":
@@ -41,12 +43,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 
 
 class Rotary(nn.Module):
-    """Rotate-half rotary embedding with a precomputed cos/sin table ``[max_pos, head_dim]``."""
+    """Rotate-half rotary embedding with a precomputed cos/sin table ``[max_pos, head_dim]``,
+    computed on the CPU (move the module to its device)."""
 
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
@@ -259,7 +262,10 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # Built on the meta device and loaded (engine.loader): given its weight, the embedding
+        # skips its random init, which on the meta device imports torch._dynamo (seconds).
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                         _weight=torch.empty(arch.vocab_size, arch.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = Rotary(arch, max_positions)

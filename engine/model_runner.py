@@ -10,6 +10,9 @@ in-flight decodes (rows whose token the host does not know yet) from that step's
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from engine.attention import make_backend
@@ -20,6 +23,8 @@ from engine.plan import SampledTokens, SchedulerOutput
 from engine.request import Request
 from engine.sampler import SampleBatch, Sampler
 from engine.step_inputs import StepInputBuilder, StepInputs
+
+PREFILL_STEP_TOKENS = 64  # a step prefilling this many tokens runs on num_prefill_threads
 
 
 class StepHandle:
@@ -56,6 +61,19 @@ class StepHandle:
         return {r.request_id: [t] for r, t in zip(self.requests, self._host.tolist())}
 
 
+def kv_cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed cache. On the CPU, anonymous memory the kernel zeroes page by page as blocks are
+    first written: ``torch.zeros`` would touch every page up front (seconds per GiB at a worker's
+    start, on a virtual machine's page faults)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize)  # the tensor keeps it alive
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, progress: bool = True) -> None:
         self.config = config
@@ -69,10 +87,9 @@ class ModelRunner:
         self.num_blocks = config.cache.resolve_num_blocks(self.bytes_per_block)
         # [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]: one block of
         # every layer is contiguous, so a block moves between workers as one byte range.
-        self.kv = torch.zeros(
-            self.num_blocks, arch.num_layers, 2, self.block_size, arch.num_kv_heads, arch.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        self.kv = kv_cache_zeros(
+            (self.num_blocks, arch.num_layers, 2, self.block_size, arch.num_kv_heads, arch.head_dim),
+            self.dtype, self.device)
         self.sampler = Sampler(self.device, config.seed)
         sched = config.scheduler
         self.inputs = StepInputBuilder(
@@ -105,10 +122,27 @@ class ModelRunner:
         if output.is_empty:
             return None
         step = self.prepare(output, block_tables, prev)
-        logits = self.compute_logits(step, bool(output.sample_rows))
+        threads = self.step_threads(output)
+        if threads:
+            decode_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        try:
+            logits = self.compute_logits(step, bool(output.sample_rows))
+        finally:
+            if threads:
+                torch.set_num_threads(decode_threads)
         requests: list[Request] = [r for r, _ in output.sample_rows]
         batch = self.sampler.sample(logits, requests) if logits is not None else None
         return StepHandle(requests, batch, self.device)
+
+    def step_threads(self, output: SchedulerOutput) -> int | None:
+        """The threads of this step where they differ from the engine's (``num_prefill_threads``:
+        on the CPU kernels, a step that prefills at least ``PREFILL_STEP_TOKENS`` tokens); else None."""
+        threads = self.config.num_prefill_threads
+        if not threads or threads == self.config.num_threads or self.model.lm_head_cpu is None:
+            return None
+        prefill = sum(s.num_new_tokens for s in output.scheduled if s.num_new_tokens > 1)
+        return threads if prefill >= PREFILL_STEP_TOKENS else None
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 prev: StepHandle | None = None) -> StepInputs:

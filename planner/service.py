@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from planner.config import PlannerConfig
 from planner.core import Planner
@@ -34,6 +34,7 @@ from planner.observations import ROLES, Observation, Traffic
 from planner.profile import Profile
 from planner.view import ClusterView, Transition
 from runtime import keys
+from runtime import metric_catalog as mc
 from runtime.etcd import ControlPlane
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.settings import ClusterConfig
@@ -84,28 +85,24 @@ def decision_to_pb(d: Decision, planner_id: str, obs: Observation, seq: int, dry
 
 
 class PlannerGauges:
-    """The planner's Prometheus metrics, in their own registry (serve it, or scrape it in tests)."""
+    """The planner's Prometheus metrics (``tandem_planner_*`` of ``runtime.metric_catalog``), in
+    their own registry: the planner's metrics port serves it (several planners in one test process
+    do not collide)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.replicas = Gauge("tandem_planner_replicas", "workers per tier: desired (the last decision) or ready",
-                              ["tier", "kind"], registry=r)
-        self.latency = Gauge("tandem_planner_latency_seconds", "per tier: the load mode's predicted TTFT "
-                             "(prefill) or ITL (decode) vs the routers' observed p95", ["tier", "kind"], registry=r)
-        self.request_rate = Gauge("tandem_planner_request_rate", "requests per second: observed over the planner's "
-                                  "window, or predicted for the next interval (throughput mode)", ["kind"], registry=r)
-        self.reason = Gauge("tandem_planner_last_decision_reason", "1 for each reason of the last decision",
-                            ["code", "tier"], registry=r)
-        self.decided_at = Gauge("tandem_planner_last_decision_timestamp_seconds", "when it last decided",
-                                registry=r)
-        self.actions = Counter("tandem_planner_actions", "actions issued", ["kind", "tier"], registry=r)
+        self.registry = r = registry or CollectorRegistry()
+        self.desired = mc.PLANNER_DESIRED.create(r)
+        self.ready = mc.PLANNER_READY.create(r)
+        self.predicted_latency = mc.PLANNER_PREDICTED_LATENCY.create(r)
+        self.observed_latency = mc.PLANNER_OBSERVED_LATENCY.create(r)
+        self.observed_rate = mc.PLANNER_OBSERVED_RATE.create(r)
+        self.predicted_rate = mc.PLANNER_PREDICTED_RATE.create(r)
+        self.reason = mc.PLANNER_REASON.create(r)
+        self.decided_at = mc.PLANNER_DECISION_TIME.create(r)
+        self.actions = mc.PLANNER_ACTIONS.create(r)
 
     def update(self, d: Decision, obs: Observation, core: Planner) -> None:
         traffic = Traffic.merge(obs.windows)
-        for role in ROLES:
-            self.replicas.labels(role, "desired").set(d.replicas(role))
-            self.replicas.labels(role, "ready").set(len(obs.tier(role)))
         observed = {"prefill": traffic.ttft_ms_p95 / 1000, "decode": traffic.itl_ms_p95 / 1000}
         predicted = {"prefill": math.nan, "decode": math.nan}
         for r in d.reasons:
@@ -114,14 +111,15 @@ class PlannerGauges:
             if r.role == "decode" and "itl_s" in r.values:
                 predicted["decode"] = r.values["itl_s"]
         for role in ROLES:
-            self.latency.labels(role, "observed").set(observed[role])
-            self.latency.labels(role, "predicted").set(predicted[role])
-        self.request_rate.labels("observed").set(traffic.request_rate)
-        if core.throughput is not None:
-            self.request_rate.labels("predicted").set(core.throughput.forecast().rate)
+            self.desired.labels(role).set(d.replicas(role))
+            self.ready.labels(role).set(len(obs.tier(role)))
+            self.observed_latency.labels(role).set(observed[role])
+            self.predicted_latency.labels(role).set(predicted[role])
+        self.observed_rate.set(traffic.request_rate)
+        self.predicted_rate.set(core.throughput.forecast().rate if core.throughput is not None else math.nan)
         self.reason.clear()
         for r in d.reasons:
-            self.reason.labels(r.code, r.role or "all").set(1)
+            self.reason.labels(r.role or "all", r.code).set(1)
         self.decided_at.set(time.time())
         for a in d.actions:
             self.actions.labels(a.kind.value, a.role).inc()

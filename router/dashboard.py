@@ -13,7 +13,7 @@
 TTFT/ITL percentiles (``router.request_window``), attainment, request and token rates, the KV
 handoff times the decode workers report, per-tier load; and reads the planner's decision from
 etcd (``keys.planner_decision_key``, a ``PlannerDecision``), keeping a timeline of the distinct
-decisions seen and exporting the ``tandem_planner_*`` gauges.
+decisions seen and exporting the ``tandem_router_planner_*`` gauges.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 `/tandem/{ns}/workers/{role}/{worker_id}` (a `WorkerInfo`, sent as the `WorkerInfo` message of
 `proto/tandem_control.proto`), and a live view of one role's workers.
 
-A `WorkerWatch` reads the prefix (the snapshot) and then watches it from the snapshot's
-revision + 1, so no change falls between the two. If the watch stream breaks (etcd restarted,
-revision compacted, the client reconnected) it reads the prefix again, emits the difference
-from what it had as events, and watches on: consumers see a consistent stream, never a gap.
+A `WorkerWatch` (a `runtime.watch.PrefixView` of the role's prefix, as events) reads the prefix
+(the snapshot) and then watches it from the snapshot's revision + 1, so no change falls between
+the two. If the watch stream breaks (etcd restarted, revision compacted, the client
+reconnected) it reads the prefix again, emits the difference from what it had as events, and
+watches on: consumers see a consistent stream, never a gap.
 A `WorkerSet` keeps `{worker_id: WorkerInfo}` up to date from one.
 
 A worker whose process dies disappears when etcd expires its lease, i.e. within the TTL.
@@ -32,10 +33,10 @@ from runtime.etcd import ControlPlane, stop_task
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_worker_pb2 as wpb
 from runtime.settings import check_name
+from runtime.watch import PrefixView
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF_S = 2.0
 _POLL_S = 0.1
 _ROLE_TO_PB = {"prefill": wpb.WORKER_ROLE_PREFILL, "decode": wpb.WORKER_ROLE_DECODE}
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
@@ -182,7 +183,8 @@ class WorkerEvent:
 
 
 class WorkerWatch:
-    """`.snapshot` at open time, then `async for event in watch` until `close()`."""
+    """`.snapshot` at open time, then `async for event in watch` until `close()`: the events of a
+    `runtime.watch.PrefixView` of the role's registrations (a put of the same bytes is no event)."""
 
     def __init__(self, plane: ControlPlane, role: str) -> None:
         self.plane = plane
@@ -190,19 +192,20 @@ class WorkerWatch:
         self.prefix = keys.workers_prefix(plane.namespace, role)
         self.snapshot: dict[str, WorkerInfo] = {}
         self._known: dict[str, WorkerInfo] = {}
-        self._raw: dict[str, bytes] = {}  # worker id -> last value seen, to tell UPDATED from a no-op
         self._queue: asyncio.Queue[WorkerEvent | None] = asyncio.Queue()
-        self._watch: Any = None  # aetcd.Watch
-        self._task: asyncio.Task[None] | None = None
+        self._view: PrefixView[WorkerInfo] = PrefixView(
+            plane, self.prefix, cpb.WorkerInfo, on_put=self._put, on_delete=self._deleted,
+            parse=lambda worker_id, value: _parse_worker(self.prefix + worker_id, value), skip_unchanged=True)
         self._closed = False
 
     @classmethod
     async def open(cls, plane: ControlPlane, role: str) -> WorkerWatch:
         watch = cls(plane, role)
-        revision = await watch._resync(emit=False)
+        await watch._view.start()
+        watch._known = dict(watch._view.items)
         watch.snapshot = dict(watch._known)
-        watch._watch = await plane.client.watch_prefix(watch.prefix.encode(), start_revision=revision + 1)
-        watch._task = asyncio.create_task(watch._pump(), name=f"watch-{role}")
+        assert watch._view.task is not None
+        watch._view.task.add_done_callback(lambda _: watch._queue.put_nowait(None))  # the plane closed
         return watch
 
     def __aiter__(self) -> WorkerWatch:
@@ -227,9 +230,7 @@ class WorkerWatch:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            await stop_task(self._task)
-        await self._cancel_watch()
+        await self._view.stop()
         self._queue.put_nowait(None)
 
     async def __aenter__(self) -> WorkerWatch:
@@ -238,76 +239,14 @@ class WorkerWatch:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- internals --------------------------------------------------------------------------
-
-    async def _cancel_watch(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.plane.request_timeout_s):
-                    await watch.cancel()
-
-    def _apply(self, worker_id: str, value: bytes | None) -> None:
-        """Fold one key's new value (None: deleted) into the known set, emitting an event."""
-        old = self._known.get(worker_id)
-        if value is None:
-            self._raw.pop(worker_id, None)
-            if self._known.pop(worker_id, None) is not None:
-                self._queue.put_nowait(WorkerEvent(WorkerEventKind.REMOVED, self.role, worker_id, old))
-            return
-        if self._raw.get(worker_id) == value:
-            return
-        info = _parse_worker(self.prefix + worker_id, value)
-        if info is None:
-            return
-        self._raw[worker_id] = value
+    def _put(self, worker_id: str, info: WorkerInfo) -> None:
+        kind = WorkerEventKind.ADDED if worker_id not in self._known else WorkerEventKind.UPDATED
         self._known[worker_id] = info
-        kind = WorkerEventKind.ADDED if old is None else WorkerEventKind.UPDATED
         self._queue.put_nowait(WorkerEvent(kind, self.role, worker_id, info))
 
-    async def _resync(self, *, emit: bool) -> int:
-        """Read the prefix; fold the difference in; return the read's revision."""
-        result = await self.plane.client.get_prefix(self.prefix.encode())
-        current = {kv.key.decode()[len(self.prefix) :]: bytes(kv.value) for kv in result.kvs}
-        for worker_id in [w for w in self._known if w not in current]:
-            self._apply(worker_id, None)
-        for worker_id, value in current.items():
-            self._apply(worker_id, value)
-        if not emit:
-            self._queue = asyncio.Queue()  # the snapshot is not news
-        return int(result.header.revision)
-
-    async def _pump(self) -> None:
-        backoff = 0.1
-        while not self._closed:
-            if self._watch is None:
-                if self.plane.closed:
-                    break
-                try:
-                    revision = await self._resync(emit=True)
-                    self._watch = await self.plane.client.watch_prefix(
-                        self.prefix.encode(), start_revision=revision + 1
-                    )
-                    backoff = 0.1
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("worker watch %s: resync failed: %r", self.prefix, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(2 * backoff, _MAX_BACKOFF_S)
-                    continue
-            try:
-                async for event in self._watch:
-                    worker_id = event.kv.key.decode()[len(self.prefix) :]
-                    self._apply(worker_id, bytes(event.kv.value) if event.kind == "PUT" else None)
-                log.info("worker watch %s: stream ended, resyncing", self.prefix)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("worker watch %s: stream broke (%r), resyncing", self.prefix, exc)
-            await self._cancel_watch()
-            await asyncio.sleep(backoff)
-        self._queue.put_nowait(None)
+    def _deleted(self, worker_id: str) -> None:
+        old = self._known.pop(worker_id, None)
+        self._queue.put_nowait(WorkerEvent(WorkerEventKind.REMOVED, self.role, worker_id, old))
 
 
 class WorkerSet:

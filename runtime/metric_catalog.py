@@ -16,9 +16,12 @@ runs it on the catalog and on what the processes really serve):
   user, nothing whose values grow with traffic. ``worker`` is bounded by the cluster's size.
 
 Who serves what (``exporter``): ``router`` (the router's /metrics: requests, SLOs, its view of
-the cluster from etcd, the planner's last decision), ``worker`` (every worker's /metrics, with
-``kv`` and the tier-specific ones). Worker metrics carry no role or worker label: the scrape
-targets do (``/metrics/targets``: ``role``, ``worker``, ``model``).
+the cluster from etcd, the planner's last decision in etcd), ``worker`` (every worker's /metrics,
+with ``kv`` and the tier-specific ones), ``planner`` (the planner service's own /metrics: what it
+saw, predicted and did each tick). Worker metrics carry no role or worker label: the scrape
+targets do (``/metrics/targets``: ``role``, ``worker``, ``model``). The subsystem word names the
+exporter for the router and the planner: ``tandem_router_*`` is the router's, ``tandem_planner_*``
+the planner's, and nothing else is (two processes serving one name is a clash on a dashboard).
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ LABELS = {
     "mode": "a KV handoff mode: push, pull or none",
     "reason": "a stable reason code (held-block release, transfer failure)",
     "code": "a planner reason code",
+    "action": "a planner action: start, drain, switch, abandon",
 }
 UNITS = ("seconds", "bytes", "ratio")
+EXPORTERS = ("router", "worker", "prefill", "decode", "planner")
+OWNED_SUBSYSTEMS = ("router", "planner")  # tandem_<subsystem>_* names its one exporter
 _NAME_RE = re.compile(r"^tandem_[a-z][a-z0-9]*(_[a-z0-9]+)+$")
 _BAD_UNITS = ("ms", "msec", "millis", "milliseconds", "us", "microseconds", "ns", "minutes", "hours", "kb", "mb",
               "gb", "kib", "mib", "gib", "percent", "pct")
@@ -71,7 +77,7 @@ class Metric:
     name: str
     kind: str  # "counter" | "gauge" | "histogram"
     help: str
-    exporter: str  # "router" | "worker" (the worker tiers share it) | "prefill" | "decode"
+    exporter: str  # "router" | "worker" (the worker tiers share it) | "prefill" | "decode" | "planner"
     labels: tuple[str, ...] = ()
     unit: str = ""  # "seconds" | "bytes" | "ratio" | "" (a count)
     buckets: tuple[float, ...] | None = None
@@ -169,20 +175,45 @@ ROUTER_KV_AHEAD_GIVEN_UP = _define("tandem_router_kv_ahead_given_up_total", "cou
                                    "Calls with a handle sent ahead that sent nothing within kv_pull_timeout_s (+ a "
                                    "grace) of the prefill's answer: cancelled, the decode worker called again whole",
                                    "router")
-# ---- planner: its last decision, read from etcd by the router ---------------------------------------
-PLANNER_DESIRED_WORKERS = _define("tandem_planner_desired_workers", "gauge",
-                                  "The replicas the planner's last decision wants per tier (PlannerDecision)",
-                                  "router", ("role",))
-PLANNER_DECISION_TIME = _define("tandem_planner_last_decision_timestamp_seconds", "gauge",
-                                "When the planner's last decision was taken (unix time)", "router", unit="seconds")
-PLANNER_REASON = _define("tandem_planner_last_decision_reason", "gauge",
-                         "1 for each reason of the planner's last decision (its stable code and tier)", "router",
-                         ("role", "code"))
+# ---- router: the planner's last decision, read from etcd (every router, planner running or not) -----
+ROUTER_PLANNER_DESIRED = _define("tandem_router_planner_desired_workers", "gauge",
+                                 "The replicas the planner's last decision in etcd wants per tier (PlannerDecision)",
+                                 "router", ("role",))
+ROUTER_PLANNER_DECISION_TIME = _define("tandem_router_planner_decision_timestamp_seconds", "gauge",
+                                       "When the planner's last decision in etcd was taken (unix time)", "router",
+                                       unit="seconds")
+ROUTER_PLANNER_REASON = _define("tandem_router_planner_decision_reason", "gauge",
+                                "1 for each reason of the planner's last decision in etcd (its stable code and tier)",
+                                "router", ("role", "code"))
+ROUTER_PLANNER_PREDICTED_RATE = _define("tandem_router_planner_predicted_request_rate", "gauge",
+                                        "Requests per second the planner's last decision in etcd forecast "
+                                        "(throughput mode)", "router")
+ROUTER_PLANNER_DECISIONS = _define("tandem_router_planner_decisions_total", "counter",
+                                   "Planner decisions this router has seen in etcd", "router")
+# ---- planner: the planner service's own /metrics (planner/service.py, every tick) -----------------------
+PLANNER_DESIRED = _define("tandem_planner_desired_workers", "gauge", "Workers per tier the last decision wants",
+                          "planner", ("role",))
+PLANNER_READY = _define("tandem_planner_ready_workers", "gauge",
+                        "Workers per tier the last tick saw registered and serving", "planner", ("role",))
+PLANNER_PREDICTED_LATENCY = _define(
+    "tandem_planner_predicted_latency_seconds", "gauge",
+    "The load mode's prediction for the next interval: TTFT (prefill) or ITL (decode); NaN without a fit",
+    "planner", ("role",), "seconds")
+PLANNER_OBSERVED_LATENCY = _define("tandem_planner_observed_latency_seconds", "gauge",
+                                   "The routers' p95 over the planner's window: TTFT (prefill) or ITL (decode)",
+                                   "planner", ("role",), "seconds")
+PLANNER_OBSERVED_RATE = _define("tandem_planner_observed_request_rate", "gauge",
+                                "Requests per second arriving at the routers over the planner's window", "planner")
 PLANNER_PREDICTED_RATE = _define("tandem_planner_predicted_request_rate", "gauge",
-                                 "Requests per second the planner's last decision forecast (throughput mode)",
-                                 "router")
-PLANNER_DECISIONS = _define("tandem_planner_decisions_total", "counter",
-                            "Planner decisions this router has seen in etcd", "router")
+                                 "Requests per second forecast for the next interval (throughput and both modes)",
+                                 "planner")
+PLANNER_REASON = _define("tandem_planner_last_decision_reason", "gauge",
+                         "1 for each reason of the last decision (its stable code and tier; 'all' for none)",
+                         "planner", ("role", "code"))
+PLANNER_DECISION_TIME = _define("tandem_planner_last_decision_timestamp_seconds", "gauge",
+                                "When the planner last decided (unix time)", "planner", unit="seconds")
+PLANNER_ACTIONS = _define("tandem_planner_actions_total", "counter", "Actions the planner issued (none in a dry run)",
+                          "planner", ("action", "role"))
 # ---- workers (both tiers) ---------------------------------------------------------------------------
 WORKER_WAITING = _define("tandem_worker_num_waiting", "gauge", "Requests queued, not yet scheduled", "worker")
 WORKER_RUNNING = _define("tandem_worker_num_running", "gauge", "Requests running", "worker")
@@ -280,6 +311,10 @@ def convention_problems(metrics: Iterable[Metric]) -> list[str]:
             problems.append(f"{n}: a label repeats")
         if not m.help.strip():
             problems.append(f"{n}: no help text")
-        if m.exporter not in ("router", "worker", "prefill", "decode"):
+        if m.exporter not in EXPORTERS:
             problems.append(f"{n}: unknown exporter {m.exporter!r}")
+        for owner in OWNED_SUBSYSTEMS:
+            if (words[1:2] == [owner]) != (m.exporter == owner):
+                problems.append(f"{n}: tandem_{owner}_* is served by the {owner} and only by it "
+                                f"(exporter {m.exporter!r})")
     return problems

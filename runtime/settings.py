@@ -81,6 +81,8 @@ class ClusterConfig:
     dtype: str = _field("bfloat16", "weights and KV dtype: bfloat16, float16, float32")
     device: str = _field("cpu", "torch device of the workers: cpu, cuda, cuda:N")
     threads: int = _field(0, "CPU threads per worker (0: the cores shared between the workers, one left to the router)")
+    prefill_threads: int = _field(
+        0, "CPU threads of a step that prefills 64 tokens or more, bfloat16 (0: the cores per worker)")
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
     kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
     prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
@@ -232,6 +234,8 @@ class ClusterConfig:
             fail("dtype", "must be bfloat16, float16 or float32")
         if self.threads < 0:
             fail("threads", "must be >= 0")
+        if self.prefill_threads < 0:
+            fail("prefill_threads", "must be >= 0")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             fail("block_size", "must be a positive power of two")
         if self.kv_cache_gib <= 0:

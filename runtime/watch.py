@@ -8,7 +8,9 @@ falls between the two; if the watch stream breaks (etcd restarted, the revision 
 client reconnected) it reads the prefix again and watches on. A reader is never shown a value
 older than one it saw. ``on_put``/``on_delete`` are called on the event loop for every change
 after the snapshot (a planner folds each worker's step summaries as they come, not only the
-last one). ``runtime.discovery.WorkerWatch`` does the same for registrations, with events.
+last one). ``parse`` turns a key's bytes into the value kept (default: ``cls.FromString``; None
+skips the value); ``skip_unchanged`` drops a put of the bytes already held (no callback).
+``runtime.discovery.WorkerWatch`` is this view of the registrations, as a stream of events.
 """
 
 from __future__ import annotations
@@ -26,22 +28,31 @@ from runtime.etcd import ControlPlane, stop_task
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M")
 _MAX_BACKOFF_S = 2.0
 
 
 class PrefixView(Generic[M]):
-    def __init__(self, plane: ControlPlane, prefix: str, cls: type[M],
+    def __init__(self, plane: ControlPlane, prefix: str, cls: type[Message],
                  on_put: Callable[[str, M], None] | None = None,
-                 on_delete: Callable[[str], None] | None = None) -> None:
+                 on_delete: Callable[[str], None] | None = None, *,
+                 parse: Callable[[str, bytes], M | None] | None = None, skip_unchanged: bool = False) -> None:
         self.plane, self.prefix, self.cls = plane, prefix, cls
         self.on_put, self.on_delete = on_put, on_delete
+        self.parse = parse or self._decode
+        self.skip_unchanged = skip_unchanged
         self._items: dict[str, M] = {}
+        self._raw: dict[str, bytes] = {}  # with skip_unchanged: the bytes each item came from
         self._watch: Any = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.num_resyncs = 0
         self.changed = asyncio.Event()  # set on every change; readers clear it
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The watching task (done once the view is stopped or its plane closed)."""
+        return self._task
 
     @property
     def items(self) -> Mapping[str, M]:
@@ -69,16 +80,26 @@ class PrefixView(Generic[M]):
         await self.stop()
 
     # ---- internals ------------------------------------------------------------------------------
+    def _decode(self, key_id: str, value: bytes) -> M | None:
+        try:
+            return self.cls.FromString(value)
+        except DecodeError as exc:
+            log.warning("ignoring a value under %s that is not a %s: %s", self.prefix, self.cls.__name__, exc)
+            return None
+
     def _apply(self, key_id: str, value: bytes | None, notify: bool) -> None:
         if value is None:
+            self._raw.pop(key_id, None)
             if self._items.pop(key_id, None) is not None and notify and self.on_delete is not None:
                 self.on_delete(key_id)
         else:
-            try:
-                msg = self.cls.FromString(value)
-            except DecodeError as exc:
-                log.warning("ignoring a value under %s that is not a %s: %s", self.prefix, self.cls.__name__, exc)
+            if self.skip_unchanged and self._raw.get(key_id) == value:
                 return
+            msg = self.parse(key_id, value)
+            if msg is None:
+                return
+            if self.skip_unchanged:
+                self._raw[key_id] = value
             self._items[key_id] = msg
             if notify and self.on_put is not None:
                 self.on_put(key_id, msg)

@@ -158,6 +158,180 @@ static NOINLINE void pv_tile(const uint32_t* pp, const uint32_t* vp, int64_t hd,
   }
 }
 
+// ---- items of few rows (decode steps) -----------------------------------------------------------
+// A decode token gives `group` rows per KV head (3 with SmolLM2's 9 query and 3 KV heads): along
+// the lanes above, 13 of 16 lanes would compute padding. An item of at most FEW_ROWS rows puts the
+// tile's keys along the lanes for the scores (its K rows transposed) and the head dims along the
+// lanes for P V. Every (row, key) score and every (row, dim) output is still the same sequence of
+// operations as in the row-lane path (dot2 over the pairs in order, the same softmax arithmetic
+// with the tile's sum taken key by key in order, P V over the key pairs in order; a bf16 product
+// is exact, so which operand is broadcast does not matter): the same bits, so a token's attention
+// does not depend on whether it was decoded or prefilled.
+
+constexpr int64_t FEW_ROWS = 8;  // score_tile_few's cases
+
+// The 16 x 16 words of r transposed (r[i][l] -> r[l][i]): four butterflies, each swapping one bit
+// of the row index with the same bit of the lane index.
+template <int B>
+static inline void butterfly(v16u* r, v16u lo, v16u hi) {
+  for (int i = 0; i < 16; i++) {
+    if (i & B) continue;
+    const v16u a = r[i], c = r[i + B];
+    r[i] = __builtin_shuffle(a, c, lo);
+    r[i + B] = __builtin_shuffle(a, c, hi);
+  }
+}
+
+static inline void transpose16(v16u* r) {
+  butterfly<8>(r, v16u{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+               v16u{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  butterfly<4>(r, v16u{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+               v16u{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  butterfly<2>(r, v16u{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+               v16u{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  butterfly<1>(r, v16u{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+               v16u{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// s[r][j] = scale * (q_r . key_j) for the tile's KT keys and NR rows: 16 keys at a time, their
+// pairs transposed 16 at a time so that the keys lie along the lanes.
+template <int NR>
+static inline void score_rows(const bf16* const* qrows, const bf16* const* keys, int64_t pairs, float scale,
+                              float* s) {
+  for (int64_t g = 0; g < KT / 16; g++) {
+    v16f acc[NR];
+    for (int r = 0; r < NR; r++) acc[r] = vset1(0.0f);
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const int64_t n = pairs - p0 < 16 ? pairs - p0 : 16;
+      v16u kt[16];
+      if (n == 16) {
+        for (int k = 0; k < 16; k++) kt[k] = vloadu(keys[g * 16 + k] + 2 * p0);
+      } else {
+        for (int k = 0; k < 16; k++) {
+          kt[k] = v16u{};
+          for (int64_t i = 0; i < n; i++) kt[k][i] = load_pair(keys[g * 16 + k] + 2 * (p0 + i));
+        }
+      }
+      transpose16(kt);  // kt[i]: pair p0 + i of the 16 keys
+      for (int64_t i = 0; i < n; i++)
+        for (int r = 0; r < NR; r++) acc[r] = dot2(acc[r], load_pair(qrows[r] + 2 * (p0 + i)), kt[i]);
+    }
+    for (int r = 0; r < NR; r++) vstore(s + r * KT + g * 16, acc[r] * scale);
+  }
+}
+
+static NOINLINE void score_tile_few(const bf16* const* qrows, int64_t rows, const bf16* const* keys, int64_t pairs,
+                                    float scale, float* s) {
+  switch (rows) {
+    case 1: score_rows<1>(qrows, keys, pairs, scale, s); break;
+    case 2: score_rows<2>(qrows, keys, pairs, scale, s); break;
+    case 3: score_rows<3>(qrows, keys, pairs, scale, s); break;
+    case 4: score_rows<4>(qrows, keys, pairs, scale, s); break;
+    case 5: score_rows<5>(qrows, keys, pairs, scale, s); break;
+    case 6: score_rows<6>(qrows, keys, pairs, scale, s); break;
+    case 7: score_rows<7>(qrows, keys, pairs, scale, s); break;
+    default: score_rows<8>(qrows, keys, pairs, scale, s); break;
+  }
+}
+
+// softmax_tile's arithmetic with the keys along the lanes; P as bf16 key pairs pp[r][KT / 2]. The
+// tile's max and sum go key by key in order (the sums of the rows side by side).
+static NOINLINE void softmax_tile_few(float* s, int64_t rows, const int32_t* qpos, int64_t t0, float* m, float* l,
+                                      float* alpha, uint32_t* pp) {
+  float p[FEW_ROWS][KT];
+  for (int64_t r = 0; r < rows; r++) {
+    float* sr = s + r * KT;
+    if (t0 + KT - 1 > qpos[r])
+      for (int64_t j = 0; j < KT; j++)
+        if (t0 + j > qpos[r]) sr[j] = -INFINITY;
+    float tile_max = -INFINITY;
+    for (int64_t j = 0; j < KT; j++) tile_max = tile_max > sr[j] ? tile_max : sr[j];
+    const float m_old = m[r], m_new = m_old > tile_max ? m_old : tile_max;
+    const bool none = m_new == -INFINITY;
+    const float m_sub = none ? 0.0f : m_new;
+    alpha[r] = none ? 1.0f : vexp2(vset1(m_old - m_new))[0];
+    m[r] = m_new;
+    for (int64_t g = 0; g < KT / 16; g++) {
+      const v16f x = vexp2(vload(sr + g * 16) - m_sub);
+      vstore(p[r] + g * 16, x);
+      const v16h h = to_bf16(x);
+      memcpy(pp + r * (KT / 2) + g * 8, &h, 32);
+    }
+  }
+  float sum[FEW_ROWS];
+  for (int64_t r = 0; r < rows; r++) sum[r] = p[r][0] + p[r][1];
+  for (int64_t j = 2; j < KT; j++)
+    for (int64_t r = 0; r < rows; r++) sum[r] = sum[r] + p[r][j];
+  for (int64_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
+}
+
+// o[r][d] = o[r][d] * alpha[r] + sum over key pairs of P V, dims along the lanes, 64 dims at a
+// time (o rows and vp padded to whole 64s).
+static NOINLINE void pv_tile_few(const uint32_t* pp, const uint32_t* vp, int64_t hd, int64_t ldo, int64_t rows,
+                                 const float* alpha, float* o) {
+  for (int64_t r = 0; r < rows; r++) {
+    const v16f a = vset1(alpha[r]);
+    float* orow = o + r * ldo;
+    for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+      v16f acc[4];
+      for (int i = 0; i < 4; i++) acc[i] = vload(orow + d0 + 16 * i) * a;
+      for (int64_t kp = 0; kp < KT / 2; kp++) {
+        const uint32_t x = pp[r * (KT / 2) + kp];
+        for (int i = 0; i < 4; i++) acc[i] = dot2(acc[i], x, vloadu(vp + kp * hd + d0 + 16 * i));
+      }
+      for (int i = 0; i < 4; i++) vstore(orow + d0 + 16 * i, acc[i]);
+    }
+  }
+}
+
+static void attend_item_few(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd,
+                            const CacheLayout& cache, const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0,
+                            int64_t first, int64_t last, float scale, AttnScratch& sc) {
+  const int64_t rows = (last - first) * group, pairs = hd / 2, ldo = (hd + 63) / 64 * 64;
+  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
+  const bf16* qrows[FEW_ROWS];
+  int32_t qpos[FEW_ROWS];
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    qrows[r] = q + ((row0 + tok) * num_heads + head) * hd;
+    qpos[r] = (int32_t)(ctx + tok);
+  }
+  sc.s.resize(rows * KT);
+  sc.pp.resize(rows * KT / 2);
+  sc.vp.assign(KT / 2 * hd + 64, 0);  // padded: P V reads whole 64s of dims
+  sc.o.assign(rows * ldo, 0.0f);
+  sc.state.resize(3 * rows);  // m, l, alpha
+  float *m = sc.state.data(), *l = m + rows, *alpha = l + rows;
+  for (int64_t i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
+  const int64_t kv_end = ctx + last, koff = kv_head * hd;
+  const float scale2 = scale * 1.44269504088896341f;
+  for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
+    const bf16* keys[KT];
+    const bf16* vals[KT];
+    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
+    for (int64_t j = 0; j < KT; j++) {
+      if (t0 + j < kv_end) {
+        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
+        keys[j] = row, vals[j] = row + cache.v_offset;
+      } else {
+        keys[j] = vals[j] = sc.zeros.data();
+      }
+      if (++offset == cache.block_size) offset = 0, block++;
+    }
+    score_tile_few(qrows, rows, keys, pairs, scale2, sc.s.data());
+    softmax_tile_few(sc.s.data(), rows, qpos, t0, m, l, alpha, sc.pp.data());
+    pack_values(vals, hd, sc.vp.data());
+    pv_tile_few(sc.pp.data(), sc.vp.data(), hd, ldo, rows, alpha, sc.o.data());
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    bf16* dst = out + ((row0 + tok) * num_heads + head) * hd;
+    const v16f inv = vset1(l[r]);
+    for (int64_t d = 0; d < hd; d += 16) store_bf16_n(dst + d, vload(sc.o.data() + r * ldo + d) / inv,
+                                                     hd - d < 16 ? hd - d : 16);
+  }
+}
+
 static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd, const CacheLayout& cache,
                         const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0, int64_t first, int64_t last,
                         float scale, AttnScratch& sc) {
@@ -239,8 +413,10 @@ static void attention(const bf16* q, bf16* out, int64_t num_heads, int64_t num_k
     for (int64_t i = 0; i < (int64_t)items.size(); i++) {
       const AttnItem& it = items[i];
       const int64_t len = query_start[it.seq + 1] - query_start[it.seq];
-      attend_item(q, out, num_heads, group, hd, cache, block_tables + it.seq * table_stride, it.kv_head,
-                  seq_lens[it.seq] - len, query_start[it.seq], it.first, it.last, scale, sc);
+      const bool few = (it.last - it.first) * group <= FEW_ROWS;
+      (few ? attend_item_few : attend_item)(q, out, num_heads, group, hd, cache, block_tables + it.seq * table_stride,
+                                            it.kv_head, seq_lens[it.seq] - len, query_start[it.seq], it.first,
+                                            it.last, scale, sc);
     }
   }
 }

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from deploy.launcher import ScalePlan, ServiceInfo, ServiceState, gpu_shortfall, plan_scale
-from deploy.local_cluster import engine_threads
+from deploy.local_cluster import engine_threads, prefill_threads
 from deploy.local_launcher import LocalLauncher
 from runtime.settings import ClusterConfig, ConfigError
 
@@ -34,6 +34,11 @@ def num_running(metrics_url: str) -> float:
 def test_engine_threads_leave_a_core_to_the_router() -> None:
     assert [engine_threads(2, 1), engine_threads(2, 2), engine_threads(1, 1)] == [1, 1, 1]
     assert [engine_threads(8, 1), engine_threads(16, 2), engine_threads(16, 3)] == [7, 7, 5]
+
+
+def test_prefill_steps_take_every_core_of_a_worker() -> None:
+    assert [prefill_threads(2, 1), prefill_threads(2, 2), prefill_threads(1, 1)] == [2, 1, 1]
+    assert [prefill_threads(8, 1), prefill_threads(16, 2), prefill_threads(16, 3)] == [8, 8, 5]
 
 
 def test_plan_scale_starts_and_drains_to_the_target() -> None:

@@ -1,11 +1,15 @@
 """``tandem deploy`` on a real Ray cluster (conftest: one head, 8 CPUs, 4 logical GPUs).
 
 One deployment serves the module, in the order of the tests: 1 router, 1 prefill and 2 decode
-workers (the real model, float32, one thread each, one logical GPU each) deployed from a
-config file; correct streamed answers through the openai client; status shows the placement; a
-killed worker actor comes back and re-registers while serving goes on; scaling to 2 prefill +
-1 decode under load fails no request; down leaves no actor, placement group or process. Apart
-from it, a config that needs more GPUs than the cluster has fails fast, saying so.
+workers (the real model, float32, one thread each, one logical GPU each) and the planner service
+(``planner: true``; at the minimums it was deployed with and an hour between ticks, so it decides
+once and changes nothing) deployed from a config file; correct streamed answers through the
+openai client; status shows the placement and the planner's metrics show what it saw; a killed
+worker actor comes back and re-registers while serving goes on; scaling to 2 prefill + 1 decode
+under load fails no request; a tier switch through the controller keeps the process, and a
+restart of the switched worker's actor brings it back in its new tier; down leaves no actor,
+placement group or process. Apart from it, a config that needs more GPUs than the cluster has
+fails fast, saying so.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ NAMESPACE = "dt" + uuid.uuid4().hex[:6]
 CONFIG: dict[str, Any] = dict(
     namespace=NAMESPACE, host="127.0.0.1", port=0, grpc_port=0, dtype="float32", threads=1, kv_cache_gib=0.25,
     transport="tcp", lease_ttl_s=2, max_local_prefill_tokens=16, num_routers=1, num_prefill=1, num_decode=2,
-    num_gpus_per_worker=1, num_cpus_per_worker=1, worker_restarts=2, drain_timeout_s=30, placement_timeout_s=20)
+    num_gpus_per_worker=1, num_cpus_per_worker=1, worker_restarts=2, drain_timeout_s=30, placement_timeout_s=20,
+    planner=True, min_prefill=1, min_decode=2, adjustment_interval_s=3600)
 SHORT_PROMPT = "The capital of France is"  # prefilled on the decode worker
 LONG_PROMPT = ("Once upon a time, in a land far away, there lived a king who had three daughters. The youngest "
                "daughter was")  # over max_local_prefill_tokens: prefilled on the prefill worker
@@ -257,17 +262,35 @@ def test_deploy_serves_correct_streamed_answers(deployment: Deployment, referenc
 def test_status_shows_placement(deployment: Deployment) -> None:
     status = deployment.status()
     services = {s["name"]: s for s in status["services"]}
-    assert set(services) == {"etcd", "router-0", "prefill-0", "decode-0", "decode-1"}
+    assert set(services) == {"etcd", "router-0", "prefill-0", "decode-0", "decode-1", "planner-0"}
     for s in services.values():
         assert s["state"] == "serving" and s["node"] == "127.0.0.1" and s["pid"] > 0, s
     workers = [services[n] for n in ("prefill-0", "decode-0", "decode-1")]
     assert all(w["registered"] and len(w["gpus"]) == 1 for w in workers), workers
     assert len({w["gpus"][0] for w in workers}) == 3, "two workers share a GPU"
-    assert services["router-0"]["gpus"] == [] and services["etcd"]["gpus"] == []
+    assert services["router-0"]["gpus"] == [] and services["etcd"]["gpus"] == [] == services["planner-0"]["gpus"]
     assert (status["num_gpus"], status["num_free_gpus"]) == (4, 1)
     text = tandem("status", "--namespace", deployment.namespace, "--address", deployment.address, timeout_s=60)
     assert "GPUs 3 of 4 in use" in text.stdout and "decode   2 of 2 serving" in text.stdout, text.stdout
     print(f"\ndeploy (1 router, 1 prefill, 2 decode) took {deployment.deploy_s:.1f} s")
+
+
+def test_planner_service_runs(deployment: Deployment) -> None:
+    """`planner: true` runs the planner as a service: it reached etcd and the controller, and its
+    first tick saw the deployment (its /metrics, the catalog's tandem_planner_*)."""
+    planner = deployment.services()["planner-0"]
+    assert planner.state is ServiceState.SERVING and planner.endpoint.endswith("/metrics"), planner
+
+    def metrics() -> dict[str, float]:
+        with urllib.request.urlopen(planner.endpoint, timeout=10) as resp:
+            lines = [ln.rpartition(" ") for ln in resp.read().decode().splitlines() if ln.startswith("tandem_")]
+        return {k: float(v) for k, _, v in lines}
+
+    seen = wait_until(lambda: (m := metrics()).get("tandem_planner_last_decision_timestamp_seconds") and m, 60,
+                      "the planner's first decision")
+    assert seen['tandem_planner_ready_workers{role="prefill"}'] == 1, seen
+    assert seen['tandem_planner_ready_workers{role="decode"}'] == 2, seen
+    assert seen['tandem_planner_desired_workers{role="decode"}'] == 2, seen
 
 
 def test_killed_worker_actor_restarts_and_reregisters(deployment: Deployment,
@@ -347,6 +370,18 @@ def test_switch_tier_in_place_through_the_controller(deployment: Deployment,
     load.assert_answers_correct(reference)
     health = deployment.health()
     assert (health.get("prefill_workers"), health.get("decode_workers")) == (1, 2), health
+
+    # Ray restarts the switched worker's actor: it comes back in the tier it was switched to.
+    ray.kill(ray.get_actor(f"{deployment.namespace}.prefill-1", namespace=RAY_NAMESPACE), no_restart=False)
+
+    def back() -> ServiceInfo | None:
+        s = deployment.services()["prefill-1"]
+        return s if s.state is ServiceState.SERVING and s.registered and s.worker_id != after.worker_id else None
+
+    restarted = wait_until(back, 180, "prefill-1 to come back")
+    assert restarted.role == "decode" and restarted.num_restarts == 1, restarted
+    wait_until(lambda: deployment.health().get("decode_workers") == 2, 30, "the router to list it as decode")
+    assert deployment.health().get("prefill_workers") == 1
 
 
 def test_down_leaves_nothing_behind(deployment: Deployment) -> None:

@@ -179,6 +179,10 @@ def test_attention_is_chunk_batch_and_thread_invariant(cache, tier: str) -> None
     assert torch.equal(torch.cat([first, second]), whole)
     for p in (0, 31, 32, 299):
         assert torch.equal(_attend(kv_layer, q[p:p + 1], [(1, p + 1, table)])[0], whole[p])
+    # Every position as a decode, and in chunks of 2 (items of a few rows put the keys along the
+    # lanes instead of the rows): ~10^5 outputs, enough to catch a changed order of summation.
+    assert torch.equal(_attend(kv_layer, q, [(1, p + 1, table) for p in range(300)]), whole)
+    assert torch.equal(_attend(kv_layer, q, [(2, p + 2, table) for p in range(0, 300, 2)]), whole)
     # A mixed batch: two decodes and a chunk of another sequence (a shorter table).
     mixed = _attend(kv_layer, torch.cat([q[299:300], q[40:41], q[64:100]]),
                     [(1, 300, table), (1, 41, table[:3]), (36, 100, table[:7])])

@@ -67,3 +67,27 @@ def test_bf16_kernels_as_close_to_float32_as_hf_bf16(tiny_model: Callable[[str],
     mean_ours, mean_theirs = sum(ours) / len(ours), sum(theirs) / len(theirs)
     assert mean_ours < max(0.1, 2 * mean_theirs), (mean_ours, mean_theirs)
     assert max(ours) < 0.6
+
+
+@kernels
+def test_prefill_steps_run_on_their_own_threads(tiny_model: Callable[[str], TinyModel]) -> None:
+    """``num_prefill_threads``: a step that prefills 64 tokens or more runs on them, the decode
+    steps on ``num_threads``; the tokens and logprobs are those of one thread throughout."""
+    path = str(tiny_model("llama").path)
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, ignore_eos=True)
+    prompts = random_prompts([100, 70])
+    one = LLM(path, dtype="bfloat16", num_blocks=64, num_threads=1, progress=False).generate(prompts, params)
+    llm = LLM(path, dtype="bfloat16", num_blocks=64, num_threads=1, num_prefill_threads=2, progress=False)
+    runner = llm.engine.runner
+    seen: list[int] = []
+    compute = runner.compute_logits
+
+    def spy(step, sample: bool = True):
+        seen.append(torch.get_num_threads())
+        return compute(step, sample)
+
+    runner.compute_logits = spy
+    got = llm.generate(prompts, params)
+    assert seen == [2, 1, 1, 1] and torch.get_num_threads() == 1
+    assert [r.outputs[0].token_ids for r in got] == [r.outputs[0].token_ids for r in one]
+    assert [r.outputs[0].logprobs for r in got] == [r.outputs[0].logprobs for r in one]

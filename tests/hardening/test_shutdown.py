@@ -1,6 +1,7 @@
-"""Prompt exit: an idle worker and an idle router exit within 0.75 s of SIGTERM (a worker took
-~0.9 s before, in its interpreter's teardown; with a 5 s server grace, longer), and the worker's
-registration is gone from etcd at once (the router drops it without waiting for the lease)."""
+"""Prompt exit: an idle worker and an idle router exit within 1 s of SIGTERM, the issue's bound
+(they take 0.1-0.4 s here; a worker took ~0.9 s before, in its interpreter's teardown, and with a
+5 s server grace longer), and the worker's registration is gone from etcd at once (the router
+drops it without waiting for the lease)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from hardening_lib import completion, live, router_lists, start_router, wait_ser
 from deploy.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.destructive, pytest.mark.timeout(180)]
-EXIT_WITHIN_S = 0.75  # the interpreter teardown alone took ~0.8-0.9 s
+EXIT_WITHIN_S = 1.0  # the issue's bound; CI's loaded two cores are slower than this machine
+# Keep-alives go every TTL/3 (0.67 s), so an expired lease would vanish >= 1.33 s after the exit;
+# a deregistered worker is gone within a watch event.
+DEREGISTERED_WITHIN_S = 1.25
 
 
 def _exit_time(proc: subprocess.Popen) -> float:
@@ -41,4 +45,4 @@ def test_idle_processes_exit_promptly_on_sigterm(sim_cluster: LocalCluster) -> N
           "its exit")
     assert worker.proc.returncode == 0 and router.proc.returncode == 0
     assert worker_s < EXIT_WITHIN_S and router_s < EXIT_WITHIN_S
-    assert dropped_s < 1.0  # deregistered, not expired (the lease TTL is 2 s)
+    assert dropped_s < DEREGISTERED_WITHIN_S  # deregistered, not expired (the lease TTL is 2 s)

@@ -124,9 +124,9 @@ def test_planner_decisions_appear(cluster, page, decided) -> None:
     text = page.inner_text(row)
     assert "itl-over-slo[decode]" in text and "start decode" in text and "1 / 3" in text, text
     metrics = scrape(f"{cluster.http_url}/metrics")
-    assert metrics['tandem_planner_desired_workers{role="decode"}'] == 3
-    assert metrics['tandem_planner_last_decision_reason{code="itl-over-slo",role="decode"}'] == 1
-    assert metrics["tandem_planner_predicted_request_rate"] == 7.5
+    assert metrics['tandem_router_planner_desired_workers{role="decode"}'] == 3
+    assert metrics['tandem_router_planner_decision_reason{code="itl-over-slo",role="decode"}'] == 1
+    assert metrics["tandem_router_planner_predicted_request_rate"] == 7.5
 
     later = decided + 1000  # the next decision: on top of the timeline, the first one kept below
     write_decision(cluster, planner_decision(later, "load-low", num_decode=2))
@@ -134,6 +134,6 @@ def test_planner_decisions_appear(cluster, page, decided) -> None:
     rows = page.eval_on_selector_all("#planner tr.decision", "rows => rows.map(r => r.dataset.decidedAt)")
     assert rows[:2] == [str(later), str(decided)], rows
     metrics = scrape(f"{cluster.http_url}/metrics")
-    assert metrics['tandem_planner_desired_workers{role="decode"}'] == 2
-    assert 'tandem_planner_last_decision_reason{code="itl-over-slo",role="decode"}' not in metrics
+    assert metrics['tandem_router_planner_desired_workers{role="decode"}'] == 2
+    assert 'tandem_router_planner_decision_reason{code="itl-over-slo",role="decode"}' not in metrics
     assert page.errors == []

@@ -13,6 +13,7 @@ import asyncio
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import openai
@@ -23,6 +24,7 @@ from deploy.local_cluster import LocalCluster
 from deploy.local_launcher import LocalLauncher
 from deploy.planner_actuator import PlannerRunner
 from runtime import keys
+from runtime import metric_catalog as mc
 from runtime.etcd import ControlPlane
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.settings import ClusterConfig
@@ -105,6 +107,21 @@ def test_switch_keeps_the_process_and_the_inflight_request(cluster: LocalCluster
           f"{listed_s * 1000:.0f} ms to the router's listing; back: {back.call_ms:.1f} ms")
 
 
+def planner_metrics(url: str) -> dict[str, tuple[str, set[str], list[tuple[str, tuple, float]]]]:
+    """The planner's tandem_ families: name (counters with _total) -> (type, labels, samples)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith("tandem_"):
+            name = fam.name + "_total" if fam.type == "counter" else fam.name
+            samples = [(s.name, tuple(sorted(s.labels.items())), s.value) for s in fam.samples]
+            out[name] = (fam.type, {k for s in fam.samples for k in s.labels}, samples)
+    return out
+
+
 def _running(endpoint: str) -> bool:
     import grpc
 
@@ -137,6 +154,15 @@ def test_idle_cluster_drains_to_the_minimums(cluster: LocalCluster, planner: Pla
                d.actions[0].kind == cpb.PlannerAction.KIND_DRAIN for d in history), history
     last = read_decision(cluster)
     assert last is not None and (last.num_prefill, last.num_decode) == (1, 1)
+    # its /metrics: the catalog's tandem_planner_* (types, labels), all of them, and this decision
+    served = planner_metrics(planner.metrics_url)
+    catalog = {n: m for n, m in mc.CATALOG.items() if m.exporter == "planner"}
+    assert {n: kind for n, (kind, _, _) in served.items()} == {n: m.kind for n, m in catalog.items()}
+    for name, (_, labels, _) in served.items():
+        assert labels <= set(catalog[name].labels), (name, labels)
+    samples = {s for _, _, fam in served.values() for s in fam}
+    assert ("tandem_planner_desired_workers", (("role", "decode"),), 1.0) in samples
+    assert ("tandem_planner_actions_total", (("action", "drain"), ("role", "decode")), 1.0) in samples
 
 
 @pytest.mark.slow

