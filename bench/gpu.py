@@ -24,7 +24,7 @@ Model: dummy weights of Llama-3.1-8B's shape in bfloat16 (hidden 4096, 32 layers
    for the host.
 
     python bench/gpu.py                 # everything (a few minutes)
-    python bench/gpu.py --skip-hf --json results.json
+    python bench/gpu.py --skip-hf --json results.json   # + results_decode.png, results_generate.png
     python bench/gpu.py --decode-only --batches 1,256 --contexts 512   # the decode step's HBM fraction
 """
 
@@ -364,6 +364,19 @@ def kernel_bench(llm: LLM, bw: float, rate: float) -> list[tuple[str, str]]:
     return out_rows
 
 
+def decode_row(batch: int, context: int, step_ms: float, forward_ms: float, prepare_ms: float, nbytes: int,
+               bw: float) -> dict:
+    """One decode step's entry of the JSON's ``decode`` (what ``bench/plots.py`` draws)."""
+    return dict(batch=batch, context=context, step_ms=step_ms, forward_ms=forward_ms, prepare_ms=prepare_ms,
+                bytes=nbytes, hbm_fraction=nbytes / (step_ms / 1e3) / bw,
+                forward_hbm_fraction=nbytes / (forward_ms / 1e3) / bw)
+
+
+def generate_row(batch: int, tandem_tok_s: float, transformers_tok_s: float | None) -> dict:
+    """One batch's entry of the JSON's ``generate``."""
+    return dict(batch=batch, tandem_tok_s=tandem_tok_s, transformers_tok_s=transformers_tok_s)
+
+
 def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, results: dict,
                  gen_batches: list[int]) -> dict[int, float]:
     """Sections 2-5 on tandem; returns generate tok/s by batch. The engine is freed on return."""
@@ -395,11 +408,8 @@ def bench_tandem(args: argparse.Namespace, bw: float, rate: float, rows: list, r
             step_ms = wall_time_ms(lambda o=output, t=tables: steps.step(o, t))
             fwd_ms = steps.forward_ms(output, tables)
             prep_ms = steps.prepare_ms(output, tables)
-            nbytes = wbytes + batch * (ctx + 1) * kvtok
-            frac = nbytes / (step_ms / 1e3) / bw
-            decode.append(dict(batch=batch, context=ctx, step_ms=step_ms, forward_ms=fwd_ms, prepare_ms=prep_ms,
-                               bytes=nbytes,
-                               hbm_fraction=frac, forward_hbm_fraction=nbytes / (fwd_ms / 1e3) / bw))
+            decode.append(decode_row(batch, ctx, step_ms, fwd_ms, prep_ms, wbytes + batch * (ctx + 1) * kvtok, bw))
+            frac = decode[-1]["hbm_fraction"]
             rows.append((f"decode b={batch:<3} ctx={ctx:<4}",
                          f"step {step_ms:6.2f} ms ({frac:4.0%} of HBM)  forward+head {fwd_ms:6.2f} ms "
                          f"({decode[-1]['forward_hbm_fraction']:4.0%})  host prep {prep_ms:5.2f} ms  "
@@ -465,7 +475,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed tandem generate runs (the median is shown)")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also write the results here, and their PNGs beside "
+                    "(bench/plots.py; `python bench/plots.py FILE` redraws them on any machine)")
     ap.add_argument("--decode-only", action="store_true", help="sections 1-2 only (ceilings, decode steps)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
@@ -499,7 +510,7 @@ def main() -> None:
                                                    args.new_tokens) for _ in range(args.repeats))
                   for b in gen_batches}
         del hf
-    results["generate"] = [dict(batch=b, tandem_tok_s=ours[b], transformers_tok_s=theirs.get(b)) for b in gen_batches]
+    results["generate"] = [generate_row(b, ours[b], theirs.get(b)) for b in gen_batches]
     for b in gen_batches:
         ref = theirs.get(b)
         ratio = f"  ratio {ours[b] / ref:5.1f}x" if ref else ""
@@ -512,7 +523,11 @@ def main() -> None:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if args.json:
+        from bench import plots
+
         Path(args.json).write_text(json.dumps(results, indent=2))
+        for path in plots.gpu_figures(results, Path(args.json).with_suffix("")):
+            print(f"figure: {path}")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,23 @@ launch cost stays out), the few-row fused linear kernels against cuBLAS, and a p
 of eager decode and prefill steps of the Llama-3.1-8B-shaped dummy model.
 
     python bench/gpu_kernels.py                # variants + profiles
-    python bench/gpu_kernels.py --no-profile
+    python bench/gpu_kernels.py --no-profile --json kernels.json   # + kernels_<section>.png
     python bench/gpu_kernels.py --only gemv    # few-row linear and batch-1 attention variants
+
+With ``--json FILE`` the variant tables are written there as ``sections`` (each: ``cases`` by
+``variants``, ``values`` the fraction of the ceiling reached, ``raw`` the measure, None where a
+variant failed), and a grid per section beside it (``bench/plots.py``; ``python bench/plots.py
+FILE`` redraws them on any machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,15 +38,33 @@ def bench_us(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
 
 
+def section(title: str, unit: str, raw_unit: str, variants: list[Any]) -> dict[str, Any]:
+    """One variant table of the JSON: rows are added with :func:`add_row`."""
+    return {"title": title, "unit": unit, "raw_unit": raw_unit, "variants": [str(v) for v in variants],
+            "cases": [], "values": [], "raw": []}
+
+
+def add_row(table: dict[str, Any], case: str, raw: list[float | None], values: list[float | None]) -> None:
+    table["cases"].append(case)
+    table["raw"].append(raw)
+    table["values"].append(values)
+
+
+def _over(raw: list[float | None], ceiling: float) -> list[float | None]:
+    return [None if r is None else r / ceiling for r in raw]
+
+
 def cache(num_blocks: int) -> torch.Tensor:
     # One layer's view of a two-layer cache, as the engine passes it.
     kv = torch.randn(num_blocks, 2, 2, PAGE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     return kv[:, 1]
 
 
-def decode_variants(bw: float) -> None:
+def decode_variants(bw: float) -> dict[str, Any]:
     variants = [(64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 4, 2), (32, 4, 4),
                 (256, 8, 2)]
+    table = section("decode kernel (BLOCK_N, warps, stages)", "fraction of copy bandwidth", "TB/s of KV read",
+                    variants)
     print("\ndecode kernel, TB/s of KV read (fraction of copy bandwidth); variants (BLOCK_N, warps, stages)")
     print(f"{'case':<28}" + "".join(f"{v!s:>14}" for v in variants))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -52,15 +77,20 @@ def decode_variants(bw: float) -> None:
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         splits = num_splits_for(batch, KV_HEADS, bound, sms)
         nbytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
-        cells = []
+        cells, raw = [], []
         for bn, warps, stages in variants:
             try:
                 us = bench_us(partial(decode_attention, q, kv, seq_lens, tables, 0.088, splits, block_n=bn,
                                       num_warps=warps, num_stages=stages))
                 cells.append(f"{nbytes / us / 1e6:6.2f} ({nbytes / us / 1e6 / bw:3.0%})")
+                raw.append(nbytes / us / 1e6)
             except Exception as e:  # out of resources, say
                 cells.append(f"{type(e).__name__[:12]:>14}")
-        print(f"{f'b={batch} ctx={ctx} splits={splits}':<28}" + "".join(f"{c:>14}" for c in cells))
+                raw.append(None)
+        case = f"b={batch} ctx={ctx} splits={splits}"
+        print(f"{case:<28}" + "".join(f"{c:>14}" for c in cells))
+        add_row(table, case, raw, _over(raw, bw))
+    return table
 
 
 GEMV_SHAPES = [  # (name, N, K, prologue) of Llama-3.1-8B's decode-step linear layers
@@ -95,7 +125,7 @@ def _linear_fused(ws, x, res, g, prologue, config, pdl) -> None:
             triton_gemv.gemv(x, w, None, prologue, config=config, pdl=pdl)
 
 
-def gemv_variants(bw: float) -> None:
+def gemv_variants(bw: float) -> dict[str, Any]:
     """One-row linear layers with their prologue: cuBLAS after the unfused Triton op (today's
     path for large weights) against the fused Triton GEMV in several tilings, with programmatic
     dependent launch (and once without). Each case replays, in one CUDA graph, the op over enough
@@ -109,6 +139,8 @@ def gemv_variants(bw: float) -> None:
     print(f"\none-row linear + prologue, us a call and fraction of copy bandwidth; cuBLAS + unfused op, then "
           f"fused (BLOCK_N, BLOCK_K, warps, PDL); PDL available: {pdl}")
     print(f"{'case':<14}{'cuBLAS':>14}" + "".join(f"{''.join(str(c).split())[:15]:>16}" for c in configs))
+    table = section("one-row linear + prologue (cuBLAS + unfused op; fused BLOCK_N, BLOCK_K, warps, PDL)",
+                    "fraction of copy bandwidth", "us a call", ["cuBLAS", *configs])
     dt = torch.bfloat16
     for name, n, k, prologue in GEMV_SHAPES:
         nbytes = n * k * 2
@@ -119,14 +151,18 @@ def gemv_variants(bw: float) -> None:
         res = torch.randn(1, k, dtype=dt, device="cuda")
         fns = [partial(_linear_unfused, ws, x, res, g, prologue)]
         fns += [partial(_linear_fused, ws, x, res, g, prologue, (bn, bk, warps), p) for bn, bk, warps, p in configs]
-        cells = []
+        cells, raw = [], []
         for fn in fns:
             try:
                 us = bench_us(fn) / copies
                 cells.append(f"{us:6.1f}us {nbytes / us / 1e6 / bw:4.0%}")
+                raw.append(us)
             except Exception as e:  # out of resources, say
                 cells.append(f"{type(e).__name__[:12]:>14}")
+                raw.append(None)
         print(f"{name:<14}" + "".join(f"{c:>16}" for c in cells), flush=True)
+        add_row(table, name, raw, [None if us is None else nbytes / us / 1e6 / bw for us in raw])
+    return table
 
 
 def _rope_then_attend(q, k, v, cos, sin, kv, slots, seq_lens, tables, splits) -> None:
@@ -136,11 +172,13 @@ def _rope_then_attend(q, k, v, cos, sin, kv, slots, seq_lens, tables, splits) ->
     decode_attention(q, kv, seq_lens, tables, 0.088, splits)
 
 
-def rope_decode_variants() -> None:
+def rope_decode_variants() -> dict[str, Any]:
     """Batch-1 decode attention as a CUDA graph replays it (splits for the engine's longest
     context): rotary + cache-write kernel then attention, against the fused launch."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("\nbatch-1 decode attention (1 layer, splits for a 131072-token bound), us")
+    table = section("batch-1 decode attention", "speed relative to the row's fastest", "us",
+                    ["rope kernel + attention", "fused", "attention alone"])
     for ctx in (512, 4096):
         per_seq = -(-(ctx + 1) // PAGE)
         kv = cache(per_seq + 1)
@@ -157,32 +195,41 @@ def rope_decode_variants() -> None:
                                  rope=(k, v, cos, sin, slots)))
         alone = bench_us(partial(decode_attention, q, kv, seq_lens, tables, 0.088, splits))
         print(f"ctx={ctx}: rope kernel + attention {unfused:6.1f}   fused {fused:6.1f}   attention alone {alone:6.1f}")
+        fastest = min(unfused, fused, alone)
+        add_row(table, f"ctx={ctx}", [unfused, fused, alone], [fastest / unfused, fastest / fused, fastest / alone])
+    return table
 
 
-def prefill_variants(rate: float) -> None:
+def prefill_variants(rate: float) -> dict[str, Any]:
     variants = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (128, 32, 4, 4), (64, 128, 4, 3)]
+    table = section("prefill kernel (BLOCK_M, BLOCK_N, warps, stages)", "fraction of the matmul rate", "TFLOP/s",
+                    variants)
     print("\nprefill kernel, TFLOP/s; variants (BLOCK_M, BLOCK_N, warps, stages)")
     print(f"{'case':<28}" + "".join(f"{v!s:>16}" for v in variants))
     for ctx, new in ((0, 4096), (0, 512), (3584, 512), (8000, 192)):
         total = ctx + new
         per_seq = -(-total // PAGE)
         kv = cache(per_seq + 1)
-        table = torch.randperm(per_seq, device="cuda").view(1, per_seq).int()
+        block_table = torch.randperm(per_seq, device="cuda").view(1, per_seq).int()
         qsl = torch.tensor([0, new], dtype=torch.int32, device="cuda")
         seq_lens = torch.tensor([total], dtype=torch.int32, device="cuda")
         q = torch.randn(new, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         out = torch.empty_like(q)
         flops = 4 * HEADS * HEAD_DIM * new * (ctx + (new + 1) / 2)
-        cells = []
+        cells, raw = [], []
         for cfg in variants:
             try:
-                us = bench_us(partial(prefill_attention, q, kv, qsl, seq_lens, table, 0, 1, new, 0.088, out,
+                us = bench_us(partial(prefill_attention, q, kv, qsl, seq_lens, block_table, 0, 1, new, 0.088, out,
                                       config=cfg))
                 cells.append(f"{flops / us / 1e6:5.0f} ({flops / us / 1e6 / rate:3.0%})")
+                raw.append(flops / us / 1e6)
             except Exception as e:
                 cells.append(f"{type(e).__name__[:14]:>16}")
+                raw.append(None)
         print(f"{f'ctx={ctx} new={new}':<28}" + "".join(f"{c:>16}" for c in cells))
+        add_row(table, f"ctx={ctx} new={new}", raw, _over(raw, rate))
+    return table
 
 
 def profile_steps() -> None:
@@ -210,9 +257,10 @@ def profile_steps() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--only", choices=["gemv"], help="only the few-row linear and batch-1 attention variants")
+    ap.add_argument("--json", type=Path, default=None, help="write the variant tables here, and their PNGs beside")
     args = ap.parse_args()
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
@@ -222,13 +270,19 @@ def main() -> None:
     mm_ms = triton.testing.do_bench(partial(torch.matmul, a, a), return_mode="median")
     rate = 2 * 8192 ** 3 / (mm_ms / 1e3) / 1e12
     print(f"copy {bw:.2f} TB/s, matmul {rate:.0f} TFLOP/s")
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                              "copy_tb_s": bw, "matmul_tflop_s": rate, "sections": {}}
     if args.only == "gemv":
-        gemv_variants(bw)
-        rope_decode_variants()
-        return
-    decode_variants(bw)
-    prefill_variants(rate)
-    if not args.no_profile:
+        result["sections"] |= {"gemv": gemv_variants(bw), "rope_decode": rope_decode_variants()}
+    else:
+        result["sections"] |= {"decode": decode_variants(bw), "prefill": prefill_variants(rate)}
+    if args.json:
+        from bench import plots
+
+        args.json.write_text(json.dumps(result, indent=2))
+        for path in plots.gpu_kernels_figures(result, args.json.with_suffix("")):
+            print(f"figure: {path}")
+    if args.only is None and not args.no_profile:
         profile_steps()
 
 

@@ -1,7 +1,9 @@
 """The bench scripts' figures (matplotlib, PNG): latency CDFs, throughput against concurrency,
-goodput against request rate (the DistServe-style curve). Each function takes the JSON the
-scripts write (``bench/serve.py``'s runs: a ``label``, a ``summary`` and per-request ``requests``)
-and writes one PNG; none shows a window.
+goodput against request rate (the DistServe-style curve), the GPU scripts' decode steps against
+the HBM ceiling, generate throughput, and kernel-variant grids. Each function takes the JSON the
+scripts write (``bench/serve.py``'s runs: a ``label``, a ``summary`` and per-request ``requests``;
+``bench/gpu.py``'s ``decode``/``generate``; ``bench/gpu_kernels.py``'s ``sections``) and writes
+one PNG; none shows a window, none needs a GPU.
 
     python bench/plots.py RESULTS.json [--out DIR]     # every figure the file has data for
 """
@@ -164,13 +166,113 @@ def serve_figures(result: dict[str, Any], stem: Path) -> list[Path]:
     return written
 
 
+# ---- bench/gpu.py and bench/gpu_kernels.py ---------------------------------------------------------
+
+
+def gpu_decode_steps(decode: list[dict[str, Any]], path: Path, device: str = "") -> Path:
+    """``bench/gpu.py``'s decode steps: step time against context, a line per batch; and the
+    fraction of HBM copy bandwidth the step (solid) and its forward alone (dashed) reach."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    by_batch: dict[int, list[dict[str, Any]]] = {}
+    for row in decode:
+        by_batch.setdefault(row["batch"], []).append(row)
+    for batch, rows in sorted(by_batch.items()):
+        rows = sorted(rows, key=lambda r: r["context"])
+        ctx = [r["context"] for r in rows]
+        (line,) = a.plot(ctx, [r["step_ms"] for r in rows], marker="o", label=f"batch {batch}")
+        b.plot(ctx, [r["hbm_fraction"] for r in rows], marker="o", color=line.get_color(), label=f"batch {batch}")
+        b.plot(ctx, [r["forward_hbm_fraction"] for r in rows], linestyle="--", color=line.get_color())
+    a.set(title=f"decode step {device}".strip(), xlabel="context tokens", ylabel="ms per step", xscale="log")
+    top = max([1.0] + [r[k] for r in decode for k in ("hbm_fraction", "forward_hbm_fraction")])
+    b.set(title="fraction of HBM bandwidth (dashed: forward only)", xlabel="context tokens",
+          ylabel="bytes moved / step time / copy bandwidth", xscale="log", ylim=(0, 1.05 * top))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def gpu_generate(result: dict[str, Any], path: Path) -> Path:
+    """``bench/gpu.py``'s generate throughput per batch: tandem against transformers, and tandem's
+    synchronous against its asynchronous step (``generate_modes``)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = result.get("generate", [])
+    xs = range(len(rows))
+    a.bar([x - 0.2 for x in xs], [r["tandem_tok_s"] for r in rows], width=0.4, label="tandem")
+    if any(r["transformers_tok_s"] for r in rows):  # None: --skip-hf
+        a.bar([x + 0.2 for x in xs], [r["transformers_tok_s"] or 0 for r in rows], width=0.4, label="transformers")
+    a.set_xticks(list(xs), [f"batch {r['batch']}" for r in rows])
+    a.set(title="generate", ylabel="output tokens / s")
+    modes = result.get("generate_modes", {})
+    batches = sorted({int(k) for by_batch in modes.values() for k in by_batch})
+    for k, (mode, by_batch) in enumerate(sorted(modes.items())):
+        values = {int(key): v for key, v in by_batch.items()}  # JSON keys are strings
+        b.bar([x + (k - 0.5) * 0.4 for x in range(len(batches))], [values.get(bt, 0) for bt in batches], width=0.4,
+              label=f"{mode} step")
+    b.set_xticks(list(range(len(batches))), [f"batch {bt}" for bt in batches])
+    b.set(title="tandem: sync vs async step", ylabel="output tokens / s")
+    for ax in (a, b):
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def variant_grid(section: dict[str, Any], path: Path) -> Path:
+    """One of ``bench/gpu_kernels.py``'s sections: a case (row) by variant (column) grid of the
+    fraction of the ceiling each variant reaches (``values``; blank where it failed), each row's
+    best outlined."""
+    cases, variants = section["cases"], section["variants"]
+    grid = [[math.nan if v is None else v for v in row] for row in section["values"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 1.25 * len(variants)), max(3.0, 1.5 + 0.5 * len(cases))))
+    ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(grid):
+        finite = [v for v in row if not math.isnan(v)]
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 else "black")
+        if finite:
+            best = row.index(max(finite))
+            ax.add_patch(plt.Rectangle((best - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(cases)), cases, fontsize=8)
+    ax.set_title(f"{section['title']}: {section['unit']}", fontsize=9)
+    return _save(fig, path)
+
+
+def gpu_figures(result: dict[str, Any], stem: Path) -> list[Path]:
+    """Every figure of a ``bench/gpu.py`` JSON: ``<stem>_decode.png``, ``<stem>_generate.png``."""
+    written = []
+    if result.get("decode"):
+        written.append(gpu_decode_steps(result["decode"], stem.with_name(stem.name + "_decode.png"),
+                                        result.get("device", "")))
+    if result.get("generate") or result.get("generate_modes"):
+        written.append(gpu_generate(result, stem.with_name(stem.name + "_generate.png")))
+    return written
+
+
+def gpu_kernels_figures(result: dict[str, Any], stem: Path) -> list[Path]:
+    """Every figure of a ``bench/gpu_kernels.py`` JSON: ``<stem>_<section>.png`` per section."""
+    return [variant_grid(section, stem.with_name(f"{stem.name}_{name}.png"))
+            for name, section in result.get("sections", {}).items() if section["cases"]]
+
+
+def figures(result: dict[str, Any], stem: Path) -> list[Path]:
+    """The figures of any bench JSON this module knows the shape of."""
+    if "sections" in result:
+        return gpu_kernels_figures(result, stem)
+    if "hbm_copy_bytes_per_s" in result:
+        return gpu_figures(result, stem)
+    return serve_figures(result, stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", type=Path)
     p.add_argument("--out", type=Path, default=None, help="directory (default: beside the JSON)")
     args = p.parse_args(argv)
     stem = (args.out or args.json.parent) / args.json.stem
-    for path in serve_figures(json.loads(args.json.read_text()), stem):
+    for path in figures(json.loads(args.json.read_text()), stem):
         print(path)
     return 0
 

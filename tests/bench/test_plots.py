@@ -1,0 +1,73 @@
+"""The GPU scripts' figures drawn on the CPU: a JSON of ``bench/gpu.py``'s and of
+``bench/gpu_kernels.py``'s shape (built with the scripts' own row helpers, round-tripped through
+JSON as ``--json`` writes it) goes through ``python bench/plots.py FILE``, which writes every
+figure the scripts write beside their ``--json``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from bench import plots
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _png_ok(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 200, (path, image.shape)
+    assert image.std() > 0.01, f"{path} is blank"
+
+
+def gpu_result() -> dict:
+    from bench import gpu
+    bw = 4.0e12
+    decode = [gpu.decode_row(b, ctx, 5.0 + b * ctx / 1e5, 4.5 + b * ctx / 1e5, 0.3, 16_000_000_000 + b * ctx * 131072,
+                             bw) for b in (1, 64) for ctx in (512, 4096)]
+    return {"device": "NVIDIA H200", "torch": "2.x", "hbm_copy_bytes_per_s": bw, "bf16_matmul_flops": 7e14,
+            "decode": decode, "prefill": {"tokens": 4096, "ms": 80.0, "flops": 6e13, "matmul_fraction": 0.6},
+            "generate_modes": {"async": {1: 150.0, 64: 6000.0}, "sync": {1: 120.0, 64: 5000.0}},
+            "generate": [gpu.generate_row(1, 150.0, 40.0), gpu.generate_row(64, 6000.0, 900.0)]}
+
+
+def kernels_result() -> dict:
+    from bench import gpu_kernels as gk
+    decode = gk.section("decode kernel (BLOCK_N, warps, stages)", "fraction of copy bandwidth", "TB/s",
+                        [(64, 4, 3), (128, 4, 3), (256, 8, 2)])
+    gk.add_row(decode, "b=1 ctx=4096 splits=16", [2.1, 3.0, None], gk._over([2.1, 3.0, None], 4.0))
+    gk.add_row(decode, "b=256 ctx=512 splits=1", [3.5, 3.2, 2.0], gk._over([3.5, 3.2, 2.0], 4.0))
+    prefill = gk.section("prefill kernel", "fraction of the matmul rate", "TFLOP/s", [(128, 64, 8, 3), (64, 64, 4, 3)])
+    gk.add_row(prefill, "ctx=0 new=4096", [400.0, 300.0], gk._over([400.0, 300.0], 700.0))
+    return {"device": "NVIDIA H200", "copy_tb_s": 4.0, "matmul_tflop_s": 700.0,
+            "sections": {"decode": decode, "prefill": prefill}}
+
+
+@pytest.mark.parametrize("name, result, figures", [
+    ("gpu", gpu_result, ("gpu_decode.png", "gpu_generate.png")),
+    ("kernels", kernels_result, ("kernels_decode.png", "kernels_prefill.png")),
+])
+def test_plots_from_a_gpu_scripts_json(tmp_path: Path, name: str, result, figures: tuple[str, ...]) -> None:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result()))  # as the script writes it: int keys become strings
+    cli = subprocess.run([sys.executable, str(REPO / "bench" / "plots.py"), str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    written = sorted(Path(line).name for line in cli.stdout.split())
+    assert written == sorted(figures), cli.stdout
+    for figure in figures:
+        _png_ok(tmp_path / figure)
+
+
+def test_a_skipped_reference_and_a_decode_only_run_still_plot(tmp_path: Path) -> None:
+    """``--skip-hf`` (no transformers numbers) and ``--decode-only`` (decode rows only)."""
+    result = json.loads(json.dumps(gpu_result()))
+    for row in result["generate"]:
+        row["transformers_tok_s"] = None
+    assert len(plots.figures(result, tmp_path / "skip_hf")) == 2
+    decode_only = {k: result[k] for k in ("device", "hbm_copy_bytes_per_s", "bf16_matmul_flops", "decode")}
+    assert [p.name for p in plots.figures(decode_only, tmp_path / "d")] == ["d_decode.png"]
