@@ -74,6 +74,12 @@ def _pct(name: str, by: str = "", legend_by: str = "") -> list[tuple[str, str]]:
     return [(quantile(q, name, by), f"{prefix}p{round(q * 100)}") for q in (0.5, 0.9, 0.99)]
 
 
+def _per_tier(name: str) -> str:
+    """A router's per-tier gauge of the cluster: every router replica sees the same workers, so
+    the replicas' values are one value (max), not parts of a sum."""
+    return f"max by (role) ({m(name)})"
+
+
 def dashboards() -> dict[str, tuple[str, list[Panel]]]:
     """file name -> (title, panels)."""
     slo = m("tandem_router_slo_target_seconds")
@@ -89,7 +95,9 @@ def dashboards() -> dict[str, tuple[str, list[Panel]]]:
             Panel("Tokens per second", [(rate("tandem_router_completion_tokens_total"), "generated"),
                                         (rate("tandem_router_prompt_tokens_total"), "prompt")]),
             Panel("Request duration", _pct("tandem_router_request_duration_seconds"), "s"),
-            Panel("Workers per tier", [(f"sum by (role) ({m('tandem_router_workers')})", "{{role}}")]),
+            Panel("Workers per tier", [(_per_tier("tandem_router_workers"), "{{role}}")]),
+            Panel("GPUs per tier", [(_per_tier("tandem_router_gpus"), "{{role}}")],
+                  description="GPUs the registered workers hold (WorkerInfo.num_gpus; 0 on cpu)"),
             Panel("Requests in flight", [(f"sum ({m('tandem_router_inflight_requests')})", "in flight")]),
             Panel("Where prompts are prefilled", [(rate("tandem_router_route_decisions_total", "path"), "{{path}}")],
                   "reqps"),
@@ -129,7 +137,7 @@ def dashboards() -> dict[str, tuple[str, list[Panel]]]:
         ]),
         "tandem-planner.json": ("tandem: planner", [
             Panel("Desired vs actual workers", [(m("tandem_router_planner_desired_workers"), "desired {{role}}"),
-                                                (f"sum by (role) ({m('tandem_router_workers')})", "actual {{role}}")]),
+                                                (_per_tier("tandem_router_workers"), "actual {{role}}")]),
             Panel("Predicted vs observed request rate",
                   [(m("tandem_router_planner_predicted_request_rate"), "predicted"),
                    (rate("tandem_router_requests_total"), "observed")], "reqps"),

@@ -4,7 +4,7 @@
   here, ``router.dashboard_svg``) that polls ``/dashboard/data`` every second.
 - ``/dashboard/data``: JSON of what the page shows. Every number the page shows that Prometheus
   also has is given with the exact series it equals on this router's ``/metrics``
-  (``"metric": "name{labels}"``): the per-tier workers, queue, running and KV usage (what the
+  (``"metric": "name{labels}"``): the per-tier workers, GPUs, queue, running and KV usage (what the
   workers last published in etcd, ``WorkerPool.reported``), prefix hit ratios, SLO attainment.
 - ``/metrics/targets``: Prometheus HTTP service discovery (``http_sd_configs``) of the cluster's
   processes: this router and every registered worker, labelled ``role``, ``worker``, ``model``.
@@ -139,6 +139,7 @@ class Dashboard:
             published = [w for w in workers if "kv_usage" in w]
             out[role] = {
                 "workers": _number(len(members), mc.ROUTER_WORKERS.name, {"role": role}),
+                "gpus": _number(pool.num_gpus(), mc.ROUTER_GPUS.name, {"role": role}),
                 "waiting": sum(w["waiting"]["value"] for w in published),
                 "running": sum(w["running"]["value"] for w in published),
                 "kv_usage": (sum(w["kv_usage"]["value"] for w in published) / len(published)) if published else None,
@@ -158,8 +159,8 @@ class Dashboard:
             "completion_tokens_total": _total(mc.ROUTER_COMPLETION_TOKENS.name),
             "prefix_hit_ratio": _tier_hit_ratio(self.flow),
             "kv_handoff_ms": HANDOFFS.percentiles(),
-            "tiers": {role: {k: t[k] for k in ("waiting", "running", "kv_usage")} | {"workers": t["workers"]["value"]}
-                      for role, t in tiers.items()},
+            "tiers": {role: {k: t[k] for k in ("waiting", "running", "kv_usage")}
+                      | {"workers": t["workers"]["value"], "gpus": t["gpus"]["value"]} for role, t in tiers.items()},
         }
 
     def rates(self) -> dict[str, float | None]:

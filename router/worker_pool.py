@@ -19,6 +19,7 @@ from router import policy
 from router.errors import WorkerFailedError
 from router.inflight import Inflight, Ticket
 from router.metrics import (
+    GPUS,
     PREFIX_HIT_RATE,
     WORKER_FAILURES,
     WORKER_KV_USAGE,
@@ -64,6 +65,7 @@ class WorkerPool:
     async def start(self) -> None:
         await self.workers.start()
         WORKERS.labels(role=self.role).set_function(lambda: len(self.members()))
+        GPUS.labels(role=self.role).set_function(self.num_gpus)
         WORKER_FAILURES.labels(role=self.role)  # exported from the start, at 0
         self._poller = asyncio.create_task(self._poll_loads())
 
@@ -78,6 +80,10 @@ class WorkerPool:
         """The registered workers serving the router's model (all of them until it knows it)."""
         return {w: info for w, info in self.workers.workers.items()
                 if self.model_name is None or info.model.name == self.model_name}
+
+    def num_gpus(self) -> float:
+        """GPUs the members hold, as they registered them (``WorkerInfo.num_gpus``)."""
+        return float(sum(info.num_gpus for info in self.members().values()))
 
     def ids(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """The workers requests may go to: members, not excluded, not suspected."""

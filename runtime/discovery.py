@@ -61,6 +61,7 @@ class WorkerInfo:
     metrics_url: str = ""  # where Prometheus scrapes this process, if it serves /metrics
     pid: int = 0
     started_at_unix_ms: int = 0
+    num_gpus: float = 0.0  # GPUs it holds (ClusterConfig.gpus_per_worker): 0 on cpu unless set
 
     def __post_init__(self) -> None:
         check_name("worker id", self.worker_id)
@@ -72,13 +73,16 @@ class WorkerInfo:
             raise ValueError(f"worker {self.worker_id}: model must be a ModelCard")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"worker {self.worker_id}: block_size must be a positive int")
+        if not self.num_gpus >= 0:  # NaN too
+            raise ValueError(f"worker {self.worker_id}: num_gpus must be >= 0, got {self.num_gpus!r}")
 
     def to_pb(self) -> cpb.WorkerInfo:
         msg = cpb.WorkerInfo(
             worker_id=self.worker_id, role=_ROLE_TO_PB[self.role], endpoint=self.endpoint,
             model=cpb.ModelCard(name=self.model.name, max_model_len=self.model.max_model_len),
             block_size=self.block_size, transport_metadata=self.transport_metadata,
-            metrics_url=self.metrics_url, pid=self.pid, started_at_unix_ms=self.started_at_unix_ms)
+            metrics_url=self.metrics_url, pid=self.pid, started_at_unix_ms=self.started_at_unix_ms,
+            num_gpus=self.num_gpus)
         source = self.model.tokenizer
         if source is not None:
             if source.kind is TokenizerKind.GGUF:
@@ -106,7 +110,7 @@ class WorkerInfo:
             worker_id=msg.worker_id, role=_ROLE_FROM_PB[msg.role], endpoint=msg.endpoint,
             model=ModelCard(msg.model.name, msg.model.max_model_len, source), block_size=msg.block_size,
             transport_metadata=msg.transport_metadata, metrics_url=msg.metrics_url,
-            pid=msg.pid, started_at_unix_ms=msg.started_at_unix_ms)
+            pid=msg.pid, started_at_unix_ms=msg.started_at_unix_ms, num_gpus=msg.num_gpus)
 
     @classmethod
     def parse(cls, data: bytes) -> WorkerInfo:

@@ -147,6 +147,9 @@ ROUTER_WINDOW_REQUESTS = _define("tandem_router_window_finished_requests", "gaug
 # ---- router: its view of the cluster (workers' registrations and published loads in etcd) ------
 ROUTER_WORKERS = _define("tandem_router_workers", "gauge",
                          "Workers registered in etcd (a dead one leaves within the lease TTL)", "router", ("role",))
+ROUTER_GPUS = _define("tandem_router_gpus", "gauge",
+                      "GPUs the registered workers of a tier hold (their WorkerInfo.num_gpus: "
+                      "ClusterConfig.gpus_per_worker, 0 on cpu unless set)", "router", ("role",))
 ROUTER_WORKER_FAILURES = _define("tandem_router_worker_failures_total", "counter", "Worker calls that failed",
                                  "router", ("role",))
 ROUTER_WORKER_KV_USAGE = _define("tandem_router_worker_kv_usage_ratio", "gauge",

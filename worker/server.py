@@ -202,7 +202,7 @@ async def serve_worker(role: str, servicer_cls: ServicerFactory, argv: list[str]
     info = WorkerInfo(
         worker_id=worker_id, role=role, endpoint=endpoint, model=card, block_size=econfig.cache.block_size,
         transport_metadata=transport.metadata(), metrics_url=metrics.url,
-        pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000),
+        pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000), num_gpus=cfg.gpus_per_worker,
     )
     membership = servicer.membership = Membership(plane, info, lambda: engine.load, cfg.metrics_interval_s)
     await membership.join()

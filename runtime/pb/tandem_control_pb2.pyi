@@ -29,7 +29,7 @@ class ModelCard(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerSource, _Mapping]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "endpoint", "model", "block_size", "transport_metadata", "metrics_url", "pid", "started_at_unix_ms")
+    __slots__ = ("worker_id", "role", "endpoint", "model", "block_size", "transport_metadata", "metrics_url", "pid", "started_at_unix_ms", "num_gpus")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class WorkerInfo(_message.Message):
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _tandem_worker_pb2.WorkerRole
     endpoint: str
@@ -48,7 +49,8 @@ class WorkerInfo(_message.Message):
     metrics_url: str
     pid: int
     started_at_unix_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+    num_gpus: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., endpoint: _Optional[str] = ..., model: _Optional[_Union[ModelCard, _Mapping]] = ..., block_size: _Optional[int] = ..., transport_metadata: _Optional[bytes] = ..., metrics_url: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ..., num_gpus: _Optional[float] = ...) -> None: ...
 
 class WorkerStepStats(_message.Message):
     __slots__ = ("worker_id", "role", "state", "window_s", "num_waiting", "num_running", "num_queued_prefill_tokens", "num_active_kv_tokens", "kv_usage", "num_steps", "step_s", "step_prefill_tokens", "step_decode_tokens", "step_kv_tokens", "tokens_per_s", "decode_tokens_per_s", "num_prompt_tokens", "num_cached_tokens", "pid", "published_at_unix_ms")

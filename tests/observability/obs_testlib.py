@@ -17,8 +17,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The sim's ITL is ~6 ms per step here; an ITL target near it makes attainment neither 0 nor 1.
+# Half a logical GPU per worker (two workers sharing one): a registration that rounds or drops the
+# count shows on the GPUs per tier.
+GPUS_PER_WORKER = 0.5
 CONFIG = dict(port=0, grpc_port=0, lease_ttl_s=2, metrics_interval_s=0.25, mode="disaggregated", engine="sim",
-              kv_cache_gib=0.05, transport="tcp", max_local_prefill_tokens=32, ttft_slo_ms=1000.0, itl_slo_ms=8.0)
+              kv_cache_gib=0.05, transport="tcp", max_local_prefill_tokens=32, ttft_slo_ms=1000.0, itl_slo_ms=8.0,
+              num_gpus_per_worker=GPUS_PER_WORKER)
 
 
 def system_tool(name: str) -> str:

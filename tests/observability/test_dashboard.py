@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from obs_testlib import Load, planner_decision, scrape, system_tool, wait_for, write_decision
+from obs_testlib import GPUS_PER_WORKER, Load, planner_decision, scrape, system_tool, wait_for, write_decision
 
 READ = """async (refresh) => {
   if (refresh) await window.tandemDashboard.refresh();
@@ -46,6 +46,8 @@ def shown(page, refresh: bool = True) -> list[dict]:
 
 def expected_text(metric: str, value: float) -> str:
     name = metric.split("{")[0]
+    if name == "tandem_router_gpus":  # may be fractional (GPUs shared, logical GPUs)
+        return f"{round(value, 2):g}"
     return f"{value * 100:.1f}%" if name.endswith("_ratio") else str(round(value))
 
 
@@ -94,6 +96,11 @@ def test_numbers_equal_the_metrics_under_load(cluster, page) -> None:
         for target in ("ttft", "itl", "both"):
             assert f'tandem_router_slo_attainment_ratio{{target="{target}"}}' in names
         assert {'tandem_router_workers{role="prefill"}', 'tandem_router_workers{role="decode"}'} <= names
+        gpus = {n["metric"]: (float(n["value"]), n["text"]) for n in matched
+                if n["metric"].startswith("tandem_router_gpus{")}
+        assert gpus == {f'tandem_router_gpus{{role="{role}"}}': (GPUS_PER_WORKER * len(cluster.workers(role)),
+                                                              f"{GPUS_PER_WORKER * len(cluster.workers(role)):g}")
+                        for role in ("prefill", "decode")}, gpus
         shot = Path(os.environ.get("TANDEM_DASHBOARD_SCREENSHOT", "") or cluster._tmp / "dashboard.png")
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from obs_testlib import Load, get, system_tool, wait_for
+from obs_testlib import GPUS_PER_WORKER, Load, get, system_tool, wait_for
 
 from deploy import observability_gen
 
@@ -106,6 +106,10 @@ def test_every_panel_query_returns_data(cluster, prometheus) -> None:
     kv = query(prometheus, "tandem_worker_kv_usage_ratio")
     assert {r["metric"]["worker"] for r in kv} == workers
     assert {r["metric"]["role"] for r in kv} == {"prefill", "decode"}
+    # GPUs per tier: what the workers registered (num_gpus_per_worker each)
+    panel = next(p for p in observability_gen.dashboards()["tandem-overview.json"][1] if p.title == "GPUs per tier")
+    gpus = {r["metric"]["role"]: float(r["value"][1]) for r in query(prometheus, panel.targets[0][0])}
+    assert gpus == {role: GPUS_PER_WORKER * len(cluster.workers(role)) for role in ("prefill", "decode")}, gpus
 
 
 def test_grafana_dashboards_reference_their_datasource() -> None:

@@ -69,7 +69,7 @@ def test_keys_follow_design() -> None:
 
 
 def test_worker_info_wire_round_trip_and_validation() -> None:
-    original = info("d0", transport_metadata=b"\x00agent", pid=42, started_at_unix_ms=7)
+    original = info("d0", transport_metadata=b"\x00agent", pid=42, started_at_unix_ms=7, num_gpus=1.5)
     assert WorkerInfo.parse(original.to_pb().SerializeToString()) == original
     no_tokenizer = info("d1", model=ModelCard("dummy", 4096))
     assert WorkerInfo.parse(no_tokenizer.to_pb().SerializeToString()) == no_tokenizer
@@ -77,6 +77,9 @@ def test_worker_info_wire_round_trip_and_validation() -> None:
     assert WorkerInfo.parse(newer) == original
     with pytest.raises(ValueError, match="block_size"):
         info("d0", block_size=0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="num_gpus"):
+            info("d0", num_gpus=bad)
     with pytest.raises(ValueError, match="role"):
         info("d0", role="router")
     with pytest.raises(ValueError, match="not a WorkerInfo"):
