@@ -87,14 +87,14 @@ def dashboards() -> dict[str, tuple[str, list[Panel]]]:
         "tandem-overview.json": ("tandem: cluster overview", [
             Panel("SLO attainment over the router's window", [(f"{m('tandem_router_slo_attainment_ratio')}",
                                                                "{{target}}")], "percentunit", max=1.0),
-            Panel("Time to first token", [*_pct("tandem_router_time_to_first_token_seconds"),
+            Panel("Time to first token", [*_pct("tandem_router_time_to_first_token_seconds", "model", "model"),
                                           (f'{slo}{{target="ttft"}}', "SLO")], "s", dashed={"SLO"}),
-            Panel("Inter-token latency", [*_pct("tandem_router_inter_token_latency_seconds"),
+            Panel("Inter-token latency", [*_pct("tandem_router_inter_token_latency_seconds", "model", "model"),
                                           (f'{slo}{{target="itl"}}', "SLO")], "s", dashed={"SLO"}),
             Panel("Requests per second", [(rate("tandem_router_requests_total", "status"), "{{status}}")], "reqps"),
-            Panel("Tokens per second", [(rate("tandem_router_completion_tokens_total"), "generated"),
-                                        (rate("tandem_router_prompt_tokens_total"), "prompt")]),
-            Panel("Request duration", _pct("tandem_router_request_duration_seconds"), "s"),
+            Panel("Tokens per second", [(rate("tandem_router_completion_tokens_total", "model"), "{{model}} generated"),
+                                        (rate("tandem_router_prompt_tokens_total", "model"), "{{model}} prompt")]),
+            Panel("Request duration", _pct("tandem_router_request_duration_seconds", "model", "model"), "s"),
             Panel("Workers per tier", [(_per_tier("tandem_router_workers"), "{{role}}")]),
             Panel("GPUs per tier", [(_per_tier("tandem_router_gpus"), "{{role}}")],
                   description="GPUs the registered workers hold (WorkerInfo.num_gpus; 0 on cpu)"),
@@ -187,7 +187,9 @@ def prometheus_config(router: str = DEFAULT_ROUTER, scrape_interval_s: float = 5
                       file_sd: str | None = None) -> dict[str, Any]:
     """A Prometheus config scraping the cluster: through the router's ``/metrics/targets``
     (``router`` is its host:port), or from a ``file_sd`` target file."""
-    job: dict[str, Any] = {"job_name": "tandem", "scrape_interval": f"{scrape_interval_s:g}s"}
+    # honor_labels: the router labels its per-request series with the served model's name, and its
+    # target carries the same ``model`` label; the series keep theirs (no ``exported_model``).
+    job: dict[str, Any] = {"job_name": "tandem", "scrape_interval": f"{scrape_interval_s:g}s", "honor_labels": True}
     if file_sd is None:
         job["http_sd_configs"] = [{"url": f"http://{router}/metrics/targets", "refresh_interval": "10s"}]
     else:

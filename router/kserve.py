@@ -206,7 +206,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                          ) -> pb.ModelInferResponse:
         try:
             model, prompt_ids, sampling, include_input, text = parse_request(request, self.catalog, False)
-            gen = Generation(self.flow, model.tokenizer, prompt_ids, sampling, request_id=request.id or None)
+            gen = Generation(self.flow, model, prompt_ids, sampling, request_id=request.id or None)
             async for _ in gen.stream():
                 pass
         except Exception as e:
@@ -247,7 +247,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One request of a stream: its text pieces, or its error, onto the stream's queue."""
         try:
             model, prompt_ids, sampling, _, _ = parse_request(req, self.catalog, True)
-            gen = Generation(self.flow, model.tokenizer, prompt_ids, sampling,
+            gen = Generation(self.flow, model, prompt_ids, sampling,
                              request_id=f"{req.id or 'kserve'}-{uuid.uuid4().hex[:8]}")
             async for d in gen.stream():
                 if d.text or d.finish_reason is not None:

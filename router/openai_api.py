@@ -153,7 +153,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     if len(prompts) * max(req.n, 1) > request_params.MAX_SEQUENCES:
         raise APIError(400, f"a request may ask for at most {request_params.MAX_SEQUENCES} sequences (prompts x n), "
                        f"got {len(prompts)} x {req.n}", param="prompt" if req.n <= 1 else "n")
-    gens = [Generation(served.flow, model.tokenizer, ids, _prepare(model, req, ids, req.max_tokens), req.priority)
+    gens = [Generation(served.flow, model, ids, _prepare(model, req, ids, req.max_tokens), req.priority)
             for ids in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model.name}
@@ -194,7 +194,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = max(1, model.max_model_len - len(prompt_ids))
-    gen = Generation(served.flow, model.tokenizer, prompt_ids, _prepare(model, req, prompt_ids, max_tokens),
+    gen = Generation(served.flow, model, prompt_ids, _prepare(model, req, prompt_ids, max_tokens),
                      req.priority)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
     if req.stream:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from protocol.outputs import FinishReason, StopReason, TokenLogprob
 from protocol.sampling import SamplingParams
 from router import metrics
+from router.models import ServedModel
 from router.request_flow import Delta, RequestFlow, Route, Usage
 from router.request_window import WINDOW
 from text.detokenizer import IncrementalDetokenizer
-from text.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -52,12 +52,14 @@ class GenerationResult:
 
 
 class Generation:
-    """One prompt's n sequences, streamed as :class:`ChoiceDelta` and summed up in ``result``."""
+    """One prompt's n sequences of the served ``model``, streamed as :class:`ChoiceDelta` and summed
+    up in ``result``. Its metrics are labelled with the model's name."""
 
-    def __init__(self, flow: RequestFlow, tokenizer: TextTokenizer, prompt_ids: list[int], sampling: SamplingParams,
+    def __init__(self, flow: RequestFlow, model: ServedModel, prompt_ids: list[int], sampling: SamplingParams,
                  priority: int = 0, request_id: str | None = None) -> None:
         self.flow = flow
-        self.tokenizer = tokenizer
+        self.model = model
+        self.tokenizer = tokenizer = model.tokenizer
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.priority = priority
@@ -97,9 +99,10 @@ class Generation:
             ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
             WINDOW.finished(len(self.prompt_ids), self.usage.num_completion_tokens, ttft,
                             time.perf_counter() - self.arrival)
-        metrics.PROMPT_TOKENS.inc(self.usage.num_prompt_tokens)
-        metrics.COMPLETION_TOKENS.inc(self.usage.num_completion_tokens)
-        metrics.E2E.observe(time.perf_counter() - self.arrival)
+        model = self.model.name
+        metrics.PROMPT_TOKENS.labels(model).inc(self.usage.num_prompt_tokens)
+        metrics.COMPLETION_TOKENS.labels(model).inc(self.usage.num_completion_tokens)
+        metrics.E2E.labels(model).observe(time.perf_counter() - self.arrival)
 
     def _apply(self, delta: Delta) -> ChoiceDelta | None:
         choice = self.choices[delta.index]
@@ -111,9 +114,9 @@ class Generation:
         if delta.token_ids:
             if self.first_token_time is None:
                 self.first_token_time = now
-                metrics.TTFT.observe(now - self.arrival)
+                metrics.TTFT.labels(self.model.name).observe(now - self.arrival)
             elif self._last_token_time is not None:
-                metrics.ITL.observe((now - self._last_token_time) / len(delta.token_ids))
+                metrics.ITL.labels(self.model.name).observe((now - self._last_token_time) / len(delta.token_ids))
             self._last_token_time = now
         new_ids: list[int] = []
         new_logprobs: list[TokenLogprob] = []

@@ -13,7 +13,10 @@ runs it on the catalog and on what the processes really serve):
   ``kb``, ``percent``; a name that says it measures time (latency, duration, wait, time) is in
   seconds;
 - labels come from a closed vocabulary of bounded sets (``LABELS``): no request id, prompt or
-  user, nothing whose values grow with traffic. ``worker`` is bounded by the cluster's size.
+  user, nothing whose values grow with traffic. ``worker`` is bounded by the cluster's size;
+  ``model`` by the models served (a router serves one);
+- what is observed per served request (``per_request``: the router's TTFT, ITL, end-to-end time
+  and token counts) is labelled ``model``, the served model's name.
 
 Who serves what (``exporter``): ``router`` (the router's /metrics: requests, SLOs, its view of
 the cluster from etcd, the planner's last decision in etcd), ``worker`` (every worker's /metrics,
@@ -39,7 +42,7 @@ LABELS = {
     "path": "where a prompt was prefilled: local or remote",
     "role": "a worker tier: prefill or decode",
     "worker": "a worker id (bounded by the cluster's size)",
-    "model": "the served model's name",
+    "model": "the served model's name (what the router resolved a request to, never a client's string)",
     "target": "an SLO target: ttft, itl or both",
     "transport": "a KV transport: nixl, cuda_ipc, nccl, tcp, loopback",
     "mode": "a KV handoff mode: push, pull or none",
@@ -81,6 +84,9 @@ class Metric:
     labels: tuple[str, ...] = ()
     unit: str = ""  # "seconds" | "bytes" | "ratio" | "" (a count)
     buckets: tuple[float, ...] | None = None
+    # Observed for each served request (or its tokens): labelled ``model``, the name of the model
+    # the router resolved the request to (never the name a client sent: that is unbounded).
+    per_request: bool = False
 
     def create(self, registry: CollectorRegistry | None = REGISTRY) -> Counter | Gauge | Histogram:
         if self.kind == "counter":
@@ -104,10 +110,10 @@ disable_created_metrics()
 
 
 def _define(name: str, kind: str, help: str, exporter: str, labels: Iterable[str] = (), unit: str = "",
-            buckets: tuple[float, ...] | None = None) -> Metric:
+            buckets: tuple[float, ...] | None = None, per_request: bool = False) -> Metric:
     if name in CATALOG:
         raise ValueError(f"metric {name} is defined twice")
-    metric = CATALOG[name] = Metric(name, kind, help, exporter, tuple(labels), unit, buckets)
+    metric = CATALOG[name] = Metric(name, kind, help, exporter, tuple(labels), unit, buckets, per_request)
     return metric
 
 
@@ -124,15 +130,15 @@ ROUTER_REQUESTS = _define("tandem_router_requests_total", "counter", "Requests f
                           "router", ("api", "status"))
 ROUTER_INFLIGHT = _define("tandem_router_inflight_requests", "gauge", "Requests being served", "router")
 ROUTER_TTFT = _define("tandem_router_time_to_first_token_seconds", "histogram", "Arrival to first token",
-                      "router", unit="seconds", buckets=LATENCY_BUCKETS)
+                      "router", ("model",), "seconds", LATENCY_BUCKETS, per_request=True)
 ROUTER_ITL = _define("tandem_router_inter_token_latency_seconds", "histogram", "Time between streamed tokens",
-                     "router", unit="seconds", buckets=ITL_BUCKETS)
+                     "router", ("model",), "seconds", ITL_BUCKETS, per_request=True)
 ROUTER_E2E = _define("tandem_router_request_duration_seconds", "histogram", "Arrival to last token", "router",
-                     unit="seconds", buckets=LATENCY_BUCKETS)
+                     ("model",), "seconds", LATENCY_BUCKETS, per_request=True)
 ROUTER_PROMPT_TOKENS = _define("tandem_router_prompt_tokens_total", "counter", "Prompt tokens of served requests",
-                               "router")
+                               "router", ("model",), per_request=True)
 ROUTER_COMPLETION_TOKENS = _define("tandem_router_completion_tokens_total", "counter",
-                                   "Generated tokens of served requests", "router")
+                                   "Generated tokens of served requests", "router", ("model",), per_request=True)
 ROUTER_ROUTE_DECISIONS = _define("tandem_router_route_decisions_total", "counter", "Where prompts were prefilled",
                                  "router", ("path",))
 ROUTER_SLO_ATTAINMENT = _define(
@@ -310,6 +316,8 @@ def convention_problems(metrics: Iterable[Metric]) -> list[str]:
         for label in m.labels:
             if label not in LABELS:
                 problems.append(f"{n}: label {label!r} is not in the bounded vocabulary {sorted(LABELS)}")
+        if m.per_request and "model" not in m.labels:
+            problems.append(f"{n}: observed per served request, so it is labelled model")
         if len(set(m.labels)) != len(m.labels):
             problems.append(f"{n}: a label repeats")
         if not m.help.strip():

@@ -5,6 +5,9 @@ the workers really serve is the catalog (same names, types and labels; nothing u
 from __future__ import annotations
 
 import dataclasses
+import json
+import urllib.error
+import urllib.request
 
 import pytest
 from obs_testlib import get
@@ -36,6 +39,7 @@ def test_catalog_follows_the_conventions() -> None:
     (dict(name="tandem_router_kv_usage_ratio", kind="gauge", unit=""), "declares none"),
     (dict(exporter="planner"), "served by the router"),
     (dict(name="tandem_planner_example_seconds"), "served by the planner"),
+    (dict(per_request=True), "labelled model"),
 ])
 def test_the_checker_catches(change: dict, words: str) -> None:
     bad = dataclasses.replace(GOOD, **change)
@@ -84,3 +88,31 @@ def test_served_metrics_are_the_catalog(cluster) -> None:
         mc.ROUTER_WORKER_RUNNING.name, mc.ROUTER_PREFIX_HIT.name, mc.ROUTER_SLO_TARGET.name,
         mc.ROUTER_SLO_ATTAINMENT.name, mc.ROUTER_WORKERS.name, mc.ROUTER_KV_INDEXED_BLOCKS.name}
     assert set(mc.CATALOG) - lazy <= seen, set(mc.CATALOG) - lazy - seen
+
+
+def _complete(url: str, model: str) -> int:
+    body = {"model": model, "prompt": [1000 + k for k in range(40)], "max_tokens": 4, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_request_metrics_are_labelled_with_the_served_model(cluster) -> None:
+    """The router's per-request series (TTFT, ITL, end-to-end, tokens) carry ``model``, and its only
+    value is the served model: a request naming another model (a client's string) adds none."""
+    served = cluster.router["model"]
+    assert _complete(cluster.http_url, "no-such-model") == 404
+    assert _complete(cluster.http_url, served) == 200
+    per_request = {n for n, m in mc.CATALOG.items() if m.per_request}
+    assert {mc.ROUTER_TTFT.name, mc.ROUTER_ITL.name, mc.ROUTER_E2E.name} <= per_request
+    models: dict[str, set[str | None]] = {}
+    for fam in text_string_to_metric_families(get(f"{cluster.http_url}/metrics").decode()):
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        if name in per_request:
+            models[name] = {s.labels.get("model") for s in fam.samples}
+    assert models == {name: {served} for name in per_request}, models

@@ -110,6 +110,10 @@ def test_every_panel_query_returns_data(cluster, prometheus) -> None:
     panel = next(p for p in observability_gen.dashboards()["tandem-overview.json"][1] if p.title == "GPUs per tier")
     gpus = {r["metric"]["role"]: float(r["value"][1]) for r in query(prometheus, panel.targets[0][0])}
     assert gpus == {role: GPUS_PER_WORKER * len(cluster.workers(role)) for role in ("prefill", "decode")}, gpus
+    # the router's per-request series keep their own model label (honor_labels): no exported_model
+    ttft = query(prometheus, "tandem_router_time_to_first_token_seconds_count")
+    assert ttft and all(r["metric"].get("model") == cluster.router["model"] and "exported_model" not in r["metric"]
+                        for r in ttft), ttft
 
 
 def test_grafana_dashboards_reference_their_datasource() -> None:
