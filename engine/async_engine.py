@@ -53,7 +53,9 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, event_history: int = 100_000) -> None:
         self.engine = engine
         self.dead: BaseException | None = None
-        self.load = EngineLoad()
+        # What the worker publishes, refreshed after every step; read once here (the engine thread
+        # has not started) so that a worker that has not stepped yet reports its real KV capacity.
+        self.load: EngineLoad = engine.load()
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
