@@ -4,7 +4,8 @@ One deployment serves the module, in the order of the tests: 1 router, 1 prefill
 workers (the real model, float32, one thread each, one logical GPU each) and the planner service
 (``planner: true``; at the minimums it was deployed with and an hour between ticks, so it decides
 once and changes nothing) deployed from a config file; correct streamed answers through the
-openai client; status shows the placement and the planner's metrics show what it saw; a killed
+openai client; status shows the placement and the planner's metrics show what it saw; `tandem
+deploy targets` lists what the router does, and the router counts its workers' GPUs; a killed
 worker actor comes back and re-registers while serving goes on; scaling to 2 prefill + 1 decode
 under load fails no request; a tier switch through the controller keeps the process, and a
 restart of the switched worker's actor brings it back in its new tier; down leaves no actor,
@@ -273,6 +274,22 @@ def test_status_shows_placement(deployment: Deployment) -> None:
     text = tandem("status", "--namespace", deployment.namespace, "--address", deployment.address, timeout_s=60)
     assert "GPUs 3 of 4 in use" in text.stdout and "decode   2 of 2 serving" in text.stdout, text.stdout
     print(f"\ndeploy (1 router, 1 prefill, 2 decode) took {deployment.deploy_s:.1f} s")
+
+
+def test_scrape_targets_and_gpus_per_tier(deployment: Deployment, tmp_path: Path) -> None:
+    """`tandem deploy targets` on Ray (etcd and routers from the controller) writes what the
+    router's /metrics/targets lists; the router counts the GPUs its workers registered (one
+    logical GPU each, num_gpus_per_worker)."""
+    out = tmp_path / "targets.json"
+    r = tandem("targets", "--out", str(out), "--namespace", deployment.namespace, "--address", deployment.address,
+               timeout_s=60)
+    assert r.returncode == 0, r.stderr
+    with urllib.request.urlopen(f"{deployment.url}/metrics/targets", timeout=10) as resp:
+        assert json.loads(out.read_text()) == json.loads(resp.read())
+    with urllib.request.urlopen(f"{deployment.url}/metrics", timeout=10) as resp:
+        gpus = {ln.rpartition(" ")[0]: float(ln.rpartition(" ")[2]) for ln in resp.read().decode().splitlines()
+                if ln.startswith("tandem_router_gpus{")}
+    assert gpus == {'tandem_router_gpus{role="prefill"}': 1.0, 'tandem_router_gpus{role="decode"}': 2.0}, gpus
 
 
 def test_planner_service_runs(deployment: Deployment) -> None:
