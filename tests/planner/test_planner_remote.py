@@ -1,0 +1,195 @@
+"""``tandem planner`` acting on a ``tandem serve`` cluster from another process: both are the real
+commands (sim-engine workers, the embedded etcd). The planner finds the launcher service that
+``tandem serve`` registered in etcd and, under ITL pressure, starts a decode worker there (a
+subprocess of ``tandem serve``, not of the planner); once traffic stops it drains it, and
+``tandem serve`` serves on (a drained worker is not a dead one). The cluster ends with the
+planner's desired counts. On the way: the planner is a Prometheus target while it runs (its
+lease-bound key in etcd, the router's ``/metrics/targets``), and not once it stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from deploy.launcher import router_health
+from runtime import keys
+from runtime.etcd import ControlPlane
+from runtime.pb import tandem_control_pb2 as cpb
+from runtime.settings import ClusterConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# As test_planner_live: the CPU sim profile's decode step is ~50 ms alone and ~80 ms with 8
+# sequences of ~100 tokens, so an ITL target of 60 ms is met by one request and missed by eight.
+COMMON = ["--lease-ttl-s", "2", "--itl-slo-ms", "60", "--adjustment-interval-s", "1", "--planner-window-s", "3",
+          "--gpu-budget", "3"]
+SERVE = [sys.executable, "-m", "deploy.cli", "serve", "--no-planner", "--engine", "sim", "--sim-profile",
+         "cpu-smollm2-135m", "--model", "dummy:smollm2-135m", "--port", "0", "--grpc-port", "0", "--kv-cache-gib",
+         "0.25", "--transport", "tcp", "--metrics-interval-s", "0.5", "--max-local-prefill-tokens", "64",
+         "--drain-timeout-s", "60", *COMMON]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _banner(proc: subprocess.Popen, until: str, timeout_s: float) -> list[str]:
+    """Its output lines up to the one containing ``until`` (the rest is drained on a thread)."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if until in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout_s) and proc.poll() is None, "".join(lines)
+    return lines
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, dict[str, str]]]:
+    proc = subprocess.Popen([*SERVE, "--log-dir", str(tmp_path_factory.mktemp("serve-logs"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = _banner(proc, "Ctrl-C stops everything", 180)
+        fields = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
+        yield proc, {"http": fields["OpenAI"][2].removesuffix("/v1"), "etcd": fields["etcd"][1],
+                     "launcher": fields["launcher"][1]}
+    finally:
+        assert _stop(proc) == 0
+
+
+def _counts(http: str) -> tuple[int, int]:
+    body = router_health(http)
+    return body.get("prefill_workers", -1), body.get("decode_workers", -1)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def _etcd(endpoint: str, read):
+    async def run():
+        async with ControlPlane.from_config(ClusterConfig(etcd_endpoints=(endpoint,))) as plane:
+            return await read(plane)
+    return asyncio.run(run())
+
+
+def _targets(http: str) -> list[dict]:
+    with urllib.request.urlopen(f"{http}/metrics/targets", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_planner_process_scales_a_serve_cluster(serve) -> None:
+    proc, at = serve
+    http, etcd = at["http"], at["etcd"]
+    ns = ClusterConfig().namespace
+    assert _counts(http) == (1, 1)
+    planner = subprocess.Popen([sys.executable, "-m", "deploy.cli", "planner", "--etcd-endpoints", etcd,
+                                "--metrics-port", "0", *COMMON],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        lines = _banner(planner, f"acting through the launcher at {at['launcher']}", 60)
+
+        # a Prometheus target while it runs: its registration (lease-bound) and the router's http_sd
+        def registered() -> list[cpb.PlannerInfo]:
+            return list(_etcd(etcd, lambda p: p.get_messages(keys.planners_prefix(ns), cpb.PlannerInfo)).values())
+        _wait_for(lambda: len(registered()) == 1, 30, "the planner registers in etcd")
+        info = registered()[0]
+        assert info.pid == planner.pid and info.metrics_url.startswith("http://")
+        listed = [g for g in _targets(http) if g["labels"]["job"] == "tandem-planner"]
+        assert [g["targets"] for g in listed] == [[info.metrics_url.split("/")[2]]]
+        with urllib.request.urlopen(info.metrics_url, timeout=10) as resp:
+            assert b"tandem_planner_desired_workers" in resp.read()
+
+        # under load it starts a decode worker, in tandem serve's process tree
+        errors: list[BaseException] = []
+        done: list[int] = []
+        stop = threading.Event()
+        model = router_health(http)["model"]
+
+        def user(i: int) -> None:
+            c = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=120)
+            n = 0
+            while not stop.is_set():
+                try:
+                    done.append(c.completions.create(model=model, prompt=f"user {i} asks {n}", max_tokens=60,
+                                                     temperature=0).usage.completion_tokens)
+                except Exception as e:
+                    errors.append(e)
+                n += 1
+
+        users = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+        for t in users:
+            t.start()
+        try:
+            _wait_for(lambda: _counts(http) == (1, 2), 90, "ITL over the target: the planner starts a decode worker")
+        finally:
+            stop.set()
+            for t in users:
+                t.join(60)
+        assert not errors, errors[:3]
+        assert done and all(n == 60 for n in done), done
+        decode = _etcd(etcd, lambda p: p.get_messages(keys.workers_prefix(ns, "decode"), cpb.WorkerInfo))
+        new = [w for w in decode.values() if not w.worker_id.startswith("decode-0-")]
+        assert len(new) == 1 and _parent(new[0].pid) == proc.pid, (decode, proc.pid)
+
+        # traffic stops: it drains back to the minimums, and tandem serve serves on
+        _wait_for(lambda: _counts(http) == (1, 1), 60, "the planner drains decode back to 1")
+        _wait_for(lambda: not Path(f"/proc/{new[0].pid}").exists() or _parent(new[0].pid) != proc.pid, 30,
+                  "the drained worker exits")
+        history = list(_etcd(etcd, lambda p: p.get_messages(keys.planner_history_prefix(ns),
+                                                              cpb.PlannerDecision)).values())
+        kinds = [(a.kind, a.role) for d in history for a in d.actions]
+        assert (cpb.PlannerAction.KIND_START, "decode") in kinds and (cpb.PlannerAction.KIND_DRAIN, "decode") in kinds
+        time.sleep(2)  # two more ticks: the cluster holds the planner's desired counts
+        last = _etcd(etcd, lambda p: p.get_message(keys.planner_decision_key(ns), cpb.PlannerDecision))
+        assert (last.num_prefill, last.num_decode) == _counts(http) == (1, 1)
+        assert proc.poll() is None
+        assert _completes(http, model)
+    finally:
+        code = _stop(planner, signal.SIGINT)
+    assert code == 0, "".join(lines)
+    # stopped: no longer registered, no longer a target
+    assert not registered()
+    assert not [g for g in _targets(http) if g["labels"]["job"] == "tandem-planner"]
+
+
+def _completes(http: str, model: str) -> bool:
+    c = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
+    return c.completions.create(model=model, prompt="still serving", max_tokens=5, temperature=0
+                                ).usage.completion_tokens == 5
