@@ -136,8 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_planner(args: argparse.Namespace, launcher):
-    """``tandem serve``'s planner, in this process, acting on its cluster: on unless the planner
-    setting says false (``--no-planner``, TANDEM_PLANNER, the config file); disaggregated mode only."""
+    """``tandem serve``'s planner, in this process, acting on its cluster (disaggregated or
+    aggregated): on unless the planner setting says false (``--no-planner``, TANDEM_PLANNER, the
+    config file)."""
     import os
 
     from deploy.planner_actuator import PlannerRunner
@@ -146,7 +147,7 @@ def _serve_planner(args: argparse.Namespace, launcher):
     explicit = args.planner if args.planner is not None else settings.read_env(os.environ).get("planner")
     if explicit is None and args.config:
         explicit = settings.read_config_file(args.config).get("planner")
-    if explicit is False or launcher.cfg.mode != "disaggregated":
+    if explicit is False:
         return None
     return PlannerRunner(launcher.cfg, launcher).start()
 

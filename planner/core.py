@@ -13,7 +13,9 @@ Order of a tick:
 4. otherwise no decision without router windows, while a change is in progress, or within the
    grace period of the last change;
 5. targets per tier from the mode (throughput: the forecast; load: +/-1; both: the forecast is a
-   floor and the load scales above it), clamped to the minimums and the GPU budget;
+   floor and the load scales above it), clamped to the minimums and the GPU budget; an
+   aggregated cluster (``PlannerConfig.aggregated``) has one tier, registered as decode, judged
+   on both targets, and no prefill tier;
 6. the targets become actions: switches from a tier with surplus first (fast, no cold start),
    then starts while GPUs are free, then drains; the least-loaded workers go first.
 """
@@ -175,7 +177,11 @@ class Planner:
         if cfg.mode != "throughput":
             hit = self.throughput.forecast().hit_rate if self.throughput is not None else 0.0
             isl = traffic.isl_mean * (1 - hit)
-            for r in ROLES:
+            if cfg.aggregated:  # one tier, judged on both targets
+                verdicts["decode"], why = self.load.assess_aggregated([w for w in ready if w.role == "decode"], isl)
+                reasons += why
+                want["decode"] = max(floor["decode"], counts["decode"] + verdicts["decode"].delta)
+            for r in () if cfg.aggregated else ROLES:
                 verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl)
                 reasons.append(verdicts[r].reason)
                 want[r] = max(floor[r], counts[r] + verdicts[r].delta)
@@ -193,6 +199,9 @@ class Planner:
         if want["prefill"] + want["decode"] <= room:
             return want["prefill"], want["decode"]
         values = {f"want_{r}": float(want[r]) for r in ROLES} | {"max_workers": float(room)}
+        if cfg.aggregated:  # one tier: the budget is its ceiling
+            reasons.append(Reason("budget-clamp", "decode", values))
+            return 0, room
         growing = [r for r in ROLES if want[r] > counts[r]]
         if len(growing) == 1 and floor["prefill"] + floor["decode"] <= room:
             # One tier needs GPUs the other holds: the other gives what its load allows, a switch.

@@ -69,7 +69,8 @@ def planner_config(cfg: ClusterConfig, num_workers: int) -> PlannerConfig:
     budget = cfg.gpu_budget or num_workers
     min_prefill = cfg.min_prefill if cfg.mode == "disaggregated" else 0
     return PlannerConfig(
-        mode=cfg.planner_mode, ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms,
+        mode=cfg.planner_mode, aggregated=cfg.mode == "aggregated", ttft_slo_ms=cfg.ttft_slo_ms,
+        itl_slo_ms=cfg.itl_slo_ms,
         gpu_budget=max(budget, min_prefill + cfg.min_decode), min_prefill=min_prefill, min_decode=cfg.min_decode,
         adjustment_interval_s=interval, grace_s=2 * interval, start_timeout_s=max(120.0, 6 * interval),
         action_timeout_s=max(300.0, 12 * interval), scale_down_ticks=3)
