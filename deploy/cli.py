@@ -168,6 +168,10 @@ def cmd_planner(args: argparse.Namespace) -> int:
     cfg = settings.from_args(args)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s planner %(levelname)s %(name)s: %(message)s")
     launcher = find_launcher(cfg) if cfg.etcd_endpoints and not cfg.ray_address else None
+    if launcher is not None and not args.dry_run and (acting := _acting_planners(cfg)):
+        raise ValueError("a planner acts on this cluster already: " + ", ".join(
+            f"{p.planner_id} (pid {p.pid})" for p in acting) + "; start tandem serve with --no-planner to run "
+            "tandem planner instead (a planner that died is forgotten after its lease, lease_ttl_s)")
     if launcher is not None:  # a tandem serve cluster: act through its launcher service
         runner = PlannerRunner(launcher.cfg, launcher, dry_run=args.dry_run)
     elif args.dry_run and cfg.etcd_endpoints:  # any cluster's etcd: decide only
@@ -180,6 +184,19 @@ def cmd_planner(args: argparse.Namespace) -> int:
           + (" (dry run)" if args.dry_run else ""), flush=True)
     runner.run_forever()  # until Ctrl-C
     return 0
+
+
+def _acting_planners(cfg):
+    """The registered planners of ``cfg``'s namespace that act (not dry runs)."""
+    import asyncio
+
+    from runtime.discovery import list_planners
+    from runtime.etcd import ControlPlane
+
+    async def read():
+        async with ControlPlane.from_config(cfg) as plane:
+            return [p for p in await list_planners(plane) if not p.dry_run]
+    return asyncio.run(read())
 
 
 def build_parser() -> argparse.ArgumentParser:

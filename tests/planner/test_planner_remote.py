@@ -4,7 +4,8 @@ commands (sim-engine workers, the embedded etcd). The planner finds the launcher
 subprocess of ``tandem serve``, not of the planner); once traffic stops it drains it, and
 ``tandem serve`` serves on (a drained worker is not a dead one). The cluster ends with the
 planner's desired counts. On the way: the planner is a Prometheus target while it runs (its
-lease-bound key in etcd, the router's ``/metrics/targets``), and not once it stopped."""
+lease-bound key in etcd, the router's ``/metrics/targets``), and not once it stopped; a second
+acting planner is refused."""
 
 from __future__ import annotations
 
@@ -135,6 +136,10 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
         assert [g["targets"] for g in listed] == [[info.metrics_url.split("/")[2]]]
         with urllib.request.urlopen(info.metrics_url, timeout=10) as resp:
             assert b"tandem_planner_desired_workers" in resp.read()
+        # one planner acts on a cluster: a second one is refused, saying which one acts
+        second = subprocess.run([sys.executable, "-m", "deploy.cli", "planner", "--etcd-endpoints", etcd, *COMMON],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and info.planner_id in second.stderr, second.stderr
 
         # under load it starts a decode worker, in tandem serve's process tree
         errors: list[BaseException] = []
@@ -170,8 +175,9 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
 
         # traffic stops: it drains back to the minimums, and tandem serve serves on
         _wait_for(lambda: _counts(http) == (1, 1), 60, "the planner drains decode back to 1")
-        _wait_for(lambda: not Path(f"/proc/{new[0].pid}").exists() or _parent(new[0].pid) != proc.pid, 30,
-                  "the drained worker exits")
+        left = _etcd(etcd, lambda p: p.get_messages(keys.workers_prefix(ns, "decode"), cpb.WorkerInfo))
+        (gone,) = [w for w in decode.values() if w.worker_id not in {x.worker_id for x in left.values()}]
+        _wait_for(lambda: not Path(f"/proc/{gone.pid}").exists(), 30, "the drained worker exits")
         history = list(_etcd(etcd, lambda p: p.get_messages(keys.planner_history_prefix(ns),
                                                               cpb.PlannerDecision)).values())
         kinds = [(a.kind, a.role) for d in history for a in d.actions]
