@@ -1,15 +1,21 @@
-"""``tandem planner`` acting on a ``tandem serve`` cluster from another process: both are the real
-commands (sim-engine workers, the embedded etcd). The planner finds the launcher service that
-``tandem serve`` registered in etcd and, under ITL pressure, starts a decode worker there (a
-subprocess of ``tandem serve``, not of the planner); once traffic stops it drains it, and
-``tandem serve`` serves on (a drained worker is not a dead one). The cluster ends with the
-planner's desired counts. On the way: the planner is a Prometheus target while it runs (its
-lease-bound key in etcd, the router's ``/metrics/targets``), and not once it stopped; a second
-acting planner is refused."""
+"""The planner on ``tandem serve`` clusters, as the real commands run it (sim-engine workers, the
+embedded etcd):
+
+1. ``tandem planner`` acting from another process: it finds the launcher service ``tandem serve``
+   registered in etcd and, under ITL pressure, starts a decode worker there (a subprocess of
+   ``tandem serve``, not of the planner); once traffic stops it drains one, and ``tandem serve``
+   serves on (a drained worker is not a dead one). The cluster ends with the planner's desired
+   counts. On the way: the planner is a Prometheus target while it runs (its lease-bound key in
+   etcd, the router's ``/metrics/targets``), and not once it stopped; a second acting planner is
+   refused.
+2. An aggregated cluster's own planner (``tandem serve --mode aggregated``) grows its one tier
+   under ITL pressure and shrinks it back, with no prefill tier ever.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sequences of ~100 tokens, so an ITL target of 60 ms is met by one request and missed by eight.
 COMMON = ["--lease-ttl-s", "2", "--itl-slo-ms", "60", "--adjustment-interval-s", "1", "--planner-window-s", "3",
           "--gpu-budget", "3"]
-SERVE = [sys.executable, "-m", "deploy.cli", "serve", "--no-planner", "--engine", "sim", "--sim-profile",
+SERVE = [sys.executable, "-m", "deploy.cli", "serve", "--engine", "sim", "--sim-profile",
          "cpu-smollm2-135m", "--model", "dummy:smollm2-135m", "--port", "0", "--grpc-port", "0", "--kv-cache-gib",
          "0.25", "--transport", "tcp", "--metrics-interval-s", "0.5", "--max-local-prefill-tokens", "64",
          "--drain-timeout-s", "60", *COMMON]
@@ -73,18 +79,56 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
     return proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, dict[str, str]]]:
-    proc = subprocess.Popen([*SERVE, "--log-dir", str(tmp_path_factory.mktemp("serve-logs"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+@contextlib.contextmanager
+def _serve(log_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen, dict[str, str]]]:
+    """``tandem serve`` with ``args``, until its banner; SIGTERM at the end (it must exit 0)."""
+    proc = subprocess.Popen([*SERVE, "--log-dir", str(log_dir), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         lines = _banner(proc, "Ctrl-C stops everything", 180)
         fields = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
         yield proc, {"http": fields["OpenAI"][2].removesuffix("/v1"), "etcd": fields["etcd"][1],
-                     "launcher": fields["launcher"][1]}
+                     "launcher": fields["launcher"][1], "planner": " ".join(fields.get("planner", []))}
     finally:
         assert _stop(proc) == 0
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, dict[str, str]]]:
+    with _serve(tmp_path, "--no-planner") as served:
+        yield served
+
+
+def _load(http: str, num_users: int = 8) -> tuple[threading.Event, list[threading.Thread], list[int], list]:
+    """Closed-loop users of 60-token completions until the event is set: (stop, threads, tokens, errors)."""
+    errors: list[BaseException] = []
+    done: list[int] = []
+    stop = threading.Event()
+    model = router_health(http)["model"]
+
+    def user(i: int) -> None:
+        c = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=120)
+        n = 0
+        while not stop.is_set():
+            try:
+                done.append(c.completions.create(model=model, prompt=f"user {i} asks {n}", max_tokens=60,
+                                                 temperature=0).usage.completion_tokens)
+            except Exception as e:
+                errors.append(e)
+            n += 1
+
+    users = [threading.Thread(target=user, args=(i,)) for i in range(num_users)]
+    for t in users:
+        t.start()
+    return stop, users, done, errors
+
+
+def _end_load(stop: threading.Event, users: list[threading.Thread], done: list[int], errors: list) -> None:
+    stop.set()
+    for t in users:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert done and all(n == 60 for n in done), done
 
 
 def _counts(http: str) -> tuple[int, int]:
@@ -142,33 +186,11 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
         assert second.returncode == 2 and info.planner_id in second.stderr, second.stderr
 
         # under load it starts a decode worker, in tandem serve's process tree
-        errors: list[BaseException] = []
-        done: list[int] = []
-        stop = threading.Event()
-        model = router_health(http)["model"]
-
-        def user(i: int) -> None:
-            c = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=120)
-            n = 0
-            while not stop.is_set():
-                try:
-                    done.append(c.completions.create(model=model, prompt=f"user {i} asks {n}", max_tokens=60,
-                                                     temperature=0).usage.completion_tokens)
-                except Exception as e:
-                    errors.append(e)
-                n += 1
-
-        users = [threading.Thread(target=user, args=(i,)) for i in range(8)]
-        for t in users:
-            t.start()
+        load = _load(http)
         try:
             _wait_for(lambda: _counts(http) == (1, 2), 90, "ITL over the target: the planner starts a decode worker")
         finally:
-            stop.set()
-            for t in users:
-                t.join(60)
-        assert not errors, errors[:3]
-        assert done and all(n == 60 for n in done), done
+            _end_load(*load)
         decode = _etcd(etcd, lambda p: p.get_messages(keys.workers_prefix(ns, "decode"), cpb.WorkerInfo))
         new = [w for w in decode.values() if not w.worker_id.startswith("decode-0-")]
         assert len(new) == 1 and _parent(new[0].pid) == proc.pid, (decode, proc.pid)
@@ -186,7 +208,7 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
         last = _etcd(etcd, lambda p: p.get_message(keys.planner_decision_key(ns), cpb.PlannerDecision))
         assert (last.num_prefill, last.num_decode) == _counts(http) == (1, 1)
         assert proc.poll() is None
-        assert _completes(http, model)
+        assert _completes(http, router_health(http)["model"])
     finally:
         code = _stop(planner, signal.SIGINT)
     assert code == 0, "".join(lines)
@@ -199,3 +221,25 @@ def _completes(http: str, model: str) -> bool:
     c = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=60)
     return c.completions.create(model=model, prompt="still serving", max_tokens=5, temperature=0
                                 ).usage.completion_tokens == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_aggregated_cluster_planner_scales_its_one_tier(tmp_path: Path) -> None:
+    with _serve(tmp_path, "--mode", "aggregated", "--decode-workers", "1", "--gpu-budget", "2") as (proc, at):
+        http, etcd, ns = at["http"], at["etcd"], ClusterConfig().namespace
+        assert at["planner"].startswith("planner load mode") and _counts(http) == (0, 1), at
+        load = _load(http)
+        try:
+            _wait_for(lambda: _counts(http) == (0, 2), 90, "ITL over the target: the one tier grows to 2")
+        finally:
+            _end_load(*load)
+        _wait_for(lambda: _counts(http) == (0, 1), 60, "back to 1 once traffic stops")
+        history = list(_etcd(etcd, lambda p: p.get_messages(keys.planner_history_prefix(ns),
+                                                              cpb.PlannerDecision)).values())
+        kinds = [(a.kind, a.role) for d in history for a in d.actions]
+        assert (cpb.PlannerAction.KIND_START, "decode") in kinds and (cpb.PlannerAction.KIND_DRAIN, "decode") in kinds
+        assert all(role == "decode" for _, role in kinds) and all(d.num_prefill == 0 for d in history), history
+        up = next(d for d in history if any(a.kind == cpb.PlannerAction.KIND_START for a in d.actions))
+        assert {"itl-over-slo", "ttft-over-slo"} & {r.code for r in up.reasons}, up
+        assert proc.poll() is None
