@@ -7,7 +7,7 @@ embedded etcd):
    serves on (a drained worker is not a dead one). The cluster ends with the planner's desired
    counts. On the way: the planner is a Prometheus target while it runs (its lease-bound key in
    etcd, the router's ``/metrics/targets``), and not once it stopped; a second acting planner is
-   refused.
+   refused; the launcher service switches a worker's tier in place (the RPC a planner uses).
 2. An aggregated cluster's own planner (``tandem serve --mode aggregated``) grows its one tier
    when prompts queue past the TTFT target (one-token answers: no ITL to go by; a planner of
    separate tiers would want a prefill worker, and learn nothing from these mixed steps), and
@@ -33,6 +33,7 @@ import openai
 import pytest
 
 from deploy.launcher import router_health
+from deploy.launcher_service import RemoteLauncher
 from runtime import keys
 from runtime.etcd import ControlPlane
 from runtime.pb import tandem_control_pb2 as cpb
@@ -220,6 +221,16 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
     # stopped: no longer registered, no longer a target
     assert not registered()
     assert not [g for g in _targets(http) if g["labels"]["job"] == "tandem-planner"]
+    # the launcher service's other calls, as a planner makes them: a tier switch in place, and back
+    launcher = RemoteLauncher(at["launcher"], ClusterConfig(etcd_endpoints=(etcd,)))
+    (prefill,) = launcher.workers("prefill")
+    result = launcher.switch_worker(prefill.name, "decode")
+    assert (result.previous_role, result.role) == ("prefill", "decode")
+    _wait_for(lambda: _counts(http) == (0, 2), 10, "the router lists the switched worker as decode")
+    assert {s.name: s for s in launcher.services()}[prefill.name].pid == prefill.pid
+    launcher.switch_worker(prefill.name, "prefill")
+    _wait_for(lambda: _counts(http) == (1, 1), 10, "switched back")
+    launcher.stop()
 
 
 def _completes(http: str, model: str) -> bool:
