@@ -203,14 +203,15 @@ async def read_launchers(cfg: ClusterConfig) -> list[cpb.LauncherInfo]:
 
 def find_launcher(cfg: ClusterConfig) -> RemoteLauncher | None:
     """The launcher of the cluster on ``cfg``'s etcd (``tandem serve``'s), with the cluster's mode
-    in its config; None when none is registered (a Ray deployment: its controller launches)."""
+    in its config; None when none is registered (a Ray deployment: its controller launches);
+    ValueError when several are (two clusters in one namespace)."""
     import dataclasses
 
     found = asyncio.run(read_launchers(cfg))
     if not found:
         return None
     if len(found) > 1:
-        raise DeployError(f"{len(found)} launchers registered in namespace {cfg.namespace!r}: "
+        raise ValueError(f"{len(found)} launchers registered in namespace {cfg.namespace!r}: "
                           + ", ".join(f"{i.launcher_id} (pid {i.pid})" for i in found))
     info = found[0]
     return RemoteLauncher(info.endpoint, dataclasses.replace(cfg, mode=info.mode))

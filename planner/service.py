@@ -8,8 +8,9 @@ request windows) and the launcher's transitions, runs one tick of the core, and 
   something, to ``/tandem/{ns}/planner/history/{seq}`` (the last :data:`HISTORY` kept);
 - sets its Prometheus gauges (desired vs ready replicas per tier, predicted vs observed latency
   and request rate, the last decision's reasons);
-- hands the actions to an :class:`Actuator` (``deploy/planner_actuator.py``: the local launcher
-  or the Ray controller), unless it is a dry run.
+- hands the actions to an :class:`Actuator` (``deploy/planner_actuator.py``: the local launcher,
+  ``tandem serve``'s launcher service from another process, or the Ray controller), unless it is
+  a dry run.
 
 It registers itself under its lease (``/tandem/{ns}/planner/instances/{id}``, a ``PlannerInfo``
 with its metrics URL: Prometheus discovers it from there). It watches prefixes
