@@ -85,7 +85,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.launcher import ServiceState
+    from deploy.launcher_service import LauncherServer
     from deploy.local_cluster import LocalCluster
+    from deploy.local_launcher import LocalLauncher
     from runtime import settings
 
     # SIGTERM (a service manager, a container's stop) stops everything as Ctrl-C does; so does
@@ -95,10 +98,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = settings.from_args(args)
     cluster = LocalCluster(cfg, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                            log_dir=args.log_dir)
-    planner = None
+    planner = control = None
     try:
         cluster.start()
-        planner = _serve_planner(args, cluster)
+        # One launcher for whoever scales the cluster: its planner here, or one in another process
+        # (tandem planner) through the control service, which etcd lists under the cluster's namespace.
+        launcher = LocalLauncher.around(cluster)
+        control = LauncherServer(launcher, cluster.cfg).start()
+        planner = _serve_planner(args, launcher)
         r = cluster.router
         mode = f"{cluster.num_prefill} prefill + {cluster.num_decode} decode" if cfg.mode == "disaggregated" \
             else f"{cluster.num_decode} aggregated"
@@ -106,13 +113,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  OpenAI API   {r['http']}/v1   (e.g. curl {r['http']}/v1/models)\n"
               f"  KServe gRPC  {r['grpc']}\n"
               f"  metrics      {r['http']}/metrics\n"
+              f"  etcd         {','.join(cluster.cfg.etcd_endpoints)}   (namespace {cfg.namespace})\n"
+              f"  launcher     {control.endpoint}   (tandem planner --etcd-endpoints ... scales the cluster)\n"
               + (f"  planner      {planner.config.mode} mode, every {planner.config.adjustment_interval_s:g} s, "
                  f"up to {planner.config.max_workers} workers, {planner.metrics_url} (--no-planner: none)\n"
                  if planner else "")
               + "Ctrl-C stops everything.", flush=True)
-        while all(c.proc.poll() is None for c in cluster.children):
+        # Until a service dies: one a planner drained was stopped on purpose, not dead.
+        while not (dead := [s.name for s in launcher.services() if s.state is ServiceState.DEAD]):
             time.sleep(0.5)
-        dead = [c.name for c in cluster.children if c.proc.poll() is not None]
         print(f"tandem: {', '.join(dead)} exited; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -121,44 +130,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if planner is not None:
             planner.stop()
+        if control is not None:
+            control.stop()
         cluster.stop()
 
 
-def _serve_planner(args: argparse.Namespace, cluster):
-    """``tandem serve``'s planner, in this process, acting on its cluster: on unless the planner
-    setting says false (``--no-planner``, TANDEM_PLANNER, the config file); disaggregated mode only."""
+def _serve_planner(args: argparse.Namespace, launcher):
+    """``tandem serve``'s planner, in this process, acting on its cluster (disaggregated or
+    aggregated): on unless the planner setting says false (``--no-planner``, TANDEM_PLANNER, the
+    config file)."""
     import os
 
-    from deploy.local_launcher import LocalLauncher
     from deploy.planner_actuator import PlannerRunner
     from runtime import settings
 
     explicit = args.planner if args.planner is not None else settings.read_env(os.environ).get("planner")
     if explicit is None and args.config:
         explicit = settings.read_config_file(args.config).get("planner")
-    if explicit is False or cluster.cfg.mode != "disaggregated":
+    if explicit is False:
         return None
-    return PlannerRunner(cluster.cfg, LocalLauncher.around(cluster)).start()
+    return PlannerRunner(launcher.cfg, launcher).start()
 
 
 def cmd_planner(args: argparse.Namespace) -> int:
-    """The planner in the foreground on a running cluster: on a Ray deployment (``tandem deploy``)
-    it acts through the deployment's controller; with ``--dry-run`` it only writes decisions, on
-    any cluster's etcd (``tandem serve`` runs its own planner, acting on its cluster)."""
+    """The planner in the foreground on a running cluster: on a ``tandem serve`` cluster (its etcd,
+    ``--etcd-endpoints``) it acts through the launcher service ``tandem serve`` registered there; on
+    a Ray deployment (``tandem deploy``) through the deployment's controller; with ``--dry-run`` it
+    only writes decisions, on any cluster's etcd."""
     import logging
 
+    from deploy.launcher_service import find_launcher
     from deploy.planner_actuator import PlannerRunner
     from deploy.planner_service import ray_planner
     from runtime import settings
 
+    signal.signal(signal.SIGTERM, _interrupt)  # stops as Ctrl-C does: its registration goes with its lease
     cfg = settings.from_args(args)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s planner %(levelname)s %(name)s: %(message)s")
-    if args.dry_run and cfg.etcd_endpoints:  # any cluster's etcd: decide only
+    launcher = find_launcher(cfg) if cfg.etcd_endpoints and not cfg.ray_address else None
+    if launcher is not None and not args.dry_run and (acting := _acting_planners(cfg)):
+        raise ValueError("a planner acts on this cluster already: " + ", ".join(
+            f"{p.planner_id} (pid {p.pid})" for p in acting) + "; start tandem serve with --no-planner to run "
+            "tandem planner instead (a planner that died is forgotten after its lease, lease_ttl_s)")
+    if launcher is not None:  # a tandem serve cluster: act through its launcher service
+        runner = PlannerRunner(launcher.cfg, launcher, dry_run=args.dry_run)
+    elif args.dry_run and cfg.etcd_endpoints:  # any cluster's etcd: decide only
         runner = PlannerRunner(cfg, None, dry_run=True, num_workers=cfg.gpu_budget or cfg.num_prefill + cfg.num_decode)
     else:  # a Ray deployment: act through its controller
         runner = ray_planner(cfg, dry_run=args.dry_run)
+    print(f"tandem: planner {runner.service.planner_id}, {runner.config.mode} mode, every "
+          f"{runner.config.adjustment_interval_s:g} s, up to {runner.config.max_workers} workers"
+          + (f", acting through the launcher at {launcher.endpoint}" if launcher is not None else "")
+          + (" (dry run)" if args.dry_run else ""), flush=True)
     runner.run_forever()  # until Ctrl-C
     return 0
+
+
+def _acting_planners(cfg):
+    """The registered planners of ``cfg``'s namespace that act (not dry runs)."""
+    import asyncio
+
+    from runtime.discovery import list_planners
+    from runtime.etcd import ControlPlane
+
+    async def read():
+        async with ControlPlane.from_config(cfg) as plane:
+            return [p for p in await list_planners(plane) if not p.dry_run]
+    return asyncio.run(read())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", default=None, help="write each process's log here instead of the terminal")
     s.set_defaults(func=cmd_serve)
 
-    pl = sub.add_parser("planner", help="the autoscaler on a Ray deployment (--ray-address), or on any cluster's "
-                                        "etcd with --dry-run (decisions only)")
+    pl = sub.add_parser("planner", help="the autoscaler on a tandem serve cluster (--etcd-endpoints: its etcd), a "
+                                        "Ray deployment (--ray-address), or any cluster's etcd with --dry-run "
+                                        "(decisions only)")
     settings.add_arguments(pl)
     pl.add_argument("--dry-run", action="store_true", help="write decisions to etcd and Prometheus, act on nothing")
     pl.set_defaults(func=cmd_planner)

@@ -184,6 +184,7 @@ class PlannerRunner:
     def _serve_metrics(self) -> None:
         host, port = self._metrics_at
         self.metrics = serve_metrics(self.gauges.registry, port=port, host=host)
+        self.service.metrics_url = self.metrics.url
 
     def start(self) -> PlannerRunner:
         """On a thread of its own, its gauges on a metrics port (``metrics_port``; 0: any free one)."""

@@ -218,14 +218,15 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 async def _read_targets(cfg: Any, routers: list[str]) -> list[dict[str, Any]]:
-    from runtime.discovery import list_workers, scrape_targets
+    from runtime.discovery import list_planners, list_workers, scrape_targets
     from runtime.etcd import ControlPlane
     from runtime.keys import WORKER_ROLES
 
     async with ControlPlane.from_config(cfg) as plane:
         workers = [info for role in WORKER_ROLES for info in (await list_workers(plane, role)).values()]
+        planners = await list_planners(plane)
     model = workers[0].model.name if workers else ""
-    return scrape_targets(workers, routers, model)
+    return scrape_targets(workers, routers, model, planners)
 
 
 def _teardown(namespace: str, controller: Any | None) -> dict[str, bool]:

@@ -12,6 +12,9 @@ PREDICTORS = ("constant", "moving_average", "kalman", "autoreg")
 @dataclass(frozen=True)
 class PlannerConfig:
     mode: str = "both"  # load | throughput | both (throughput sets the floor, load scales above it)
+    # One tier of workers that prefill and decode (registered as decode): only its replicas are
+    # planned, against both targets; no prefill tier (min_prefill 0).
+    aggregated: bool = False
     ttft_slo_ms: float = 2000.0
     itl_slo_ms: float = 50.0
     gpu_budget: int = 16  # GPUs both tiers may hold together, starting and draining workers included
@@ -47,6 +50,8 @@ class PlannerConfig:
             raise ValueError(f"gpus_per_worker must be >= 1, got {self.gpus_per_worker}")
         if self.min_prefill < 0 or self.min_decode < 1:
             raise ValueError("min_prefill must be >= 0 and min_decode >= 1 (the decode tier serves every request)")
+        if self.aggregated and self.min_prefill:
+            raise ValueError(f"an aggregated cluster has no prefill tier: min_prefill must be 0 ({self.min_prefill})")
         if (self.min_prefill + self.min_decode) * self.gpus_per_worker > self.gpu_budget:
             raise ValueError(f"the minimums ({self.min_prefill} prefill + {self.min_decode} decode workers of "
                              f"{self.gpus_per_worker} GPUs) exceed gpu_budget={self.gpu_budget}")

@@ -8,11 +8,14 @@ Order of a tick:
    the observation shows (a drained worker that vanished counts as done);
 2. the estimators learn from the tick (regressions, forecasts) whatever is decided;
 3. zero traffic (every router window has no arrival and no ready worker has work): straight to
-   the minimums, all at once, grace period or not;
+   the minimums, all at once, grace period or not (drains above them; starts below them, as
+   the GPUs allow: a cluster with no worker yet);
 4. otherwise no decision without router windows, while a change is in progress, or within the
    grace period of the last change;
 5. targets per tier from the mode (throughput: the forecast; load: +/-1; both: the forecast is a
-   floor and the load scales above it), clamped to the minimums and the GPU budget;
+   floor and the load scales above it), clamped to the minimums and the GPU budget; an
+   aggregated cluster (``PlannerConfig.aggregated``) has one tier, registered as decode, judged
+   on both targets, and no prefill tier;
 6. the targets become actions: switches from a tier with surplus first (fast, no cold start),
    then starts while GPUs are free, then drains; the least-loaded workers go first.
 """
@@ -174,7 +177,11 @@ class Planner:
         if cfg.mode != "throughput":
             hit = self.throughput.forecast().hit_rate if self.throughput is not None else 0.0
             isl = traffic.isl_mean * (1 - hit)
-            for r in ROLES:
+            if cfg.aggregated:  # one tier, judged on both targets
+                verdicts["decode"], why = self.load.assess_aggregated([w for w in ready if w.role == "decode"], isl)
+                reasons += why
+                want["decode"] = max(floor["decode"], counts["decode"] + verdicts["decode"].delta)
+            for r in () if cfg.aggregated else ROLES:
                 verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl)
                 reasons.append(verdicts[r].reason)
                 want[r] = max(floor[r], counts[r] + verdicts[r].delta)
@@ -192,6 +199,9 @@ class Planner:
         if want["prefill"] + want["decode"] <= room:
             return want["prefill"], want["decode"]
         values = {f"want_{r}": float(want[r]) for r in ROLES} | {"max_workers": float(room)}
+        if cfg.aggregated:  # one tier: the budget is its ceiling
+            reasons.append(Reason("budget-clamp", "decode", values))
+            return 0, room
         growing = [r for r in ROLES if want[r] > counts[r]]
         if len(growing) == 1 and floor["prefill"] + floor["decode"] <= room:
             # One tier needs GPUs the other holds: the other gives what its load allows, a switch.
@@ -215,14 +225,19 @@ class Planner:
         return prefill, room - prefill
 
     # ---- actions ---------------------------------------------------------------------------------
+    def _free_gpus(self, obs: Observation, workers: list[WorkerStep]) -> int:
+        """GPUs the budget (and the launcher, where it says) leaves for new workers."""
+        free = self.config.gpu_budget - sum(w.num_gpus for w in workers)
+        return free if obs.num_gpus_free is None else min(free, obs.num_gpus_free)
+
+    def _free_slots(self, obs: Observation, workers: list[WorkerStep]) -> int:
+        return max(0, self._free_gpus(obs, workers)) // self.config.gpus_per_worker
+
     def _realize(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
                  target: dict[str, int]) -> tuple[list[Action], list[Reason]]:
         cfg = self.config
         delta = {r: target[r] - counts[r] for r in ROLES}
-        used = sum(w.num_gpus for w in workers)
-        free = cfg.gpu_budget - used
-        if obs.num_gpus_free is not None:
-            free = min(free, obs.num_gpus_free)
+        free = self._free_gpus(obs, workers)
         free_slots = max(0, free) // cfg.gpus_per_worker
         ready = {r: sorted((w for w in workers if w.role == r and w.state is WorkerState.READY), key=load_order)
                  for r in ROLES}
@@ -249,7 +264,8 @@ class Planner:
 
     def _to_minimums(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
                      actions: list[Action], reasons: list[Reason]) -> Decision:
-        """No traffic: drain every idle ready worker above the tier's minimum, now."""
+        """No traffic: drain every idle ready worker above the tier's minimum, now; start the
+        workers a tier lacks below its minimum (a cluster with none yet), as the GPUs allow."""
         cfg = self.config
         pending_ids = {p.action.worker_id for p in self.pending if p.action.kind is not ActionKind.START}
         left = after(counts, [p.action for p in self.pending if p.action.kind is not ActionKind.START])
@@ -260,7 +276,20 @@ class Planner:
             for w in idle[:max(0, left[r] - cfg.minimum(r))]:
                 new_actions.append(Action(ActionKind.DRAIN, r, w.worker_id))
         left = after(left, new_actions)
+        # issued and not seen yet, or moving into the tier: not counted in ``counts``, not missing either
+        starting = {r: sum(1 for p in self.pending if p.action.kind is ActionKind.START and p.action.role == r)
+                    + sum(1 for w in workers if w.role == r and w.state is WorkerState.SWITCHING) for r in ROLES}
+        free_slots = self._free_slots(obs, workers) - sum(1 for p in self.pending if p.action.kind is ActionKind.START)
+        short = []
+        for r in ROLES:
+            missing = max(0, cfg.minimum(r) - left[r] - starting[r])
+            starts = min(missing, max(0, free_slots))
+            free_slots -= starts
+            new_actions += [Action(ActionKind.START, r) for _ in range(starts)]
+            if missing:
+                short.append(Reason("below-minimum", r, {"missing": float(missing), "starts": float(starts)}))
         self._issued(obs, workers, new_actions)
-        reasons = [*reasons, Reason("zero-traffic", "", {f"num_{r}": float(left[r]) for r in ROLES})]
-        return Decision(obs.now_s, cfg.mode, left["prefill"], left["decode"], tuple(actions + new_actions),
+        desired = {r: max(left[r], cfg.minimum(r)) for r in ROLES}
+        reasons = [*reasons, Reason("zero-traffic", "", {f"num_{r}": float(desired[r]) for r in ROLES}), *short]
+        return Decision(obs.now_s, cfg.mode, desired["prefill"], desired["decode"], tuple(actions + new_actions),
                         tuple(reasons))

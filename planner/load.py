@@ -13,10 +13,16 @@ today's imbalance between them), every worker stays under ``scale_down_margin`` 
 worker would settle at (Little's law: a worker asked for more tokens per second runs a bigger,
 slower batch), not at today's batch spread thinner: that is what keeps a 2 <-> 1 flap away. A tier
 can *spare* a worker for the other tier when N-1 workers stay under the SLO itself.
+
+Aggregated (one tier whose workers prefill and decode in the same steps): both regressions learn
+from every step, since the inter-token latency users see there includes the prompt chunks their
+steps carry and a prompt waits behind the decodes; the tier is judged on both targets
+(:meth:`LoadModel.assess_aggregated`): up when either misses, down only when both would hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -70,7 +76,11 @@ class LoadModel:
         for w in workers:
             if w.num_steps <= 0:
                 continue
-            if w.role == "prefill":
+            if self.config.aggregated:
+                if w.step_prefill_tokens > 0:
+                    self.prefill.observe((w.step_prefill_tokens,), w.step_s)
+                self.decode.observe((w.step_decode_tokens, w.step_kv_tokens), w.step_s)
+            elif w.role == "prefill":
                 self.prefill.observe((w.step_prefill_tokens,), w.step_s)
             elif w.step_prefill_tokens == 0 or math.isnan(w.step_prefill_tokens):  # pure decode steps only
                 self.decode.observe((w.step_decode_tokens, w.step_kv_tokens), w.step_s)
@@ -89,6 +99,20 @@ class LoadModel:
         if verdict.delta < 0 and streak < self.config.scale_down_ticks:
             verdict = TierLoad(role, 0, verdict.can_spare, Reason("load-low-waiting", role, verdict.reason.values))
         return verdict
+
+    def assess_aggregated(self, workers: list[WorkerStep], isl: float) -> tuple[TierLoad, list[Reason]]:
+        """The one tier of an aggregated cluster (``workers``: its ready workers), against both
+        targets: +1 when its TTFT or its ITL is over (or it saturates), -1 only when both would stay
+        low with N-1 workers. The verdict and both judgements' reasons (role ``decode``: the tier)."""
+        # as a prefill tier: its prompt tokens per second only (decode rows cost far less per token)
+        prompts = [dataclasses.replace(w, role="prefill", tokens_per_s=max(0.0, w.tokens_per_s - w.decode_tokens_per_s)
+                                       if not math.isnan(w.decode_tokens_per_s) else w.tokens_per_s)
+                   for w in workers]
+        ttft, itl = self.assess("prefill", prompts, isl), self.assess("decode", workers, isl)
+        reasons = [dataclasses.replace(v.reason, role="decode") for v in (ttft, itl)]
+        delta = max(ttft.delta, itl.delta)
+        return TierLoad("decode", delta, ttft.can_spare and itl.can_spare, reasons[0 if ttft.delta == delta else 1]), \
+            reasons
 
     def _assess_prefill(self, workers: list[WorkerStep], isl: float) -> TierLoad:
         cfg, n = self.config, len(workers)

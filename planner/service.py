@@ -8,10 +8,13 @@ request windows) and the launcher's transitions, runs one tick of the core, and 
   something, to ``/tandem/{ns}/planner/history/{seq}`` (the last :data:`HISTORY` kept);
 - sets its Prometheus gauges (desired vs ready replicas per tier, predicted vs observed latency
   and request rate, the last decision's reasons);
-- hands the actions to an :class:`Actuator` (``deploy/planner_actuator.py``: the local launcher
-  or the Ray controller), unless it is a dry run.
+- hands the actions to an :class:`Actuator` (``deploy/planner_actuator.py``: the local launcher,
+  ``tandem serve``'s launcher service from another process, or the Ray controller), unless it is
+  a dry run.
 
-It watches prefixes (``runtime.watch.PrefixView``); it polls nothing. The planner imports no
+It registers itself under its lease (``/tandem/{ns}/planner/instances/{id}``, a ``PlannerInfo``
+with its metrics URL: Prometheus discovers it from there). It watches prefixes
+(``runtime.watch.PrefixView``); it polls nothing. The planner imports no
 launcher: the actuator is given to it.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -66,7 +70,8 @@ def planner_config(cfg: ClusterConfig, num_workers: int) -> PlannerConfig:
     budget = cfg.gpu_budget or num_workers
     min_prefill = cfg.min_prefill if cfg.mode == "disaggregated" else 0
     return PlannerConfig(
-        mode=cfg.planner_mode, ttft_slo_ms=cfg.ttft_slo_ms, itl_slo_ms=cfg.itl_slo_ms,
+        mode=cfg.planner_mode, aggregated=cfg.mode == "aggregated", ttft_slo_ms=cfg.ttft_slo_ms,
+        itl_slo_ms=cfg.itl_slo_ms,
         gpu_budget=max(budget, min_prefill + cfg.min_decode), min_prefill=min_prefill, min_decode=cfg.min_decode,
         adjustment_interval_s=interval, grace_s=2 * interval, start_timeout_s=max(120.0, 6 * interval),
         action_timeout_s=max(300.0, 12 * interval), scale_down_ticks=3)
@@ -146,6 +151,7 @@ class PlannerService:
         self._history: list[int] = []
         self._plane: ControlPlane | None = None
         self._views: list[PrefixView] = []
+        self.metrics_url = ""  # where its gauges are served (set by whoever serves them), in its registration
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; etcd errors skip a tick, never end the loop."""
@@ -168,6 +174,9 @@ class PlannerService:
             for wid, msg in steps.items.items():
                 view.steps_put(wid, msg)
             await self._read_history()
+            await plane.put_message(keys.planner_key(ns, self.planner_id), cpb.PlannerInfo(
+                planner_id=self.planner_id, metrics_url=self.metrics_url, mode=self.config.mode, dry_run=self.dry_run,
+                pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000)))  # lease-bound: gone when it stops
             log.info("planner %s: %s mode, every %.1f s, budget %d%s", self.planner_id, self.config.mode,
                      self.config.adjustment_interval_s, self.config.gpu_budget, " (dry run)" if self.dry_run else "")
             while not stop.is_set():

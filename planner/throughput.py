@@ -8,6 +8,9 @@ The prefill work per prompt is the profile's busy time averaged over a lognormal
 new prompt tokens' mean and p95 (a long tail costs more than its mean: attention). A tier
 shrinks only when its demand fits N-1 workers at ``scale_down_band`` of that capacity: a demand
 near a boundary does not flap between N and N-1.
+
+Aggregated (one tier that prefills and decodes): its workers share their time between the two,
+so the tier needs the sum of both needs, ``ceil(prefill need + decode need)``, under the same band.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ class ThroughputModel:
         self.isl.observe(traffic.isl_mean)
         self.isl_p95.observe(traffic.isl_p95)
         self.osl.observe(traffic.osl_mean)
-        prompt = sum(w.num_prompt_tokens for w in workers if w.role == "prefill")
-        cached = sum(w.num_cached_tokens for w in workers if w.role == "prefill")
+        computes = "decode" if self.config.aggregated else "prefill"  # the tier that computes the prompts
+        prompt = sum(w.num_prompt_tokens for w in workers if w.role == computes)
+        cached = sum(w.num_cached_tokens for w in workers if w.role == computes)
         if prompt > 0:
             self.hit_rate.observe(min(1.0, cached / prompt))
 
@@ -95,8 +99,9 @@ class ThroughputModel:
         if needs is None:
             return None
         cfg = self.config
-        out = []
-        for role, need in zip(("prefill", "decode"), needs[:2]):
+        out = [0] if cfg.aggregated else []
+        tiers = (("decode", needs[0] + needs[1]),) if cfg.aggregated else zip(("prefill", "decode"), needs[:2])
+        for role, need in tiers:
             n = counts[role]
             target = self.need[role] = max(math.ceil(need - 1e-9), cfg.minimum(role))
             if target <= n:

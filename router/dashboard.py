@@ -7,7 +7,8 @@
   (``"metric": "name{labels}"``): the per-tier workers, GPUs, queue, running and KV usage (what the
   workers last published in etcd, ``WorkerPool.reported``), prefix hit ratios, SLO attainment.
 - ``/metrics/targets``: Prometheus HTTP service discovery (``http_sd_configs``) of the cluster's
-  processes: this router and every registered worker, labelled ``role``, ``worker``, ``model``.
+  processes: this router, every registered worker and every running planner, labelled ``role``,
+  ``worker``, ``model``.
 
 :class:`Dashboard` samples once a second (``sample_s``) into a 10-minute history: the window's
 TTFT/ITL percentiles (``router.request_window``), attainment, request and token rates, the KV
@@ -36,7 +37,7 @@ from router.request_flow import RequestFlow
 from router.request_window import HANDOFFS, WINDOW, RequestWindow
 from runtime import keys
 from runtime import metric_catalog as mc
-from runtime.discovery import scrape_targets
+from runtime.discovery import list_planners, scrape_targets
 from runtime.etcd import ControlPlane
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.settings import ClusterConfig
@@ -232,10 +233,10 @@ class Dashboard:
         return JSONResponse(self.data(), headers={"Cache-Control": "no-store"})
 
     async def targets(self, request: Request) -> JSONResponse:
-        """Prometheus http_sd: this router (``/metrics`` on the address the scraper used) and
-        every registered worker (its ``metrics_url``)."""
+        """Prometheus http_sd: this router (``/metrics`` on the address the scraper used), every
+        registered worker (its ``metrics_url``) and every running planner (read from etcd)."""
         workers = [info for pool in self.flow.pools.values() for info in pool.workers.workers.values()]
-        groups = scrape_targets(workers, [request.url.netloc], self.model() or "")
+        groups = scrape_targets(workers, [request.url.netloc], self.model() or "", await list_planners(self.plane))
         return JSONResponse(groups)
 
 

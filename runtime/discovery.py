@@ -150,11 +150,13 @@ async def list_workers(plane: ControlPlane, role: str) -> dict[str, WorkerInfo]:
     }
 
 
-def scrape_targets(workers: list[WorkerInfo], routers: list[str] = (), model: str = "") -> list[dict[str, Any]]:
+def scrape_targets(workers: list[WorkerInfo], routers: list[str] = (), model: str = "",
+                   planners: list[cpb.PlannerInfo] = ()) -> list[dict[str, Any]]:
     """Prometheus service discovery target groups (``http_sd``/``file_sd`` JSON) of a cluster:
     each router (``host:port`` serving ``/metrics``) as job ``tandem-router``, each worker with a
-    ``metrics_url`` as job ``tandem-{role}`` labelled ``role``, ``worker`` and ``model`` (its metrics
-    carry none of these: the targets do, ``runtime.metric_catalog``)."""
+    ``metrics_url`` as job ``tandem-{role}`` labelled ``role``, ``worker`` and ``model``, each
+    registered planner with one as job ``tandem-planner`` (its metrics carry none of these: the
+    targets do, ``runtime.metric_catalog``)."""
     groups: list[dict[str, Any]] = [{"targets": [router], "labels": {"job": "tandem-router", "model": model}}
                                     for router in routers]
     for info in sorted(workers, key=lambda w: (w.role, w.worker_id)):
@@ -164,7 +166,18 @@ def scrape_targets(workers: list[WorkerInfo], routers: list[str] = (), model: st
         groups.append({"targets": [url.netloc], "labels": {
             "job": f"tandem-{info.role}", "role": info.role, "worker": info.worker_id, "model": info.model.name,
             "__metrics_path__": url.path or "/metrics"}})
+    for planner in sorted(planners, key=lambda p: p.planner_id):
+        if not planner.metrics_url:
+            continue
+        url = urlsplit(planner.metrics_url)
+        groups.append({"targets": [url.netloc], "labels": {
+            "job": "tandem-planner", "role": "planner", "model": model, "__metrics_path__": url.path or "/metrics"}})
     return groups
+
+
+async def list_planners(plane: ControlPlane) -> list[cpb.PlannerInfo]:
+    """The running planners' registrations (``keys.planners_prefix``)."""
+    return list((await plane.get_messages(keys.planners_prefix(plane.namespace), cpb.PlannerInfo)).values())
 
 
 # -- watching ----------------------------------------------------------------------------------

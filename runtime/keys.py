@@ -7,6 +7,8 @@
     /tandem/{ns}/metrics/steps/{worker_id}             WorkerStepStats            lease-bound, ~1 Hz
     /tandem/{ns}/planner/decision                      PlannerDecision            not lease-bound
     /tandem/{ns}/planner/history/{seq:012d}            PlannerDecision            not lease-bound, last 200
+    /tandem/{ns}/planner/instances/{planner_id}        PlannerInfo                lease-bound
+    /tandem/{ns}/launchers/{launcher_id}               LauncherInfo               lease-bound
     /tandem/{ns}/nccl/{pair key}/...                   torch.distributed Store    lease-bound (the writer's)
 
 ``role`` is ``prefill`` or ``decode``. The values are the protobuf messages of
@@ -77,6 +79,24 @@ def planner_history_key(ns: str, seq: int) -> str:
     if seq < 0:
         raise ValueError(f"bad history sequence number {seq}")
     return f"{planner_history_prefix(ns)}{seq:012d}"
+
+
+def planners_prefix(ns: str) -> str:
+    """Where running planners register (``PlannerInfo``: their metrics URL)."""
+    return f"{namespace_prefix(ns)}planner/instances/"
+
+
+def planner_key(ns: str, planner_id: str) -> str:
+    return planners_prefix(ns) + check_name("planner id", planner_id)
+
+
+def launchers_prefix(ns: str) -> str:
+    """Where a process that starts the cluster's workers registers its ``ClusterLauncher`` service."""
+    return f"{namespace_prefix(ns)}launchers/"
+
+
+def launcher_key(ns: str, launcher_id: str) -> str:
+    return launchers_prefix(ns) + check_name("launcher id", launcher_id)
 
 
 def nccl_store_prefix(ns: str) -> str:

@@ -262,3 +262,126 @@ class PlannerDecision(_message.Message):
     dry_run: bool
     seq: int
     def __init__(self, planner_id: _Optional[str] = ..., decided_at_unix_ms: _Optional[int] = ..., mode: _Optional[str] = ..., num_prefill: _Optional[int] = ..., num_decode: _Optional[int] = ..., actions: _Optional[_Iterable[_Union[PlannerAction, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[PlannerReason, _Mapping]]] = ..., num_prefill_ready: _Optional[int] = ..., num_decode_ready: _Optional[int] = ..., request_rate: _Optional[float] = ..., dry_run: bool = ..., seq: _Optional[int] = ...) -> None: ...
+
+class PlannerInfo(_message.Message):
+    __slots__ = ("planner_id", "metrics_url", "mode", "dry_run", "pid", "started_at_unix_ms")
+    PLANNER_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    planner_id: str
+    metrics_url: str
+    mode: str
+    dry_run: bool
+    pid: int
+    started_at_unix_ms: int
+    def __init__(self, planner_id: _Optional[str] = ..., metrics_url: _Optional[str] = ..., mode: _Optional[str] = ..., dry_run: bool = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class LauncherInfo(_message.Message):
+    __slots__ = ("launcher_id", "endpoint", "mode", "pid", "started_at_unix_ms")
+    LAUNCHER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    launcher_id: str
+    endpoint: str
+    mode: str
+    pid: int
+    started_at_unix_ms: int
+    def __init__(self, launcher_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., mode: _Optional[str] = ..., pid: _Optional[int] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ServiceStatus(_message.Message):
+    __slots__ = ("name", "role", "state", "node", "pid", "endpoint", "worker_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    state: str
+    node: str
+    pid: int
+    endpoint: str
+    worker_id: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., endpoint: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class StartServicesRequest(_message.Message):
+    __slots__ = ("roles", "timeout_s")
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    timeout_s: float
+    def __init__(self, roles: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class StartServicesResponse(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceStatus]
+    def __init__(self, services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
+
+class DrainServicesRequest(_message.Message):
+    __slots__ = ("names", "timeout_s")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    timeout_s: float
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainOutcome(_message.Message):
+    __slots__ = ("num_inflight", "drained")
+    NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    num_inflight: int
+    drained: bool
+    def __init__(self, num_inflight: _Optional[int] = ..., drained: bool = ...) -> None: ...
+
+class DrainServicesResponse(_message.Message):
+    __slots__ = ("drained",)
+    class DrainedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: DrainOutcome
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DrainOutcome, _Mapping]] = ...) -> None: ...
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    drained: _containers.MessageMap[str, DrainOutcome]
+    def __init__(self, drained: _Optional[_Mapping[str, DrainOutcome]] = ...) -> None: ...
+
+class SwitchWorkerRequest(_message.Message):
+    __slots__ = ("name", "role", "timeout_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    timeout_s: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class SwitchWorkerResponse(_message.Message):
+    __slots__ = ("previous_role", "role", "num_inflight", "switch_ms")
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_MS_FIELD_NUMBER: _ClassVar[int]
+    previous_role: str
+    role: str
+    num_inflight: int
+    switch_ms: float
+    def __init__(self, previous_role: _Optional[str] = ..., role: _Optional[str] = ..., num_inflight: _Optional[int] = ..., switch_ms: _Optional[float] = ...) -> None: ...
+
+class ListServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListServicesResponse(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceStatus]
+    def __init__(self, services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...

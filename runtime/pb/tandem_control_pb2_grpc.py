@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from runtime.pb import tandem_control_pb2 as runtime_dot_pb_dot_tandem__control__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,216 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class ClusterLauncherStub(object):
+    """deploy.launcher.Launcher's scaling calls, served by the process that owns the workers
+    (deploy/launcher_service.py). A call that cannot be done fails with FAILED_PRECONDITION (a
+    worker that cannot switch, an unknown name) or INVALID_ARGUMENT (a role the cluster has not);
+    a start that does not come up fails with DEADLINE_EXCEEDED or INTERNAL, its message saying why.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StartServices = channel.unary_unary(
+                '/tandem.control.v1.ClusterLauncher/StartServices',
+                request_serializer=runtime_dot_pb_dot_tandem__control__pb2.StartServicesRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__control__pb2.StartServicesResponse.FromString,
+                _registered_method=True)
+        self.DrainServices = channel.unary_unary(
+                '/tandem.control.v1.ClusterLauncher/DrainServices',
+                request_serializer=runtime_dot_pb_dot_tandem__control__pb2.DrainServicesRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__control__pb2.DrainServicesResponse.FromString,
+                _registered_method=True)
+        self.SwitchWorker = channel.unary_unary(
+                '/tandem.control.v1.ClusterLauncher/SwitchWorker',
+                request_serializer=runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerResponse.FromString,
+                _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/tandem.control.v1.ClusterLauncher/ListServices',
+                request_serializer=runtime_dot_pb_dot_tandem__control__pb2.ListServicesRequest.SerializeToString,
+                response_deserializer=runtime_dot_pb_dot_tandem__control__pb2.ListServicesResponse.FromString,
+                _registered_method=True)
+
+
+class ClusterLauncherServicer(object):
+    """deploy.launcher.Launcher's scaling calls, served by the process that owns the workers
+    (deploy/launcher_service.py). A call that cannot be done fails with FAILED_PRECONDITION (a
+    worker that cannot switch, an unknown name) or INVALID_ARGUMENT (a role the cluster has not);
+    a start that does not come up fails with DEADLINE_EXCEEDED or INTERNAL, its message saying why.
+    """
+
+    def StartServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ClusterLauncherServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StartServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartServices,
+                    request_deserializer=runtime_dot_pb_dot_tandem__control__pb2.StartServicesRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__control__pb2.StartServicesResponse.SerializeToString,
+            ),
+            'DrainServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainServices,
+                    request_deserializer=runtime_dot_pb_dot_tandem__control__pb2.DrainServicesRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__control__pb2.DrainServicesResponse.SerializeToString,
+            ),
+            'SwitchWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchWorker,
+                    request_deserializer=runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerResponse.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=runtime_dot_pb_dot_tandem__control__pb2.ListServicesRequest.FromString,
+                    response_serializer=runtime_dot_pb_dot_tandem__control__pb2.ListServicesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.control.v1.ClusterLauncher', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.control.v1.ClusterLauncher', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ClusterLauncher(object):
+    """deploy.launcher.Launcher's scaling calls, served by the process that owns the workers
+    (deploy/launcher_service.py). A call that cannot be done fails with FAILED_PRECONDITION (a
+    worker that cannot switch, an unknown name) or INVALID_ARGUMENT (a role the cluster has not);
+    a start that does not come up fails with DEADLINE_EXCEEDED or INTERNAL, its message saying why.
+    """
+
+    @staticmethod
+    def StartServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.control.v1.ClusterLauncher/StartServices',
+            runtime_dot_pb_dot_tandem__control__pb2.StartServicesRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__control__pb2.StartServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.control.v1.ClusterLauncher/DrainServices',
+            runtime_dot_pb_dot_tandem__control__pb2.DrainServicesRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__control__pb2.DrainServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.control.v1.ClusterLauncher/SwitchWorker',
+            runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__control__pb2.SwitchWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.control.v1.ClusterLauncher/ListServices',
+            runtime_dot_pb_dot_tandem__control__pb2.ListServicesRequest.SerializeToString,
+            runtime_dot_pb_dot_tandem__control__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -163,3 +163,24 @@ def test_the_planner_imports_without_torch_or_statsmodels() -> None:
             "assert 'torch' not in sys.modules and 'statsmodels' not in sys.modules, "
             "[m for m in sys.modules if m.split('.')[0] in ('torch', 'statsmodels', 'engine')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_zero_traffic_on_an_empty_cluster_starts_up_to_the_minimums() -> None:
+    # No worker yet (a planner that came up before them): the decision says the minimums, not 0/0,
+    # and starts them; the next tick, before they show up, starts nothing more.
+    planner = Planner(config(mode="load", min_prefill=1, min_decode=2, gpu_budget=4), profile())
+    d = planner.tick(observe(10.0, [], window(0.0)))
+    assert (d.num_prefill, d.num_decode) == (1, 2)
+    assert sorted((a.kind, a.role) for a in d.actions) == \
+        [(ActionKind.START, "decode"), (ActionKind.START, "decode"), (ActionKind.START, "prefill")]
+    assert "zero-traffic" in d.codes() and "below-minimum" in d.codes()
+    again = planner.tick(observe(20.0, [], window(0.0)))
+    assert not again.actions and (again.num_prefill, again.num_decode) == (1, 2)
+    # the starts show up (one still starting): nothing more either
+    up = [worker("p0", "prefill"), worker("d0", "decode"), worker("s0", "decode", WorkerState.STARTING, since=20.0)]
+    assert not planner.tick(observe(30.0, up, window(0.0))).actions
+    # no GPU free: still the minimums as the target, no start, and it says so
+    full = Planner(config(mode="load", min_prefill=1, min_decode=1, gpu_budget=2), profile())
+    d = full.tick(observe(10.0, [worker("d0", "decode")], window(0.0), gpus_free=0))
+    assert (d.num_prefill, d.num_decode) == (1, 1) and not d.actions
+    assert any(r.code == "below-minimum" and r.role == "prefill" and r.values["starts"] == 0 for r in d.reasons)
