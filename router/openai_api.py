@@ -28,7 +28,7 @@ from protocol.sampling import SamplingParams
 from router import request_params
 from router.http_io import (
     APIError,
-    BodyLimit,
+    RequestLimits,
     api_error,
     error_response,
     run_until_disconnect,
@@ -51,9 +51,10 @@ class Served:
     catalog: ModelCatalog
 
 
-def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int,
+def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int, read_timeout_s: float = 15.0,
                extra_routes: Sequence[tuple[str, Callable]] = ()) -> ASGIApp:
-    """The HTTP app; ``extra_routes`` are further GET (path, handler) pairs (the dashboard's)."""
+    """The HTTP app behind its request limits (``RequestLimits``); ``extra_routes`` are further GET
+    (path, handler) pairs (the dashboard's)."""
     app = FastAPI(title="tandem", description="OpenAI-compatible API of a tandem cluster")
     app.state.served = Served(flow, catalog)
     app.add_exception_handler(APIError, on_api_error)
@@ -66,7 +67,7 @@ def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int,
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     for path, handler in extra_routes:
         app.add_api_route(path, handler, methods=["GET"], include_in_schema=False)
-    return BodyLimit(app, max_body_bytes)
+    return RequestLimits(app, max_body_bytes, read_timeout_s)
 
 
 def _served(request: Request) -> Served:
