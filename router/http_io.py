@@ -1,4 +1,4 @@
-"""HTTP plumbing of the OpenAI API: OpenAI-style error bodies, the request body limit, SSE
+"""HTTP plumbing of the OpenAI API: OpenAI-style error bodies, the request limits, SSE
 streaming, and client disconnects (a client that goes away cancels its request, which aborts it
 on the workers and frees its blocks)."""
 
@@ -64,26 +64,46 @@ def api_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {e!r}", type_="internal_error")
 
 
-class BodyLimit:
-    """Reject request bodies over ``max_bytes`` with 413 before they are read whole.
+# Most headers, and most bytes of header names and values, a request may carry (431 past them).
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 << 10
 
-    The body is read here (at most ``max_bytes`` of it) and replayed to the app: an error
-    raised while the app itself reads the body would be turned into FastAPI's own 400."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+class RequestLimits:
+    """What a request may be before the app sees it: at most ``MAX_HEADERS`` headers of
+    ``MAX_HEADER_BYTES`` in all (431), a body of at most ``max_bytes`` (413, before it is read
+    whole), and a body that arrives within ``read_timeout_s`` of its head (408: a slow-loris body;
+    the connection is then closed, its body unread).
+
+    The body is read here and replayed to the app: an error raised while the app itself reads the
+    body would be turned into FastAPI's own 400."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = scope.get("headers") or []
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            return await error_response(APIError(
+                431, f"at most {MAX_HEADERS} headers of {MAX_HEADER_BYTES} bytes in all",
+                code="request_header_fields_too_large"))(scope, receive, send)
+        declared = dict(headers).get(b"content-length")
         too_big = APIError(413, f"request body is larger than {self.max_bytes} bytes", code="body_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                slow = APIError(408, f"the request body did not arrive within {self.read_timeout_s:g} s",
+                                code="request_timeout", headers={"Connection": "close"})
+                return await error_response(slow)(scope, receive, send)
             if message["type"] != "http.request":  # the client left before sending its body
                 return None
             chunk = message.get("body", b"")

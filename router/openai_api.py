@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import REGISTRY
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
@@ -28,7 +28,7 @@ from protocol.sampling import SamplingParams
 from router import request_params
 from router.http_io import (
     APIError,
-    BodyLimit,
+    RequestLimits,
     api_error,
     error_response,
     run_until_disconnect,
@@ -36,7 +36,7 @@ from router.http_io import (
     stream_response,
 )
 from router.models import ModelCatalog, ServedModel
-from router.openai_schemas import ChatCompletionRequest, CompletionRequest, sampling_fields
+from router.openai_schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, sampling_fields
 from router.request_flow import RequestFlow
 from router.text_generation import ChoiceDelta, Generation, collect, merge
 from runtime.metrics import render_metrics
@@ -51,22 +51,33 @@ class Served:
     catalog: ModelCatalog
 
 
-def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int,
+def create_app(flow: RequestFlow, catalog: ModelCatalog, max_body_bytes: int, read_timeout_s: float = 15.0,
                extra_routes: Sequence[tuple[str, Callable]] = ()) -> ASGIApp:
-    """The HTTP app; ``extra_routes`` are further GET (path, handler) pairs (the dashboard's)."""
+    """The HTTP app behind its request limits (``RequestLimits``); ``extra_routes`` are further GET
+    (path, handler) pairs (the dashboard's)."""
     app = FastAPI(title="tandem", description="OpenAI-compatible API of a tandem cluster")
     app.state.served = Served(flow, catalog)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"], responses=_HEALTH_RESPONSES)
+    app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=_GENERATION_RESPONSES)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=_GENERATION_RESPONSES)
     for path, handler in extra_routes:
         app.add_api_route(path, handler, methods=["GET"], include_in_schema=False)
-    return BodyLimit(app, max_body_bytes)
+    return RequestLimits(app, max_body_bytes, read_timeout_s)
+
+
+# What the OpenAPI schema (/openapi.json) says the generation routes answer: JSON or an SSE stream,
+# and every error as an OpenAI-style body (a bad request is 400, never FastAPI's 422: declaring
+# "4XX" keeps FastAPI from documenting its own validation error).
+_ERROR = {"model": ErrorResponse, "description": "An OpenAI-style error body"}
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "The answer, or its SSE stream"},
+    "4XX": _ERROR, "5XX": _ERROR}
+_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"description": "The model is not ready (the reason)"}}
 
 
 def _served(request: Request) -> Served:
@@ -97,7 +108,8 @@ async def on_http_error(request: Request, e: Exception) -> JSONResponse:
     """Unknown paths and methods get the OpenAI error shape too."""
     assert isinstance(e, StarletteHTTPException)
     type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type_))
+    return error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type_,
+                                   headers=dict(e.headers or {})))  # a 405's Allow
 
 
 # ---- service endpoints ----------------------------------------------------------------------------

@@ -1,39 +1,74 @@
 """OpenAI request bodies (with vLLM-style extra sampling fields), validated by pydantic, and
-their sampling fields by name (``router.request_params`` turns them into SamplingParams)."""
+their sampling fields by name (``router.request_params`` turns them into SamplingParams).
+
+The sampling fields' ranges are declared in the OpenAPI schema (``_range``: what schemathesis and
+clients read) but checked by ``router.request_params``, whose 400 names the field as the client
+spelled it; pydantic checks types only."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from protocol.sampling import INT32_MAX, INT64_MAX, INT64_MIN, UINT32_MAX
+from router.request_params import MAX_SEQUENCES, MAX_STOP_TOKEN_IDS
+
+
+def _range(default: Any, **bounds: int) -> Any:
+    """A field whose schema declares ``bounds`` (minimum, maximum, exclusiveMinimum, maxItems),
+    as exact integers, without pydantic checking them."""
+    return Field(default, json_schema_extra=lambda schema: schema.update(bounds))
+
+
+TokenId = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": UINT32_MAX})]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the HTTP API answers (``router.http_io.APIError.body``), as OpenAI's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a value is of the type the schema says (0 is not false, "4" not 4, 1.0 not 1); ints
+    # are still numbers
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
-    n: int = 1
+    n: int = _range(1, minimum=1, maximum=MAX_SEQUENCES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = _range(None, minimum=0)
+    top_p: float | None = _range(None, exclusiveMinimum=0, maximum=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = _range(None, minimum=INT64_MIN, maximum=INT64_MAX)
+    presence_penalty: float = _range(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float = _range(0.0, minimum=-2, maximum=2)
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # extras, as vLLM names them
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    top_k: int = _range(0, minimum=-1, maximum=INT32_MAX)
+    min_p: float = _range(0.0, minimum=0, maximum=1)
+    repetition_penalty: float = _range(1.0, exclusiveMinimum=0)
+    min_tokens: int = _range(0, minimum=0, maximum=UINT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = _range(None, maxItems=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
@@ -46,7 +81,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = _range(16, minimum=1, maximum=UINT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -61,7 +96,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -70,8 +105,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _range(None, minimum=1, maximum=UINT32_MAX)
+    max_completion_tokens: int | None = _range(None, minimum=1, maximum=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None

@@ -33,7 +33,14 @@ from router import auth, policy
 from router.admission import Admission, AdmissionLimits
 from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
 from router.inflight import Ticket, inflight_to_pb, sum_peers
-from router.metrics import DECISION_SECONDS, KV_AHEAD_GIVEN_UP, KV_INDEXED_BLOCKS, KV_OVERLAP_BLOCKS, ROUTE_DECISIONS
+from router.metrics import (
+    DECISION_SECONDS,
+    KV_AHEAD_GIVEN_UP,
+    KV_INDEXED_BLOCKS,
+    KV_OVERLAP_BLOCKS,
+    PEER_INFLIGHT,
+    ROUTE_DECISIONS,
+)
 from router.request_window import HANDOFFS
 from router.tier_index import TierIndex
 from router.watchdog import Patience, Watch, WorkerHungError, watched_call, watched_stream
@@ -485,6 +492,8 @@ class RequestFlow:
                 peers = sum_peers(published, self.router_id)
                 for role, pool in self.pools.items():
                     pool.peer_inflight = peers.get(role, {})
+                    PEER_INFLIGHT.labels(role=role).set(
+                        sum(e.num_requests for e in pool.peer_inflight.values()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # etcd hiccup: keep the last known peers

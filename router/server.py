@@ -54,9 +54,10 @@ async def serve_router(argv: list[str] | None = None) -> int:
     board = Dashboard(cfg, flow, plane, lambda: catalog.model.name if catalog.model else None)
     board.start()
     auth = edge.make_auth(cfg)
-    app = edge.http_app(create_app(flow, catalog, cfg.max_body_bytes, extra_routes=board.routes()), auth)
+    app = edge.http_app(create_app(flow, catalog, cfg.max_body_bytes, cfg.http_read_timeout_s,
+                                   extra_routes=board.routes()), auth)
     http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                                         lifespan="off", timeout_graceful_shutdown=2, **edge.uvicorn_tls(cfg)))
+                                         lifespan="off", timeout_graceful_shutdown=2, **edge.uvicorn_args(cfg)))
     grpc_server = edge.grpc_server(auth)
     add_kserve(grpc_server, flow, catalog)
     health_servicer = _Health(catalog)

@@ -166,6 +166,10 @@ ROUTER_WORKER_WAITING = _define("tandem_router_worker_waiting_requests", "gauge"
                                 "router", ("role", "worker"))
 ROUTER_WORKER_RUNNING = _define("tandem_router_worker_running_requests", "gauge",
                                 "A worker's running requests, as last published", "router", ("role", "worker"))
+ROUTER_PEER_INFLIGHT = _define("tandem_router_peer_inflight_requests", "gauge",
+                                "Requests the other router replicas last published as in flight on a tier's workers "
+                                "(etcd, lease-bound: a dead replica's are forgotten within its lease TTL)", "router",
+                                ("role",))
 ROUTER_PREFIX_HIT = _define("tandem_router_prefix_hit_ratio", "gauge",
                             "Fraction of a worker's prompt tokens served from its prefix cache since it started "
                             "(from its published load)", "router", ("role", "worker"), "ratio")

@@ -111,6 +111,9 @@ class ClusterConfig:
         64, "prompts needing more new tokens than this are prefilled on the prefill tier"
     )
     max_body_bytes: int = _field(4 << 20, "largest HTTP request body the router accepts")
+    http_read_timeout_s: float = _field(
+        15.0, "HTTP: a request's head must arrive within this of its first byte (or of the connection), and "
+        "its body within this of the head; past it 408 and the connection is closed (slow-loris clients)")
     routing_policy: str = _field("kv", "worker choice: kv (KV-aware cost), round_robin, random, least_loaded")
     kv_events: bool = _field(True, "index workers' KV events (--no-kv-events: predict from past routing, with a TTL)")
     kv_index_ttl_s: float = _field(120.0, "without KV events: how long a routed prompt counts as cached there")
@@ -264,6 +267,8 @@ class ClusterConfig:
         self._validate_security()
         if self.max_body_bytes < 1024:
             fail("max_body_bytes", "must be at least 1024")
+        if self.http_read_timeout_s <= 0:
+            fail("http_read_timeout_s", "must be positive")
         if self.engine not in ("torch", "sim"):
             fail("engine", "must be torch or sim")
         if self.async_scheduling not in ("auto", "on", "off"):

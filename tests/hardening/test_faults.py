@@ -18,7 +18,9 @@ import time
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as tc
 import tritonclient.grpc.service_pb2 as kpb
 import tritonclient.grpc.service_pb2_grpc as kpb_grpc
 from hardening_lib import (
@@ -176,6 +178,86 @@ def test_decode_stopped_before_first_token_is_retried(sim_cluster: LocalCluster)
     assert _failures(sim_cluster, "decode") > before  # some went to the stopped worker first
     print(f"decode SIGSTOP before the first token: 6/6 normal answers, slowest {max(t for *_, t in results):.2f} s; "
           f"listed again {back_s:.2f} s after SIGCONT")
+    wait_nothing_leaked(sim_cluster)
+
+
+def _kserve_answers(cluster: LocalCluster, prompts: list[str], max_tokens: int = 6) -> dict[str, list]:
+    """Each prompt sent twice through stock tritonclient, concurrently: once as ``ModelInfer``
+    (unary, own thread) and once on one ``ModelStreamInfer`` stream. Per request id, what the
+    client saw: the unary call's text, or the stream's responses as (text, final, error)."""
+    model = cluster.router["model"]
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+    def inputs(prompt: str) -> list:
+        text = tc.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        exclude = tc.InferInput("exclude_input_in_output", [1], "BOOL")
+        exclude.set_data_from_numpy(np.array([True]))
+        return [text, exclude]
+
+    seen: dict[str, list] = {f"s{i}": [] for i in range(len(prompts))}
+    lock = threading.Lock()
+
+    def unary(i: int, prompt: str) -> None:
+        client = tc.InferenceServerClient(cluster.grpc_target)
+        try:
+            out = client.infer(model, inputs(prompt), request_id=f"u{i}", parameters=params, client_timeout=60)
+            answer = out.as_numpy("text_output")[0].decode()
+        except Exception as e:
+            answer = f"error: {e!r}"
+        with lock:
+            seen[f"u{i}"] = [answer]
+
+    def on_response(result, error) -> None:
+        with lock:
+            if error is not None:
+                seen.setdefault("stream errors", []).append(repr(error))
+                return
+            response = result.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            seen[response.id].append((result.as_numpy("text_output")[0].decode(), final))
+
+    threads = [threading.Thread(target=unary, args=(i, p)) for i, p in enumerate(prompts)]
+    streamer = tc.InferenceServerClient(cluster.grpc_target)
+    streamer.start_stream(on_response, stream_timeout=60)
+    for t in threads:
+        t.start()
+    for i, prompt in enumerate(prompts):
+        streamer.async_stream_infer(model, inputs(prompt), request_id=f"s{i}", parameters=params)
+    for t in threads:
+        t.join()
+    wait_until(lambda: all(any(final for _, final in seen[f"s{i}"]) for i in range(len(prompts)))
+               or "stream errors" in seen, 60, "every streamed request's final response")
+    streamer.stop_stream()
+    streamer.close()
+    return seen
+
+
+def test_kserve_request_whose_worker_fails_before_streaming_is_retried(sim_cluster: LocalCluster) -> None:
+    """KServe's path of the retry before the first token: a decode worker hangs (SIGSTOP) while
+    requests are routed to it; each is failed over (the watchdog) and retried on the other worker,
+    and tritonclient sees one normal answer per request, unary or streamed: the same text as with
+    every worker up, one final response, no error."""
+    prompts = [f"{next(_NONCES)} kserve {i}" for i in range(4)]
+    reference = _kserve_answers(sim_cluster, prompts)
+    assert not any(a[0].startswith("error") for k, a in reference.items() if k.startswith("u")), reference
+    before = _failures(sim_cluster, "decode")
+    victim = live(sim_cluster, "decode")[0]
+    with stopped(victim):
+        t0 = time.monotonic()
+        seen = _kserve_answers(sim_cluster, prompts)
+        took = time.monotonic() - t0
+    back_s = _back(sim_cluster, victim, time.monotonic())
+    failed_over = _failures(sim_cluster, "decode") - before
+    print(f"KServe, decode SIGSTOP before the first token: {failed_over:.0f} calls failed over, "
+          f"{2 * len(prompts)} normal answers in {took:.2f} s; listed again {back_s:.2f} s after SIGCONT")
+    assert "stream errors" not in seen, seen["stream errors"]
+    for i in range(len(prompts)):
+        assert seen[f"u{i}"] == reference[f"u{i}"], (i, seen[f"u{i}"], reference[f"u{i}"])
+        pieces = seen[f"s{i}"]
+        assert [final for _, final in pieces].count(True) == 1 and pieces[-1][1], pieces
+        assert "".join(text for text, _ in pieces) == seen[f"u{i}"][0], (pieces, seen[f"u{i}"])
+    assert failed_over >= 1  # some went to the stopped worker first
     wait_nothing_leaked(sim_cluster)
 
 
