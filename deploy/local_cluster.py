@@ -88,6 +88,9 @@ class LocalCluster:
         self.quiet = quiet
         self.etcd: EtcdServer | None = None
         self.children: list[Child] = []
+        # Set when stop() begins: a worker being started (by a planner, through the launcher) then
+        # fails at once instead of being waited for, or started again once its SIGTERM lands.
+        self._stopping = False
         self.router: dict[str, Any] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
         self._config_path = self._tmp / "cluster.json"
@@ -162,6 +165,7 @@ class LocalCluster:
                     signal.signal(sig, handler)
 
     def _stop(self) -> None:
+        self._stopping = True
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -234,6 +238,7 @@ class LocalCluster:
         stays listed until etcd expires its lease)."""
         deadline = time.monotonic() + max(timeout_s, 1.0)
         while True:
+            self._check_not_stopping("the router's worker list")
             want = {f"{role}_workers": sum(1 for c in self.workers(role) if c.proc.poll() is None)
                     for role in ("prefill", "decode")}
             body = router_health(self.http_url)
@@ -244,6 +249,7 @@ class LocalCluster:
             time.sleep(0.1)
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
+        self._check_not_stopping(name)
         log: IO[str] | None = None
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -292,14 +298,17 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         for child in children:
             while not child._event.wait(0.2):
+                self._check_not_stopping(child.name)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f} s; last output:\n"
                                        + "\n".join(child.log_tail[-15:]))
             if child.ready is None and child.num_restarts == 0:
                 # A start-up crash is retried once (seen rarely: a gRPC poller abort while UCX and
                 # gRPC start side by side); a second one is a real failure.
+                self._check_not_stopping(child.name)
                 self._restart(child)
                 while not child._event.wait(0.2):
+                    self._check_not_stopping(child.name)
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f} s")
             if child.ready is None:
@@ -307,6 +316,10 @@ class LocalCluster:
                                    "last output:\n" + "\n".join(child.log_tail[-25:]))
             self._say(f"{child.name} ready" + (f" on {child.ready.get('endpoint')}" if 'endpoint' in child.ready
                                                else ""))
+
+    def _check_not_stopping(self, name: str) -> None:
+        if self._stopping:
+            raise RuntimeError(f"{name}: the cluster is stopping")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:

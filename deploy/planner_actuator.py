@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
+import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 
 from deploy.launcher import (
     WORKER_ROLES,
@@ -46,6 +47,29 @@ from runtime.settings import ClusterConfig
 log = logging.getLogger("tandem.planner")
 
 
+class _DaemonPool:
+    """``num`` daemon threads running submitted calls in order. Not a ThreadPoolExecutor: the
+    interpreter joins those at exit, so a planner stopped while a start is in flight would wait
+    for it (up to the launcher's start timeout); the launcher finishes that call either way."""
+
+    def __init__(self, num: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(num)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        self._calls.put(lambda: fn(*args))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._calls.put(None)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+
 class LaunchActuator:
     def __init__(self, launcher: Launcher, budget: int) -> None:
         self.launcher = launcher
@@ -54,13 +78,13 @@ class LaunchActuator:
         self._starting: dict[str, Transition] = {}
         self._draining: dict[str, Transition] = {}
         self._ids = itertools.count()
-        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="planner-spawn")  # its thread lives on
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="planner-act")
+        self._spawner = _DaemonPool(1, "planner-spawn")  # its thread lives on
+        self._pool = _DaemonPool(4, "planner-act")
         self.switches: list[SwitchResult] = []
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._spawner.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
+        self._spawner.close()
 
     # ---- the planner's Actuator protocol -------------------------------------------------------------
     def transitions(self) -> Mapping[str, Transition]:
@@ -205,11 +229,25 @@ class PlannerRunner:
             self.metrics.stop()
 
     def run_forever(self) -> None:
-        """In the foreground (``tandem planner``), until Ctrl-C."""
+        """In the foreground (``tandem planner``), until SIGINT or SIGTERM. The first signal sets
+        the service's stop event: the tick in progress ends, the loop stops at its next wait and
+        the registration goes (a cancellation thrown into whatever the tick awaits could be lost
+        there, and the planner kept acting). A second signal interrupts at once."""
         self._serve_metrics()
+
+        def on_signal(signum: int, frame: object) -> None:
+            if self._loop is None or self._stop is None or self._stop.is_set():
+                raise KeyboardInterrupt
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._run()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.actuator is not None:
+                self.actuator.close()
             self.metrics.stop()
 
     def _run(self) -> None:

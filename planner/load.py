@@ -6,8 +6,10 @@ time on the load the workers report (Dynamo's load planner, made to scale down s
   it computes per second times the time per token of a full step.
 - decode: step time = a + b * running sequences + c * their KV tokens, which is the ITL.
 
-Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten) or the
-tier is near saturation; down (-1) only when, with the tier's load spread over N-1 workers (times
+Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten; for
+decode: when one more worker would shorten the busiest worker's step, else ``itl-floor``: one
+sequence alone over the target is not a load problem) or the tier is near saturation; down (-1)
+only when, with the tier's load spread over N-1 workers (times
 today's imbalance between them), every worker stays under ``scale_down_margin`` x SLO, on
 ``scale_down_ticks`` ticks in a row. For decode the N-1 prediction is made at the batch each
 worker would settle at (Little's law: a worker asked for more tokens per second runs a bigger,
@@ -33,6 +35,7 @@ from planner.profile import Profile
 from planner.regression import StepRegression
 
 SATURATED = 0.9  # utilization (prefill) or KV usage (decode) at which a tier scales up whatever the latency
+_HELPS = 0.95  # a worker more must cut the predicted ITL by at least 5% to be started for it
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,19 @@ class LoadModel:
         # step time alone looks fine)
         queued = sum(w.num_waiting for w in workers if w.num_running >= self.max_num_seqs)
         values = {"itl_s": itl, "kv_usage": usage, "workers": n, "waiting_for_a_seat": queued}
-        if itl > slo or usage > SATURATED or queued:
+        if usage > SATURATED or queued:
+            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+        if itl > slo:
+            # One more worker takes its share of the sequences; the busiest then runs
+            # ceil(total / (N+1)) of them. When that does not shorten the step (one sequence
+            # alone is over the target: a long context, a slow machine), a worker more would only
+            # be drained again once idle: the 1 <-> 2 flap of a single slow request.
+            total = sum(running)
+            per = math.ceil(total / (n + 1)) if total else 0.0
+            itl_more = self.decode.predict((per, per * (sum(kv) / total if total else 0.0)))
+            values |= {"itl_s_n_plus_1": itl_more}
+            if itl_more > _HELPS * itl:
+                return TierLoad("decode", 0, False, Reason("itl-floor", "decode", values))
             return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))

@@ -61,6 +61,25 @@ def test_load_mode_adds_one_decode_worker_when_itl_is_over_the_slo() -> None:
     assert math.isclose(reason.values["itl_s"], 0.06, rel_tol=1e-6)
 
 
+def test_load_mode_starts_no_decode_worker_for_one_sequence_alone_over_the_slo() -> None:
+    # One sequence of 4.5M tokens: 0.01 + 1e-4 + 1e-8 * 4.5e6 = 0.0551 s > 50 ms, but with a worker more
+    # the busiest still runs that one sequence (ceil(1 / 2) = 1): the same step. Starting one would
+    # change nothing but the bill (and be drained again when idle: a 1 <-> 2 flap), so: no action.
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 1) + tier("decode", 1, num_running=1, num_active_kv_tokens=4_500_000, kv_usage=0.05)
+    d = planner.tick(observe(10.0, workers, window(0.2)))
+    assert (d.num_prefill, d.num_decode) == (1, 1) and not d.actions
+    reason = next(r for r in d.reasons if r.code == "itl-floor")
+    assert math.isclose(reason.values["itl_s"], 0.0551, rel_tol=1e-6)
+    assert math.isclose(reason.values["itl_s_n_plus_1"], 0.0551, rel_tol=1e-6)
+    # Ten such sequences (0.461 s): with a worker more the busiest runs five (0.01 + 5e-4 + 0.225) -> +1.
+    ten = tier("prefill", 1) + tier("decode", 1, num_running=10, num_active_kv_tokens=45_000_000, kv_usage=0.5)
+    d = Planner(config(mode="load"), profile()).tick(observe(10.0, ten, window(0.2)))
+    assert (d.num_prefill, d.num_decode) == (1, 2)
+    assert math.isclose(next(r for r in d.reasons if r.code == "itl-over-slo").values["itl_s_n_plus_1"], 0.2355,
+                        rel_tol=1e-6)
+
+
 def test_load_mode_adds_one_decode_worker_when_requests_wait_for_a_seat() -> None:
     # 100 running (max_num_seqs) of 1000 tokens: a 21 ms step, well under the SLO; but 30 wait for a seat.
     planner = Planner(config(mode="load"), profile())

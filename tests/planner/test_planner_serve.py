@@ -32,7 +32,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from deploy.launcher import router_health
+from deploy.launcher import ServiceState, router_health
 from deploy.launcher_service import RemoteLauncher
 from runtime import keys
 from runtime.etcd import ControlPlane
@@ -230,6 +230,16 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
     assert {s.name: s for s in launcher.services()}[prefill.name].pid == prefill.pid
     launcher.switch_worker(prefill.name, "prefill")
     _wait_for(lambda: _counts(http) == (1, 1), 10, "switched back")
+    # stopped while a worker start is in flight: tandem serve exits 0 at once, neither waiting for
+    # the new worker nor starting it again when the stop's SIGTERM reaches it (it did both, then hung)
+    def start() -> None:
+        with contextlib.suppress(Exception):  # the stop ends it with an error
+            launcher.start_services(["decode"])
+    threading.Thread(target=start, daemon=True).start()
+    _wait_for(lambda: any(s.state is ServiceState.STARTING for s in launcher.services()), 20, "a start in flight")
+    stopped_at = time.monotonic()
+    assert _stop(proc) == 0
+    assert time.monotonic() - stopped_at < 30, "tandem serve waited for the start in flight"
     launcher.stop()
 
 
