@@ -23,6 +23,8 @@ struct AttnScratch {
   std::vector<float> s, o, state;
   std::vector<int32_t> qpos;
   std::vector<bf16> zeros;
+  std::vector<const bf16*> src;  // the item's query rows (width of them, padding rows: zeros)
+  std::vector<bf16*> dst;        // the item's output rows
 };
 
 // s[rg][key][lane] = q_row . k_key for 8 keys and NRG row groups of 16 rows (qp: rg_count groups
@@ -351,7 +353,8 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
                         float scale, AttnScratch& sc) {
   const int64_t rows = (last - first) * group, rgs = (rows + 15) / 16, pairs = hd / 2, width = rgs * 16;
   if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
-  const bf16* src[ITEM_ROWS + 16];  // rows <= ITEM_ROWS (see attention())
+  sc.src.resize(width);  // rows <= max(ITEM_ROWS, group) (see attention())
+  const bf16** src = sc.src.data();
   sc.qpos.assign(width, -1);  // padding lanes: every key masked
   for (int64_t r = 0; r < width; r++) {
     const int64_t tok = first + r / group, head = kv_head * group + r % group;
@@ -400,7 +403,8 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
     pv_tile(sc.pp.data(), sc.vp.data(), hd, rgs, alpha, sc.o.data());
   }
   // out = bf16(O / l): per group of 16 rows, dims paired and transposed 32 dims at a time.
-  bf16* dst[ITEM_ROWS + 16];
+  sc.dst.resize(rows);
+  bf16** dst = sc.dst.data();
   for (int64_t r = 0; r < rows; r++) {
     const int64_t tok = first + r / group, head = kv_head * group + r % group;
     dst[r] = out + ((row0 + tok) * num_heads + head) * hd;
