@@ -16,16 +16,19 @@
 // bf16 pairs; K and V are read straight from the cache rows.
 
 constexpr int64_t KT = 32;  // keys per tile
+constexpr int64_t ITEM_ROWS = 96;  // query rows per work item at most (6 groups of 16)
 
 struct AttnScratch {
   std::vector<uint32_t> qp, pp, vp;
   std::vector<float> s, o, state;
   std::vector<int32_t> qpos;
-  std::vector<bf16> zeros, out;
+  std::vector<bf16> zeros;
+  std::vector<const bf16*> src;  // the item's query rows (width of them, padding rows: zeros)
+  std::vector<bf16*> dst;        // the item's output rows
 };
 
-// s[key][rg][lane] = q_row . k_key for 8 keys and NRG row groups of 16 rows (both layouts
-// rg_count groups wide).
+// s[rg][key][lane] = q_row . k_key for 8 keys and NRG row groups of 16 rows (qp: rg_count groups
+// wide; s: the first group's first key, groups KT keys apart).
 template <int NRG>
 static inline void score_block(const uint32_t* qp, int64_t rg_count, const bf16* const* keys, int64_t pairs,
                                float scale, float* s) {
@@ -41,36 +44,37 @@ static inline void score_block(const uint32_t* qp, int64_t rg_count, const bf16*
     }
   }
   for (int k = 0; k < 8; k++)
-    for (int r = 0; r < NRG; r++) vstore(s + (k * rg_count + r) * 16, acc[k][r] * scale);
+    for (int r = 0; r < NRG; r++) vstore(s + (r * KT + k) * 16, acc[k][r] * scale);
 }
 
-// o[d][rg] = o[d][rg] * alpha[rg] + sum over key pairs of P V, for 8 dims from d0 and NRG groups.
+// o[rg][d] = o[rg][d] * alpha[rg] + sum over key pairs of P V, for 8 dims from d0 and NRG groups
+// (pp: [rg][KT / 2][16], o: [rg][hd][16], both from the first group).
 template <int NRG>
-static inline void pv_block(const uint32_t* pp, const uint32_t* vp, int64_t hd, int64_t rg_count, int64_t d0,
-                            const float* alpha, float* o) {
+static inline void pv_block(const uint32_t* pp, const uint32_t* vp, int64_t hd, int64_t d0, const float* alpha,
+                            float* o) {
   v16f acc[8][NRG];
   for (int r = 0; r < NRG; r++) {
     const v16f a = vload(alpha + r * 16);
-    for (int i = 0; i < 8; i++) acc[i][r] = vload(o + ((d0 + i) * rg_count + r) * 16) * a;
+    for (int i = 0; i < 8; i++) acc[i][r] = vload(o + (r * hd + d0 + i) * 16) * a;
   }
   for (int64_t kp = 0; kp < KT / 2; kp++) {
     v16u b[NRG];
-    for (int r = 0; r < NRG; r++) b[r] = vloadu(pp + (kp * rg_count + r) * 16);
+    for (int r = 0; r < NRG; r++) b[r] = vloadu(pp + (r * (KT / 2) + kp) * 16);
     for (int i = 0; i < 8; i++) {
       const uint32_t x = vp[kp * hd + d0 + i];
       for (int r = 0; r < NRG; r++) acc[i][r] = dot2(acc[i][r], x, b[r]);
     }
   }
   for (int r = 0; r < NRG; r++)
-    for (int i = 0; i < 8; i++) vstore(o + ((d0 + i) * rg_count + r) * 16, acc[i][r]);
+    for (int i = 0; i < 8; i++) vstore(o + (r * hd + d0 + i) * 16, acc[i][r]);
 }
 
-// The tile's scores for NRG row groups from rg0 (s_tile: [KT][rg_count][16]).
+// The tile's scores for NRG row groups from rg0 (s_tile: [rg_count][KT][16]).
 template <int NRG>
 static inline void score_groups(const uint32_t* qp, int64_t rg_count, int64_t rg0, const bf16* const* keys,
                                 int64_t pairs, float scale, float* s_tile) {
   for (int64_t k0 = 0; k0 < KT; k0 += 8)
-    score_block<NRG>(qp + rg0 * 16, rg_count, keys + k0, pairs, scale, s_tile + (k0 * rg_count + rg0) * 16);
+    score_block<NRG>(qp + rg0 * 16, rg_count, keys + k0, pairs, scale, s_tile + (rg0 * KT + k0) * 16);
 }
 
 struct AttnItem {
@@ -103,30 +107,40 @@ static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, in
       v16i pos;
       memcpy(&pos, qpos + rg * 16, 64);
       for (int64_t j = 0; j < KT; j++) {
-        float* sp = s + (j * rgs + rg) * 16;
+        float* sp = s + (rg * KT + j) * 16;
         const v16f x = (v16i{} + (int32_t)(t0 + j)) > pos ? vset1(-INFINITY) : vload(sp);
         vstore(sp, x);
         tile_max = vmax(tile_max, x);
       }
     } else {
-      for (int64_t j = 0; j < KT; j++) tile_max = vmax(tile_max, vload(s + (j * rgs + rg) * 16));
+      for (int64_t j = 0; j < KT; j++) tile_max = vmax(tile_max, vload(s + (rg * KT + j) * 16));
     }
     const v16f m_old = vload(m + rg * 16), m_new = vmax(m_old, tile_max);
     const v16i none = m_new == vset1(-INFINITY);  // no key seen yet: P = 2^(-inf - 0) = 0, alpha 1
     const v16f m_sub = none ? vset1(0.0f) : m_new;
     const v16f a = none ? vset1(1.0f) : vexp2(m_old - m_new);
-    v16f sum = vset1(0.0f);
-    for (int64_t j = 0; j < KT; j += 2) {
-      const v16f p0 = vexp2(vload(s + (j * rgs + rg) * 16) - m_sub);
-      const v16f p1 = vexp2(vload(s + ((j + 1) * rgs + rg) * 16) - m_sub);
-      sum = j == 0 ? p0 + p1 : (sum + p0) + p1;
-      const v16u pair = pair_bf16(p0, p1);
-      memcpy(pp + ((j / 2) * rgs + rg) * 16, &pair, 64);
+    float* sg = s + rg * KT * 16;
+    for (int64_t j0 = 0; j0 < KT; j0 += 8) {  // P = 2^(s - m), 8 keys side by side, back into s
+      v16f x[8];
+      for (int i = 0; i < 8; i++) x[i] = vload(sg + (j0 + i) * 16) - m_sub;
+      vexp2_n<8>(x);
+      for (int i = 0; i < 8; i++) vstore(sg + (j0 + i) * 16, x[i]);
+      for (int i = 0; i < 8; i += 2) {
+        const v16u pair = pair_bf16(x[i], x[i + 1]);
+        memcpy(pp + (rg * (KT / 2) + (j0 + i) / 2) * 16, &pair, 64);
+      }
     }
+    v16f sum = vload(sg) + vload(sg + 16);  // key by key, in order
+    for (int64_t j = 2; j < KT; j++) sum = sum + vload(sg + j * 16);
     vstore(l + rg * 16, vload(l + rg * 16) * a + sum);
     vstore(m + rg * 16, m_new);
     vstore(alpha + rg * 16, a);
   }
+}
+
+// 16 pairs of 16-bit words (lo: a, hi: b).
+static inline v16u pair_words(v16h a, v16h b) {
+  return __builtin_convertvector(a, v16u) | (__builtin_convertvector(b, v16u) << 16);
 }
 
 // vp[kp][d] = (V[2kp][d], V[2kp + 1][d]) as one bf16 pair.
@@ -151,9 +165,11 @@ static NOINLINE void pv_tile(const uint32_t* pp, const uint32_t* vp, int64_t hd,
   for (int64_t d0 = 0; d0 < hd; d0 += 8) {
     for (int64_t rg = 0; rg < rgs;) {
       const int64_t n = rgs - rg;
-      if (n >= 3) pv_block<3>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 3;
-      else if (n == 2) pv_block<2>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 2;
-      else pv_block<1>(pp + rg * 16, vp, hd, rgs, d0, alpha + rg * 16, o + rg * 16), rg += 1;
+      const uint32_t* p = pp + rg * (KT / 2) * 16;
+      float* og = o + rg * hd * 16;
+      if (n >= 3) pv_block<3>(p, vp, hd, d0, alpha + rg * 16, og), rg += 3;
+      else if (n == 2) pv_block<2>(p, vp, hd, d0, alpha + rg * 16, og), rg += 2;
+      else pv_block<1>(p, vp, hd, d0, alpha + rg * 16, og), rg += 1;
     }
   }
 }
@@ -337,20 +353,31 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
                         float scale, AttnScratch& sc) {
   const int64_t rows = (last - first) * group, rgs = (rows + 15) / 16, pairs = hd / 2, width = rgs * 16;
   if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
-  const bf16* src[64];  // rows <= 48 (see attention())
+  sc.src.resize(width);  // rows <= max(ITEM_ROWS, group) (see attention())
+  const bf16** src = sc.src.data();
   sc.qpos.assign(width, -1);  // padding lanes: every key masked
   for (int64_t r = 0; r < width; r++) {
     const int64_t tok = first + r / group, head = kv_head * group + r % group;
     src[r] = r < rows ? q + ((row0 + tok) * num_heads + head) * hd : sc.zeros.data();
     if (r < rows) sc.qpos[r] = (int32_t)(ctx + tok);
   }
+  // qp[p][r]: pair p of row r, 16 rows by 16 pairs at a time through a transpose.
   sc.qp.resize(pairs * width);
-  for (int64_t p = 0; p < pairs; p++)
-    for (int64_t r = 0; r < width; r++) sc.qp[p * width + r] = load_pair(src[r] + 2 * p);
+  for (int64_t r0 = 0; r0 < width; r0 += 16) {
+    int64_t p0 = 0;
+    for (; p0 + 16 <= pairs; p0 += 16) {
+      v16u t[16];
+      for (int i = 0; i < 16; i++) t[i] = vloadu(src[r0 + i] + 2 * p0);
+      transpose16(t);  // t[i]: pair p0 + i of the 16 rows
+      for (int i = 0; i < 16; i++) memcpy(sc.qp.data() + (p0 + i) * width + r0, &t[i], 64);
+    }
+    for (int64_t p = p0; p < pairs; p++)
+      for (int64_t r = r0; r < r0 + 16; r++) sc.qp[p * width + r] = load_pair(src[r] + 2 * p);
+  }
   sc.s.resize(KT * width);
   sc.pp.resize(KT / 2 * width);
   sc.vp.resize(KT / 2 * hd);
-  sc.o.assign(hd * width, 0.0f);
+  sc.o.assign(width * hd, 0.0f);
   sc.state.resize(3 * width);  // m, l, alpha
   float *m = sc.state.data(), *l = m + width, *alpha = l + width;
   for (int64_t i = 0; i < width; i++) m[i] = -INFINITY, l[i] = 0.0f;
@@ -375,17 +402,29 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
     pack_values(vals, hd, sc.vp.data());
     pv_tile(sc.pp.data(), sc.vp.data(), hd, rgs, alpha, sc.o.data());
   }
-  // out = bf16(O / l), through a [width][hd] bf16 transpose of O.
-  sc.out.resize(width * hd);
-  for (int64_t d = 0; d < hd; d++) {
-    for (int64_t rg = 0; rg < rgs; rg++) {
-      const v16h h = to_bf16(vload(sc.o.data() + (d * rgs + rg) * 16) / vload(l + rg * 16));
-      for (int i = 0; i < 16; i++) sc.out[(rg * 16 + i) * hd + d] = h[i];
-    }
-  }
+  // out = bf16(O / l): per group of 16 rows, dims paired and transposed 32 dims at a time.
+  sc.dst.resize(rows);
+  bf16** dst = sc.dst.data();
   for (int64_t r = 0; r < rows; r++) {
     const int64_t tok = first + r / group, head = kv_head * group + r % group;
-    memcpy(out + ((row0 + tok) * num_heads + head) * hd, sc.out.data() + r * hd, 2 * hd);
+    dst[r] = out + ((row0 + tok) * num_heads + head) * hd;
+  }
+  for (int64_t rg = 0; rg < rgs; rg++) {
+    const float* og = sc.o.data() + rg * hd * 16;
+    const v16f lg = vload(l + rg * 16);
+    const int64_t n = rows - rg * 16 < 16 ? rows - rg * 16 : 16;
+    int64_t d0 = 0;
+    for (; d0 + 32 <= hd; d0 += 32) {
+      v16u t[16];
+      for (int i = 0; i < 16; i++) t[i] = pair_words(to_bf16(vload(og + (d0 + 2 * i) * 16) / lg),
+                                                    to_bf16(vload(og + (d0 + 2 * i + 1) * 16) / lg));
+      transpose16(t);  // t[i]: row i's 16 dim pairs
+      for (int64_t i = 0; i < n; i++) memcpy(dst[rg * 16 + i] + d0, &t[i], 64);
+    }
+    for (int64_t d = d0; d < hd; d++) {
+      const v16h h = to_bf16(vload(og + d * 16) / lg);
+      for (int64_t i = 0; i < n; i++) dst[rg * 16 + i][d] = h[i];
+    }
   }
 }
 
@@ -395,7 +434,7 @@ static void attention(const bf16* q, bf16* out, int64_t num_heads, int64_t num_k
                       const int32_t* block_tables, int64_t table_stride, int64_t num_seqs, float scale,
                       int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t tokens_per_item = group >= 48 ? 1 : 48 / group;  // 48 rows: 3 groups of 16
+  const int64_t tokens_per_item = group >= ITEM_ROWS ? 1 : ITEM_ROWS / group;
   std::vector<AttnItem> items;
   for (int64_t s = 0; s < num_seqs; s++) {
     const int64_t len = query_start[s + 1] - query_start[s], ctx = seq_lens[s] - len;

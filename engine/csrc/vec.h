@@ -122,6 +122,32 @@ static inline v16f vexp2(v16f x) {
   return under ? vset1(0.0f) : e;
 }
 
+// vexp2 of N vectors x <= 0 (or NaN: the softmax's s - max) in place, the same bits as vexp2: the
+// same operations per lane, stepped side by side (N independent dependency chains through the
+// polynomial instead of one: the softmax's exponentials are bound by its latency otherwise), less
+// the clamp at 127 (a no-op here).
+template <int N>
+static inline void vexp2_n(v16f* x) {
+  v16i under[N];
+  v16i e[N];
+  v16f f[N], p[N];
+  for (int i = 0; i < N; i++) {
+    under[i] = x[i] < vset1(-124.0f);
+    x[i] = under[i] ? vset1(-124.0f) : x[i];
+    const v16f n = (x[i] + 12582912.0f) - 12582912.0f;  // round to nearest
+    e[i] = __builtin_convertvector(n, v16i) << 23;
+    f[i] = x[i] - n;
+    p[i] = vset1(1.535336188319500e-4f);
+  }
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 1.339887440266574e-3f;
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 9.618437357674640e-3f;
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 5.550332471162809e-2f;
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 2.402264791363012e-1f;
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 6.931472028550421e-1f;
+  for (int i = 0; i < N; i++) p[i] = p[i] * f[i] + 1.0f;
+  for (int i = 0; i < N; i++) x[i] = under[i] ? vset1(0.0f) : (v16f)((v16i)p[i] + e[i]);
+}
+
 // Two rows of 16 floats as 16 bf16 pairs (lo: a, hi: b), each rounded to nearest even.
 static inline v16u pair_bf16(v16f a, v16f b) {
 #if TANDEM_NATIVE_BF16
