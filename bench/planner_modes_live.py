@@ -14,14 +14,14 @@ count changing direction: oscillation), how long after the last request the clus
 its minimums (desired and ready), and failed requests (an error or fewer tokens than asked).
 Writes ``planner-modes-{mode}.json`` and ``.png`` (load; desired vs ready per tier; TTFT and ITL
 per request against the targets) per mode and prints a comparison table. ``--lock``: each mode's
-run holds this file's flock (the shared heavy-test lock), not the whole command.
+run holds this file's flock (the shared heavy-test lock), several modes in one hold only while
+they fit in ``--hold-s``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fcntl
 import itertools
 import json
@@ -315,7 +315,10 @@ def run_mode(mode: str, args: argparse.Namespace, ps: list[Phase], log_dir: Path
         out = summarize(mode, reqs, sampler.rows, decisions, args, load_end_s)
         out["last_request_done_s"] = round(load_end_s, 1)
         out["timeline"] = sampler.rows
-        out["requests_detail"] = [asdict(r) | {"itl_p99_s": r.itl_p99_s, "gaps_s": None} for r in reqs]
+        out["requests_detail"] = [asdict(r) | {"itl_p99_s": r.itl_p99_s, "gaps_s": None,
+                                                 "first_gap_s": r.gaps_s[0] if r.gaps_s else None,
+                                                 "itl_mean_s": sum(r.gaps_s) / len(r.gaps_s) if r.gaps_s else None}
+                                 for r in reqs]
         out["history"] = [{"seq": d.seq, "t_unix_ms": d.decided_at_unix_ms,
                            "actions": [f"{KIND[a.kind]}:{a.role}:{a.worker_id}" for a in d.actions],
                            "reasons": [r.code + (f"[{r.role}]" if r.role else "")
@@ -404,17 +407,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def held(lock: str | None):
-    if not lock:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+class Lock:
+    """The shared heavy lock (``--lock``), held for as many modes in a row as fit in ``hold_s``."""
+
+    def __init__(self, path: str | None, hold_s: float) -> None:
+        self.path, self.hold_s = path, hold_s
+        self.file = None
+        self.since = 0.0
+
+    def acquire(self, next_s: float) -> None:
+        """Before a run of about ``next_s`` seconds: keep the lock if it fits, else wait for it anew."""
+        if not self.path:
+            return
+        if self.file is not None and time.monotonic() - self.since + next_s > self.hold_s:
+            self.release()
+        if self.file is None:
+            self.file = open(self.path, "a")  # noqa: SIM115 (held across calls)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.since = time.monotonic()
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -443,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flap-intervals", type=float, default=5.0,
                     help="a reversal within this many intervals of the tier's last change is a flap")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lock", default=None, help="flock this file around each mode's run")
+    ap.add_argument("--lock", default=None, help="flock this file around the modes' runs")
+    ap.add_argument("--hold-s", type=float, default=360.0, help="most seconds one hold of --lock lasts")
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     ps = phases(args)
@@ -454,12 +471,19 @@ def main(argv: list[str] | None = None) -> None:
           + f"; TTFT <= {args.ttft_ms:g} ms, ITL <= {args.itl_ms:g} ms, budget {args.budget}, "
             f"every {args.interval_s:g} s, from {args.initial[0]}P+{args.initial[1]}D", flush=True)
     results = []
+    lock = Lock(args.lock, args.hold_s)
+    expected_s = sum(p.seconds for p in ps) + 60.0
     for mode in args.modes:
         log_dir = Path(tempfile.mkdtemp(prefix=f"planner-modes-{mode}-"))
-        with held(args.lock):
-            t = time.monotonic()
+        lock.acquire(expected_s)
+        t = time.monotonic()
+        try:
             r = run_mode(mode, args, ps, log_dir)
-            r["wall_s"] = round(time.monotonic() - t, 1)
+        except BaseException:
+            lock.release()
+            raise
+        r["wall_s"] = round(time.monotonic() - t, 1)
+        expected_s = 1.15 * r["wall_s"]
         r["log_dir"] = str(log_dir)
         r["args"] = vars(args)
         stem = out / f"planner-modes-{mode}"
@@ -469,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{mode}: {r['wall_s']:.0f} s, attainment {r['attainment']:.2f}, failed {r['failed']} "
               f"{r['errors'] or ''}, actions {r['actions']}, back to minimums {r['back_to_minimums_s']}, "
               f"serve exit {r['serve_exit']}; wrote {stem}.json/.png", flush=True)
+    lock.release()
     print(table(results))
     (out / "planner-modes-table.txt").write_text(table(results) + "\n")
 
