@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from planner.observations import NAN, Observation, RouterWindow, WorkerState, WorkerStep
+from planner.observations import NAN, ROLES, Observation, RouterWindow, WorkerState, WorkerStep
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_worker_pb2 as wpb
 
@@ -153,9 +153,19 @@ class ClusterView:
                 t = transitions.get(worker_id) if transitions else None
                 state = t.state if t is not None and t.state is not WorkerState.STARTING else WorkerState.READY
                 workers.append(self._step(worker_id, role, state, (since_s or {}).get(worker_id, 0.0)))
-        for t in (transitions.values() if transitions else ()):
-            if t.worker_id not in seen:
-                workers.append(WorkerStep(t.worker_id, t.role, t.state, t.since_s))
+        # A start's placeholder stays with the launcher until its call returns, after the worker
+        # registered: a worker first seen since the start was issued is that start (counted once).
+        new = {r: sorted((since_s or {}).get(w.worker_id, -math.inf) for w in workers
+                         if w.role == r and w.worker_id not in (transitions or {})) for r in ROLES}
+        for t in sorted(transitions.values() if transitions else (), key=lambda t: t.since_s):
+            if t.worker_id in seen:
+                continue
+            if t.state is WorkerState.STARTING:
+                match = next((i for i, s in enumerate(new[t.role]) if s >= t.since_s), None)
+                if match is not None:
+                    del new[t.role][match]
+                    continue
+            workers.append(WorkerStep(t.worker_id, t.role, t.state, t.since_s))
         self._fresh.clear()
         return Observation(now_s, tuple(workers), self.traffic(now_s), num_gpus_free)
 

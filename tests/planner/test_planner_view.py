@@ -105,6 +105,24 @@ def test_lengths_follow_a_shift_of_the_mix_within_the_window() -> None:
     assert (win.isl_mean, win.isl_p95, win.osl_mean) == (500.0, 1000.0, 6.0)
 
 
+def test_a_started_worker_that_registered_is_not_also_counted_as_its_placeholder() -> None:
+    """Found live (bench/planner_modes_live.py, both mode): the launcher keeps a start's
+    placeholder until its start call returns, after the worker registered; for that instant the
+    view counted the worker twice (desired decode 4 on a budget of 4 with 1 prefill; at zero
+    traffic the phantom would have let the planner drain one worker too many)."""
+    view = ClusterView(window_s=3.0)
+    starting = {"starting-decode-0": Transition("starting-decode-0", "decode", WorkerState.STARTING, 10.0)}
+    registered = {"prefill": {"p0": None}, "decode": {"d0": None, "d1": None}}
+    obs = view.observe(11.0, registered, starting, since_s={"p0": 0.0, "d0": 0.0, "d1": 11.0})
+    assert sorted((w.worker_id, w.state) for w in obs.tier("decode")) == [
+        ("d0", WorkerState.READY), ("d1", WorkerState.READY)]  # d1, first seen at 11 > 10: the start
+    assert sum(1 for w in obs.workers if w.role == "decode") == 2
+    # not registered yet: the placeholder counts; an old worker does not stand for it
+    obs = view.observe(11.0, {"prefill": {"p0": None}, "decode": {"d0": None}}, starting,
+                       since_s={"p0": 0.0, "d0": 0.0})
+    assert sorted(w.worker_id for w in obs.workers if w.role == "decode") == ["d0", "starting-decode-0"]
+
+
 def test_workers_come_from_registrations_and_the_launchers_transitions() -> None:
     view = ClusterView(window_s=3.0)
     view.steps_put("w1", steps(5, 0.01, 1, 10, role=PREFILL))  # switched to prefill, decode key not yet gone
