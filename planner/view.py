@@ -12,7 +12,10 @@ it what its watches saw, with times on its own monotonic clock.
 - **Traffic**: routers publish their arrivals since they started (``num_arrivals_total``); the
   view differences them over ``window_s`` (several ticks), so a sparse load is not "zero traffic"
   because one tick saw no arrival, and the end of the traffic shows within that window, not the
-  routers' 60 s. Lengths and latency percentiles come from the routers' own windows.
+  routers' 60 s. Mean lengths too (prompt tokens at arrival over arrivals, answer tokens over
+  finished requests: the routers' token totals differenced), so a shift of the mix shows within
+  that window; their percentiles keep the routers' 60 s window's ratio to its mean. Latency
+  percentiles come from the routers' own windows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from planner.observations import NAN, Observation, RouterWindow, WorkerState, WorkerStep
+from planner.observations import NAN, ROLES, Observation, RouterWindow, WorkerState, WorkerStep
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_worker_pb2 as wpb
 
@@ -41,6 +44,12 @@ class Transition:
 
 def _opt(msg: cpb.WorkerStepStats | cpb.RouterWindowStats, name: str) -> float:
     return getattr(msg, name) if msg.HasField(name) else NAN
+
+
+def _rescaled(lengths: dict[str, float], mean: float) -> dict[str, float]:
+    """``lengths`` (mean and percentiles of one window) moved to another window's ``mean``."""
+    ratio = mean / lengths["mean"] if lengths["mean"] > 0 else NAN  # NaN (no finished request): unknown
+    return {q: mean if q == "mean" else v * ratio for q, v in lengths.items()}
 
 
 def merge_steps(summaries: list[cpb.WorkerStepStats]) -> dict[str, float]:
@@ -65,7 +74,8 @@ class ClusterView:
         self.window_s = window_s
         self._fresh: dict[str, list[cpb.WorkerStepStats]] = {}  # worker id -> summaries since the last tick
         self._last: dict[str, cpb.WorkerStepStats] = {}
-        self._routers: dict[str, deque[tuple[float, int, int]]] = {}  # id -> (t, arrivals, finished) totals
+        # id -> (t, arrivals, finished, prompt tokens, output tokens): the router's totals since it started
+        self._routers: dict[str, deque[tuple[float, int, int, int, int]]] = {}
         self._windows: dict[str, cpb.RouterWindowStats] = {}
 
     # ---- folding what the watches saw ------------------------------------------------------------
@@ -81,7 +91,8 @@ class ClusterView:
         history = self._routers.setdefault(router_id, deque())
         if history and msg.num_arrivals_total < history[-1][1]:  # a new router of the same id
             history.clear()
-        history.append((now_s, msg.num_arrivals_total, msg.num_finished_total))
+        history.append((now_s, msg.num_arrivals_total, msg.num_finished_total, msg.num_prompt_tokens_total,
+                        msg.num_output_tokens_total))
         while len(history) > 2 and history[1][0] <= now_s - self.window_s:
             history.popleft()  # keep one sample at or before the window's start
         self._windows[router_id] = msg
@@ -97,16 +108,25 @@ class ClusterView:
             history = self._routers.get(router_id)
             if not history:
                 continue
-            t0, a0, f0 = history[0]
-            t1, a1, f1 = history[-1]
+            t0, a0, f0, p0, o0 = history[0]
+            t1, a1, f1, p1, o1 = history[-1]
+            isl = {q: _opt(msg, f"isl_{q}") for q in ("mean", "p50", "p95")}
+            osl = {q: _opt(msg, f"osl_{q}") for q in ("mean", "p50", "p95")}
             if t1 - t0 < 1e-6:  # one sample yet: the router's own window
                 window_s, arrivals, finished = msg.window_s, msg.num_arrivals, msg.num_finished
             else:
                 window_s, arrivals, finished = t1 - t0, a1 - a0, f1 - f0
+                # Lengths over this window too, from the token totals (a router that publishes
+                # them): the 60 s window's means lag a shift of the mix. Its percentiles keep
+                # their ratio to its mean (the shape of the lengths), scaled to this window's mean.
+                if arrivals > 0 and p1 > p0:
+                    isl = _rescaled(isl, (p1 - p0) / arrivals)
+                if finished > 0 and o1 > o0:
+                    osl = _rescaled(osl, (o1 - o0) / finished)
             out.append(RouterWindow(
                 window_s=window_s, num_arrivals=arrivals, num_finished=finished,
-                isl_mean=_opt(msg, "isl_mean"), isl_p50=_opt(msg, "isl_p50"), isl_p95=_opt(msg, "isl_p95"),
-                osl_mean=_opt(msg, "osl_mean"), osl_p50=_opt(msg, "osl_p50"), osl_p95=_opt(msg, "osl_p95"),
+                isl_mean=isl["mean"], isl_p50=isl["p50"], isl_p95=isl["p95"],
+                osl_mean=osl["mean"], osl_p50=osl["p50"], osl_p95=osl["p95"],
                 ttft_ms_p50=_opt(msg, "ttft_ms_p50"), ttft_ms_p95=_opt(msg, "ttft_ms_p95"),
                 ttft_ms_p99=_opt(msg, "ttft_ms_p99"), itl_ms_p50=_opt(msg, "itl_ms_p50"),
                 itl_ms_p95=_opt(msg, "itl_ms_p95"), itl_ms_p99=_opt(msg, "itl_ms_p99"),
@@ -133,9 +153,19 @@ class ClusterView:
                 t = transitions.get(worker_id) if transitions else None
                 state = t.state if t is not None and t.state is not WorkerState.STARTING else WorkerState.READY
                 workers.append(self._step(worker_id, role, state, (since_s or {}).get(worker_id, 0.0)))
-        for t in (transitions.values() if transitions else ()):
-            if t.worker_id not in seen:
-                workers.append(WorkerStep(t.worker_id, t.role, t.state, t.since_s))
+        # A start's placeholder stays with the launcher until its call returns, after the worker
+        # registered: a worker first seen since the start was issued is that start (counted once).
+        new = {r: sorted((since_s or {}).get(w.worker_id, -math.inf) for w in workers
+                         if w.role == r and w.worker_id not in (transitions or {})) for r in ROLES}
+        for t in sorted(transitions.values() if transitions else (), key=lambda t: t.since_s):
+            if t.worker_id in seen:
+                continue
+            if t.state is WorkerState.STARTING:
+                match = next((i for i, s in enumerate(new[t.role]) if s >= t.since_s), None)
+                if match is not None:
+                    del new[t.role][match]
+                    continue
+            workers.append(WorkerStep(t.worker_id, t.role, t.state, t.since_s))
         self._fresh.clear()
         return Observation(now_s, tuple(workers), self.traffic(now_s), num_gpus_free)
 

@@ -38,6 +38,8 @@ class WindowStats:
     e2e_ms_p50: float | None = None
     num_arrivals_total: int = 0  # since the router started: readers difference them for any interval
     num_finished_total: int = 0
+    num_prompt_tokens_total: int = 0  # of every arrival, counted when it arrives
+    num_output_tokens_total: int = 0  # of every finished request
 
     def to_pb(self, router_id: str) -> cpb.RouterWindowStats:
         """The etcd value (``RouterWindowStats``): unset fields where there is no value."""
@@ -72,15 +74,19 @@ class RequestWindow:
         self.num_inflight = 0
         self.num_arrivals_total = 0
         self.num_finished_total = 0
+        self.num_prompt_tokens_total = 0
+        self.num_output_tokens_total = 0
 
-    def arrived(self, now: float | None = None) -> None:
+    def arrived(self, isl: int = 0, now: float | None = None) -> None:
         self._arrivals.append(time.monotonic() if now is None else now)
         self.num_inflight += 1
         self.num_arrivals_total += 1
+        self.num_prompt_tokens_total += isl
 
     def finished(self, isl: int, osl: int, ttft_s: float | None, e2e_s: float, now: float | None = None) -> None:
         self.num_inflight -= 1
         self.num_finished_total += 1
+        self.num_output_tokens_total += osl
         if ttft_s is None:  # failed before its first token: counted as an arrival only
             return
         itl = (e2e_s - ttft_s) / (osl - 1) * 1000 if osl > 1 else math.nan
@@ -131,6 +137,7 @@ class RequestWindow:
             itl_ms_p95=percentile(itl, 95), itl_ms_p99=percentile(itl, 99),
             e2e_ms_p50=percentile([f.e2e_ms for f in done], 50),
             num_arrivals_total=self.num_arrivals_total, num_finished_total=self.num_finished_total,
+            num_prompt_tokens_total=self.num_prompt_tokens_total, num_output_tokens_total=self.num_output_tokens_total,
         )
 
 

@@ -79,7 +79,7 @@ class Generation:
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         upstream = self.flow.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
-        WINDOW.arrived()
+        WINDOW.arrived(len(self.prompt_ids))
         try:
             async for item in upstream:
                 if isinstance(item, Usage):

@@ -73,6 +73,56 @@ def test_traffic_is_differenced_over_the_window_not_one_tick() -> None:
     assert win.num_arrivals == 1 and win.window_s == 60  # its own window again
 
 
+def test_lengths_follow_a_shift_of_the_mix_within_the_window() -> None:
+    """Found live (bench/planner_modes_live.py, throughput mode): 35 s into a decode-heavy phase
+    the routers' 60 s window still said ISL 486 and OSL 19 (the prefill-heavy phase's requests),
+    so the planner kept 2 prefill workers for prompts of 96 tokens and too few decode workers.
+    Lengths now come from the routers' token totals over the planner's window."""
+    view = ClusterView(window_s=3.0)
+
+    def router(t: float, arrivals: int, finished: int, prompt: int, output: int) -> None:
+        # the 60 s window: the long prompts and short answers of a minute ago
+        view.router_put("r0", cpb.RouterWindowStats(
+            window_s=60, num_arrivals=40, num_finished=40, isl_mean=500.0, isl_p50=450.0, isl_p95=1000.0,
+            osl_mean=6.0, osl_p50=6.0, osl_p95=9.0, num_arrivals_total=arrivals, num_finished_total=finished,
+            num_prompt_tokens_total=prompt, num_output_tokens_total=output), t)
+
+    router(0.0, 40, 40, 20_000, 240)
+    router(3.0, 43, 42, 20_300, 560)  # 3 prompts of 100 tokens arrived, 2 answers of 160 finished
+    (win,) = view.traffic(3.0)
+    assert (win.num_arrivals, win.num_finished) == (3, 2)
+    assert (win.isl_mean, win.isl_p50, win.isl_p95) == (100.0, 90.0, 200.0)  # the window's shape, its mean
+    assert (win.osl_mean, win.osl_p50, win.osl_p95) == (160.0, 160.0, 240.0)
+    router(6.0, 45, 42, 20_500, 560)  # nothing finished in the window: the routers' OSL stays
+    (win,) = view.traffic(6.0)
+    assert win.isl_mean == 100.0 and (win.osl_mean, win.osl_p95) == (6.0, 9.0)
+    # a router that publishes no token totals: its own window's lengths
+    old = ClusterView(window_s=3.0)
+    for t, n in ((0.0, 40), (3.0, 43)):
+        old.router_put("r0", cpb.RouterWindowStats(window_s=60, isl_mean=500.0, isl_p95=1000.0, osl_mean=6.0,
+                                                   num_arrivals_total=n, num_finished_total=n), t)
+    (win,) = old.traffic(3.0)
+    assert (win.isl_mean, win.isl_p95, win.osl_mean) == (500.0, 1000.0, 6.0)
+
+
+def test_a_started_worker_that_registered_is_not_also_counted_as_its_placeholder() -> None:
+    """Found live (bench/planner_modes_live.py, both mode): the launcher keeps a start's
+    placeholder until its start call returns, after the worker registered; for that instant the
+    view counted the worker twice (desired decode 4 on a budget of 4 with 1 prefill; at zero
+    traffic the phantom would have let the planner drain one worker too many)."""
+    view = ClusterView(window_s=3.0)
+    starting = {"starting-decode-0": Transition("starting-decode-0", "decode", WorkerState.STARTING, 10.0)}
+    registered = {"prefill": {"p0": None}, "decode": {"d0": None, "d1": None}}
+    obs = view.observe(11.0, registered, starting, since_s={"p0": 0.0, "d0": 0.0, "d1": 11.0})
+    assert sorted((w.worker_id, w.state) for w in obs.tier("decode")) == [
+        ("d0", WorkerState.READY), ("d1", WorkerState.READY)]  # d1, first seen at 11 > 10: the start
+    assert sum(1 for w in obs.workers if w.role == "decode") == 2
+    # not registered yet: the placeholder counts; an old worker does not stand for it
+    obs = view.observe(11.0, {"prefill": {"p0": None}, "decode": {"d0": None}}, starting,
+                       since_s={"p0": 0.0, "d0": 0.0})
+    assert sorted(w.worker_id for w in obs.workers if w.role == "decode") == ["d0", "starting-decode-0"]
+
+
 def test_workers_come_from_registrations_and_the_launchers_transitions() -> None:
     view = ClusterView(window_s=3.0)
     view.steps_put("w1", steps(5, 0.01, 1, 10, role=PREFILL))  # switched to prefill, decode key not yet gone

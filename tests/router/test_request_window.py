@@ -40,7 +40,7 @@ def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value()
     empty = w.snapshot(now=0.0).to_pb("r0")
     assert empty.router_id == "r0" and empty.window_s == 10.0 and not empty.HasField("ttft_ms_p50")
     for t in range(20):
-        w.arrived(now=float(t) / 4)
+        w.arrived(100 + t, now=float(t) / 4)
         w.finished(100 + t, 10, 0.1 + t / 100, 1.0, now=float(t) / 4)
     msg = cpb.RouterWindowStats.FromString(w.snapshot(now=5.0).to_pb("r0").SerializeToString())
     assert (msg.num_arrivals, msg.num_finished, msg.num_inflight) == (20, 20, 0)
@@ -50,6 +50,8 @@ def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value()
     # the totals since start outlive the window: a reader differences them for its own interval
     later = w.snapshot(now=100.0).to_pb("r0")
     assert (later.num_arrivals, later.num_arrivals_total, later.num_finished_total) == (0, 20, 20)
+    # prompt tokens (counted at arrival: 100..119) and answer tokens: the window's lengths for the planner
+    assert (later.num_prompt_tokens_total, later.num_output_tokens_total) == (2190, 200)
 
 
 def test_inflight_is_shared_as_a_message() -> None:
