@@ -143,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  metrics      {r['http']}/metrics\n"
               f"  etcd         {','.join(cluster.cfg.etcd_endpoints)}   (namespace {cfg.namespace})\n"
               f"  launcher     {control.endpoint}   (tandem planner --etcd-endpoints ... scales the cluster)\n"
+              + (f"  internal     mutual TLS, CA {cfg.internal_tls_ca_file}\n" if cfg.internal_tls_ca_file else "")
               + (f"  planner      {planner.config.mode} mode, every {planner.config.adjustment_interval_s:g} s, "
                  f"up to {planner.config.max_workers} workers, {planner.metrics_url} (--no-planner: none)\n"
                  if planner else "")
