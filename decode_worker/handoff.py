@@ -33,6 +33,7 @@ import grpc
 from kv_transfer import KVTransport, TransferError
 from runtime import metric_catalog as mc
 from runtime import trace
+from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 
@@ -55,8 +56,10 @@ _WRITER_DONE = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED, grpc.StatusC
 class KVHandoff:
     """A decode worker's transfers of prompt blocks from prefill workers."""
 
-    def __init__(self, transport: KVTransport | None, block_size: int, timeout_s: float, mode: str = "auto") -> None:
+    def __init__(self, transport: KVTransport | None, block_size: int, timeout_s: float, mode: str = "auto",
+                 internal: InternalGrpc = PLAINTEXT) -> None:
         self.transport = transport
+        self.internal = internal  # how channels to the prefill workers are made (mutual TLS or plaintext)
         self.block_size = block_size
         self.timeout_s = timeout_s
         self.mode = mode
@@ -224,7 +227,7 @@ class KVHandoff:
     def _stub(self, endpoint: str) -> pb_grpc.WorkerServiceStub:
         stub = self._peers.get(endpoint)
         if stub is None:
-            stub = self._peers[endpoint] = pb_grpc.WorkerServiceStub(grpc.aio.insecure_channel(endpoint))
+            stub = self._peers[endpoint] = pb_grpc.WorkerServiceStub(self.internal.channel(endpoint))
         return stub
 
     def _later(self, awaitable: object) -> None:

@@ -18,6 +18,7 @@ from decode_worker.wire import check_handle, sent_ahead
 from engine.async_engine import HandoffAbortedError, Landing
 from runtime import settings, trace
 from runtime.convert import output_to_pb, sampling_from_pb
+from runtime.internal_grpc import InternalGrpc
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import WorkerServicer, main, observe_output
 
@@ -26,7 +27,7 @@ class DecodeServicer(WorkerServicer):
     def configure(self, cfg: settings.ClusterConfig) -> None:
         super().configure(cfg)
         self.handoff = KVHandoff(self.transport, self.identity.block_size, cfg.kv_pull_timeout_s,
-                                 cfg.kv_transfer_mode)
+                                 cfg.kv_transfer_mode, InternalGrpc.from_config(cfg))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:

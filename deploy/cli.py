@@ -84,18 +84,46 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _cluster_config(args: argparse.Namespace):
+    """The ``ClusterConfig`` of ``settings.add_arguments`` flags, with ``--internal-tls-dir``'s
+    three files as the ``internal_tls_*`` settings (a flag naming one of them wins)."""
+    from deploy.certs import CertFiles
+    from runtime import settings
+
+    if args.internal_tls_dir:
+        for name, path in CertFiles.in_dir(args.internal_tls_dir).settings().items():
+            if getattr(args, name) is None:
+                setattr(args, name, path)
+    return settings.from_args(args)
+
+
+def _add_internal_tls_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--internal-tls-dir", default=None, metavar="DIR",
+                   help="mutual TLS on the cluster's internal gRPC (workers, launcher service) with the files "
+                        "tandem certs wrote in DIR")
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from deploy.certs import make_certs
+
+    files = make_certs(args.out, args.host, args.days)
+    print(f"tandem: wrote {files.ca} (the cluster CA), {files.cert} and {files.key} (every process's "
+          f"certificate and key; hosts {', '.join(['127.0.0.1', '::1', 'localhost', *args.host])})\n"
+          f"  tandem serve --internal-tls-dir {args.out}", flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.launcher import ServiceState
     from deploy.launcher_service import LauncherServer
     from deploy.local_cluster import LocalCluster
     from deploy.local_launcher import LocalLauncher
-    from runtime import settings
 
     # SIGTERM (a service manager, a container's stop) stops everything as Ctrl-C does; so does
     # SIGINT when our parent ignored it (a non-interactive shell's background job).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _interrupt)
-    cfg = settings.from_args(args)
+    cfg = _cluster_config(args)
     cluster = LocalCluster(cfg, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                            log_dir=args.log_dir)
     planner = control = None
@@ -115,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  metrics      {r['http']}/metrics\n"
               f"  etcd         {','.join(cluster.cfg.etcd_endpoints)}   (namespace {cfg.namespace})\n"
               f"  launcher     {control.endpoint}   (tandem planner --etcd-endpoints ... scales the cluster)\n"
+              + (f"  internal     mutual TLS, CA {cfg.internal_tls_ca_file}\n" if cfg.internal_tls_ca_file else "")
               + (f"  planner      {planner.config.mode} mode, every {planner.config.adjustment_interval_s:g} s, "
                  f"up to {planner.config.max_workers} workers, {planner.metrics_url} (--no-planner: none)\n"
                  if planner else "")
@@ -162,10 +191,9 @@ def cmd_planner(args: argparse.Namespace) -> int:
     from deploy.launcher_service import find_launcher
     from deploy.planner_actuator import PlannerRunner
     from deploy.planner_service import ray_planner
-    from runtime import settings
 
     signal.signal(signal.SIGTERM, _interrupt)  # stops as Ctrl-C does: its registration goes with its lease
-    cfg = settings.from_args(args)
+    cfg = _cluster_config(args)
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s planner %(levelname)s %(name)s: %(message)s")
     launcher = find_launcher(cfg) if cfg.etcd_endpoints and not cfg.ray_address else None
     if launcher is not None and not args.dry_run and (acting := _acting_planners(cfg)):
@@ -223,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (disaggregated mode)")
     s.add_argument("--decode-workers", type=int, default=1, help="decode workers")
     s.add_argument("--log-dir", default=None, help="write each process's log here instead of the terminal")
+    _add_internal_tls_dir(s)
     s.set_defaults(func=cmd_serve)
 
     pl = sub.add_parser("planner", help="the autoscaler on a tandem serve cluster (--etcd-endpoints: its etcd), a "
@@ -230,7 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(decisions only)")
     settings.add_arguments(pl)
     pl.add_argument("--dry-run", action="store_true", help="write decisions to etcd and Prometheus, act on nothing")
+    _add_internal_tls_dir(pl)
     pl.set_defaults(func=cmd_planner)
+
+    ce = sub.add_parser("certs", help="make a CA and a certificate for the cluster's internal mutual TLS "
+                                      "(tandem serve --internal-tls-dir)")
+    ce.add_argument("--out", required=True, metavar="DIR", help="directory for ca.pem, tandem.pem, tandem-key.pem")
+    ce.add_argument("--host", action="append", default=[],
+                    help="a host name or address processes dial (repeatable; 127.0.0.1, ::1 and localhost always)")
+    ce.add_argument("--days", type=int, default=365, help="validity in days")
+    ce.set_defaults(func=cmd_certs)
 
     from deploy.ray_cli import add_parser as add_deploy_parser
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from runtime.internal_grpc import InternalGrpc
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 from runtime.settings import ClusterConfig
@@ -230,12 +231,13 @@ class Launcher(abc.ABC):
 
 
 # ---- helpers both launchers use ----------------------------------------------------------------
-def drain_worker(endpoint: str, wait_s: float) -> DrainResult:
+def drain_worker(endpoint: str, wait_s: float, internal: InternalGrpc) -> DrainResult:
     """Ask the worker at ``endpoint`` to drain: it stops admitting (new calls fail UNAVAILABLE and
     the router retries them elsewhere), deregisters from etcd (the routers drop it at once) and
     waits up to ``wait_s`` for its in-flight requests, pinned KV handles included. A worker that
-    is gone already drains nothing: ``DrainResult(0, False)``."""
-    with grpc.insecure_channel(endpoint) as channel:
+    is gone already drains nothing: ``DrainResult(0, False)``. ``internal``: the cluster's
+    internal gRPC (mutual TLS or plaintext)."""
+    with internal.blocking_channel(endpoint) as channel:
         stub = pb_grpc.WorkerServiceStub(channel)
         try:
             load = stub.Health(pb.HealthRequest(), timeout=10.0).load
@@ -245,11 +247,11 @@ def drain_worker(endpoint: str, wait_s: float) -> DrainResult:
     return DrainResult(load.num_running + load.num_waiting + load.num_pulling, reply.drained)
 
 
-def switch_worker(endpoint: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
+def switch_worker(endpoint: str, role: str, internal: InternalGrpc, timeout_s: float = 30.0) -> SwitchResult:
     """Ask the worker at ``endpoint`` to serve ``role`` from now on (``SwitchRole``); DeployError
     when it cannot (a single-tier worker, draining, gone)."""
     t0 = time.perf_counter()
-    with grpc.insecure_channel(endpoint) as channel:
+    with internal.blocking_channel(endpoint) as channel:
         stub = pb_grpc.WorkerServiceStub(channel)
         try:
             reply = stub.SwitchRole(pb.SwitchRoleRequest(role=_ROLE_TO_PB[role]), timeout=timeout_s)

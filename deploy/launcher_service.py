@@ -7,6 +7,9 @@ switch, list) on a free port of its host and registers it in etcd under its leas
 finds it there (:func:`find_launcher`) and acts through :class:`RemoteLauncher`, a
 :class:`deploy.launcher.Launcher` whose calls are these RPCs.
 
+With the cluster's internal TLS (``runtime.internal_grpc``) the service takes only clients with a
+certificate of the cluster's CA: nobody else can start, drain or switch its workers.
+
 Starts run on one long-lived thread of the server (a local worker dies with the thread that
 spawned it, PR_SET_PDEATHSIG), one at a time; drains and switches on the RPC's own thread.
 """
@@ -34,6 +37,7 @@ from deploy.launcher import (
 )
 from runtime import keys
 from runtime.etcd import ControlPlane
+from runtime.internal_grpc import InternalGrpc
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_control_pb2_grpc as cpb_grpc
 from runtime.settings import ClusterConfig
@@ -97,7 +101,8 @@ class _Servicer(cpb_grpc.ClusterLauncherServicer):
 
 class LauncherServer:
     """``launcher``'s calls as a ``ClusterLauncher`` gRPC service on ``cfg.host`` (a free port),
-    registered in etcd while it runs. :meth:`start`, then :meth:`stop`."""
+    registered in etcd while it runs (mutual TLS when ``cfg`` has the cluster's internal
+    certificates). :meth:`start`, then :meth:`stop`."""
 
     def __init__(self, launcher: Launcher, cfg: ClusterConfig) -> None:
         self.launcher, self.cfg = launcher, cfg
@@ -114,7 +119,7 @@ class LauncherServer:
     def start(self, timeout_s: float = 30.0) -> LauncherServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(8, thread_name_prefix="launcher-rpc"))
         cpb_grpc.add_ClusterLauncherServicer_to_server(self._servicer, self._server)
-        port = self._server.add_insecure_port(f"{self.cfg.host}:0")
+        port = InternalGrpc.from_config(self.cfg).add_port(self._server, f"{self.cfg.host}:0")
         self._server.start()
         self.endpoint = f"{self.cfg.host}:{port}"
         self._thread = threading.Thread(target=lambda: asyncio.run(self._register()), name="launcher-etcd",
@@ -157,7 +162,7 @@ class RemoteLauncher(Launcher):
 
     def __init__(self, endpoint: str, cfg: ClusterConfig) -> None:
         self.endpoint, self.cfg = endpoint, cfg
-        self._channel = grpc.insecure_channel(endpoint)
+        self._channel = InternalGrpc.from_config(cfg).blocking_channel(endpoint)
         self._stub = cpb_grpc.ClusterLauncherStub(self._channel)
 
     def _call(self, method: str, request: object, timeout_s: float) -> object:

@@ -18,6 +18,7 @@ from deploy.launcher import (
     switch_worker,
 )
 from deploy.local_cluster import Child, LocalCluster
+from runtime.internal_grpc import InternalGrpc
 from runtime.settings import ClusterConfig
 
 
@@ -72,7 +73,7 @@ class LocalLauncher(Launcher):
             child = children[name]
             drained = DrainResult(0, True)
             if child.ready and "endpoint" in child.ready and child.proc.poll() is None:
-                drained = drain_worker(child.ready["endpoint"], wait_s)
+                drained = drain_worker(child.ready["endpoint"], wait_s, InternalGrpc.from_config(self.cfg))
             self._stopped.add(name)
             stop_process(child.proc)
             result[name] = drained
@@ -80,7 +81,7 @@ class LocalLauncher(Launcher):
 
     def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
         child = next(c for c in self.cluster.children if c.name == name)
-        result = switch_worker(self._info(child).endpoint, role, timeout_s)
+        result = switch_worker(self._info(child).endpoint, role, InternalGrpc.from_config(self.cfg), timeout_s)
         child.role = role
         return result
 

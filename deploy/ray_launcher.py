@@ -68,6 +68,7 @@ from deploy.launcher import (
     wait_routers_list,
 )
 from runtime.etcd_server import free_port as _free_port
+from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 from runtime.settings import ClusterConfig
 
 log = logging.getLogger("tandem.ray_launcher")
@@ -161,12 +162,16 @@ class ServiceActor:
     def log_tail(self) -> list[str]:
         return list(self.tail)
 
+    def _internal(self) -> InternalGrpc:
+        """The cluster's internal gRPC, as the service's config says (its files on this node)."""
+        return InternalGrpc.from_config(ClusterConfig(**self.spec.config)) if self.spec.config else PLAINTEXT
+
     def switch(self, role: str, timeout_s: float = 30.0) -> SwitchResult:
         """Move the worker to the other tier in place (see :func:`deploy.launcher.switch_worker`)."""
         endpoint = (self.ready_info or {}).get("endpoint")
         if self.spec.role not in WORKER_ROLES or not endpoint:
             raise DeployError(f"{self.spec.name} is not a serving worker")
-        result = switch_worker(endpoint, role, timeout_s)
+        result = switch_worker(endpoint, role, self._internal(), timeout_s)
         self.role = role
         return result
 
@@ -176,7 +181,7 @@ class ServiceActor:
         drained = DrainResult(0, True)
         endpoint = (self.ready_info or {}).get("endpoint")
         if self.spec.role in WORKER_ROLES and endpoint and self._proc and self._proc.poll() is None:
-            drained = drain_worker(endpoint, wait_s)
+            drained = drain_worker(endpoint, wait_s, self._internal())
         self.stop()
         return drained
 

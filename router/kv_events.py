@@ -24,6 +24,7 @@ from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEv
 from router.kv_index import KVIndex
 from runtime.convert import event_from_pb
 from runtime.discovery import WorkerInfo
+from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 
@@ -142,10 +143,11 @@ class WorkerSubscription:
 class KVEventFeed:
     """Subscriptions to every worker of one tier, kept in line with discovery by :meth:`sync`."""
 
-    def __init__(self, index: KVIndex,
-                 connect: Callable[[str], pb_grpc.WorkerServiceStub] | None = None) -> None:
+    def __init__(self, index: KVIndex, connect: Callable[[str], pb_grpc.WorkerServiceStub] | None = None,
+                 internal: InternalGrpc = PLAINTEXT) -> None:
         self.index = index
         self._connect = connect
+        self._internal = internal
         self._subs: dict[str, tuple[str, WorkerSubscription, asyncio.Task]] = {}  # worker -> (endpoint, ...)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -183,7 +185,7 @@ class KVEventFeed:
     def _stub(self, worker_id: str, endpoint: str) -> pb_grpc.WorkerServiceStub:
         if self._connect is not None:
             return self._connect(endpoint)
-        channel = self._channels[worker_id] = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+        channel = self._channels[worker_id] = self._internal.channel(endpoint, _CHANNEL_OPTIONS)
         return pb_grpc.WorkerServiceStub(channel)
 
     def _drop(self, worker_id: str) -> None:

@@ -48,6 +48,7 @@ from router.worker_pool import WorkerPool
 from runtime import keys, trace
 from runtime.convert import FINISH_FROM_PB, sampling_to_pb
 from runtime.etcd import ControlPlane
+from runtime.internal_grpc import InternalGrpc
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.settings import ClusterConfig
@@ -138,13 +139,15 @@ class RequestFlow:
     def __init__(self, cfg: ClusterConfig, plane: ControlPlane) -> None:
         self.cfg = cfg
         self.plane = plane
-        self.decode = WorkerPool(plane, "decode")
-        self.prefill = WorkerPool(plane, "prefill")
+        internal = InternalGrpc.from_config(cfg)
+        self.decode = WorkerPool(plane, "decode", internal)
+        self.prefill = WorkerPool(plane, "prefill", internal)
         self.pools = {"decode": self.decode, "prefill": self.prefill}
         self.rng = random.Random()
         self.prefill_queue_limit_tokens = 8 * max(cfg.max_num_batched_tokens, 1)
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
-        self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s) for role in self.pools}
+        self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s, internal)
+                      for role in self.pools}
         self._turns = {"decode": 0, "prefill": 0}  # round_robin
         self._sharing: asyncio.Task | None = None
         self.admission = Admission(AdmissionLimits(cfg.max_queued_requests, cfg.max_queued_tokens))

@@ -18,6 +18,7 @@ from protocol.hashing import prompt_hashes
 from router.kv_events import KVEventFeed
 from router.kv_index import ApproxKVIndex, KVIndex, merge_overlaps
 from runtime.discovery import WorkerInfo
+from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 
 log = logging.getLogger("tandem.router")
 
@@ -27,11 +28,13 @@ PENDING_TTL_S = 10.0  # with KV events: how long a routed prompt counts as cache
 class TierIndex:
     """The KV indexes of one tier. Block size: the workers' (from their registration)."""
 
-    def __init__(self, role: str, block_size: int, kv_events: bool, ttl_s: float) -> None:
+    def __init__(self, role: str, block_size: int, kv_events: bool, ttl_s: float,
+                 internal: InternalGrpc = PLAINTEXT) -> None:
         self.role = role
         self.block_size = block_size
+        self.internal = internal
         self.exact = KVIndex(block_size) if kv_events else None
-        self.feed = KVEventFeed(self.exact) if self.exact is not None else None
+        self.feed = KVEventFeed(self.exact, internal=internal) if self.exact is not None else None
         self.predicted = ApproxKVIndex(block_size, PENDING_TTL_S if kv_events else ttl_s)
         self._known: set[str] = set()
 
@@ -43,7 +46,7 @@ class TierIndex:
             return self
         block_size = max(sizes, key=lambda b: sum(info.block_size == b for info in workers.values()))
         log.info("%s tier: block size %d, from the workers' registration", self.role, block_size)
-        return TierIndex(self.role, block_size, self.exact is not None, self.predicted.ttl_s)
+        return TierIndex(self.role, block_size, self.exact is not None, self.predicted.ttl_s, self.internal)
 
     def sync(self, workers: Mapping[str, WorkerInfo]) -> None:
         """Follow discovery: subscribe to new workers' events, forget the ones gone."""

@@ -32,6 +32,7 @@ from runtime import keys
 from runtime.convert import load_from_pb
 from runtime.discovery import WorkerEvent, WorkerEventKind, WorkerInfo, WorkerSet
 from runtime.etcd import ControlPlane
+from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
 
@@ -46,9 +47,10 @@ class WorkerPool:
     """One tier's workers. ``model_name`` (set once the router knows the model it serves) keeps
     workers that registered another model out of :meth:`ids`."""
 
-    def __init__(self, plane: ControlPlane, role: str) -> None:
+    def __init__(self, plane: ControlPlane, role: str, internal: InternalGrpc = PLAINTEXT) -> None:
         self.plane = plane
         self.role = role
+        self.internal = internal  # how channels to the workers are made (mutual TLS or plaintext)
         self.workers = WorkerSet(plane, role, on_event=self._on_event)
         self.model_name: str | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -100,7 +102,7 @@ class WorkerPool:
             info = self.workers.get(worker_id)
             if info is None:
                 raise WorkerFailedError(f"{self.role} worker {worker_id} is gone")
-            channel = self._channels[worker_id] = grpc.aio.insecure_channel(info.endpoint)
+            channel = self._channels[worker_id] = self.internal.channel(info.endpoint)
             stub = self._stubs[worker_id] = pb_grpc.WorkerServiceStub(channel)
         return stub
 
@@ -144,7 +146,7 @@ class WorkerPool:
             if endpoint is None or self.workers.get(worker_id) is not None:
                 await self.stub(worker_id).Health(pb.HealthRequest(), timeout=timeout_s)
             else:
-                async with grpc.aio.insecure_channel(endpoint) as channel:
+                async with self.internal.channel(endpoint) as channel:
                     await pb_grpc.WorkerServiceStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
         except (grpc.aio.AioRpcError, WorkerFailedError):
             return False

@@ -140,6 +140,12 @@ class ClusterConfig:
     tls_cert_file: str | None = _field(None, "router: certificate (PEM) to serve HTTPS and gRPC over TLS")
     tls_key_file: str | None = _field(None, "router: private key (PEM) of tls_cert_file")
     tls_client_ca_file: str | None = _field(None, "router: CA bundle clients' certificates must chain to (mTLS)")
+    # -- internal gRPC: workers, launcher service (README "Security") --
+    internal_tls_ca_file: str | None = _field(
+        None, "internal gRPC mutual TLS: the cluster's CA (PEM); servers take only clients with a certificate "
+        "it signed, clients only servers with one (tandem certs makes them; off: plaintext)")
+    internal_tls_cert_file: str | None = _field(None, "internal gRPC mutual TLS: this process's certificate (PEM)")
+    internal_tls_key_file: str | None = _field(None, "internal gRPC mutual TLS: this process's private key (PEM)")
     worker_silence_s: float = _field(
         5.0, "a worker call silent this long (twice that mid-stream, at least 4x the worker's recent gaps), "
         "its worker heard nowhere else, is checked with a Health probe; a worker that fails it is failed over")
@@ -320,6 +326,14 @@ class ClusterConfig:
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             fail("tls_client_ca_file", "client certificates need the router to serve TLS (tls_cert_file)")
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                fail(name, "no such file")
+        internal = ("internal_tls_ca_file", "internal_tls_cert_file", "internal_tls_key_file")
+        if len({getattr(self, name) is None for name in internal}) > 1:
+            fail("internal_tls_ca_file", "internal_tls_ca_file, internal_tls_cert_file and internal_tls_key_file "
+                 "go together")
+        for name in internal:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 fail(name, "no such file")

@@ -37,6 +37,7 @@ from runtime import settings
 from runtime.convert import event_to_pb, load_to_pb
 from runtime.discovery import WorkerInfo
 from runtime.etcd import ControlPlane
+from runtime.internal_grpc import InternalGrpc
 from runtime.metrics import serve_metrics
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
@@ -184,7 +185,7 @@ async def serve_worker(role: str, servicer_cls: ServicerFactory, argv: list[str]
     server = grpc.aio.server(interceptors=[MalformedRequests()],
                              options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
-    port = server.add_insecure_port(f"{cfg.host}:{args.worker_port}")
+    port = InternalGrpc.from_config(cfg).add_port(server, f"{cfg.host}:{args.worker_port}")
     if port == 0:
         raise SystemExit(f"cannot bind {cfg.host}:{args.worker_port}")
     endpoint = f"{cfg.host}:{port}"
