@@ -91,7 +91,14 @@ class LocalLauncher(Launcher):
     def _info(self, child: Child) -> ServiceInfo:
         ready = child.ready or {}
         if child.proc.poll() is not None:
-            state = ServiceState.STOPPED if child.name in self._stopped else ServiceState.DEAD
+            if child.name in self._stopped:
+                state = ServiceState.STOPPED
+            elif child.ready is None and child.num_restarts == 0:
+                # crashed before it was ever ready: whoever waits for it starts it once more
+                # (LocalCluster._wait); tandem serve must not stop the cluster for it
+                state = ServiceState.RESTARTING
+            else:
+                state = ServiceState.DEAD
         else:
             state = ServiceState.SERVING if child.ready else ServiceState.STARTING
         return ServiceInfo(name=child.name, role=child.role or child.name.split("-")[0], state=state,

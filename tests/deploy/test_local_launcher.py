@@ -128,3 +128,33 @@ def test_local_launcher_scales_and_drains_without_failing_a_request() -> None:
         states = {s.name: s.state for s in launcher.services()}
         assert states[name] is ServiceState.STOPPED
         assert len(launcher.workers("decode")) == 1
+
+
+def test_a_worker_that_crashed_before_ready_is_restarting_not_dead(tmp_path) -> None:
+    """A child that exits before it was ever ready is retried once by whoever waits for it
+    (LocalCluster._wait: the rare gRPC poller abort at start-up): until then it is RESTARTING, so
+    tandem serve (which stops on a DEAD service) does not stop the cluster for it; a second crash,
+    or a crash after it was ready, is DEAD."""
+    import subprocess
+    import sys
+
+    from deploy.launcher import ServiceState
+    from deploy.local_cluster import Child, LocalCluster
+    from deploy.local_launcher import LocalLauncher
+    from runtime.settings import ClusterConfig
+
+    cluster = LocalCluster(ClusterConfig(), quiet=True)
+    try:
+        launcher = LocalLauncher.around(cluster)
+        crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        crashed.wait(30)
+        child = Child("decode-7", crashed, role="decode")
+        cluster.children.append(child)
+        assert {s.name: s.state for s in launcher.services()}["decode-7"] is ServiceState.RESTARTING
+        child.num_restarts = 1
+        assert {s.name: s.state for s in launcher.services()}["decode-7"] is ServiceState.DEAD
+        child.num_restarts, child.ready = 0, {"endpoint": "127.0.0.1:1"}
+        assert {s.name: s.state for s in launcher.services()}["decode-7"] is ServiceState.DEAD
+    finally:
+        cluster.children.clear()
+        cluster.stop()
