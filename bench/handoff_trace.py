@@ -3,7 +3,7 @@
 disaggregated point of a sweep, the p50/p90 of each segment of a request's handoff.
 
     TANDEM_TRACE_DIR=T python bench/serve.py --device cuda ... --skip aggregated,llm --out DIR
-    python bench/handoff_trace.py T DIR/sweep.json [--json OUT]
+    python bench/handoff_trace.py T DIR/sweep.json [--json OUT]   # OUT and OUT's .png (bench/plots.py)
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace_dir")
     p.add_argument("sweep_json", nargs="?", help="split by the sweep's points (else: all requests)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the report here, and its figure beside (.png)")
     args = p.parse_args(argv)
     events = load(Path(args.trace_dir))
     points: list[tuple[str, tuple[int, int] | None]] = [("all", None)]
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 s = b[name]
                 print(f"  {name:<46}{s['p50']:>8.2f}{s['p90']:>8.2f}{s['mean']:>8.2f}")
     if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+        from bench import plots
+
         Path(args.json).write_text(json.dumps(report, indent=1))
+        print(plots.handoff_segments(report, Path(args.json).with_suffix(".png")))
     return 0
 
 

@@ -257,12 +257,43 @@ def gpu_kernels_figures(result: dict[str, Any], stem: Path) -> list[Path]:
             for name, section in result.get("sections", {}).items() if section["cases"]]
 
 
+# the gap's consecutive parts after the prefill's answer (bench/handoff_trace.py's segment names)
+GAP_PARTS = ("P's prefill answered -> push starts (ahead)", "push at P", "pushed -> landed at D",
+             "landed -> engine has it", "engine has it -> first launch", "first launch -> token applied",
+             "token applied -> message sent", "message -> router")
+GAP_TOTAL = "router: 1st -> 2nd token yielded"
+
+
+def handoff_segments(report: dict[str, dict[str, Any]], path: Path) -> Path:
+    """``bench/handoff_trace.py --json``'s report: per sweep point, the p50 of each part of the
+    first-to-second-token gap stacked, beside the gap's own p50 (a dot)."""
+    points = [(label, b) for label, b in report.items() if any(name in b for name in GAP_PARTS)]
+    fig, ax = plt.subplots(figsize=(9, 3.2 + 0.55 * max(len(points), 1)))
+    colors = plt.get_cmap("tab10").colors
+    for row, (_, b) in enumerate(points):
+        left = 0.0
+        for i, name in enumerate(GAP_PARTS):
+            width = b.get(name, {}).get("p50", 0.0)
+            ax.barh(row, width, left=left, color=colors[i % len(colors)], label=name if row == 0 else None)
+            left += width
+        if GAP_TOTAL in b:
+            ax.plot(b[GAP_TOTAL]["p50"], row, "ko", label="gap p50 (measured)" if row == 0 else None)
+    ax.set_yticks(range(len(points)), [f"{label} ({b['num_requests']})" for label, b in points])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (p50 of each part, stacked)")
+    ax.set_title("where the first-to-second-token gap goes")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
+    return _save(fig, path)
+
+
 def figures(result: dict[str, Any], stem: Path) -> list[Path]:
     """The figures of any bench JSON this module knows the shape of."""
     if "sections" in result:
         return gpu_kernels_figures(result, stem)
     if "hbm_copy_bytes_per_s" in result:
         return gpu_figures(result, stem)
+    if any(isinstance(b, dict) and "num_requests" in b for b in result.values()):
+        return [handoff_segments(result, stem.with_suffix(".png"))]
     return serve_figures(result, stem)
 
 

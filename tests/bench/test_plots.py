@@ -71,3 +71,31 @@ def test_a_skipped_reference_and_a_decode_only_run_still_plot(tmp_path: Path) ->
     assert len(plots.figures(result, tmp_path / "skip_hf")) == 2
     decode_only = {k: result[k] for k in ("device", "hbm_copy_bytes_per_s", "bf16_matmul_flops", "decode")}
     assert [p.name for p in plots.figures(decode_only, tmp_path / "d")] == ["d_decode.png"]
+
+
+def test_handoff_trace_writes_its_report_and_figure(tmp_path: Path) -> None:
+    """``bench/handoff_trace.py TRACE --json OUT`` (as a script) on a trace of three handed-off
+    requests: the report's segments are the events' differences, and OUT's .png is drawn (also
+    by ``bench/plots.py OUT``)."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    order = ["r.plan", "r.prefill_ans", "r.first_yield", "p.ans", "p.pushkv", "p.pushed", "d.landed", "d.ready",
+             "d.launch1", "d.out1", "d.msg1", "r.msg1", "r.second_yield"]
+    lines = []
+    for i in range(3):
+        t = 1_000_000_000 * (i + 1)
+        for ev in order:
+            t += 1_000_000 * (2 if ev == "p.pushed" else 1)  # 1 ms between events, 2 ms for the push
+            lines.append(json.dumps({"rid": f"r{i}", "ev": ev, "t": t}))
+    (trace / "all.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "handoff.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "handoff_trace.py"), str(trace), "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    report = json.loads(out.read_text())["all"]
+    assert report["num_requests"] == 3
+    assert report["push at P"]["p50"] == pytest.approx(2.0)
+    assert report["landed -> engine has it"]["p50"] == pytest.approx(1.0)
+    _png_ok(out.with_suffix(".png"))
+    out.with_suffix(".png").unlink()
+    assert plots.figures(json.loads(out.read_text()), tmp_path / "handoff") == [out.with_suffix(".png")]
+    _png_ok(out.with_suffix(".png"))
