@@ -7,12 +7,15 @@ SmolLM2-135M-Instruct (``--dtype``, bfloat16 by default), both in this process w
 (ignore_eos) at batch 1 and 8. Each workload runs once untimed on each side, then ``--repeats``
 times alternating tandem and transformers; the least CPU time of each side counts.
 
-    python bench/engine_cpu_time.py [--new-tokens 64] [--dtype bfloat16] [--repeats 3]
+    python bench/engine_cpu_time.py [--new-tokens 64] [--dtype bfloat16] [--repeats 3] [--json OUT]
+
+``--json OUT`` writes the rows and OUT's .png (tokens per CPU-second per workload, both sides).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write the rows here and the figure beside (.png)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
@@ -79,6 +83,7 @@ def main() -> None:
         workloads.append((f"decode batch {batch}", batch * n, prompts, ours_generate, ref_generate))
     print(f"torch {torch.__version__}, {args.dtype}, 1 thread; least CPU time of {args.repeats} alternating runs "
           f"after one warm-up each; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
     for name, tokens, prompts, ours, ref in workloads:
         ours(prompts)
         ref(prompts)
@@ -90,6 +95,15 @@ def main() -> None:
         print(f"{name}: tandem {tokens / oc:.1f} tok per CPU-s (wall {tokens / ow:.1f} tok/s), "
               f"transformers {tokens / rc:.1f} tok per CPU-s (wall {tokens / rw:.1f} tok/s); "
               f"tandem/transformers {rc / oc:.2f}x", flush=True)
+        rows.append({"workload": name, "tokens": tokens, "tandem_cpu_s": oc, "tandem_wall_s": ow,
+                     "transformers_cpu_s": rc, "transformers_wall_s": rw})
+    if args.json:
+        from bench import plots
+
+        result = {"args": vars(args), "load_average": os.getloadavg()[0], "engine_cpu_time": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(plots.engine_cpu_time(result, Path(args.json).with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,26 @@ def gpu_kernels_figures(result: dict[str, Any], stem: Path) -> list[Path]:
             for name, section in result.get("sections", {}).items() if section["cases"]]
 
 
+def engine_cpu_time(result: dict[str, Any], path: Path) -> Path:
+    """``bench/engine_cpu_time.py --json``: tokens per CPU-second per workload, tandem beside
+    transformers, the ratio over each pair."""
+    rows = result["engine_cpu_time"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = [float(i) for i in range(len(rows))]
+    ours = [r["tokens"] / r["tandem_cpu_s"] for r in rows]
+    ref = [r["tokens"] / r["transformers_cpu_s"] for r in rows]
+    ax.bar([x - 0.2 for x in xs], ours, 0.4, label="tandem")
+    ax.bar([x + 0.2 for x in xs], ref, 0.4, label="transformers")
+    for x, o, r in zip(xs, ours, ref):
+        ax.annotate(f"{o / r:.2f}x", (x, max(o, r)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs, [r["workload"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens per CPU-second (1 thread)")
+    ax.set_title("engine work per CPU-second")
+    ax.legend()
+    return _save(fig, path)
+
+
 # the gap's consecutive parts after the prefill's answer (bench/handoff_trace.py's segment names)
 GAP_PARTS = ("P's prefill answered -> push starts (ahead)", "push at P", "pushed -> landed at D",
              "landed -> engine has it", "engine has it -> first launch", "first launch -> token applied",
@@ -292,6 +312,8 @@ def figures(result: dict[str, Any], stem: Path) -> list[Path]:
         return gpu_kernels_figures(result, stem)
     if "hbm_copy_bytes_per_s" in result:
         return gpu_figures(result, stem)
+    if "engine_cpu_time" in result:
+        return [engine_cpu_time(result, stem.with_suffix(".png"))]
     if any(isinstance(b, dict) and "num_requests" in b for b in result.values()):
         return [handoff_segments(result, stem.with_suffix(".png"))]
     return serve_figures(result, stem)

@@ -99,3 +99,13 @@ def test_handoff_trace_writes_its_report_and_figure(tmp_path: Path) -> None:
     out.with_suffix(".png").unlink()
     assert plots.figures(json.loads(out.read_text()), tmp_path / "handoff") == [out.with_suffix(".png")]
     _png_ok(out.with_suffix(".png"))
+
+
+def test_engine_cpu_time_json_is_drawn(tmp_path: Path) -> None:
+    """A JSON of ``bench/engine_cpu_time.py --json``'s shape through ``bench/plots.py FILE``."""
+    rows = [{"workload": w, "tokens": t, "tandem_cpu_s": c, "tandem_wall_s": c * 1.2, "transformers_cpu_s": 2 * c,
+             "transformers_wall_s": 2.4 * c} for w, t, c in (("prefill 1024", 1024, 0.9), ("decode batch 1", 64, 3.4))]
+    path = tmp_path / "ect.json"
+    path.write_text(json.dumps({"args": {}, "load_average": 1.0, "engine_cpu_time": rows}))
+    subprocess.run([sys.executable, str(REPO / "bench" / "plots.py"), str(path)], check=True, timeout=120)
+    _png_ok(path.with_suffix(".png"))
