@@ -72,6 +72,11 @@ class AsyncEngine:
         # Prefilled requests' transfers still running (they may write into the request's blocks):
         # a new request of the same id waits for its predecessor's to end (its kv_ready first).
         self._fetches: dict[str, asyncio.Task] = {}
+        # Per request id, the last clean-up posted for it (an abort, a failed landing's kv_ready)
+        # and not yet run by the engine thread: a new request of the same id is admitted only
+        # after it ran. ``admit`` runs at once while the engine thread waits for the device, ahead
+        # of queued commands, so without this a predecessor's late abort would hit its successor.
+        self._cleanups: dict[str, Future[None]] = {}
         # Admissions and waits for a launched step block a thread each: their own pools, so that
         # neither waits behind the other nor behind anything else in asyncio's default pool.
         self._admit_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-admit")
@@ -132,6 +137,28 @@ class AsyncEngine:
             gave_up.set()  # before the caller's clean-up posts anything: the order the engine sees
             raise
 
+    def _post_cleanup(self, request_id: str, fn: Callable[[LLMEngine], object]) -> Future[None]:
+        """:meth:`post` a clean-up of request ``request_id`` (keyed by its id in the engine): a later
+        request of the same id is admitted after it ran (:meth:`_after_predecessor`)."""
+        done: Future[None] = Future()
+
+        def run(e: LLMEngine) -> None:
+            try:
+                fn(e)
+            finally:
+                done.set_result(None)
+
+        self._cleanups[request_id] = done  # the commands run in order: the last one implies the rest
+        loop = self._loop
+        if loop is not None:
+            done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._forget_cleanup, request_id, done))
+        self.post(run)
+        return done
+
+    def _forget_cleanup(self, request_id: str, done: Future[None]) -> None:
+        if self._cleanups.get(request_id) is done:
+            del self._cleanups[request_id]
+
     def post(self, fn: Callable[[LLMEngine], object]) -> None:
         """Run ``fn(engine)`` on the engine thread without waiting for it (errors are logged)."""
 
@@ -148,7 +175,7 @@ class AsyncEngine:
         prefill_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early aborts the request."""
-        await self._after_fetch(request_id)
+        await self._after_predecessor(request_id)
         stream = self._open(request_id)
         admitted = False
 
@@ -182,7 +209,7 @@ class AsyncEngine:
         before any output, once nothing writes into its blocks any more. Its stream does not
         repeat the first token either way. A caller that goes away while it waits cancels
         ``fetch`` (which must keep the blocks until no write can land in them, then return)."""
-        await self._after_fetch(request_id)
+        await self._after_predecessor(request_id)
         stream = self._open(request_id)
         admitted = False
         task: asyncio.Task | None = None
@@ -212,9 +239,10 @@ class AsyncEngine:
                         del self._fetches[request_id]
                     landing = t.result() if not t.cancelled() and t.exception() is None else Landing(False)
                     if first_token is None and landing.first_token is None:  # nothing to recompute from
-                        self.post(lambda e: (e.abort(request_id), e.kv_ready(request_id, False)))
+                        self._post_cleanup(request_id, lambda e: (e.abort(request_id), e.kv_ready(request_id, False)))
                     else:
-                        self.post(lambda e: e.kv_ready(request_id, landing.ok, landing.first_token))
+                        ok, first = landing.ok, landing.first_token
+                        self._post_cleanup(request_id, lambda e: e.kv_ready(request_id, ok, first))
 
                 task.add_done_callback(ready)
                 landing = await asyncio.shield(task)
@@ -240,12 +268,16 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(self._launched_pool, launched)
         return await fetch(indices, local) if indices or ahead else Landing(True)
 
-    async def _after_fetch(self, request_id: str) -> None:
-        """Wait until an earlier request of this id has no transfer running (the caller went away
-        and comes back with the same id: its first call's blocks are freed first)."""
+    async def _after_predecessor(self, request_id: str) -> None:
+        """Wait until an earlier request of this id has no transfer running and the engine thread
+        ran its clean-up (the caller went away and comes back with the same id: the first call's
+        blocks are freed first, and its abort cannot reach the second)."""
         task = self._fetches.get(request_id)
         if task is not None:
-            await asyncio.wait({task})
+            await asyncio.wait({task})  # its done callback posts the landing's clean-up
+        cleanup = self._cleanups.get(request_id)
+        while cleanup is not None and not cleanup.done() and self.dead is None:
+            await asyncio.wait({asyncio.wrap_future(cleanup)}, timeout=1.0)  # wakes to see a dead engine
 
     def take_handed_off(self, request_id: str) -> list[int]:
         """The block table of a prefill-only request whose last output (``finished``,
@@ -255,7 +287,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         if self.dead is None:
-            await self.call(lambda e: e.abort(request_id))
+            await asyncio.wrap_future(self._post_cleanup(request_id, lambda e: e.abort(request_id)))
 
     async def unpin(self, request_id: str) -> bool:
         return await self.call(lambda e: e.unpin(request_id))
@@ -282,7 +314,7 @@ class AsyncEngine:
         admitting command ran or was skipped)."""
         self._streams.pop(request_id, None)
         if self.dead is None:
-            self.post(lambda e: e.abort(request_id) if admitted() else None)
+            self._post_cleanup(request_id, lambda e: e.abort(request_id) if admitted() else None)
 
     def _open(self, request_id: str) -> asyncio.Queue:
         if request_id in self._streams:
@@ -395,5 +427,8 @@ class AsyncEngine:
                 waiter.set()
 
     def _fail_all(self, error: BaseException) -> None:
+        for done in self._cleanups.values():  # the engine thread will run no more commands
+            if not done.done():
+                done.set_result(None)
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(f"engine died: {error!r}"))

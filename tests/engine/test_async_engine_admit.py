@@ -216,3 +216,84 @@ def test_a_request_admitted_before_its_first_token_decodes_from_the_landed_one(t
         assert llm.load().num_free_blocks == total
 
     asyncio.run(main())
+
+
+def test_a_reused_id_is_admitted_only_after_its_predecessors_clean_up(tiny_llama_path: str) -> None:
+    """The router gives a handle sent ahead up and calls the same decode worker again with the
+    same id and the whole handle (its KV push hung). The first call's fetch ends later (it keeps the
+    blocks while a write may land), and its clean-up (abort, failed landing) is posted to the engine
+    thread while that thread waits for the device in another request's step: ``admit`` would run
+    the second call's admission at once, ahead of that clean-up, which then aborted the second
+    request (its client waited for ever). The second call must be admitted after the clean-up and
+    get its whole answer, and every block must come back."""
+    llm = make_tiny_llm(tiny_llama_path, async_scheduling=True).engine
+    total = llm.load().num_free_blocks
+    running, held = threading.Event(), threading.Event()  # steps run while `running` is set
+    launch = llm.runner.launch
+
+    def held_launch(*args, **kwargs):
+        handle = launch(*args, **kwargs)
+        if handle is not None:
+            wait = handle.wait
+
+            def gated() -> None:
+                held.set()
+                running.wait()
+                wait()
+
+            handle.wait = gated
+        return handle
+
+    llm.runner.launch = held_launch
+    push_over = asyncio.Event()
+
+    async def hung_push(indices: list[int], local: list[int]) -> Landing:
+        try:
+            await push_over.wait()
+        except asyncio.CancelledError:  # given up: keep the blocks until the write cannot land
+            await push_over.wait()
+        return Landing(False)
+
+    async def lands(indices: list[int], local: list[int]) -> Landing:
+        return Landing(True)
+
+    async def hold_the_device() -> None:
+        running.clear()
+        held.clear()
+        await asyncio.to_thread(held.wait, 30)  # the engine thread waits for a step (lock released)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        long = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+        other = engine.generate("other", OTHER, long)  # keeps the engine stepping throughout
+        other_first = asyncio.ensure_future(anext(other))
+        try:
+            await asyncio.to_thread(held.wait, 30)
+            ahead = engine.generate_prefilled("reused", PROMPT, None, GREEDY, hung_push)
+            first_call = asyncio.ensure_future(anext(ahead))
+            while "reused" not in llm.scheduler.pulling:
+                await asyncio.sleep(0.005)
+            first_call.cancel()  # the router's deadline past the prefill's answer
+            await asyncio.gather(first_call, return_exceptions=True)
+            running.set()  # the first call's abort runs; its blocks stay while its fetch runs
+            while await engine.call(lambda e: e.has_request("reused")):
+                await asyncio.sleep(0.01)
+            await hold_the_device()
+            again = engine.generate_prefilled("reused", PROMPT, 7, GREEDY, lands)
+            second_call = asyncio.ensure_future(anext(again))
+            push_over.set()  # the hung push ends: its clean-up is queued behind the held step
+            await asyncio.sleep(0.5)  # time enough for an admission that does not wait for it
+            running.set()
+            out = await asyncio.wait_for(second_call, 30)
+            tokens = out.new_token_ids + [t async for o in again for t in o.new_token_ids]
+            assert len(tokens) == GREEDY.max_tokens - 1  # the first token (7) came from the prefill
+        finally:
+            running.set()
+            await other_first
+            async for _ in other:  # to its end (an early aclose leaves the inner stream to the GC)
+                pass
+            await engine.stop()
+        assert llm.load().num_free_blocks == total
+
+    asyncio.run(main())
