@@ -238,6 +238,10 @@ class EngineConfig:
     # scheduler, outputs, the next step's inputs) overlaps the device's.
     # None: on for CUDA devices (torch backend), off elsewhere.
     async_scheduling: bool | None = None
+    # On CUDA, the role this engine plays towards another worker on its GPU (engine.gpu_share):
+    # "decode" holds the GPU for a handed-off request's first decode step, "prefill" yields to it.
+    # "": neither.
+    gpu_share: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -250,6 +254,8 @@ class EngineConfig:
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
         if self.backend not in ("torch", "sim"):
             raise ValueError(f"engine backend must be 'torch' or 'sim', got {self.backend!r}")
+        if self.gpu_share not in ("", "prefill", "decode"):
+            raise ValueError(f"gpu_share must be '', 'prefill' or 'decode', got {self.gpu_share!r}")
         if self.async_scheduling and self.backend == "sim":
             raise ValueError("async_scheduling needs the torch backend (the sim samples on the host)")
 

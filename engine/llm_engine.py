@@ -28,6 +28,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.gpu_share import GpuShare
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
 from engine.plan import SchedulerOutput
@@ -98,6 +99,21 @@ class LLMEngine:
         # AsyncEngine lets handoff admissions in meanwhile (engine state is consistent then).
         self.device_wait: Callable[[Callable[[], None]], None] | None = None
         self._traced: set[str] = set()  # prefilled requests whose first decode is traced (runtime.trace)
+        # Where another worker shares this GPU (engine.gpu_share): a decode engine holds the GPU for
+        # the step that carries a handed-off request's first decode (``_joining``: landed, not yet
+        # launched), until that step (``_held``) is applied; a prefill engine's forwards yield to it.
+        self._joining: set[str] = set()
+        self._held: StepHandle | None = None
+        self.use_gpu_share(GpuShare.for_device(config.device, config.gpu_share)
+                           if config.gpu_share and config.backend == "torch" else None)
+
+    def use_gpu_share(self, share: GpuShare | None) -> None:
+        """Play ``share.role`` towards the other worker on this GPU (None: none). Between steps."""
+        if self._held is not None and self.gpu_share is not None:
+            self.gpu_share.release()
+        self.gpu_share = self.runner.gpu_share = share
+        self._joining.clear()
+        self._held = None
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -162,6 +178,8 @@ class LLMEngine:
         """The transfer for :meth:`add_prefilled` ended (``first_token``: the prefill worker's, for
         a request admitted without it)."""
         self.scheduler.kv_ready(request_id, ok, first_token)
+        if ok and self.gpu_share is not None and request_id in self.scheduler.requests:
+            self._joining.add(request_id)
         if trace.enabled:
             trace.mark(request_id, "d.ready")
             self._traced.add(request_id)
@@ -233,6 +251,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (all n of its sequences); its blocks are freed at once."""
         for rid in self._groups.pop(request_id, []):
+            self._joining.discard(rid)
             self.scheduler.abort(rid)
             self._tracked.pop(rid, None)
 
@@ -330,7 +349,12 @@ class LLMEngine:
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
         prev = self._launched[-1][1] if self._launched else None
+        hold = self._hold_gpu(output)
         handle = self.runner.launch(output, tables, prev)
+        if hold and handle is None:
+            self.gpu_share.release()  # nothing launched after all
+        elif hold:
+            self._held = handle
         self.scheduler.on_launch(output)
         self.num_steps += 1
         if self._traced:
@@ -359,11 +383,31 @@ class LLMEngine:
         else:
             handle.wait()
         now = time.perf_counter()
+        if self._held is not None and self._held is handle:
+            self._held = None
+            self.gpu_share.release()
         if launched_at < self._done_at and _decode_only(output):  # it ran right after the step before
             self._decode_step_s = _ema(self._decode_step_s, now - self._done_at)
         self._done_at = now
         self._launched.pop(0)
         return self._apply(output, handle)
+
+    def _hold_gpu(self, output: SchedulerOutput) -> bool:
+        """Decode engine sharing its GPU: announce the step about to launch; hold the GPU for it
+        when it carries a handed-off request's first decode. Whether it did."""
+        share = self.gpu_share
+        if share is None or share.role != "decode":
+            return False
+        share.beat()
+        if not self._joining:
+            return False
+        joined = [s for s in output.scheduled if s.request.request_id in self._joining]
+        if not joined:
+            return False
+        self._joining.difference_update(s.request.request_id for s in joined)
+        # This step and the one still running ahead of it (asynchronous scheduling), with room.
+        share.hold(2 * (self._decode_step_s or 0.01) + 0.002)
+        return True
 
     @staticmethod
     def _needs_host_tokens(output: SchedulerOutput) -> bool:

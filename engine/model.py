@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import torch
@@ -284,12 +284,15 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
         rows: torch.Tensor | None = None,  # the rows of the output wanted (None: all)
+        before_layer: Callable[[int], None] | None = None,  # called with i before layer i is launched
     ) -> torch.Tensor:  # [T, hidden], or [len(rows), hidden]
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype, signed=not hasattr(attn, "forward_with_rotary"))
         residual = None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
             # The last layer's MLP (most of its work) runs only for the rows wanted.
             x, residual = layer(x, residual, cos_sin, attn, kv, meta, rows if i == last else None)
         return x + residual

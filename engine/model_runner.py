@@ -18,6 +18,7 @@ import torch
 from engine.attention import make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
 from engine.cuda_graphs import capture_decode_graphs
+from engine.gpu_share import GpuShare
 from engine.loader import TORCH_DTYPES, build_model
 from engine.plan import SampledTokens, SchedulerOutput
 from engine.request import Request
@@ -96,6 +97,9 @@ class ModelRunner:
             self.device, self.block_size, max_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
             max_seqs=sched.max_num_seqs,
             max_blocks_per_seq=min(-(-max_model_len // self.block_size), self.num_blocks))
+        # Set by the engine where this process shares its GPU with another worker (engine.gpu_share):
+        # a prefill worker's eager forwards then yield to the decode worker's held steps.
+        self.gpu_share: GpuShare | None = None
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
 
@@ -177,8 +181,11 @@ class ModelRunner:
             if not sample:
                 return None
             return logits if step.sample_index is None else logits[step.sample_index]
+        gate = self.gpu_share.gate(self.device) if self.gpu_share is not None else None
         if not sample:
-            self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.input_ids[:0])
+            self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.input_ids[:0],
+                       before_layer=gate)
             return None
-        hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.sample_index)
+        hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.sample_index,
+                            before_layer=gate)
         return self.model.compute_logits(hidden)

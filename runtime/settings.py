@@ -96,6 +96,9 @@ class ClusterConfig:
     async_scheduling: str = _field(
         "auto", "plan and launch step N+1 before step N's tokens reach the host: auto (on with CUDA), on, off"
     )
+    gpu_share: bool = _field(
+        True, "a prefill and a decode worker on one GPU (CUDA): the prefill worker's forwards yield to the decode "
+        "step that carries a handed-off request's first decode (a shared-memory flag per GPU: engine/gpu_share.py)")
     # -- KV transfer (prefill -> decode) --
     transport: str = _field(
         "auto", "KV transport: auto (per peer, the fastest measured: kv_transfer/default_table.json), "

@@ -117,6 +117,9 @@ class SwitchableServicer(WorkerServicer):
         if role != previous:
             # From here on the old tier's new calls get UNAVAILABLE; then the routers learn it.
             self.identity = dataclasses.replace(self.identity, role=role)
+            share = getattr(getattr(self.engine, "engine", None), "gpu_share", None)
+            if share is not None:
+                share.role = role  # a prefill worker yields to the decode worker on its GPU: the tier decides
             self.previous_role = previous
             self.num_switches += 1
             await self.membership.move(role)

@@ -155,6 +155,7 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+        gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",
     )
 
 
@@ -238,6 +239,9 @@ async def serve_worker(role: str, servicer_cls: ServicerFactory, argv: list[str]
     with contextlib.suppress(Exception):
         await plane.close()
     await engine.stop()
+    if (share := llm.gpu_share) is not None:
+        log.info("GPU shared as %s: %d steps held, %d prefill layers held back for %.1f ms", share.role,
+                 share.num_holds, share.num_waits, share.wait_s * 1000)
     transport.close()
     if store is not None:
         store.close()
