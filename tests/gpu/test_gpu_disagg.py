@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
     import httpx
 
 from deploy.local_cluster import Child, LocalCluster
+from engine.gpu_share import GpuShare
 from kv_transfer import nixl_available
 from runtime.pb import tandem_worker_pb2 as wpb
 from runtime.pb import tandem_worker_pb2_grpc as wpb_grpc
@@ -151,6 +152,9 @@ def test_disaggregated_equals_aggregated_on_the_gpu(clusters: dict[str, LocalClu
     assert sample(decode.ready["metrics"], "tandem_kv_handoff_blocks_total", mode=mode) - handoff0 == moved
     assert sample(decode.ready["metrics"], "tandem_kv_pull_fallbacks_total") == 0
     wait_until(lambda: worker_load(prefill).num_pinned_blocks == 0, 30, "every hold released")
+    # The decode worker announced its steps on this GPU's shared flag (engine.gpu_share): the prefill
+    # worker beside it yielded to its first decodes of handoffs, and the tokens above are unchanged.
+    assert GpuShare.for_device("cuda", "prefill").decode_alive()
 
 
 def _prefill(prefill, rid: str, prompt: list[int], max_tokens: int) -> wpb.PrefillResponse:
