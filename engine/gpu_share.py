@@ -10,9 +10,10 @@ The two processes cooperate through a 64-byte file in shared memory named after 
 (``/dev/shm/tandem-gpu-<uuid>``), two float64 seconds of ``CLOCK_MONOTONIC`` (one clock for every
 process of a host):
 
-- ``hold_until``: the decode worker (role ``decode``) writes it when it launches a step that carries
-  a handed-off request's first decode (:meth:`GpuShare.hold`: the step and the one still running
-  ahead of it), and zeroes it when that step's tokens are applied (:meth:`GpuShare.release`).
+- ``hold_until``: the decode worker (role ``decode``) writes it when it launches a decode-only step
+  that carries a handed-off request's first decode (:meth:`GpuShare.hold`: the step and the one
+  still running ahead of it, at most ``MAX_WAIT_S``), and zeroes it when that step's tokens are
+  applied (:meth:`GpuShare.release`).
 - ``decode_beat``: the decode worker's last step launch (:meth:`GpuShare.beat`).
 
 The prefill worker (role ``prefill``), while a decode worker on its GPU has stepped within
@@ -37,7 +38,7 @@ import torch
 _LAYOUT = struct.Struct("<dd")  # hold_until, decode_beat (time.monotonic seconds; 0: none)
 _SIZE = 64
 PEER_S = 5.0  # a decode worker that launched no step for this long no longer slows the prefill
-MAX_WAIT_S = 0.05  # the longest a prefill layer waits for one hold (a lost release costs no more)
+MAX_WAIT_S = 0.02  # the longest hold, and a prefill layer's longest wait for one (a lost release costs no more)
 DEPTH = 2  # prefill layers queued on the device while a decode worker shares the GPU
 _POLL_S = 1e-4
 ROLES = ("prefill", "decode")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine import gpu_share
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.gpu_share import GpuShare
@@ -405,8 +406,10 @@ class LLMEngine:
         if not joined:
             return False
         self._joining.difference_update(s.request.request_id for s in joined)
+        if not _decode_only(output):
+            return False  # it prefills too: long anyway, and holding it would stall the prefill worker long
         # This step and the one still running ahead of it (asynchronous scheduling), with room.
-        share.hold(2 * (self._decode_step_s or 0.01) + 0.002)
+        share.hold(min(2 * (self._decode_step_s or 0.01) + 0.002, gpu_share.MAX_WAIT_S))
         return True
 
     @staticmethod
