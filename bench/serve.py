@@ -527,7 +527,7 @@ def bench_launched(args: argparse.Namespace, run: RunConfig, requests: list[Benc
                         prefill_kv_cache_gib=args.prefill_kv_cache_gib,
                         gpu_memory_fraction=args.gpu_memory_fraction if run.num_prefill + run.num_decode > 1 else 0.0,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        gpu_share=args.gpu_share == "on")
+                        gpu_share=args.gpu_share == "on", joining_prefill_tokens=args.joining_prefill_tokens)
     log_dir = Path(args.log_dir) / re.sub(r"[^\w+.-]+", "_", run.label) if args.log_dir else None
     print(f"[{run.label}] starting {run.mode} cluster: {run.num_prefill} prefill + {run.num_decode} decode",
           file=sys.stderr, flush=True)
@@ -665,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu-share", default="on", choices=["on", "off"],
                    help="workers sharing one GPU: the prefill worker yields to the decode worker's first decode of a "
                         "handoff (engine/gpu_share.py)")
+    c.add_argument("--joining-prefill-tokens", type=int, default=ClusterConfig.joining_prefill_tokens,
+                   help="decode worker: prompt tokens per step while handoffs join (0: no cap)")
     c.add_argument("--max-num-seqs", type=int, default=ClusterConfig.max_num_seqs)
     c.add_argument("--max-num-batched-tokens", type=int, default=ClusterConfig.max_num_batched_tokens)
     c.add_argument("--log-dir", default=None, help="write each process's log under DIR/<run label>/")

@@ -103,7 +103,7 @@ def run_cluster_side(args: argparse.Namespace, mode: str, points: list[tuple[int
         prefill_kv_cache_gib=args.prefill_kv_cache_gib,
         gpu_memory_fraction=args.gpu_memory_fraction if disagg else 0.0,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_share=args.gpu_share == "on")
+        gpu_share=args.gpu_share == "on", joining_prefill_tokens=args.joining_prefill_tokens)
     log_dir = Path(args.log_dir) / mode if args.log_dir else None
     label = "1P+1D" if disagg else "aggregated"
     print(f"[{label}] starting: {cfg.device}, {cfg.model or 'default model'}", file=sys.stderr, flush=True)

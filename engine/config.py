@@ -201,12 +201,18 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, then arrival)
+    # Prompt tokens a step computes while prefilled requests join (their KV on its way or landed,
+    # their first decode not planned yet): those requests decode first in a short step, not beside a
+    # long local prefill chunk. 0: no cap (max_num_batched_tokens).
+    joining_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.joining_prefill_tokens < 0:
+            raise ValueError(f"joining_prefill_tokens must be >= 0, got {self.joining_prefill_tokens}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduler policy must be 'fcfs' or 'priority', got {self.policy!r}")
 

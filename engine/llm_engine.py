@@ -101,9 +101,8 @@ class LLMEngine:
         self.device_wait: Callable[[Callable[[], None]], None] | None = None
         self._traced: set[str] = set()  # prefilled requests whose first decode is traced (runtime.trace)
         # Where another worker shares this GPU (engine.gpu_share): a decode engine holds the GPU for
-        # the step that carries a handed-off request's first decode (``_joining``: landed, not yet
-        # launched), until that step (``_held``) is applied; a prefill engine's forwards yield to it.
-        self._joining: set[str] = set()
+        # the step that carries a handed-off request's first decode (``SchedulerOutput.joined``),
+        # until that step (``_held``) is applied; a prefill engine's forwards yield to it.
         self._held: StepHandle | None = None
         self.use_gpu_share(GpuShare.for_device(config.device, config.gpu_share)
                            if config.gpu_share and config.backend == "torch" else None)
@@ -113,7 +112,6 @@ class LLMEngine:
         if self._held is not None and self.gpu_share is not None:
             self.gpu_share.release()
         self.gpu_share = self.runner.gpu_share = share
-        self._joining.clear()
         self._held = None
 
     # ---- requests ------------------------------------------------------------------------
@@ -179,8 +177,6 @@ class LLMEngine:
         """The transfer for :meth:`add_prefilled` ended (``first_token``: the prefill worker's, for
         a request admitted without it)."""
         self.scheduler.kv_ready(request_id, ok, first_token)
-        if ok and self.gpu_share is not None and request_id in self.scheduler.requests:
-            self._joining.add(request_id)
         if trace.enabled:
             trace.mark(request_id, "d.ready")
             self._traced.add(request_id)
@@ -252,7 +248,6 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (all n of its sequences); its blocks are freed at once."""
         for rid in self._groups.pop(request_id, []):
-            self._joining.discard(rid)
             self.scheduler.abort(rid)
             self._tracked.pop(rid, None)
 
@@ -400,12 +395,8 @@ class LLMEngine:
         if share is None or share.role != "decode":
             return False
         share.beat()
-        if not self._joining:
+        if not output.joined:
             return False
-        joined = [s for s in output.scheduled if s.request.request_id in self._joining]
-        if not joined:
-            return False
-        self._joining.difference_update(s.request.request_id for s in joined)
         if not _decode_only(output):
             return False  # it prefills too: long anyway, and holding it would stall the prefill worker long
         # This step and the one still running ahead of it (asynchronous scheduling), with room.

@@ -30,6 +30,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the forward pass
     preempted: list[Request] = field(default_factory=list)
     launched: bool = False  # on_launch counted its tokens
+    joined: list[str] = field(default_factory=list)  # prefilled requests decoding here for the first time
 
     @property
     def num_batched_tokens(self) -> int:

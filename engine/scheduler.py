@@ -51,6 +51,8 @@ class Scheduler:
         self.pinned: dict[str, Request] = {}
         # Requests whose prompt KV is being pulled from another worker into their blocks.
         self.pulling: dict[str, Request] = {}
+        # Of those, the ones landed whose first decode is not planned yet (SchedulerOutput.joined).
+        self.joining: set[str] = set()
 
     # ---- queue management ---------------------------------------------------------------
     @property
@@ -147,6 +149,7 @@ class Scheduler:
                 request.scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self.joining.add(request_id)
         else:
             self.block_manager.free(request_id)
             request.num_computed_tokens = 0
@@ -157,6 +160,9 @@ class Scheduler:
         cfg = self.config
         bm = self.block_manager
         budget = cfg.max_num_batched_tokens
+        # Prompt tokens (chunks of running prompts, new prompts): capped while prefilled requests join.
+        prefill_budget = cfg.joining_prefill_tokens if (
+            cfg.joining_prefill_tokens and cfg.enable_chunked_prefill and (self.pulling or self.joining)) else budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
@@ -171,6 +177,11 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, budget)
+            if num_new > 1:  # a prompt's chunk
+                if prefill_budget <= 0:
+                    i += 1
+                    continue
+                num_new = min(num_new, prefill_budget)
             while bm.allocate(request.request_id, request.num_computed_tokens + num_new) is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
@@ -188,18 +199,20 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
                 budget -= num_new
+                if num_new > 1:
+                    prefill_budget -= num_new
                 i += 1
 
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < cfg.max_num_seqs:
                 request = self._next_waiting()
                 cached = bm.match_prefix(request.token_ids)
                 num_cached = len(cached) * bm.block_size
                 num_new = request.num_tokens - num_cached
-                if num_new > budget:
+                if num_new > min(budget, prefill_budget):
                     if not cfg.enable_chunked_prefill:
                         break
-                    num_new = budget
+                    num_new = min(budget, prefill_budget)
                 if bm.allocate(request.request_id, num_cached + num_new, cached) is None:
                     break
                 self.waiting.remove(request)
@@ -214,7 +227,10 @@ class Scheduler:
                 self.running.append(request)
                 scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
                 budget -= num_new
+                prefill_budget -= num_new
 
+        joined = [s.request.request_id for s in scheduled if s.request.request_id in self.joining]
+        self.joining.difference_update(joined)
         sample_rows: list[tuple[Request, int]] = []
         for k, s in enumerate(scheduled):
             if s.sample:
@@ -222,7 +238,7 @@ class Scheduler:
                 if s.request.num_output_tokens + s.request.num_inflight_tokens == 0:
                     sample_rows.extend((child, k) for child in s.request.children)
         copies, self._pending_copies = self._pending_copies, []
-        return SchedulerOutput(scheduled, sample_rows, copies, preempted)
+        return SchedulerOutput(scheduled, sample_rows, copies, preempted, joined=joined)
 
     def on_launch(self, output: SchedulerOutput) -> None:
         """The step's forward pass is queued on the device: count its tokens as computed and its
@@ -334,6 +350,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason | None) -> None:
         if request.is_finished:
             return
+        self.joining.discard(request.request_id)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:

@@ -96,6 +96,9 @@ class ClusterConfig:
     async_scheduling: str = _field(
         "auto", "plan and launch step N+1 before step N's tokens reach the host: auto (on with CUDA), on, off"
     )
+    joining_prefill_tokens: int = _field(
+        0, "decode worker: most prompt tokens one step computes while handed-off prompts' KV is on its way or just "
+        "landed (their first decode waits for that step); 0: no cap")
     gpu_share: bool = _field(
         True, "a prefill and a decode worker on one GPU (CUDA): the prefill worker's forwards yield to the decode "
         "step that carries a handed-off request's first decode (a shared-memory flag per GPU: engine/gpu_share.py)")

@@ -154,7 +154,8 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         num_prefill_threads=cfg.prefill_threads or None,
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                  joining_prefill_tokens=cfg.joining_prefill_tokens if role == "decode" else 0),
         gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",
     )
 

@@ -284,3 +284,23 @@ def test_a_step_may_sample_several_tokens_per_request() -> None:
     (updated_a,) = sched.update_from_output(out, {"a": [SampledToken(t) for t in (13, 14, 15)]})
     assert updated_a.output_token_ids == [11, 12, 13] and updated_a.finish_reason is FinishReason.LENGTH
     assert_all_free(sched)
+
+
+def test_prompt_chunks_are_capped_while_prefilled_requests_join() -> None:
+    """``joining_prefill_tokens``: while a prefilled request's KV is on its way (pulling) or landed
+    and not yet decoded (joining), a step computes at most that many prompt tokens; decodes are not
+    capped; the landed request's first decode is reported in ``joined`` once; then full chunks again."""
+    sched = make(max_num_batched_tokens=32, joining_prefill_tokens=8)
+    sched.add_request(req("local", 60))
+    assert plan(step(sched)) == [("local", 32, False)]  # nothing joining: the whole budget
+    handed = req("handed", 10)
+    handed.append_token(5)  # its first token, sampled where it was prefilled
+    assert sched.add_prefilled(handed) is not None
+    out = step(sched)
+    assert plan(out) == [("local", 8, False)] and out.joined == []  # its KV is on its way
+    sched.kv_ready("handed", True)
+    out = step(sched)
+    assert plan(out) == [("local", 8, False), ("handed", 1, True)] and out.joined == ["handed"]
+    assert plan(step(sched)) == [("local", 12, True), ("handed", 1, True)]  # joined: full chunks again
+    drain(sched)
+    assert_all_free(sched)
