@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prefill worker's KV cache, GiB (default: --kv-cache-gib on cpu, 16 on cuda)")
     c.add_argument("--gpu-memory-fraction", type=float, default=0.45,
                    help="cuda, 1P+1D: the most of the GPU one worker may take (both share one GPU)")
-    c.add_argument("--gpu-share", default="on", choices=["on", "off"],
+    c.add_argument("--gpu-share", default="on" if ClusterConfig.gpu_share else "off", choices=["on", "off"],
                    help="workers sharing one GPU: the prefill worker yields to the decode worker's first decode of a "
                         "handoff (engine/gpu_share.py)")
     c.add_argument("--joining-prefill-tokens", type=int, default=ClusterConfig.joining_prefill_tokens,

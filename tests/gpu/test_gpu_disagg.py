@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(not nixl_available(),
 
 MODEL = "dummy:smollm2-135m"
 COMMON = dict(port=0, grpc_port=0, model=MODEL, device="cuda", dtype="bfloat16", kv_cache_gib=0.25,
-              gpu_memory_fraction=0.08, max_local_prefill_tokens=16, lease_ttl_s=2, max_num_seqs=16)
+              gpu_memory_fraction=0.08, max_local_prefill_tokens=16, lease_ttl_s=2, max_num_seqs=16, gpu_share=True)
 SPECS = {
     "agg": dict(mode="aggregated", transport="nixl"),
     "nixl_push": dict(mode="disaggregated", transport="nixl", kv_transfer_mode="push",
