@@ -102,7 +102,7 @@ class ClusterConfig:
     gpu_share: bool = _field(
         False, "a prefill and a decode worker on one GPU (CUDA): the prefill worker's forwards yield to the decode "
         "step that carries a handed-off request's first decode (a shared-memory flag per GPU: engine/gpu_share.py; "
-        "off: on one H200 it cut that gap by a third at concurrency 16 and cost 38% of TTFT)")
+        "off: on one H200 it cut that gap by a third at concurrency 16 and raised TTFT by more than a third)")
     # -- KV transfer (prefill -> decode) --
     transport: str = _field(
         "auto", "KV transport: auto (per peer, the fastest measured: kv_transfer/default_table.json), "
