@@ -51,7 +51,7 @@ class Scheduler:
         self.pinned: dict[str, Request] = {}
         # Requests whose prompt KV is being pulled from another worker into their blocks.
         self.pulling: dict[str, Request] = {}
-        # Of those, the ones landed whose first decode is not planned yet (SchedulerOutput.joined).
+        # Prefilled requests landed (out of ``pulling``) whose first decode is not planned yet (SchedulerOutput.joined).
         self.joining: set[str] = set()
 
     # ---- queue management ---------------------------------------------------------------
