@@ -313,8 +313,11 @@ class EtcdServer:
             access = EtcdAccess.from_files(ca_file=self.tls.trusted_ca_file, cert_file=self.tls.cert_file,
                                            key_file=self.tls.key_file)
         coro = enable_auth(self.endpoint, access, auth.user, auth.password, role=auth.role, prefix=auth.prefix)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # asyncio.run needs a thread without a loop
-            pool.submit(asyncio.run, coro).result(timeout=self.startup_timeout_s)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # asyncio.run needs a thread without a loop
+                pool.submit(asyncio.run, coro).result(timeout=self.startup_timeout_s)
+        except Exception as exc:  # an EtcdStartError: start() stops the process
+            raise EtcdStartError(f"etcd at {self.client_url}: turning auth on failed: {exc!r}") from exc
         log.info("etcd %s: auth on, user %s may use %s", self.name, auth.user, auth.prefix)
 
     def log_tail(self, num_bytes: int = _STDERR_TAIL_BYTES) -> str:
