@@ -2,9 +2,12 @@
 
 One directory holds a fresh CA's certificate and one certificate and key the CA signed, for
 every process of the cluster (a client and a server certificate at once), whose SANs name
-127.0.0.1, ::1, localhost and the hosts given. The CA's own key is not kept: nothing else can be
-signed with it, and a cluster that needs another host makes a new directory for all its hosts.
-``tandem serve --internal-tls-dir DIR`` (or the three ``internal_tls_*`` settings) uses it.
+127.0.0.1, ::1, localhost and the hosts given (those processes dial: workers' endpoints, etcd's).
+The CA's own key is not kept: nothing else can be signed with it, and a cluster that needs
+another host makes a new directory for all its hosts. It also holds a random password for the
+cluster's etcd user (``tandem``). ``tandem serve --internal-tls-dir DIR`` uses it all: the
+``internal_tls_*`` settings, and the ``etcd_*`` ones (its embedded etcd then serves TLS, takes
+only clients with a certificate of the CA, and has auth on with that user).
 """
 
 from __future__ import annotations
@@ -12,30 +15,40 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "tandem.pem", "tandem-key.pem"
+ETCD_PASSWORD_FILE, ETCD_USER = "etcd-password", "tandem"
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
 class CertFiles:
-    """The three files of a certificate directory, as the ``internal_tls_*`` settings name them."""
+    """The files of a certificate directory, as the ``internal_tls_*`` and ``etcd_*`` settings
+    name them."""
 
     ca: Path
     cert: Path
     key: Path
+    etcd_password: Path
 
     @classmethod
     def in_dir(cls, directory: str | Path) -> CertFiles:
         d = Path(directory)
-        return cls(d / CA_FILE, d / CERT_FILE, d / KEY_FILE)
+        return cls(d / CA_FILE, d / CERT_FILE, d / KEY_FILE, d / ETCD_PASSWORD_FILE)
 
     def settings(self) -> dict[str, str]:
+        """The internal gRPC's mutual TLS."""
         return {"internal_tls_ca_file": str(self.ca), "internal_tls_cert_file": str(self.cert),
                 "internal_tls_key_file": str(self.key)}
+
+    def etcd_settings(self) -> dict[str, str]:
+        """etcd over TLS with this certificate, as the cluster's etcd user."""
+        return {"etcd_ca_file": str(self.ca), "etcd_cert_file": str(self.cert), "etcd_key_file": str(self.key),
+                "etcd_user": ETCD_USER, "etcd_password_file": str(self.etcd_password)}
 
 
 def make_certs(out_dir: str | Path, hosts: Sequence[str] = (), days: int = 365,
@@ -84,9 +97,15 @@ def make_certs(out_dir: str | Path, hosts: Sequence[str] = (), days: int = 365,
     files.ca.parent.mkdir(parents=True, exist_ok=True)
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.unlink(missing_ok=True)
-    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    _write_private(files.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    _write_private(files.etcd_password, secrets.token_urlsafe(32).encode() + b"\n")
     return files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, readable by its owner only from the start."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

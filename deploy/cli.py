@@ -84,23 +84,42 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_ETCD_ACCESS = ("etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_user", "etcd_password",
+                "etcd_password_file")
+
+
 def _cluster_config(args: argparse.Namespace):
     """The ``ClusterConfig`` of ``settings.add_arguments`` flags, with ``--internal-tls-dir``'s
-    three files as the ``internal_tls_*`` settings (a flag naming one of them wins)."""
+    files as the ``internal_tls_*`` settings (a flag naming one of them wins) and as the ``etcd_*``
+    ones (TLS with the cluster's certificate, the user ``tandem``), unless some etcd TLS or user
+    setting is given (flag, env or config file): then those are etcd's, the directory's are not."""
+    import os
+
     from deploy.certs import CertFiles
     from runtime import settings
 
     if args.internal_tls_dir:
-        for name, path in CertFiles.in_dir(args.internal_tls_dir).settings().items():
+        files = CertFiles.in_dir(args.internal_tls_dir)
+        for name, path in files.settings().items():
             if getattr(args, name) is None:
                 setattr(args, name, path)
+        given = {name for name in _ETCD_ACCESS if getattr(args, name, None) is not None}
+        given |= set(settings.read_env(os.environ)) & set(_ETCD_ACCESS)
+        config = args.config or os.environ.get(settings.CONFIG_ENV)
+        if config:
+            given |= set(settings.read_config_file(config)) & set(_ETCD_ACCESS)
+        if not given:
+            for name, value in files.etcd_settings().items():
+                setattr(args, name, value)
     return settings.from_args(args)
 
 
 def _add_internal_tls_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--internal-tls-dir", default=None, metavar="DIR",
-                   help="mutual TLS on the cluster's internal gRPC (workers, launcher service) with the files "
-                        "tandem certs wrote in DIR")
+                   help="secure the cluster's internal connections with the files tandem certs wrote in DIR: "
+                        "mutual TLS on the internal gRPC (workers, launcher service), and etcd over TLS with "
+                        "DIR's certificate as the user tandem (DIR/etcd-password), unless etcd TLS or user "
+                        "settings are given; tandem serve's embedded etcd then requires all of it")
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -108,7 +127,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     files = make_certs(args.out, args.host, args.days)
     print(f"tandem: wrote {files.ca} (the cluster CA), {files.cert} and {files.key} (every process's "
-          f"certificate and key; hosts {', '.join(['127.0.0.1', '::1', 'localhost', *args.host])})\n"
+          f"certificate and key; hosts {', '.join(['127.0.0.1', '::1', 'localhost', *args.host])}) and "
+          f"{files.etcd_password} (the password of the cluster's etcd user)\n"
           f"  tandem serve --internal-tls-dir {args.out}", flush=True)
     return 0
 
@@ -141,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"  OpenAI API   {r['http']}/v1   (e.g. curl {r['http']}/v1/models)\n"
               f"  KServe gRPC  {r['grpc']}\n"
               f"  metrics      {r['http']}/metrics\n"
-              f"  etcd         {','.join(cluster.cfg.etcd_endpoints)}   (namespace {cfg.namespace})\n"
+              f"  etcd         {','.join(cluster.cfg.etcd_endpoints)}   (namespace {cfg.namespace}; "
+              f"{_etcd_access(cfg)})\n"
               f"  launcher     {control.endpoint}   (tandem planner --etcd-endpoints ... scales the cluster)\n"
               + (f"  internal     mutual TLS, CA {cfg.internal_tls_ca_file}\n" if cfg.internal_tls_ca_file else "")
               + (f"  planner      {planner.config.mode} mode, every {planner.config.adjustment_interval_s:g} s, "
@@ -162,6 +183,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if control is not None:
             control.stop()
         cluster.stop()
+
+
+def _etcd_access(cfg) -> str:
+    """How the cluster's processes reach etcd, in words (serve's banner)."""
+    tls = "TLS with client certificates" if cfg.etcd_cert_file else "TLS" if cfg.etcd_ca_file else "plaintext"
+    return f"{tls}, " + (f"user {cfg.etcd_user}" if cfg.etcd_user else "no user")
 
 
 def _serve_planner(args: argparse.Namespace, launcher):
@@ -262,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_internal_tls_dir(pl)
     pl.set_defaults(func=cmd_planner)
 
-    ce = sub.add_parser("certs", help="make a CA and a certificate for the cluster's internal mutual TLS "
-                                      "(tandem serve --internal-tls-dir)")
-    ce.add_argument("--out", required=True, metavar="DIR", help="directory for ca.pem, tandem.pem, tandem-key.pem")
+    ce = sub.add_parser("certs", help="make a CA and a certificate for the cluster's internal mutual TLS and its "
+                                      "etcd's TLS, and its etcd user's password (tandem serve --internal-tls-dir)")
+    ce.add_argument("--out", required=True, metavar="DIR",
+                    help="directory for ca.pem, tandem.pem, tandem-key.pem, etcd-password")
     ce.add_argument("--host", action="append", default=[],
                     help="a host name or address processes dial (repeatable; 127.0.0.1, ::1 and localhost always)")
     ce.add_argument("--days", type=int, default=365, help="validity in days")
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
 

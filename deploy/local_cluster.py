@@ -1,10 +1,10 @@
 """The embedded cluster on one machine (``tandem serve``): an etcd server, prefill and decode
 workers and a router, each its own process.
 
-Children get the resolved config as a JSON file (``--config``), so every process reads the
-same settings. Each child is asked to die with its parent (PR_SET_PDEATHSIG), and ``stop()``
-terminates them, kills stragglers, stops etcd and removes the temp dir: nothing is left
-behind, also on Ctrl-C.
+Children get the resolved config as a JSON file (``--config``, in a directory only this user
+reads), so every process reads the same settings, the etcd TLS files and user included. Each
+child is asked to die with its parent (PR_SET_PDEATHSIG), and ``stop()`` terminates them, kills
+stragglers, stops etcd and removes the temp dir: nothing is left behind, also on Ctrl-C.
 
 PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits, not the process: launch
 a cluster (and add workers to it) from a thread that outlives it, e.g. the main thread.
@@ -212,7 +212,8 @@ class LocalCluster:
         cfg = self.cfg
         endpoints = list(cfg.etcd_endpoints)
         if not endpoints:
-            self.etcd = EtcdServer(host=cfg.host).start()
+            # TLS and auth as the cluster's etcd settings say (their user made at its start).
+            self.etcd = EtcdServer.from_config(cfg, host=cfg.host).start()
             endpoints = [self.etcd.endpoint]
             self._say(f"etcd on {self.etcd.endpoint}")
         self.cfg = cfg = dataclasses.replace(cfg, etcd_endpoints=tuple(endpoints))

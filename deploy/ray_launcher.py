@@ -586,7 +586,8 @@ class RayLauncher(Launcher):
             port = _free_port(host)
         except OSError:
             port = 2379
-        spec = ServiceSpec("etcd", "etcd", self.ns, None, ("--host", host, "--port", str(port)))
+        # With the config, etcd serves as the services connect: TLS and a user if the etcd_* settings say so.
+        spec = ServiceSpec("etcd", "etcd", self.ns, dataclasses.asdict(self.cfg), ("--host", host, "--port", str(port)))
         t0 = time.monotonic()
         handle = self._create(spec, None)
         self._wait_ready({"etcd": handle}, t0 + min(timeout_s, 120.0))

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -66,6 +67,97 @@ async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
         log.error("task %s did not stop within %.1fs", task.get_name(), timeout_s)
     elif not task.cancelled() and task.exception() is not None:
         log.warning("task %s had failed: %r", task.get_name(), task.exception())
+
+
+# -- how a process reaches etcd -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdAccess:
+    """How this process reaches etcd: TLS (the CA that signed etcd's certificate; this process's
+    client certificate and key, for an etcd that asks clients for one) and a user, or all None:
+    plaintext, no user. PEM bytes, read once.
+
+    `from_config` is the one place the `etcd_*` settings are read; every etcd client of a process
+    is a `ControlPlane` built with one (`ControlPlane.from_config`).
+    """
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = dataclasses.field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("etcd user and password go together")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("etcd cert_file and key_file go together")
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        password_file: str | Path | None = None,
+    ) -> EtcdAccess:
+        """Read the files; a password file holds the password on its first line."""
+        if password is not None and password_file is not None:
+            raise ValueError("give the etcd password or a password file, not both")
+        if password_file is not None:
+            password = Path(password_file).read_text().split("\n", 1)[0].rstrip("\r")
+            if not password:
+                raise ValueError(f"etcd password file {password_file} is empty")
+
+        def read(path: str | Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return cls(read(ca_file), read(cert_file), read(key_file), user, password)
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig) -> EtcdAccess:
+        """The config's `etcd_*` settings (checked when the config was built)."""
+        return cls.from_files(
+            ca_file=config.etcd_ca_file,
+            cert_file=config.etcd_cert_file,
+            key_file=config.etcd_key_file,
+            user=config.etcd_user,
+            password=config.etcd_password,
+            password_file=config.etcd_password_file,
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None or self.cert is not None
+
+    def credentials(self, *, https: bool = False) -> grpc.ChannelCredentials | None:
+        """TLS credentials when this access has TLS files or an endpoint says https, else None.
+        Without a CA the system's roots verify etcd's certificate."""
+        if not (self.tls or https):
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+    def hint(self, exc: BaseException) -> str:
+        """What to check when etcd refused this access with `exc` (for the error a process dies with)."""
+        if _is_auth_error(exc):
+            if self.user is None:
+                return ("etcd has auth on and no etcd user is set: set etcd_user and its password "
+                        "(TANDEM_ETCD_PASSWORD or etcd_password_file; --internal-tls-dir sets them)")
+            return f"etcd refused the user {self.user!r}: check its password and that etcd has this user"
+        if not self.tls:
+            return ("this process connects in plaintext: an etcd that serves TLS needs etcd_ca_file, and "
+                    "etcd_cert_file/etcd_key_file when it asks clients for a certificate (--internal-tls-dir "
+                    "sets them for tandem serve's etcd)")
+        return ("this process connects with TLS: is etcd up and serving TLS, is its certificate signed by "
+                "etcd_ca_file for the host dialled, and does it take etcd_cert_file's CA?")
+
+
+PLAINTEXT = EtcdAccess()
 
 
 # -- aetcd with TLS and a fixed target ------------------------------------------------------
@@ -140,15 +232,49 @@ class _Client(aetcd.Client):
         finally:
             self._is_connecting = False
 
-    async def probe(self) -> None:
-        """One round trip to the server (connect is lazy without auth)."""
+    async def probe(self, key: bytes) -> None:
+        """One read of `key` (connect is lazy without auth): the connection, TLS, the user and
+        its permission to read are all checked before the process relies on them."""
         await self.connect()
         try:
-            await self.maintenancestub.Status(
-                aetcd.rpc.StatusRequest(), timeout=self._timeout, metadata=self.metadata
+            await self.kvstub.Range(
+                aetcd.rpc.RangeRequest(key=key, keys_only=True), timeout=self._timeout, metadata=self.metadata
             )
         except aetcd.rpc.AioRpcError as exc:
             aetcd.exceptions._handle_exception(exc)
+
+
+async def enable_auth(endpoint: str, access: EtcdAccess, user: str, password: str, *, role: str,
+                      prefix: str, timeout_s: float = 5.0) -> None:
+    """Turn on auth in a fresh etcd at `endpoint` (reached with `access`, no user yet): a `root`
+    user with a random password nobody keeps, the role `role` allowed to read and write every key
+    under `prefix`, and `user`/`password` in that role (an embedded etcd's start)."""
+    rpc = aetcd.rpc
+    client = _Client(endpoint, credentials=access.credentials(), username=None, password=None,
+                     timeout_s=timeout_s)
+    try:
+        await client.connect()
+        stub = rpc.AuthStub(client.channel)
+        prefix_end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        steps: list[tuple[Callable[..., Any], Message]] = [
+            (stub.UserAdd, rpc.AuthUserAddRequest(name="root", password=secrets.token_urlsafe(32))),
+            (stub.RoleAdd, rpc.AuthRoleAddRequest(name="root")),
+            (stub.UserGrantRole, rpc.AuthUserGrantRoleRequest(user="root", role="root")),
+            (stub.RoleAdd, rpc.AuthRoleAddRequest(name=role)),
+            (stub.RoleGrantPermission, rpc.AuthRoleGrantPermissionRequest(name=role, perm=rpc.Permission(
+                permType=rpc.Permission.READWRITE, key=prefix.encode(), range_end=prefix_end.encode()))),
+            (stub.UserAdd, rpc.AuthUserAddRequest(name=user, password=password)),
+            (stub.UserGrantRole, rpc.AuthUserGrantRoleRequest(user=user, role=role)),
+            (stub.AuthEnable, rpc.AuthEnableRequest()),
+        ]
+        for call, request in steps:
+            try:
+                await call(request, timeout=timeout_s)
+            except rpc.AioRpcError as exc:
+                aetcd.exceptions._handle_exception(exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -171,11 +297,7 @@ class ControlPlane:
         *,
         namespace: str = "default",
         lease_ttl_s: int = 10,
-        user: str | None = None,
-        password: str | None = None,
-        ca_file: str | Path | None = None,
-        cert_file: str | Path | None = None,
-        key_file: str | Path | None = None,
+        access: EtcdAccess | None = None,
         request_timeout_s: float = 5.0,
         on_lease_lost: LeaseLostCallback | None = None,
     ) -> None:
@@ -186,21 +308,11 @@ class ControlPlane:
         self.namespace = check_name("namespace", namespace)
         if not isinstance(lease_ttl_s, int) or lease_ttl_s < 2:
             raise ValueError(f"lease_ttl_s must be an int >= 2 (etcd's minimum), got {lease_ttl_s!r}")
-        if (user is None) != (password is None):
-            raise ValueError("etcd user and password go together")
-        if (cert_file is None) != (key_file is None):
-            raise ValueError("etcd cert_file and key_file go together")
         self.lease_ttl_s = lease_ttl_s
         self.request_timeout_s = request_timeout_s
         self.on_lease_lost = on_lease_lost
-        self._user, self._password = user, password
-        self._credentials: grpc.ChannelCredentials | None = None
-        if ca_file or cert_file or any(https for _, https in parsed):
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=Path(ca_file).read_bytes() if ca_file else None,
-                private_key=Path(key_file).read_bytes() if key_file else None,
-                certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
-            )
+        self.access = access or PLAINTEXT
+        self._credentials = self.access.credentials(https=any(https for _, https in parsed))
         self._client: _Client | None = None
         self._endpoint_index = 0
         self._lease_id = 0
@@ -230,11 +342,7 @@ class ControlPlane:
             endpoints,
             namespace=config.namespace,
             lease_ttl_s=config.lease_ttl_s,
-            user=config.etcd_user,
-            password=config.etcd_password,
-            ca_file=config.etcd_ca_file,
-            cert_file=config.etcd_cert_file,
-            key_file=config.etcd_key_file,
+            access=EtcdAccess.from_config(config),
             on_lease_lost=on_lease_lost,
         )
 
@@ -305,21 +413,21 @@ class ControlPlane:
             client = _Client(
                 self.endpoints[index],
                 credentials=self._credentials,
-                username=self._user,
-                password=self._password,
+                username=self.access.user,
+                password=self.access.password,
                 timeout_s=self.request_timeout_s,
             )
             try:
                 async with asyncio.timeout(self.request_timeout_s + 1):
-                    await client.probe()
+                    await client.probe(f"/tandem/{self.namespace}/".encode())
             except (aetcd.ClientError, OSError, TimeoutError) as exc:
-                errors.append(f"{self.endpoints[index]}: {exc!r}")
+                errors.append(f"{self.endpoints[index]}: {_describe(exc)} ({self.access.hint(exc)})")
                 with contextlib.suppress(Exception):
                     await client.close()
                 continue
             self._endpoint_index = index
             return client
-        raise ConnectionError("no etcd endpoint reachable: " + "; ".join(errors))
+        raise ConnectionError("cannot use etcd: " + "; ".join(errors))
 
     async def _reconnect(self) -> None:
         old = self._client
@@ -477,6 +585,19 @@ class ControlPlane:
         async with self._lock:
             self._owned.pop(key, None)
             return await self.client.delete(key.encode()) is not None
+
+
+def _describe(exc: BaseException) -> str:
+    """An etcd client error in a few words (a timeout has no message of its own)."""
+    if isinstance(exc, TimeoutError | aetcd.exceptions.ConnectionTimeoutError):
+        return "no answer in time (down, or a TLS/plaintext mismatch)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    """etcd refused the user (none, unknown, wrong password, no permission), not the connection."""
+    return isinstance(exc, aetcd.exceptions.UnauthenticatedError) or any(
+        words in str(exc) for words in ("authentication failed", "permission denied", "user name is empty"))
 
 
 def _is_lease_not_found(exc: Exception) -> bool:

@@ -31,9 +31,13 @@ import threading
 import time
 import urllib.request
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.settings import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,23 @@ class EtcdServerTLS:
     cert_file: str
     key_file: str
     trusted_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class EtcdServerAuth:
+    """etcd's auth, turned on once the server is healthy: a `root` user (with a random password
+    nobody keeps: the embedded etcd's data dies with it), a role `role` that may read and write
+    every key under `prefix`, and `user` (with `password`) in that role. Clients then need a user:
+    a client without one, or with a wrong password, is refused."""
+
+    user: str
+    password: str = field(repr=False)
+    role: str = "tandem"
+    prefix: str = "/tandem/"
+
+    def __post_init__(self) -> None:
+        if self.user == "root" or not self.password:
+            raise ValueError("the embedded etcd's user is not root (made with a throwaway password) and has a password")
 
 
 def find_etcd_binary() -> Path:
@@ -103,8 +124,10 @@ class EtcdServer:
         startup_timeout_s: float = 20.0,
         unsafe_no_fsync: bool = True,
         tls: EtcdServerTLS | None = None,
+        auth: EtcdServerAuth | None = None,
     ) -> None:
         self.host = host
+        self.auth = auth
         self.name = name
         self.startup_timeout_s = startup_timeout_s
         self.unsafe_no_fsync = unsafe_no_fsync
@@ -118,6 +141,24 @@ class EtcdServer:
         self._tmpdir: Path | None = None
         self._log_file: Path | None = None
         self._lock = threading.RLock()  # re-entrant: the SIGTERM handler may stop us mid-start
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig, **kw: object) -> EtcdServer:
+        """The embedded etcd of a cluster whose processes use `config`'s etcd settings: TLS with
+        the cluster's certificate (`etcd_cert_file`/`etcd_key_file`) taking only clients with a
+        certificate of `etcd_ca_file`, and auth with `etcd_user` when they are set; `kw` goes to
+        the constructor (host, ports, name)."""
+        from runtime.etcd import EtcdAccess
+
+        tls = auth = None
+        if config.etcd_ca_file is not None:
+            if config.etcd_cert_file is None or config.etcd_key_file is None:
+                raise ValueError("an embedded etcd serves TLS with etcd_cert_file and etcd_key_file: set them too")
+            tls = EtcdServerTLS(config.etcd_cert_file, config.etcd_key_file, config.etcd_ca_file)
+        access = EtcdAccess.from_config(config)
+        if access.user is not None and access.password is not None:
+            auth = EtcdServerAuth(access.user, access.password)
+        return cls(tls=tls, auth=auth, **kw)  # type: ignore[arg-type]
 
     # -- properties -------------------------------------------------------------------------
 
@@ -159,6 +200,8 @@ class EtcdServer:
                 try:
                     self._spawn(binary)
                     self._wait_healthy()
+                    if self.auth is not None:
+                        self._enable_auth(self.auth)
                     log.info("etcd %s up at %s (pid %d)", self.name, self.client_url, self.pid)
                     return self
                 except EtcdStartError as exc:
@@ -257,6 +300,26 @@ class EtcdServer:
             f"etcd at {self.client_url} not healthy after {self.startup_timeout_s:.1f}s:\n{self.log_tail()}"
         )
 
+    def _enable_auth(self, auth: EtcdServerAuth) -> None:
+        """Turn on etcd's auth as `auth` says, through the etcd client (gRPC: no password on a
+        command line). Blocking: runs its own event loop (on a thread, if this one has one)."""
+        import asyncio
+        import concurrent.futures
+
+        from runtime.etcd import EtcdAccess, enable_auth
+
+        access = EtcdAccess()
+        if self.tls is not None:
+            access = EtcdAccess.from_files(ca_file=self.tls.trusted_ca_file, cert_file=self.tls.cert_file,
+                                           key_file=self.tls.key_file)
+        coro = enable_auth(self.endpoint, access, auth.user, auth.password, role=auth.role, prefix=auth.prefix)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # asyncio.run needs a thread without a loop
+                pool.submit(asyncio.run, coro).result(timeout=self.startup_timeout_s)
+        except Exception as exc:  # an EtcdStartError: start() stops the process
+            raise EtcdStartError(f"etcd at {self.client_url}: turning auth on failed: {exc!r}") from exc
+        log.info("etcd %s: auth on, user %s may use %s", self.name, auth.user, auth.prefix)
+
     def log_tail(self, num_bytes: int = _STDERR_TAIL_BYTES) -> str:
         """The last `num_bytes` of etcd's stderr (empty once stopped)."""
         if self._log_file is None or not self._log_file.exists():
@@ -324,9 +387,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="client port (0: a free one)")
     parser.add_argument("--name", default="tandem", help="member name")
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="a cluster config: serve with its etcd TLS and user (EtcdServer.from_config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    with EtcdServer(host=args.host, client_port=args.port, name=args.name) as server:
+    where: dict = dict(host=args.host, client_port=args.port, name=args.name)
+    if args.config is not None:
+        from runtime.settings import load_config
+
+        server = EtcdServer.from_config(load_config(args.config), **where)
+    else:
+        server = EtcdServer(**where)
+    with server:
         print(f"etcd listening on {server.client_url}", flush=True)
         print("TANDEM_READY " + json.dumps({"role": "etcd", "endpoint": server.endpoint, "pid": server.pid}),
               flush=True)

@@ -64,11 +64,17 @@ class ClusterConfig:
 
     namespace: str = _field("default", "cluster namespace: etcd keys live under /tandem/{namespace}/")
     etcd_endpoints: tuple[str, ...] = _field((), "etcd host:port list; empty starts an embedded etcd")
-    etcd_user: str | None = _field(None, "etcd user (with --etcd-password)")
-    etcd_password: str | None = _field(None, "etcd password (prefer TANDEM_ETCD_PASSWORD to a flag)")
-    etcd_ca_file: str | None = _field(None, "CA bundle to verify etcd's TLS certificate")
-    etcd_cert_file: str | None = _field(None, "client certificate for etcd mutual TLS")
-    etcd_key_file: str | None = _field(None, "client key for etcd mutual TLS")
+    etcd_user: str | None = _field(
+        None, "etcd user (its password: TANDEM_ETCD_PASSWORD or etcd_password_file); with an embedded etcd, "
+        "auth is turned on and this user made at its start")
+    etcd_password: str | None = dataclasses.field(default=None, repr=False, metadata={
+        "help": "etcd password: env or config file only (a flag would show it to ps)", "secret": True})
+    etcd_password_file: str | None = _field(None, "file whose first line is the etcd password")
+    etcd_ca_file: str | None = _field(
+        None, "CA (PEM) that signed etcd's TLS certificate: connect to etcd with TLS (an embedded etcd serves "
+        "TLS with etcd_cert_file and takes only clients with a certificate of this CA)")
+    etcd_cert_file: str | None = _field(None, "client certificate (PEM) for an etcd that asks for one")
+    etcd_key_file: str | None = _field(None, "private key (PEM) of etcd_cert_file")
     lease_ttl_s: int = _field(10, "etcd lease TTL: a dead process's keys vanish within this")
     metrics_interval_s: float = _field(1.0, "how often workers write their metrics key")
     host: str = _field("127.0.0.1", "address the services bind")
@@ -223,14 +229,7 @@ class ClusterConfig:
                 split_endpoint(endpoint)
             except ValueError as exc:
                 fail("etcd_endpoints", str(exc))
-        if (self.etcd_user is None) != (self.etcd_password is None):
-            fail("etcd_user", "etcd_user and etcd_password go together")
-        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
-            fail("etcd_cert_file", "etcd_cert_file and etcd_key_file go together")
-        for name in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                fail(name, "no such file")
+        self._validate_etcd_access()
         if not 2 <= self.lease_ttl_s <= 3600:
             fail("lease_ttl_s", "must be between 2 (etcd's minimum) and 3600 seconds")
         if not 0 < self.metrics_interval_s <= 60:
@@ -316,6 +315,24 @@ class ClusterConfig:
             if "=" not in item or not item.split("=", 1)[0]:
                 fail("worker_env", f"{item!r} is not KEY=VALUE")
 
+
+    def _validate_etcd_access(self) -> None:
+        """The etcd client's TLS and user (and, with an embedded etcd, how it serves)."""
+        fail = self._fail
+        has_password = self.etcd_password is not None or self.etcd_password_file is not None
+        if self.etcd_password is not None and self.etcd_password_file is not None:
+            fail("etcd_password_file", "give etcd_password (TANDEM_ETCD_PASSWORD) or etcd_password_file, not both")
+        if (self.etcd_user is None) == has_password:
+            fail("etcd_user", "etcd_user and its password (TANDEM_ETCD_PASSWORD or etcd_password_file) go together")
+        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
+            fail("etcd_cert_file", "etcd_cert_file and etcd_key_file go together")
+        for name in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_password_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                fail(name, "no such file")
+        if self.embedded_etcd and self.etcd_ca_file is not None and self.etcd_cert_file is None:
+            fail("etcd_ca_file", "the embedded etcd (no etcd_endpoints) serves TLS with etcd_cert_file and "
+                 "etcd_key_file: set them too")
 
     def _validate_security(self) -> None:
         """Admission, API keys, TLS and the hung-worker watchdog."""
@@ -470,7 +487,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = f.default
         help_text = f"{f.metadata['help']} [env {_env_name(name)}; default {default!r}]"
-        if _HINTS[name] is bool:
+        if f.metadata.get("secret"):
+            group.add_argument(flag, dest=name, nargs="?", action=_RefuseSecret, default=None,
+                               help=f"not a flag: {_env_name(name)} or the config file (ps shows flags)")
+        elif _HINTS[name] is bool:
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
@@ -478,6 +498,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text
             )
+
+
+class _RefuseSecret(argparse.Action):
+    """A secret on the command line is visible to every user of the machine (ps): refused."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        env = _env_name(self.dest)
+        parser.error(f"{option_string} is not taken on the command line (ps would show it to every user): "
+                     f"set {env}, or {self.dest}_file where there is one, or put it in the --config file")
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClusterConfig:

@@ -1,17 +1,28 @@
-"""Mutual TLS on the cluster's internal gRPC (``runtime.internal_grpc``): a cluster whose every
-process has the certificates ``tandem certs`` made serves end to end, a disaggregated handoff
-included (router -> workers, decode -> prefill PushKV, KV events); a worker refuses a plaintext
-client, a TLS client without a certificate and one whose certificate another CA signed; the
-launcher service (``tandem serve``'s) refuses the same clients a StartServices, and serves one
-with the cluster's certificate (a planner's ``RemoteLauncher``: a tier switch there and back,
-which the serve process carries out over TLS too).
+"""The cluster's internal connections secured with what ``tandem certs`` made (``tandem serve
+--internal-tls-dir``): mutual TLS on the internal gRPC (``runtime.internal_grpc``), and an
+embedded etcd that serves TLS, takes only clients with a certificate of the cluster's CA and has
+auth on (the user ``tandem``; ``runtime.etcd.EtcdAccess``, ``EtcdServer.from_config``).
+
+Such a cluster serves end to end, a disaggregated handoff included (router -> workers, decode ->
+prefill PushKV, KV events; every process registered and watched through that etcd); a worker
+refuses a plaintext client, a TLS client without a certificate and one whose certificate another
+CA signed; the launcher service (``tandem serve``'s) refuses the same clients a StartServices, and
+serves one with the cluster's certificate (a planner's ``RemoteLauncher``: a tier switch there and
+back, which the serve process carries out over TLS too); etcd refuses a plaintext client, one
+without a certificate or with another CA's, a wrong password and no user; ``tandem planner``
+without the settings stops with an error that says what to set.
 
 Its own small cluster (sim engine, one prefill and one decode worker): the session's hardening
 cluster is plaintext."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +32,12 @@ import openai
 import pytest
 from hardening_lib import CONFIG, router_lists, wait_until
 
-from deploy.certs import CertFiles, make_certs
+from deploy.certs import ETCD_USER, CertFiles, make_certs
 from deploy.launcher_service import LauncherServer, RemoteLauncher
 from deploy.local_cluster import LocalCluster
 from deploy.local_launcher import LocalLauncher
+from runtime.discovery import list_workers
+from runtime.etcd import ControlPlane, EtcdAccess
 from runtime.internal_grpc import InternalGrpc
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_control_pb2_grpc as cpb_grpc
@@ -43,7 +56,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CertFiles]:
 
 @pytest.fixture(scope="module")
 def tls_cluster(certs: dict[str, CertFiles], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cfg = ClusterConfig(**{**CONFIG, "worker_env": ()}, **certs["cluster"].settings())
+    cfg = ClusterConfig(**{**CONFIG, "worker_env": ()}, **certs["cluster"].settings(),
+                        **certs["cluster"].etcd_settings())
     cluster = LocalCluster(cfg, num_prefill=1, num_decode=1, quiet=True,
                            log_dir=tmp_path_factory.mktemp("internal-tls-logs"))
     cluster.start(timeout_s=120)
@@ -140,6 +154,77 @@ def test_launcher_service_refuses_unauthenticated_clients(
         server.stop()
 
 
+def test_etcd_refuses_clients_without_the_clusters_credentials(
+        tls_cluster: LocalCluster, certs: dict[str, CertFiles]) -> None:
+    (endpoint,) = tls_cluster.cfg.etcd_endpoints
+    assert tls_cluster.etcd is not None and tls_cluster.etcd.client_url.startswith("https://")
+    ours, other = certs["cluster"], certs["other"]
+    password = EtcdAccess.from_config(tls_cluster.cfg).password
+    assert password and tls_cluster.cfg.etcd_user == ETCD_USER
+    ca, cert, key = ours.ca.read_bytes(), ours.cert.read_bytes(), ours.key.read_bytes()
+    refused = {
+        "plaintext": EtcdAccess(user=ETCD_USER, password=password),
+        "no client certificate": EtcdAccess(ca=ca, user=ETCD_USER, password=password),
+        "another CA's certificate": EtcdAccess(ca=ca, cert=other.cert.read_bytes(), key=other.key.read_bytes(),
+                                               user=ETCD_USER, password=password),
+        "a wrong password": EtcdAccess(ca=ca, cert=cert, key=key, user=ETCD_USER, password=password + "x"),
+        "no user": EtcdAccess(ca=ca, cert=cert, key=key),
+    }
+
+    async def main() -> dict[str, str]:
+        async with ControlPlane.from_config(tls_cluster.cfg) as plane:  # the cluster's own access
+            assert len(await list_workers(plane, "decode")) == 1
+        errors = {}
+        for what, access in refused.items():
+            plane = ControlPlane([endpoint], namespace=tls_cluster.cfg.namespace, access=access,
+                                 request_timeout_s=2)
+            try:
+                await plane.connect()
+            except ConnectionError as exc:
+                errors[what] = str(exc)
+            finally:
+                await plane.close()
+        return errors
+
+    errors = asyncio.run(asyncio.wait_for(main(), 60))
+    assert set(errors) == set(refused), f"etcd took {set(refused) - set(errors)}"
+    assert "invalid user ID or password" in errors["a wrong password"], errors
+    # With a certificate and no user, etcd takes the certificate's name for the user: no such user.
+    assert "permission denied" in errors["no user"], errors
+    assert "no etcd user is set" in errors["no user"], errors
+    assert "etcd_ca_file" in errors["plaintext"], errors  # the error says what to set
+
+
+def test_planner_without_the_etcd_settings_stops_with_a_clear_error(tls_cluster: LocalCluster) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    t0 = time.monotonic()
+    planner = subprocess.run([sys.executable, "-m", "deploy.cli", "planner", "--dry-run", "--etcd-endpoints",
+                              ",".join(tls_cluster.cfg.etcd_endpoints), "--namespace", tls_cluster.cfg.namespace],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert planner.returncode == 2, (planner.returncode, planner.stderr[-2000:])
+    assert "tandem: error: cannot use etcd" in planner.stderr and "etcd_ca_file" in planner.stderr, planner.stderr
+    assert "Traceback" not in planner.stderr
+    assert time.monotonic() - t0 < 30  # one connect timeout (5 s) and the imports, not a hang
+
+
+def test_internal_tls_dir_sets_the_etcd_access_unless_etcd_settings_are_given(
+        certs: dict[str, CertFiles], monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy.cli import _cluster_config, build_parser
+
+    directory = str(certs["cluster"].ca.parent)
+    argv = ["planner", "--etcd-endpoints", "127.0.0.1:1", "--internal-tls-dir", directory]
+    for name in [k for k in os.environ if k.startswith("TANDEM_")]:
+        monkeypatch.delenv(name)
+    cfg = _cluster_config(build_parser().parse_args(argv))
+    assert {k: getattr(cfg, k) for k in certs["cluster"].etcd_settings()} == certs["cluster"].etcd_settings()
+    assert cfg.internal_tls_ca_file == str(certs["cluster"].ca)
+    monkeypatch.setenv("TANDEM_ETCD_USER", "someone")  # an etcd of its own: the directory's access is not etcd's
+    monkeypatch.setenv("TANDEM_ETCD_PASSWORD", "pw")
+    cfg = _cluster_config(build_parser().parse_args(argv))
+    assert (cfg.etcd_user, cfg.etcd_ca_file, cfg.etcd_password_file) == ("someone", None, None)
+    assert cfg.internal_tls_ca_file == str(certs["cluster"].ca)
+
+
 def test_certs_name_the_hosts_and_keep_the_key_private(tmp_path: Path) -> None:
     from cryptography import x509
 
@@ -149,4 +234,5 @@ def test_certs_name_the_hosts_and_keep_the_key_private(tmp_path: Path) -> None:
     assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1", "10.1.2.3"}
     assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "node-7.example"}
     assert files.key.stat().st_mode & 0o777 == 0o600
+    assert files.etcd_password.stat().st_mode & 0o777 == 0o600 and len(files.etcd_password.read_text()) > 30
     assert not list(tmp_path.glob("ca-key*"))  # the CA's key is not kept

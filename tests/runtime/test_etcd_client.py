@@ -23,7 +23,7 @@ from runtime.discovery import (
     list_workers,
     register,
 )
-from runtime.etcd import ControlPlane, LeaseLost
+from runtime.etcd import ControlPlane, EtcdAccess, LeaseLost
 from runtime.etcd_server import EtcdServer, free_port
 from runtime.pb import tandem_control_pb2 as cpb
 from runtime.pb import tandem_worker_pb2 as wpb
@@ -100,7 +100,9 @@ def test_bad_client_arguments() -> None:
     with pytest.raises(ValueError, match="lease_ttl_s"):
         ControlPlane(["127.0.0.1:2379"], lease_ttl_s=1)
     with pytest.raises(ValueError, match="go together"):
-        ControlPlane(["127.0.0.1:2379"], user="root")
+        EtcdAccess(user="root")
+    with pytest.raises(ValueError, match="go together"):
+        EtcdAccess(cert=b"pem")
 
 
 # -- connection -----------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def test_unreachable_endpoint_fails_fast_and_failover_works(etcd: EtcdServer, na
 
     async def main() -> None:
         started = time.monotonic()
-        with pytest.raises(ConnectionError, match="no etcd endpoint reachable"):
+        with pytest.raises(ConnectionError, match="cannot use etcd"):
             await ControlPlane([dead], request_timeout_s=1.0).connect()
         assert time.monotonic() - started < 5
         async with ControlPlane([dead, etcd.endpoint], namespace=namespace, request_timeout_s=1.0) as cp:

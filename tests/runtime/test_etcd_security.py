@@ -7,45 +7,36 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import aetcd
 import pytest
 from runtime_testlib import run
 
 from protocol.model_card import ModelCard
 from runtime.discovery import WorkerInfo, WorkerSet, list_workers, register
-from runtime.etcd import ControlPlane
-from runtime.etcd_server import EtcdServer, EtcdServerTLS, find_etcd_binary
-
-
-def etcdctl(server: EtcdServer, *args: str) -> str:
-    binary = find_etcd_binary().with_name("etcdctl")
-    exe = str(binary) if binary.exists() else shutil.which("etcdctl")
-    assert exe, "etcdctl not found"
-    out = subprocess.run(
-        [exe, f"--endpoints={server.client_url}", *args], capture_output=True, text=True, timeout=20
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+from runtime.etcd import ControlPlane, EtcdAccess
+from runtime.etcd_server import EtcdServer, EtcdServerAuth, EtcdServerTLS
 
 
 @pytest.fixture(scope="module")
 def auth_etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        etcdctl(server, "user", "add", "root:rootpw", "--interactive=false")
-        etcdctl(server, "auth", "enable")
+    """auth turned on at its start (EtcdServerAuth): root, the role tandem on /tandem/, the user."""
+    with EtcdServer(auth=EtcdServerAuth("tandem", "pw")) as server:
         yield server
 
 
 def test_user_password(auth_etcd: EtcdServer) -> None:
     async def main() -> None:
-        async with ControlPlane([auth_etcd.endpoint], user="root", password="rootpw", lease_ttl_s=2) as cp:
+        user = EtcdAccess(user="tandem", password="pw")
+        async with ControlPlane([auth_etcd.endpoint], access=user, lease_ttl_s=2) as cp:
             await register(cp, WorkerInfo("d0", "decode", "127.0.0.1:1", ModelCard("m", 16), 16))
             async with WorkerSet(cp, "decode") as decode:
                 assert set(decode.workers) == {"d0"}
+            with pytest.raises(aetcd.ClientError, match="permission denied"):  # only /tandem/ is its role's
+                await cp.put("/elsewhere", "x")
         with pytest.raises(ConnectionError, match="invalid user ID or password"):
-            await ControlPlane([auth_etcd.endpoint], user="root", password="wrong").connect()
-        with pytest.raises(Exception, match="user name is empty"):  # no credentials: etcd refuses
-            async with ControlPlane([auth_etcd.endpoint]) as cp:
-                await cp.get("/tandem/x")
+            await ControlPlane([auth_etcd.endpoint], access=EtcdAccess(user="tandem", password="wrong")).connect()
+        with pytest.raises(ConnectionError, match=r"user name is empty.*no etcd user is set"):  # refused at connect
+            await ControlPlane([auth_etcd.endpoint]).connect()
 
     run(main())
 
@@ -77,12 +68,14 @@ def test_mutual_tls(pki: Path) -> None:
     tls = EtcdServerTLS(str(pki / "server.pem"), str(pki / "server.key"), trusted_ca_file=str(pki / "ca.pem"))
 
     async def main(server: EtcdServer) -> None:
-        client_files = dict(ca_file=pki / "ca.pem", cert_file=pki / "client.pem", key_file=pki / "client.key")
-        async with ControlPlane([server.endpoint], namespace="tls", lease_ttl_s=2, **client_files) as cp:
+        access = EtcdAccess.from_files(ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
+                                       key_file=pki / "client.key")
+        async with ControlPlane([server.endpoint], namespace="tls", lease_ttl_s=2, access=access) as cp:
             await register(cp, WorkerInfo("p0", "prefill", "127.0.0.1:1", ModelCard("m", 16), 16))
             assert set(await list_workers(cp, "prefill")) == {"p0"}
         with pytest.raises(ConnectionError):  # CA only, no client certificate
-            await ControlPlane([server.endpoint], ca_file=pki / "ca.pem", request_timeout_s=1).connect()
+            await ControlPlane([server.endpoint], access=EtcdAccess.from_files(ca_file=pki / "ca.pem"),
+                               request_timeout_s=1).connect()
         with pytest.raises(ConnectionError):  # plaintext against a TLS port
             await ControlPlane([server.endpoint], request_timeout_s=1).connect()
 

@@ -98,7 +98,13 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
         ({"TANDEM_METRICS_INTERVAL_S": "0"}, "metrics_interval_s"),
         ({"TANDEM_NAMESPACE": "a/b"}, "bad namespace 'a/b'"),
         ({"TANDEM_ETCD_ENDPOINTS": "nohost"}, "bad etcd endpoint 'nohost'"),
-        ({"TANDEM_ETCD_USER": "root"}, "etcd_user and etcd_password go together"),
+        ({"TANDEM_ETCD_USER": "root"}, "etcd_user and its password .* go together"),
+        ({"TANDEM_ETCD_PASSWORD": "pw"}, "etcd_user and its password .* go together"),
+        ({"TANDEM_ETCD_USER": "u", "TANDEM_ETCD_PASSWORD": "pw", "TANDEM_ETCD_PASSWORD_FILE": "/etc/hostname"},
+         "etcd_password_file=.*not both"),
+        ({"TANDEM_ETCD_USER": "u", "TANDEM_ETCD_PASSWORD_FILE": "/no/such/file"},
+         "etcd_password_file='/no/such/file': no such file"),
+        ({"TANDEM_ETCD_CA_FILE": "/etc/hostname"}, "etcd_ca_file=.*embedded etcd .* etcd_cert_file"),
         ({"TANDEM_ETCD_CERT_FILE": "/etc/hostname"}, "etcd_cert_file and etcd_key_file go together"),
         ({"TANDEM_LOG_LEVEL": "chatty"}, "log_level='CHATTY': must be one of"),
         ({"TANDEM_HOST": ""}, "host='': must not be empty"),
@@ -147,3 +153,22 @@ def test_async_scheduling_reaches_the_engine_config() -> None:
     cpu = {v: engine_config(ClusterConfig(async_scheduling=v)).use_async_scheduling for v in ("auto", "on", "off")}
     assert cpu == {"auto": False, "on": True, "off": False}  # auto: on with CUDA only
     assert engine_config(ClusterConfig(async_scheduling="auto", device="cuda")).use_async_scheduling
+
+
+def test_etcd_password_comes_from_env_or_a_file_never_a_flag(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.etcd import EtcdAccess
+
+    secret = tmp_path / "etcd-password"
+    secret.write_text("s3cret\nignored\n")
+    from_file = parse(["--etcd-user", "tandem", "--etcd-password-file", str(secret)])
+    assert EtcdAccess.from_config(from_file).password == "s3cret"
+    from_env = parse(["--etcd-user", "tandem"], env={"TANDEM_ETCD_PASSWORD": "envpw"})
+    assert EtcdAccess.from_config(from_env).password == "envpw"
+    assert "envpw" not in repr(from_env) and "envpw" not in repr(EtcdAccess.from_config(from_env))
+    with pytest.raises(SystemExit):
+        parse(["--etcd-user", "tandem", "--etcd-password", "onthecommandline"])
+    assert "ps would show it" in capsys.readouterr().err
+    secret.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        EtcdAccess.from_config(from_file)
