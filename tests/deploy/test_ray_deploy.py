@@ -11,6 +11,11 @@ under load fails no request; a tier switch through the controller keeps the proc
 restart of the switched worker's actor brings it back in its new tier; down leaves no actor,
 placement group or process. Apart from it, a config that needs more GPUs than the cluster has
 fails fast, saying so.
+
+Then a second deployment, of sim-engine workers (the engine is not the point there), has its
+planner act: a load that shifts from long answers to long prompts makes it start a decode worker
+(a new actor), then switch one to prefill in place (same process), then drain back to the
+minimums once traffic stops, with no request failing and its decisions in etcd.
 """
 
 from __future__ import annotations
