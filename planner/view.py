@@ -14,8 +14,10 @@ it what its watches saw, with times on its own monotonic clock.
   because one tick saw no arrival, and the end of the traffic shows within that window, not the
   routers' 60 s. Mean lengths too (prompt tokens at arrival over arrivals, answer tokens over
   finished requests: the routers' token totals differenced), so a shift of the mix shows within
-  that window; their percentiles keep the routers' 60 s window's ratio to its mean. Latency
-  percentiles come from the routers' own windows.
+  that window; their percentiles keep the routers' 60 s window's ratio to its mean. Answers
+  growing longer show at arrival (:func:`early_osl`: the tokens the arrivals asked for, times the
+  share finished requests used), not once they finish. Latency percentiles come from the
+  routers' own windows.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def _rescaled(lengths: dict[str, float], mean: float) -> dict[str, float]:
     return {q: mean if q == "mean" else v * ratio for q, v in lengths.items()}
 
 
+def early_osl(arrivals: int, requested: int, window: tuple[int, int], lifetime: tuple[int, int]) -> float:
+    """The OSL the window's arrivals will have, known when they arrive: the answer tokens they
+    asked for (``requested``: max_tokens x n) per arrival, times the share of what they asked for
+    that finished requests used (answer tokens over their requested tokens: ``window``'s, or the
+    router's ``lifetime`` totals while none finished in the window; at most 1). NaN when unknown
+    (no arrival, no max_tokens, nothing finished yet). The view takes it only above the finished
+    requests' OSL: up early when answers get longer, down as before (once they finish)."""
+    used, asked = window if window[1] > 0 else lifetime
+    if arrivals <= 0 or requested <= 0 or asked <= 0:
+        return NAN
+    return requested / arrivals * min(1.0, used / asked)
+
+
 def merge_steps(summaries: list[cpb.WorkerStepStats]) -> dict[str, float]:
     """Step means over several summaries, weighted by their steps (NaN without steps)."""
     steps = sum(m.num_steps for m in summaries if m.HasField("step_s"))
@@ -74,8 +89,9 @@ class ClusterView:
         self.window_s = window_s
         self._fresh: dict[str, list[cpb.WorkerStepStats]] = {}  # worker id -> summaries since the last tick
         self._last: dict[str, cpb.WorkerStepStats] = {}
-        # id -> (t, arrivals, finished, prompt tokens, output tokens): the router's totals since it started
-        self._routers: dict[str, deque[tuple[float, int, int, int, int]]] = {}
+        # id -> (t, arrivals, finished, prompt tokens, output tokens, requested tokens, finished requests'
+        # requested tokens): the router's totals since it started
+        self._routers: dict[str, deque[tuple[float, int, int, int, int, int, int]]] = {}
         self._windows: dict[str, cpb.RouterWindowStats] = {}
 
     # ---- folding what the watches saw ------------------------------------------------------------
@@ -92,7 +108,8 @@ class ClusterView:
         if history and msg.num_arrivals_total < history[-1][1]:  # a new router of the same id
             history.clear()
         history.append((now_s, msg.num_arrivals_total, msg.num_finished_total, msg.num_prompt_tokens_total,
-                        msg.num_output_tokens_total))
+                        msg.num_output_tokens_total, msg.num_requested_tokens_total,
+                        msg.num_finished_requested_tokens_total))
         while len(history) > 2 and history[1][0] <= now_s - self.window_s:
             history.popleft()  # keep one sample at or before the window's start
         self._windows[router_id] = msg
@@ -108,8 +125,8 @@ class ClusterView:
             history = self._routers.get(router_id)
             if not history:
                 continue
-            t0, a0, f0, p0, o0 = history[0]
-            t1, a1, f1, p1, o1 = history[-1]
+            t0, a0, f0, p0, o0, r0, q0 = history[0]
+            t1, a1, f1, p1, o1, r1, q1 = history[-1]
             isl = {q: _opt(msg, f"isl_{q}") for q in ("mean", "p50", "p95")}
             osl = {q: _opt(msg, f"osl_{q}") for q in ("mean", "p50", "p95")}
             if t1 - t0 < 1e-6:  # one sample yet: the router's own window
@@ -123,6 +140,9 @@ class ClusterView:
                     isl = _rescaled(isl, (p1 - p0) / arrivals)
                 if finished > 0 and o1 > o0:
                     osl = _rescaled(osl, (o1 - o0) / finished)
+                early = early_osl(arrivals, r1 - r0, (o1 - o0, q1 - q0), (o1, q1))
+                if early > osl["mean"] or (math.isnan(osl["mean"]) and early > 0):
+                    osl = _rescaled(osl, early) if osl["mean"] > 0 else {q: early for q in osl}
             out.append(RouterWindow(
                 window_s=window_s, num_arrivals=arrivals, num_finished=finished,
                 isl_mean=isl["mean"], isl_p50=isl["p50"], isl_p95=isl["p95"],

@@ -40,6 +40,8 @@ class WindowStats:
     num_finished_total: int = 0
     num_prompt_tokens_total: int = 0  # of every arrival, counted when it arrives
     num_output_tokens_total: int = 0  # of every finished request
+    num_requested_tokens_total: int = 0  # max_tokens x n of every arrival (0 without max_tokens), at arrival
+    num_finished_requested_tokens_total: int = 0  # the same, of every finished request
 
     def to_pb(self, router_id: str) -> cpb.RouterWindowStats:
         """The etcd value (``RouterWindowStats``): unset fields where there is no value."""
@@ -76,17 +78,23 @@ class RequestWindow:
         self.num_finished_total = 0
         self.num_prompt_tokens_total = 0
         self.num_output_tokens_total = 0
+        self.num_requested_tokens_total = 0
+        self.num_finished_requested_tokens_total = 0
 
-    def arrived(self, isl: int = 0, now: float | None = None) -> None:
+    def arrived(self, isl: int = 0, now: float | None = None, requested: int = 0) -> None:
+        """``requested``: the answer tokens it asks for at most (max_tokens x n; 0: unbounded)."""
         self._arrivals.append(time.monotonic() if now is None else now)
         self.num_inflight += 1
         self.num_arrivals_total += 1
         self.num_prompt_tokens_total += isl
+        self.num_requested_tokens_total += requested
 
-    def finished(self, isl: int, osl: int, ttft_s: float | None, e2e_s: float, now: float | None = None) -> None:
+    def finished(self, isl: int, osl: int, ttft_s: float | None, e2e_s: float, now: float | None = None,
+                 requested: int = 0) -> None:
         self.num_inflight -= 1
         self.num_finished_total += 1
         self.num_output_tokens_total += osl
+        self.num_finished_requested_tokens_total += requested
         if ttft_s is None:  # failed before its first token: counted as an arrival only
             return
         itl = (e2e_s - ttft_s) / (osl - 1) * 1000 if osl > 1 else math.nan
@@ -138,6 +146,8 @@ class RequestWindow:
             e2e_ms_p50=percentile([f.e2e_ms for f in done], 50),
             num_arrivals_total=self.num_arrivals_total, num_finished_total=self.num_finished_total,
             num_prompt_tokens_total=self.num_prompt_tokens_total, num_output_tokens_total=self.num_output_tokens_total,
+            num_requested_tokens_total=self.num_requested_tokens_total,
+            num_finished_requested_tokens_total=self.num_finished_requested_tokens_total,
         )
 
 

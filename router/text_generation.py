@@ -74,12 +74,17 @@ class Generation:
         self._last_token_time: float | None = None
 
     @property
+    def requested_tokens(self) -> int:
+        """The answer tokens it asks for at most, all sequences (0: max_tokens unset)."""
+        return (self.sampling.max_tokens or 0) * self.sampling.n
+
+    @property
     def result(self) -> GenerationResult:
         return GenerationResult(self.choices, self.usage, self.route)
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         upstream = self.flow.generate(self.request_id, self.prompt_ids, self.sampling, self.priority, self.route)
-        WINDOW.arrived(len(self.prompt_ids))
+        WINDOW.arrived(len(self.prompt_ids), requested=self.requested_tokens)
         try:
             async for item in upstream:
                 if isinstance(item, Usage):
@@ -98,7 +103,7 @@ class Generation:
             self.usage.num_completion_tokens = sum(len(c.token_ids) for c in self.choices)
             ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
             WINDOW.finished(len(self.prompt_ids), self.usage.num_completion_tokens, ttft,
-                            time.perf_counter() - self.arrival)
+                            time.perf_counter() - self.arrival, requested=self.requested_tokens)
         model = self.model.name
         metrics.PROMPT_TOKENS.labels(model).inc(self.usage.num_prompt_tokens)
         metrics.COMPLETION_TOKENS.labels(model).inc(self.usage.num_completion_tokens)

@@ -107,7 +107,7 @@ class WorkerStepStats(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_tandem_worker_pb2.WorkerRole, str]] = ..., state: _Optional[_Union[WorkerStepStats.State, str]] = ..., window_s: _Optional[float] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., num_active_kv_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps: _Optional[int] = ..., step_s: _Optional[float] = ..., step_prefill_tokens: _Optional[float] = ..., step_decode_tokens: _Optional[float] = ..., step_kv_tokens: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., pid: _Optional[int] = ..., published_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RouterWindowStats(_message.Message):
-    __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms", "num_arrivals_total", "num_finished_total", "num_prompt_tokens_total", "num_output_tokens_total")
+    __slots__ = ("router_id", "window_s", "num_arrivals", "num_finished", "num_inflight", "request_rate", "isl_mean", "isl_p50", "isl_p95", "osl_mean", "osl_p50", "osl_p95", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p95", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p95", "itl_ms_p99", "e2e_ms_p50", "published_at_unix_ms", "num_arrivals_total", "num_finished_total", "num_prompt_tokens_total", "num_output_tokens_total", "num_requested_tokens_total", "num_finished_requested_tokens_total")
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     NUM_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,8 @@ class RouterWindowStats(_message.Message):
     NUM_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_REQUESTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     router_id: str
     window_s: float
     num_arrivals: int
@@ -160,7 +162,9 @@ class RouterWindowStats(_message.Message):
     num_finished_total: int
     num_prompt_tokens_total: int
     num_output_tokens_total: int
-    def __init__(self, router_id: _Optional[str] = ..., window_s: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_inflight: _Optional[int] = ..., request_rate: _Optional[float] = ..., isl_mean: _Optional[float] = ..., isl_p50: _Optional[float] = ..., isl_p95: _Optional[float] = ..., osl_mean: _Optional[float] = ..., osl_p50: _Optional[float] = ..., osl_p95: _Optional[float] = ..., ttft_ms_p50: _Optional[float] = ..., ttft_ms_p90: _Optional[float] = ..., ttft_ms_p95: _Optional[float] = ..., ttft_ms_p99: _Optional[float] = ..., itl_ms_p50: _Optional[float] = ..., itl_ms_p90: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., itl_ms_p99: _Optional[float] = ..., e2e_ms_p50: _Optional[float] = ..., published_at_unix_ms: _Optional[int] = ..., num_arrivals_total: _Optional[int] = ..., num_finished_total: _Optional[int] = ..., num_prompt_tokens_total: _Optional[int] = ..., num_output_tokens_total: _Optional[int] = ...) -> None: ...
+    num_requested_tokens_total: int
+    num_finished_requested_tokens_total: int
+    def __init__(self, router_id: _Optional[str] = ..., window_s: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_inflight: _Optional[int] = ..., request_rate: _Optional[float] = ..., isl_mean: _Optional[float] = ..., isl_p50: _Optional[float] = ..., isl_p95: _Optional[float] = ..., osl_mean: _Optional[float] = ..., osl_p50: _Optional[float] = ..., osl_p95: _Optional[float] = ..., ttft_ms_p50: _Optional[float] = ..., ttft_ms_p90: _Optional[float] = ..., ttft_ms_p95: _Optional[float] = ..., ttft_ms_p99: _Optional[float] = ..., itl_ms_p50: _Optional[float] = ..., itl_ms_p90: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., itl_ms_p99: _Optional[float] = ..., e2e_ms_p50: _Optional[float] = ..., published_at_unix_ms: _Optional[int] = ..., num_arrivals_total: _Optional[int] = ..., num_finished_total: _Optional[int] = ..., num_prompt_tokens_total: _Optional[int] = ..., num_output_tokens_total: _Optional[int] = ..., num_requested_tokens_total: _Optional[int] = ..., num_finished_requested_tokens_total: _Optional[int] = ...) -> None: ...
 
 class Inflight(_message.Message):
     __slots__ = ("num_requests", "num_prefill_tokens", "num_kv_tokens")

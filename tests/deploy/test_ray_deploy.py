@@ -11,10 +11,17 @@ under load fails no request; a tier switch through the controller keeps the proc
 restart of the switched worker's actor brings it back in its new tier; down leaves no actor,
 placement group or process. Apart from it, a config that needs more GPUs than the cluster has
 fails fast, saying so.
+
+Then a second deployment, of sim-engine workers (the engine is not the point there), has its
+planner act: a load that shifts from long answers to long prompts makes it start a decode worker
+(a new actor), then switch one to prefill in place (same process), then drain back to the
+minimums once traffic stops, with no request failing and its decisions in etcd.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -66,14 +73,17 @@ def write_config(path: Path, **overrides: Any) -> Path:
     return path
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, context: Callable[[], Any] | None = None,
+               interval_s: float = 0.5) -> Any:
+    """``check()`` once it is true; past ``timeout_s`` fails, saying ``what`` and ``context()``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value!r})")
+            seen = f"; {context()}" if context else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value!r}{seen})")
         time.sleep(interval_s)
 
 
@@ -124,22 +134,30 @@ class Deployment:
         return router_health(self.url)
 
 
-@pytest.fixture(scope="module")
-def deployment(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    config = write_config(tmp_path_factory.mktemp("deploy") / "cluster.yaml")
+@contextlib.contextmanager
+def deployed(ray_head: RayHead, path: Path, **overrides: Any) -> Iterator[Deployment]:
+    """``tandem deploy ray`` of CONFIG with ``overrides``; down at the end unless a test took it down."""
+    namespace = overrides.get("namespace", NAMESPACE)
+    config = write_config(path, **overrides)
     t0 = time.monotonic()
     r = tandem("ray", "--config", str(config), "--address", ray_head.address, timeout_s=480)
     deploy_s = time.monotonic() - t0
     try:
         assert r.returncode == 0, f"deploy failed:\n{r.stderr[-4000:]}\n{r.stdout}"
-        routers = [s for s in RayLauncher(ClusterConfig(namespace=NAMESPACE)).services() if s.role == "router"]
+        routers = [s for s in RayLauncher(ClusterConfig(namespace=namespace)).services() if s.role == "router"]
         url = routers[0].endpoint
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
             model = json.loads(resp.read())["data"][0]["id"]
-        yield Deployment(NAMESPACE, ray_head.address, url, model, deploy_s)
+        yield Deployment(namespace, ray_head.address, url, model, deploy_s)
     finally:
-        if named_actors(NAMESPACE):  # the down test did not run or failed: clean up
-            tandem("down", "--namespace", NAMESPACE, "--address", ray_head.address)
+        if named_actors(namespace):  # the down test did not run or failed: clean up
+            tandem("down", "--namespace", namespace, "--address", ray_head.address)
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(ray_head, tmp_path_factory.mktemp("deploy") / "cluster.yaml") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +192,10 @@ class Outcome:
 class Load:
     """Clients streaming greedy completions back to back until stopped."""
 
-    def __init__(self, d: Deployment, num_clients: int = 3, max_tokens: int = 40) -> None:
-        self.d, self.num_clients, self.max_tokens = d, num_clients, max_tokens
+    def __init__(self, d: Deployment, num_clients: int = 3, max_tokens: int = 40,
+                 prompt: Callable[[int, int], str] = lambda i, n: (LONG_PROMPT, SHORT_PROMPT)[i % 2]) -> None:
+        """``prompt(i, n)``: client i's n-th prompt."""
+        self.d, self.num_clients, self.max_tokens, self.prompt = d, num_clients, max_tokens, prompt
         self.outcomes: list[Outcome] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(num_clients)]
@@ -187,14 +207,19 @@ class Load:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Every client finishes the request it has in flight, then stops."""
         self._stop.set()
         for t in self._threads:
             t.join(150)
 
     def _loop(self, i: int) -> None:
         client = self.d.client()
-        prompt = (LONG_PROMPT, SHORT_PROMPT)[i % 2]
+        n = 0
         while not self._stop.is_set():
+            prompt, n = self.prompt(i, n), n + 1
             t0 = time.monotonic()
             try:
                 stream = client.completions.create(model=self.d.model, prompt=prompt, max_tokens=self.max_tokens,
@@ -417,3 +442,118 @@ def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
     assert not list(Path(tempfile.gettempdir()).glob(f"tandem-{deployment.namespace}.*")), "temp files left"
     assert "error" in deployment.health()
     wait_until(lambda: ray.available_resources().get("GPU") == 4, 20, "the GPUs to be free")
+
+
+# ---- the planner acting on Ray: a sim-engine deployment of its own -------------------------------
+# As tests/planner/test_planner_live.py: the CPU sim profile's decode step is ~50 ms alone and ~80 ms
+# with 8 sequences, so an ITL target of 60 ms is met by one request and missed by eight; it prefills
+# 256 tokens in ~0.3 s, so 8 users' ~320-token prompts queue on one prefill worker past a 500 ms TTFT
+# target. From 1 prefill + 1 decode, one start fills the budget of 3: the next need is a switch.
+PLANNED: dict[str, Any] = dict(
+    namespace=NAMESPACE + "p", engine="sim", sim_profile="cpu-smollm2-135m", model="dummy:smollm2-135m",
+    metrics_interval_s=0.5, max_local_prefill_tokens=64, num_prefill=1, num_decode=1, drain_timeout_s=60,
+    min_prefill=1, min_decode=1, gpu_budget=3, itl_slo_ms=60, ttft_slo_ms=500, adjustment_interval_s=1,
+    planner_window_s=3)
+
+
+def short_prompt(i: int, n: int) -> str:
+    return f"user {i} asks {n}"  # under max_local_prefill_tokens: prefilled on the decode worker
+
+
+def long_prompt(i: int, n: int) -> str:
+    return f"user {i} asks {n} " + "x" * 300  # to the prefill tier; its first block is its own (no cache hit)
+
+
+@pytest.fixture(scope="module")
+def planned(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(ray_head, tmp_path_factory.mktemp("planned") / "cluster.yaml", **PLANNED) as d:
+        yield d
+
+
+def planner_decisions(d: Deployment) -> tuple[Any, list[Any]]:
+    """The planner's last decision and its history of changes, as etcd holds them."""
+    from runtime import keys
+    from runtime.etcd import ControlPlane
+    from runtime.pb import tandem_control_pb2 as cpb
+
+    cfg = ClusterConfig(namespace=d.namespace, etcd_endpoints=d.launcher().etcd_endpoints())
+
+    async def read() -> tuple[Any, list[Any]]:
+        async with ControlPlane.from_config(cfg) as plane:
+            last = await plane.get_message(keys.planner_decision_key(d.namespace), cpb.PlannerDecision)
+            history = await plane.get_messages(keys.planner_history_prefix(d.namespace), cpb.PlannerDecision)
+            return last, [history[k] for k in sorted(history)]
+
+    return asyncio.run(read())
+
+
+def acted(d: Deployment) -> list[tuple[int, str, set[str], str]]:
+    """Every action in the planner's history: (kind, role, the decision's reason codes, worker id)."""
+    return [(a.kind, a.role, {r.code for r in h.reasons}, a.worker_id) for h in planner_decisions(d)[1]
+            for a in h.actions]
+
+
+def test_planner_on_ray_moves_capacity_and_back(planned: Deployment) -> None:
+    """The deployment's own planner (actor planner-0, acting through the controller) under a load
+    that shifts: decode-heavy load starts a decode worker (a new actor); prefill-heavy load, the
+    budget full, switches a decode worker to prefill in place (same process); no traffic drains
+    back to the minimums (the drained actor and its process gone). No request fails or comes
+    short, and the decisions are in etcd."""
+    from runtime.pb import tandem_control_pb2 as cpb
+
+    d = planned
+
+    def counts() -> tuple[int, int]:
+        health = d.health()
+        return health.get("prefill_workers", -1), health.get("decode_workers", -1)
+
+    assert counts() == (1, 1)
+    t0 = time.monotonic()
+    with Load(d, num_clients=8, max_tokens=60, prompt=short_prompt) as decode_heavy:
+        wait_until(lambda: counts() == (1, 2), 90, "ITL over the target: the planner starts a decode worker",
+                   lambda: acted(d))
+        up_s = time.monotonic() - t0
+        decoders = {s.name: s.pid for s in d.services().values() if s.role == "decode"}
+        assert set(decoders) == {"decode-0", "decode-1"}, decoders  # decode-1: the actor the planner started
+
+        t1 = time.monotonic()
+        with Load(d, num_clients=8, max_tokens=2, prompt=long_prompt) as prefill_heavy:
+            # The shift: prompts queue on the prefill tier, then the long answers end, so decode can
+            # spare a worker before three low ticks would have drained it: the budget is full, a switch.
+            decode_heavy.stop()
+            wait_until(lambda: counts() == (2, 1), 90, "TTFT over the target, the budget full: a decode worker "
+                       "switches to prefill")
+            switch_s = time.monotonic() - t1
+
+            def switched_actor() -> dict[str, ServiceInfo]:  # the actor learns its new tier once the call returns
+                services = {n: s for n, s in d.services().items() if s.role in ("prefill", "decode")}
+                return services if any(n.startswith("decode-") and s.role == "prefill"
+                                       for n, s in services.items()) else {}
+
+            workers = wait_until(switched_actor, 20, "a decode actor in the prefill tier", lambda: acted(d))
+    (switched,) = [s for n, s in workers.items() if n.startswith("decode-") and s.role == "prefill"]
+    assert switched.pid == decoders[switched.name] and switched.num_restarts == 0, switched  # the same process
+
+    t2 = time.monotonic()
+    wait_until(lambda: counts() == (1, 1), 60, "no traffic: the planner drains back to 1 prefill + 1 decode",
+               lambda: acted(d))
+    down_s = time.monotonic() - t2
+    # the drained worker deregistered first; its process stops once its requests are done, then its actor goes
+    left = wait_until(lambda: len(w := {n for n, s in d.services().items() if s.role in ("prefill", "decode")}) == 2
+                      and w, 30, "the drained worker's actor to go")
+    (drained,) = [s for n, s in workers.items() if n not in left]
+    assert drained.role == "prefill" and drained.pid not in deployment_pids(d.namespace), (drained, left)
+    print(f"\nplanner on Ray: decode started in {up_s:.1f} s, switch in {switch_s:.1f} s, drained back in "
+          f"{down_s:.1f} s ({len(decode_heavy.outcomes) + len(prefill_heavy.outcomes)} requests)")
+
+    for load in (decode_heavy, prefill_heavy):
+        assert load.errors == [], load.errors[:3]
+        assert all((o.num_tokens, o.finish_reason) == (load.max_tokens, "length") for o in load.outcomes)
+    last, _ = planner_decisions(d)
+    assert (last.num_prefill, last.num_decode) == (1, 1) and not last.dry_run, last
+    actions = acted(d)
+    assert [(kind, role) for kind, role, _, _ in actions] == [
+        (cpb.PlannerAction.KIND_START, "decode"), (cpb.PlannerAction.KIND_SWITCH, "prefill"),
+        (cpb.PlannerAction.KIND_DRAIN, "prefill")], actions
+    assert "itl-over-slo" in actions[0][2] and "ttft-over-slo" in actions[1][2] and "zero-traffic" in actions[2][2], \
+        actions

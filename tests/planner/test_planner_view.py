@@ -105,6 +105,43 @@ def test_lengths_follow_a_shift_of_the_mix_within_the_window() -> None:
     assert (win.isl_mean, win.isl_p95, win.osl_mean) == (500.0, 1000.0, 6.0)
 
 
+def test_longer_answers_show_at_arrival_from_the_tokens_requested() -> None:
+    """Throughput mode added decode late after a shift to long answers: an answer's length is
+    known only when it finishes. The tokens the arrivals asked for (max_tokens), times the share of
+    their request finished requests used, is the OSL at arrival; it raises the window's OSL, never
+    lowers it."""
+    view = ClusterView(window_s=3.0)
+
+    def router(t: float, arrivals: int, finished: int, output: int, requested: int, finished_requested: int) -> None:
+        view.router_put("r0", cpb.RouterWindowStats(
+            window_s=60, num_arrivals=40, num_finished=40, isl_mean=100.0, osl_mean=10.0, osl_p50=10.0,
+            osl_p95=20.0, num_arrivals_total=arrivals, num_finished_total=finished,
+            num_prompt_tokens_total=arrivals * 100, num_output_tokens_total=output,
+            num_requested_tokens_total=requested, num_finished_requested_tokens_total=finished_requested), t)
+
+    # short answers so far: 40 requests asked for 20 tokens each and used half of it (EOS)
+    router(0.0, 40, 40, 400, 800, 800)
+    # the shift: 4 requests arrive asking for 200 tokens; the 2 that finished were short ones (20 asked, 10 used)
+    router(3.0, 44, 42, 420, 1600, 840)
+    (win,) = view.traffic(3.0)
+    assert (win.osl_mean, win.osl_p50, win.osl_p95) == (100.0, 100.0, 200.0)  # 200 asked x 0.5 used
+    # nothing finished in the window: the share used comes from the router's lifetime totals (420 / 840)
+    router(6.0, 46, 42, 420, 2000, 840)
+    (win,) = view.traffic(6.0)
+    assert win.osl_mean == 100.0
+    # shorter answers asked for: the estimate does not lower the finished requests' OSL (30 here)
+    router(9.0, 50, 46, 540, 2040, 1640)  # 4 arrivals asking 10 each; 4 finished: 120 tokens of 800 asked
+    (win,) = view.traffic(9.0)
+    assert win.osl_mean == 30.0
+    # no max_tokens published (an older router, or none asked): the finished requests' OSL as before
+    plain = ClusterView(window_s=3.0)
+    for t, n, out in ((0.0, 40, 400), (3.0, 44, 460)):
+        plain.router_put("r0", cpb.RouterWindowStats(window_s=60, osl_mean=10.0, num_arrivals_total=n,
+                                                     num_finished_total=n, num_output_tokens_total=out), t)
+    (win,) = plain.traffic(3.0)
+    assert win.osl_mean == 15.0
+
+
 def test_a_started_worker_that_registered_is_not_also_counted_as_its_placeholder() -> None:
     """Found live (bench/planner_modes_live.py, both mode): the launcher keeps a start's
     placeholder until its start call returns, after the worker registered; for that instant the

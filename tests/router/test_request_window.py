@@ -40,8 +40,8 @@ def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value()
     empty = w.snapshot(now=0.0).to_pb("r0")
     assert empty.router_id == "r0" and empty.window_s == 10.0 and not empty.HasField("ttft_ms_p50")
     for t in range(20):
-        w.arrived(100 + t, now=float(t) / 4)
-        w.finished(100 + t, 10, 0.1 + t / 100, 1.0, now=float(t) / 4)
+        w.arrived(100 + t, now=float(t) / 4, requested=16 if t < 19 else 0)  # the last asked for no max_tokens
+        w.finished(100 + t, 10, 0.1 + t / 100, 1.0, now=float(t) / 4, requested=16 if t < 19 else 0)
     msg = cpb.RouterWindowStats.FromString(w.snapshot(now=5.0).to_pb("r0").SerializeToString())
     assert (msg.num_arrivals, msg.num_finished, msg.num_inflight) == (20, 20, 0)
     assert msg.isl_p50 == 109.0 and msg.isl_p95 == 118.0 and msg.osl_mean == 10.0
@@ -52,6 +52,8 @@ def test_window_stats_go_to_etcd_as_a_message_with_unset_fields_where_no_value()
     assert (later.num_arrivals, later.num_arrivals_total, later.num_finished_total) == (0, 20, 20)
     # prompt tokens (counted at arrival: 100..119) and answer tokens: the window's lengths for the planner
     assert (later.num_prompt_tokens_total, later.num_output_tokens_total) == (2190, 200)
+    # answer tokens asked for (max_tokens x n), at arrival and of the finished: the planner's early OSL
+    assert (later.num_requested_tokens_total, later.num_finished_requested_tokens_total) == (304, 304)
 
 
 def test_inflight_is_shared_as_a_message() -> None:
