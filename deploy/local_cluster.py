@@ -14,7 +14,6 @@ Several clusters can load their models at once: :meth:`launch` each, then :meth:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -30,15 +29,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from deploy.launcher import router_health, wait_router_serves
+from runtime import spawn
 from runtime.etcd_server import EtcdServer
 from runtime.settings import ClusterConfig
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def engine_threads(cpus: int, num_workers: int) -> int:
@@ -264,8 +257,8 @@ class LocalCluster:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.cfg.worker_env_vars)
         if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
             env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                preexec_fn=_die_with_parent)
+        return spawn.popen(argv, die_with_parent=signal.SIGTERM, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=env)
 
     def _restart(self, child: Child) -> None:
         """Start a child that died while starting once more, in place (callers keep their Child)."""
@@ -304,8 +297,8 @@ class LocalCluster:
                     raise TimeoutError(f"{child.name} did not become ready in {timeout_s:.0f} s; last output:\n"
                                        + "\n".join(child.log_tail[-15:]))
             if child.ready is None and child.num_restarts == 0:
-                # A start-up crash is retried once (seen rarely: a gRPC poller abort while UCX and
-                # gRPC start side by side); a second one is a real failure.
+                # A start-up crash is retried once; a second one is a real failure. (The crash seen
+                # before was this process forking with gRPC running: runtime/spawn.py.)
                 self._check_not_stopping(child.name)
                 self._restart(child)
                 while not child._event.wait(0.2):

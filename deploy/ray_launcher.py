@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -67,6 +66,7 @@ from deploy.launcher import (
     wait_router_serves,
     wait_routers_list,
 )
+from runtime import spawn
 from runtime.etcd_server import free_port as _free_port
 from runtime.internal_grpc import PLAINTEXT, InternalGrpc
 from runtime.settings import ClusterConfig
@@ -76,7 +76,6 @@ log = logging.getLogger("tandem.ray_launcher")
 RAY_NAMESPACE = "tandem"
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 _READY = "TANDEM_READY "
-_PR_SET_PDEATHSIG = 1
 _ETCD_READ_LOCK = threading.Lock()
 _ROUTER_CPUS = 1.0
 # Workers serve either tier and switch in place (SwitchRole): both start as deploy.switchable_worker.
@@ -105,11 +104,6 @@ class ServiceSpec:
     @property
     def module(self) -> str:
         return _MODULES[self.role]
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServiceActor:
@@ -215,8 +209,8 @@ class ServiceActor:
     def _supervise(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TANDEM_DEPLOYMENT=self.spec.namespace)
         try:
-            self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env=env, preexec_fn=_die_with_parent)
+            self._proc = spawn.popen(self._argv, die_with_parent=signal.SIGTERM, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
         except OSError as e:
             self.tail.append(f"cannot start {self._argv}: {e}")
             self.state = ServiceState.DEAD

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -25,7 +24,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,9 +37,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.settings import ClusterConfig
 
+from runtime import spawn
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _STDERR_TAIL_BYTES = 4000
 
 
@@ -98,12 +97,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _set_pdeathsig() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL us when the parent dies.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class EtcdServer:
@@ -255,18 +248,17 @@ class EtcdServer:
                 args += ["--trusted-ca-file", self.tls.trusted_ca_file, "--client-cert-auth"]
         self._log_file = self._tmpdir / "etcd.log"
         in_main_thread = threading.current_thread() is threading.main_thread()
-        # PDEATHSIG fires when the *thread* that forked dies, so only arm it from the main thread.
-        preexec = _set_pdeathsig if sys.platform.startswith("linux") and in_main_thread else None
         with open(self._log_file, "wb") as log_fh:
-            self._proc = subprocess.Popen(
+            self._proc = spawn.popen(
                 args,
+                # PDEATHSIG fires when the *thread* that spawned it exits: armed from the main thread only.
+                die_with_parent=signal.SIGKILL if in_main_thread else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,
                 cwd=self._tmpdir,
                 # Own session: a Ctrl-C in the terminal reaches us, and we stop etcd last.
                 start_new_session=True,
-                preexec_fn=preexec,
             )
         _install_sigterm_handler()
 

@@ -132,9 +132,9 @@ def test_local_launcher_scales_and_drains_without_failing_a_request() -> None:
 
 def test_a_worker_that_crashed_before_ready_is_restarting_not_dead(tmp_path) -> None:
     """A child that exits before it was ever ready is retried once by whoever waits for it
-    (LocalCluster._wait: the rare gRPC poller abort at start-up): until then it is RESTARTING, so
-    tandem serve (which stops on a DEAD service) does not stop the cluster for it; a second crash,
-    or a crash after it was ready, is DEAD."""
+    (LocalCluster._wait; the gRPC poller abort that made it needed is gone at its cause,
+    runtime/spawn.py): until then it is RESTARTING, so tandem serve (which stops on a DEAD service)
+    does not stop the cluster for it; a second crash, or a crash after it was ready, is DEAD."""
     import subprocess
     import sys
 

@@ -1,6 +1,8 @@
-"""``tandem serve`` (the real command, a sim-engine cluster) stops everything and exits 0 on
-SIGTERM, and on SIGINT also when its parent started it with SIGINT ignored (a non-interactive
-shell's background job): no etcd, router or worker of it is left running."""
+"""``tandem serve`` (the real command, a sim-engine cluster, its planner on) stops everything and
+exits 0 on SIGTERM, and on SIGINT also when its parent started it with SIGINT ignored (a
+non-interactive shell's background job): no etcd, router or worker of it is left running, and when
+idle it is gone within ``EXIT_WITHIN_S`` of the signal (its children exit in parallel within a
+second each, ``tests/hardening/test_shutdown.py``)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+# The issue's 1 s is per process; serve stops its planner and launcher service first (~0.45 s here),
+# then its children in parallel (each within 1 s), then etcd: 0.8-1.1 s on this loaded box.
+EXIT_WITHIN_S = 2.0
 
 
 def _children(pid: int) -> set[int]:
@@ -43,9 +50,15 @@ def test_serve_stops_everything_on_a_signal(sig: signal.Signals, tmp_path: Path)
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--engine", "sim", "--model", "dummy:smollm2-135m",
            "--port", "0", "--grpc-port", "0", "--kv-cache-gib", "0.25", "--transport", "tcp",
            "--log-dir", str(tmp_path)]
-    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sig == signal.SIGINT else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=ignore_sigint, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # The child inherits an ignored SIGINT (no preexec_fn: forking a process that runs gRPC can kill
+    # the child before exec, runtime/spawn.py).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sig == signal.SIGINT else None
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     started: set[int] = set()
     try:
         lines = []
@@ -56,9 +69,14 @@ def test_serve_stops_everything_on_a_signal(sig: signal.Signals, tmp_path: Path)
         assert proc.poll() is None, "".join(lines)
         started = _children(proc.pid)
         assert len(started) >= 4  # etcd, router, prefill and decode workers
+        time.sleep(1.0)  # idle: the planner's first ticks done, the workers' first metrics published
+        t0 = time.monotonic()
         proc.send_signal(sig)
         rest = proc.communicate(timeout=120)[0]
+        exit_s = time.monotonic() - t0
+        print(f"tandem serve exited {exit_s:.2f} s after {sig.name}")
         assert proc.returncode == 0, "".join(lines) + rest
+        assert exit_s < EXIT_WITHIN_S, "".join(lines) + rest
         assert not [pid for pid in started if _alive(pid)]
     finally:
         if proc.poll() is None:
