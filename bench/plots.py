@@ -306,8 +306,35 @@ def handoff_segments(report: dict[str, dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def start_aborts(result: dict[str, Any], path: Path) -> Path:
+    """``bench/start_abort.py --json``: per start, its time to ready (a bar; a start that died
+    before ready is a red mark at the top, with its exit code) and its exit time after SIGTERM."""
+    rows = result["starts"]
+    summary = result["summary"]
+    fig, (ax_ready, ax_exit) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    xs = [r["index"] for r in rows]
+    ax_ready.bar(xs, [r.get("ready_s", 0.0) for r in rows], color="tab:blue", label="ready")
+    top = max([r.get("ready_s", 0.0) for r in rows] + [1.0])
+    died = [r for r in rows if r["outcome"] != "ok"]
+    ax_ready.plot([r["index"] for r in died], [top] * len(died), "rv", label="died before ready")
+    for r in died:
+        ax_ready.annotate(f"{r['outcome']} {r.get('code', '')}", (r["index"], top), fontsize=7, rotation=90,
+                          ha="center", va="top")
+    ax_ready.set_ylabel("s to ready")
+    ax_ready.legend(fontsize=8)
+    ax_ready.set_title(f"{summary['starts']} starts, transport {summary['transport']}, spawner's gRPC "
+                       f"{summary['spawner_grpc']}: {len(died)} died before ready")
+    ax_exit.bar(xs, [r.get("exit_s", 0.0) for r in rows], color="tab:green")
+    ax_exit.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    ax_exit.set_ylabel("s to exit after SIGTERM (idle)")
+    ax_exit.set_xlabel("start")
+    return _save(fig, path)
+
+
 def figures(result: dict[str, Any], stem: Path) -> list[Path]:
     """The figures of any bench JSON this module knows the shape of."""
+    if "starts" in result and "summary" in result:
+        return [start_aborts(result, stem.with_suffix(".png"))]
     if "sections" in result:
         return gpu_kernels_figures(result, stem)
     if "hbm_copy_bytes_per_s" in result:

@@ -12,7 +12,8 @@ epoll_wait error: Bad file descriptor``, SIGABRT) is a child of a process that r
 between ``fork()`` and ``exec()``: it shows with ``idle``/``busy`` and never with ``none``.
 
 Per start: the exit code when it died before ``TANDEM_READY`` (and its last output), else its time
-to ready and its exit time after SIGTERM once idle. Prints a summary; ``--json`` writes every start.
+to ready and its exit time after SIGTERM once idle. Prints a summary; ``--json`` writes every start
+and, at the end, its figure beside it (``bench/plots.py start_aborts``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def main() -> None:
         cluster.stop()
         etcd.stop()
     print(json.dumps(summarize(args, rows)), flush=True)
+    if args.json:
+        from bench import plots
+        result = {"summary": summarize(args, rows), "starts": rows}
+        print(plots.start_aborts(result, Path(args.json).with_suffix(".png")))
 
 
 def summarize(args: argparse.Namespace, rows: list[dict]) -> dict:

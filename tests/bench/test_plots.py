@@ -109,3 +109,16 @@ def test_engine_cpu_time_json_is_drawn(tmp_path: Path) -> None:
     path.write_text(json.dumps({"args": {}, "load_average": 1.0, "engine_cpu_time": rows}))
     subprocess.run([sys.executable, str(REPO / "bench" / "plots.py"), str(path)], check=True, timeout=120)
     _png_ok(path.with_suffix(".png"))
+
+
+def test_start_abort_json_is_drawn(tmp_path: Path) -> None:
+    """A JSON of ``bench/start_abort.py --json``'s shape (two starts that died, one of them with
+    the epoll abort) through ``bench/plots.py FILE``."""
+    starts = [{"index": i, "outcome": "ok", "code": 0, "ready_s": 2.0 + i / 10, "exit_s": 0.27} for i in range(8)]
+    starts[3] = {"index": 3, "outcome": "abort", "code": -6, "tail": ["epoll_wait error: Bad file descriptor"]}
+    starts[5] = {"index": 5, "outcome": "died", "code": -11, "tail": []}
+    summary = {"transport": "tcp", "spawner_grpc": "busy", "starts": 8, "ok": 6, "abort": 1, "died": 1}
+    path = tmp_path / "starts.json"
+    path.write_text(json.dumps({"summary": summary, "starts": starts}))
+    subprocess.run([sys.executable, str(REPO / "bench" / "plots.py"), str(path)], check=True, timeout=120)
+    _png_ok(path.with_suffix(".png"))
