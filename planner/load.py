@@ -41,7 +41,7 @@ _HELPS = 0.95  # a worker more must cut the predicted ITL by at least 5% to be s
 @dataclass(frozen=True)
 class TierLoad:
     role: str
-    delta: int  # -1, 0 or +1
+    delta: int  # -1, 0, or up: the workers to add (the predicted need less the ready ones, at least 1)
     can_spare: bool  # N-1 workers would still meet the SLO
     reason: Reason
 
@@ -95,13 +95,21 @@ class LoadModel:
         return steps * a + (self.prefill.predict((tokens,)) - a)
 
     # ---- verdicts ----------------------------------------------------------------------------
-    def assess(self, role: str, workers: list[WorkerStep], isl: float) -> TierLoad:
-        """``workers``: the tier's ready workers; ``isl``: new prompt tokens of a typical request."""
-        verdict = self._assess_prefill(workers, isl) if role == "prefill" else self._assess_decode(workers)
+    def assess(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
+               ) -> TierLoad:
+        """``workers``: the tier's ready workers; ``isl``: new prompt tokens of a typical request;
+        ``rate``, ``osl``: the routers' arrivals per second and mean answer tokens (an up sizes for
+        them when they ask for more than the workers' own counters show)."""
+        verdict = self.judge(role, workers, isl, rate, osl)
         streak = self._down_streak[role] = self._down_streak[role] + 1 if verdict.delta < 0 else 0
         if verdict.delta < 0 and streak < self.config.scale_down_ticks:
             verdict = TierLoad(role, 0, verdict.can_spare, Reason("load-low-waiting", role, verdict.reason.values))
         return verdict
+
+    def judge(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
+              ) -> TierLoad:
+        """:meth:`assess` without the down streak: what the tier's load says now (it learns nothing)."""
+        return self._assess_prefill(workers, isl, rate) if role == "prefill" else self._assess_decode(workers, rate * osl)
 
     def assess_aggregated(self, workers: list[WorkerStep], isl: float) -> tuple[TierLoad, list[Reason]]:
         """The one tier of an aggregated cluster (``workers``: its ready workers), against both
@@ -117,7 +125,7 @@ class LoadModel:
         return TierLoad("decode", delta, ttft.can_spare and itl.can_spare, reasons[0 if ttft.delta == delta else 1]), \
             reasons
 
-    def _assess_prefill(self, workers: list[WorkerStep], isl: float) -> TierLoad:
+    def _assess_prefill(self, workers: list[WorkerStep], isl: float, rate: float = 0.0) -> TierLoad:
         cfg, n = self.config, len(workers)
         slo = cfg.ttft_slo_s
         if not n or math.isnan(self.prefill.predict((0.0,))):
@@ -130,7 +138,9 @@ class LoadModel:
         mean_util = sum(util) / n
         values = {"ttft_s": ttft, "utilization": mean_util, "workers": n}
         if mean_util > SATURATED or (ttft > slo and max(queued) > 0):
-            return TierLoad("prefill", 1, False, Reason("ttft-over-slo", "prefill", values))
+            need = self.prefill_need(workers, isl, rate)
+            values |= {"need": float(need)}
+            return TierLoad("prefill", max(1, need - n), False, Reason("ttft-over-slo", "prefill", values))
         if n < 2:
             return TierLoad("prefill", 0, False, Reason("load-ok", "prefill", values))
         spread = sum(queued) / (n - 1) * _imbalance(queued)
@@ -141,6 +151,52 @@ class LoadModel:
         if ttft_less < cfg.scale_down_margin * slo and util_less < cfg.scale_down_margin:
             return TierLoad("prefill", -1, can_spare, Reason("load-low", "prefill", values))
         return TierLoad("prefill", 0, can_spare, Reason("load-ok", "prefill", values))
+
+    def prefill_need(self, workers: list[WorkerStep], isl: float, rate: float = 0.0) -> int:
+        """Prefill workers the tier needs, from its ready ``workers``' load: the prompt tokens they
+        compute per second plus their queue drained within one interval, or ``rate`` prompts of
+        ``isl`` new tokens per second if more (a saturated tier's computed tokens understate its
+        demand; so does its queue when the router spills prompts to the decode tier), at
+        ``max_utilization`` each, and enough workers that the queue spread over them plus one
+        ``isl``-token prompt is computed within the TTFT target. Capped at the budget."""
+        cfg = self.config
+        per_token = self.prefill_time_s(self.budget_tokens) / self.budget_tokens
+        queued = sum(float(w.num_queued_prefill_tokens) for w in workers)
+        computed = sum(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s for w in workers)
+        busy = max(computed + queued / cfg.adjustment_interval_s, rate * isl) * per_token  # GPU-s per s
+        need = max(len(workers), math.ceil(busy / cfg.max_utilization - 1e-9))
+        while need < cfg.max_workers and self.prefill_time_s(queued / need + isl) > cfg.ttft_slo_s:
+            need += 1
+        return min(need, cfg.max_workers)
+
+    def decode_need(self, workers: list[WorkerStep], demand: float = 0.0) -> int:
+        """Decode workers the tier needs, from its ready ``workers``' load: the tokens per second
+        they decode, scaled up by the requests waiting for a seat or KV (each will decode as fast as
+        a running one), or ``demand`` tokens per second (arrivals x answer length) if more, spread
+        over N workers must run at the steady batch under
+        ``scale_down_margin`` x the ITL target (so the down rule does not take one back at once),
+        and their KV (with the waiting prompts') must fit under that fraction of N workers' KV.
+        Capped at the budget."""
+        cfg = self.config
+        n = len(workers)
+        running = sum(w.num_running for w in workers)
+        waiting = sum(w.num_waiting for w in workers)
+        kv = sum(float(w.num_active_kv_tokens) for w in workers)
+        usage = sum(w.kv_usage for w in workers)
+        rate = sum(0.0 if math.isnan(w.decode_tokens_per_s) else w.decode_tokens_per_s for w in workers)
+        if running:
+            rate *= (running + waiting) / running
+        rate = max(rate, 0.0 if math.isnan(demand) else demand)
+        context = kv / running if running else 0.0
+        # KV tokens one worker holds at usage 1 (the waiting prompts counted at today's context)
+        usage_per_seq = usage / running if running and usage > 0 else 0.0
+        need = n
+        while need < cfg.max_workers and (
+                self.steady_itl_s(rate / need, context) > cfg.scale_down_margin * cfg.itl_slo_s
+                or usage_per_seq * (running + waiting) / need > cfg.scale_down_margin
+                or (running + waiting) / need > self.max_num_seqs * SATURATED):
+            need += 1
+        return need
 
     def steady_itl_s(self, tokens_per_s: float, context: float) -> float:
         """ITL of a worker asked for ``tokens_per_s`` decode tokens of sequences of ``context`` KV
@@ -153,7 +209,7 @@ class LoadModel:
             return math.inf
         return a / slack
 
-    def _assess_decode(self, workers: list[WorkerStep]) -> TierLoad:
+    def _assess_decode(self, workers: list[WorkerStep], demand: float = 0.0) -> TierLoad:
         cfg, n = self.config, len(workers)
         slo = cfg.itl_slo_s
         if not n or math.isnan(self.decode.predict((0.0, 0.0))):
@@ -167,7 +223,9 @@ class LoadModel:
         queued = sum(w.num_waiting for w in workers if w.num_running >= self.max_num_seqs)
         values = {"itl_s": itl, "kv_usage": usage, "workers": n, "waiting_for_a_seat": queued}
         if usage > SATURATED or queued:
-            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+            need = self.decode_need(workers, demand)
+            values |= {"need": float(need)}
+            return TierLoad("decode", max(1, need - n), False, Reason("itl-over-slo", "decode", values))
         if itl > slo:
             # One more worker takes its share of the sequences; the busiest then runs
             # ceil(total / (N+1)) of them. When that does not shorten the step (one sequence
@@ -179,7 +237,9 @@ class LoadModel:
             values |= {"itl_s_n_plus_1": itl_more}
             if itl_more > _HELPS * itl:
                 return TierLoad("decode", 0, False, Reason("itl-floor", "decode", values))
-            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+            need = self.decode_need(workers, demand)
+            values |= {"need": float(need)}
+            return TierLoad("decode", max(1, need - n), False, Reason("itl-over-slo", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
         # Fewer workers: each decodes more tokens per second; its batch grows until it keeps up
