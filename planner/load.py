@@ -109,7 +109,9 @@ class LoadModel:
     def judge(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
               ) -> TierLoad:
         """:meth:`assess` without the down streak: what the tier's load says now (it learns nothing)."""
-        return self._assess_prefill(workers, isl, rate) if role == "prefill" else self._assess_decode(workers, rate * osl)
+        if role == "prefill":
+            return self._assess_prefill(workers, isl, rate)
+        return self._assess_decode(workers, rate * osl)
 
     def assess_aggregated(self, workers: list[WorkerStep], isl: float) -> tuple[TierLoad, list[Reason]]:
         """The one tier of an aggregated cluster (``workers``: its ready workers), against both
