@@ -142,7 +142,9 @@ class LoadModel:
         if mean_util > SATURATED or (ttft > slo and max(queued) > 0):
             need = self.prefill_need(workers, isl, rate)
             values |= {"need": float(need)}
-            return TierLoad("prefill", max(1, need - n), False, Reason("ttft-over-slo", "prefill", values))
+            if need <= n:  # the tier's load fits it: one worker's backlog, which new prompts avoid
+                return TierLoad("prefill", 0, False, Reason("ttft-imbalance", "prefill", values))
+            return TierLoad("prefill", need - n, False, Reason("ttft-over-slo", "prefill", values))
         if n < 2:
             return TierLoad("prefill", 0, False, Reason("load-ok", "prefill", values))
         spread = sum(queued) / (n - 1) * _imbalance(queued)
@@ -227,7 +229,9 @@ class LoadModel:
         if usage > SATURATED or queued:
             need = self.decode_need(workers, demand)
             values |= {"need": float(need)}
-            return TierLoad("decode", max(1, need - n), False, Reason("itl-over-slo", "decode", values))
+            if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
+                return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
+            return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
         if itl > slo:
             # One more worker takes its share of the sequences; the busiest then runs
             # ceil(total / (N+1)) of them. When that does not shorten the step (one sequence
@@ -241,7 +245,9 @@ class LoadModel:
                 return TierLoad("decode", 0, False, Reason("itl-floor", "decode", values))
             need = self.decode_need(workers, demand)
             values |= {"need": float(need)}
-            return TierLoad("decode", max(1, need - n), False, Reason("itl-over-slo", "decode", values))
+            if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
+                return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
+            return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
         # Fewer workers: each decodes more tokens per second; its batch grows until it keeps up

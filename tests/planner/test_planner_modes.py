@@ -146,6 +146,19 @@ def test_load_mode_sizes_an_up_for_the_arrivals_when_they_ask_more_than_the_work
     assert next(r for r in d.reasons if r.code == "itl-over-slo").values["need"] == 7 and d.num_decode == 7
 
 
+def test_load_mode_adds_no_worker_for_one_busy_worker_when_the_tier_load_fits() -> None:
+    # d0: 100 sequences of 40000 tokens, ITL 60 ms; d1 idle. Spread over 3 the ITL would be 27 ms, but the
+    # need of the tier is 2: nothing decodes per second beyond them (steady ITL 10 ms), KV 0.004 x 100 / 2 =
+    # 0.2, seats 50: a worker more takes none of d0's sequences (the router does not move them).
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 1) + [worker("d0", "decode", num_running=100, num_active_kv_tokens=4_000_000,
+                                           kv_usage=0.4), worker("d1", "decode")]
+    d = planner.tick(observe(10.0, workers, window(0.5)))
+    reason = next(r for r in d.reasons if r.role == "decode")
+    assert reason.code == "itl-imbalance" and reason.values["need"] == 2
+    assert not d.actions and d.num_decode == 2
+
+
 def test_load_mode_adds_workers_while_a_start_is_in_progress() -> None:
     # Tick 1: 2 prefill workers with 30000 queued each -> 4 (above): 2 starts. Tick 2 (they are still
     # starting: a change in progress) the queues have doubled: 120000 over N + 1000 within 2 s: N=7:
