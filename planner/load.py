@@ -138,8 +138,9 @@ class LoadModel:
         util = [(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s) * per_token for w in workers]
         ttft = max(self.prefill_time_s(q + isl) for q in queued)
         mean_util = sum(util) / n
+        arriving = rate * isl * per_token / n  # the arrivals' utilization of each worker
         values = {"ttft_s": ttft, "utilization": mean_util, "workers": n}
-        if mean_util > SATURATED or (ttft > slo and max(queued) > 0):
+        if mean_util > SATURATED or arriving > SATURATED or (ttft > slo and max(queued) > 0):
             need = self.prefill_need(workers, isl, rate)
             values |= {"need": float(need)}
             if need <= n:  # the tier's load fits it: one worker's backlog, which new prompts avoid
@@ -182,25 +183,32 @@ class LoadModel:
         and their KV (with the waiting prompts') must fit under that fraction of N workers' KV.
         Capped at the budget."""
         cfg = self.config
-        n = len(workers)
         running = sum(w.num_running for w in workers)
         waiting = sum(w.num_waiting for w in workers)
-        kv = sum(float(w.num_active_kv_tokens) for w in workers)
         usage = sum(w.kv_usage for w in workers)
-        rate = sum(0.0 if math.isnan(w.decode_tokens_per_s) else w.decode_tokens_per_s for w in workers)
-        if running:
-            rate *= (running + waiting) / running
-        rate = max(rate, 0.0 if math.isnan(demand) else demand)
-        context = kv / running if running else 0.0
-        # KV tokens one worker holds at usage 1 (the waiting prompts counted at today's context)
+        rate, context = self.decode_demand(workers, demand)
+        # a worker's KV usage per sequence (the waiting ones counted at today's context)
         usage_per_seq = usage / running if running and usage > 0 else 0.0
-        need = n
+        need = len(workers)
         while need < cfg.max_workers and (
                 self.steady_itl_s(rate / need, context) > cfg.scale_down_margin * cfg.itl_slo_s
                 or usage_per_seq * (running + waiting) / need > cfg.scale_down_margin
                 or (running + waiting) / need > self.max_num_seqs * SATURATED):
             need += 1
         return need
+
+    @staticmethod
+    def decode_demand(workers: list[WorkerStep], demand: float = 0.0) -> tuple[float, float]:
+        """(tokens per second the tier is asked to decode, the mean context of its sequences): the
+        workers' decode rate scaled up by the requests waiting for a seat or KV (each will decode as
+        fast as a running one), or ``demand`` (arrivals x answer length) if more."""
+        running = sum(w.num_running for w in workers)
+        waiting = sum(w.num_waiting for w in workers)
+        rate = sum(0.0 if math.isnan(w.decode_tokens_per_s) else w.decode_tokens_per_s for w in workers)
+        if running:
+            rate *= (running + waiting) / running
+        kv = sum(float(w.num_active_kv_tokens) for w in workers)
+        return max(rate, 0.0 if math.isnan(demand) else demand), kv / running if running else 0.0
 
     def steady_itl_s(self, tokens_per_s: float, context: float) -> float:
         """ITL of a worker asked for ``tokens_per_s`` decode tokens of sequences of ``context`` KV
@@ -248,6 +256,15 @@ class LoadModel:
             if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
                 return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
             return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
+        # Rising: the steady batch the asked rate settles at is near the target already (its ITL
+        # follows in a tick or two, the workers take a start-up to come).
+        rate, context = self.decode_demand(workers, demand)
+        steady = self.steady_itl_s(rate / n, context)
+        if steady > SATURATED * slo:
+            need = self.decode_need(workers, demand)
+            values |= {"steady_itl_s": steady, "need": float(need)}
+            if need > n:
+                return TierLoad("decode", need - n, False, Reason("itl-rising", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
         # Fewer workers: each decodes more tokens per second; its batch grows until it keeps up

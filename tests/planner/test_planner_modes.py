@@ -151,12 +151,38 @@ def test_load_mode_adds_no_worker_for_one_busy_worker_when_the_tier_load_fits() 
     # need of the tier is 2: nothing decodes per second beyond them (steady ITL 10 ms), KV 0.004 x 100 / 2 =
     # 0.2, seats 50: a worker more takes none of d0's sequences (the router does not move them).
     planner = Planner(config(mode="load"), profile())
-    workers = tier("prefill", 1) + [worker("d0", "decode", num_running=100, num_active_kv_tokens=4_000_000,
-                                           kv_usage=0.4), worker("d1", "decode")]
+    workers = [*tier("prefill", 1), worker("d0", "decode", num_running=100, num_active_kv_tokens=4_000_000,
+                                            kv_usage=0.4), worker("d1", "decode")]
     d = planner.tick(observe(10.0, workers, window(0.5)))
     reason = next(r for r in d.reasons if r.role == "decode")
     assert reason.code == "itl-imbalance" and reason.values["need"] == 2
     assert not d.actions and d.num_decode == 2
+
+
+def test_load_mode_adds_decode_workers_before_the_itl_misses_when_the_arrivals_rise() -> None:
+    # 2 workers of 50 sequences of 1000 tokens: ITL 0.01 + 0.005 + 0.0005 = 15.5 ms, fine today. The routers
+    # see 30 req/s x 500 answer tokens = 15000 tok/s (their own counters: 3000 each): 7500 each would step
+    # 0.01 / (1 - 7500 x 1.1e-4) = 57 ms with a batch of 428 > 100 seats: no steady batch (inf) > 0.9 x 50 ms
+    # -> up now, to the need: 3 workers: 5000 each, 22.2 ms
+    # but a batch of 111 > 100 seats; 4 workers: 3750 each, 0.01 / 0.5875 = 17.0 ms, 64 seats -> 4.
+    planner = Planner(config(mode="load"), profile())
+    busy = dict(num_running=50, num_active_kv_tokens=50_000, kv_usage=0.005, decode_tokens_per_s=3000.0)
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(30.0, 10, 500)))
+    reason = next(r for r in d.reasons if r.role == "decode")
+    assert reason.code == "itl-rising" and reason.values["steady_itl_s"] == math.inf
+    assert reason.values["need"] == 4 and d.num_decode == 4 and starts(d, "decode") == 2
+    # at 15 req/s (7500 tok/s: 3750 each, 17.0 ms, 64 seats): no rise
+    d = Planner(config(mode="load"), profile()).tick(
+        observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(15.0, 10, 500)))
+    assert not d.actions
+
+
+def test_load_mode_adds_prefill_workers_when_the_arrivals_would_saturate_them() -> None:
+    # 2 idle prefill workers, no queue; 20 req/s of 1000 tokens: 20000 x 1.1e-4 / 2 = 1.1 > 0.9 each -> up,
+    # to 2.2 / 0.8 = 2.75 -> 3.
+    planner = Planner(config(mode="load"), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 2) + tier("decode", 1), window(20.0, 1000, 10)))
+    assert next(r for r in d.reasons if r.role == "prefill").values["need"] == 3 and d.num_prefill == 3
 
 
 def test_load_mode_adds_workers_while_a_start_is_in_progress() -> None:
@@ -199,9 +225,10 @@ def test_load_mode_scales_down_after_two_low_ticks_only_if_n_minus_1_stays_under
         assert not d.actions
     ok = next(r for r in d.reasons if r.role == "decode")
     assert ok.code == "load-ok" and math.isclose(ok.values["itl_s_n_minus_1"], 0.01 / 0.23, rel_tol=1e-6)
-    # 6000 tok/s each: 2 workers would need 9000 tok/s -> 1 - 9000 * 1.1e-4 < 0.02: no steady batch -> stay.
+    # 4000 tok/s each: 2 workers would need 6000 tok/s -> 0.01 / (1 - 6000 * 1.1e-4) = 29.4 ms, a batch of
+    # 6000 x 0.0294 = 176 > 100 seats: no steady batch -> stay (3 workers: 17.9 ms, 71 seats: no rise either).
     planner = Planner(config(mode="load"), profile())
-    hot = quiet | {"decode_tokens_per_s": 6000.0}
+    hot = quiet | {"decode_tokens_per_s": 4000.0}
     for now in (10.0, 20.0, 30.0):
         d = planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **hot), window(5.0)))
         assert not d.actions
