@@ -142,13 +142,20 @@ def prefill_alone_s(model: StepModel, new_tokens: int, cached: int, budget: int)
     return t
 
 
-def infeasible(bench: Bench, w: Workload) -> list[bool]:
-    """Per request: no deployment can meet its TTFT, because computing the part of its prompt that
-    no earlier request shares (the prefix blocks a cache that forgets nothing would hold) takes one
-    idle GPU longer than the target. A lower bound on the requests lost whatever the deployment."""
+def infeasible(bench: Bench, w: Workload) -> list[str]:
+    """Per request, why no deployment can meet its targets ('' when one can):
+
+    - ``ttft``: computing the part of its prompt that no earlier request shares (the prefix blocks
+      a cache that forgets nothing would hold) takes one idle GPU longer than the TTFT target;
+    - ``handoff``: its second token waits at least for the decode worker's pull of the prompt's KV
+      (``kv_latency_s`` + prompt bytes at ``kv_gbps``) and one decode step of that sequence alone,
+      that is over the ITL target, and its answer is too short for the 99th percentile of its
+      gaps to leave that one out (fewer than 101 gaps).
+
+    Lower bounds on the requests lost whatever the deployment (an idle cluster, a perfect cache)."""
     seen: set[int] = set()
     out = []
-    budget, ttft_s = bench.sim.max_num_batched_tokens, bench.sim.ttft_s
+    cfg = bench.sim
     for a in w.arrivals:
         hits = 0
         for h in a.hashes:
@@ -157,12 +164,19 @@ def infeasible(bench: Bench, w: Workload) -> list[bool]:
             hits += 1
         cached = min(hits * TRACE_BLOCK_TOKENS, a.isl - 1)
         seen.update(a.hashes)
-        out.append(prefill_alone_s(bench.model, a.isl - cached, cached, budget) > ttft_s)
+        gaps = a.osl - 1
+        pull = cfg.kv_latency_s + a.isl * cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e9)
+        if prefill_alone_s(bench.model, a.isl - cached, cached, cfg.max_num_batched_tokens) > cfg.ttft_s:
+            out.append("ttft")
+        elif gaps > 0 and gaps == math.ceil(0.99 * gaps) and pull + bench.model.time([], 1, a.isl + 1) > cfg.itl_s:
+            out.append("handoff")
+        else:
+            out.append("")
     return out
 
 
 def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None,
-           stop_below: float = 0.0, lost: list[bool] | None = None) -> Run:
+           stop_below: float = 0.0, lost: list[str] | None = None) -> Run:
     """One deployment over the workload. ``stop_below``: give up as soon as the attainment is
     certain to end below it (requests already bad: finished bad, or past the TTFT target without
     a first token); the run is then marked ``stopped`` (the split sweep prunes with it)."""
@@ -277,8 +291,11 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     runs = []
     lost = infeasible(bench, w)
     if any(lost):
-        log(f"infeasible {sum(lost)} of {len(lost)} requests (an idle GPU computes their uncached prompt in more "
-            f"than the TTFT target): attainment ceiling {1 - sum(lost) / len(lost):.4f}")
+        n_ttft, n_handoff = lost.count("ttft"), lost.count("handoff")
+        log(f"infeasible {n_ttft + n_handoff} of {len(lost)} requests: attainment ceiling "
+            f"{1 - (n_ttft + n_handoff) / len(lost):.4f} ({n_ttft} ttft: an idle GPU computes their uncached prompt "
+            f"in more than the TTFT target; {n_handoff} handoff: the KV pull at {bench.sim.kv_gbps:g} GB/s and one "
+            f"step put their second token over the ITL target, with no gap to spare)")
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
     static = clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval))
     runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None, lost=lost))
@@ -296,7 +313,7 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     return runs
 
 
-def best_split(bench: Bench, w: Workload, first: int, lost: list[bool] | None = None) -> Run:
+def best_split(bench: Bench, w: Workload, first: int, lost: list[str] | None = None) -> Run:
     """The fixed prefill/decode split of the whole budget with the best attainment (then goodput):
     ``first`` (a guess), every third split, then the neighbours of the best (attainment is unimodal
     in the split). A split is given up once it is certain to end below the best so far."""
