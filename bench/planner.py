@@ -297,7 +297,12 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
             f"in more than the TTFT target; {n_handoff} handoff: the KV pull at {bench.sim.kv_gbps:g} GB/s and one "
             f"step put their second token over the ITL target, with no gap to spare)")
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
-    static = clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval))
+    peak = max(p for p, _ in per_interval), max(d for _, d in per_interval)
+    static = clamp(bench, *peak)
+    if static != peak:
+        log(f"static-peak: each tier's peak needs {peak[0]}P+{peak[1]}D = {sum(peak)} workers, over the budget's "
+            f"{bench.planner.max_workers}: no fixed split serves every interval (the largest one interval needs: "
+            f"{max(p + d for p, d in per_interval)}); shared in proportion")
     runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None, lost=lost))
     log(line(runs[-1], bench))
     if sweep:
