@@ -143,16 +143,17 @@ def prefill_alone_s(model: StepModel, new_tokens: int, cached: int, budget: int)
 
 
 def infeasible(bench: Bench, w: Workload) -> list[str]:
-    """Per request, why no deployment can meet its targets ('' when one can):
+    """Per request, what keeps it from its targets whatever the deployment ('' when nothing does):
 
     - ``ttft``: computing the part of its prompt that no earlier request shares (the prefix blocks
-      a cache that forgets nothing would hold) takes one idle GPU longer than the TTFT target;
-    - ``handoff``: its second token waits at least for the decode worker's pull of the prompt's KV
-      (``kv_latency_s`` + prompt bytes at ``kv_gbps``) and one decode step of that sequence alone,
-      that is over the ITL target, and its answer is too short for the 99th percentile of its
-      gaps to leave that one out (fewer than 101 gaps).
-
-    Lower bounds on the requests lost whatever the deployment (an idle cluster, a perfect cache)."""
+      a cache that forgets nothing would hold) takes one idle GPU longer than the TTFT target: no
+      deployment serves it in time (a lower bound: an idle cluster, a perfect cache);
+    - ``handoff``: handed off, its second token waits at least for the decode worker's pull of the
+      prompt's KV (``kv_latency_s`` + prompt bytes at ``kv_gbps``) and one decode step of that
+      sequence alone, over the ITL target, and its answer is too short for the 99th percentile of
+      its gaps to leave that one out (fewer than 101 gaps). Only a prefill on its decode worker
+      (the router's spill when the prefill tier is saturated) serves it: not infeasible, but out
+      of reach of a disaggregated path."""
     seen: set[int] = set()
     out = []
     cfg = bench.sim
@@ -176,7 +177,7 @@ def infeasible(bench: Bench, w: Workload) -> list[str]:
 
 
 def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None,
-           stop_below: float = 0.0, lost: list[str] | None = None) -> Run:
+           stop_below: float = 0.0, lost: list[bool] | None = None) -> Run:
     """One deployment over the workload. ``stop_below``: give up as soon as the attainment is
     certain to end below it (requests already bad: finished bad, or past the TTFT target without
     a first token); the run is then marked ``stopped`` (the split sweep prunes with it)."""
@@ -289,13 +290,15 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     loads = interval_loads(w, interval)
     hit = 0.0  # sized as an operator would, not counting on the prefix cache (prefix_hit_rate(w) is its ideal)
     runs = []
-    lost = infeasible(bench, w)
-    if any(lost):
-        n_ttft, n_handoff = lost.count("ttft"), lost.count("handoff")
-        log(f"infeasible {n_ttft + n_handoff} of {len(lost)} requests: attainment ceiling "
-            f"{1 - (n_ttft + n_handoff) / len(lost):.4f} ({n_ttft} ttft: an idle GPU computes their uncached prompt "
-            f"in more than the TTFT target; {n_handoff} handoff: the KV pull at {bench.sim.kv_gbps:g} GB/s and one "
-            f"step put their second token over the ITL target, with no gap to spare)")
+    why = infeasible(bench, w)
+    lost = [x == "ttft" for x in why]
+    if any(why):
+        n_ttft, n_handoff = why.count("ttft"), why.count("handoff")
+        log(f"infeasible {n_ttft} of {len(why)} requests (an idle GPU computes their uncached prompt in more than "
+            f"the TTFT target): attainment ceiling {1 - n_ttft / len(why):.4f}; handoff-bound {n_handoff} (the KV "
+            f"pull at {bench.sim.kv_gbps:g} GB/s and one step put their second token over the ITL target, with no "
+            f"gap to spare: only a prefill on the decode worker serves them): the ceiling of a path that hands "
+            f"every prompt off {1 - (n_ttft + n_handoff) / len(why):.4f}")
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
     peak = max(p for p, _ in per_interval), max(d for _, d in per_interval)
     static = clamp(bench, *peak)
@@ -318,7 +321,7 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     return runs
 
 
-def best_split(bench: Bench, w: Workload, first: int, lost: list[str] | None = None) -> Run:
+def best_split(bench: Bench, w: Workload, first: int, lost: list[bool] | None = None) -> Run:
     """The fixed prefill/decode split of the whole budget with the best attainment (then goodput):
     ``first`` (a guess), every third split, then the neighbours of the best (attainment is unimodal
     in the split). A split is given up once it is certain to end below the best so far."""
