@@ -10,9 +10,11 @@ Order of a tick:
 3. zero traffic (every router window has no arrival and no ready worker has work): straight to
    the minimums, all at once, grace period or not (drains above them; starts below them, as
    the GPUs allow: a cluster with no worker yet);
-4. otherwise no decision without router windows, while a change is in progress, or within the
-   grace period of the last change;
-5. targets per tier from the mode (throughput: the forecast; load: +/-1; both: the forecast is a
+4. otherwise no decision without router windows; while a change is in progress, or within the
+   grace period of the last change, only the load mode's starts for a tier whose need exceeds
+   its workers, starting ones and issued starts included (``load-up-meanwhile``);
+5. targets per tier from the mode (throughput: the forecast; load: up to the need, down by one;
+   both: the forecast is a
    floor and the load scales above it), clamped to the minimums and the GPU budget; an
    aggregated cluster (``PlannerConfig.aggregated``) has one tier, registered as decode, judged
    on both targets, and no prefill tier;

@@ -6,9 +6,14 @@ time on the load the workers report (Dynamo's load planner, made to scale down s
   it computes per second times the time per token of a full step.
 - decode: step time = a + b * running sequences + c * their KV tokens, which is the ITL.
 
-Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten; for
+Up when a worker's prediction is over the SLO (for prefill: with a queue to shorten; for
 decode: when one more worker would shorten the busiest worker's step, else ``itl-floor``: one
-sequence alone over the target is not a load problem) or the tier is near saturation; down (-1)
+sequence alone over the target is not a load problem) or the tier is near saturation, or before
+that when the routers' arrivals would saturate it (prefill: their prompt tokens over 0.9 of each
+worker; decode, ``itl-rising``: the rate asked settles at a steady ITL over 0.9 x the target). An
+up goes straight to the tier's predicted need (:meth:`LoadModel.prefill_need`,
+:meth:`LoadModel.decode_need`), several workers in one tick; when the tier's need is met already
+the miss is one worker's backlog (``ttft-imbalance``, ``itl-imbalance``): nothing is added. Down (-1)
 only when, with the tier's load spread over N-1 workers (times
 today's imbalance between them), every worker stays under ``scale_down_margin`` x SLO, on
 ``scale_down_ticks`` ticks in a row. For decode the N-1 prediction is made at the batch each
