@@ -182,11 +182,12 @@ class LoadModel:
     def decode_need(self, workers: list[WorkerStep], demand: float = 0.0) -> int:
         """Decode workers the tier needs, from its ready ``workers``' load: the tokens per second
         they decode, scaled up by the requests waiting for a seat or KV (each will decode as fast as
-        a running one), or ``demand`` tokens per second (arrivals x answer length) if more, spread
-        over N workers must run at the steady batch under
-        ``scale_down_margin`` x the ITL target (so the down rule does not take one back at once),
-        and their KV (with the waiting prompts') must fit under that fraction of N workers' KV.
-        Capped at the budget."""
+        a running one), or ``demand`` tokens per second (arrivals x answer length) if more, at
+        ``max_utilization`` of each worker's capacity at the ITL target (:meth:`decode_capacity`:
+        the step time grows with the batch, so a worker near its capacity is near the target; the
+        margin is in throughput, what a rising load eats while new workers start), and their KV
+        (with the waiting prompts') under ``scale_down_margin`` of N workers' KV, their sequences
+        under 0.9 of N workers' seats. Capped at the budget."""
         cfg = self.config
         running = sum(w.num_running for w in workers)
         waiting = sum(w.num_waiting for w in workers)
@@ -194,13 +195,24 @@ class LoadModel:
         rate, context = self.decode_demand(workers, demand)
         # a worker's KV usage per sequence (the waiting ones counted at today's context)
         usage_per_seq = usage / running if running and usage > 0 else 0.0
-        need = len(workers)
+        capacity = self.decode_capacity(context) * cfg.max_utilization
+        need = max(1, math.ceil(rate / capacity - 1e-9) if capacity > 0 else cfg.max_workers)
         while need < cfg.max_workers and (
-                self.steady_itl_s(rate / need, context) > cfg.scale_down_margin * cfg.itl_slo_s
-                or usage_per_seq * (running + waiting) / need > cfg.scale_down_margin
+                usage_per_seq * (running + waiting) / need > cfg.scale_down_margin
                 or (running + waiting) / need > self.max_num_seqs * SATURATED):
             need += 1
-        return need
+        return min(need, cfg.max_workers)
+
+    def decode_capacity(self, context: float) -> float:
+        """Tokens per second one worker decodes with its step at the ITL target, sequences of
+        ``context`` KV tokens (the batch whose step is the target, at most ``max_num_seqs``)."""
+        slo = self.config.itl_slo_s
+        a = self.decode.predict((0.0, 0.0))
+        per_seq = self.decode.predict((1.0, context)) - a
+        if a >= slo:
+            return 0.0
+        n = min(float(self.max_num_seqs), (slo - a) / per_seq if per_seq > 0 else math.inf)
+        return n / (a + n * per_seq)
 
     @staticmethod
     def decode_demand(workers: list[WorkerStep], demand: float = 0.0) -> tuple[float, float]:
@@ -261,13 +273,13 @@ class LoadModel:
             if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
                 return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
             return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
-        # Rising: the steady batch the asked rate settles at is near the target already (its ITL
-        # follows in a tick or two, the workers take a start-up to come).
+        # Rising: the rate asked holds each worker over 0.9 of its capacity at the target (its ITL
+        # follows in a tick or two, new workers take a start-up to come).
         rate, context = self.decode_demand(workers, demand)
-        steady = self.steady_itl_s(rate / n, context)
-        if steady > SATURATED * slo:
+        capacity = self.decode_capacity(context)
+        if rate / n > SATURATED * capacity:
             need = self.decode_need(workers, demand)
-            values |= {"steady_itl_s": steady, "need": float(need)}
+            values |= {"capacity_tokens_per_s": capacity, "need": float(need)}
             if need > n:
                 return TierLoad("decode", need - n, False, Reason("itl-rising", "decode", values))
         if n < 2:
@@ -283,6 +295,9 @@ class LoadModel:
         usage_less = batch_less * context / tokens_per_usage if tokens_per_usage else usage * n / (n - 1)
         values |= {"itl_s_n_minus_1": itl_less, "kv_usage_n_minus_1": usage_less}
         can_spare = itl_less <= slo and usage_less < SATURATED
-        if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin:
+        # ... and under the rising test's band (0.9 x 0.8 of the capacity), so that one does not
+        # take the worker back on the next tick
+        calm = per_worker < cfg.scale_down_margin * SATURATED * capacity
+        if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin and calm:
             return TierLoad("decode", -1, can_spare, Reason("load-low", "decode", values))
         return TierLoad("decode", 0, can_spare, Reason("load-ok", "decode", values))

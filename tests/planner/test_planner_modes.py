@@ -118,8 +118,8 @@ def test_load_mode_prefill_need_counts_the_tokens_computed_per_second() -> None:
 def test_load_mode_adds_the_decode_workers_the_steady_batch_needs_in_one_tick() -> None:
     # 2 workers, 90 running sequences of 40000 tokens each: ITL 0.01 + 0.009 + 0.036 = 55 ms > 50 ms; a third
     # worker would cut it (60 each: 40 ms), so up. 1600 tok/s each, doubled by 90 waiting each: 6400 tok/s.
-    # Steady ITL at N workers: 0.01 / (1 - 6400 / N x (1e-4 + 1e-8 x 40000)): N=4: 0.01 / 0.2 = 50 ms > 40 ms
-    # (0.8 x the SLO); N=5: 0.01 / 0.36 = 27.8 ms -> 5 (KV: 0.36 x 2 / 180 per sequence x 360 / 5 = 0.29;
+    # A worker's capacity at 50 ms: (0.05 - 0.01) / (1e-4 + 1e-8 x 40000) = 80 sequences per 50 ms step =
+    # 1600 tok/s; at 0.8 of it: 6400 / 1280 = 5 (KV: 0.36 x 2 / 180 per sequence x 360 / 5 = 0.29;
     # seats: 72 <= 90): 3 more in one tick, not +1 per tick.
     planner = Planner(config(mode="load"), profile())
     hot = dict(num_running=90, num_waiting=90, num_active_kv_tokens=3_600_000, kv_usage=0.36,
@@ -138,12 +138,12 @@ def test_load_mode_sizes_an_up_for_the_arrivals_when_they_ask_more_than_the_work
     d = planner.tick(observe(10.0, workers, window(40.0, isl=1000)))
     assert next(r for r in d.reasons if r.code == "ttft-over-slo").values["need"] == 6 and d.num_prefill == 6
     # The decode tier above (6400 tok/s by its counters, need 5) at 20 req/s x 500 answer tokens = 10000 tok/s:
-    # 0.01 / (1 - 10000 / N x 5e-4) <= 40 ms -> 10000 / N <= 1500 -> N = 7.
+    # 10000 / 1280 = 7.8 -> 8.
     planner = Planner(config(mode="load"), profile())
     hot = dict(num_running=90, num_waiting=90, num_active_kv_tokens=3_600_000, kv_usage=0.36,
                decode_tokens_per_s=1600.0)
     d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **hot), window(20.0, 10, 500)))
-    assert next(r for r in d.reasons if r.code == "itl-over-slo").values["need"] == 7 and d.num_decode == 7
+    assert next(r for r in d.reasons if r.code == "itl-over-slo").values["need"] == 8 and d.num_decode == 8
 
 
 def test_load_mode_adds_no_worker_for_one_busy_worker_when_the_tier_load_fits() -> None:
@@ -160,21 +160,33 @@ def test_load_mode_adds_no_worker_for_one_busy_worker_when_the_tier_load_fits() 
 
 
 def test_load_mode_adds_decode_workers_before_the_itl_misses_when_the_arrivals_rise() -> None:
-    # 2 workers of 50 sequences of 1000 tokens: ITL 0.01 + 0.005 + 0.0005 = 15.5 ms, fine today. The routers
-    # see 30 req/s x 500 answer tokens = 15000 tok/s (their own counters: 3000 each): 7500 each would step
-    # 0.01 / (1 - 7500 x 1.1e-4) = 57 ms with a batch of 428 > 100 seats: no steady batch (inf) > 0.9 x 50 ms
-    # -> up now, to the need: 3 workers: 5000 each, 22.2 ms
-    # but a batch of 111 > 100 seats; 4 workers: 3750 each, 0.01 / 0.5875 = 17.0 ms, 64 seats -> 4.
+    # 2 workers of 50 sequences of 1000 tokens: ITL 0.01 + 0.005 + 0.0005 = 15.5 ms, fine today. A worker's
+    # capacity at 50 ms: (0.05 - 0.01) / 1.1e-4 = 363 sequences, 100 seats: 100 / (0.01 + 0.011) = 4761.9 tok/s.
+    # The routers see 30 req/s x 500 answer tokens = 15000 tok/s (their own counters: 3000 each): 7500 each
+    # > 0.9 x 4761.9 = 4285.7 -> up now, to 15000 / (0.8 x 4761.9) = 3.94 -> 4.
     planner = Planner(config(mode="load"), profile())
     busy = dict(num_running=50, num_active_kv_tokens=50_000, kv_usage=0.005, decode_tokens_per_s=3000.0)
     d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(30.0, 10, 500)))
     reason = next(r for r in d.reasons if r.role == "decode")
-    assert reason.code == "itl-rising" and reason.values["steady_itl_s"] == math.inf
+    assert reason.code == "itl-rising" and math.isclose(reason.values["capacity_tokens_per_s"], 100 / 0.021)
     assert reason.values["need"] == 4 and d.num_decode == 4 and starts(d, "decode") == 2
-    # at 15 req/s (7500 tok/s: 3750 each, 17.0 ms, 64 seats): no rise
+    # at 15 req/s (7500 tok/s: 3750 each < 4285.7): no rise
     d = Planner(config(mode="load"), profile()).tick(
         observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(15.0, 10, 500)))
     assert not d.actions
+
+
+def test_load_mode_keeps_a_decode_worker_the_rising_test_would_take_back() -> None:
+    # 3 workers decoding 2400 tok/s each of 10 sequences of 1000 tokens. With 2: 3600 each, steady ITL
+    # 0.01 / (1 - 3600 x 1.1e-4) = 16.6 ms < 40 ms, but 3600 > 0.8 x 0.9 x 4761.9 = 3428.6 tok/s (the capacity
+    # at 50 ms): 2 would sit in the rising band's reach. Stay. At 2000 each (3000 with 2): down, on the 2nd tick.
+    def ticks(rate: float) -> list:
+        planner = Planner(config(mode="load"), profile())
+        load = dict(num_running=10, num_active_kv_tokens=10_000, kv_usage=0.01, decode_tokens_per_s=rate)
+        return [planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **load), window(5.0)))
+                for now in (10.0, 20.0)]
+    assert not any(d.actions for d in ticks(2400.0))
+    assert [len(drains(d, "decode")) for d in ticks(2000.0)] == [0, 1]
 
 
 def test_load_mode_adds_prefill_workers_when_the_arrivals_would_saturate_them() -> None:
@@ -243,8 +255,8 @@ def test_both_mode_throughput_is_the_floor_and_load_scales_above_it() -> None:
         d = planner.tick(observe(now, workers, window(20.0, 1000, 500)))
         assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
     # ITL over the SLO (100 sequences of 40000 tokens: 60 ms): load scales above the floor, to its need:
-    # 20 req/s x 500 tokens = 10000 tok/s at 40000-token contexts: 0.01 / (1 - 10000 / N x 5e-4) <= 40 ms
-    # -> N = 7 (the forecast sized for 1250-token contexts).
+    # 20 req/s x 500 tokens = 10000 tok/s at 40000-token contexts, 1600 tok/s each at 50 ms (above):
+    # 10000 / 1280 = 7.8 -> 8 (the forecast sized for 1250-token contexts).
     hot = tier("prefill", 3) + tier("decode", 3, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
     d = planner.tick(observe(40.0, hot, window(20.0, 1000, 500)))
-    assert (d.num_prefill, d.num_decode) == (3, 7)
+    assert (d.num_prefill, d.num_decode) == (3, 8)
