@@ -10,7 +10,8 @@ Up when a worker's prediction is over the SLO (for prefill: with a queue to shor
 decode: when one more worker would shorten the busiest worker's step, else ``itl-floor``: one
 sequence alone over the target is not a load problem) or the tier is near saturation, or before
 that when the routers' arrivals would saturate it (prefill: their prompt tokens over 0.9 of each
-worker; decode, ``itl-rising``: the rate asked settles at a steady ITL over 0.9 x the target). An
+worker; decode, ``itl-rising``: the rate asked is over 0.9 of the workers' capacity at the ITL
+target, :meth:`LoadModel.decode_capacity`). An
 up goes straight to the tier's predicted need (:meth:`LoadModel.prefill_need`,
 :meth:`LoadModel.decode_need`), several workers in one tick; when the tier's need is met already
 the miss is one worker's backlog (``ttft-imbalance``, ``itl-imbalance``): nothing is added. Down (-1)
