@@ -53,7 +53,12 @@ class Run:
         n = len(self.requests)
         good = sum(r.good(ttft_s) for r in self.requests)
         finished = [r for r in self.requests if r.finished and not r.rejected]
+        infeasible = sum(r.infeasible for r in self.requests)
         return {"deployment": self.name, "requests": n, "good": good, "attainment": good / n if n else math.nan,
+                # counted bad above; the ceiling is the attainment no deployment can pass
+                "infeasible": infeasible, "feasible_ceiling": 1 - infeasible / n if n else math.nan,
+                "attainment_of_feasible": sum(r.good(ttft_s) for r in self.requests if not r.infeasible)
+                / (n - infeasible) if n > infeasible else math.nan,
                 "rejected": sum(r.rejected for r in self.requests),
                 "unfinished": sum(not r.finished for r in self.requests),
                 "ttft_miss": sum(r.ttft > ttft_s for r in finished),
@@ -126,8 +131,53 @@ def prefix_hit_rate(w: Workload) -> float:
     return min(1.0, hit / total) if total else 0.0
 
 
+def prefill_alone_s(model: StepModel, new_tokens: int, cached: int, budget: int) -> float:
+    """Time one idle GPU takes to compute ``new_tokens`` prompt tokens after ``cached`` cached ones,
+    in chunks of ``budget`` tokens (the scheduler's chunked prefill)."""
+    t, done = 0.0, 0
+    while done < new_tokens:
+        take = min(budget, new_tokens - done)
+        t += model.time([(take, cached + done)], 0, 0)
+        done += take
+    return t
+
+
+def infeasible(bench: Bench, w: Workload) -> list[str]:
+    """Per request, what keeps it from its targets whatever the deployment ('' when nothing does):
+
+    - ``ttft``: computing the part of its prompt that no earlier request shares (the prefix blocks
+      a cache that forgets nothing would hold) takes one idle GPU longer than the TTFT target: no
+      deployment serves it in time (a lower bound: an idle cluster, a perfect cache);
+    - ``handoff``: handed off, its second token waits at least for the decode worker's pull of the
+      prompt's KV (``kv_latency_s`` + prompt bytes at ``kv_gbps``) and one decode step of that
+      sequence alone, over the ITL target, and its answer is too short for the 99th percentile of
+      its gaps to leave that one out (fewer than 101 gaps). Only a prefill on its decode worker
+      (the router's spill when the prefill tier is saturated) serves it: not infeasible, but out
+      of reach of a disaggregated path."""
+    seen: set[int] = set()
+    out = []
+    cfg = bench.sim
+    for a in w.arrivals:
+        hits = 0
+        for h in a.hashes:
+            if h not in seen or (hits + 1) * TRACE_BLOCK_TOKENS > a.isl:
+                break
+            hits += 1
+        cached = min(hits * TRACE_BLOCK_TOKENS, a.isl - 1)
+        seen.update(a.hashes)
+        gaps = a.osl - 1
+        pull = cfg.kv_latency_s + a.isl * cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e9)
+        if prefill_alone_s(bench.model, a.isl - cached, cached, cfg.max_num_batched_tokens) > cfg.ttft_s:
+            out.append("ttft")
+        elif gaps > 0 and gaps == math.ceil(0.99 * gaps) and pull + bench.model.time([], 1, a.isl + 1) > cfg.itl_s:
+            out.append("handoff")
+        else:
+            out.append("")
+    return out
+
+
 def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None,
-           stop_below: float = 0.0) -> Run:
+           stop_below: float = 0.0, lost: list[bool] | None = None) -> Run:
     """One deployment over the workload. ``stop_below``: give up as soon as the attainment is
     certain to end below it (requests already bad: finished bad, or past the TTFT target without
     a first token); the run is then marked ``stopped`` (the split sweep prunes with it)."""
@@ -136,7 +186,7 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
     for role, n in zip(("prefill", "decode"), initial):
         for _ in range(n):
             sim.add_worker(role, 0.0)
-    requests = [Req(i, a) for i, a in enumerate(w.arrivals)]
+    requests = [Req(i, a, infeasible=bool(lost and lost[i])) for i, a in enumerate(w.arrivals)]
     for r in requests:
         sim.push(r.arrival.t, "arrive", r)
     interval = bench.planner.adjustment_interval_s
@@ -240,24 +290,38 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     loads = interval_loads(w, interval)
     hit = 0.0  # sized as an operator would, not counting on the prefix cache (prefix_hit_rate(w) is its ideal)
     runs = []
+    why = infeasible(bench, w)
+    lost = [x == "ttft" for x in why]
+    if any(why):
+        n_ttft, n_handoff = why.count("ttft"), why.count("handoff")
+        log(f"infeasible {n_ttft} of {len(why)} requests (an idle GPU computes their uncached prompt in more than "
+            f"the TTFT target): attainment ceiling {1 - n_ttft / len(why):.4f}; handoff-bound {n_handoff} (the KV "
+            f"pull at {bench.sim.kv_gbps:g} GB/s and one step put their second token over the ITL target, with no "
+            f"gap to spare: only a prefill on the decode worker serves them): the ceiling of a path that hands "
+            f"every prompt off {1 - (n_ttft + n_handoff) / len(why):.4f}")
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
-    static = clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval))
-    runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None))
+    peak = max(p for p, _ in per_interval), max(d for _, d in per_interval)
+    static = clamp(bench, *peak)
+    if static != peak:
+        log(f"static-peak: each tier's peak needs {peak[0]}P+{peak[1]}D = {sum(peak)} workers, over the budget's "
+            f"{bench.planner.max_workers}: no fixed split serves every interval (the largest one interval needs: "
+            f"{max(p + d for p, d in per_interval)}); shared in proportion")
+    runs.append(replay(bench, w, f"static-peak {static[0]}P+{static[1]}D", static, None, lost=lost))
     log(line(runs[-1], bench))
     if sweep:
-        best = best_split(bench, w, round(bench.planner.max_workers * static[0] / sum(static)))
+        best = best_split(bench, w, round(bench.planner.max_workers * static[0] / sum(static)), lost)
         runs.append(best)
         log(line(best, bench))
     first = loads[0] if loads[0][0] > 0 else next((x for x in loads if x[0] > 0), loads[0])
     start = sized(bench, *first, hit)
     for mode in modes:
         cfg = replace(bench.planner, mode=mode)
-        runs.append(replay(bench, w, f"planner-{mode}", start, Planner(cfg, bench.profile)))
+        runs.append(replay(bench, w, f"planner-{mode}", start, Planner(cfg, bench.profile), lost=lost))
         log(line(runs[-1], bench))
     return runs
 
 
-def best_split(bench: Bench, w: Workload, first: int) -> Run:
+def best_split(bench: Bench, w: Workload, first: int, lost: list[bool] | None = None) -> Run:
     """The fixed prefill/decode split of the whole budget with the best attainment (then goodput):
     ``first`` (a guess), every third split, then the neighbours of the best (attainment is unimodal
     in the split). A split is given up once it is certain to end below the best so far."""
@@ -267,7 +331,7 @@ def best_split(bench: Bench, w: Workload, first: int) -> Run:
     def score(p: int) -> tuple[float, float]:
         if p not in tried:
             best = max((score(q)[0] for q in tried), default=0.0)
-            tried[p] = replay(bench, w, f"fixed {p}P+{room - p}D", (p, room - p), None, stop_below=best)
+            tried[p] = replay(bench, w, f"fixed {p}P+{room - p}D", (p, room - p), None, stop_below=best, lost=lost)
         if tried[p].stopped:
             return -1.0, 0.0
         s = tried[p].summary(bench.sim.ttft_s)
@@ -289,6 +353,8 @@ def best_split(bench: Bench, w: Workload, first: int) -> Run:
 def line(run: Run, bench: Bench) -> str:
     s = run.summary(bench.sim.ttft_s)
     extra = f" back-to-min={s['to_minimums_intervals']}" if s["to_minimums_intervals"] is not None else ""
+    if s["infeasible"]:
+        extra += f" of-feasible {s['attainment_of_feasible']:.4f}"
     return (f"attainment {s['attainment']:.4f}  {s['deployment']:<26} goodput/GPU-h {s['goodput_per_gpu_hour']:9.1f}"
             f"  GPU-h {s['gpu_hours']:6.2f}  decisions {s['decisions']:3d}  reversals {s['reversals']:2d}"
             f"/{s['intervals']} intervals  ttft-miss {s['ttft_miss']} itl-miss {s['itl_miss']}"

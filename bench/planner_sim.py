@@ -89,6 +89,7 @@ class Req:
     n_over: int = 0
     rejected: bool = False
     decode_worker: str = ""
+    infeasible: bool = False  # no deployment meets its TTFT: bench.planner.infeasible()
 
     @property
     def finished(self) -> bool:

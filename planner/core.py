@@ -10,9 +10,11 @@ Order of a tick:
 3. zero traffic (every router window has no arrival and no ready worker has work): straight to
    the minimums, all at once, grace period or not (drains above them; starts below them, as
    the GPUs allow: a cluster with no worker yet);
-4. otherwise no decision without router windows, while a change is in progress, or within the
-   grace period of the last change;
-5. targets per tier from the mode (throughput: the forecast; load: +/-1; both: the forecast is a
+4. otherwise no decision without router windows; while a change is in progress, or within the
+   grace period of the last change, only the load mode's starts for a tier whose need exceeds
+   its workers, starting ones and issued starts included (``load-up-meanwhile``);
+5. targets per tier from the mode (throughput: the forecast; load: up to the need, down by one;
+   both: the forecast is a
    floor and the load scales above it), clamped to the minimums and the GPU budget; an
    aggregated cluster (``PlannerConfig.aggregated``) has one tier, registered as decode, judged
    on both targets, and no prefill tier;
@@ -22,6 +24,7 @@ Order of a tick:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -97,10 +100,20 @@ class Planner:
         if not obs.windows or math.isnan(traffic.request_rate):
             return hold(Reason("no-data"))
         busy = [w for w in workers if w.state in TRANSITIONS and obs.now_s - w.since_s < cfg.action_timeout_s]
+        waiting = None
         if self.pending or busy:
-            return hold(Reason("in-progress", "", {"pending": len(self.pending), "transitions": len(busy)}))
-        if obs.now_s - self.last_change_s < cfg.grace_s:
-            return hold(Reason("grace", "", {"since_change_s": obs.now_s - self.last_change_s}))
+            waiting = Reason("in-progress", "", {"pending": len(self.pending), "transitions": len(busy)})
+        elif obs.now_s - self.last_change_s < cfg.grace_s:
+            waiting = Reason("grace", "", {"since_change_s": obs.now_s - self.last_change_s})
+        if waiting is not None:
+            ups, why = self._load_ups(obs, workers, counts, ready, traffic)
+            if not ups:
+                return hold(waiting)
+            self._issued(obs, workers, ups)
+            actions += ups
+            done = after(counts, ups)
+            return Decision(obs.now_s, cfg.mode, done["prefill"], done["decode"], tuple(actions),
+                            (*reasons, waiting, *why))
         wanted = self._targets(counts, ready, traffic)
         if wanted is None:
             return hold(Reason("no-data", "", {"rate": traffic.request_rate}))
@@ -158,6 +171,36 @@ class Planner:
                 started[a.role] += 1
             self.pending.append(_Pending(a, obs.now_s, baseline))
 
+    def _load_ups(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
+                  ready: list[WorkerStep], traffic: Traffic) -> tuple[list[Action], list[Reason]]:
+        """While a change is in progress or in its grace period: the load mode still adds workers
+        when a tier's load needs more than it has, starting ones and issued starts included (a step
+        in the load is not forecast; waiting out a start-up per worker lets it miss for minutes).
+        Starts only, as the GPUs allow: no switch or drain until the change is done."""
+        cfg = self.config
+        if cfg.mode == "throughput" or cfg.aggregated:
+            return [], []
+        isl = self._new_isl(traffic)
+        issued = {r: sum(1 for p in self.pending if p.action.kind is ActionKind.START and p.action.role == r
+                         and sum(1 for w in workers if w.role == r) <= p.baseline) for r in ROLES}
+        free_slots = self._free_slots(obs, workers) - sum(issued.values())
+        actions, reasons = [], []
+        for r in ROLES:
+            tier = [w for w in ready if w.role == r]
+            verdict = self.load.judge(r, tier, isl, traffic.request_rate, traffic.osl_mean)
+            short = len(tier) + verdict.delta - counts[r] - issued[r] if verdict.delta > 0 else 0
+            starts = max(0, min(short, free_slots))
+            if starts:
+                free_slots -= starts
+                actions += [Action(ActionKind.START, r) for _ in range(starts)]
+                reasons.append(dataclasses.replace(verdict.reason, code="load-up-meanwhile"))
+        return actions, reasons
+
+    def _new_isl(self, traffic: Traffic) -> float:
+        """New prompt tokens of a typical request: the mean ISL less the prefix cache's share."""
+        hit = self.throughput.forecast().hit_rate if self.throughput is not None else 0.0
+        return traffic.isl_mean * (1 - hit)
+
     # ---- targets ---------------------------------------------------------------------------------
     def _targets(self, counts: dict[str, int], ready: list[WorkerStep], traffic: Traffic
                  ) -> tuple[tuple[int, int], list[Reason]] | None:
@@ -175,14 +218,14 @@ class Planner:
         want = dict(floor)
         verdicts: dict[str, TierLoad] = {}
         if cfg.mode != "throughput":
-            hit = self.throughput.forecast().hit_rate if self.throughput is not None else 0.0
-            isl = traffic.isl_mean * (1 - hit)
+            isl = self._new_isl(traffic)
             if cfg.aggregated:  # one tier, judged on both targets
                 verdicts["decode"], why = self.load.assess_aggregated([w for w in ready if w.role == "decode"], isl)
                 reasons += why
                 want["decode"] = max(floor["decode"], counts["decode"] + verdicts["decode"].delta)
             for r in () if cfg.aggregated else ROLES:
-                verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl)
+                verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl, traffic.request_rate,
+                                               traffic.osl_mean)
                 reasons.append(verdicts[r].reason)
                 want[r] = max(floor[r], counts[r] + verdicts[r].delta)
         # what each tier could shrink to when the other needs its GPUs: the forecast's need, without

@@ -6,9 +6,15 @@ time on the load the workers report (Dynamo's load planner, made to scale down s
   it computes per second times the time per token of a full step.
 - decode: step time = a + b * running sequences + c * their KV tokens, which is the ITL.
 
-Up (+1) when a worker's prediction is over the SLO (for prefill: with a queue to shorten; for
+Up when a worker's prediction is over the SLO (for prefill: with a queue to shorten; for
 decode: when one more worker would shorten the busiest worker's step, else ``itl-floor``: one
-sequence alone over the target is not a load problem) or the tier is near saturation; down (-1)
+sequence alone over the target is not a load problem) or the tier is near saturation, or before
+that when the routers' arrivals would saturate it (prefill: their prompt tokens over 0.9 of each
+worker; decode, ``itl-rising``: the rate asked is over 0.9 of the workers' capacity at the ITL
+target, :meth:`LoadModel.decode_capacity`). An
+up goes straight to the tier's predicted need (:meth:`LoadModel.prefill_need`,
+:meth:`LoadModel.decode_need`), several workers in one tick; when the tier's need is met already
+the miss is one worker's backlog (``ttft-imbalance``, ``itl-imbalance``): nothing is added. Down (-1)
 only when, with the tier's load spread over N-1 workers (times
 today's imbalance between them), every worker stays under ``scale_down_margin`` x SLO, on
 ``scale_down_ticks`` ticks in a row. For decode the N-1 prediction is made at the batch each
@@ -41,7 +47,7 @@ _HELPS = 0.95  # a worker more must cut the predicted ITL by at least 5% to be s
 @dataclass(frozen=True)
 class TierLoad:
     role: str
-    delta: int  # -1, 0 or +1
+    delta: int  # -1, 0, or up: the workers to add (the predicted need less the ready ones, at least 1)
     can_spare: bool  # N-1 workers would still meet the SLO
     reason: Reason
 
@@ -95,13 +101,23 @@ class LoadModel:
         return steps * a + (self.prefill.predict((tokens,)) - a)
 
     # ---- verdicts ----------------------------------------------------------------------------
-    def assess(self, role: str, workers: list[WorkerStep], isl: float) -> TierLoad:
-        """``workers``: the tier's ready workers; ``isl``: new prompt tokens of a typical request."""
-        verdict = self._assess_prefill(workers, isl) if role == "prefill" else self._assess_decode(workers)
+    def assess(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
+               ) -> TierLoad:
+        """``workers``: the tier's ready workers; ``isl``: new prompt tokens of a typical request;
+        ``rate``, ``osl``: the routers' arrivals per second and mean answer tokens (an up sizes for
+        them when they ask for more than the workers' own counters show)."""
+        verdict = self.judge(role, workers, isl, rate, osl)
         streak = self._down_streak[role] = self._down_streak[role] + 1 if verdict.delta < 0 else 0
         if verdict.delta < 0 and streak < self.config.scale_down_ticks:
             verdict = TierLoad(role, 0, verdict.can_spare, Reason("load-low-waiting", role, verdict.reason.values))
         return verdict
+
+    def judge(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
+              ) -> TierLoad:
+        """:meth:`assess` without the down streak: what the tier's load says now (it learns nothing)."""
+        if role == "prefill":
+            return self._assess_prefill(workers, isl, rate)
+        return self._assess_decode(workers, rate * osl)
 
     def assess_aggregated(self, workers: list[WorkerStep], isl: float) -> tuple[TierLoad, list[Reason]]:
         """The one tier of an aggregated cluster (``workers``: its ready workers), against both
@@ -117,7 +133,7 @@ class LoadModel:
         return TierLoad("decode", delta, ttft.can_spare and itl.can_spare, reasons[0 if ttft.delta == delta else 1]), \
             reasons
 
-    def _assess_prefill(self, workers: list[WorkerStep], isl: float) -> TierLoad:
+    def _assess_prefill(self, workers: list[WorkerStep], isl: float, rate: float = 0.0) -> TierLoad:
         cfg, n = self.config, len(workers)
         slo = cfg.ttft_slo_s
         if not n or math.isnan(self.prefill.predict((0.0,))):
@@ -128,9 +144,14 @@ class LoadModel:
         util = [(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s) * per_token for w in workers]
         ttft = max(self.prefill_time_s(q + isl) for q in queued)
         mean_util = sum(util) / n
+        arriving = rate * isl * per_token / n  # the arrivals' utilization of each worker
         values = {"ttft_s": ttft, "utilization": mean_util, "workers": n}
-        if mean_util > SATURATED or (ttft > slo and max(queued) > 0):
-            return TierLoad("prefill", 1, False, Reason("ttft-over-slo", "prefill", values))
+        if mean_util > SATURATED or arriving > SATURATED or (ttft > slo and max(queued) > 0):
+            need = self.prefill_need(workers, isl, rate)
+            values |= {"need": float(need)}
+            if need <= n:  # the tier's load fits it: one worker's backlog, which new prompts avoid
+                return TierLoad("prefill", 0, False, Reason("ttft-imbalance", "prefill", values))
+            return TierLoad("prefill", need - n, False, Reason("ttft-over-slo", "prefill", values))
         if n < 2:
             return TierLoad("prefill", 0, False, Reason("load-ok", "prefill", values))
         spread = sum(queued) / (n - 1) * _imbalance(queued)
@@ -141,6 +162,71 @@ class LoadModel:
         if ttft_less < cfg.scale_down_margin * slo and util_less < cfg.scale_down_margin:
             return TierLoad("prefill", -1, can_spare, Reason("load-low", "prefill", values))
         return TierLoad("prefill", 0, can_spare, Reason("load-ok", "prefill", values))
+
+    def prefill_need(self, workers: list[WorkerStep], isl: float, rate: float = 0.0) -> int:
+        """Prefill workers the tier needs, from its ready ``workers``' load: the prompt tokens they
+        compute per second plus their queue drained within one interval, or ``rate`` prompts of
+        ``isl`` new tokens per second if more (a saturated tier's computed tokens understate its
+        demand; so does its queue when the router spills prompts to the decode tier), at
+        ``max_utilization`` each, and enough workers that the queue spread over them plus one
+        ``isl``-token prompt is computed within the TTFT target. Capped at the budget."""
+        cfg = self.config
+        per_token = self.prefill_time_s(self.budget_tokens) / self.budget_tokens
+        queued = sum(float(w.num_queued_prefill_tokens) for w in workers)
+        computed = sum(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s for w in workers)
+        busy = max(computed + queued / cfg.adjustment_interval_s, rate * isl) * per_token  # GPU-s per s
+        need = max(len(workers), math.ceil(busy / cfg.max_utilization - 1e-9))
+        while need < cfg.max_workers and self.prefill_time_s(queued / need + isl) > cfg.ttft_slo_s:
+            need += 1
+        return min(need, cfg.max_workers)
+
+    def decode_need(self, workers: list[WorkerStep], demand: float = 0.0) -> int:
+        """Decode workers the tier needs, from its ready ``workers``' load: the tokens per second
+        they decode, scaled up by the requests waiting for a seat or KV (each will decode as fast as
+        a running one), or ``demand`` tokens per second (arrivals x answer length) if more, at
+        ``max_utilization`` of each worker's capacity at the ITL target (:meth:`decode_capacity`:
+        the step time grows with the batch, so a worker near its capacity is near the target; the
+        margin is in throughput, what a rising load eats while new workers start), and their KV
+        (with the waiting prompts') under ``scale_down_margin`` of N workers' KV, their sequences
+        under 0.9 of N workers' seats. Capped at the budget."""
+        cfg = self.config
+        running = sum(w.num_running for w in workers)
+        waiting = sum(w.num_waiting for w in workers)
+        usage = sum(w.kv_usage for w in workers)
+        rate, context = self.decode_demand(workers, demand)
+        # a worker's KV usage per sequence (the waiting ones counted at today's context)
+        usage_per_seq = usage / running if running and usage > 0 else 0.0
+        capacity = self.decode_capacity(context) * cfg.max_utilization
+        need = max(1, math.ceil(rate / capacity - 1e-9) if capacity > 0 else cfg.max_workers)
+        while need < cfg.max_workers and (
+                usage_per_seq * (running + waiting) / need > cfg.scale_down_margin
+                or (running + waiting) / need > self.max_num_seqs * SATURATED):
+            need += 1
+        return min(need, cfg.max_workers)
+
+    def decode_capacity(self, context: float) -> float:
+        """Tokens per second one worker decodes with its step at the ITL target, sequences of
+        ``context`` KV tokens (the batch whose step is the target, at most ``max_num_seqs``)."""
+        slo = self.config.itl_slo_s
+        a = self.decode.predict((0.0, 0.0))
+        per_seq = self.decode.predict((1.0, context)) - a
+        if a >= slo:
+            return 0.0
+        n = min(float(self.max_num_seqs), (slo - a) / per_seq if per_seq > 0 else math.inf)
+        return n / (a + n * per_seq)
+
+    @staticmethod
+    def decode_demand(workers: list[WorkerStep], demand: float = 0.0) -> tuple[float, float]:
+        """(tokens per second the tier is asked to decode, the mean context of its sequences): the
+        workers' decode rate scaled up by the requests waiting for a seat or KV (each will decode as
+        fast as a running one), or ``demand`` (arrivals x answer length) if more."""
+        running = sum(w.num_running for w in workers)
+        waiting = sum(w.num_waiting for w in workers)
+        rate = sum(0.0 if math.isnan(w.decode_tokens_per_s) else w.decode_tokens_per_s for w in workers)
+        if running:
+            rate *= (running + waiting) / running
+        kv = sum(float(w.num_active_kv_tokens) for w in workers)
+        return max(rate, 0.0 if math.isnan(demand) else demand), kv / running if running else 0.0
 
     def steady_itl_s(self, tokens_per_s: float, context: float) -> float:
         """ITL of a worker asked for ``tokens_per_s`` decode tokens of sequences of ``context`` KV
@@ -153,7 +239,7 @@ class LoadModel:
             return math.inf
         return a / slack
 
-    def _assess_decode(self, workers: list[WorkerStep]) -> TierLoad:
+    def _assess_decode(self, workers: list[WorkerStep], demand: float = 0.0) -> TierLoad:
         cfg, n = self.config, len(workers)
         slo = cfg.itl_slo_s
         if not n or math.isnan(self.decode.predict((0.0, 0.0))):
@@ -167,7 +253,11 @@ class LoadModel:
         queued = sum(w.num_waiting for w in workers if w.num_running >= self.max_num_seqs)
         values = {"itl_s": itl, "kv_usage": usage, "workers": n, "waiting_for_a_seat": queued}
         if usage > SATURATED or queued:
-            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+            need = self.decode_need(workers, demand)
+            values |= {"need": float(need)}
+            if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
+                return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
+            return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
         if itl > slo:
             # One more worker takes its share of the sequences; the busiest then runs
             # ceil(total / (N+1)) of them. When that does not shorten the step (one sequence
@@ -179,7 +269,20 @@ class LoadModel:
             values |= {"itl_s_n_plus_1": itl_more}
             if itl_more > _HELPS * itl:
                 return TierLoad("decode", 0, False, Reason("itl-floor", "decode", values))
-            return TierLoad("decode", 1, False, Reason("itl-over-slo", "decode", values))
+            need = self.decode_need(workers, demand)
+            values |= {"need": float(need)}
+            if need <= n:  # the tier's load fits it: one worker's batch, which a worker more would not take
+                return TierLoad("decode", 0, False, Reason("itl-imbalance", "decode", values))
+            return TierLoad("decode", need - n, False, Reason("itl-over-slo", "decode", values))
+        # Rising: the rate asked holds each worker over 0.9 of its capacity at the target (its ITL
+        # follows in a tick or two, new workers take a start-up to come).
+        rate, context = self.decode_demand(workers, demand)
+        capacity = self.decode_capacity(context)
+        if rate / n > SATURATED * capacity:
+            need = self.decode_need(workers, demand)
+            values |= {"capacity_tokens_per_s": capacity, "need": float(need)}
+            if need > n:
+                return TierLoad("decode", need - n, False, Reason("itl-rising", "decode", values))
         if n < 2:
             return TierLoad("decode", 0, False, Reason("load-ok", "decode", values))
         # Fewer workers: each decodes more tokens per second; its batch grows until it keeps up
@@ -193,6 +296,9 @@ class LoadModel:
         usage_less = batch_less * context / tokens_per_usage if tokens_per_usage else usage * n / (n - 1)
         values |= {"itl_s_n_minus_1": itl_less, "kv_usage_n_minus_1": usage_less}
         can_spare = itl_less <= slo and usage_less < SATURATED
-        if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin:
+        # ... and under the rising test's band (0.9 x 0.8 of the capacity), so that one does not
+        # take the worker back on the next tick
+        calm = per_worker < cfg.scale_down_margin * SATURATED * capacity
+        if itl_less < cfg.scale_down_margin * slo and usage_less < cfg.scale_down_margin and calm:
             return TierLoad("decode", -1, can_spare, Reason("load-low", "decode", values))
         return TierLoad("decode", 0, can_spare, Reason("load-ok", "decode", values))

@@ -32,10 +32,11 @@ def test_load_mode_adds_a_worker_when_itl_is_over_the_slo() -> None:
 
 def test_load_mode_adds_a_worker_when_the_prompt_queue_makes_ttft_miss() -> None:
     # 30000 queued prompt tokens + a 1000-token prompt: 31 steps x 0.01 + 1e-4 x 31000 = 3.41 s > 2 s.
-    # Disaggregated, this starts a prefill worker; here the one tier grows, and no prefill tier appears.
+    # Disaggregated, this starts prefill workers; here the one tier grows, and no prefill tier appears.
+    # By the need: 60000 queued over N + 1000 within 2 s: N=3: 2.31 s, N=4: 1.76 s -> 4, two starts.
     planner = Planner(agg(mode="load"), profile())
     d = planner.tick(observe(10.0, tier("decode", 2, num_queued_prefill_tokens=30000), window(5.0, isl=1000)))
-    assert (d.num_prefill, d.num_decode) == (0, 3) and actions(d) == [(ActionKind.START, "decode")]
+    assert (d.num_prefill, d.num_decode) == (0, 4) and actions(d) == [(ActionKind.START, "decode")] * 2
     ttft = next(r for r in d.reasons if r.code == "ttft-over-slo")
     assert ttft.role == "decode" and math.isclose(ttft.values["ttft_s"], 3.41, rel_tol=1e-6)
 

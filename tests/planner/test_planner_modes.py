@@ -4,7 +4,7 @@ import math
 
 from plannerlib import config, observe, profile, tier, window, worker
 
-from planner import ActionKind, Planner
+from planner import ActionKind, Planner, WorkerState
 
 
 def starts(decision, role):
@@ -91,14 +91,129 @@ def test_load_mode_adds_one_decode_worker_when_requests_wait_for_a_seat() -> Non
     assert reason.values["waiting_for_a_seat"] == 30 and reason.values["itl_s"] < 0.05
 
 
-def test_load_mode_adds_one_prefill_worker_when_the_queue_makes_ttft_miss() -> None:
-    # 30000 queued tokens + a 1000-token prompt: 31 steps x 0.01 + 1e-4 x 31000 = 3.41 s > 2 s -> +1.
+def test_load_mode_adds_the_prefill_workers_the_queue_needs_in_one_tick() -> None:
+    # 30000 queued tokens + a 1000-token prompt: 31 steps x 0.01 + 1e-4 x 31000 = 3.41 s > 2 s -> up, by the
+    # need: 60000 queued over N workers + 1000 within 2 s: N=3: 21 steps -> 0.21 + 2.1 = 2.31 s; N=4: 16000 ->
+    # 0.16 + 1.6 = 1.76 s -> 4 (the queue drained within the 10 s interval is 60000 x 1.1e-4 / 10 = 0.66 GPU: 1).
     planner = Planner(config(mode="load"), profile())
     workers = tier("prefill", 2, num_queued_prefill_tokens=30000) + tier("decode", 1)
     d = planner.tick(observe(10.0, workers, window(5.0, isl=1000)))
     reason = next(r for r in d.reasons if r.code == "ttft-over-slo")
     assert math.isclose(reason.values["ttft_s"], 3.41, rel_tol=1e-6)
-    assert (d.num_prefill, d.num_decode) == (3, 1)
+    assert reason.values["need"] == 4
+    assert (d.num_prefill, d.num_decode) == (4, 1) and starts(d, "prefill") == 2
+
+
+def test_load_mode_prefill_need_counts_the_tokens_computed_per_second() -> None:
+    # 2 workers each computing 8000 tok/s (1.1e-4 s per token: 0.88 busy > 0.9? no; the queue of 30000 each
+    # makes TTFT 3.41 s) -> busy = (16000 + 60000 / 10) x 1.1e-4 = 2.42 GPU at 0.8 -> 3.025 -> 4; the TTFT rule
+    # also says 4 (above).  With 20000 tok/s each: (40000 + 6000) x 1.1e-4 = 5.06 / 0.8 = 6.325 -> 7.
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 2, num_queued_prefill_tokens=30000, tokens_per_s=20000.0) + tier("decode", 1)
+    d = planner.tick(observe(10.0, workers, window(5.0, isl=1000)))
+    assert next(r for r in d.reasons if r.code == "ttft-over-slo").values["need"] == 7
+    assert d.num_prefill == 7 and starts(d, "prefill") == 5
+
+
+def test_load_mode_adds_the_decode_workers_the_steady_batch_needs_in_one_tick() -> None:
+    # 2 workers, 90 running sequences of 40000 tokens each: ITL 0.01 + 0.009 + 0.036 = 55 ms > 50 ms; a third
+    # worker would cut it (60 each: 40 ms), so up. 1600 tok/s each, doubled by 90 waiting each: 6400 tok/s.
+    # A worker's capacity at 50 ms: (0.05 - 0.01) / (1e-4 + 1e-8 x 40000) = 80 sequences per 50 ms step =
+    # 1600 tok/s; at 0.8 of it: 6400 / 1280 = 5 (KV: 0.36 x 2 / 180 per sequence x 360 / 5 = 0.29;
+    # seats: 72 <= 90): 3 more in one tick, not +1 per tick.
+    planner = Planner(config(mode="load"), profile())
+    hot = dict(num_running=90, num_waiting=90, num_active_kv_tokens=3_600_000, kv_usage=0.36,
+               decode_tokens_per_s=1600.0)
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **hot), window(5.0)))
+    reason = next(r for r in d.reasons if r.code == "itl-over-slo")
+    assert math.isclose(reason.values["itl_s"], 0.055, rel_tol=1e-6) and reason.values["need"] == 5
+    assert (d.num_prefill, d.num_decode) == (1, 5) and starts(d, "decode") == 3
+
+
+def test_load_mode_sizes_an_up_for_the_arrivals_when_they_ask_more_than_the_workers_show() -> None:
+    # The same prefill queue as above at 40 req/s of 1000 tokens: 40000 tok/s x 1.1e-4 s = 4.4 GPU (more than
+    # the queue's 0.66) at 0.8 -> 5.5 -> 6 (the TTFT rule says 4).
+    planner = Planner(config(mode="load"), profile())
+    workers = tier("prefill", 2, num_queued_prefill_tokens=30000) + tier("decode", 1)
+    d = planner.tick(observe(10.0, workers, window(40.0, isl=1000)))
+    assert next(r for r in d.reasons if r.code == "ttft-over-slo").values["need"] == 6 and d.num_prefill == 6
+    # The decode tier above (6400 tok/s by its counters, need 5) at 20 req/s x 500 answer tokens = 10000 tok/s:
+    # 10000 / 1280 = 7.8 -> 8.
+    planner = Planner(config(mode="load"), profile())
+    hot = dict(num_running=90, num_waiting=90, num_active_kv_tokens=3_600_000, kv_usage=0.36,
+               decode_tokens_per_s=1600.0)
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **hot), window(20.0, 10, 500)))
+    assert next(r for r in d.reasons if r.code == "itl-over-slo").values["need"] == 8 and d.num_decode == 8
+
+
+def test_load_mode_adds_no_worker_for_one_busy_worker_when_the_tier_load_fits() -> None:
+    # d0: 100 sequences of 40000 tokens, ITL 60 ms; d1 idle. Spread over 3 the ITL would be 27 ms, but the
+    # need of the tier is 2: nothing decodes per second beyond them (steady ITL 10 ms), KV 0.004 x 100 / 2 =
+    # 0.2, seats 50: a worker more takes none of d0's sequences (the router does not move them).
+    planner = Planner(config(mode="load"), profile())
+    workers = [*tier("prefill", 1), worker("d0", "decode", num_running=100, num_active_kv_tokens=4_000_000,
+                                            kv_usage=0.4), worker("d1", "decode")]
+    d = planner.tick(observe(10.0, workers, window(0.5)))
+    reason = next(r for r in d.reasons if r.role == "decode")
+    assert reason.code == "itl-imbalance" and reason.values["need"] == 2
+    assert not d.actions and d.num_decode == 2
+
+
+def test_load_mode_adds_decode_workers_before_the_itl_misses_when_the_arrivals_rise() -> None:
+    # 2 workers of 50 sequences of 1000 tokens: ITL 0.01 + 0.005 + 0.0005 = 15.5 ms, fine today. A worker's
+    # capacity at 50 ms: (0.05 - 0.01) / 1.1e-4 = 363 sequences, 100 seats: 100 / (0.01 + 0.011) = 4761.9 tok/s.
+    # The routers see 30 req/s x 500 answer tokens = 15000 tok/s (their own counters: 3000 each): 7500 each
+    # > 0.9 x 4761.9 = 4285.7 -> up now, to 15000 / (0.8 x 4761.9) = 3.94 -> 4.
+    planner = Planner(config(mode="load"), profile())
+    busy = dict(num_running=50, num_active_kv_tokens=50_000, kv_usage=0.005, decode_tokens_per_s=3000.0)
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(30.0, 10, 500)))
+    reason = next(r for r in d.reasons if r.role == "decode")
+    assert reason.code == "itl-rising" and math.isclose(reason.values["capacity_tokens_per_s"], 100 / 0.021)
+    assert reason.values["need"] == 4 and d.num_decode == 4 and starts(d, "decode") == 2
+    # at 15 req/s (7500 tok/s: 3750 each < 4285.7): no rise
+    d = Planner(config(mode="load"), profile()).tick(
+        observe(10.0, tier("prefill", 1) + tier("decode", 2, **busy), window(15.0, 10, 500)))
+    assert not d.actions
+
+
+def test_load_mode_keeps_a_decode_worker_the_rising_test_would_take_back() -> None:
+    # 3 workers decoding 2400 tok/s each of 10 sequences of 1000 tokens. With 2: 3600 each, steady ITL
+    # 0.01 / (1 - 3600 x 1.1e-4) = 16.6 ms < 40 ms, but 3600 > 0.8 x 0.9 x 4761.9 = 3428.6 tok/s (the capacity
+    # at 50 ms): 2 would sit in the rising band's reach. Stay. At 2000 each (3000 with 2): down, on the 2nd tick.
+    def ticks(rate: float) -> list:
+        planner = Planner(config(mode="load"), profile())
+        load = dict(num_running=10, num_active_kv_tokens=10_000, kv_usage=0.01, decode_tokens_per_s=rate)
+        return [planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **load), window(5.0)))
+                for now in (10.0, 20.0)]
+    assert not any(d.actions for d in ticks(2400.0))
+    assert [len(drains(d, "decode")) for d in ticks(2000.0)] == [0, 1]
+
+
+def test_load_mode_adds_prefill_workers_when_the_arrivals_would_saturate_them() -> None:
+    # 2 idle prefill workers, no queue; 20 req/s of 1000 tokens: 20000 x 1.1e-4 / 2 = 1.1 > 0.9 each -> up,
+    # to 2.2 / 0.8 = 2.75 -> 3.
+    planner = Planner(config(mode="load"), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 2) + tier("decode", 1), window(20.0, 1000, 10)))
+    assert next(r for r in d.reasons if r.role == "prefill").values["need"] == 3 and d.num_prefill == 3
+
+
+def test_load_mode_adds_workers_while_a_start_is_in_progress() -> None:
+    # Tick 1: 2 prefill workers with 30000 queued each -> 4 (above): 2 starts. Tick 2 (they are still
+    # starting: a change in progress) the queues have doubled: 120000 over N + 1000 within 2 s: N=7:
+    # 18143 -> 19 steps 0.19 + 1.814 = 2.004 s > 2 s; N=8: 16000 -> 1.76 s -> 8, so 8 - 4 = 4 more start now,
+    # not after the start-up; starts only (no drain, no switch while a change is in progress).
+    planner = Planner(config(mode="load"), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 2, num_queued_prefill_tokens=30000) + tier("decode", 1),
+                             window(5.0, isl=1000)))
+    assert starts(d, "prefill") == 2
+    starting = [worker(f"s{i}", "prefill", WorkerState.STARTING, since=10.0) for i in range(2)]
+    later = tier("prefill", 2, num_queued_prefill_tokens=60000) + starting + tier("decode", 1)
+    d = planner.tick(observe(20.0, later, window(5.0, isl=1000)))
+    assert "in-progress" in d.codes() and "load-up-meanwhile" in d.codes()
+    assert starts(d, "prefill") == 4 and len(d.actions) == 4 and d.num_prefill == 8
+    # the same queue a tick later, those 4 issued and not seen yet: nothing more
+    d = planner.tick(observe(30.0, later, window(5.0, isl=1000)))
+    assert not d.actions
 
 
 def test_load_mode_scales_down_after_two_low_ticks_only_if_n_minus_1_stays_under_80_percent() -> None:
@@ -122,9 +237,10 @@ def test_load_mode_scales_down_after_two_low_ticks_only_if_n_minus_1_stays_under
         assert not d.actions
     ok = next(r for r in d.reasons if r.role == "decode")
     assert ok.code == "load-ok" and math.isclose(ok.values["itl_s_n_minus_1"], 0.01 / 0.23, rel_tol=1e-6)
-    # 6000 tok/s each: 2 workers would need 9000 tok/s -> 1 - 9000 * 1.1e-4 < 0.02: no steady batch -> stay.
+    # 4000 tok/s each: 2 workers would need 6000 tok/s -> 0.01 / (1 - 6000 * 1.1e-4) = 29.4 ms, a batch of
+    # 6000 x 0.0294 = 176 > 100 seats: no steady batch -> stay (3 workers: 17.9 ms, 71 seats: no rise either).
     planner = Planner(config(mode="load"), profile())
-    hot = quiet | {"decode_tokens_per_s": 6000.0}
+    hot = quiet | {"decode_tokens_per_s": 4000.0}
     for now in (10.0, 20.0, 30.0):
         d = planner.tick(observe(now, tier("prefill", 1) + tier("decode", 3, **hot), window(5.0)))
         assert not d.actions
@@ -138,7 +254,9 @@ def test_both_mode_throughput_is_the_floor_and_load_scales_above_it() -> None:
     for now in (10.0, 20.0, 30.0):
         d = planner.tick(observe(now, workers, window(20.0, 1000, 500)))
         assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
-    # ITL over the SLO: load adds one above the floor.
+    # ITL over the SLO (100 sequences of 40000 tokens: 60 ms): load scales above the floor, to its need:
+    # 20 req/s x 500 tokens = 10000 tok/s at 40000-token contexts, 1600 tok/s each at 50 ms (above):
+    # 10000 / 1280 = 7.8 -> 8 (the forecast sized for 1250-token contexts).
     hot = tier("prefill", 3) + tier("decode", 3, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
     d = planner.tick(observe(40.0, hot, window(20.0, 1000, 500)))
-    assert (d.num_prefill, d.num_decode) == (3, 4)
+    assert (d.num_prefill, d.num_decode) == (3, 8)

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.planner import Bench, interval_loads, replay, sized
+from bench.planner import Bench, Run, infeasible, interval_loads, replay, sized
 from bench.planner_sim import Req, SimConfig, Simulation, StepModel
 from bench.planner_worker import SegmentLog
 from bench.planner_workload import Arrival, Workload, shape
@@ -115,3 +115,37 @@ def test_the_split_sweep_gives_up_only_on_runs_certain_to_lose() -> None:
     assert stopped.stopped
     kept = replay(bench, w, "fixed 3P+1D", (3, 1), None, stop_below=attainment - 0.01)
     assert not kept.stopped and kept.summary(bench.sim.ttft_s)["attainment"] == attainment
+
+
+def test_infeasible_requests_are_those_no_deployment_can_serve_in_time() -> None:
+    # 1 ms per prompt token, nothing else: a prompt's uncached part alone takes new_tokens ms on an idle GPU;
+    # decode steps 1 us per KV token; KV pulls of 1000 bytes per token at 1 GB/s (1 us per token) + 2 ms.
+    flat = replace(SIM, step_s=0.0, prefill_min_s=0.0, prefill_token_s=1e-3, prefill_attention_s=0.0,
+                   decode_seq_s=0.0, decode_kv_token_s=1e-6)
+    cfg = SimConfig(ttft_s=2.0, itl_s=0.05, kv_bytes_per_token=1000, kv_gbps=1.0, kv_latency_s=0.002)
+    bench = Bench(cfg, StepModel(flat), Profile.load("h200-llama-3.1-8b"), PlannerConfig())
+    arrivals = [Arrival(0.0, 2560, 2, (1, 2, 3, 4, 5)),  # 2.56 s uncached: ttft
+                Arrival(1.0, 3072, 2, (1, 2, 3, 4, 5, 6)),  # 5 blocks seen before: 512 new tokens, 0.512 s
+                Arrival(2.0, 1024, 2, (7, 8)),  # 1.024 s
+                Arrival(3.0, 2048, 2, (1, 2, 3, 4)),  # all seen: 1 token computed (the last one always is)
+                Arrival(4.0, 2600, 2, (9, 10, 11, 12, 13, 14)),  # 2.6 s: ttft
+                Arrival(4.5, 24064, 2, tuple(range(20, 67))),  # 47 new blocks: 24 s: ttft
+                # 46 of those blocks cached: 448 new tokens; second token: 2 ms + 23.9 ms pull + 23.9 ms step
+                # = 49.8 ms: in time
+                Arrival(5.0, 23900, 3, tuple(range(20, 67))),
+                # 47 blocks cached; 2 ms + 25 ms + 25 ms = 52 ms > 50 ms with 2 gaps: one over is the p99: handoff
+                Arrival(6.0, 25000, 3, tuple(range(20, 69))),
+                # the same with 101 gaps: the 99th percentile (nearest rank: the 100th) leaves one out
+                Arrival(7.0, 25000, 102, tuple(range(20, 69)))]
+    w = Workload("t", arrivals, 8.0)
+    lost = infeasible(bench, w)
+    assert lost == ["ttft", "", "", "", "ttft", "ttft", "", "handoff", ""]
+    # the infeasible ones counted bad, and reported apart: the ceiling and the attainment among the feasible
+    # ones (a handoff-bound request is feasible: a prefill on its decode worker serves it)
+    reqs = [Req(i, a, infeasible=x == "ttft") for i, (a, x) in enumerate(zip(arrivals, lost))]
+    for r in reqs[1:3]:
+        r.ttft, r.done_t = 0.6, 1.0
+    s = Run("x", reqs, 1.0).summary(2.0)
+    assert (s["good"], s["infeasible"]) == (2, 3)
+    assert s["attainment"] == pytest.approx(2 / 9) and s["feasible_ceiling"] == pytest.approx(6 / 9)
+    assert s["attainment_of_feasible"] == pytest.approx(2 / 6)
