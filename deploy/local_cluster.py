@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +49,21 @@ def prefill_threads(cpus: int, num_workers: int) -> int:
     a token, so the core its decode steps leave to the token streams is idle but for the router
     (on two cores, aggregated: two threads for a prefill step, one for a decode step)."""
     return max(1, cpus // num_workers)
+
+
+def child_env(cfg: ClusterConfig, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a process the cluster spawns: ``base`` (this process's), then the config's
+    ``worker_env``. On the CPU, OpenMP threads sleep at a barrier instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``, unless set): the cluster's processes share the cores, and a
+    two-thread prefill step whose second core another process holds spun 4-10x longer than one
+    thread takes (one thread burns its time slice at each of ~200 barriers while its partner waits
+    for a core); sleeping cost 10-40% of such a step on free cores."""
+    env = dict(base, PYTHONUNBUFFERED="1", **cfg.worker_env_vars)
+    if cfg.host.startswith("127.") or cfg.host == "localhost":
+        env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
+    if cfg.device == "cpu":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 @dataclass
@@ -254,9 +270,7 @@ class LocalCluster:
         return child
 
     def _popen(self, argv: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.cfg.worker_env_vars)
-        if self.cfg.host.startswith("127.") or self.cfg.host == "localhost":
-            env.setdefault("UCX_NET_DEVICES", "lo")  # UCX listens where the cluster does
+        env = child_env(self.cfg, os.environ)
         return spawn.popen(argv, die_with_parent=signal.SIGTERM, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, env=env)
 

@@ -30,6 +30,9 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))  # never cached (or cache cleared), ref 0
+        # Blocks [0, frontier) have been handed out at least once: never-used blocks leave the
+        # free list in id order, so the next fresh ones are frontier, frontier + 1, ...
+        self.frontier = 0
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0, oldest first
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._parents: dict[int, int] = {}  # block hash -> parent hash, for snapshots
@@ -207,6 +210,8 @@ class BlockManager:
             del self._parents[block_hash]
             self._emit(BlockRemoved, block_hash=block_hash)
         self.ref_counts[block_id] = 1
+        if block_id >= self.frontier:
+            self.frontier = block_id + 1
         return block_id
 
     def _emit(self, kind: type, **fields: object) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,7 @@ from engine import gpu_share
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.gpu_share import GpuShare
+from engine.kv_prefault import KVPrefaulter
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
 from engine.plan import SchedulerOutput
@@ -71,6 +73,10 @@ class LLMEngine:
             self.runner = ModelRunner(config, self.arch, max_len, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
+        self.kv_prefaulter: KVPrefaulter | None = None
+        if isinstance(self.runner, ModelRunner) and self.runner.device.type == "cpu":
+            manager = weakref.ref(self.block_manager)
+            self.kv_prefaulter = KVPrefaulter(self.runner.kv, lambda: getattr(manager(), "frontier", 0)).start()
         # A lone request must always fit in the cache, so the context is capped by it too.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.cache.block_size)
         if not config.scheduler.enable_chunked_prefill:

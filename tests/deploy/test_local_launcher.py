@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from deploy.launcher import ScalePlan, ServiceInfo, ServiceState, gpu_shortfall, plan_scale
-from deploy.local_cluster import engine_threads, prefill_threads
+from deploy.local_cluster import child_env, engine_threads, prefill_threads
 from deploy.local_launcher import LocalLauncher
 from runtime.settings import ClusterConfig, ConfigError
 
@@ -34,6 +34,14 @@ def num_running(metrics_url: str) -> float:
 def test_engine_threads_leave_a_core_to_the_router() -> None:
     assert [engine_threads(2, 1), engine_threads(2, 2), engine_threads(1, 1)] == [1, 1, 1]
     assert [engine_threads(8, 1), engine_threads(16, 2), engine_threads(16, 3)] == [7, 7, 5]
+
+
+def test_cpu_services_get_openmp_threads_that_sleep_at_barriers() -> None:
+    assert child_env(ClusterConfig(device="cpu"), {})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert child_env(ClusterConfig(device="cpu"), {"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    told = ClusterConfig(device="cpu", worker_env=("OMP_WAIT_POLICY=ACTIVE",))
+    assert child_env(told, {})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in child_env(ClusterConfig(device="cuda"), {})
 
 
 def test_prefill_steps_take_every_core_of_a_worker() -> None:

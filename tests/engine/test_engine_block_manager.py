@@ -70,6 +70,10 @@ def test_allocate_exact_ids_and_ref_counts() -> None:
     bm.free("a")  # freeing twice (an unknown id) is a no-op
     bm.free("b")
     assert bm.num_free_blocks == 8
+    # The frontier: blocks below it were handed out once. Recycled blocks (0-3, freed at the
+    # back of the free list) go after the never-used ones (5-7), which leave in id order.
+    assert bm.frontier == 5
+    assert bm.allocate("c", 8) == [5, 6] and bm.frontier == 7
 
 
 def test_allocate_out_of_blocks_returns_none_and_changes_nothing() -> None:
