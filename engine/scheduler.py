@@ -215,16 +215,7 @@ class Scheduler:
                     num_new = min(budget, prefill_budget)
                 if bm.allocate(request.request_id, num_cached + num_new, cached) is None:
                     break
-                self.waiting.remove(request)
-                if request.scheduled_time is None:
-                    request.scheduled_time = time.monotonic()
-                if request.num_preemptions == 0:
-                    request.num_cached_tokens = num_cached
-                    self.stats.num_prompt_tokens += request.num_prompt_tokens
-                    self.stats.num_cached_tokens += num_cached
-                request.num_computed_tokens = num_cached
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
+                self._start(request, num_cached)
                 scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
                 budget -= num_new
                 prefill_budget -= num_new
@@ -239,6 +230,19 @@ class Scheduler:
                     sample_rows.extend((child, k) for child in s.request.children)
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(scheduled, sample_rows, copies, preempted, joined=joined)
+
+    def _start(self, request: Request, num_cached: int) -> None:
+        """A waiting request runs from its ``num_cached`` cached prompt tokens (blocks allocated)."""
+        self.waiting.remove(request)
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_cached
+            self.stats.num_prompt_tokens += request.num_prompt_tokens
+            self.stats.num_cached_tokens += num_cached
+        request.num_computed_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def on_launch(self, output: SchedulerOutput) -> None:
         """The step's forward pass is queued on the device: count its tokens as computed and its

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -164,6 +164,26 @@ def _targets(http: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+def _registered_target_and_alone(planner: subprocess.Popen, etcd: str, http: str,
+                                 ns: str) -> Callable[[], list[cpb.PlannerInfo]]:
+    """A running planner is a Prometheus target (its lease-bound registration and the router's
+    http_sd) and the only one acting (a second is refused, saying which one acts); its
+    registrations, read from etcd."""
+    def registered() -> list[cpb.PlannerInfo]:
+        return list(_etcd(etcd, lambda p: p.get_messages(keys.planners_prefix(ns), cpb.PlannerInfo)).values())
+    _wait_for(lambda: len(registered()) == 1, 30, "the planner registers in etcd")
+    info = registered()[0]
+    assert info.pid == planner.pid and info.metrics_url.startswith("http://")
+    listed = [g for g in _targets(http) if g["labels"]["job"] == "tandem-planner"]
+    assert [g["targets"] for g in listed] == [[info.metrics_url.split("/")[2]]]
+    with urllib.request.urlopen(info.metrics_url, timeout=10) as resp:
+        assert b"tandem_planner_desired_workers" in resp.read()
+    second = subprocess.run([sys.executable, "-m", "deploy.cli", "planner", "--etcd-endpoints", etcd, *COMMON],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and info.planner_id in second.stderr, second.stderr
+    return registered
+
+
 def test_planner_process_scales_a_serve_cluster(serve) -> None:
     proc, at = serve
     http, etcd = at["http"], at["etcd"]
@@ -177,20 +197,7 @@ def test_planner_process_scales_a_serve_cluster(serve) -> None:
     try:
         lines = _banner(planner, f"acting through the launcher at {at['launcher']}", 60)
 
-        # a Prometheus target while it runs: its registration (lease-bound) and the router's http_sd
-        def registered() -> list[cpb.PlannerInfo]:
-            return list(_etcd(etcd, lambda p: p.get_messages(keys.planners_prefix(ns), cpb.PlannerInfo)).values())
-        _wait_for(lambda: len(registered()) == 1, 30, "the planner registers in etcd")
-        info = registered()[0]
-        assert info.pid == planner.pid and info.metrics_url.startswith("http://")
-        listed = [g for g in _targets(http) if g["labels"]["job"] == "tandem-planner"]
-        assert [g["targets"] for g in listed] == [[info.metrics_url.split("/")[2]]]
-        with urllib.request.urlopen(info.metrics_url, timeout=10) as resp:
-            assert b"tandem_planner_desired_workers" in resp.read()
-        # one planner acts on a cluster: a second one is refused, saying which one acts
-        second = subprocess.run([sys.executable, "-m", "deploy.cli", "planner", "--etcd-endpoints", etcd, *COMMON],
-                                capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and info.planner_id in second.stderr, second.stderr
+        registered = _registered_target_and_alone(planner, etcd, http, ns)
 
         # under load it starts a decode worker, in tandem serve's process tree
         load = _load(http)
