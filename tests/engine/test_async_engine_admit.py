@@ -20,12 +20,13 @@ PROMPT = list(range(3, 40))  # 37 tokens: 3 blocks of 16
 OTHER = list(range(100, 137))  # shares no block with PROMPT
 
 
-def test_admit_runs_while_the_engine_waits_for_the_device(tiny_llama_path: str) -> None:
-    llm = make_tiny_llm(tiny_llama_path, async_scheduling=True).engine
+def hold_steps(llm) -> tuple[threading.Event, threading.Event]:
+    """``(gate, waiting)``: each launched step runs on the device only while ``gate`` is set;
+    ``waiting`` is set when the engine thread waits for one (the engine lock released)."""
     gate, waiting = threading.Event(), threading.Event()
     launch = llm.runner.launch
 
-    def held_launch(*args, **kwargs):  # the step runs on the device only once the gate opens
+    def held_launch(*args, **kwargs):
         handle = launch(*args, **kwargs)
         if handle is not None:
             wait = handle.wait
@@ -39,6 +40,12 @@ def test_admit_runs_while_the_engine_waits_for_the_device(tiny_llama_path: str) 
         return handle
 
     llm.runner.launch = held_launch
+    return gate, waiting
+
+
+def test_admit_runs_while_the_engine_waits_for_the_device(tiny_llama_path: str) -> None:
+    llm = make_tiny_llm(tiny_llama_path, async_scheduling=True).engine
+    gate, waiting = hold_steps(llm)
 
     def admit_r1(e):
         indices = e.add_prefilled("r1", OTHER, 7, GREEDY)
@@ -228,23 +235,7 @@ def test_a_reused_id_is_admitted_only_after_its_predecessors_clean_up(tiny_llama
     get its whole answer, and every block must come back."""
     llm = make_tiny_llm(tiny_llama_path, async_scheduling=True).engine
     total = llm.load().num_free_blocks
-    running, held = threading.Event(), threading.Event()  # steps run while `running` is set
-    launch = llm.runner.launch
-
-    def held_launch(*args, **kwargs):
-        handle = launch(*args, **kwargs)
-        if handle is not None:
-            wait = handle.wait
-
-            def gated() -> None:
-                held.set()
-                running.wait()
-                wait()
-
-            handle.wait = gated
-        return handle
-
-    llm.runner.launch = held_launch
+    running, held = hold_steps(llm)  # steps run while `running` is set
     push_over = asyncio.Event()
 
     async def hung_push(indices: list[int], local: list[int]) -> Landing:
