@@ -178,6 +178,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("\ntandem: stopping...", file=sys.stderr)
         return 0
     finally:
+        # The children first: they exit while the planner and the launcher service stop here (the
+        # cluster starts nothing once stopping, whatever the planner still decides).
+        cluster.terminate()
         if planner is not None:
             planner.stop()
         if control is not None:

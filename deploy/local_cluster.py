@@ -173,12 +173,18 @@ class LocalCluster:
                 if handler is not None:  # None: a handler installed outside Python, not restorable
                     signal.signal(sig, handler)
 
-    def _stop(self) -> None:
+    def terminate(self) -> None:
+        """Begin stopping without waiting: start no child any more and send every running child
+        SIGTERM (:meth:`stop` then waits for them). ``tandem serve`` calls it first, so its children
+        exit while it stops its own planner and launcher service."""
         self._stopping = True
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGTERM)
+
+    def _stop(self) -> None:
+        self.terminate()
         deadline = time.monotonic() + 10.0
         for child in self.children:
             try:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-# The 1 s is per process; serve stops its planner and launcher service first (~0.45 s here),
-# then its children in parallel (each within 1 s), then etcd: 0.8-1.1 s on this loaded box.
+# The 1 s is per process. Serve signals its children first, stops its planner and launcher
+# service while they exit in parallel (each within 1 s), then etcd: 0.62-0.65 s here (was 0.8-1.1 s
+# with the children signalled last); the bound leaves CI's slower machine a margin.
 EXIT_WITHIN_S = 2.0
 
 
