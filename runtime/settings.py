@@ -135,8 +135,10 @@ class ClusterConfig:
         32.0, "kv policy: weight of a prefill block against an active decode block (router/policy.py says why 32)"
     )
     served_model_name: str = _field("", "model name clients use (empty: derived from --model)")
-    ttft_slo_ms: float = _field(2000.0, "SLO target: time to first token, ms (the router's attainment, the dashboard)")
-    itl_slo_ms: float = _field(50.0, "SLO target: a request's mean inter-token latency, ms")
+    # One pair of SLO targets: the router's attainment and the dashboard, and the planner's targets.
+    ttft_slo_ms: float = _field(2000.0, "SLO target: time to first token, ms (the router's attainment, the "
+                                "dashboard, the planner)")
+    itl_slo_ms: float = _field(50.0, "SLO target: a request's mean inter-token latency, ms (the router, the planner)")
     # -- router: admission, API keys, TLS, hung workers (README "Security") --
     max_queued_requests: int = _field(
         1024, "admission: most requests queued (routed, no first token yet) per tier; past it 429 (0: no bound)")
@@ -181,8 +183,6 @@ class ClusterConfig:
     # -- planner (tandem planner; tandem serve runs one unless --no-planner) --
     planner_mode: str = _field("load", "planner: load (step-time regressions), throughput (forecast + profile) or both")
     planner_profile: str = _field("", "planner: profile for the throughput mode (planner/profiles name or .json path)")
-    ttft_slo_ms: float = _field(2000.0, "planner: time-to-first-token target")
-    itl_slo_ms: float = _field(50.0, "planner: inter-token latency target")
     gpu_budget: int = _field(0, "planner: most workers both tiers hold together (0: the workers started)")
     min_prefill: int = _field(1, "planner: fewest prefill workers (disaggregated mode)")
     min_decode: int = _field(1, "planner: fewest decode workers")
