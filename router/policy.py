@@ -186,3 +186,59 @@ def loads_of(worker_ids: Sequence[str], inflight: Mapping[str, Inflight], report
         out.append(WorkerLoad(wid, entry.num_requests, entry.num_prefill_tokens, rep.num_queued_prefill_tokens,
                               rep.num_running, rep.kv_usage, blocks(entry.num_kv_tokens, block_size)))
     return out
+
+
+# ---- first-token pacing (``first_token_hold``) ------------------------------------------------------
+# A handed-off request's first token is the prefill worker's: the router has it when P answers. Its
+# second is the decode worker's first, after D got the prompt's KV and ran a step. Sent at once, the
+# first token opens a gap of (transfer + step) before the second; where that gap alone exceeds the
+# ITL target, a short answer's p99 inter-token latency misses it whatever D does next. Held until
+# D's first token, the two go out together (vLLM's P/D connector does this by construction: there
+# the decode side emits the first token once it has loaded the KV): the wait moves into the TTFT,
+# which has its own, larger target. The router holds only what keeps the TTFT within it.
+HOLD_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class HandoffGap:
+    """What a router learns of the gap between a handed-off request's first token (P's answer, in
+    its hands) and its second (D's first message): the transfer of the prompt tokens D lacks, at a
+    rate learned from the transfers D reports (``PullStats``: tokens moved, seconds), plus the rest
+    (D's step, the calls), learned as the gap seen less the transfer. Both exponentially weighted:
+    each observation counts ``decay`` times the one before."""
+
+    decay: float = 0.9
+    num_tokens: float = 0.0  # weighted sums over the observations
+    transfer_s: float = 0.0
+    rest_s: float = 0.0
+    weight: float = 0.0
+
+    def observe(self, num_tokens: int, transfer_s: float, gap_s: float) -> None:
+        d = self.decay
+        self.num_tokens = d * self.num_tokens + num_tokens
+        self.transfer_s = d * self.transfer_s + transfer_s
+        self.rest_s = d * self.rest_s + max(0.0, gap_s - transfer_s)
+        self.weight = d * self.weight + 1.0
+
+    def predict(self, num_tokens: int) -> float | None:
+        """The gap for a handoff of ``num_tokens`` tokens; None before any observation."""
+        if self.weight <= 0:
+            return None
+        per_token_s = self.transfer_s / self.num_tokens if self.num_tokens > 0 else 0.0
+        return num_tokens * per_token_s + self.rest_s / self.weight
+
+
+def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float) -> float:
+    """How long the router may hold a handed-off request's first token for the decode worker's
+    first (then both go out; past it the first goes out alone); 0: send it at once.
+
+    ``ttft_headroom_s``: the TTFT target less the time the request has taken so far, the most it
+    may be held. ``auto`` holds when the predicted gap exceeds the ITL target and fits in that
+    headroom; ``on`` whenever there is headroom; ``off`` never."""
+    if mode not in HOLD_MODES:
+        raise ValueError(f"unknown first_token_hold {mode!r}; expected one of {HOLD_MODES}")
+    if mode == "off" or ttft_headroom_s <= 0:
+        return 0.0
+    if mode == "auto" and (predicted_gap_s is None or not itl_slo_s < predicted_gap_s <= ttft_headroom_s):
+        return 0.0
+    return ttft_headroom_s

@@ -35,6 +35,7 @@ from router.errors import InvalidRequestError, NoWorkersError, WorkerFailedError
 from router.inflight import Ticket, inflight_to_pb, sum_peers
 from router.metrics import (
     DECISION_SECONDS,
+    FIRST_TOKENS_HELD,
     KV_AHEAD_GIVEN_UP,
     KV_INDEXED_BLOCKS,
     KV_OVERLAP_BLOCKS,
@@ -114,6 +115,7 @@ class _Call:
     plan: RoutePlan
     ticket: Ticket  # the request's share of its decode worker's in-flight load
     first: pb.PrefillResponse | None = None  # the remote prefill's answer
+    first_at: float = 0.0  # when it came (perf_counter): the start of the first-to-second-token gap
     handle: pb.KVHandle | None = None  # held on a prefill worker until a decode worker has its blocks
     streamed: bool = False  # a decode worker sent tokens: no retry elsewhere
     # The planned decode worker's Generate, called before the first token went out to the client
@@ -154,6 +156,8 @@ class RequestFlow:
         # (decode, prefill) worker pairs whose decode worker refused a handle sent ahead (it pulls
         # from that prefill worker): they get the whole handle only.
         self._no_ahead: set[tuple[str, str]] = set()
+        # The first-to-second-token gap of handoffs, as seen (first_token_hold: policy.first_token_hold_s).
+        self.handoff_gap = policy.HandoffGap()
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -190,6 +194,7 @@ class RequestFlow:
         call = _Call(request_id, prompt_ids, sampling, priority, route or Route(), plan, ticket)
         call.route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
         try:
+            first: Delta | None = None
             if plan.prefill is not None:
                 self._send_handle_ahead(call, plan.prefill.worker_id)
                 call.first = await self._prefill(call, plan.prefill)
@@ -198,25 +203,30 @@ class RequestFlow:
                     call.early = None
             ROUTE_DECISIONS.labels(path="remote" if call.first is not None else "local").inc()
             if call.first is not None:
-                call.route.timings_ms["prefill"] = (time.perf_counter() - t0) * 1000
+                call.first_at = time.perf_counter()
+                call.route.timings_ms["prefill"] = (call.first_at - t0) * 1000
                 trace.mark(request_id, "r.prefill_ans")
                 if call.first.HasField("handle"):  # from now on unpinned if nobody pulls it
                     call.handle = call.first.handle
-                delta = delta_from_pb(call.first.outputs[0])
+                first = delta_from_pb(call.first.outputs[0])
                 if call.early is not None and call.early.done() and await call.early.code() != grpc.StatusCode.OK:
                     self._refused_ahead(call, await call.early.code())
                     call.early = None  # the handle sent ahead was refused (or the worker failed): call anew
-                if delta.finish_reason is None and call.handle is not None and call.early is None:
+                if first.finish_reason is None and call.handle is not None and call.early is None:
                     await self._call_decode_early(call)
-                trace.mark(request_id, "r.first_yield")
                 permit.release()
-                yield delta
-                if delta.finish_reason is not None or call.handle is None:
+                if first.finish_reason is not None or call.handle is None:
+                    trace.mark(request_id, "r.first_yield")
+                    yield first
                     yield usage_from_pb(call.first.usage)
                     return
-            async with contextlib.aclosing(self._decode(call)) as items:  # closed with this one, at once
+            stream = self._decode(call) if first is None else self._first_then_decode(call, first, t0)
+            async with contextlib.aclosing(stream) as items:  # closed with this one, at once
                 marked = not trace.enabled
                 async for item in items:
+                    if item is first:  # the prefill's token: its prompt was charged, the token is not
+                        yield item
+                        continue
                     if not marked:
                         trace.mark(request_id, "r.second_yield")
                         marked = True
@@ -351,6 +361,38 @@ class RequestFlow:
                                             f"{e.code().name if rpc else 'hung' if hung else e}") from None
             decision = None
 
+    async def _first_then_decode(self, call: _Call, first: Delta, t0: float) -> AsyncIterator[Delta | Usage]:
+        """The prefill's first token, then the decode worker's stream. The first token is sent at
+        once, or held (``policy.first_token_hold_s``) until the decode worker's first message and
+        sent with it, or alone when the hold runs out first (the TTFT target)."""
+        decoded = self._decode(call)
+        pending: asyncio.Future | None = None
+        try:
+            missing = len(call.prompt_ids) - call.plan.decode.overlap_blocks * self.tiers["decode"].block_size
+            hold_s = policy.first_token_hold_s(
+                self.cfg.first_token_hold, self.handoff_gap.predict(missing), self.cfg.itl_slo_ms / 1000,
+                self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0))
+            if hold_s > 0:
+                trace.mark(call.request_id, "r.hold")
+                pending = asyncio.ensure_future(anext(decoded, None))  # D's first message, read meanwhile
+                done, _ = await asyncio.wait({pending}, timeout=hold_s)
+                FIRST_TOKENS_HELD.labels(reason="with_decode" if done else "deadline").inc()
+            trace.mark(call.request_id, "r.first_yield")
+            yield first
+            if pending is not None:
+                item, pending = await pending, None  # D's failure surfaces here, after the first token, as unheld
+                if item is None:
+                    return
+                yield item
+            async for item in decoded:
+                yield item
+        finally:
+            if pending is not None:  # the client left while D's first message was awaited
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+            await decoded.aclose()
+
     def _send_handle_ahead(self, call: _Call, prefill_worker: str) -> None:
         """Call the planned decode worker while the prompt prefills, with a handle sent ahead (the
         prefill worker's address and transport, no blocks nor first token yet): it allocates the
@@ -455,6 +497,9 @@ class RequestFlow:
                         call.route.recomputed = msg.pull.recomputed
                         if not msg.pull.recomputed and msg.pull.num_pulled_blocks:
                             HANDOFFS.add(msg.pull.pull_ms / 1000)
+                        if not msg.pull.recomputed and call.first_at:
+                            self.handoff_gap.observe(msg.pull.num_pulled_blocks * self.tiers["decode"].block_size,
+                                                     msg.pull.pull_ms / 1000, time.perf_counter() - call.first_at)
                     for out in msg.outputs:
                         call.streamed = True
                         call.ticket.prefilled()

@@ -188,6 +188,11 @@ ROUTER_KV_AHEAD_GIVEN_UP = _define("tandem_router_kv_ahead_given_up_total", "cou
                                    "Calls with a handle sent ahead that sent nothing within kv_pull_timeout_s (+ a "
                                    "grace) of the prefill's answer: cancelled, the decode worker called again whole",
                                    "router")
+ROUTER_FIRST_TOKENS_HELD = _define(
+    "tandem_router_first_tokens_held_total", "counter",
+    "Handed-off requests whose first token the router held for the decode worker's first (first_token_hold), by "
+    "how it went out: with_decode (with the decode worker's first), deadline (alone, at the TTFT target)", "router",
+    ("reason",))
 # ---- router: the planner's last decision, read from etcd (every router, planner running or not) -----
 ROUTER_PLANNER_DESIRED = _define("tandem_router_planner_desired_workers", "gauge",
                                  "The replicas the planner's last decision in etcd wants per tier (PlannerDecision)",

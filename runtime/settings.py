@@ -123,6 +123,10 @@ class ClusterConfig:
     max_local_prefill_tokens: int = _field(
         64, "prompts needing more new tokens than this are prefilled on the prefill tier"
     )
+    first_token_hold: str = _field(
+        "auto", "router: a handed-off request's first token (the prefill worker's) waits for the decode worker's first "
+        "and goes out with it: auto (when the predicted KV handoff and decode step exceed itl_slo_ms and the wait "
+        "keeps the TTFT within ttft_slo_ms), on (every handoff, within ttft_slo_ms), off (sent at once)")
     max_body_bytes: int = _field(4 << 20, "largest HTTP request body the router accepts")
     http_read_timeout_s: float = _field(
         15.0, "HTTP: a request's head must arrive within this of its first byte (or of the connection), and "
@@ -287,6 +291,8 @@ class ClusterConfig:
             fail("async_scheduling", "must be auto, on or off")
         if self.async_scheduling == "on" and self.engine == "sim":
             fail("async_scheduling", "needs the torch engine (the sim samples on the host)")
+        if self.first_token_hold not in ("auto", "on", "off"):
+            fail("first_token_hold", "must be auto, on or off")
         if self.routing_policy not in ("kv", "round_robin", "random", "least_loaded"):
             fail("routing_policy", "must be kv, round_robin, random or least_loaded")
         if self.kv_index_ttl_s <= 0:

@@ -8,7 +8,7 @@ Events of a disaggregated request, in order: ``r.plan`` (router), ``p.recv``, ``
 ``p.pushkv``, ``p.pushed``, ``d.landed``, ``d.ready`` (the engine took the blocks),
 ``d.launch1`` (the first step computing it), ``d.out1`` (its token applied), ``d.msg1``,
 ``r.msg1`` (the router got it), ``r.first_yield`` / ``r.second_yield`` (handed to the client's
-stream)."""
+stream; a first token held: ``r.hold``, then ``r.msg1`` before ``r.first_yield``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,11 @@ serve it: before any worker, ``/v1/models`` is empty and ``/health`` (and gRPC h
 ready; in disaggregated mode a decode worker alone is not enough; and the very first completion
 sent the moment the model is listed succeeds (no 503 window). Real etcd, a real router process
 and real worker processes (the sim engine: the real block manager, scheduler and gRPC service,
-the default model's tokenizer and shape, no forward pass)."""
+the default model's tokenizer and shape, no forward pass).
+
+The same 1P+1D cluster then checks the router's first-token hold (``first_token_hold``), forced
+on: a handed-off prompt's first token leaves the router only once the decode worker's first has
+come (the router's trace and its counter), where a router with the hold off sends it first."""
 
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ START_TIMEOUT_S = 240.0
 class Proc:
     """A tandem process whose ``TANDEM_READY`` line is read in the background."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], **env_extra: str) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **env_extra)
         self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.ready: dict[str, Any] | None = None
@@ -74,7 +78,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Path, list[Proc]]]:
         config.write_text(json.dumps({
             "etcd_endpoints": [etcd.endpoint], "namespace": f"ready{os.getpid()}", "mode": "disaggregated",
             "engine": "sim", "kv_cache_gib": 0.25, "transport": "tcp", "lease_ttl_s": 2, "port": free_port(),
-            "grpc_port": free_port(), "max_local_prefill_tokens": 16}))
+            "grpc_port": free_port(), "max_local_prefill_tokens": 16, "first_token_hold": "on"}))
         try:
             yield config, procs
         finally:
@@ -109,7 +113,7 @@ def wait_for(check: Any, what: str, timeout_s: float = START_TIMEOUT_S) -> Any:
 
 def test_model_listed_only_when_servable_and_no_503_after(cluster: tuple[Path, list[Proc]]) -> None:
     config, procs = cluster
-    router = Proc(["-m", "router", "--config", str(config)])
+    router = Proc(["-m", "router", "--config", str(config)], TANDEM_TRACE_DIR=str(config.parent / "trace"))
     procs.append(router)
     ready = router.wait_ready()
     http, grpc_target = ready["http"], ready["grpc"]
@@ -143,3 +147,49 @@ def test_model_listed_only_when_servable_and_no_503_after(cluster: tuple[Path, l
     assert requests.get(f"{http}/health", timeout=10).status_code == 200 and grpc_serving(grpc_target)
     listed = requests.get(f"{http}/v1/models", timeout=10).json()["data"][0]
     assert listed["id"] == name == "SmolLM2-135M-Instruct" and listed["max_model_len"] == 8192
+
+    check_first_token_hold(config, procs, router, http, name)
+
+
+def handoff_events(trace_dir: Path, router: Proc) -> list[str]:
+    """The router's trace events of its one handed-off request, in order."""
+    events: dict[str, list[str]] = {}
+    for line in (trace_dir / f"{router.proc.pid}.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        events.setdefault(e["rid"], []).append(e["ev"])
+    (handed_off,) = [evs for evs in events.values() if "r.prefill_ans" in evs]
+    return handed_off
+
+
+def streamed_long_prompt(http: str, model: str) -> None:
+    body = {"model": model, "prompt": "lorem ipsum dolor " * 40, "max_tokens": 4, "temperature": 0, "stream": True}
+    with requests.post(f"{http}/v1/completions", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200, resp.text
+        frames = [line for line in resp.iter_lines() if line]
+    assert frames[-1] == b"data: [DONE]" and len(frames) == 5, frames  # 4 tokens
+
+
+def held(http: str, reason: str) -> float:
+    text = requests.get(f"{http}/metrics", timeout=10).text
+    line = f'tandem_router_first_tokens_held_total{{reason="{reason}"}} '
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def check_first_token_hold(config: Path, procs: list[Proc], router: Proc, http: str, model: str) -> None:
+    """A prompt over max_local_prefill_tokens, handed off: the router holding its first token
+    (``first_token_hold`` on) sends it after the decode worker's first message came (``r.msg1``
+    before ``r.first_yield``), counted; a second router with the hold off sends it before."""
+    streamed_long_prompt(http, model)
+    events = handoff_events(config.parent / "trace", router)
+    assert "r.prefill_ans" in events and "r.hold" in events, events
+    assert events.index("r.msg1") < events.index("r.first_yield"), events
+    assert (held(http, "with_decode"), held(http, "deadline")) == (1.0, 0.0)
+    plain = Proc(["-m", "router", "--config", str(config), "--first-token-hold", "off", "--port", str(free_port()),
+                  "--grpc-port", str(free_port())], TANDEM_TRACE_DIR=str(config.parent / "trace"))
+    procs.append(plain)
+    plain_http = plain.wait_ready()["http"]
+    wait_for(lambda: models(plain_http), "the second router to list the model")
+    streamed_long_prompt(plain_http, model)
+    events = handoff_events(config.parent / "trace", plain)
+    assert "r.hold" not in events and events.index("r.first_yield") < events.index("r.msg1"), events
+    assert held(plain_http, "with_decode") == 0.0
