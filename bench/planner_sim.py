@@ -14,7 +14,10 @@ What is modelled, after the real code:
   in chunks, mixed with the decodes;
 - the router: ``router.policy`` (the KV-aware cost, the saturation test) picks the workers; the
   first token comes from the prefill worker; the decode worker pulls the prompt's KV
-  (``kv_gbps``, one pull per request) before its first decode step;
+  (``kv_gbps``, one pull per request) before its first decode step; the router's first-token
+  hold (``first_token_hold``: ``policy.first_token_hold_s`` on the gap ``policy.HandoffGap``
+  learns from the handoffs seen, as the router does) keeps the first token until the decode
+  worker's first, or until the TTFT target if that comes first;
 - the launcher: a new worker serves ``startup_s`` after it is started; a drained worker takes no
   new request and frees its GPU when it has finished what it holds; a switching worker does the
   same and serves the other tier ``switch_s`` later.
@@ -51,6 +54,7 @@ class SimConfig:
     kv_gbps: float = 50.0  # one pull's bandwidth, GB/s (a 400 Gb/s RDMA NIC per GPU)
     kv_latency_s: float = 0.002
     max_local_prefill_tokens: int = 64
+    first_token_hold: str = "auto"  # the router's setting (runtime.settings): auto, on, off
     # the router prefills on the decode worker when every prefill worker has more than this queued
     # (router/core.py: 8 x max_num_batched_tokens); 0: that rule
     prefill_queue_limit_tokens: int = 0
@@ -58,6 +62,17 @@ class SimConfig:
     switch_s: float = 2.0
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
+
+
+def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
+    """Whether a handed-off request's first-to-second-token gap (``gap_s``: the KV pull and one
+    decode step) alone fails its p99 ITL whatever the deployment: the gap is over the ITL target,
+    the answer has too few gaps (< 101) for the 99th percentile to leave that one out, and the
+    router's first-token hold does not absorb it (off, or the gap does not fit in the TTFT left
+    after the prefill's ``prefill_s``). For ``bench/planner.py``'s ``infeasible()``."""
+    if num_gaps <= 0 or num_gaps != math.ceil(0.99 * num_gaps) or gap_s <= cfg.itl_s:
+        return False
+    return cfg.first_token_hold == "off" or prefill_s + gap_s > cfg.ttft_s
 
 
 class StepModel:
@@ -90,6 +105,9 @@ class Req:
     rejected: bool = False
     decode_worker: str = ""
     infeasible: bool = False  # no deployment meets its TTFT: bench.planner.infeasible()
+    handoff_t: float = math.nan  # handed off: when the prefill's first token came (till the decode's first)
+    transfer_s: float = math.nan  # its KV pull (nan: recomputed on the decode worker)
+    hold_until: float = math.nan  # its first token held at the router until the decode's first, at most till this
 
     @property
     def finished(self) -> bool:
@@ -141,6 +159,7 @@ class Simulation:
     num_inflight: int = 0
     seq: itertools.count = field(default_factory=itertools.count)
     rng_turn: itertools.count = field(default_factory=itertools.count)
+    handoff_gap: policy.HandoffGap = field(default_factory=policy.HandoffGap)  # the router's, learned
 
     def push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -209,6 +228,27 @@ class Simulation:
             prefill.unpin(req.arrival.isl, now)
         else:
             self.push(landed, "pulled", (target, prefill, req))
+        req.handoff_t = now
+        req.transfer_s = math.nan if landed is None else landed - now
+        hold_s = policy.first_token_hold_s(self.cfg.first_token_hold, self.handoff_gap.predict(req.arrival.isl),
+                                           self.cfg.itl_s, self.cfg.ttft_s - req.ttft)
+        if hold_s > 0:  # the TTFT is known at the decode worker's first token; until then, its bound
+            req.hold_until = now + hold_s
+            req.ttft = req.hold_until - req.arrival.t
+
+    def decode_token(self, req: Req, t: float) -> None:
+        """A decode worker plans a step that samples a token of ``req`` at ``t`` (called when the
+        step is planned, in the closed form as one at a time, so both see the same): the first after
+        a handoff ends the router's view of the handoff (learned), and its hold: the held first
+        token went out with it, or alone at the hold's end if that came first."""
+        if math.isnan(req.handoff_t):
+            return
+        if not math.isnan(req.transfer_s):
+            self.handoff_gap.observe(req.arrival.isl, req.transfer_s, t - req.handoff_t)
+        if not math.isnan(req.hold_until):
+            req.last_t = min(t, req.hold_until)
+            req.ttft = req.last_t - req.arrival.t
+        req.handoff_t = req.hold_until = math.nan
 
     def finished(self, req: Req, now: float) -> None:
         req.done_t = now

@@ -325,6 +325,8 @@ class Worker:
             if k >= 1:
                 t0 = self.sim.model.time([], n, self.sum_ctx + n)
                 slope = self.sim.model.time([], n, self.sum_ctx + 2 * n) - t0
+                for s in decoding:
+                    self.sim.decode_token(s.req, now + t0)  # (as the step is planned, as _slow_step does)
                 self.log.append(self.steps, now, k, t0, slope)
                 self.plan = (k,)
                 self.busy = True
@@ -427,6 +429,9 @@ class Worker:
         decodes = [s for s, t in plan if s.prefill_left == 0]
         kv = sum(s.ctx + 1 for s in decodes)
         dt = self.sim.model.time(chunks, len(decodes), kv)
+        for s, t in plan:
+            if s.prefill_left <= t:  # the step samples a token for it
+                self.sim.decode_token(s.req, now + dt)
         self.plan = tuple(plan)
         self.log.append(self.steps, now, 1, dt, 0.0)
         self._record(dt, sum(t for t, _ in chunks), len(decodes), kv)
