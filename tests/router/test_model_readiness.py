@@ -161,8 +161,9 @@ def handoff_events(trace_dir: Path, router: Proc) -> list[str]:
     return handed_off
 
 
-def streamed_long_prompt(http: str, model: str) -> None:
-    body = {"model": model, "prompt": "lorem ipsum dolor " * 40, "max_tokens": 4, "temperature": 0, "stream": True}
+def streamed_long_prompt(http: str, model: str, words: str) -> None:
+    """A prompt of 120 words, 4 tokens streamed back."""
+    body = {"model": model, "prompt": words * 40, "max_tokens": 4, "temperature": 0, "stream": True}
     with requests.post(f"{http}/v1/completions", json=body, stream=True, timeout=60) as resp:
         assert resp.status_code == 200, resp.text
         frames = [line for line in resp.iter_lines() if line]
@@ -179,7 +180,7 @@ def check_first_token_hold(config: Path, procs: list[Proc], router: Proc, http: 
     """A prompt over max_local_prefill_tokens, handed off: the router holding its first token
     (``first_token_hold`` on) sends it after the decode worker's first message came (``r.msg1``
     before ``r.first_yield``), counted; a second router with the hold off sends it before."""
-    streamed_long_prompt(http, model)
+    streamed_long_prompt(http, model, "lorem ipsum dolor ")
     events = handoff_events(config.parent / "trace", router)
     assert "r.prefill_ans" in events and "r.hold" in events, events
     assert events.index("r.msg1") < events.index("r.first_yield"), events
@@ -189,7 +190,7 @@ def check_first_token_hold(config: Path, procs: list[Proc], router: Proc, http: 
     procs.append(plain)
     plain_http = plain.wait_ready()["http"]
     wait_for(lambda: models(plain_http), "the second router to list the model")
-    streamed_long_prompt(plain_http, model)
+    streamed_long_prompt(plain_http, model, "sit amet elit ")  # (not the one D has cached: handed off too)
     events = handoff_events(config.parent / "trace", plain)
     assert "r.hold" not in events and events.index("r.first_yield") < events.index("r.msg1"), events
     assert held(plain_http, "with_decode") == 0.0
