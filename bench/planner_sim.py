@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from dataclasses import dataclass, field
 
 from bench.planner_worker import Worker
@@ -55,6 +56,7 @@ class SimConfig:
     kv_latency_s: float = 0.002
     max_local_prefill_tokens: int = 64
     first_token_hold: str = "auto"  # the router's setting (runtime.settings): auto, on, off
+    seed: int = 0  # the router's random tie-breaks between equally good workers
     # the router prefills on the decode worker when every prefill worker has more than this queued
     # (router/core.py: 8 x max_num_batched_tokens); 0: that rule
     prefill_queue_limit_tokens: int = 0
@@ -159,7 +161,11 @@ class Simulation:
     num_inflight: int = 0
     seq: itertools.count = field(default_factory=itertools.count)
     rng_turn: itertools.count = field(default_factory=itertools.count)
+    rng: random.Random = field(init=False)
     handoff_gap: policy.HandoffGap = field(default_factory=policy.HandoffGap)  # the router's, learned
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.cfg.seed)  # (the process-wide one made two runs of a replay differ)
 
     def push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -194,13 +200,14 @@ class Simulation:
             self.workers[choice.worker_id].add_local(req, now)
             return
         overlaps = {w.id: w.cached_tokens(req.arrival.hashes, req.arrival.isl) // BLOCK for w in prefill}
-        pick = policy.choose("kv", req.arrival.isl, overlaps, prefill_loads, BLOCK)
+        pick = policy.choose("kv", req.arrival.isl, overlaps, prefill_loads, BLOCK, rng=self.rng)
         self.workers[pick.worker_id].add_job(req, now)
 
     def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
         loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
                                    num_active_blocks=policy.blocks(w.kv_now(now), BLOCK)) for w in decode]
-        decision = policy.choose("kv", req.arrival.isl, {}, loads, BLOCK, max_local_prefill_tokens=max_local)
+        decision = policy.choose("kv", req.arrival.isl, {}, loads, BLOCK, max_local_prefill_tokens=max_local,
+                                 rng=self.rng)
         assert decision is not None
         return decision
 
