@@ -16,8 +16,10 @@ def drains(decision, role):
 
 
 def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
-    # prefill capacity at 1000-token prompts: 9090.9 tok/s busy x min(0.8, M/M/1 bound: slack 1.89 s over
-    # 0.11 s service -> 0.945) = 7272.7 tok/s; 20 req/s x 1000 tokens = 20000 tok/s -> 2.75 -> 3 workers.
+    # prefill at 1000-token prompts: 0.11 s busy each, 20 req/s -> a load of 2.2 workers, one pooled queue
+    # (M/M/c) whose waits must stay within 2 - 0.11 = 1.89 s for 99% of the prompts: 2 workers cannot
+    # hold it; 3: Erlang C(3, 2.2) = 0.5422, tail ln(0.5422) - 0.8 x 1.89 / 0.11 = -14.357 <= ln 0.01 =
+    # -4.605; the part of the third worker needed: 2.2 + 0.8 x 4.605 / 14.357 = 2.4566 -> 3 workers.
     # decode: context 1000 + 500/2 = 1250; the largest batch under 50 ms: 0.01 + 1e-4 n + 1.25e-5 n <= 0.05
     # -> n = 355, capped at max_num_seqs 100: step 0.01 + 0.01 + 0.00125 = 0.02125 s, 4705.9 tok/s x 0.8 = 3764.7;
     # 20 req/s x 500 tokens = 10000 tok/s -> 2.66 -> 3 workers.
@@ -26,19 +28,21 @@ def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
     assert (d.num_prefill, d.num_decode) == (3, 3)
     assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
     forecast = next(r for r in d.reasons if r.code == "forecast")
-    assert math.isclose(forecast.values["prefill_need"], 20000 / 7272.72, rel_tol=1e-3)
+    assert math.isclose(forecast.values["prefill_need"], 2.4566, rel_tol=1e-3)
     assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8), rel_tol=1e-3)
 
 
 def test_throughput_mode_scales_down_only_past_the_band() -> None:
-    # need 2.75 prefill workers with 3 serving: ceil(2.75 / 0.9) = 4 > 3 -> stay at 3. At 12 req/s the
-    # need is 1.65: ceil(1.65 / 0.9) = 2 -> drain one (the least loaded: p1, nothing running).
+    # need 2.457 prefill workers with 3 serving (test above): ceil(2.457 / 0.9) = 3 -> stay at 3. At 12 req/s
+    # (a load of 1.32): 2 workers hold the tail (C(2, 1.32) = 0.5248, ln 0.5248 - 0.68 x 17.18 = -12.33), the
+    # need is 1.32 + 0.68 x 4.605 / 12.33 = 1.574: ceil(1.574 / 0.9) = 2 -> drain one.
     planner = Planner(config(), profile())
     workers = tier("prefill", 3) + tier("decode", 3)
     d = planner.tick(observe(10.0, workers, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
     busy = [w if w.worker_id != "p0" else type(w)(**{**vars(w), "num_running": 3}) for w in workers]
-    # 14.2 req/s: need 1.95 -> 2 would do, but ceil(1.95 / 0.9) = 3: stay (a demand near 2 does not flap)
+    # 14.2 req/s (a load of 1.562): need 1.562 + 0.438 x 4.605 / 7.904 = 1.817 -> 2 would do, but
+    # ceil(1.817 / 0.9) = 3: stay (a demand near 2 does not flap)
     d = planner.tick(observe(30.0, busy, window(14.2, 1000, 500)))
     assert d.num_prefill == 3 and not drains(d, "prefill")
     # 12 req/s: need 1.65 -> ceil(1.65 / 0.9) = 2: one worker fewer, on the second such tick (the least
@@ -260,3 +264,27 @@ def test_both_mode_throughput_is_the_floor_and_load_scales_above_it() -> None:
     hot = tier("prefill", 3) + tier("decode", 3, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
     d = planner.tick(observe(40.0, hot, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 8)
+
+
+def test_load_mode_sizes_a_ramp_for_the_rate_a_start_up_ahead() -> None:
+    # arrivals ramp 8, 10, 12, 14 req/s of 1000 tokens onto 2 prefill workers that keep up (no queue; one
+    # alone would be over 0.8: no down). Today's rate never saturates them (14 x 1000 x 1.1e-4 / 2 = 0.77 <
+    # 0.9). A start takes 30 s (3 ticks): the
+    # Kalman trend's rate then (its own figure) puts each worker over 0.9 once it passes 0.9 x 2 / 0.11 =
+    # 16.4 req/s: up on that tick and not before, to ceil(lead x 0.11 / 0.8) workers.
+    from planner.predictors import make_predictor
+
+    planner = Planner(config(mode="load", predictor="kalman", horizon_s=30.0), profile())
+    trend = make_predictor("kalman")
+    for i, rate in enumerate((8.0, 10.0, 12.0, 14.0)):
+        workers = tier("prefill", 2, tokens_per_s=rate * 1000 / 2) + tier("decode", 1)
+        d = planner.tick(observe(10.0 * (i + 1), workers, window(rate, 1000, 10)))
+        trend.observe(rate)
+        lead = trend.predict(3)
+        if lead <= 0.9 * 2 / 0.11:
+            assert not starts(d, "prefill")
+        else:
+            break
+    assert lead > 16.4 and rate <= 14.0
+    assert d.num_prefill == math.ceil(lead * 0.11 / 0.8 - 1e-9) > 2
+    assert "ttft-over-slo" in d.codes()
