@@ -44,10 +44,12 @@ class ThroughputModel:
         self.profile = profile
         kind, window = config.predictor, config.predictor_window
         self.rate = make_predictor(kind, window)
-        # Lengths are means over the requests that finished in one interval: few, and the short
-        # ones first; they swing from interval to interval without a trend to follow. Averaged.
-        self.isl = MovingAverage(config.length_window)
-        self.isl_p95 = MovingAverage(config.length_window)
+        # Answer lengths are means over the requests that finished in one interval: few, and the
+        # short ones first; they swing from interval to interval without a trend to follow.
+        # Averaged. Prompt lengths are the window's arrivals' (``planner.view``): the last window's,
+        # so that a shift of the mix frees the prefill tier's workers within a tick, not six.
+        self.isl = MovingAverage(1)
+        self.isl_p95 = MovingAverage(1)
         self.osl = MovingAverage(config.length_window)
         self.hit_rate = MovingAverage(window)
         self._low_ticks = {"prefill": 0, "decode": 0}

@@ -288,3 +288,15 @@ def test_load_mode_sizes_a_ramp_for_the_rate_a_start_up_ahead() -> None:
     assert lead > 16.4 and rate <= 14.0
     assert d.num_prefill == math.ceil(lead * 0.11 / 0.8 - 1e-9) > 2
     assert "ttft-over-slo" in d.codes()
+
+
+def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> None:
+    # 10000-token prompts, then 100-token ones: the next forecast is the last window's arrivals' 100 tokens
+    # (not 5050, the mean of both), so the prefill need drops at once: 20 x 100 / 9090.9 = a load of 0.22
+    # that one worker holds (need 0.22 + 0.78 x 4.6 / 141.9 = 0.245), not the 12+ workers of 5050 tokens.
+    planner = Planner(config(), profile())
+    workers = tier("prefill", 1) + tier("decode", 1)
+    planner.tick(observe(10.0, workers, window(20.0, 10000, 100)))
+    planner.tick(observe(20.0, workers, window(20.0, 100, 100)))
+    assert planner.throughput.forecast().isl == 100.0
+    assert math.isclose(planner.throughput.needs()[0], 0.245, rel_tol=0.01)
