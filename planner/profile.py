@@ -32,6 +32,9 @@ from typing import Any
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 MIN_PREFILL_UTILIZATION = 0.3  # a prefill worker is never planned idler, even where the target is out of reach
+# the router prefills on a decode worker once every prefill worker has this many full steps queued
+# (router/core.py: 8 x max_num_batched_tokens): the prefill tier's waits are kept under it too
+SPILL_STEPS = 8
 PREFILL_TTFT_QUANTILE = 0.99  # the share of prompts whose queueing the prefill tier is sized to keep in the slack
 
 
@@ -109,13 +112,17 @@ class Profile:
         prompt to the least loaded worker, so the tier is one queue served by N workers (M/M/c, not
         N separate M/M/1 queues): :func:`pooled_workers` of the busy load (``rate`` x
         :meth:`prefill_work_s`) with the slack the 95th percentile prompt leaves after its own
-        latency. A target that prompt's latency alone misses plans each worker at 0.3."""
+        latency, or the router's spill point if sooner (a queue of ``SPILL_STEPS`` full steps on
+        every worker sends prompts to the decode workers, whose steps then break the ITL target).
+        A target that prompt's latency alone misses plans each worker at 0.3."""
         load = rate * self.prefill_work_s(isl_mean, isl_p95)
         if load <= 0:
             return 0.0
         longest = isl_p95 if math.isfinite(isl_p95) and isl_p95 > isl_mean else isl_mean
         service_s = self.prefill_work_s(isl_mean, isl_p95)
         slack = ttft_s - self.prefill_latency_s(longest)
+        if slack > 0:  # a wait past the router's spill point sends prompts to the decode tier: its ITL
+            slack = min(slack, SPILL_STEPS * self.max_num_batched_tokens / self.prefill_tokens_per_s(isl_mean))
         if slack <= 0:
             return load / MIN_PREFILL_UTILIZATION
         return pooled_workers(load, service_s, slack, quantile)
