@@ -47,8 +47,8 @@ def test_throughput_mode_scales_down_only_past_the_band() -> None:
     # ceil(2.081 / 0.9) = 3: stay
     d = planner.tick(observe(30.0, busy, window(14.2, 1000, 500)))
     assert d.num_prefill == 3 and not drains(d, "prefill")
-    # 12 req/s: need 1.65 -> ceil(1.65 / 0.9) = 2: one worker fewer, on the second such tick (the least
-    # loaded: p1, nothing running)
+    # 11 req/s: need 1.722 -> 2: one worker fewer, on the second such tick (the least loaded: p1, nothing
+    # running)
     d = planner.tick(observe(50.0, busy, window(11.0, 1000, 500)))
     assert d.num_prefill == 3 and not d.actions
     d = planner.tick(observe(70.0, busy, window(11.0, 1000, 500)))
