@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.planner_sim import Req, SimConfig, Simulation, StepModel, router_window
 from bench.planner_workload import SHAPES, TRACE_BLOCK_TOKENS, Workload, load_trace, shape
 from planner import ActionKind, Observation, Planner, PlannerConfig, Profile, WorkerState
-from planner.core import after
-from planner.observations import Traffic
+from planner.core import after, load_order
+from planner.decision import Action, Decision
+from planner.observations import RouterWindow, Traffic
 from planner.throughput import ThroughputModel
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "planner"
@@ -76,6 +77,9 @@ class Bench:
     profile: Profile
     planner: PlannerConfig
     drain_s: float = 600.0  # after the last arrival: how long unfinished requests may take
+    # clients ask for max_tokens = the answer they will get: the routers' requested tokens give the
+    # arrivals' answer length at arrival (the live view's early OSL at its best); False: not known
+    max_tokens_exact: bool = False
 
 
 def clamp(bench: Bench, p: int, d: int) -> tuple[int, int]:
@@ -176,7 +180,7 @@ def infeasible(bench: Bench, w: Workload) -> list[str]:
     return out
 
 
-def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | None,
+def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], planner: Planner | Oracle | None,
            stop_below: float = 0.0, lost: list[bool] | None = None) -> Run:
     """One deployment over the workload. ``stop_below``: give up as soon as the attainment is
     certain to end below it (requests already bad: finished bad, or past the TTFT target without
@@ -200,7 +204,7 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
     while t < end and (t < w.duration_s or sim.num_inflight > 0 or sim.events):
         t += interval
         sim.run_until(t)
-        n_arr = 0
+        n_arr, first = 0, arrived_upto
         while arrived_upto < len(requests) and requests[arrived_upto].arrival.t <= t:
             no_first_token.append(requests[arrived_upto])
             arrived_upto += 1
@@ -219,7 +223,8 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
                   for r in ("prefill", "decode")},
                "gpus": len(workers)}
         if planner is not None and t <= w.duration_s + bench.drain_s:
-            window = router_window(n_arr, [r for r in done if not r.rejected], interval, sim.num_inflight)
+            window = live_window(requests[first:arrived_upto], [r for r in done if not r.rejected], interval,
+                                 sim.num_inflight, bench.max_tokens_exact)
             decision = planner.tick(Observation(t, workers, (window,)))
             counts = {r: sum(1 for x in workers if x.role == r and x.state in (WorkerState.READY, WorkerState.STARTING))
                       for r in ("prefill", "decode")}
@@ -244,6 +249,28 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
     if w.stop_s is not None:
         run.to_minimums_intervals = back_to_minimums(run, w.stop_s, bench.planner, interval)
     return run
+
+
+def live_window(arrived: list[Req], done: list[Req], interval: float, inflight: int, max_tokens_exact: bool = False
+                ) -> RouterWindow:
+    """The interval's router window as the live planner's view builds it (``planner/view.py``):
+    the mean prompt length of the arrivals (the routers count prompt tokens at arrival), its
+    percentiles keeping the finished requests' ratio to their mean; answer lengths and latencies
+    of the finished requests, or (``max_tokens_exact``: each request asked for exactly the answer
+    it gets, so the view's early OSL is the arrivals' mean answer) the arrivals' mean answer length
+    when longer."""
+    window = router_window(len(arrived), done, interval, inflight)
+    if not arrived:
+        return window
+    isl = sum(r.arrival.isl for r in arrived) / len(arrived)
+    ratio = isl / window.isl_mean if window.isl_mean > 0 else math.nan
+    window = replace(window, isl_mean=isl, isl_p50=window.isl_p50 * ratio, isl_p95=window.isl_p95 * ratio)
+    early = sum(r.arrival.osl for r in arrived) / len(arrived)
+    if not max_tokens_exact or early <= window.osl_mean:
+        return window
+    ratio = early / window.osl_mean if window.osl_mean > 0 else math.nan
+    return replace(window, osl_mean=early, osl_p50=window.osl_p50 * ratio if ratio == ratio else early,
+                   osl_p95=window.osl_p95 * ratio if ratio == ratio else early)
 
 
 def apply(sim: Simulation, actions: tuple, now: float) -> None:
@@ -315,10 +342,42 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     first = loads[0] if loads[0][0] > 0 else next((x for x in loads if x[0] > 0), loads[0])
     start = sized(bench, *first, hit)
     for mode in modes:
-        cfg = replace(bench.planner, mode=mode)
-        runs.append(replay(bench, w, f"planner-{mode}", start, Planner(cfg, bench.profile), lost=lost))
+        cfg = replace(bench.planner, mode=mode) if mode != "oracle" else bench.planner
+        planner = Oracle(bench, w) if mode == "oracle" else Planner(cfg, bench.profile)
+        runs.append(replay(bench, w, f"planner-{mode}" if mode != "oracle" else "oracle-at-the-step", start,
+                           planner, lost=lost))
         log(line(runs[-1], bench))
     return runs
+
+
+class Oracle:
+    """The burst's ceiling without idle spare capacity: at each tick it knows the load of the
+    interval that starts then (rate, lengths: the workload's own, no forecast error) and sizes
+    each tier by the static rule (:func:`sized`) for the largest of it and the intervals of the
+    last start-up and tick (so that a sample's noise does not drain a worker it needs again): it
+    scales at the step instant, not before, and its new workers still take the start-up to
+    serve. Stands in for the planner in :func:`replay` (starts and drains only; the least loaded
+    ready worker leaves first)."""
+
+    def __init__(self, bench: Bench, w: Workload) -> None:
+        self.bench = bench
+        self.interval = bench.planner.adjustment_interval_s
+        cfg = bench.planner
+        each = [sized(bench, *x, 0.0) if x[0] > 0 else (cfg.min_prefill, cfg.min_decode)
+                for x in interval_loads(w, self.interval)]
+        h = cfg.horizon_intervals
+        self.sizes = [tuple(max(s[k] for s in each[max(0, i - h):i + 1]) for k in (0, 1)) for i in range(len(each))]
+
+    def tick(self, obs: Observation) -> Decision:
+        i = min(len(self.sizes) - 1, int(obs.now_s // self.interval + 1e-9))
+        want = dict(zip(("prefill", "decode"), self.sizes[i]))
+        actions = []
+        for role in ("prefill", "decode"):
+            live = [x for x in obs.workers if x.role == role and x.state in (WorkerState.READY, WorkerState.STARTING)]
+            actions += [Action(ActionKind.START, role) for _ in range(want[role] - len(live))]
+            ready = sorted((x for x in live if x.state is WorkerState.READY), key=load_order)
+            actions += [Action(ActionKind.DRAIN, role, x.worker_id) for x in ready[:max(0, len(live) - want[role])]]
+        return Decision(obs.now_s, "oracle", want["prefill"], want["decode"], tuple(actions))
 
 
 def best_split(bench: Bench, w: Workload, first: int, lost: list[bool] | None = None) -> Run:
@@ -403,7 +462,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
                             horizon_s=args.startup_s + args.interval_s)
-    return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner)
+    return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner,
+                 max_tokens_exact=args.max_tokens_exact)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,8 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration-s", type=float, default=0.0,
                     help="built-in shapes' length (default: an hour for the sinusoid, 30 minutes for the others)")
     ap.add_argument("--scale", type=float, default=1.0, help="built-in shapes' rate multiplier")
-    ap.add_argument("--modes", default="load,throughput,both")
+    ap.add_argument("--modes", default="load,throughput,both",
+                    help="planner modes, and 'oracle': sized for each interval's own load from the instant it "
+                         "starts, new workers after the start-up (the ceiling without idle spare capacity)")
     ap.add_argument("--predictor", default="kalman", choices=("constant", "moving_average", "kalman", "autoreg"))
+    ap.add_argument("--max-tokens-exact", action="store_true",
+                    help="clients ask for max_tokens = the answer they get: the routers' requested tokens show the "
+                         "arrivals' answer length at arrival (the live view's early OSL at its best; default: "
+                         "answer lengths known only once requests finish)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the fixed-split sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))

@@ -187,7 +187,7 @@ class Planner:
         actions, reasons = [], []
         for r in ROLES:
             tier = [w for w in ready if w.role == r]
-            verdict = self.load.judge(r, tier, isl, traffic.request_rate, traffic.osl_mean)
+            verdict = self.load.judge(r, tier, isl, self._lead_rate(traffic), traffic.osl_mean)
             short = len(tier) + verdict.delta - counts[r] - issued[r] if verdict.delta > 0 else 0
             starts = max(0, min(short, free_slots))
             if starts:
@@ -195,6 +195,16 @@ class Planner:
                 actions += [Action(ActionKind.START, r) for _ in range(starts)]
                 reasons.append(dataclasses.replace(verdict.reason, code="load-up-meanwhile"))
         return actions, reasons
+
+    def _lead_rate(self, traffic: Traffic) -> float:
+        """The arrival rate the load mode sizes its ups for: the routers' now, or the forecast's
+        ``horizon_s`` ahead if higher (on a ramp, a worker started now serves only after its
+        start-up; the load then is what it must meet). Downs do not read it."""
+        rate = traffic.request_rate
+        if self.throughput is None:
+            return rate
+        ahead = self.throughput.rate.predict(self.config.horizon_intervals)
+        return max(rate, ahead) if math.isfinite(ahead) else rate
 
     def _new_isl(self, traffic: Traffic) -> float:
         """New prompt tokens of a typical request: the mean ISL less the prefix cache's share."""
@@ -224,40 +234,49 @@ class Planner:
                 reasons += why
                 want["decode"] = max(floor["decode"], counts["decode"] + verdicts["decode"].delta)
             for r in () if cfg.aggregated else ROLES:
-                verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl, traffic.request_rate,
+                verdicts[r] = self.load.assess(r, [w for w in ready if w.role == r], isl, self._lead_rate(traffic),
                                                traffic.osl_mean)
                 reasons.append(verdicts[r].reason)
                 want[r] = max(floor[r], counts[r] + verdicts[r].delta)
         # what each tier could shrink to when the other needs its GPUs: the forecast's need, without
         # the down band that keeps it from flapping when nobody else needs them
-        need = dict(self.throughput.need) if cfg.mode != "load" and self.throughput is not None else floor
+        need = dict(self.throughput.need) if cfg.mode != "load" and self.throughput is not None else dict(floor)
+        if verdicts and not cfg.aggregated:  # a low tier gives down to what its load needs, not one at a time
+            isl, rate = self._new_isl(traffic), self._lead_rate(traffic)
+            for r in ROLES:
+                if self._low(verdicts[r]):
+                    tier = [w for w in ready if w.role == r]
+                    need[r] = max(need[r], self.load.least(r, tier, isl, rate, traffic.osl_mean))
         return self._clamp(want, need, counts, verdicts, reasons), reasons
 
     def _clamp(self, want: dict[str, int], floor: dict[str, int], counts: dict[str, int],
                verdicts: dict[str, TierLoad], reasons: list[Reason]) -> tuple[int, int]:
-        """``want`` within the budget; ``floor``: the least each tier needs (forecast or minimum)."""
+        """``want`` within the budget; ``floor``: the least each tier needs (forecast or minimum).
+        When one tier grows and the load mode judges the other low, the other gives the workers
+        its load does not need first, budget full or not: a switch serves in seconds, a start
+        after its start-up. (A tier merely able to spare one keeps it while GPUs are free; the
+        throughput mode alone, whose lengths lag a shift of the mix, only switches for the budget.)"""
         cfg = self.config
         want = {r: max(want[r], cfg.minimum(r)) for r in ROLES}
         room = cfg.max_workers
+        growing = [r for r in ROLES if want[r] > counts[r]]
         if want["prefill"] + want["decode"] <= room:
+            if len(growing) == 1 and other_role(growing[0]) in verdicts and self._low(verdicts[other_role(growing[0])]):
+                x, y = growing[0], other_role(growing[0])
+                give = min(want[x] - counts[x], want[y] - self._lowest(y, want, floor, counts, verdicts))
+                if give > 0:
+                    want[y] -= give
+                    reasons.append(Reason("switch-first", x, {"switches": float(give)}))
             return want["prefill"], want["decode"]
         values = {f"want_{r}": float(want[r]) for r in ROLES} | {"max_workers": float(room)}
         if cfg.aggregated:  # one tier: the budget is its ceiling
             reasons.append(Reason("budget-clamp", "decode", values))
             return 0, room
-        growing = [r for r in ROLES if want[r] > counts[r]]
         if len(growing) == 1 and floor["prefill"] + floor["decode"] <= room:
             # One tier needs GPUs the other holds: the other gives what its load allows, a switch.
             x = growing[0]
             y = other_role(x)
-            verdict = verdicts.get(y)
-            if verdict is None or (verdict.delta < 0 and cfg.mode == "both"):
-                lowest = floor[y]  # its load is low (or not assessed): down to what the forecast needs
-            elif verdict.can_spare or verdict.delta < 0:
-                lowest = max(floor[y], counts[y] - 1)
-            else:
-                lowest = want[y]
-            want[y] = max(lowest, min(want[y], room - want[x]))
+            want[y] = max(self._lowest(y, want, floor, counts, verdicts), min(want[y], room - want[x]))
             want[x] = min(want[x], room - want[y])
             reasons.append(Reason("budget-switch", x, values))
             return want["prefill"], want["decode"]
@@ -266,6 +285,27 @@ class Planner:
         prefill = min(max(share, cfg.min_prefill), room - cfg.min_decode)
         reasons.append(Reason("budget-clamp", "", values))
         return prefill, room - prefill
+
+    @staticmethod
+    def _low(verdict: TierLoad | None) -> bool:
+        """A tier whose load would shrink it (or is waiting out the down streak to), or that the
+        load mode does not judge (throughput mode: its forecast need decides)."""
+        return verdict is None or verdict.delta < 0 or verdict.reason.code == "load-low-waiting"
+
+    def _lowest(self, y: str, want: dict[str, int], floor: dict[str, int], counts: dict[str, int],
+                verdicts: dict[str, TierLoad]) -> int:
+        """The fewest workers tier ``y`` keeps when the other tier needs its GPUs: ``floor`` (its
+        forecast need, and when its load is low its load's need, :meth:`LoadModel.least`) when its
+        load is low or not assessed (low: going down, or waiting out the down streak, which only
+        keeps a tier from flapping when nobody else wants its GPUs), one fewer when it can spare
+        one, else all it wants."""
+        verdict = verdicts.get(y)
+        low = self._low(verdict) and verdict is not None
+        if verdict is None or low:
+            return floor[y]
+        if verdict.can_spare or low:
+            return max(floor[y], counts[y] - 1)
+        return want[y]
 
     # ---- actions ---------------------------------------------------------------------------------
     def _free_gpus(self, obs: Observation, workers: list[WorkerStep]) -> int:

@@ -163,19 +163,28 @@ class LoadModel:
             return TierLoad("prefill", -1, can_spare, Reason("load-low", "prefill", values))
         return TierLoad("prefill", 0, can_spare, Reason("load-ok", "prefill", values))
 
-    def prefill_need(self, workers: list[WorkerStep], isl: float, rate: float = 0.0) -> int:
+    def least(self, role: str, workers: list[WorkerStep], isl: float, rate: float, osl: float) -> int:
+        """The fewest workers the tier's load needs (its need without today's count as a floor):
+        what a low tier keeps when the other tier wants its GPUs."""
+        isl, rate = (0.0 if math.isnan(x) else x for x in (isl, rate))
+        if role == "prefill":
+            return self.prefill_need(workers, isl, rate, keep=False)
+        return self.decode_need(workers, rate * osl if math.isfinite(osl) else 0.0)
+
+    def prefill_need(self, workers: list[WorkerStep], isl: float, rate: float = 0.0, keep: bool = True) -> int:
         """Prefill workers the tier needs, from its ready ``workers``' load: the prompt tokens they
         compute per second plus their queue drained within one interval, or ``rate`` prompts of
         ``isl`` new tokens per second if more (a saturated tier's computed tokens understate its
         demand; so does its queue when the router spills prompts to the decode tier), at
         ``max_utilization`` each, and enough workers that the queue spread over them plus one
-        ``isl``-token prompt is computed within the TTFT target. Capped at the budget."""
+        ``isl``-token prompt is computed within the TTFT target. Capped at the budget; at least
+        today's workers unless ``keep`` is False."""
         cfg = self.config
         per_token = self.prefill_time_s(self.budget_tokens) / self.budget_tokens
         queued = sum(float(w.num_queued_prefill_tokens) for w in workers)
         computed = sum(0.0 if math.isnan(w.tokens_per_s) else w.tokens_per_s for w in workers)
         busy = max(computed + queued / cfg.adjustment_interval_s, rate * isl) * per_token  # GPU-s per s
-        need = max(len(workers), math.ceil(busy / cfg.max_utilization - 1e-9))
+        need = max(len(workers) if keep else cfg.min_prefill, math.ceil(busy / cfg.max_utilization - 1e-9), 1)
         while need < cfg.max_workers and self.prefill_time_s(queued / need + isl) > cfg.ttft_slo_s:
             need += 1
         return min(need, cfg.max_workers)

@@ -12,7 +12,8 @@ File format (JSON, one object)::
      "decode": {"batch": [...], "context": [...],  # running sequences, KV tokens per sequence
                 "step_s": [[...], ...]},     # step wall time, step_s[i][j] at batch[i], context[j]
      "capacity": {"ttft_ms": 2000, "itl_ms": 50,  # capacity at these targets (for reading; the
-                  "prefill_tokens_per_s": [...],   # planner recomputes it for its own targets)
+                  "prefill_tokens_per_s": [...],   # planner recomputes it for its own targets;
+                                                   # prefill: each worker of an 8-worker tier)
                   "decode_max_batch": [...], "decode_tokens_per_s": [...]}}
 
 Between swept points values are interpolated linearly (bilinearly on the decode grid); beyond
@@ -31,6 +32,10 @@ from typing import Any
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 MIN_PREFILL_UTILIZATION = 0.3  # a prefill worker is never planned idler, even where the target is out of reach
+# the router prefills on a decode worker once every prefill worker has this many full steps queued
+# (router/core.py: 8 x max_num_batched_tokens): the prefill tier's waits are kept under it too
+SPILL_STEPS = 8
+PREFILL_TTFT_QUANTILE = 0.99  # the share of prompts whose queueing the prefill tier is sized to keep in the slack
 
 
 def interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -100,22 +105,36 @@ class Profile:
         return max(0.0, interp(batch, d.batch, rows))
 
     # ---- capacity at the targets --------------------------------------------------------------
-    def prefill_utilization(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
-        """How busy a prefill worker may be planned and keep the mean TTFT under ``ttft_s``: the
-        utilization at which a queue with exponential service times (M/M/1: mean wait = rho / (1 -
-        rho) x service) plus the prompt's own latency reaches the target, at most ``max_utilization``
-        (at least 0.3, even where the target is out of reach)."""
-        service_s = max(isl, 1.0) / self.prefill_tokens_per_s(isl)
-        slack = ttft_s - self.prefill_latency_s(isl)
+    def prefill_workers(self, rate: float, isl_mean: float, isl_p95: float, ttft_s: float,
+                        quantile: float = PREFILL_TTFT_QUANTILE) -> float:
+        """Prefill workers (fractional) for ``rate`` prompts per second of this length distribution
+        (new tokens) to keep ``quantile`` of their TTFTs under ``ttft_s``. The router sends each
+        prompt to the least loaded worker, so the tier is one queue served by N workers (M/M/c, not
+        N separate M/M/1 queues): :func:`pooled_workers` of the busy load (``rate`` x
+        :meth:`prefill_work_s`) with the slack the 95th percentile prompt leaves after its own
+        latency, or the router's spill point if sooner (a queue of ``SPILL_STEPS`` full steps on
+        every worker sends prompts to the decode workers, whose steps then break the ITL target).
+        A target that prompt's latency alone misses plans each worker at 0.3."""
+        load = rate * self.prefill_work_s(isl_mean, isl_p95)
+        if load <= 0:
+            return 0.0
+        longest = isl_p95 if math.isfinite(isl_p95) and isl_p95 > isl_mean else isl_mean
+        service_s = self.prefill_work_s(isl_mean, isl_p95)
+        slack = ttft_s - self.prefill_latency_s(longest)
+        if slack > 0:  # a wait past the router's spill point sends prompts to the decode tier: its ITL
+            slack = min(slack, SPILL_STEPS * self.max_num_batched_tokens / self.prefill_tokens_per_s(isl_mean))
         if slack <= 0:
-            return MIN_PREFILL_UTILIZATION
-        x = slack / service_s  # rho / (1 - rho) * service <= slack
-        return max(MIN_PREFILL_UTILIZATION, min(max_utilization, x / (1 + x)))
+            return load / MIN_PREFILL_UTILIZATION
+        return pooled_workers(load, service_s, slack, quantile)
 
-    def prefill_capacity(self, isl: float, ttft_s: float, max_utilization: float = 0.8) -> float:
-        """Prompt tokens per second one prefill worker takes at ``isl``-token prompts: its busy
-        throughput times :meth:`prefill_utilization`."""
-        return self.prefill_tokens_per_s(isl) * self.prefill_utilization(isl, ttft_s, max_utilization)
+    def prefill_capacity(self, isl: float, ttft_s: float, workers: int = 8) -> float:
+        """Prompt tokens per second each worker of a ``workers``-worker tier takes at ``isl``-token
+        prompts with :meth:`prefill_workers`' TTFT target met (for reading: the profile's table)."""
+        lo, hi = 0.0, workers * self.prefill_tokens_per_s(isl) / max(isl, 1.0)  # prompts per second
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.prefill_workers(mid, isl, math.nan, ttft_s) <= workers else (lo, mid)
+        return lo * isl / workers
 
     def prefill_work_s(self, isl_mean: float, isl_p95: float = math.nan) -> float:
         """Busy worker-seconds per prompt when prompt lengths are lognormal with this mean and 95th
@@ -194,6 +213,40 @@ class Profile:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def erlang_c(servers: int, load: float) -> float:
+    """The probability that an arrival waits in an M/M/c queue with ``servers`` servers and
+    ``load`` (arrival rate x mean service time, in servers); 1 when ``load`` >= ``servers``."""
+    if load >= servers:
+        return 1.0
+    b = 1.0  # Erlang B, by its recursion B(k) = a B(k-1) / (k + a B(k-1))
+    for k in range(1, servers + 1):
+        b = load * b / (k + load * b)
+    return servers * b / (servers - load * (1 - b))
+
+
+def pooled_workers(load: float, service_s: float, slack_s: float, quantile: float) -> float:
+    """Servers (fractional) one M/M/c queue of ``load`` (in busy servers) with mean service
+    ``service_s`` needs so that a share ``quantile`` of arrivals waits at most ``slack_s``:
+    P(wait > t) = C(c, load) exp(-(c - load) t / service). The smallest integer c that meets it,
+    less the part of the last server not needed (the tail interpolated in log between c - 1, or
+    ``load`` itself where the tail is 1, and c), so that a band above it means a margin."""
+    if load <= 0:
+        return 0.0
+    miss = 1.0 - quantile
+
+    def log_tail(c: float) -> float:
+        if c <= load:
+            return 0.0
+        return math.log(max(erlang_c(int(c), load), 1e-300)) - (c - load) * slack_s / service_s
+
+    c = max(1, math.floor(load) + 1)
+    while log_tail(c) > math.log(miss):
+        c += 1
+    lo = max(float(c - 1), load)
+    t_lo, t_hi = log_tail(lo), log_tail(c)
+    return lo + (c - lo) * (t_lo - math.log(miss)) / (t_lo - t_hi)
 
 
 def lognormal_sigma(mean: float, p95: float) -> float:

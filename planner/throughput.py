@@ -1,11 +1,15 @@
 """Throughput mode: forecast the next interval's request rate, ISL and OSL, and size each tier
 from the profile's per-replica capacity at the TTFT/ITL targets (DistServe/Dynamo style):
 
-    prefill = ceil(rate * prefill work per prompt / planned utilization at the TTFT target)
+    prefill = ceil(workers of one M/M/c queue of rate x prefill work per prompt that keep 99% of
+                   the prompts' waits within the TTFT target less the 95th percentile prompt's latency)
     decode  = ceil(rate * OSL / (decode capacity at context ISL + OSL/2 and the ITL target * max_utilization))
 
 The prefill work per prompt is the profile's busy time averaged over a lognormal fitted to the
-new prompt tokens' mean and p95 (a long tail costs more than its mean: attention). A tier
+new prompt tokens' mean and p95 (a long tail costs more than its mean: attention). The router
+sends each prompt to the least loaded prefill worker, so the tier is one pooled queue: its
+margin is the queueing tail's (``Profile.prefill_workers``), not ``max_utilization`` per worker
+(at 6000-token prompts that cap asked for 9 workers where 7 keep TTFT p99 at 1.2 s). A tier
 shrinks only when its demand fits N-1 workers at ``scale_down_band`` of that capacity: a demand
 near a boundary does not flap between N and N-1.
 
@@ -40,10 +44,12 @@ class ThroughputModel:
         self.profile = profile
         kind, window = config.predictor, config.predictor_window
         self.rate = make_predictor(kind, window)
-        # Lengths are means over the requests that finished in one interval: few, and the short
-        # ones first; they swing from interval to interval without a trend to follow. Averaged.
-        self.isl = MovingAverage(config.length_window)
-        self.isl_p95 = MovingAverage(config.length_window)
+        # Answer lengths are means over the requests that finished in one interval: few, and the
+        # short ones first; they swing from interval to interval without a trend to follow.
+        # Averaged. Prompt lengths are the window's arrivals' (``planner.view``): the last window's,
+        # so that a shift of the mix frees the prefill tier's workers within a tick, not six.
+        self.isl = MovingAverage(1)
+        self.isl_p95 = MovingAverage(1)
         self.osl = MovingAverage(config.length_window)
         self.hit_rate = MovingAverage(window)
         self._low_ticks = {"prefill": 0, "decode": 0}
@@ -81,14 +87,13 @@ class ThroughputModel:
             return 0.0, 0.0, Reason("forecast-idle", "", {"rate": 0.0})  # the minimums
         if math.isnan(f.isl) or math.isnan(f.osl):
             return None
-        new_isl = max(1.0, f.isl * (1 - f.hit_rate))
-        utilization = self.profile.prefill_utilization(new_isl, cfg.ttft_slo_s, cfg.max_utilization)
-        work_s = self.profile.prefill_work_s(new_isl, f.isl_p95 * (1 - f.hit_rate))  # busy seconds per prompt
+        new_isl, new_p95 = max(1.0, f.isl * (1 - f.hit_rate)), f.isl_p95 * (1 - f.hit_rate)
+        work_s = self.profile.prefill_work_s(new_isl, new_p95)  # busy seconds per prompt
         decode_capacity = self.profile.decode_capacity(f.isl + f.osl / 2, cfg.itl_slo_s) * cfg.max_utilization
-        prefill = f.rate * work_s / utilization
+        prefill = self.profile.prefill_workers(f.rate, new_isl, new_p95, cfg.ttft_slo_s)
         decode = f.rate * f.osl / decode_capacity
         values = {"rate": f.rate, "isl": f.isl, "isl_p95": f.isl_p95, "osl": f.osl, "hit_rate": f.hit_rate,
-                  "prefill_work_s": work_s, "prefill_utilization": utilization,
+                  "prefill_work_s": work_s, "prefill_utilization": f.rate * work_s / prefill if prefill else 0.0,
                   "decode_capacity_tokens_per_s": decode_capacity, "prefill_need": prefill, "decode_need": decode}
         return prefill, decode, Reason("forecast", "", values)
 

@@ -47,6 +47,31 @@ def test_load_mode_with_a_full_budget_switches_a_worker_the_other_tier_can_spare
     assert "budget-switch" in d.codes()
 
 
+def test_a_tier_that_grows_takes_the_other_tiers_spare_workers_first_with_gpus_free() -> None:
+    # decode over its ITL SLO (100 sequences of 40000 tokens: 60 ms): +1 (test_planner_modes); 11 GPUs
+    # free. Prefill: 3 nearly idle workers, low (the load mode gives one at a time): switch its idlest, p1
+    # (p2 ties with it, broken by id), rather than start a worker that serves only after its start-up.
+    planner = Planner(config(mode="load", gpu_budget=16), profile())
+    prefill = [worker("p0", "prefill", num_running=1, num_queued_prefill_tokens=100, tokens_per_s=100.0),
+               worker("p1", "prefill", tokens_per_s=10.0), worker("p2", "prefill", tokens_per_s=10.0)]
+    decode = tier("decode", 2, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
+    d = planner.tick(observe(10.0, prefill + decode, window(5.0)))
+    assert kinds(d) == [("switch", "decode", "p1")]
+    assert "switch-first" in d.codes() and (d.num_prefill, d.num_decode) == (2, 3)
+
+
+def test_a_low_tier_gives_the_growing_one_all_its_load_does_not_need_at_once() -> None:
+    # decode: 2 workers over the ITL SLO at 40000-token contexts, 20 req/s x 500 tokens = 10000 tok/s at
+    # 1280 tok/s each (test_planner_modes) -> 8, +6. Prefill: 5 idle workers, 20 prompts/s of 10 tokens
+    # (0.022 busy): its load needs 1 -> the 4 others switch now (ties broken by id), 2 starts for the rest.
+    planner = Planner(config(mode="load", gpu_budget=16), profile())
+    prefill = tier("prefill", 5, tokens_per_s=10.0)
+    decode = tier("decode", 2, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
+    d = planner.tick(observe(10.0, prefill + decode, window(20.0, 10, 500)))
+    assert kinds(d) == [("start", "decode", "")] * 2 + [("switch", "decode", f"p{i}") for i in range(4)]
+    assert (d.num_prefill, d.num_decode) == (1, 8)
+
+
 def test_no_decision_from_nan_or_empty_windows() -> None:
     workers = tier("prefill", 2) + tier("decode", 2)
     for mode in ("throughput", "both", "load"):
@@ -71,12 +96,13 @@ def test_zero_traffic_goes_to_the_minimums_at_once_even_in_the_grace_period() ->
     planner = Planner(config(mode="load", grace_s=1000.0), profile())
     busy = tier("prefill", 4) + tier("decode", 5, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
     first = planner.tick(observe(10.0, busy, window(5.0)))
-    assert first.changes  # a change: the grace period starts
+    assert first.changes  # a change (an idle prefill worker switches to decode): the grace period starts
     idle = tier("prefill", 4) + tier("decode", 6)
     d = planner.tick(observe(20.0, idle, window(0.0)))
     assert (d.num_prefill, d.num_decode) == (1, 1)
+    # all idle: ties broken by id; p0's switch is still pending (counted in decode, not drained twice)
     assert sorted(a.worker_id for a in d.actions if a.kind is ActionKind.DRAIN) == \
-        ["d0", "d1", "d2", "d3", "d4", "p0", "p1", "p2"]  # all idle: ties broken by id
+        ["d0", "d1", "d2", "d3", "d4", "d5", "p1", "p2"]
     assert "zero-traffic" in d.codes()
     # the drains are not reflected yet: nothing is drained twice
     again = planner.tick(observe(30.0, idle, window(0.0)))

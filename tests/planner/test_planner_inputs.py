@@ -7,7 +7,7 @@ import pytest
 from plannerlib import decode_step, profile
 
 from planner.predictors import AutoRegressive, Constant, KalmanTrend, MovingAverage, make_predictor
-from planner.profile import Profile
+from planner.profile import Profile, erlang_c, pooled_workers
 from planner.regression import StepRegression
 
 
@@ -74,6 +74,18 @@ def test_profile_curves_capacities_and_file_round_trip(tmp_path) -> None:
         Profile.load(str(path))
     with pytest.raises(ValueError, match="known"):
         Profile.load("no-such-profile")
+
+
+def test_pooled_prefill_tier_is_sized_by_its_queueing_tail() -> None:
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: an arrival waits with probability rho
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(3, 3.0) == 1.0  # saturated
+    # load 1, service 1 s, slack 1 s, 99%: C(3, 1) = 0.0909 -> ln 0.0909 - 2 x 1 = -4.398 > ln 0.01 = -4.605;
+    # C(4, 1) = 0.02041 -> -3.892 - 3 = -6.892: 4 workers, of which 3 + (4.605 - 4.398) / (6.892 - 4.398)
+    assert pooled_workers(1.0, 1.0, 1.0, 0.99) == pytest.approx(3.0831, abs=2e-4)
+    # a tier of many short prompts runs hotter than one of few: 40 prompts/s of 0.155 s (6.2 busy workers)
+    # with 1.65 s of slack need 7 workers, not the 6.2 / 0.8 = 7.75 -> 8 of a utilization cap
+    assert 6.2 < pooled_workers(6.2, 0.155, 1.65, 0.99) <= 7.0
 
 
 def test_shipped_profiles_load_and_agree_with_the_sim_timing_model() -> None:

@@ -16,8 +16,11 @@ def drains(decision, role):
 
 
 def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
-    # prefill capacity at 1000-token prompts: 9090.9 tok/s busy x min(0.8, M/M/1 bound: slack 1.89 s over
-    # 0.11 s service -> 0.945) = 7272.7 tok/s; 20 req/s x 1000 tokens = 20000 tok/s -> 2.75 -> 3 workers.
+    # prefill at 1000-token prompts: 0.11 s busy each, 20 req/s -> a load of 2.2 workers, one pooled queue
+    # (M/M/c) whose waits must stay, for 99% of the prompts, within 2 - 0.11 = 1.89 s and the router's spill
+    # point, 8 steps of 1000 tokens = 0.88 s: 2 workers cannot hold it; 3: Erlang C(3, 2.2) = 0.5422, tail
+    # ln(0.5422) - 0.8 x 0.88 / 0.11 = -7.012 <= ln 0.01 = -4.605; the part of the third worker needed:
+    # 2.2 + 0.8 x 4.605 / 7.012 = 2.7254 -> 3 workers.
     # decode: context 1000 + 500/2 = 1250; the largest batch under 50 ms: 0.01 + 1e-4 n + 1.25e-5 n <= 0.05
     # -> n = 355, capped at max_num_seqs 100: step 0.01 + 0.01 + 0.00125 = 0.02125 s, 4705.9 tok/s x 0.8 = 3764.7;
     # 20 req/s x 500 tokens = 10000 tok/s -> 2.66 -> 3 workers.
@@ -26,26 +29,29 @@ def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
     assert (d.num_prefill, d.num_decode) == (3, 3)
     assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
     forecast = next(r for r in d.reasons if r.code == "forecast")
-    assert math.isclose(forecast.values["prefill_need"], 20000 / 7272.72, rel_tol=1e-3)
+    assert math.isclose(forecast.values["prefill_need"], 2.7254, rel_tol=1e-3)
     assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8), rel_tol=1e-3)
 
 
 def test_throughput_mode_scales_down_only_past_the_band() -> None:
-    # need 2.75 prefill workers with 3 serving: ceil(2.75 / 0.9) = 4 > 3 -> stay at 3. At 12 req/s the
-    # need is 1.65: ceil(1.65 / 0.9) = 2 -> drain one (the least loaded: p1, nothing running).
+    # need 2.725 prefill workers with 3 serving (test above): ceil(2.725 / 0.9) = 4 > 3 -> stay at 3. At 11
+    # req/s (a load of 1.21): 2 workers hold the tail (C(2, 1.21) = 0.4561, ln 0.4561 - 0.79 x 8 = -7.105), the
+    # need is 1.21 + 0.79 x 4.605 / 7.105 = 1.722: ceil(1.722 / 0.9) = 2 -> drain one.
     planner = Planner(config(), profile())
     workers = tier("prefill", 3) + tier("decode", 3)
     d = planner.tick(observe(10.0, workers, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
     busy = [w if w.worker_id != "p0" else type(w)(**{**vars(w), "num_running": 3}) for w in workers]
-    # 14.2 req/s: need 1.95 -> 2 would do, but ceil(1.95 / 0.9) = 3: stay (a demand near 2 does not flap)
+    # 14.2 req/s (a load of 1.562): 2 workers miss the tail (C(2, 1.562) = 0.685, ln 0.685 - 0.438 x 8 =
+    # -3.882 > -4.605), 3 hold it (C = 0.2595: -1.349 - 1.438 x 8 = -12.853): need 2 + 0.723 / 8.971 = 2.081,
+    # ceil(2.081 / 0.9) = 3: stay
     d = planner.tick(observe(30.0, busy, window(14.2, 1000, 500)))
     assert d.num_prefill == 3 and not drains(d, "prefill")
-    # 12 req/s: need 1.65 -> ceil(1.65 / 0.9) = 2: one worker fewer, on the second such tick (the least
-    # loaded: p1, nothing running)
-    d = planner.tick(observe(50.0, busy, window(12.0, 1000, 500)))
+    # 11 req/s: need 1.722 -> 2: one worker fewer, on the second such tick (the least loaded: p1, nothing
+    # running)
+    d = planner.tick(observe(50.0, busy, window(11.0, 1000, 500)))
     assert d.num_prefill == 3 and not d.actions
-    d = planner.tick(observe(70.0, busy, window(12.0, 1000, 500)))
+    d = planner.tick(observe(70.0, busy, window(11.0, 1000, 500)))
     assert d.num_prefill == 2
     assert drains(d, "prefill") == ["p1"]
 
@@ -260,3 +266,40 @@ def test_both_mode_throughput_is_the_floor_and_load_scales_above_it() -> None:
     hot = tier("prefill", 3) + tier("decode", 3, num_running=100, num_active_kv_tokens=4_000_000, kv_usage=0.4)
     d = planner.tick(observe(40.0, hot, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 8)
+
+
+def test_load_mode_sizes_a_ramp_for_the_rate_a_start_up_ahead() -> None:
+    # arrivals ramp 8, 10, 12, 14 req/s of 1000 tokens onto 2 prefill workers that keep up (no queue; one
+    # alone would be over 0.8: no down). Today's rate never saturates them (14 x 1000 x 1.1e-4 / 2 = 0.77 <
+    # 0.9). A start takes 30 s (3 ticks): the
+    # Kalman trend's rate then (its own figure) puts each worker over 0.9 once it passes 0.9 x 2 / 0.11 =
+    # 16.4 req/s: up on that tick and not before, to ceil(lead x 0.11 / 0.8) workers.
+    from planner.predictors import make_predictor
+
+    planner = Planner(config(mode="load", predictor="kalman", horizon_s=30.0), profile())
+    trend = make_predictor("kalman")
+    for i, rate in enumerate((8.0, 10.0, 12.0, 14.0)):
+        workers = tier("prefill", 2, tokens_per_s=rate * 1000 / 2) + tier("decode", 1)
+        d = planner.tick(observe(10.0 * (i + 1), workers, window(rate, 1000, 10)))
+        trend.observe(rate)
+        lead = trend.predict(3)
+        if lead <= 0.9 * 2 / 0.11:
+            assert not starts(d, "prefill")
+        else:
+            break
+    assert lead > 16.4 and rate <= 14.0
+    assert d.num_prefill == math.ceil(lead * 0.11 / 0.8 - 1e-9) > 2
+    assert "ttft-over-slo" in d.codes()
+
+
+def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> None:
+    # 10000-token prompts, then 100-token ones: the next forecast is the last window's arrivals' 100 tokens
+    # (not 5050, the mean of both), so the prefill need drops at once: 20 x 100 / 9090.9 = a load of 0.22
+    # that one worker holds (slack 0.88 s, the spill point, over 0.011 s: need 0.22 + 0.78 x 4.605 / 63.9 =
+    # 0.276), not the 12+ workers of 5050 tokens.
+    planner = Planner(config(), profile())
+    workers = tier("prefill", 1) + tier("decode", 1)
+    planner.tick(observe(10.0, workers, window(20.0, 10000, 100)))
+    planner.tick(observe(20.0, workers, window(20.0, 100, 100)))
+    assert planner.throughput.forecast().isl == 100.0
+    assert math.isclose(planner.throughput.needs()[0], 0.276, rel_tol=0.01)

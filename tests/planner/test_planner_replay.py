@@ -149,3 +149,29 @@ def test_infeasible_requests_are_those_no_deployment_can_serve_in_time() -> None
     assert (s["good"], s["infeasible"]) == (2, 3)
     assert s["attainment"] == pytest.approx(2 / 9) and s["feasible_ceiling"] == pytest.approx(6 / 9)
     assert s["attainment_of_feasible"] == pytest.approx(2 / 6)
+
+
+def test_the_live_window_and_the_oracle_know_what_they_may() -> None:
+    from bench.planner import Oracle, live_window
+    from planner import Observation
+
+    # the window's ISL is the arrivals' (the routers count prompt tokens at arrival), percentiles scaled
+    # by the finished ones' ratio; the OSL is the finished requests' unless max_tokens tells the arrivals'
+    done = [Req(0, Arrival(0.0, 1000, 10, ()), ttft=0.1, done_t=1.0)]
+    arrived = [Req(1, Arrival(1.0, 4000, 300, ())), Req(2, Arrival(2.0, 2000, 100, ()))]
+    w = live_window(arrived, done, 10.0, 2)
+    assert (w.num_arrivals, w.isl_mean, w.isl_p95, w.osl_mean) == (2, 3000.0, 3000.0, 10.0)
+    assert live_window(arrived, done, 10.0, 2, max_tokens_exact=True).osl_mean == 200.0
+    # the oracle: 40 s idle, then 40 req/s. At the tick that opens the loaded interval (40 s) it starts
+    # what the static rule sizes for it, not at the ticks before (it does not know the future)
+    profile = Profile.load("h200-llama-3.1-8b")
+    cfg = PlannerConfig(gpu_budget=8, adjustment_interval_s=20.0, horizon_s=20.0)
+    bench = Bench(SimConfig(), StepModel(SIM), profile, cfg)
+    load = Workload("step", [Arrival(40.0 + i / 40, 2000, 200, ()) for i in range(800)], 60.0)
+    oracle = Oracle(bench, load)
+    want = sized(bench, 40.0, 2000.0, 2000.0, 200.0, 0.0)
+    assert sum(want) > 2
+    for now, expected in ((0.0, (1, 1)), (20.0, (1, 1)), (40.0, want)):
+        d = oracle.tick(Observation(now))
+        assert (d.num_prefill, d.num_decode) == expected
+        assert len(d.actions) == sum(expected)  # no worker yet: each one a start
