@@ -17,6 +17,7 @@ import torch
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
+from engine.cpu_share import CpuShare
 from engine.cuda_graphs import capture_decode_graphs
 from engine.gpu_share import GpuShare
 from engine.loader import TORCH_DTYPES, build_model
@@ -100,6 +101,8 @@ class ModelRunner:
         # Set by the engine where this process shares its GPU with another worker (engine.gpu_share):
         # a prefill worker's eager forwards then yield to the decode worker's held steps.
         self.gpu_share: GpuShare | None = None
+        # Set by the engine where the workers of this machine share its cores (engine.cpu_share).
+        self.cpu_share: CpuShare | None = None
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
 
@@ -140,13 +143,19 @@ class ModelRunner:
         return StepHandle(requests, batch, self.device)
 
     def step_threads(self, output: SchedulerOutput) -> int | None:
-        """The threads of this step where they differ from the engine's (``num_prefill_threads``:
-        on the CPU kernels, a step that prefills at least ``PREFILL_STEP_TOKENS`` tokens); else None."""
-        threads = self.config.num_prefill_threads
-        if not threads or threads == self.config.num_threads or self.model.lm_head_cpu is None:
+        """The threads of this step where they differ from the engine's (on the CPU kernels, a step
+        that prefills at least ``PREFILL_STEP_TOKENS`` tokens: ``num_idle_prefill_threads`` while
+        no other worker sharing the machine's cores has work, else ``num_prefill_threads``); else None."""
+        config = self.config
+        if self.model.lm_head_cpu is None or not (config.num_prefill_threads or config.num_idle_prefill_threads):
             return None
         prefill = sum(s.num_new_tokens for s in output.scheduled if s.num_new_tokens > 1)
-        return threads if prefill >= PREFILL_STEP_TOKENS else None
+        if prefill < PREFILL_STEP_TOKENS:
+            return None
+        threads = config.num_prefill_threads
+        if config.num_idle_prefill_threads and self.cpu_share is not None and not self.cpu_share.others_busy():
+            threads = config.num_idle_prefill_threads
+        return threads if threads and threads != config.num_threads else None
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 prev: StepHandle | None = None) -> StepInputs:
