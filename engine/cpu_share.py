@@ -12,7 +12,8 @@ Each engine keeps one byte in a file of its own, ``<directory>/<pid>.<n>``: 1 fr
 step until a step ends with nothing left to compute, 0 otherwise (requests waiting for their KV
 do not count). A step that prefills reads the others' bytes (a directory listing and a byte each,
 some microseconds, only for such steps): none set, and it runs on the engine's
-``num_idle_prefill_threads``, else on ``num_prefill_threads``. A file whose process is gone is
+``num_idle_prefill_threads``, else on ``num_prefill_threads``; a step that took the idle cores
+looks again before each layer and gives them back once another worker has work. A file whose process is gone is
 ignored. The thread count changes where the step runs, never what it computes (the bfloat16
 kernels only: ``ModelRunner.step_threads``).
 """
@@ -23,7 +24,10 @@ import contextlib
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 _SERIAL = itertools.count()  # engines of one process (tests) keep a byte each
 
@@ -66,6 +70,21 @@ class CpuShare:
             if peer is not None and peer[0] and _alive(name):
                 busy = True
         return busy
+
+    def gate(self, threads: int) -> Callable[[int], None]:
+        """For a step that took the cores of idle workers, called before each of its layers: once
+        another worker has work, the rest of the step runs on ``threads`` (a step started alone
+        would otherwise hold a core that another engine now waits for, its threads and theirs
+        sharing cores at every barrier: a 1152-token prefill took 2.1 s instead of 1.0-1.2 s)."""
+        given_back = False
+
+        def before_layer(layer: int) -> None:
+            nonlocal given_back
+            if layer and not given_back and self.others_busy():
+                torch.set_num_threads(threads)
+                given_back = True
+
+        return before_layer
 
     def _open(self, name: str) -> mmap.mmap | None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Callable
 
 import torch
 
@@ -103,6 +104,7 @@ class ModelRunner:
         self.gpu_share: GpuShare | None = None
         # Set by the engine where the workers of this machine share its cores (engine.cpu_share).
         self.cpu_share: CpuShare | None = None
+        self._layer_gate: Callable[[int], None] | None = None  # a step on the idle workers' cores (CpuShare.gate)
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
 
@@ -133,9 +135,13 @@ class ModelRunner:
         if threads:
             decode_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
+            shared = self.config.num_prefill_threads or decode_threads
+            if self.cpu_share is not None and threads > shared:  # the other workers' cores: until they have work
+                self._layer_gate = self.cpu_share.gate(shared)
         try:
             logits = self.compute_logits(step, bool(output.sample_rows))
         finally:
+            self._layer_gate = None
             if threads:
                 torch.set_num_threads(decode_threads)
         requests: list[Request] = [r for r, _ in output.sample_rows]
@@ -190,7 +196,7 @@ class ModelRunner:
             if not sample:
                 return None
             return logits if step.sample_index is None else logits[step.sample_index]
-        gate = self.gpu_share.gate(self.device) if self.gpu_share is not None else None
+        gate = self.gpu_share.gate(self.device) if self.gpu_share is not None else self._layer_gate
         if not sample:
             self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.input_ids[:0],
                        before_layer=gate)
