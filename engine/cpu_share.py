@@ -11,8 +11,10 @@ step that holds every request back.
 Each engine keeps one byte in a file of its own, ``<directory>/<pid>.<n>``: 1 from the start of a
 step until a step ends with nothing left to compute, 0 otherwise (requests waiting for their KV
 do not count). A step that prefills reads the others' bytes (a directory listing and a byte each,
-some microseconds, only for such steps): none set, and it runs on the engine's
-``num_idle_prefill_threads``, else on ``num_prefill_threads``; a step that took the idle cores
+some microseconds, only for such steps): none set, and no more tasks runnable on the machine than
+leave it the cores (``/proc/loadavg``: the router, the client, other users' processes; a thread
+waiting for a core at every barrier made such a step slower than one thread), and it runs on the
+engine's ``num_idle_prefill_threads``, else on ``num_prefill_threads``; a step that took the idle cores
 looks again before each layer and gives them back once another worker has work. A file whose process is gone is
 ignored. The thread count changes where the step runs, never what it computes (the bfloat16
 kernels only: ``ModelRunner.step_threads``).
@@ -48,6 +50,8 @@ class CpuShare:
             os.close(fd)
         self._busy = False
         self._peers: dict[str, mmap.mmap] = {}
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.runnable_others: Callable[[], int] = runnable_others
 
     def set_busy(self, busy: bool) -> None:
         """Say whether this engine has work."""
@@ -70,6 +74,12 @@ class CpuShare:
             if peer is not None and peer[0] and _alive(name):
                 busy = True
         return busy
+
+    def room_for(self, threads: int) -> bool:
+        """Whether a step may run on ``threads`` threads now: no other worker has work, and the
+        tasks runnable on the machine besides this thread (``runnable_others``: the router, a
+        client, anyone's process) leave that many cores free."""
+        return not self.others_busy() and self.runnable_others() + threads <= self.cores
 
     def gate(self, threads: int) -> Callable[[int], None]:
         """For a step that took the cores of idle workers, called before each of its layers: once
@@ -119,3 +129,13 @@ def _alive(name: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def runnable_others() -> int:
+    """Tasks runnable on the machine now besides the caller (``/proc/loadavg``'s fourth field; 0
+    where there is none)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0

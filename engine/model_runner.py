@@ -151,7 +151,7 @@ class ModelRunner:
     def step_threads(self, output: SchedulerOutput) -> int | None:
         """The threads of this step where they differ from the engine's (on the CPU kernels, a step
         that prefills at least ``PREFILL_STEP_TOKENS`` tokens: ``num_idle_prefill_threads`` while
-        no other worker sharing the machine's cores has work, else ``num_prefill_threads``); else None."""
+        the machine has room for them (``CpuShare.room_for``), else ``num_prefill_threads``); else None."""
         config = self.config
         if self.model.lm_head_cpu is None or not (config.num_prefill_threads or config.num_idle_prefill_threads):
             return None
@@ -159,7 +159,8 @@ class ModelRunner:
         if prefill < PREFILL_STEP_TOKENS:
             return None
         threads = config.num_prefill_threads
-        if config.num_idle_prefill_threads and self.cpu_share is not None and not self.cpu_share.others_busy():
+        if config.num_idle_prefill_threads and self.cpu_share is not None \
+                and self.cpu_share.room_for(config.num_idle_prefill_threads):
             threads = config.num_idle_prefill_threads
         return threads if threads and threads != config.num_threads else None
 
