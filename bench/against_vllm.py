@@ -7,7 +7,8 @@ from its GGUF into a Hugging Face directory, bfloat16). Every load runs against 
 vLLM's own load generator (``--backend openai --ignore-eos --temperature 0``, the directory's
 tokenizer, the same seed, so the same prompts); one warm-up request per server first. Prints a
 table per load with each server's output tok/s, TTFT mean, ITL mean and p99, and tandem's ratio
-to vLLM (throughput: higher is better; latency: lower is better); also the start time of each
+to vLLM (throughput: higher is better; latency: lower is better), with the medians of TTFT and
+ITL beside their means (a few stalled requests move a mean alone); also the start time of each
 server (launch to the first answered request). Writes JSON + PNG.
 
     VENV=... HF=...  (printed by ../shared/tools/vllm-cpu-peer.sh)
@@ -91,7 +92,7 @@ def bench(args: argparse.Namespace, url: str, model: str, load: str, out_dir: Pa
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     res = json.loads((out_dir / name).read_text())
     row = {key: res[key] for key, _ in FIELDS}
-    row["completed"] = res["completed"]
+    row.update(completed=res["completed"], median_ttft_ms=res["median_ttft_ms"], median_itl_ms=res["median_itl_ms"])
     log(f"[{label}] {load}: " + ", ".join(f"{title} {row[key]:.1f}" for key, title in FIELDS))
     return row
 
@@ -134,8 +135,8 @@ def run_vllm(args: argparse.Namespace, out_dir: Path) -> dict:
 
 
 def table(results: dict[str, dict], loads: list[str]) -> str:
-    lines = ["| server | load | out tok/s | TTFT mean ms | ITL mean ms | ITL p99 ms | vs vLLM (tok/s, TTFT, ITL) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| server | load | out tok/s | TTFT mean (median) ms | ITL mean (median) ms | ITL p99 ms "
+             "| vs vLLM (tok/s, TTFT, ITL) |", "|---|---|---|---|---|---|---|"]
     for load in loads:
         ref = results.get("vllm", {}).get("loads", {}).get(load)
         for server, res in results.items():
@@ -145,13 +146,21 @@ def table(results: dict[str, dict], loads: list[str]) -> str:
                 keys = ("output_throughput", "mean_ttft_ms", "mean_itl_ms")
                 ratio = ", ".join(f"{row[k] / ref[k]:.2f}x" for k in keys)
             lines.append(f"| {server} | {LOAD_TITLES[load]} | {row['output_throughput']:.1f} | "
-                         f"{row['mean_ttft_ms']:.0f} | {row['mean_itl_ms']:.1f} | {row['p99_itl_ms']:.0f} | {ratio} |")
+                         f"{row['mean_ttft_ms']:.0f} ({_median(row, 'ttft', '.0f')}) | "
+                         f"{row['mean_itl_ms']:.1f} ({_median(row, 'itl', '.1f')}) | "
+                         f"{row['p99_itl_ms']:.0f} | {ratio} |")
     lines.append("")
     lines += [f"{server}: first answer {res['start_s']:.1f} s after launch; load average (1/5/15 min) "
               + " -> ".join("/".join(f"{x:.1f}" for x in res[k]) for k in ("load_avg_before", "load_avg_after")
                             if k in res)
               for server, res in results.items()]
     return "\n".join(lines)
+
+
+def _median(row: dict, metric: str, fmt: str) -> str:
+    """A row's median TTFT or ITL ("-" in rows written before the medians were kept)."""
+    value = row.get(f"median_{metric}_ms")
+    return "-" if value is None else format(value, fmt)
 
 
 def plot(results: dict[str, dict], loads: list[str], path: Path) -> None:

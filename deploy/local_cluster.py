@@ -44,10 +44,12 @@ def engine_threads(cpus: int, num_workers: int) -> int:
 
 
 def prefill_threads(cpus: int, num_workers: int) -> int:
-    """Engine threads of a step that prefills (``EngineConfig.num_prefill_threads``): the cores
-    shared between the workers, none left over. While it runs, no decode of that worker streams
-    a token, so the core its decode steps leave to the token streams is idle but for the router
-    (on two cores, aggregated: two threads for a prefill step, one for a decode step)."""
+    """Engine threads of a step that prefills (``EngineConfig.num_prefill_threads``) while another
+    worker has work: the cores shared between the workers, none left over. While it runs, no decode
+    of that worker streams a token, so the core its decode steps leave to the token streams is idle
+    but for the router (on two cores, aggregated: two threads for a prefill step, one for a decode
+    step). While no other worker has work, such a step takes every core (``idle_prefill_threads``,
+    through ``cpu_share_dir``: ``engine.cpu_share``)."""
     return max(1, cpus // num_workers)
 
 
@@ -92,7 +94,12 @@ class LocalCluster:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             workers = num_prefill + num_decode
             cfg = dataclasses.replace(cfg, threads=engine_threads(cpus, workers),
-                                      prefill_threads=cfg.prefill_threads or prefill_threads(cpus, workers))
+                                      prefill_threads=cfg.prefill_threads or prefill_threads(cpus, workers),
+                                      idle_prefill_threads=cfg.idle_prefill_threads or cpus)
+        self._tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
+        if cfg.device == "cpu" and not cfg.cpu_share_dir:
+            # The workers tell each other there whether they have work (engine.cpu_share).
+            cfg = dataclasses.replace(cfg, cpu_share_dir=str(self._tmp / "cpu-share"))
         self.cfg = cfg
         self.quiet = quiet
         self.etcd: EtcdServer | None = None
@@ -101,7 +108,6 @@ class LocalCluster:
         # fails at once instead of being waited for, or started again once its SIGTERM lands.
         self._stopping = False
         self.router: dict[str, Any] = {}
-        self._tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
         self._config_path = self._tmp / "cluster.json"
         self._log_dir = Path(log_dir) if log_dir else None
 

@@ -234,6 +234,10 @@ class EngineConfig:
     # that prefills at least PREFILL_STEP_TOKENS tokens (None: num_threads). Serving leaves a core of
     # the decode steps to the token streams; a prefill step holds every running decode back anyway.
     num_prefill_threads: int | None = None
+    # The threads of such a step while no other worker of the machine has work (engine.cpu_share:
+    # the workers sharing ``cpu_share_dir``; None or no directory: num_prefill_threads).
+    num_idle_prefill_threads: int | None = None
+    cpu_share_dir: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton | cpu (the CPU kernels, bfloat16)

@@ -19,6 +19,7 @@ its scheduler, block manager and runner are its own."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import weakref
@@ -30,6 +31,7 @@ import torch
 from engine import gpu_share
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.cpu_share import CpuShare
 from engine.gpu_share import GpuShare
 from engine.kv_prefault import KVPrefaulter
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
@@ -112,6 +114,12 @@ class LLMEngine:
         self._held: StepHandle | None = None
         self.use_gpu_share(GpuShare.for_device(config.device, config.gpu_share)
                            if config.gpu_share and config.backend == "torch" else None)
+        # Where this process shares the machine's cores with other workers (engine.cpu_share): it
+        # says whether it has work, and its prefill steps take the others' cores while they have none.
+        self.cpu_share: CpuShare | None = None
+        if config.cpu_share_dir and isinstance(self.runner, ModelRunner) and self.runner.device.type == "cpu":
+            self.cpu_share = self.runner.cpu_share = CpuShare(config.cpu_share_dir)
+            atexit.register(self.cpu_share.close)
 
     def use_gpu_share(self, share: GpuShare | None) -> None:
         """Play ``share.role`` towards the other worker on this GPU (None: none). Between steps."""
@@ -325,10 +333,14 @@ class LLMEngine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        if self.cpu_share is not None:
+            self.cpu_share.set_busy(True)
         try:
             return self._step()
         finally:
             self.step_totals[0] += time.perf_counter() - start
+            if self.cpu_share is not None:
+                self.cpu_share.set_busy(self.has_work())
 
     def _count_step(self, output: SchedulerOutput) -> None:
         """Add a scheduled step's tokens to the totals: a row past its prompt is a decode row."""

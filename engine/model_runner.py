@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Callable
 
 import torch
 
 from engine.attention import make_backend
 from engine.config import EngineConfig, ModelArch, bytes_per_block
+from engine.cpu_share import CpuShare
 from engine.cuda_graphs import capture_decode_graphs
 from engine.gpu_share import GpuShare
 from engine.loader import TORCH_DTYPES, build_model
@@ -100,6 +102,9 @@ class ModelRunner:
         # Set by the engine where this process shares its GPU with another worker (engine.gpu_share):
         # a prefill worker's eager forwards then yield to the decode worker's held steps.
         self.gpu_share: GpuShare | None = None
+        # Set by the engine where the workers of this machine share its cores (engine.cpu_share).
+        self.cpu_share: CpuShare | None = None
+        self._layer_gate: Callable[[int], None] | None = None  # a step on the idle workers' cores (CpuShare.gate)
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
 
@@ -130,9 +135,13 @@ class ModelRunner:
         if threads:
             decode_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
+            shared = self.config.num_prefill_threads or decode_threads
+            if self.cpu_share is not None and threads > shared:  # the other workers' cores: until they have work
+                self._layer_gate = self.cpu_share.gate(shared)
         try:
             logits = self.compute_logits(step, bool(output.sample_rows))
         finally:
+            self._layer_gate = None
             if threads:
                 torch.set_num_threads(decode_threads)
         requests: list[Request] = [r for r, _ in output.sample_rows]
@@ -140,13 +149,20 @@ class ModelRunner:
         return StepHandle(requests, batch, self.device)
 
     def step_threads(self, output: SchedulerOutput) -> int | None:
-        """The threads of this step where they differ from the engine's (``num_prefill_threads``:
-        on the CPU kernels, a step that prefills at least ``PREFILL_STEP_TOKENS`` tokens); else None."""
-        threads = self.config.num_prefill_threads
-        if not threads or threads == self.config.num_threads or self.model.lm_head_cpu is None:
+        """The threads of this step where they differ from the engine's (on the CPU kernels, a step
+        that prefills at least ``PREFILL_STEP_TOKENS`` tokens: ``num_idle_prefill_threads`` while
+        the machine has room for them (``CpuShare.room_for``), else ``num_prefill_threads``); else None."""
+        config = self.config
+        if self.model.lm_head_cpu is None or not (config.num_prefill_threads or config.num_idle_prefill_threads):
             return None
         prefill = sum(s.num_new_tokens for s in output.scheduled if s.num_new_tokens > 1)
-        return threads if prefill >= PREFILL_STEP_TOKENS else None
+        if prefill < PREFILL_STEP_TOKENS:
+            return None
+        threads = config.num_prefill_threads
+        if config.num_idle_prefill_threads and self.cpu_share is not None \
+                and self.cpu_share.room_for(config.num_idle_prefill_threads):
+            threads = config.num_idle_prefill_threads
+        return threads if threads and threads != config.num_threads else None
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 prev: StepHandle | None = None) -> StepInputs:
@@ -181,7 +197,7 @@ class ModelRunner:
             if not sample:
                 return None
             return logits if step.sample_index is None else logits[step.sample_index]
-        gate = self.gpu_share.gate(self.device) if self.gpu_share is not None else None
+        gate = self.gpu_share.gate(self.device) if self.gpu_share is not None else self._layer_gate
         if not sample:
             self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.input_ids[:0],
                        before_layer=gate)

@@ -89,6 +89,11 @@ class ClusterConfig:
     threads: int = _field(0, "CPU threads per worker (0: the cores shared between the workers, one left to the router)")
     prefill_threads: int = _field(
         0, "CPU threads of a step that prefills 64 tokens or more, bfloat16 (0: the cores per worker)")
+    idle_prefill_threads: int = _field(
+        0, "CPU threads of such a step while no other worker sharing cpu_share_dir has work (0: prefill_threads)")
+    cpu_share_dir: str = _field(
+        "", "CPU: a directory the workers of one machine share to say whether their engine has work "
+        "(engine/cpu_share.py; tandem serve sets one)")
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
     kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
     prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
@@ -255,6 +260,8 @@ class ClusterConfig:
             fail("threads", "must be >= 0")
         if self.prefill_threads < 0:
             fail("prefill_threads", "must be >= 0")
+        if self.idle_prefill_threads < 0:
+            fail("idle_prefill_threads", "must be >= 0")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             fail("block_size", "must be a positive power of two")
         if self.kv_cache_gib <= 0:

@@ -152,6 +152,7 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         async_scheduling={"auto": None, "on": True, "off": False}[cfg.async_scheduling],
         num_threads=cfg.threads or (default_num_threads() if cfg.device == "cpu" else None),
         num_prefill_threads=cfg.prefill_threads or None,
+        num_idle_prefill_threads=cfg.idle_prefill_threads or None, cpu_share_dir=cfg.cpu_share_dir,
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,

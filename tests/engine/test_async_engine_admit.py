@@ -288,3 +288,36 @@ def test_a_reused_id_is_admitted_only_after_its_predecessors_clean_up(tiny_llama
         assert llm.load().num_free_blocks == total
 
     asyncio.run(main())
+
+
+def test_admit_runs_between_steps_when_the_lock_never_comes_free(tiny_llama_path: str) -> None:
+    """A CPU step has no device wait: a stepping engine thread takes its lock back at once. An
+    admission is then run by the engine thread between two steps (here its own thread is kept
+    busy, so that is the only way), while the running request goes on, and only once."""
+    llm = make_tiny_llm(tiny_llama_path).engine
+    calls: list[int] = []
+
+    def admit_r1(e):
+        calls.append(e.num_steps)
+        return e.add_prefilled("r1", OTHER, 7, GREEDY)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        blocker = threading.Event()
+        engine._admit_pool.submit(blocker.wait)  # the admission's own thread is taken
+        stream = engine.generate("r0", PROMPT, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        try:
+            await anext(stream)
+            indices = await asyncio.wait_for(engine.admit(admit_r1), 10)
+            assert indices is not None and llm.has_request("r0")  # admitted while r0 decodes
+            blocker.set()
+            await asyncio.sleep(0.05)
+            assert len(calls) == 1
+        finally:
+            blocker.set()
+            await stream.aclose()
+            await engine.abort("r1")
+            await engine.stop()
+
+    asyncio.run(main())

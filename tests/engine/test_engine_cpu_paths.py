@@ -7,6 +7,7 @@ Hugging Face's float32 ones as Hugging Face's own bf16 are."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -89,5 +90,62 @@ def test_prefill_steps_run_on_their_own_threads(tiny_model: Callable[[str], Tiny
     runner.compute_logits = spy
     got = llm.generate(prompts, params)
     assert seen == [2, 1, 1, 1] and torch.get_num_threads() == 1
+    assert [r.outputs[0].token_ids for r in got] == [r.outputs[0].token_ids for r in one]
+    assert [r.outputs[0].logprobs for r in got] == [r.outputs[0].logprobs for r in one]
+
+
+@kernels
+def test_prefill_steps_take_the_cores_of_idle_workers(tiny_model: Callable[[str], TinyModel], tmp_path) -> None:
+    """``cpu_share_dir`` (engine.cpu_share): a step that prefills runs on
+    ``num_idle_prefill_threads`` while no other engine sharing the directory has work, on
+    ``num_prefill_threads`` while one has (from its first step until it runs out of work) or another
+    task holds the other core (``/proc/loadavg``); a byte
+    left by a process that is gone counts for nothing; a step on the idle cores gives them back
+    before its next layer once another has work; the tokens stay those of one thread."""
+    path = str(tiny_model("llama").path)
+    params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=2, ignore_eos=True)
+    prompts = random_prompts([100, 90, 80, 75, 70])
+    one = LLM(path, dtype="bfloat16", num_blocks=64, num_threads=1, progress=False).generate(prompts, params)
+    share = dict(num_threads=1, num_prefill_threads=1, num_idle_prefill_threads=2, cpu_share_dir=str(tmp_path))
+    llm = LLM(path, dtype="bfloat16", num_blocks=64, progress=False, **share)
+    other = LLM(path, dtype="bfloat16", num_blocks=64, progress=False, **share).engine
+    runnable = [0]  # the machine's other runnable tasks, as /proc/loadavg would say
+    llm.engine.cpu_share.runnable_others = lambda: runnable[0]
+    llm.engine.cpu_share.cores = 2
+    (tmp_path / "999999999.0").write_bytes(b"\x01")  # no such process
+    seen: list[int] = []
+    compute = llm.engine.runner.compute_logits
+
+    def spy(step, sample: bool = True):
+        seen.append(torch.get_num_threads())
+        return compute(step, sample)
+
+    llm.engine.runner.compute_logits = spy
+    got = llm.generate(prompts[:1], params)
+    other.add_request("busy", random_prompts([5])[0], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    other.step()
+    got += llm.generate(prompts[1:2], params)
+    while other.has_work():
+        other.step()
+    got += llm.generate(prompts[2:3], params)
+    runnable[0] = 1  # a task outside the workers has the other core
+    got += llm.generate(prompts[3:4], params)
+    runnable[0] = 0
+    assert seen == [2, 1, 1, 1, 2, 1, 1, 1] and torch.get_num_threads() == 1
+    # A step that took the idle cores gives them back at the next layer once another engine has work.
+    layers = llm.engine.runner.model.layers
+    per_layer: list[int] = []
+    forward = type(layers[0]).forward
+
+    def layer_spy(layer, *args, **kwargs):
+        per_layer.append(torch.get_num_threads())
+        if layer is layers[0] and len(per_layer) == 1:
+            other.cpu_share.set_busy(True)
+        return forward(layer, *args, **kwargs)
+
+    for layer in layers:
+        layer.forward = functools.partial(layer_spy, layer)
+    got += llm.generate(prompts[4:], params)
+    assert len(layers) > 1 and per_layer[:len(layers)] == [2] + [1] * (len(layers) - 1)
     assert [r.outputs[0].token_ids for r in got] == [r.outputs[0].token_ids for r in one]
     assert [r.outputs[0].logprobs for r in got] == [r.outputs[0].logprobs for r in one]
