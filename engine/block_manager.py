@@ -177,8 +177,8 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (the blocks' contents are not touched). The blocks that held
-        them are reused first, least recently freed first."""
-        self._free.extendleft(reversed(self._evictable))
+        them are reused first, in id order (a sequence's blocks then lie in address order)."""
+        self._free.extendleft(sorted(self._evictable, reverse=True))
         self._evictable.clear()
         self._cached.clear()
         self._parents.clear()

@@ -244,10 +244,17 @@ def test_reset_prefix_cache_with_running_request() -> None:
     assert [type(e) for e in bm.take_events()] == [BlockStored, BlockStored]
     bm.free("a")
     assert bm.num_free_blocks == 4
-    # A reset puts the cleared blocks (in their LRU order: a's tail 1 before 0) at the front of
-    # the free list, before a's partial block 2 and the never-used block 3.
+    # A reset puts the cleared blocks (0, 1, in id order) at the front of the free list, before
+    # a's partial block 2 (freed) and the never-used block 3.
     bm.reset_prefix_cache()
-    assert bm.frontier == 3 and bm.allocate("b", 16) == [1, 0, 2, 3]
+    assert bm.frontier == 3 and bm.allocate("b", 16) == [0, 1, 2, 3]
+    bm.free("b")
+    run_request(bm, "c", tokens(0, 8))
+    run_request(bm, "d", tokens(50, 8))
+    bm.free("c")
+    bm.free("d")
+    bm.reset_prefix_cache()
+    assert bm.allocate("e", 16) == [0, 1, 2, 3]
 
 
 def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
