@@ -5,15 +5,18 @@ Workloads (SmolLM2-135M-Instruct from the GGUF, in bfloat16 and float32):
 
 - ``prefill N``: one prompt of ``--prefill-len`` tokens (1024) to its first token. tandem:
   ``generate(max_tokens=1)``; transformers: one forward with ``logits_to_keep=1`` (no logits for
-  the other positions, as tandem computes none) and a KV cache, as tandem writes one.
+  the other positions, as tandem computes none) and a KV cache, as tandem writes one. tandem's
+  prefix cache is reset before every run, and its blocks are handed out again: after the warm-up
+  the prompt's K/V goes to pages already mapped, as on a server past its first pass over the cache.
 - ``generate batch B``: prompts of ``--prompt-len`` tokens (200), ``--new-tokens`` (128) each,
   ignore_eos. Batch 1 runs ``--batch1-prompts`` prompts one after another, batch 8 and 32 run
   that many distinct prompts together. tandem's prefix cache is reset before every run.
 
 Fair to both sides: every workload runs once untimed on each side (the same shapes warm both),
 then ``--repeats`` timed runs alternate tandem, transformers, tandem, ... The table gives each
-side's best run (the one least slowed by other work on a shared machine) and the ratio
-tandem/transformers; the JSON keeps every run, the medians and the load average.
+side's best run (the one least slowed by other work on a shared machine), the ratio
+tandem/transformers and tandem's median run; the JSON keeps every run, the medians and the load
+average.
 
     python bench/engine.py                                   # everything
     python bench/engine.py --dtypes bfloat16 --batches 1 --repeats 5
@@ -209,7 +212,8 @@ def main() -> None:
               f"new_tokens={args.new_tokens}; best of {args.repeats} alternating runs after one warm-up each; "
               f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} CPUs")
     print("\n" + header)
-    print(f"{'dtype':9} {'workload':18} {'tandem':>22} {'transformers':>22} {'tandem/transformers':>20}")
+    print(f"{'dtype':9} {'workload':18} {'tandem':>22} {'transformers':>22} {'tandem/transformers':>20} "
+          f"{'tandem median':>14}")
     for r in rows:
         def cell(side: str, r: dict = r) -> str:
             if side not in r:
@@ -218,7 +222,8 @@ def main() -> None:
             return f"{s['best_s']:.3f} s {s['best_tok_s']:8.1f} tok/s"
 
         ratio = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        print(f"{r['dtype']:9} {r['workload']:18} {cell('tandem'):>22} {cell('transformers'):>22} {ratio:>20}")
+        print(f"{r['dtype']:9} {r['workload']:18} {cell('tandem'):>22} {cell('transformers'):>22} {ratio:>20} "
+              f"{r['tandem']['median_s']:12.3f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / time.strftime("engine_%Y%m%d_%H%M%S")
     meta = {"threads": threads, "torch": torch.__version__, "cpu_kernels": isa, "repeats": args.repeats,

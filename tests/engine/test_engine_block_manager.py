@@ -70,10 +70,12 @@ def test_allocate_exact_ids_and_ref_counts() -> None:
     bm.free("a")  # freeing twice (an unknown id) is a no-op
     bm.free("b")
     assert bm.num_free_blocks == 8
-    # The frontier: blocks below it were handed out once. Recycled blocks (0-3, freed at the
-    # back of the free list) go after the never-used ones (5-7), which leave in id order.
+    # The frontier: blocks below it were handed out once. Recycled blocks (freed to the front
+    # of the free list, the last freed table first, each table from its head) go before the
+    # never-used ones (5-7), whose pages a CPU cache has not mapped yet.
     assert bm.frontier == 5
-    assert bm.allocate("c", 8) == [5, 6] and bm.frontier == 7
+    assert bm.allocate("c", 8) == [3, 0] and bm.frontier == 5
+    assert bm.allocate("d", 16) == [1, 2, 4, 5] and bm.frontier == 6
 
 
 def test_allocate_out_of_blocks_returns_none_and_changes_nothing() -> None:
@@ -123,7 +125,7 @@ def test_prefix_caching_disabled() -> None:
     assert bm.match_prefix(tokens(0, 13)) == []
     bm.free("a")
     assert bm.take_events() == []
-    assert bm.allocate("b", 32) == [3, 4, 5, 6, 7, 2, 1, 0]  # free order: never used, then freed tail first
+    assert bm.allocate("b", 32) == [0, 1, 2, 3, 4, 5, 6, 7]  # free order: freed (head first), then never used
 
 
 def test_eviction_order_lru_tail_first_and_free_blocks_first() -> None:
@@ -159,8 +161,8 @@ def test_reused_cached_block_moves_to_the_back_of_the_lru() -> None:
     bm.free("b")  # LRU: 0, 1
     run_request(bm, "c", [*tokens(0, 4), 9])  # hits block 0 and takes block 2
     assert bm.block_table("c") == [0, 2]
-    bm.free("c")  # block 2 is not full: free; block 0 re-enters the LRU behind 1
-    assert bm.allocate("x", 8) == [3, 2]
+    bm.free("c")  # block 2 is not full: free (before never-used 3); block 0 re-enters the LRU behind 1
+    assert bm.allocate("x", 8) == [2, 3]
     assert bm.allocate("x", 12) == [1]  # b's block is older than a's reused one
     assert bm.allocate("x", 16) == [0]
     assert bm.allocate("x", 20) is None
@@ -177,7 +179,7 @@ def test_identical_block_computed_twice_stays_private() -> None:
     assert len(events) == 2  # b's copies are not announced
     assert bm.block_hashes[2:4] == [None, None]
     bm.free("b")
-    assert bm.allocate("c", 8) == [4, 5]  # b's private blocks rejoin the plain free list (at its end)
+    assert bm.allocate("c", 8) == [2, 3]  # b's private blocks rejoin the plain free list (at its front)
     assert bm.num_cached_blocks == 2
 
 
@@ -242,6 +244,17 @@ def test_reset_prefix_cache_with_running_request() -> None:
     assert [type(e) for e in bm.take_events()] == [BlockStored, BlockStored]
     bm.free("a")
     assert bm.num_free_blocks == 4
+    # A reset puts the cleared blocks (0, 1, in id order) at the front of the free list, before
+    # a's partial block 2 (freed) and the never-used block 3.
+    bm.reset_prefix_cache()
+    assert bm.frontier == 3 and bm.allocate("b", 16) == [0, 1, 2, 3]
+    bm.free("b")
+    run_request(bm, "c", tokens(0, 8))
+    run_request(bm, "d", tokens(50, 8))
+    bm.free("c")
+    bm.free("d")
+    bm.reset_prefix_cache()
+    assert bm.allocate("e", 16) == [0, 1, 2, 3]
 
 
 def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
