@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ from typing import IO, Any
 from deploy.launcher import router_health, wait_router_serves
 from runtime import spawn
 from runtime.etcd_server import EtcdServer
-from runtime.settings import ClusterConfig
+from runtime.settings import AUTO_GPU_MEMORY_FRACTION, ClusterConfig
 
 
 def engine_threads(cpus: int, num_workers: int) -> int:
@@ -51,6 +52,11 @@ def prefill_threads(cpus: int, num_workers: int) -> int:
     step). While no other worker has work, such a step takes every core (``idle_prefill_threads``,
     through ``cpu_share_dir``: ``engine.cpu_share``)."""
     return max(1, cpus // num_workers)
+
+
+def gpu_share_per_worker(num_workers: int) -> float:
+    """The part of one GPU's memory each of ``num_workers`` workers on it may take (of 0.9 in all)."""
+    return math.floor(AUTO_GPU_MEMORY_FRACTION / num_workers * 1000) / 1000
 
 
 def child_env(cfg: ClusterConfig, base: Mapping[str, str]) -> dict[str, str]:
@@ -96,6 +102,9 @@ class LocalCluster:
             cfg = dataclasses.replace(cfg, threads=engine_threads(cpus, workers),
                                       prefill_threads=cfg.prefill_threads or prefill_threads(cpus, workers),
                                       idle_prefill_threads=cfg.idle_prefill_threads or cpus)
+        if cfg.device.startswith("cuda") and not cfg.gpu_memory_fraction and num_prefill + num_decode > 1:
+            # Every worker of a local cluster runs on this one GPU: each sizes its KV cache to its share.
+            cfg = dataclasses.replace(cfg, gpu_memory_fraction=gpu_share_per_worker(num_prefill + num_decode))
         self._tmp = Path(tempfile.mkdtemp(prefix="tandem-serve-"))
         if cfg.device == "cpu" and not cfg.cpu_share_dir:
             # The workers tell each other there whether they have work (engine.cpu_share).

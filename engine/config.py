@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO_KV_BYTES_CPU = 1 << 30  # CacheConfig.memory_bytes 0 off a GPU
 
 
 @dataclass(frozen=True)
@@ -170,27 +172,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache. ``num_blocks`` wins over ``memory_bytes`` when both are set."""
+    """The paged KV cache. ``num_blocks`` wins over ``memory_bytes`` when both are set. ``memory_bytes``
+    0 sizes it from the device (``engine.memory.auto_kv_bytes``): 1 GiB on the CPU; on a GPU,
+    ``gpu_memory_fraction`` of its memory less what the process already holds (the weights) and a
+    working reserve for a step's activations."""
 
     block_size: int = 16
     num_blocks: int | None = None
     memory_bytes: int = 2 << 30
     enable_prefix_caching: bool = True
+    gpu_memory_fraction: float = 0.9  # memory_bytes 0 on a GPU: the share of its memory this process may use
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.memory_bytes <= 0:
-            raise ValueError(f"memory_bytes must be positive, got {self.memory_bytes}")
+        if self.memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0 (0: sized from the device), got {self.memory_bytes}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
-    def resolve_num_blocks(self, bytes_per_block: int) -> int:
+    def resolve_num_blocks(self, bytes_per_block: int, auto_bytes: Callable[[], int] | None = None) -> int:
+        """Blocks of ``bytes_per_block``: ``num_blocks``, else ``memory_bytes``' worth, else (0)
+        ``auto_bytes()``' worth (1 GiB without it)."""
         if self.num_blocks is not None:
             return self.num_blocks
-        n = self.memory_bytes // bytes_per_block
+        budget = self.memory_bytes or (auto_bytes() if auto_bytes else AUTO_KV_BYTES_CPU)
+        n = budget // bytes_per_block
         if n < 1:
-            raise ValueError(f"KV cache budget {self.memory_bytes} B is smaller than one block "
+            raise ValueError(f"KV cache budget {budget} B is smaller than one block "
                              f"({bytes_per_block} B)")
         return int(n)
 

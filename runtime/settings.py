@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+AUTO_GPU_MEMORY_FRACTION = 0.9  # a worker alone on its GPU, kv_cache_gib 0: the share its KV cache sizes to
 ENV_PREFIX = "TANDEM_"
 CONFIG_ENV = "TANDEM_CONFIG"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
@@ -95,10 +96,13 @@ class ClusterConfig:
         "", "CPU: a directory the workers of one machine share to say whether their engine has work "
         "(engine/cpu_share.py; tandem serve sets one)")
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
-    kv_cache_gib: float = _field(1.0, "KV cache budget per worker, GiB")
+    kv_cache_gib: float = _field(
+        0.0, "KV cache per worker, GiB (0: sized from the device: 1 GiB on the CPU; on a GPU, the worker's share of "
+        "its memory (gpu_memory_fraction, 0.9 alone) less the weights and a step's working memory)")
     prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
     gpu_memory_fraction: float = _field(
-        0.0, "most of its GPU's memory one worker may allocate (0: no cap); workers sharing a GPU split it")
+        0.0, "most of its GPU's memory one worker may allocate (0: no cap, and the KV cache sizes itself to 0.9 "
+        "of it); tandem serve splits 0.9 of one GPU between its workers when they share it")
     enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")
     max_num_seqs: int = _field(256, "most requests a worker runs at once")
     max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
@@ -264,8 +268,8 @@ class ClusterConfig:
             fail("idle_prefill_threads", "must be >= 0")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             fail("block_size", "must be a positive power of two")
-        if self.kv_cache_gib <= 0:
-            fail("kv_cache_gib", "must be positive")
+        if self.kv_cache_gib < 0:
+            fail("kv_cache_gib", "must be >= 0 (0: sized from the device)")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             fail("max_num_seqs", "max_num_seqs and max_num_batched_tokens must be >= 1")
         self._validate_serving()
