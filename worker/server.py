@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.async_engine import AsyncEngine
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, bytes_per_block
 from engine.llm_engine import LLMEngine, default_num_threads
 from kv_transfer import KVTransport, make_transport
 from protocol.outputs import RequestOutput
@@ -264,6 +264,10 @@ async def _start_engine(cfg: settings.ClusterConfig, econfig: EngineConfig
         torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction,
                                                    device.index if device.index is not None else 0)
     llm = await asyncio.to_thread(LLMEngine, econfig, True)
+    blocks, size = llm.runner.num_blocks, econfig.cache.block_size
+    gib = blocks * bytes_per_block(llm.arch, size, llm.runner.dtype.itemsize) / (1 << 30)
+    log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB%s)", blocks, size, blocks * size, gib,
+             ", sized from the device" if not econfig.cache.memory_bytes else "")
     engine = AsyncEngine(llm)
     engine.start()
     store = None
