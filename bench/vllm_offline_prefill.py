@@ -1,6 +1,6 @@
 """vLLM's own offline prefill on this machine: the peer of ``bench/engine.py --only-prefill``.
 
-Runs in vLLM's venv (``/work/shared/tools/vllm-cpu-peer.sh`` builds it and the Hugging Face
+Runs in vLLM's venv (``../shared/tools/vllm-cpu-peer.sh`` builds it and the Hugging Face
 directory of SmolLM2-135M-Instruct), not tandem's: it imports nothing from tandem.
 
 The workload is ``bench/engine.py``'s ``prefill N`` row: the same prompt (``--prefill-len`` random
