@@ -54,7 +54,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="time every linear (its cpu_linear kernel) and attention call (eager, in this process)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.profile and args.mp:
+        ap.error("--profile times the engine in this process: not with --mp")
+    return args
 
 
 class Profile:
@@ -120,7 +123,7 @@ def set_env(args: argparse.Namespace) -> str:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # vLLM's own worker process (--mp) only
     if not args.bind:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine in this process
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model's function, to vLLM's worker (--mp)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model's functions (--profile)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,7 +144,9 @@ def main() -> None:
     llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
               enforce_eager=args.enforce_eager or args.profile, seed=0)
     load_s = time.perf_counter() - t0
-    worker_threads = llm.apply_model(worker_torch_threads)[0]
+    # vLLM's own worker process (--mp) cannot unpickle a function of this script: its log gives the
+    # OpenMP binding ("core ids") there.
+    worker_threads = None if args.mp else llm.apply_model(worker_torch_threads)[0]
     prof = Profile() if args.profile else None
     if prof is not None:
         log(f"profiling {llm.apply_model(prof.wrap)[0]} modules")
