@@ -140,9 +140,10 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=make_prompt(args.prefill_len))
+    eager = args.enforce_eager or args.profile
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
-              enforce_eager=args.enforce_eager or args.profile, seed=0)
+              enforce_eager=eager, seed=0)
     load_s = time.perf_counter() - t0
     # vLLM's own worker process (--mp) cannot unpickle a function of this script: its log gives the
     # OpenMP binding ("core ids") there.
@@ -179,13 +180,14 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     med, best = statistics.median(runs), min(runs)
     meta = {"vllm": vllm.__version__, "torch": torch.__version__, "worker_torch_threads": worker_threads,
-            "bind": bind, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "enforce_eager": args.enforce_eager,
-            "multiprocessing": args.mp, "prefill_len": args.prefill_len, "repeats": args.repeats,
+            "bind": bind, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "enforce_eager": eager,
+            "profiled": args.profile, "multiprocessing": args.mp, "prefill_len": args.prefill_len,
+            "repeats": args.repeats,
             "load_s": load_s, "load_average": [load_before, load_after], "cpus": os.cpu_count(),
             "first_token": first[0], "first_logprob": first[1], "runs_s": runs, "median_s": med, "best_s": best,
             "profile": profiles}
     print(f"\nvllm {vllm.__version__} bind={bind} worker_torch_threads={worker_threads} "
-          f"eager={args.enforce_eager} mp={args.mp}; load average {load_before:.1f} -> {load_after:.1f}")
+          f"eager={eager} mp={args.mp}; load average {load_before:.1f} -> {load_after:.1f}")
     if profiles:
         pm = {k: statistics.median(p[k] for p in profiles) for k in profiles[0]}
         print(f"profile (medians): GEMM {1e3 * pm['gemm_s']:.1f} ms in {pm['gemm_calls']:.0f} calls, "
