@@ -96,45 +96,68 @@ static NOINLINE void score_tile(const uint32_t* qp, int64_t rgs, const bf16* con
 }
 
 // Mask the tile's scores, update m and l, and write P as bf16 key pairs (pp) and alpha (the
-// factor of the rows' previous O). Scores are in base 2 (scaled by scale * log2(e)), so
-// P = 2^(s - m). `masked`: some key of the tile lies after some row's position (else no key is
-// masked, and the comparisons are skipped: the same results).
-static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, int64_t t0, bool masked, float* m,
+// factor of the rows' previous O), for NRG row groups from rg0. Scores are in base 2 (scaled by
+// scale * log2(e)), so P = 2^(s - m). `masked`: some key of the tile lies after some row's
+// position (else no key is masked, and the comparisons are skipped: the same results). Each
+// group's max and sum go key by key in order; the groups' chains are stepped side by side (the
+// same operations per lane as one group at a time: they are bound by latency otherwise).
+template <int NRG>
+static inline void softmax_groups(float* s, int64_t rg0, const int32_t* qpos, int64_t t0, bool masked, float* m,
                                   float* l, float* alpha, uint32_t* pp) {
-  for (int64_t rg = 0; rg < rgs; rg++) {
-    v16f tile_max = vset1(-INFINITY);
-    if (masked) {
-      v16i pos;
-      memcpy(&pos, qpos + rg * 16, 64);
-      for (int64_t j = 0; j < KT; j++) {
-        float* sp = s + (rg * KT + j) * 16;
-        const v16f x = (v16i{} + (int32_t)(t0 + j)) > pos ? vset1(-INFINITY) : vload(sp);
+  v16f tile_max[NRG], m_new[NRG], m_sub[NRG], a[NRG], sum[NRG];
+  float* sg[NRG];
+  for (int r = 0; r < NRG; r++) tile_max[r] = vset1(-INFINITY), sg[r] = s + (rg0 + r) * KT * 16;
+  if (masked) {
+    v16i pos[NRG];
+    for (int r = 0; r < NRG; r++) memcpy(&pos[r], qpos + (rg0 + r) * 16, 64);
+    for (int64_t j = 0; j < KT; j++) {
+      for (int r = 0; r < NRG; r++) {
+        float* sp = sg[r] + j * 16;
+        const v16f x = (v16i{} + (int32_t)(t0 + j)) > pos[r] ? vset1(-INFINITY) : vload(sp);
         vstore(sp, x);
-        tile_max = vmax(tile_max, x);
+        tile_max[r] = vmax(tile_max[r], x);
       }
-    } else {
-      for (int64_t j = 0; j < KT; j++) tile_max = vmax(tile_max, vload(s + (rg * KT + j) * 16));
     }
-    const v16f m_old = vload(m + rg * 16), m_new = vmax(m_old, tile_max);
-    const v16i none = m_new == vset1(-INFINITY);  // no key seen yet: P = 2^(-inf - 0) = 0, alpha 1
-    const v16f m_sub = none ? vset1(0.0f) : m_new;
-    const v16f a = none ? vset1(1.0f) : vexp2(m_old - m_new);
-    float* sg = s + rg * KT * 16;
-    for (int64_t j0 = 0; j0 < KT; j0 += 8) {  // P = 2^(s - m), 8 keys side by side, back into s
+  } else {
+    for (int64_t j = 0; j < KT; j++)
+      for (int r = 0; r < NRG; r++) tile_max[r] = vmax(tile_max[r], vload(sg[r] + j * 16));
+  }
+  for (int r = 0; r < NRG; r++) {
+    const v16f m_old = vload(m + (rg0 + r) * 16);
+    m_new[r] = vmax(m_old, tile_max[r]);
+    const v16i none = m_new[r] == vset1(-INFINITY);  // no key seen yet: P = 2^(-inf - 0) = 0, alpha 1
+    m_sub[r] = none ? vset1(0.0f) : m_new[r];
+    a[r] = none ? vset1(1.0f) : vexp2(m_old - m_new[r]);
+  }
+  for (int64_t j0 = 0; j0 < KT; j0 += 8) {  // P = 2^(s - m), 8 keys side by side; the sum key by key
+    for (int r = 0; r < NRG; r++) {
       v16f x[8];
-      for (int i = 0; i < 8; i++) x[i] = vload(sg + (j0 + i) * 16) - m_sub;
+      for (int i = 0; i < 8; i++) x[i] = vload(sg[r] + (j0 + i) * 16) - m_sub[r];
       vexp2_n<8>(x);
-      for (int i = 0; i < 8; i++) vstore(sg + (j0 + i) * 16, x[i]);
       for (int i = 0; i < 8; i += 2) {
         const v16u pair = pair_bf16(x[i], x[i + 1]);
-        memcpy(pp + (rg * (KT / 2) + (j0 + i) / 2) * 16, &pair, 64);
+        memcpy(pp + ((rg0 + r) * (KT / 2) + (j0 + i) / 2) * 16, &pair, 64);
       }
+      int i = 0;
+      if (j0 == 0) sum[r] = x[0] + x[1], i = 2;
+      for (; i < 8; i++) sum[r] = sum[r] + x[i];
     }
-    v16f sum = vload(sg) + vload(sg + 16);  // key by key, in order
-    for (int64_t j = 2; j < KT; j++) sum = sum + vload(sg + j * 16);
-    vstore(l + rg * 16, vload(l + rg * 16) * a + sum);
-    vstore(m + rg * 16, m_new);
-    vstore(alpha + rg * 16, a);
+  }
+  for (int r = 0; r < NRG; r++) {
+    const int64_t o = (rg0 + r) * 16;
+    vstore(l + o, vload(l + o) * a[r] + sum[r]);
+    vstore(m + o, m_new[r]);
+    vstore(alpha + o, a[r]);
+  }
+}
+
+static NOINLINE void softmax_tile(float* s, int64_t rgs, const int32_t* qpos, int64_t t0, bool masked, float* m,
+                                  float* l, float* alpha, uint32_t* pp) {
+  for (int64_t rg = 0; rg < rgs;) {
+    const int64_t n = rgs - rg;
+    if (n >= 3) softmax_groups<3>(s, rg, qpos, t0, masked, m, l, alpha, pp), rg += 3;
+    else if (n == 2) softmax_groups<2>(s, rg, qpos, t0, masked, m, l, alpha, pp), rg += 2;
+    else softmax_groups<1>(s, rg, qpos, t0, masked, m, l, alpha, pp), rg += 1;
   }
 }
 

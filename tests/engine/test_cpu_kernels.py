@@ -190,6 +190,18 @@ def test_attention_is_chunk_batch_and_thread_invariant(cache, tier: str) -> None
     assert torch.equal(mixed[2:], whole[64:100])
 
 
+def test_attention_prefill_equals_decodes_on_a_long_prompt() -> None:
+    """A 1024-token prompt against each of its positions decoded (the machine's own tier): a
+    changed order of the softmax's sums flips only ~1 bf16 output in 10^5 (the bits of l rarely
+    reach the rounded output), so this takes many outputs, with flat scores (many keys per sum)."""
+    n = 1024
+    kv_layer = rand(n // BS + 4, 2, BS, KVH, HD, seed=30)
+    table = torch.randperm(n // BS + 4, generator=torch.Generator().manual_seed(31))[:n // BS].tolist()
+    q = rand(n, H, HD, seed=32, scale=0.25)
+    whole = _attend(kv_layer, q, [(n, n, table)])
+    assert torch.equal(_attend(kv_layer, q, [(1, p + 1, table) for p in range(n)]), whole)
+
+
 def test_attention_tables_are_checked(cache) -> None:
     kv_layer, table, _ = cache
 
