@@ -303,3 +303,56 @@ def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> No
     planner.tick(observe(20.0, workers, window(20.0, 100, 100)))
     assert planner.throughput.forecast().isl == 100.0
     assert math.isclose(planner.throughput.needs()[0], 0.276, rel_tol=0.01)
+
+
+def test_throughput_mode_works_off_the_backlog_within_the_drain_time() -> None:
+    # The first test's load (20 req/s, 1000-token prompts, 500-token answers: 3 + 3 workers) with work waiting,
+    # worked off within max(interval 10 s, horizon 0) = 10 s:
+    # prefill: 2 x 20000 queued prompt tokens = 40000 / 1000 / 10 = 4 prompts/s more: a load of 24 x 0.11 =
+    # 2.64; c = 3: Erlang C(3, 2.64) = 0.78198 (B: 0.725275, 0.489108, 0.300902), tail ln 0.78198 - 0.36 x
+    # 0.88 / 0.11 = -3.12596 > ln 0.01 = -4.60517; c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 =
+    # -11.8777: need 3 + (-3.12596 + 4.60517) / (-3.12596 + 11.8777) = 3.1690 -> 4 (3 without the queue).
+    # decode: 3 x 10 requests waiting for a seat = 3 req/s more: 23 x 500 / 3764.7 = 3.0547, plus 3 x 30303
+    # prompt tokens to recompute at 9090.9 tok/s: 10 GPU-s / 10 s = 1.0: 4.0547 -> 5 (2.66 -> 3 without).
+    def decide(**backlog) -> object:
+        workers = (tier("prefill", 2, num_queued_prefill_tokens=backlog.get("prompt", 0))
+                   + tier("decode", 3, num_waiting=backlog.get("waiting", 0),
+                          num_queued_prefill_tokens=backlog.get("recompute", 0)))
+        return Planner(config(), profile()).tick(observe(10.0, workers, window(20.0, 1000, 500)))
+
+    d = decide(prompt=20000, waiting=10, recompute=30303)
+    forecast = next(r for r in d.reasons if r.code == "forecast")
+    assert math.isclose(forecast.values["prefill_need"], 3.1690, rel_tol=1e-4)
+    assert math.isclose(forecast.values["decode_need"], 23 * 500 / (100 / 0.02125 * 0.8) + 90909 / 9090.9 / 10,
+                        rel_tol=1e-4)
+    assert forecast.values["waiting_for_a_seat"] == 30 and forecast.values["drain_s"] == 10.0
+    assert (d.num_prefill, d.num_decode) == (4, 5) and starts(d, "prefill") == 2 and starts(d, "decode") == 2
+    assert (decide().num_prefill, decide().num_decode) == (3, 3)
+    # no arrival in the next window, the backlog still there: not idle (the minimums), its work: decode
+    # 3 / 10 x 500 / 3764.7 + 1.0 = 1.3984
+    planner = Planner(config(), profile())
+    assert not planner.tick(observe(10.0, tier("prefill", 3) + tier("decode", 3), window(20.0, 1000, 500))).actions
+    workers = tier("prefill", 3) + tier("decode", 3, num_waiting=10, num_queued_prefill_tokens=30303)
+    d = planner.tick(observe(20.0, workers, window(0.0)))
+    forecast = next(r for r in d.reasons if r.code == "forecast")
+    assert math.isclose(forecast.values["decode_need"], 3 * 500 / (100 / 0.02125 * 0.8) + 1.0, rel_tol=1e-4)
+
+
+def test_throughput_mode_adds_workers_while_a_start_is_in_progress() -> None:
+    # Tick 1: 20 req/s -> 3 + 3 from 1 + 1 (the first test): 2 + 2 starts. Tick 2, those 4 still starting (a
+    # change in progress), 40 req/s: decode 40 x 500 / 3764.7 = 5.31 -> 6: 3 more; prefill: a load of 4.4,
+    # c = 5: C(5, 4.4) = 0.718389, ln 0.718389 - 0.6 x 8 = -5.13079 <= -4.60517 (c = 4 is under the load):
+    # need 4.4 + 0.6 x 4.60517 / 5.13079 = 4.9385 -> 5: 2 more. Starts only, now, not after the start-up.
+    planner = Planner(config(), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 1), window(20.0, 1000, 500)))
+    assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
+    starting = [worker(f"s{r[0]}{i}", r, WorkerState.STARTING, since=10.0) for r in ("prefill", "decode")
+                for i in range(2)]
+    workers = tier("prefill", 1) + tier("decode", 1) + starting
+    d = planner.tick(observe(20.0, workers, window(40.0, 1000, 500)))
+    assert "in-progress" in d.codes() and "forecast-up-meanwhile" in d.codes()
+    assert starts(d, "prefill") == 2 and starts(d, "decode") == 3 and len(d.actions) == 5
+    assert (d.num_prefill, d.num_decode) == (5, 6)
+    # the same a tick later, those 5 issued and not seen yet: nothing more
+    d = planner.tick(observe(30.0, workers, window(40.0, 1000, 500)))
+    assert not d.actions and "in-progress" in d.codes()
