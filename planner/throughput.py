@@ -14,15 +14,17 @@ shrinks only when its demand fits N-1 workers at ``scale_down_band`` of that cap
 near a boundary does not flap between N and N-1.
 
 Work already waiting is demand too (the backlog a late forecast leaves: a ramp the forecast
-trailed, answer lengths learned only when answers finish): the prompt tokens queued on the prefill
-tier, and on the decode tier the requests waiting for a seat (each an answer of the forecast
-length) and the prompt tokens it must compute itself (a handoff that found every seat taken is
-recomputed there, as ``engine/scheduler.py``'s ``add_prefilled`` does), all worked off within
-the drain time: ``horizon_s`` (new workers serve after their start-up), at least one interval.
-Sized for the arrivals alone, a tier a start-up late stays saturated: at the decode tier's seat
-limit every handoff is recomputed, which holds the tier at the arrival rate with thousands
-waiting until the load falls (the sinusoid's first peak, the mix shift's second half). In a
-steady state nothing waits for a seat and the prompt queues are a few prompts: the term is small.
+trailed, answer lengths learned only when answers finish). The prompt tokens queued on the
+prefill tier are worked off within the drain time, ``horizon_s`` (new workers serve after their
+start-up), at least one interval: the router sends each prompt to the least loaded worker, so
+that queue is the tier's. A decode worker with every seat taken (or its KV full) and requests
+waiting for one is not: those requests stay on it, the router sends new ones elsewhere, and it
+recomputes each handoff that found no seat (``engine/scheduler.py``'s ``add_prefilled``). It
+serves no arrival until its queue is gone: the tier needs the forecast's workers besides it.
+Sized for the arrivals alone, a tier a start-up late stayed saturated: every handoff recomputed
+at the seat limit held the decode tier at the arrival rate with thousands waiting until the load
+fell (the sinusoid's first peak, the mix shift's second half). In a steady state no decode worker
+is saturated and the prompt queues are a few prompts: the terms are small.
 
 Aggregated (one tier that prefills and decodes): its workers share their time between the two,
 so the tier needs the sum of both needs, ``ceil(prefill need + decode need)``, under the same band.
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 from planner.config import PlannerConfig
 from planner.decision import Reason
+from planner.load import SATURATED
 from planner.observations import Traffic, WorkerStep
 from planner.predictors import MovingAverage, make_predictor
 from planner.profile import Profile
@@ -42,24 +45,22 @@ from planner.profile import Profile
 
 @dataclass(frozen=True)
 class Backlog:
-    """Work the ready workers hold that nobody is serving yet (one tick's counters)."""
+    """Work the ready workers hold that the sizing for the arrivals does not cover (one tick)."""
 
     prompt_tokens: float = 0.0  # prompt tokens queued on the tier that computes prompts
-    waiting: int = 0  # requests waiting for a decode seat
-    decode_prompt_tokens: float = 0.0  # prompt tokens the decode tier must compute (recomputes, local prefills)
+    saturated: int = 0  # decode workers with every seat taken (or KV full) and requests waiting for one
 
     @classmethod
-    def of(cls, workers: list[WorkerStep], aggregated: bool = False) -> Backlog:
-        decode = [w for w in workers if w.role == "decode"]
-        waiting = sum(w.num_waiting for w in decode)
-        if aggregated:  # one tier: its queued prompt tokens are the prompt queue
-            return cls(float(sum(w.num_queued_prefill_tokens for w in decode)), waiting)
-        prompt = float(sum(w.num_queued_prefill_tokens for w in workers if w.role == "prefill"))
-        return cls(prompt, waiting, float(sum(w.num_queued_prefill_tokens for w in decode)))
+    def of(cls, workers: list[WorkerStep], profile: Profile, aggregated: bool = False) -> Backlog:
+        computes = "decode" if aggregated else "prefill"
+        prompt = float(sum(w.num_queued_prefill_tokens for w in workers if w.role == computes))
+        saturated = sum(1 for w in workers if w.role == "decode" and w.num_waiting > 0
+                        and (w.num_running >= profile.max_num_seqs or w.kv_usage > SATURATED))
+        return cls(prompt, saturated)
 
     @property
     def empty(self) -> bool:
-        return not (self.prompt_tokens or self.waiting or self.decode_prompt_tokens)
+        return not (self.prompt_tokens or self.saturated)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class ThroughputModel:
         cached = sum(w.num_cached_tokens for w in workers if w.role == computes)
         if prompt > 0:
             self.hit_rate.observe(min(1.0, cached / prompt))
-        self.backlog = Backlog.of(workers, self.config.aggregated)
+        self.backlog = Backlog.of(workers, self.profile, self.config.aggregated)
 
     def forecast(self) -> Forecast:
         """The request rate ``horizon_intervals`` ahead, or the next interval's if larger (a worker
@@ -113,8 +114,9 @@ class ThroughputModel:
                         0.0 if math.isnan(hit) else hit)
 
     def needs(self) -> tuple[float, float, Reason] | None:
-        """Fractional workers each tier needs for the forecast and the backlog (worked off within
-        ``drain_s``); None while it has a NaN in it."""
+        """Fractional workers each tier needs for the forecast and the backlog (the prompt queue
+        worked off within ``drain_s``, the saturated decode workers besides); None while it has a
+        NaN in it."""
         f, b = self.forecast(), self.backlog
         cfg = self.config
         if math.isnan(f.rate):
@@ -130,13 +132,12 @@ class ThroughputModel:
         # the queued prompt tokens as prompts more per second, of the forecast's length
         queued_rate = b.prompt_tokens / new_isl / drain_s
         prefill = self.profile.prefill_workers(f.rate + queued_rate, new_isl, new_p95, cfg.ttft_slo_s)
-        recompute = b.decode_prompt_tokens / self.profile.prefill_tokens_per_s(new_isl) / drain_s
-        decode = (f.rate + b.waiting / drain_s) * f.osl / decode_capacity + recompute
+        decode = f.rate * f.osl / decode_capacity + b.saturated
         values = {"rate": f.rate, "isl": f.isl, "isl_p95": f.isl_p95, "osl": f.osl, "hit_rate": f.hit_rate,
                   "prefill_work_s": work_s, "prefill_utilization": f.rate * work_s / prefill if prefill else 0.0,
                   "decode_capacity_tokens_per_s": decode_capacity, "prefill_need": prefill, "decode_need": decode,
-                  "queued_prompt_tokens": b.prompt_tokens, "waiting_for_a_seat": float(b.waiting),
-                  "decode_prompt_tokens": b.decode_prompt_tokens, "drain_s": drain_s}
+                  "queued_prompt_tokens": b.prompt_tokens, "saturated_decode_workers": float(b.saturated),
+                  "drain_s": drain_s}
         return prefill, decode, Reason("forecast", "", values)
 
     @property

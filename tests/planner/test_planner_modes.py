@@ -305,37 +305,38 @@ def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> No
     assert math.isclose(planner.throughput.needs()[0], 0.276, rel_tol=0.01)
 
 
-def test_throughput_mode_works_off_the_backlog_within_the_drain_time() -> None:
-    # The first test's load (20 req/s, 1000-token prompts, 500-token answers: 3 + 3 workers) with work waiting,
-    # worked off within max(interval 10 s, horizon 0) = 10 s:
-    # prefill: 2 x 20000 queued prompt tokens = 40000 / 1000 / 10 = 4 prompts/s more: a load of 24 x 0.11 =
-    # 2.64; c = 3: Erlang C(3, 2.64) = 0.78198 (B: 0.725275, 0.489108, 0.300902), tail ln 0.78198 - 0.36 x
-    # 0.88 / 0.11 = -3.12596 > ln 0.01 = -4.60517; c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 =
-    # -11.8777: need 3 + (-3.12596 + 4.60517) / (-3.12596 + 11.8777) = 3.1690 -> 4 (3 without the queue).
-    # decode: 3 x 10 requests waiting for a seat = 3 req/s more: 23 x 500 / 3764.7 = 3.0547, plus 3 x 30303
-    # prompt tokens to recompute at 9090.9 tok/s: 10 GPU-s / 10 s = 1.0: 4.0547 -> 5 (2.66 -> 3 without).
-    def decide(**backlog) -> object:
-        workers = (tier("prefill", 2, num_queued_prefill_tokens=backlog.get("prompt", 0))
-                   + tier("decode", 3, num_waiting=backlog.get("waiting", 0),
-                          num_queued_prefill_tokens=backlog.get("recompute", 0)))
+def test_throughput_mode_works_off_the_backlog() -> None:
+    # The first test's load (20 req/s, 1000-token prompts, 500-token answers: 3 + 3 workers) with work waiting.
+    # prefill (one pooled queue): 2 x 20000 queued prompt tokens worked off within max(interval 10 s,
+    # horizon 0) = 10 s: 40000 / 1000 / 10 = 4 prompts/s more, a load of 24 x 0.11 = 2.64; c = 3: Erlang
+    # C(3, 2.64) = 0.78198 (B: 0.725275, 0.489108, 0.300902), tail ln 0.78198 - 0.36 x 0.88 / 0.11 = -3.12596 >
+    # ln 0.01 = -4.60517; c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 = -11.8777: need 3 +
+    # (-3.12596 + 4.60517) / (-3.12596 + 11.8777) = 3.1690 -> 4 (3 without the queue).
+    # decode: d0, d1 have every seat taken (100) and requests waiting: they serve no arrival until their
+    # queues are gone, so the forecast's 2.656 workers are needed besides them: 4.656 -> 5. d2 has requests
+    # waiting with seats free (prompts it computes itself), d3 a full KV and nobody waiting: not saturated.
+    def decide(backlog: bool) -> object:
+        seats = dict(num_running=100, num_waiting=30) if backlog else {}
+        workers = [*tier("prefill", 2, num_queued_prefill_tokens=20000 if backlog else 0),
+                   worker("d0", "decode", **seats), worker("d1", "decode", **seats),
+                   worker("d2", "decode", num_running=10, num_waiting=5 if backlog else 0),
+                   worker("d3", "decode", kv_usage=0.95 if backlog else 0.0)]
         return Planner(config(), profile()).tick(observe(10.0, workers, window(20.0, 1000, 500)))
 
-    d = decide(prompt=20000, waiting=10, recompute=30303)
+    d = decide(backlog=True)
     forecast = next(r for r in d.reasons if r.code == "forecast")
     assert math.isclose(forecast.values["prefill_need"], 3.1690, rel_tol=1e-4)
-    assert math.isclose(forecast.values["decode_need"], 23 * 500 / (100 / 0.02125 * 0.8) + 90909 / 9090.9 / 10,
-                        rel_tol=1e-4)
-    assert forecast.values["waiting_for_a_seat"] == 30 and forecast.values["drain_s"] == 10.0
-    assert (d.num_prefill, d.num_decode) == (4, 5) and starts(d, "prefill") == 2 and starts(d, "decode") == 2
-    assert (decide().num_prefill, decide().num_decode) == (3, 3)
-    # no arrival in the next window, the backlog still there: not idle (the minimums), its work: decode
-    # 3 / 10 x 500 / 3764.7 + 1.0 = 1.3984
+    assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8) + 2, rel_tol=1e-6)
+    assert forecast.values["saturated_decode_workers"] == 2 and forecast.values["drain_s"] == 10.0
+    assert (d.num_prefill, d.num_decode) == (4, 5) and starts(d, "prefill") == 2 and starts(d, "decode") == 1
+    quiet = decide(backlog=False)  # the same workers without the backlog: 3 + 3 (4 decode serving: stay)
+    assert (quiet.num_prefill, quiet.num_decode) == (3, 4) and starts(quiet, "prefill") == 1
+    # no arrival in the next window, the saturated workers still there: not idle (the minimums): 2 workers
     planner = Planner(config(), profile())
     assert not planner.tick(observe(10.0, tier("prefill", 3) + tier("decode", 3), window(20.0, 1000, 500))).actions
-    workers = tier("prefill", 3) + tier("decode", 3, num_waiting=10, num_queued_prefill_tokens=30303)
-    d = planner.tick(observe(20.0, workers, window(0.0)))
-    forecast = next(r for r in d.reasons if r.code == "forecast")
-    assert math.isclose(forecast.values["decode_need"], 3 * 500 / (100 / 0.02125 * 0.8) + 1.0, rel_tol=1e-4)
+    full = tier("prefill", 3) + tier("decode", 3, num_running=100, num_waiting=10)
+    d = planner.tick(observe(20.0, full, window(0.0)))
+    assert next(r for r in d.reasons if r.code == "forecast").values["decode_need"] == 3
 
 
 def test_throughput_mode_adds_workers_while_a_start_is_in_progress() -> None:
