@@ -10,6 +10,7 @@ reversals. Writes JSON and a PNG timeline (load, replicas per tier, attainment) 
     python bench/planner.py --trace ../shared/data/mooncake_synthetic_trace.jsonl
     python bench/planner.py --shape sinusoid --shape burst      # built-in shapes (default: all)
     python bench/planner.py --shape flat --duration-s 1800 --modes both
+    python bench/planner.py --trace T.jsonl --first-token-hold off --seed 1   # the router's hold; tie-breaks
 
 What the replay models and what it leaves out: ``bench/planner_sim.py``'s docstring.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.planner_sim import Req, SimConfig, Simulation, StepModel, router_window
+from bench.planner_sim import Req, SimConfig, Simulation, StepModel, handoff_bound, router_window
 from bench.planner_workload import SHAPES, TRACE_BLOCK_TOKENS, Workload, load_trace, shape
 from planner import ActionKind, Observation, Planner, PlannerConfig, Profile, WorkerState
 from planner.core import after, load_order
@@ -154,10 +155,12 @@ def infeasible(bench: Bench, w: Workload) -> list[str]:
       deployment serves it in time (a lower bound: an idle cluster, a perfect cache);
     - ``handoff``: handed off, its second token waits at least for the decode worker's pull of the
       prompt's KV (``kv_latency_s`` + prompt bytes at ``kv_gbps``) and one decode step of that
-      sequence alone, over the ITL target, and its answer is too short for the 99th percentile of
-      its gaps to leave that one out (fewer than 101 gaps). Only a prefill on its decode worker
-      (the router's spill when the prefill tier is saturated) serves it: not infeasible, but out
-      of reach of a disaggregated path."""
+      sequence alone, over the ITL target, its answer is too short for the 99th percentile of its
+      gaps to leave that one out (fewer than 101 gaps), and the router's first-token hold does not
+      absorb the gap (``first_token_hold`` off, or the gap does not fit in the TTFT left after that
+      idle prefill): ``bench.planner_sim.handoff_bound``. Only a prefill on its decode worker (the
+      router's spill when the prefill tier is saturated) serves it: not infeasible, but out of reach
+      of a disaggregated path."""
     seen: set[int] = set()
     out = []
     cfg = bench.sim
@@ -169,11 +172,12 @@ def infeasible(bench: Bench, w: Workload) -> list[str]:
             hits += 1
         cached = min(hits * TRACE_BLOCK_TOKENS, a.isl - 1)
         seen.update(a.hashes)
-        gaps = a.osl - 1
-        pull = cfg.kv_latency_s + a.isl * cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e9)
-        if prefill_alone_s(bench.model, a.isl - cached, cached, cfg.max_num_batched_tokens) > cfg.ttft_s:
+        prefill_s = prefill_alone_s(bench.model, a.isl - cached, cached, cfg.max_num_batched_tokens)
+        gap_s = cfg.kv_latency_s + a.isl * cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e9) \
+            + bench.model.time([], 1, a.isl + 1)
+        if prefill_s > cfg.ttft_s:
             out.append("ttft")
-        elif gaps > 0 and gaps == math.ceil(0.99 * gaps) and pull + bench.model.time([], 1, a.isl + 1) > cfg.itl_s:
+        elif handoff_bound(cfg, gap_s, a.osl - 1, prefill_s):
             out.append("handoff")
         else:
             out.append("")
@@ -324,8 +328,9 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
         log(f"infeasible {n_ttft} of {len(why)} requests (an idle GPU computes their uncached prompt in more than "
             f"the TTFT target): attainment ceiling {1 - n_ttft / len(why):.4f}; handoff-bound {n_handoff} (the KV "
             f"pull at {bench.sim.kv_gbps:g} GB/s and one step put their second token over the ITL target, with no "
-            f"gap to spare: only a prefill on the decode worker serves them): the ceiling of a path that hands "
-            f"every prompt off {1 - (n_ttft + n_handoff) / len(why):.4f}")
+            f"gap to spare, and the first-token hold ({bench.sim.first_token_hold}) cannot absorb it: only a "
+            f"prefill on the decode worker serves them): the ceiling of a path that hands every prompt off "
+            f"{1 - (n_ttft + n_handoff) / len(why):.4f}")
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
     peak = max(p for p, _ in per_interval), max(d for _, d in per_interval)
     static = clamp(bench, *peak)
@@ -457,7 +462,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     profile.max_num_batched_tokens, max_num_seqs=profile.max_num_seqs,
                     kv_capacity_tokens=profile.kv_capacity_tokens, kv_gbps=args.kv_gbps,
                     prefill_queue_limit_tokens=args.prefill_queue_limit_tokens,
-                    startup_s=args.startup_s, switch_s=args.switch_s)
+                    startup_s=args.startup_s, switch_s=args.switch_s, first_token_hold=args.first_token_hold,
+                    seed=args.seed)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
@@ -466,7 +472,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
                  max_tokens_exact=args.max_tokens_exact)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", action="append", default=[], help="Mooncake-format JSONL trace (repeatable)")
     ap.add_argument("--shape", action="append", default=[], choices=SHAPES, help="built-in shape (repeatable)")
@@ -494,9 +500,16 @@ def main(argv: list[str] | None = None) -> None:
                          "arrivals' answer length at arrival (the live view's early OSL at its best; default: "
                          "answer lengths known only once requests finish)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the fixed-split sweep")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first-token-hold", default="auto", choices=("auto", "on", "off"),
+                    help="the router's first-token hold in the replay (runtime setting first_token_hold)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the built-in shapes' random draw and the replay router's tie-breaks between equal workers")
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     bench = make_bench(args)
     workloads = [load_trace(p) for p in args.trace]
     if not args.trace or args.shape:

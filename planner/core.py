@@ -11,8 +11,9 @@ Order of a tick:
    the minimums, all at once, grace period or not (drains above them; starts below them, as
    the GPUs allow: a cluster with no worker yet);
 4. otherwise no decision without router windows; while a change is in progress, or within the
-   grace period of the last change, only the load mode's starts for a tier whose need exceeds
-   its workers, starting ones and issued starts included (``load-up-meanwhile``);
+   grace period of the last change, only starts for a tier whose load's need (load mode) or
+   forecast's need (throughput mode; both: the larger) exceeds its workers, starting ones and
+   issued starts included (``load-up-meanwhile``, ``forecast-up-meanwhile``);
 5. targets per tier from the mode (throughput: the forecast; load: up to the need, down by one;
    both: the forecast is a
    floor and the load scales above it), clamped to the minimums and the GPU budget; an
@@ -173,27 +174,39 @@ class Planner:
 
     def _load_ups(self, obs: Observation, workers: list[WorkerStep], counts: dict[str, int],
                   ready: list[WorkerStep], traffic: Traffic) -> tuple[list[Action], list[Reason]]:
-        """While a change is in progress or in its grace period: the load mode still adds workers
-        when a tier's load needs more than it has, starting ones and issued starts included (a step
-        in the load is not forecast; waiting out a start-up per worker lets it miss for minutes).
+        """While a change is in progress or in its grace period: a tier still gets the workers its
+        load (load mode, ``load-up-meanwhile``) or its forecast and backlog (throughput mode,
+        ``forecast-up-meanwhile``; both modes: the larger) need beyond its workers, starting ones
+        and issued starts included (a step in the load is not forecast, a forecast trails a ramp;
+        waiting out a start-up per worker lets a tier miss for minutes and its backlog grow).
         Starts only, as the GPUs allow: no switch or drain until the change is done."""
         cfg = self.config
-        if cfg.mode == "throughput" or cfg.aggregated:
+        if cfg.aggregated:
             return [], []
         isl = self._new_isl(traffic)
         issued = {r: sum(1 for p in self.pending if p.action.kind is ActionKind.START and p.action.role == r
                          and sum(1 for w in workers if w.role == r) <= p.baseline) for r in ROLES}
         free_slots = self._free_slots(obs, workers) - sum(issued.values())
+        forecast = self.throughput.wanted() if self.throughput is not None and cfg.mode != "load" else None
         actions, reasons = [], []
         for r in ROLES:
-            tier = [w for w in ready if w.role == r]
-            verdict = self.load.judge(r, tier, isl, self._lead_rate(traffic), traffic.osl_mean)
-            short = len(tier) + verdict.delta - counts[r] - issued[r] if verdict.delta > 0 else 0
+            short, why = 0, None
+            if cfg.mode != "throughput":
+                tier = [w for w in ready if w.role == r]
+                verdict = self.load.judge(r, tier, isl, self._lead_rate(traffic), traffic.osl_mean)
+                if verdict.delta > 0:
+                    short = len(tier) + verdict.delta - counts[r] - issued[r]
+                    why = dataclasses.replace(verdict.reason, code="load-up-meanwhile")
+            if forecast is not None:
+                want = forecast[0][r] if not cfg.max_step_up else min(forecast[0][r], counts[r] + cfg.max_step_up)
+                if want - counts[r] - issued[r] > short:
+                    short = want - counts[r] - issued[r]
+                    why = dataclasses.replace(forecast[1], code="forecast-up-meanwhile", role=r)
             starts = max(0, min(short, free_slots))
             if starts:
                 free_slots -= starts
                 actions += [Action(ActionKind.START, r) for _ in range(starts)]
-                reasons.append(dataclasses.replace(verdict.reason, code="load-up-meanwhile"))
+                reasons.append(why)
         return actions, reasons
 
     def _lead_rate(self, traffic: Traffic) -> float:

@@ -303,3 +303,57 @@ def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> No
     planner.tick(observe(20.0, workers, window(20.0, 100, 100)))
     assert planner.throughput.forecast().isl == 100.0
     assert math.isclose(planner.throughput.needs()[0], 0.276, rel_tol=0.01)
+
+
+def test_throughput_mode_works_off_the_backlog() -> None:
+    # The first test's load (20 req/s, 1000-token prompts, 500-token answers: 3 + 3 workers) with work waiting.
+    # prefill (one pooled queue): 2 x 20000 queued prompt tokens worked off within max(interval 10 s,
+    # horizon 0) = 10 s: 40000 / 1000 / 10 = 4 prompts/s more, a load of 24 x 0.11 = 2.64; c = 3: Erlang
+    # C(3, 2.64) = 0.78198 (B: 0.725275, 0.489108, 0.300902), tail ln 0.78198 - 0.36 x 0.88 / 0.11 = -3.12596 >
+    # ln 0.01 = -4.60517; c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 = -11.8777: need 3 +
+    # (-3.12596 + 4.60517) / (-3.12596 + 11.8777) = 3.1690 -> 4 (3 without the queue).
+    # decode: d0, d1 have every seat taken (100) and requests waiting: they serve no arrival until their
+    # queues are gone, so the forecast's 2.656 workers are needed besides them: 4.656 -> 5. d2 has requests
+    # waiting with seats free (prompts it computes itself), d3 a full KV and nobody waiting: not saturated.
+    def decide(backlog: bool) -> object:
+        seats = dict(num_running=100, num_waiting=30) if backlog else {}
+        workers = [*tier("prefill", 2, num_queued_prefill_tokens=20000 if backlog else 0),
+                   worker("d0", "decode", **seats), worker("d1", "decode", **seats),
+                   worker("d2", "decode", num_running=10, num_waiting=5 if backlog else 0),
+                   worker("d3", "decode", kv_usage=0.95 if backlog else 0.0)]
+        return Planner(config(), profile()).tick(observe(10.0, workers, window(20.0, 1000, 500)))
+
+    d = decide(backlog=True)
+    forecast = next(r for r in d.reasons if r.code == "forecast")
+    assert math.isclose(forecast.values["prefill_need"], 3.1690, rel_tol=1e-4)
+    assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8) + 2, rel_tol=1e-6)
+    assert forecast.values["saturated_decode_workers"] == 2 and forecast.values["drain_s"] == 10.0
+    assert (d.num_prefill, d.num_decode) == (4, 5) and starts(d, "prefill") == 2 and starts(d, "decode") == 1
+    quiet = decide(backlog=False)  # the same workers without the backlog: 3 + 3 (4 decode serving: stay)
+    assert (quiet.num_prefill, quiet.num_decode) == (3, 4) and starts(quiet, "prefill") == 1
+    # no arrival in the next window, the saturated workers still there: not idle (the minimums): 2 workers
+    planner = Planner(config(), profile())
+    assert not planner.tick(observe(10.0, tier("prefill", 3) + tier("decode", 3), window(20.0, 1000, 500))).actions
+    full = tier("prefill", 3) + tier("decode", 3, num_running=100, num_waiting=10)
+    d = planner.tick(observe(20.0, full, window(0.0)))
+    assert next(r for r in d.reasons if r.code == "forecast").values["decode_need"] == 3
+
+
+def test_throughput_mode_adds_workers_while_a_start_is_in_progress() -> None:
+    # Tick 1: 20 req/s -> 3 + 3 from 1 + 1 (the first test): 2 + 2 starts. Tick 2, those 4 still starting (a
+    # change in progress), 40 req/s: decode 40 x 500 / 3764.7 = 5.31 -> 6: 3 more; prefill: a load of 4.4,
+    # c = 5: C(5, 4.4) = 0.718389, ln 0.718389 - 0.6 x 8 = -5.13079 <= -4.60517 (c = 4 is under the load):
+    # need 4.4 + 0.6 x 4.60517 / 5.13079 = 4.9385 -> 5: 2 more. Starts only, now, not after the start-up.
+    planner = Planner(config(), profile())
+    d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 1), window(20.0, 1000, 500)))
+    assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
+    starting = [worker(f"s{r[0]}{i}", r, WorkerState.STARTING, since=10.0) for r in ("prefill", "decode")
+                for i in range(2)]
+    workers = tier("prefill", 1) + tier("decode", 1) + starting
+    d = planner.tick(observe(20.0, workers, window(40.0, 1000, 500)))
+    assert "in-progress" in d.codes() and "forecast-up-meanwhile" in d.codes()
+    assert starts(d, "prefill") == 2 and starts(d, "decode") == 3 and len(d.actions) == 5
+    assert (d.num_prefill, d.num_decode) == (5, 6)
+    # the same a tick later, those 5 issued and not seen yet: nothing more
+    d = planner.tick(observe(30.0, workers, window(40.0, 1000, 500)))
+    assert not d.actions and "in-progress" in d.codes()

@@ -122,7 +122,8 @@ def test_infeasible_requests_are_those_no_deployment_can_serve_in_time() -> None
     # decode steps 1 us per KV token; KV pulls of 1000 bytes per token at 1 GB/s (1 us per token) + 2 ms.
     flat = replace(SIM, step_s=0.0, prefill_min_s=0.0, prefill_token_s=1e-3, prefill_attention_s=0.0,
                    decode_seq_s=0.0, decode_kv_token_s=1e-6)
-    cfg = SimConfig(ttft_s=2.0, itl_s=0.05, kv_bytes_per_token=1000, kv_gbps=1.0, kv_latency_s=0.002)
+    cfg = SimConfig(ttft_s=2.0, itl_s=0.05, kv_bytes_per_token=1000, kv_gbps=1.0, kv_latency_s=0.002,
+                    first_token_hold="off")
     bench = Bench(cfg, StepModel(flat), Profile.load("h200-llama-3.1-8b"), PlannerConfig())
     arrivals = [Arrival(0.0, 2560, 2, (1, 2, 3, 4, 5)),  # 2.56 s uncached: ttft
                 Arrival(1.0, 3072, 2, (1, 2, 3, 4, 5, 6)),  # 5 blocks seen before: 512 new tokens, 0.512 s
@@ -136,10 +137,18 @@ def test_infeasible_requests_are_those_no_deployment_can_serve_in_time() -> None
                 # 47 blocks cached; 2 ms + 25 ms + 25 ms = 52 ms > 50 ms with 2 gaps: one over is the p99: handoff
                 Arrival(6.0, 25000, 3, tuple(range(20, 69))),
                 # the same with 101 gaps: the 99th percentile (nearest rank: the 100th) leaves one out
-                Arrival(7.0, 25000, 102, tuple(range(20, 69)))]
-    w = Workload("t", arrivals, 8.0)
+                Arrival(7.0, 25000, 102, tuple(range(20, 69))),
+                # 45 blocks cached: 1960 new tokens, 1.96 s; the same 52 ms gap does not fit in the 40 ms of
+                # TTFT left: the router's hold cannot take it either
+                Arrival(8.0, 25000, 3, (*range(20, 65), 90, 91, 92, 93))]
+    w = Workload("t", arrivals, 9.0)
     lost = infeasible(bench, w)
-    assert lost == ["ttft", "", "", "", "ttft", "ttft", "", "handoff", ""]
+    assert lost == ["ttft", "", "", "", "ttft", "ttft", "", "handoff", "", "handoff"]
+    # with the first-token hold (auto, the router's default) the first handoff's gap fits in its 1.064 s of
+    # TTFT left (0.936 s prefill): held, not bound; the last one's does not
+    held = replace(bench, sim=replace(cfg, first_token_hold="auto"))
+    assert infeasible(held, w) == ["ttft", "", "", "", "ttft", "ttft", "", "", "", "handoff"]
+    arrivals, lost = arrivals[:9], lost[:9]
     # the infeasible ones counted bad, and reported apart: the ceiling and the attainment among the feasible
     # ones (a handoff-bound request is feasible: a prefill on its decode worker serves it)
     reqs = [Req(i, a, infeasible=x == "ttft") for i, (a, x) in enumerate(zip(arrivals, lost))]
@@ -149,6 +158,14 @@ def test_infeasible_requests_are_those_no_deployment_can_serve_in_time() -> None
     assert (s["good"], s["infeasible"]) == (2, 3)
     assert s["attainment"] == pytest.approx(2 / 9) and s["feasible_ceiling"] == pytest.approx(6 / 9)
     assert s["attainment_of_feasible"] == pytest.approx(2 / 6)
+
+
+def test_the_command_line_sets_the_replays_router() -> None:
+    from bench.planner import make_bench, parse_args
+
+    sim = make_bench(parse_args(["--first-token-hold", "off", "--seed", "3"])).sim
+    assert (sim.first_token_hold, sim.seed) == ("off", 3)
+    assert (make_bench(parse_args([])).sim.first_token_hold, make_bench(parse_args([])).sim.seed) == ("auto", 0)
 
 
 def test_the_live_window_and_the_oracle_know_what_they_may() -> None:
