@@ -169,6 +169,18 @@ def choose(policy: str, num_prompt_tokens: int, overlaps: Mapping[str, int], loa
     return Decision(worker, min(overlaps.get(worker, 0), blocks(num_prompt_tokens, block_size)), local)
 
 
+def follows_prefill(blocks_left: int, local: Candidate, remote: Candidate) -> bool:
+    """A request whose prefix is on its way to its decode worker D from a prefill worker P (still
+    computed there, or moving): follow it to P now (prefill the rest there and hand the prompt
+    off) rather than wait for it to land on D and prefill the rest on D (``local``; ``remote``:
+    P's candidate, its overlap counting the prefix). The prefill work each way puts before the
+    request's first token is compared, in blocks: waiting, the prefix's blocks still to compute
+    (``blocks_left``), then D's queued prompt blocks and the request's new ones; following, P's
+    queued prompt blocks (the prefix's among them) and the request's new ones there. The transfer
+    is not counted (as in the routing cost); ties wait (no transfer, nothing computed twice)."""
+    return remote.queued_blocks + remote.new_blocks < blocks_left + local.queued_blocks + local.new_blocks
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
