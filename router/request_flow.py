@@ -290,12 +290,10 @@ class RequestFlow:
 
     # ---- prompts on their way (no I/O but the wait) --------------------------------------------
     def _route(self, prompt_ids: list[int], n: int, in_flight: bool = True) -> tuple[RoutePlan, Landing | None]:
-        """The plan, and the prompt on its way to the worker that would compute this one which
-        the plan counts on: its blocks there are counted as held, so the request must not be sent
-        before they are (it would compute them again). With a prefix on its way to the decode
-        worker from a prefill worker, the request follows it there when that is cheaper
-        (``policy.follows_prefill``); it then waits for the prefix's compute there, if that is
-        still going on."""
+        """The plan, and the handoff it must wait for (:meth:`_awaited`): one still on its way to the
+        worker that would compute this prompt, bringing blocks the plan counts as held there (sent
+        now, the request would compute them again). The request follows that prefix to its prefill
+        worker instead when that is sooner (``policy.follows_prefill``)."""
         plan = self._plan(prompt_ids, n, in_flight)
         landing = self._awaited(plan) if in_flight else None
         if landing is not None and landing.prefill_worker and plan.prefill is None:
@@ -306,7 +304,9 @@ class RequestFlow:
         return plan, landing
 
     def _awaited(self, plan: RoutePlan) -> Landing | None:
-        """What the worker that computes the plan's prompt still lacks of the prefix it is counted on to hold."""
+        """The handoff still on its way to the worker that computes the plan's prompt that brings
+        blocks it is counted on to hold. A prefix that worker is computing itself is not waited for:
+        its step makes the blocks findable when it launches, and a request queued behind it finds them."""
         if plan.prefill is not None:
             tier, decision, hashes = self.tiers["prefill"], plan.prefill, plan.prefill_hashes
         else:
@@ -314,9 +314,10 @@ class RequestFlow:
         n = decision.overlap_blocks
         if n == 0 or not tier.in_flight.index.holds(decision.worker_id, hashes[n - 1]):
             return None  # the overlap's last block is held there, and so is the run up to it
-        if n <= tier.resident_overlap(decision.worker_id, hashes):
+        landing, shared = tier.handoff_on(decision.worker_id, hashes)
+        if landing is None or min(shared, n) <= tier.resident_overlap(decision.worker_id, hashes):
             return None
-        return tier.landing_on(decision.worker_id, hashes)
+        return landing
 
     def _follow_plan(self, prompt_ids: list[int], plan: RoutePlan, landing: Landing) -> RoutePlan | None:
         """The plan that prefills on the prefill worker ``landing`` comes from, when cheaper than waiting."""

@@ -12,10 +12,12 @@
   :data:`PENDING_TTL_S`.
 
 Routing counts blocks in flight as held (:meth:`TierIndex.overlaps`): a request for the same
-prefix arriving meanwhile follows the first instead of recomputing it elsewhere. But the worker
-does not hold them yet: a prompt sent there now would be computed whole. So the router tells
-the two apart (:meth:`TierIndex.resident_overlap`, :meth:`TierIndex.landing_on`) and such a
-request waits for the landing (``RequestFlow._route``).
+prefix arriving meanwhile follows the first instead of recomputing it elsewhere. A worker computing
+the prefix itself makes its blocks findable as its step launches, so a request queued behind finds
+them; but a decode worker knows nothing of a prompt still prefilling on a prefill worker for it, and
+a request sent there now would be computed whole. So the router tells blocks held from blocks on
+their way (:meth:`TierIndex.resident_overlap`, :meth:`TierIndex.handoff_on`), and such a request
+waits for the handoff to land (``RequestFlow._route``).
 """
 
 from __future__ import annotations
@@ -105,10 +107,13 @@ class TierIndex:
         """The leading blocks of ``hashes`` the worker holds now (none of them still on their way)."""
         return self.overlaps(hashes, in_flight=False).get(worker_id, 0)
 
-    def landing_on(self, worker_id: str, hashes: Sequence[int]) -> Landing | None:
-        """The prompt on its way to ``worker_id`` that shares the most leading blocks with ``hashes``."""
+    def handoff_on(self, worker_id: str, hashes: Sequence[int]) -> tuple[Landing | None, int]:
+        """The prompt on its way to ``worker_id`` from a prefill worker that shares the most leading
+        blocks with ``hashes``, and how many it shares."""
         best, best_n = None, 0
         for landing in self._landings.get(worker_id, ()):
+            if not landing.prefill_worker:
+                continue
             n = 0
             for mine, theirs in zip(hashes, landing.hashes):
                 if mine != theirs:
@@ -116,7 +121,7 @@ class TierIndex:
                 n += 1
             if n > best_n:
                 best, best_n = landing, n
-        return best
+        return best, best_n
 
     def expect(self, worker_id: str, hashes: Sequence[int], blocks_left: int, prefill_worker: str = "") -> Landing:
         """The router sends a prompt with ``hashes`` to ``worker_id``: in flight until :meth:`land`."""

@@ -6,8 +6,8 @@
   conversation and is prefilled there (no remote prefill, no transfer);
 - router replicas share in-flight load: a second router avoids the worker the first keeps busy;
 - without KV events (``--no-kv-events``), the router's own decisions predict the caches;
-- a request whose prefix is still on its way to the worker that would compute it (prefilling on a
-  prefill worker, or on an aggregated worker) waits for it there instead of computing it again.
+- a request whose prefix is still on its way to the decode worker that would compute the rest (still
+  prefilling on a prefill worker) waits for it to land there instead of computing it again.
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def frozen(children: list[Child]):
 def first_then_same_prefix(url: str, frozen_workers: list[Child], first: list[int], second: list[int],
                            max_tokens: int) -> dict[str, Any]:
     """``first`` routed while ``frozen_workers`` answer nothing, then ``second``, whose prefix is then on
-    its way to the worker that would compute it: the second is planned but not sent on before the
-    first's prompt is there. The workers resume once the router has planned both. The second's answer."""
+    its way to the worker that would compute the rest: the second is planned but not sent on before
+    the first's prompt is there. The workers resume once the router has planned both. The second's answer."""
     out: dict[str, dict[str, Any]] = {}
 
     def send(name: str, prompt: list[int]) -> threading.Thread:
@@ -265,14 +265,3 @@ def test_prefix_on_its_way_to_the_decode_worker_is_waited_for(sim_cluster: Local
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 18 * BS
     after = prompt_tokens(sim_cluster)
     assert sorted(after[w] - before[w] for w in after) == [0, 300 + 308]  # both on D
-
-
-def test_prefix_a_decode_worker_computes_is_waited_for(sim_cluster: LocalCluster) -> None:
-    # As an aggregated worker does: D holds 4 blocks and computes the first request's next 3 itself (a
-    # worker's step plans the prompts it has queued side by side: sent at once, the second would compute
-    # those 3 again beside the first). The second, 2 blocks longer, waits for them and computes 2.
-    prefix = tokens(12, 4 * BS)
-    complete(sim_cluster.http_url, prefix, 2)
-    second = first_then_same_prefix(sim_cluster.http_url, sim_cluster.workers("decode"), prefix + tokens(13, 3 * BS),
-                                    prefix + tokens(13, 3 * BS) + tokens(14, 2 * BS), 2)
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 7 * BS
