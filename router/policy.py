@@ -240,17 +240,43 @@ class HandoffGap:
         return num_tokens * per_token_s + self.rest_s / self.weight
 
 
-def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float) -> float:
+@dataclass
+class TokenInterval:
+    """What a router learns of its decode workers' time per token: the time between a stream's
+    messages over the tokens they brought (a stream's first message not counted), exponentially
+    weighted: each observation counts ``decay`` times the one before."""
+
+    decay: float = 0.99
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+    def observe(self, seconds: float, num_tokens: int) -> None:
+        self.seconds = self.decay * self.seconds + seconds
+        self.tokens = self.decay * self.tokens + num_tokens
+
+    def predict(self) -> float | None:
+        """Seconds per token; None before any observation."""
+        return self.seconds / self.tokens if self.tokens > 0 else None
+
+
+def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float,
+                       num_tokens: int | None = None, itl_s: float | None = None) -> float:
     """How long the router may hold a handed-off request's first token for the decode worker's
     first (then both go out; past it the first goes out alone); 0: send it at once.
 
     ``ttft_headroom_s``: the TTFT target less the time the request has taken so far, the most it
     may be held. ``auto`` holds when the predicted gap exceeds the ITL target and fits in that
-    headroom; ``on`` whenever there is headroom; ``off`` never."""
+    headroom, unless the request's answer (``num_tokens``, its max_tokens) is long enough for its
+    mean inter-token latency to meet the target with the gap among its intervals, the others at
+    ``itl_s`` (the decode tier's time per token as seen); ``on`` holds whenever there is headroom;
+    ``off`` never."""
     if mode not in HOLD_MODES:
         raise ValueError(f"unknown first_token_hold {mode!r}; expected one of {HOLD_MODES}")
     if mode == "off" or ttft_headroom_s <= 0:
         return 0.0
     if mode == "auto" and (predicted_gap_s is None or not itl_slo_s < predicted_gap_s <= ttft_headroom_s):
         return 0.0
+    if mode == "auto" and num_tokens is not None and num_tokens > 2 and itl_s is not None and \
+            predicted_gap_s + (num_tokens - 2) * itl_s <= (num_tokens - 1) * itl_slo_s:
+        return 0.0  # the answer's mean ITL meets the target with the gap in it: nothing to hold for
     return ttft_headroom_s

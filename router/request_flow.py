@@ -163,6 +163,8 @@ class RequestFlow:
         self._no_ahead: set[tuple[str, str]] = set()
         # The first-to-second-token gap of handoffs, as seen (first_token_hold: policy.first_token_hold_s).
         self.handoff_gap = policy.HandoffGap()
+        # The decode tier's time per token, as seen (first_token_hold: a long answer's mean ITL).
+        self.token_interval = policy.TokenInterval()
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -489,7 +491,8 @@ class RequestFlow:
             missing = len(call.prompt_ids) - call.plan.decode.overlap_blocks * self.tiers["decode"].block_size
             hold_s = policy.first_token_hold_s(
                 self.cfg.first_token_hold, self.handoff_gap.predict(missing), self.cfg.itl_slo_ms / 1000,
-                self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0))
+                self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0), call.sampling.max_tokens,
+                self.token_interval.predict())
             if hold_s > 0:
                 trace.mark(call.request_id, "r.hold")
                 pending = asyncio.ensure_future(anext(decoded, None))  # D's first message, read meanwhile
@@ -611,6 +614,7 @@ class RequestFlow:
 
     async def _read(self, call: _Call, worker: str, stream: grpc.aio.UnaryStreamCall
                     ) -> AsyncIterator[Delta | Usage]:
+        last_at = 0.0  # when the stream's last message with tokens came
         try:
             messages = watched_stream(stream, self._watch(self.decode, worker))
             async with contextlib.aclosing(messages):
@@ -626,6 +630,11 @@ class RequestFlow:
                                                      msg.pull.pull_ms / 1000, time.perf_counter() - call.first_at)
                     if msg.outputs and call.decode_landing is not None and not call.decode_landing.done:
                         self.tiers["decode"].land(call.decode_landing, ok=True)  # it holds the prompt now
+                    if msg.outputs and msg.outputs[0].token_ids:
+                        now = time.perf_counter()
+                        if last_at:
+                            self.token_interval.observe(now - last_at, len(msg.outputs[0].token_ids))
+                        last_at = now
                     for out in msg.outputs:
                         call.streamed = True
                         call.ticket.prefilled()
