@@ -16,7 +16,9 @@ server (launch to the first answered request). Writes JSON + PNG.
 
 On a shared machine, one server per call keeps each call short: ``--servers vllm --merge`` adds
 (or replaces) vLLM's rows in an existing JSON and rewrites the table and the PNG from all of them;
-each server's rows carry the load average before and after its run.
+each server's rows carry the load average before and after its run. ``--label NAME`` keeps a
+server's rows under NAME (e.g. the same server from two checkouts, ``--merge``d into one table:
+run this script from each checkout in turn, copied there for the older one).
 
 Loads: ``c1`` random 256 in / 64 out, concurrency 1, 16 prompts; ``c8`` the same at concurrency
 8, 48 prompts; ``prefix`` prefix_repetition (4 prefixes of 512 tokens, 64-token suffixes, 32 out)
@@ -194,16 +196,21 @@ def main() -> None:
     p.add_argument("--vllm-start-timeout", type=float, default=600.0)
     p.add_argument("--json", default="bench/results/against_vllm.json")
     p.add_argument("--merge", action="store_true", help="keep the other servers' rows already in --json")
+    p.add_argument("--label", default="", help="the rows' name in --json and the table (one server; default: its name)")
     p.add_argument("--verbose", action="store_true", help="show vllm bench serve's own report")
     args = p.parse_args()
     args.loads = args.loads.split(",")
     out_dir = Path(tempfile.mkdtemp(prefix="tandem-vs-vllm-"))
     path = Path(args.json)
     results: dict[str, dict] = json.loads(path.read_text())["results"] if args.merge and path.exists() else {}
-    for server in args.servers.split(","):
+    servers = args.servers.split(",")
+    if args.label and len(servers) != 1:
+        p.error("--label names one server's rows")
+    for server in servers:
         load_before = os.getloadavg()
-        results[server] = run_vllm(args, out_dir) if server == "vllm" else run_tandem(args, server, out_dir)
-        results[server].update(load_avg_before=load_before, load_avg_after=os.getloadavg(),
+        name = args.label or server
+        results[name] = run_vllm(args, out_dir) if server == "vllm" else run_tandem(args, server, out_dir)
+        results[name].update(load_avg_before=load_before, load_avg_after=os.getloadavg(),
                                measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     order = [s for s in ("aggregated", "disaggregated", "vllm") if s in results]
     results = {s: results[s] for s in order + [s for s in results if s not in order]}

@@ -8,12 +8,14 @@ Workers are slots in a bitmask; a query walks the request's hashes once, interse
 and stops at the first block nobody holds: time linear in the prompt's blocks (each step is
 one dict lookup and one big-int AND, whatever the number of workers).
 
-Two indexes share that core:
+Three indexes share that core:
 
 - :class:`KVIndex`, exact, fed by the workers' KV events (``router.kv_events``);
-- :class:`ApproxKVIndex`, which predicts contents from the router's own decisions and forgets
-  them after a TTL: the only index with ``--no-kv-events``, and with events the short-lived
-  record of prefixes a worker is computing right now (their events come when it is done).
+- :class:`ApproxKVIndex`, which predicts contents from the router's own requests and forgets
+  them after a TTL: the only index of what is cached with ``--no-kv-events``, and with events the
+  short-lived record of prompts a worker has just computed or received (their events are on the way);
+- :class:`InFlightKVIndex`: prompts on their way into a worker's cache (routed there, not yet
+  computed there, or not yet landed there from a prefill worker), held until they arrive or fail.
 """
 
 from __future__ import annotations
@@ -179,6 +181,47 @@ class ApproxKVIndex:
             if self._expiry.get((worker_id, block_hash)) == until:  # not refreshed since
                 del self._expiry[(worker_id, block_hash)]
                 self.index.remove(worker_id, block_hash)
+
+
+class InFlightKVIndex:
+    """Prompts on their way into a worker's cache. A block counts as long as one request brings it
+    (several may bring the same prefix): ``add`` and ``discard`` come in pairs."""
+
+    def __init__(self, block_size: int) -> None:
+        self.index = KVIndex(block_size)
+        self._count: dict[tuple[str, int], int] = {}  # (worker, hash) -> requests bringing it
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.index.num_blocks
+
+    def add(self, worker_id: str, hashes: Sequence[int]) -> None:
+        for block_hash in hashes:
+            key = (worker_id, block_hash)
+            self._count[key] = self._count.get(key, 0) + 1
+            self.index.store(worker_id, block_hash)
+
+    def discard(self, worker_id: str, hashes: Sequence[int]) -> None:
+        for block_hash in hashes:
+            key = (worker_id, block_hash)
+            left = self._count.get(key, 0) - 1
+            if left > 0:
+                self._count[key] = left
+            elif key in self._count:
+                del self._count[key]
+                self.index.remove(worker_id, block_hash)
+
+    def overlaps(self, hashes: Sequence[int]) -> dict[str, int]:
+        return self.index.overlaps(hashes)
+
+    def remove_worker(self, worker_id: str) -> None:
+        for block_hash in self.index.blocks_of(worker_id):
+            self._count.pop((worker_id, block_hash), None)
+        self.index.remove_worker(worker_id)
 
 
 def merge_overlaps(*overlaps: dict[str, int]) -> dict[str, int]:

@@ -169,6 +169,18 @@ def choose(policy: str, num_prompt_tokens: int, overlaps: Mapping[str, int], loa
     return Decision(worker, min(overlaps.get(worker, 0), blocks(num_prompt_tokens, block_size)), local)
 
 
+def follows_prefill(blocks_left: int, local: Candidate, remote: Candidate) -> bool:
+    """A request whose prefix is on its way to its decode worker D from a prefill worker P (still
+    computed there, or moving): follow it to P now (prefill the rest there and hand the prompt
+    off) rather than wait for it to land on D and prefill the rest on D (``local``; ``remote``:
+    P's candidate, its overlap counting the prefix). The prefill work each way puts before the
+    request's first token is compared, in blocks: waiting, the prefix's blocks still to compute
+    (``blocks_left``), then D's queued prompt blocks and the request's new ones; following, P's
+    queued prompt blocks (the prefix's among them) and the request's new ones there. The transfer
+    is not counted (as in the routing cost); ties wait (no transfer, nothing computed twice)."""
+    return remote.queued_blocks + remote.new_blocks < blocks_left + local.queued_blocks + local.new_blocks
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
@@ -228,17 +240,43 @@ class HandoffGap:
         return num_tokens * per_token_s + self.rest_s / self.weight
 
 
-def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float) -> float:
+@dataclass
+class TokenInterval:
+    """What a router learns of its decode workers' time per token: the time between a stream's
+    messages over the tokens they brought (a stream's first message not counted), exponentially
+    weighted: each observation counts ``decay`` times the one before."""
+
+    decay: float = 0.99
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+    def observe(self, seconds: float, num_tokens: int) -> None:
+        self.seconds = self.decay * self.seconds + seconds
+        self.tokens = self.decay * self.tokens + num_tokens
+
+    def predict(self) -> float | None:
+        """Seconds per token; None before any observation."""
+        return self.seconds / self.tokens if self.tokens > 0 else None
+
+
+def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float,
+                       num_tokens: int | None = None, itl_s: float | None = None) -> float:
     """How long the router may hold a handed-off request's first token for the decode worker's
     first (then both go out; past it the first goes out alone); 0: send it at once.
 
     ``ttft_headroom_s``: the TTFT target less the time the request has taken so far, the most it
     may be held. ``auto`` holds when the predicted gap exceeds the ITL target and fits in that
-    headroom; ``on`` whenever there is headroom; ``off`` never."""
+    headroom, unless the request's answer (``num_tokens``, its max_tokens) is long enough for its
+    mean inter-token latency to meet the target with the gap among its intervals, the others at
+    ``itl_s`` (the decode tier's time per token as seen); ``on`` holds whenever there is headroom;
+    ``off`` never."""
     if mode not in HOLD_MODES:
         raise ValueError(f"unknown first_token_hold {mode!r}; expected one of {HOLD_MODES}")
     if mode == "off" or ttft_headroom_s <= 0:
         return 0.0
     if mode == "auto" and (predicted_gap_s is None or not itl_slo_s < predicted_gap_s <= ttft_headroom_s):
         return 0.0
+    if mode == "auto" and num_tokens is not None and num_tokens > 2 and itl_s is not None and \
+            predicted_gap_s + (num_tokens - 2) * itl_s <= (num_tokens - 1) * itl_slo_s:
+        return 0.0  # the answer's mean ITL meets the target with the gap in it: nothing to hold for
     return ttft_headroom_s

@@ -4,8 +4,9 @@ with token ids and sampling parameters and get token deltas back. Text is not ha
 (``router.text_generation`` turns the deltas into text and matches stop strings).
 
 One request: plan (the prompt's block hashes, a decode worker by cost, a prefill worker when the
-prompt is prefilled remotely; no I/O), then the remote prefill (:meth:`RequestFlow._prefill`),
-then the decode with retries (:meth:`RequestFlow._decode`).
+prompt is prefilled remotely; no I/O), waiting for a prefix still on its way to the worker that
+would compute the prompt (:meth:`RequestFlow._route`), then the remote prefill
+(:meth:`RequestFlow._prefill`), then the decode with retries (:meth:`RequestFlow._decode`).
 
 Failure handling: a prefill worker that fails makes the request prefill on its decode worker;
 a decode worker that fails before it streamed anything is retried on another one; one that
@@ -43,7 +44,7 @@ from router.metrics import (
     ROUTE_DECISIONS,
 )
 from router.request_window import HANDOFFS
-from router.tier_index import TierIndex
+from router.tier_index import Landing, TierIndex
 from router.watchdog import Patience, Watch, WorkerHungError, watched_call, watched_stream
 from router.worker_pool import WorkerPool
 from runtime import keys, trace
@@ -101,6 +102,7 @@ class RoutePlan:
     hashes: list[int]  # the prompt's chained block hashes (the decode tier's block size)
     decode: policy.Decision
     prefill: policy.Decision | None
+    prefill_hashes: list[int] = field(default_factory=list)  # the prefill tier's, when prefilled remotely
 
 
 @dataclass
@@ -122,6 +124,9 @@ class _Call:
     # (with the handle sent ahead: while the prompt still prefilled).
     early: grpc.aio.UnaryStreamCall | None = None
     ahead: bool = False  # ``early`` carries a handle sent ahead
+    # The prompt on its way into its decode worker's cache, and into its prefill worker's.
+    decode_landing: Landing | None = None
+    prefill_landing: Landing | None = None
 
 
 def delta_from_pb(out: pb.SequenceOutput) -> Delta:
@@ -158,6 +163,8 @@ class RequestFlow:
         self._no_ahead: set[tuple[str, str]] = set()
         # The first-to-second-token gap of handoffs, as seen (first_token_hold: policy.first_token_hold_s).
         self.handoff_gap = policy.HandoffGap()
+        # The decode tier's time per token, as seen (first_token_hold: a long answer's mean ITL).
+        self.token_interval = policy.TokenInterval()
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -181,8 +188,10 @@ class RequestFlow:
         business: it closes the stream when it sees one (that aborts the request upstream)."""
         t0 = time.perf_counter()
         trace.mark(request_id, "r.plan")
-        plan = self._plan(prompt_ids, sampling.n)
+        plan, landing = self._route(prompt_ids, sampling.n)
         DECISION_SECONDS.observe(time.perf_counter() - t0)
+        if landing is not None:
+            plan = await self._after_landing(request_id, prompt_ids, sampling.n, landing, t0)
         # Queued on the tier that computes the prompt until the first token: past the bound, a 429.
         permit = self.admission.admit("decode" if plan.prefill is None else "prefill", len(prompt_ids))
         auth.charge_tokens(len(prompt_ids))
@@ -193,11 +202,13 @@ class RequestFlow:
         ticket = self.decode.open(plan.decode.worker_id, to_compute, len(prompt_ids))
         call = _Call(request_id, prompt_ids, sampling, priority, route or Route(), plan, ticket)
         call.route.overlap_blocks = (plan.prefill or plan.decode).overlap_blocks
+        self._expect(call)
         try:
             first: Delta | None = None
             if plan.prefill is not None:
                 self._send_handle_ahead(call, plan.prefill.worker_id)
                 call.first = await self._prefill(call, plan.prefill)
+                self._prefilled(call)
                 if call.first is None and call.early is not None:  # P failed: D prefills, called anew
                     call.early.cancel()
                     call.early = None
@@ -239,53 +250,162 @@ class RequestFlow:
             if call.early is not None:  # never read: the client went away at the first token
                 call.early.cancel()
             call.ticket.close()
+            for landing, role in ((call.decode_landing, "decode"), (call.prefill_landing, "prefill")):
+                if landing is not None:  # not there (a failure, the client gone): no more in flight
+                    self.tiers[role].land(landing, ok=False)
             if call.handle is not None and not call.streamed:
                 # Nobody will pull: give the prefill worker its blocks back now, not at lease end.
                 asyncio.get_running_loop().create_task(self.prefill.unpin(call.handle))
 
     # ---- routing (no I/O) ----------------------------------------------------------------------
-    def _plan(self, prompt_ids: list[int], n: int) -> RoutePlan:
+    def _plan(self, prompt_ids: list[int], n: int, in_flight: bool = True) -> RoutePlan:
         """The prompt's block hashes; the decode worker D by cost; then a remote prefill only if
         the tokens D would still compute exceed max_local_prefill_tokens and the prefill tier is not
-        saturated (n > 1 prefills where it decodes); P by cost."""
+        saturated (n > 1 prefills where it decodes); P by cost. ``in_flight``: blocks on their way
+        to a worker count as held there."""
         decode_ids = self.decode.ids()
         if not decode_ids:
             raise NoWorkersError("no decode worker is available")
         decode_tier = self.tiers["decode"]
         hashes = decode_tier.hashes(prompt_ids)
         prefill_ids = self.prefill.ids() if self.cfg.mode == "disaggregated" and n == 1 else []
-        max_local = None  # every decode worker prefills locally
+        max_local = self._max_local(prefill_ids)
+        decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local, in_flight)
+        assert decode is not None
+        if decode.local_prefill:
+            return RoutePlan(hashes, decode, None)
+        prefill_hashes = self._prefill_hashes(prompt_ids, hashes)
+        prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None, in_flight)
+        return RoutePlan(hashes, decode, prefill, prefill_hashes)
+
+    def _max_local(self, prefill_ids: list[str]) -> int | None:
+        """The most prompt tokens a decode worker computes itself: None (all) without a usable prefill tier."""
         if prefill_ids and not policy.prefill_saturated(self.prefill.loads(prefill_ids),
                                                         self.prefill_queue_limit_tokens):
-            max_local = self.cfg.max_local_prefill_tokens
-        decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local)
-        assert decode is not None
-        prefill = None
-        if not decode.local_prefill:
-            prefill_tier = self.tiers["prefill"]
-            prefill_hashes = hashes if prefill_tier.block_size == decode_tier.block_size else \
-                prefill_tier.hashes(prompt_ids)
-            prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None)
-        return RoutePlan(hashes, decode, prefill)
+            return self.cfg.max_local_prefill_tokens
+        return None
+
+    def _prefill_hashes(self, prompt_ids: list[int], hashes: list[int]) -> list[int]:
+        prefill_tier = self.tiers["prefill"]
+        return hashes if prefill_tier.block_size == self.tiers["decode"].block_size else \
+            prefill_tier.hashes(prompt_ids)
+
+    # ---- prompts on their way (no I/O but the wait) --------------------------------------------
+    def _route(self, prompt_ids: list[int], n: int, in_flight: bool = True) -> tuple[RoutePlan, Landing | None]:
+        """The plan, and the handoff it must wait for (:meth:`_awaited`): one still on its way to the
+        worker that would compute this prompt, bringing blocks the plan counts as held there (sent
+        now, the request would compute them again). The request follows that prefix to its prefill
+        worker instead when that is sooner (``policy.follows_prefill``)."""
+        plan = self._plan(prompt_ids, n, in_flight)
+        landing = self._awaited(plan) if in_flight else None
+        if landing is not None and landing.prefill_worker and plan.prefill is None:
+            follow = self._follow_plan(prompt_ids, plan, landing)
+            if follow is not None:
+                plan = follow
+                landing = self._awaited(plan)
+        return plan, landing
+
+    def _awaited(self, plan: RoutePlan) -> Landing | None:
+        """The handoff still on its way to the worker that computes the plan's prompt that brings
+        blocks it is counted on to hold. A prefix that worker is computing itself is not waited for:
+        its step makes the blocks findable when it launches, and a request queued behind it finds them."""
+        if plan.prefill is not None:
+            tier, decision, hashes = self.tiers["prefill"], plan.prefill, plan.prefill_hashes
+        else:
+            tier, decision, hashes = self.tiers["decode"], plan.decode, plan.hashes
+        n = decision.overlap_blocks
+        if n == 0 or not tier.in_flight.index.holds(decision.worker_id, hashes[n - 1]):
+            return None  # the overlap's last block is held there, and so is the run up to it
+        landing, shared = tier.handoff_on(decision.worker_id, hashes)
+        if landing is None or min(shared, n) <= tier.resident_overlap(decision.worker_id, hashes):
+            return None
+        return landing
+
+    def _follow_plan(self, prompt_ids: list[int], plan: RoutePlan, landing: Landing) -> RoutePlan | None:
+        """The plan that prefills on the prefill worker ``landing`` comes from, when cheaper than waiting."""
+        worker = landing.prefill_worker
+        if self.cfg.mode != "disaggregated" or self._max_local(self.prefill.ids()) is None or \
+                worker not in self.prefill.ids():
+            return None
+        decode_tier, prefill_tier = self.tiers["decode"], self.tiers["prefill"]
+        d = plan.decode.worker_id
+        local = policy.kv_costs(len(prompt_ids), {d: plan.decode.overlap_blocks},
+                                self.decode.loads([d], decode_tier.block_size), decode_tier.block_size,
+                                self.cfg.prefill_load_scale)[0]
+        prefill_hashes = self._prefill_hashes(prompt_ids, plan.hashes)
+        remote = policy.kv_costs(len(prompt_ids), prefill_tier.overlaps(prefill_hashes),
+                                 self.prefill.loads([worker], prefill_tier.block_size), prefill_tier.block_size,
+                                 self.cfg.prefill_load_scale)[0]
+        if not policy.follows_prefill(landing.blocks_left, local, remote):
+            return None
+        decode = policy.Decision(d, decode_tier.resident_overlap(d, plan.hashes), False, plan.decode.cost)
+        prefill = policy.Decision(remote.worker_id, remote.overlap_blocks, True, remote.cost)
+        return RoutePlan(plan.hashes, decode, prefill, prefill_hashes)
+
+    async def _after_landing(self, request_id: str, prompt_ids: list[int], n: int, landing: Landing,
+                             t0: float) -> RoutePlan:
+        """Wait for ``landing`` (and whatever the plan then counts on) and plan again; past the
+        TTFT target, plan on what the workers hold now."""
+        deadline = t0 + self.cfg.ttft_slo_ms / 1000
+        while landing is not None:
+            trace.mark(request_id, "r.landing_wait")
+            try:
+                await asyncio.wait_for(landing.arrived.wait(), deadline - time.perf_counter())
+            except TimeoutError:
+                break
+            plan, landing = self._route(prompt_ids, n)
+        if landing is not None:
+            plan, _ = self._route(prompt_ids, n, in_flight=False)
+        trace.mark(request_id, "r.landed")
+        return plan
+
+    def _expect(self, call: _Call) -> None:
+        """The request's prompt is on its way into its workers' caches from now on."""
+        plan, n = call.plan, len(call.prompt_ids)
+        decode_bs = self.tiers["decode"].block_size
+        KV_OVERLAP_BLOCKS.labels("decode").observe(plan.decode.overlap_blocks)
+        if plan.prefill is not None:
+            KV_OVERLAP_BLOCKS.labels("prefill").observe(plan.prefill.overlap_blocks)
+        if plan.prefill is None:
+            left = policy.blocks(n, decode_bs) - plan.decode.overlap_blocks
+            call.decode_landing = self.tiers["decode"].expect(plan.decode.worker_id, plan.hashes, left)
+            return
+        prefill_tier = self.tiers["prefill"]
+        left = policy.blocks(n, prefill_tier.block_size) - plan.prefill.overlap_blocks
+        call.prefill_landing = prefill_tier.expect(plan.prefill.worker_id, plan.prefill_hashes, left)
+        call.decode_landing = self.tiers["decode"].expect(plan.decode.worker_id, plan.hashes, left,
+                                                          plan.prefill.worker_id)
+
+    def _prefilled(self, call: _Call) -> None:
+        """The remote prefill answered (its prompt is computed and moves on to the decode worker), or
+        failed (the decode worker computes it)."""
+        if call.prefill_landing is not None:
+            self.tiers["prefill"].land(call.prefill_landing, ok=call.first is not None)
+        landing = call.decode_landing
+        if landing is not None and not landing.done:
+            if call.first is not None:
+                landing.blocks_left = 0
+            else:
+                landing.prefill_worker = ""
+                landing.blocks_left = policy.blocks(len(call.prompt_ids), self.tiers["decode"].block_size) - \
+                    self.tiers["decode"].resident_overlap(landing.worker_id, landing.hashes)
 
     def _decode_prefill_tokens(self, prompt_ids: list[int], decision: policy.Decision) -> int:
         """Prompt tokens the decode worker computes when it prefills the prompt itself."""
         return len(prompt_ids) - decision.overlap_blocks * self.tiers["decode"].block_size
 
     def _choose(self, pool: WorkerPool, prompt_ids: list[int], hashes: list[int], ids: list[str],
-                max_local_prefill_tokens: int | None) -> policy.Decision | None:
-        """One tier's worker by the configured policy; records the decision in the tier's
-        index of routed prompts."""
+                max_local_prefill_tokens: int | None, in_flight: bool = True) -> policy.Decision | None:
+        """One tier's worker by the configured policy (``in_flight``: blocks on their way to a
+        worker count as held there)."""
         tier = self.tiers[pool.role]
         turn = self._turns[pool.role]
         self._turns[pool.role] = turn + 1
         decision = policy.choose(
-            self.cfg.routing_policy, len(prompt_ids), tier.overlaps(hashes), pool.loads(ids, tier.block_size),
-            tier.block_size, prefill_load_scale=self.cfg.prefill_load_scale, temperature=self.cfg.router_temperature,
-            max_local_prefill_tokens=max_local_prefill_tokens, turn=turn, rng=self.rng)
-        if decision is not None:
-            tier.record(decision.worker_id, hashes)
-            KV_OVERLAP_BLOCKS.labels(pool.role).observe(decision.overlap_blocks)
+            self.cfg.routing_policy, len(prompt_ids), tier.overlaps(hashes, in_flight),
+            pool.loads(ids, tier.block_size), tier.block_size, prefill_load_scale=self.cfg.prefill_load_scale,
+            temperature=self.cfg.router_temperature, max_local_prefill_tokens=max_local_prefill_tokens, turn=turn,
+            rng=self.rng)
         return decision
 
     def _follow(self, pool: WorkerPool) -> None:
@@ -371,7 +491,8 @@ class RequestFlow:
             missing = len(call.prompt_ids) - call.plan.decode.overlap_blocks * self.tiers["decode"].block_size
             hold_s = policy.first_token_hold_s(
                 self.cfg.first_token_hold, self.handoff_gap.predict(missing), self.cfg.itl_slo_ms / 1000,
-                self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0))
+                self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0), call.sampling.max_tokens,
+                self.token_interval.predict())
             if hold_s > 0:
                 trace.mark(call.request_id, "r.hold")
                 pending = asyncio.ensure_future(anext(decoded, None))  # D's first message, read meanwhile
@@ -435,6 +556,12 @@ class RequestFlow:
         if call.ticket.worker_id != decision.worker_id or call.ticket.prefill_tokens != to_compute:
             call.ticket.close()
             call.ticket = self.decode.open(decision.worker_id, to_compute, len(call.prompt_ids))
+        landing = call.decode_landing
+        if landing is not None and landing.worker_id != decision.worker_id:  # a retry: on its way there now
+            tier = self.tiers["decode"]
+            tier.land(landing, ok=False)
+            call.decode_landing = tier.expect(decision.worker_id, call.plan.hashes,
+                                              policy.blocks(to_compute, tier.block_size))
 
     async def _stream(self, call: _Call, worker: str, request: pb.GenerateRequest) -> AsyncIterator[Delta | Usage]:
         """One Generate call: its deltas, then the usage (the remote prefill's first token counted)."""
@@ -487,6 +614,7 @@ class RequestFlow:
 
     async def _read(self, call: _Call, worker: str, stream: grpc.aio.UnaryStreamCall
                     ) -> AsyncIterator[Delta | Usage]:
+        last_at = 0.0  # when the stream's last message with tokens came
         try:
             messages = watched_stream(stream, self._watch(self.decode, worker))
             async with contextlib.aclosing(messages):
@@ -500,6 +628,13 @@ class RequestFlow:
                         if not msg.pull.recomputed and call.first_at:
                             self.handoff_gap.observe(msg.pull.num_pulled_blocks * self.tiers["decode"].block_size,
                                                      msg.pull.pull_ms / 1000, time.perf_counter() - call.first_at)
+                    if msg.outputs and call.decode_landing is not None and not call.decode_landing.done:
+                        self.tiers["decode"].land(call.decode_landing, ok=True)  # it holds the prompt now
+                    if msg.outputs and msg.outputs[0].token_ids:
+                        now = time.perf_counter()
+                        if last_at:
+                            self.token_interval.observe(now - last_at, len(msg.outputs[0].token_ids))
+                        last_at = now
                     for out in msg.outputs:
                         call.streamed = True
                         call.ticket.prefilled()

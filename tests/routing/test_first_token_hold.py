@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policy import HandoffGap, first_token_hold_s
+from router.policy import HandoffGap, TokenInterval, first_token_hold_s
 
 ITL_S = 0.05
 
@@ -23,6 +23,26 @@ def test_auto_holds_a_gap_over_the_itl_target_that_fits_in_the_ttft_headroom() -
     assert first_token_hold_s("auto", 1.6, ITL_S, 1.5) == 0.0
     assert first_token_hold_s("auto", None, ITL_S, 1.5) == 0.0
     assert first_token_hold_s("auto", 0.08, ITL_S, -0.1) == 0.0
+
+
+def test_auto_does_not_hold_for_an_answer_whose_mean_itl_meets_the_target_with_the_gap() -> None:
+    # 150 ms gap, 30 ms per token after it: 64 tokens have a mean ITL of (150 + 62 * 30) / 63 = 31.9 ms
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=64, itl_s=0.030) == 0.0
+    # 6 tokens: (150 + 4 * 30) / 5 = 54 ms, over the target: held; 8 tokens: (150 + 6 * 30) / 7 = 47 ms: not
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=6, itl_s=0.030) == 1.5
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=8, itl_s=0.030) == 0.0
+    # a slow decode tier (60 ms per token) misses it anyway: the gap's own interval is what the hold spares
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=64, itl_s=0.060) == 1.5
+    # no length (max_tokens unset), no time per token learned yet, or two tokens (the gap is the one interval)
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=None, itl_s=0.030) == 1.5
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=64, itl_s=None) == 1.5
+    assert first_token_hold_s("auto", 0.15, ITL_S, 1.5, num_tokens=2, itl_s=0.0) == 1.5
+    assert first_token_hold_s("on", 0.15, ITL_S, 1.5, num_tokens=64, itl_s=0.030) == 1.5  # on: every handoff
+    interval = TokenInterval(decay=0.5)
+    assert interval.predict() is None
+    interval.observe(0.030, 1)
+    interval.observe(0.100, 2)  # 2 tokens in one message; the first observation counts half
+    assert interval.predict() == pytest.approx((0.015 + 0.100) / 2.5)
 
 
 def test_on_holds_every_handoff_within_the_headroom_and_off_none() -> None:

@@ -130,3 +130,27 @@ def test_approx_index_forgets_after_ttl_unless_refreshed() -> None:
 
 def test_merge_takes_the_longest() -> None:
     assert merge_overlaps({"a": 2, "b": 5}, {"a": 4}, {}) == {"a": 4, "b": 5}
+
+
+def test_tier_index_tells_blocks_on_their_way_from_blocks_held() -> None:
+    from router.tier_index import TierIndex  # the tier's indexes together: exact, landed, in flight
+
+    tier = TierIndex("decode", BS, kv_events=True, ttl_s=120.0)
+    hx = hash_blocks(tokens(0, 6 * BS), BS)
+    tier.exact.store("d1", hx[0])  # d1 holds the first block
+    first = tier.expect("d1", hx[:4], blocks_left=3, prefill_worker="p1")  # handed off from p1
+    again = tier.expect("d1", hx[:5], blocks_left=4)  # d1 computes this one itself
+    assert tier.overlaps(hx) == {"d1": 5}  # routing counts them as held: the same prefix follows them
+    assert tier.overlaps(hx, in_flight=False) == {"d1": 1}
+    assert tier.resident_overlap("d1", hx) == 1
+    assert tier.handoff_on("d1", hx) == (first, 4) and tier.handoff_on("d2", hx) == (None, 0)
+    tier.land(again, ok=False)  # nothing of it arrives; the first still brings the shared blocks
+    assert tier.overlaps(hx) == {"d1": 4} and again.arrived.is_set() and not first.arrived.is_set()
+    tier.land(first, ok=True)
+    tier.land(first, ok=False)  # once: later calls do nothing
+    assert first.arrived.is_set() and first.blocks_left == 0
+    assert tier.resident_overlap("d1", hx) == 4 and tier.handoff_on("d1", hx) == (None, 0)  # landed: held
+    assert tier.in_flight.num_blocks == 0
+    gone = tier.expect("d2", hx, blocks_left=6)
+    tier.sync({})  # d2 left discovery: what was on its way there will not arrive
+    assert gone.arrived.is_set() and tier.overlaps(hx).get("d2") is None

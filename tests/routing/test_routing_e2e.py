@@ -5,15 +5,20 @@
 - sim engine, disaggregated: a follow-up turn goes back to the decode worker holding the
   conversation and is prefilled there (no remote prefill, no transfer);
 - router replicas share in-flight load: a second router avoids the worker the first keeps busy;
-- without KV events (``--no-kv-events``), the router's own decisions predict the caches.
+- without KV events (``--no-kv-events``), the router's own decisions predict the caches;
+- a request whose prefix is still on its way to the decode worker that would compute the rest (still
+  prefilling on a prefill worker) waits for it to land there instead of computing it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import os
 import random
+import signal
 import threading
 import time
 import urllib.request
@@ -202,3 +207,61 @@ def test_without_kv_events_past_decisions_predict_the_cache(sim_cluster: LocalCl
     finally:
         replica.proc.terminate()
         replica.proc.wait(10)
+
+
+def planned(url: str) -> tuple[float, float]:
+    """Requests the router has planned (each is planned once before any wait), and those it has sent on
+    to a decode worker (with their final plan)."""
+    g = gauges(f"{url}/metrics", "tandem_router_")
+    return (g.get("tandem_router_decision_seconds_count", 0.0),
+            g.get('tandem_router_kv_overlap_blocks_count{role="decode"}', 0.0))
+
+
+@contextlib.contextmanager
+def frozen(children: list[Child]):
+    """SIGSTOP the processes (they accept calls and answer none), SIGCONT them on the way out."""
+    for child in children:
+        os.kill(child.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for child in children:
+            os.kill(child.proc.pid, signal.SIGCONT)
+
+
+def first_then_same_prefix(url: str, frozen_workers: list[Child], first: list[int], second: list[int],
+                           max_tokens: int) -> dict[str, Any]:
+    """``first`` routed while ``frozen_workers`` answer nothing, then ``second``, whose prefix is then on
+    its way to the worker that would compute the rest: the second is planned but not sent on before
+    the first's prompt is there. The workers resume once the router has planned both. The second's answer."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def send(name: str, prompt: list[int]) -> threading.Thread:
+        thread = threading.Thread(target=lambda: out.__setitem__(name, complete(url, prompt, max_tokens)))
+        thread.start()
+        return thread
+
+    decided, sent = planned(url)
+    with frozen(frozen_workers):  # a short stop: their etcd leases (2 s) outlive it
+        threads = [send("first", first)]
+        wait_for(lambda: planned(url) == (decided + 1, sent + 1), 10, "the first request to be sent")
+        threads.append(send("second", second))
+        wait_for(lambda: planned(url)[0] == decided + 2, 10, "the second request's plan")
+        assert planned(url) == (decided + 2, sent + 1)  # the second waits
+    for thread in threads:
+        thread.join(60)
+    assert set(out) == {"first", "second"} and planned(url) == (decided + 2, sent + 2)
+    return out["second"]
+
+
+def test_prefix_on_its_way_to_the_decode_worker_is_waited_for(sim_cluster: LocalCluster) -> None:
+    # The first prompt prefills on a prefill worker (frozen meanwhile) and moves to its decode worker D.
+    # The second shares its 18 blocks and adds 20 tokens: D computes those 20 itself (they are under
+    # max_local_prefill_tokens), but only once the 18 blocks have landed there, not all 308 at once.
+    prefix = tokens(9, 18 * BS)
+    before = prompt_tokens(sim_cluster)
+    second = first_then_same_prefix(sim_cluster.http_url, sim_cluster.workers("prefill"), prefix + tokens(10, 12),
+                                    prefix + tokens(11, 20), 4)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 18 * BS
+    after = prompt_tokens(sim_cluster)
+    assert sorted(after[w] - before[w] for w in after) == [0, 300 + 308]  # both on D

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from router.policy import POLICIES, PREFILL_LOAD_SCALE, WorkerLoad, choose, kv_costs, lowest_cost
+from router.policy import POLICIES, PREFILL_LOAD_SCALE, WorkerLoad, choose, follows_prefill, kv_costs, lowest_cost
 from runtime.settings import ClusterConfig
 
 BS = 16
@@ -126,3 +126,17 @@ def test_baseline_policies() -> None:
         assert choose(policy, BS, {}, [], BS) is None
     with pytest.raises(ValueError, match="unknown routing policy"):
         choose("fastest", BS, {}, loads, BS)
+
+
+def test_a_prefix_on_its_way_is_waited_for_unless_its_prefill_worker_is_sooner() -> None:
+    """A 38-block prompt whose first 36 blocks are on their way to decode worker d from prefill
+    worker p, 20 of them still to compute there. Waiting: 20 + d's queued + 2 new blocks on d;
+    following: p's queued (those 20 among them) + 2 new blocks on p."""
+    def costs(d_queued_tokens: int, p_queued_tokens: int):
+        local = kv_costs(38 * BS, {"d": 36}, [load("d", prefill_tokens=d_queued_tokens)], BS)[0]
+        remote = kv_costs(38 * BS, {"p": 36}, [load("p", prefill_tokens=p_queued_tokens)], BS)[0]
+        return local, remote
+    assert not follows_prefill(20, *costs(0, 20 * BS))  # a tie (22 each): wait, nothing moves twice
+    assert not follows_prefill(20, *costs(0, 30 * BS))  # p has more queued: 32 against 22
+    assert follows_prefill(20, *costs(12 * BS, 30 * BS))  # d's own prompts queued: 32 against 34
+    assert not follows_prefill(0, *costs(0, 0))  # computed, only moving: 2 against 2
