@@ -134,7 +134,21 @@ class KVIndex:
             mask ^= low
 
 
-class ApproxKVIndex:
+class _OverKVIndex:
+    """An index that keeps its blocks in a ``KVIndex`` (``self.index``) and adds bookkeeping."""
+
+    index: KVIndex
+
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.index.num_blocks
+
+
+class ApproxKVIndex(_OverKVIndex):
     """Predicted contents: a routed prompt's blocks count as held by its worker for ``ttl_s``
     after the decision (refreshed by every later decision that routes them there)."""
 
@@ -146,14 +160,6 @@ class ApproxKVIndex:
         self.clock = clock
         self._expiry: dict[tuple[str, int], float] = {}  # (worker, hash) -> when it is forgotten
         self._order: deque[tuple[float, str, int]] = deque()  # records in time order (one TTL: FIFO)
-
-    @property
-    def block_size(self) -> int:
-        return self.index.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.index.num_blocks
 
     def record(self, worker_id: str, hashes: Sequence[int]) -> None:
         """The router sent a prompt with ``hashes`` to ``worker_id``."""
@@ -183,21 +189,13 @@ class ApproxKVIndex:
                 self.index.remove(worker_id, block_hash)
 
 
-class InFlightKVIndex:
+class InFlightKVIndex(_OverKVIndex):
     """Prompts on their way into a worker's cache. A block counts as long as one request brings it
     (several may bring the same prefix): ``add`` and ``discard`` come in pairs."""
 
     def __init__(self, block_size: int) -> None:
         self.index = KVIndex(block_size)
         self._count: dict[tuple[str, int], int] = {}  # (worker, hash) -> requests bringing it
-
-    @property
-    def block_size(self) -> int:
-        return self.index.block_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.index.num_blocks
 
     def add(self, worker_id: str, hashes: Sequence[int]) -> None:
         for block_hash in hashes:
