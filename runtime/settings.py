@@ -98,7 +98,8 @@ class ClusterConfig:
     block_size: int = _field(16, "tokens per KV block (router and workers must agree)")
     kv_cache_gib: float = _field(
         0.0, "KV cache per worker, GiB (0: sized from the device: 1 GiB on the CPU; on a GPU, the worker's share of "
-        "its memory (gpu_memory_fraction, 0.9 alone) less the weights and a step's working memory)")
+        "its memory (gpu_memory_fraction; else 0.9 of the GPU, or of its part with a fractional num_gpus_per_worker) "
+        "less the weights and a step's working memory)")
     prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
     gpu_memory_fraction: float = _field(
         0.0, "most of its GPU's memory one worker may allocate (0: no cap, and the KV cache sizes itself to 0.9 "

@@ -144,6 +144,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
 
 # ---- the process ------------------------------------------------------------------------------
+def kv_gpu_share(cfg: settings.ClusterConfig) -> float:
+    """The part of its GPU a worker's KV cache sizes itself to (``kv_cache_gib`` 0): the configured
+    ``gpu_memory_fraction``, else 0.9 of the part of a GPU it reserves (a fractional
+    ``num_gpus_per_worker``: workers Ray packs on one GPU), else 0.9."""
+    if cfg.gpu_memory_fraction:
+        return cfg.gpu_memory_fraction
+    return settings.AUTO_GPU_MEMORY_FRACTION * (cfg.gpus_per_worker if 0 < cfg.gpus_per_worker < 1 else 1.0)
+
+
 def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineConfig:
     kv_cache_gib = cfg.prefill_kv_cache_gib if role == "prefill" and cfg.prefill_kv_cache_gib else cfg.kv_cache_gib
     return EngineConfig(
@@ -155,7 +164,7 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         num_idle_prefill_threads=cfg.idle_prefill_threads or None, cpu_share_dir=cfg.cpu_share_dir,
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching,
-                          gpu_memory_fraction=cfg.gpu_memory_fraction or settings.AUTO_GPU_MEMORY_FRACTION),
+                          gpu_memory_fraction=kv_gpu_share(cfg)),
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                   joining_prefill_tokens=cfg.joining_prefill_tokens if role == "decode" else 0),
         gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",

@@ -25,6 +25,9 @@ def test_default_worker_cache_is_one_gib_on_the_cpu() -> None:
     given = engine_config(ClusterConfig(kv_cache_gib=0.5, gpu_memory_fraction=0.4))
     assert given.cache.memory_bytes == 1 << 29 and given.cache.gpu_memory_fraction == 0.4
     assert given.cache.resolve_num_blocks(1 << 20, lambda: 5 << 20) == 512
+    packed = engine_config(ClusterConfig(device="cuda", num_gpus_per_worker=0.5))  # two workers Ray puts on one GPU
+    assert packed.cache.gpu_memory_fraction == 0.45
+    assert engine_config(ClusterConfig(device="cuda", num_gpus_per_worker=2)).cache.gpu_memory_fraction == 0.9
 
 
 def test_local_cluster_splits_one_gpu_between_its_workers() -> None:
