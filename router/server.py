@@ -21,7 +21,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from router import edge
+from router import edge, heap
 from router.dashboard import Dashboard
 from router.kserve import add_kserve
 from router.models import ModelCatalog
@@ -35,6 +35,8 @@ log = logging.getLogger("tandem.router")
 
 
 async def serve_router(argv: list[str] | None = None) -> int:
+    if heap.enabled():
+        heap.start()  # before anything is built: what start-up holds is in the count too
     parser = argparse.ArgumentParser(prog="python -m router", description="tandem router")
     settings.add_arguments(parser)
     cfg = settings.from_args(parser.parse_args(argv))
@@ -55,7 +57,7 @@ async def serve_router(argv: list[str] | None = None) -> int:
     board.start()
     auth = edge.make_auth(cfg)
     app = edge.http_app(create_app(flow, catalog, cfg.max_body_bytes, cfg.http_read_timeout_s,
-                                   extra_routes=board.routes()), auth)
+                                   extra_routes=board.routes() + heap.routes()), auth)
     http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                                          lifespan="off", timeout_graceful_shutdown=2, **edge.uvicorn_args(cfg)))
     grpc_server = edge.grpc_server(auth)

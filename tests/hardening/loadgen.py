@@ -71,8 +71,8 @@ async def _one(host: str, port: int, body: bytes, result: LoadResult) -> float:
 
 async def run_load(url: str, model: str, clients: int, seconds: float, seed: int = 0,
                    on_tick: object = None) -> LoadResult:
-    """``clients`` concurrent clients for ``seconds``; ``on_tick(elapsed_s)`` (if given) is called
-    about every second from the load's event loop."""
+    """``clients`` concurrent clients for ``seconds``; ``on_tick(elapsed_s, result)`` (if given) is
+    called about every second, in a thread, with the result so far."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     result = LoadResult()
@@ -97,7 +97,7 @@ async def run_load(url: str, model: str, clients: int, seconds: float, seed: int
         while time.monotonic() < deadline:
             await asyncio.sleep(1.0)
             if on_tick is not None:
-                await asyncio.to_thread(on_tick, time.monotonic() - start)  # type: ignore[arg-type]
+                await asyncio.to_thread(on_tick, time.monotonic() - start, result)  # type: ignore[arg-type]
 
     await asyncio.gather(ticker(), *(client(i) for i in range(clients)))
     return result
