@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from cluster_lifetime import teardown as stop_clusters_done_with
 
 HARDWARE_SKIPS = ("needs a CUDA GPU", "this CPU has no ")  # how the suite's hardware skips begin
 
@@ -53,3 +54,10 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
         if not reason.startswith(HARDWARE_SKIPS):
             report.outcome = "failed"
             report.longrepr = f"{collector.nodeid} skipped in CI ({reason}) (tests/conftest.py)"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the test's own fixtures: the session clusters it was the last test of stop
+    (tests/cluster_lifetime.py)."""
+    stop_clusters_done_with(item)

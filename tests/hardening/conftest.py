@@ -5,7 +5,8 @@ hostile input cost seconds, not minutes.
 
 Tests that need another router setting (API keys, TLS, tight admission) start their own router
 replica on this cluster's etcd (``LocalCluster.add_router``). Tests that stop or restart a
-process put it back as they found it; ``destructive`` ones (etcd outage, load, shutdown) run last.
+process put it back as they found it; ``disruptive`` ones (etcd outage, load, shutdown) run last
+here, and the cluster stops after them (not at the session's end).
 
 Settings: a 2 s etcd lease (a dead or stopped worker leaves within it), the watchdog probing a
 silent worker after 1 s (``worker_silence_s``) with a 1 s Health timeout, TCP transport, the
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_lifetime import stop_after_last_use
 from hardening_lib import CONFIG
 
 from deploy.local_cluster import LocalCluster
@@ -28,20 +30,30 @@ from runtime.settings import ClusterConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+HERE = Path(__file__).parent
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "destructive: stops etcd, overloads or shuts down processes; runs last")
+    config.addinivalue_line("markers", "disruptive: stops etcd, overloads or shuts down processes; runs last in "
+                            "tests/hardening")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)  # stable otherwise
+    """The disruptive tests last among this directory's, which keep their place in the session
+    (not at its end: sim_cluster stops once they are done, tests/cluster_lifetime.py)."""
+    places = [i for i, item in enumerate(items) if item.path.is_relative_to(HERE)]
+    ours = sorted((items[i] for i in places), key=lambda item: item.get_closest_marker("disruptive") is not None)
+    for i, item in zip(places, ours, strict=True):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")
-def sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def sim_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     log_dir: Path = tmp_path_factory.mktemp("hardening")
     cluster = LocalCluster(ClusterConfig(**CONFIG), num_prefill=1, num_decode=2, quiet=True, log_dir=log_dir)
+    stop = stop_after_last_use(request, HERE, "sim_cluster", cluster.stop)
     cluster.start(timeout_s=180)
     try:
         yield cluster
     finally:
-        cluster.stop()
+        stop()

@@ -41,7 +41,7 @@ from deploy.local_cluster import LocalCluster
 from router import heap
 from runtime.etcd_server import EtcdServer
 
-pytestmark = [pytest.mark.destructive, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(420)]
 # 10 s: five lease TTLs (LEASE_TTL_S, 2 s) and five of the etcd client's longest reconnect backoffs
 # (2 s, runtime/etcd.py): every lease is gone and every client has backed off to its cap well
 # before the restart, as in the 30 s, 20 s sooner.

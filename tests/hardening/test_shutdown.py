@@ -14,7 +14,7 @@ from hardening_lib import completion, live, router_lists, start_router, wait_ser
 
 from deploy.local_cluster import LocalCluster
 
-pytestmark = [pytest.mark.destructive, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.disruptive, pytest.mark.timeout(180)]
 EXIT_WITHIN_S = 1.0  # the bound; CI's loaded two cores are slower than this machine
 # Keep-alives go every TTL/3 (0.67 s), so an expired lease would vanish >= 1.33 s after the exit;
 # a deregistered worker is gone within a watch event.

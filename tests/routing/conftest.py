@@ -5,7 +5,8 @@
 - ``sim_cluster``: 2 prefill + 2 decode workers on the ``sim`` engine, disaggregated.
 
 Both are launched together the first time either is asked for (loading the model in every
-process side by side is what keeps the suite short). Logs go to pytest's temp dir.
+process side by side is what keeps the suite short), and stopped after the last test that uses
+them (tests/cluster_lifetime.py). Logs go to pytest's temp dir.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cluster_lifetime import stop_after_last_use
 
 from deploy.local_cluster import LocalCluster
 from runtime.settings import ClusterConfig
@@ -60,10 +63,11 @@ class ClusterPool:
 def routing_clusters(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterPool]:
     needed = [name for name in SPECS if any(name in item.fixturenames for item in request.session.items)]
     pool = ClusterPool(needed, tmp_path_factory.mktemp("routing-clusters"))
+    stop = stop_after_last_use(request, Path(__file__).parent, "routing_clusters", pool.stop)
     try:
         yield pool
     finally:
-        pool.stop()
+        stop()
 
 
 @pytest.fixture(scope="session")
