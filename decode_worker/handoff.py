@@ -156,7 +156,8 @@ class KVHandoff:
         # deadline of its own; the owner's write still gives up after timeout_ms once it starts,
         # and its answer (or its failure) ends our wait.
         expect_s = _AHEAD_EXPECT_S if wait_for_prefill else self.timeout_s
-        transfer_id = self.transport.expect(local, timeout_s=expect_s) if local else ""
+        # Sent ahead, nothing lands before the owner answers: the transport need not look until then.
+        transfer_id = self.transport.expect(local, timeout_s=expect_s, ahead=wait_for_prefill) if local else ""
         request = pb.PushKVRequest(request_id=handle.request_id, transport_metadata=self._metadata,
                                    transfer_id=transfer_id, block_indices=indices, dst_block_ids=local,
                                    timeout_ms=max(self.timeout_s - _OWNER_MARGIN_S, 0.01) * 1000,
@@ -191,6 +192,7 @@ class KVHandoff:
         if rpc.done():  # the owner answered
             error = rpc.exception()
             if error is None:
+                self.transport.hurry(transfer_id)
                 await landed  # the write ended; its notification is on its way (or it failed)
                 return rpc.result()
             self.transport.cancel(transfer_id)

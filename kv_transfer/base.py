@@ -258,15 +258,23 @@ class KVTransport(ABC):
 
     # Push: the owner writes into blocks the destination expects.
 
-    def expect(self, local_block_ids: Sequence[int], timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    def expect(self, local_block_ids: Sequence[int], timeout_s: float = DEFAULT_TIMEOUT_S,
+               ahead: bool = False) -> str:
         """Destination: await a push into our ``local_block_ids``; returns the transfer id to pass on.
 
         Give the owner what is left of ``timeout_s`` as its push timeout. Then ``wait``/``wait_async``
         (or ``cancel``). ``ValueError`` for ids out of range, repeated, or awaited by another transfer.
+        ``ahead``: the push starts only once the caller learns something (the owner's prefill ended,
+        which its answer says): call ``hurry`` then. Until then a transport that polls for landings
+        (nixl) spends no CPU on it; a landing it sees meanwhile (polling for another) still counts.
         """
         if self._closing.is_set():
             raise TransportClosedError(f"{self.transport_name} transport is closed")
-        return self._inbox.expect(local_block_ids, timeout_s, self.layout.num_blocks)
+        return self._inbox.expect(local_block_ids, timeout_s, self.layout.num_blocks, ahead)
+
+    def hurry(self, transfer_id: str) -> None:
+        """Destination: the push of ``transfer_id``, expected ``ahead``, has started or ended: look for it."""
+        self._inbox.hurry(transfer_id)
 
     def wait(self, transfer_id: str) -> TransferResult:
         """Destination: block until the push of ``transfer_id`` landed; ``TransferError`` when it failed,

@@ -44,6 +44,7 @@ class _Expected:
     result: TransferResult | None = None
     error: TransferError | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    ahead: bool = False  # expected ahead of its write: receivers that poll leave it until ``hurry``
 
 
 class Inbox:
@@ -58,8 +59,10 @@ class Inbox:
         self._changed = threading.Condition(self._lock)
         self.bytes_per_block = 0
 
-    def expect(self, block_ids: Sequence[int], timeout_s: float, num_blocks: int) -> str:
-        """Register a transfer into ``block_ids`` (distinct, in range, not awaited by another transfer)."""
+    def expect(self, block_ids: Sequence[int], timeout_s: float, num_blocks: int, ahead: bool = False) -> str:
+        """Register a transfer into ``block_ids`` (distinct, in range, not awaited by another transfer).
+        ``ahead``: its write starts only after something the caller learns of (the owner's prefill):
+        a receiver that polls for landings (nixl) does not poll for it until ``hurry``."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         bad = [b for b in block_ids if not 0 <= b < num_blocks]
@@ -68,7 +71,8 @@ class Inbox:
         if len(set(block_ids)) != len(block_ids):
             raise ValueError("local block ids repeat: a local block can receive only one remote block")
         now = time.perf_counter()
-        entry = _Expected(uuid.uuid4().hex, tuple(block_ids), blocks_digest(block_ids), now, now + timeout_s)
+        entry = _Expected(uuid.uuid4().hex, tuple(block_ids), blocks_digest(block_ids), now, now + timeout_s,
+                          ahead=ahead)
         with self._lock:
             if self._closed is not None:
                 raise self._closed
@@ -81,15 +85,27 @@ class Inbox:
             self._changed.notify_all()
         return entry.transfer_id
 
-    def pending(self) -> int:
+    def hurry(self, transfer_id: str) -> None:
+        """A transfer expected ``ahead`` is about to land (or has): receivers that poll look for it now."""
         with self._lock:
-            return len(self._entries)
+            entry = self._entries.get(transfer_id)
+            if entry is not None and entry.ahead:
+                entry.ahead = False
+                self._changed.notify_all()
 
-    def wait_for_pending(self, timeout_s: float) -> None:
-        """Block until some transfer is expected (or ``timeout_s``): receivers that poll sleep here."""
+    def pending(self, ahead: bool = False) -> int:
+        """Expected transfers that a receiver polling for landings looks for: not those ``ahead``
+        and not hurried (with ``ahead``: every expected transfer)."""
         with self._lock:
-            if not self._entries and self._closed is None:
+            return sum(1 for e in self._entries.values() if ahead or not e.ahead)
+
+    def wait_for_pending(self, timeout_s: float) -> bool:
+        """Block until ``pending`` (or ``timeout_s``): receivers that poll sleep here. True when
+        something is pending (or the inbox closed)."""
+        with self._lock:
+            if self._closed is None and not any(not e.ahead for e in self._entries.values()):
                 self._changed.wait(timeout_s)
+            return self._closed is not None or any(not e.ahead for e in self._entries.values())
 
     def claim(self, transfer_id: str, digest: str) -> tuple[tuple[int, ...], float]:
         """A message-based receiver is about to write ``transfer_id``: its block ids and deadline.

@@ -28,6 +28,11 @@ from typing import Any
 import yaml
 
 AUTO_GPU_MEMORY_FRACTION = 0.9  # a worker alone on its GPU, kv_cache_gib 0: the share its KV cache sizes to
+# A CPU prefill worker's step budget by default (prefill_max_num_batched_tokens 0). At concurrency 8 on
+# two cores (256-token prompts) it batched every queued prompt into one 1.3-1.9k-token step of 1-2 s,
+# and the decode worker got them all at its end: TTFT mean 913-1099 -> 453-488 ms, out tok/s
+# 160-165 -> 186-231 with 512 (docs/architecture.md).
+CPU_PREFILL_STEP_TOKENS = 512
 ENV_PREFIX = "TANDEM_"
 CONFIG_ENV = "TANDEM_CONFIG"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
@@ -107,6 +112,9 @@ class ClusterConfig:
     enable_prefix_caching: bool = _field(True, "reuse cached prompt blocks across requests")
     max_num_seqs: int = _field(256, "most requests a worker runs at once")
     max_num_batched_tokens: int = _field(2048, "token budget of one engine step")
+    prefill_max_num_batched_tokens: int = _field(
+        0, f"token budget of a prefill worker's engine step (0: at most {CPU_PREFILL_STEP_TOKENS} on the CPU, where "
+        "one step of every queued prompt kept the first of them from the decode tier; else max_num_batched_tokens)")
     engine: str = _field("torch", "engine backend: torch (run the model) or sim (a fitted timing model stands in)")
     sim_profile: str = _field("", "sim engine: timing profile name (engine/sim_profiles) or .json path; empty: default")
     async_scheduling: str = _field(
@@ -275,6 +283,16 @@ class ClusterConfig:
             fail("max_num_seqs", "max_num_seqs and max_num_batched_tokens must be >= 1")
         self._validate_serving()
 
+    def step_tokens(self, role: str) -> int:
+        """The token budget of an engine step of a worker of ``role`` (``prefill``: its own)."""
+        if role != "prefill":
+            return self.max_num_batched_tokens
+        if self.prefill_max_num_batched_tokens:
+            return self.prefill_max_num_batched_tokens
+        if self.device == "cpu" and self.engine == "torch":  # a sim engine stands for its profile's device
+            return min(CPU_PREFILL_STEP_TOKENS, self.max_num_batched_tokens)
+        return self.max_num_batched_tokens
+
     def _validate_serving(self) -> None:
         """The KV transfer, router and deployment settings."""
         fail = self._fail
@@ -284,6 +302,8 @@ class ClusterConfig:
             fail("kv_transfer_mode", "must be auto, push or pull")
         if self.prefill_kv_cache_gib < 0:
             fail("prefill_kv_cache_gib", "must be >= 0")
+        if self.prefill_max_num_batched_tokens < 0:
+            fail("prefill_max_num_batched_tokens", "must be >= 0 (0: the device's default)")
         if not 0 <= self.gpu_memory_fraction <= 1:
             fail("gpu_memory_fraction", "must be in [0, 1]")
         if self.kv_lease_s <= 0 or self.kv_pull_timeout_s <= 0:

@@ -165,7 +165,7 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching,
                           gpu_memory_fraction=kv_gpu_share(cfg)),
-        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.step_tokens(role),
                                   joining_prefill_tokens=cfg.joining_prefill_tokens if role == "decode" else 0),
         gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",
     )

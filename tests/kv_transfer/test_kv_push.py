@@ -133,6 +133,25 @@ def test_peer_pushes_into_our_blocks(peer: tuple[str, Owner]) -> None:
         assert not dest.kv[untouched].any()
 
 
+def test_push_expected_ahead_is_looked_for_once_hurried(peer: tuple[str, Owner]) -> None:
+    """A push expected ahead (a handoff sent before its prefill) costs a polling receiver (nixl)
+    nothing until ``hurry``; then it lands as any push (tcp's landing needs no hurry)."""
+    name, proc = peer
+    lay = layout()
+    with _transport(name, empty_kv(lay, "cpu")) as dest:
+        src, dst = [3, 4, 60], [8, 9, 10]
+        transfer_id = dest.expect(dst, timeout_s=20.0, ahead=True)
+        proc.send("PUSH", "bfloat16", dest.metadata().hex(), transfer_id, src, dst, 20.0)
+        assert proc.wait_for(f"PUSHED {transfer_id}") == ["PUSHED", transfer_id, "OK"]
+        # Unhurried, it is looked for every 0.5 s (hurried, or before this change: every 0.2 ms).
+        assert getattr(dest, "num_notif_polls", 0) <= 2, "polled for a push expected ahead, not hurried"
+        dest.hurry(transfer_id)
+        assert dest.wait(transfer_id).num_blocks == 3
+        assert getattr(dest, "num_notif_polls", 1) > 0
+        for s, d in zip(src, dst):
+            assert torch.equal(dest.kv[d], block_pattern(lay, s))
+
+
 def test_we_push_into_the_peer(peer: tuple[str, Owner]) -> None:
     """We are the owner: the peer expects, we push, the peer's wait returns and its blocks match."""
     name, proc = peer
