@@ -11,7 +11,8 @@ clock: ``add_request`` to the output with the first token), prompt tokens comput
 (``LLMEngine.step_totals[1]``) and tokens taken from the prefix cache.
 
 One engine; the modes alternate (on, off, on, off, ...) for ``--repeats`` rounds, its prefix cache
-reset before every run, after one untimed warm-up run. The table gives each mode's median run;
+reset before every run, after one untimed warm-up run of the whole load (a first run maps the KV
+cache's pages as it writes them, and was up to 10% slower). The table gives each mode's median run;
 the JSON keeps every run.
 
     python bench/shared_prefix.py --json /work/wt/notes/sched8/shared_prefix.json
@@ -105,7 +106,7 @@ def main() -> None:
 
     engine = LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False).engine
     prompts = make_prompts(args, engine.arch.vocab_size)
-    run(engine, prompts[:args.concurrency], args, True)  # warm-up
+    run(engine, prompts, args, True)  # warm-up: every KV page the runs use is mapped (the first run paid for it)
     runs = [run(engine, prompts, args, share) for _ in range(args.repeats) for share in (True, False)]
     keys = ("wall_s", "output_tok_s", "ttft_mean_ms", "ttft_median_ms", "prompt_tokens_computed", "cached_tokens",
             "prefix_holds", "steps")
