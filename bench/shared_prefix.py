@@ -18,6 +18,7 @@ the JSON keeps every run.
     python bench/shared_prefix.py --json /work/wt/notes/sched8/shared_prefix.json
     python bench/shared_prefix.py --num-prefixes 1 --concurrency 8   # every prompt shares one prefix
     python bench/shared_prefix.py --num-prefixes 32 --concurrency 8  # distinct prompts: nothing to share
+    python bench/shared_prefix.py --device cuda --kv-gib 0 --model PATH --num-prompts 256 --concurrency 32
 
 An older checkout runs it too (``PYTHONPATH=that checkout``): without ``share_prefixes`` both modes
 are its one way.
@@ -92,6 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (0: sized from the device)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all the process may use)")
     ap.add_argument("--num-prefixes", type=int, default=4)
     ap.add_argument("--prefix-len", type=int, default=512)
@@ -104,7 +107,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = LLM(args.model, dtype=args.dtype, num_threads=args.threads, progress=False).engine
+    engine = LLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
+                 kv_cache_bytes=int(args.kv_gib * (1 << 30)), progress=False).engine
     prompts = make_prompts(args, engine.arch.vocab_size)
     run(engine, prompts, args, True)  # warm-up: every KV page the runs use is mapped (the first run paid for it)
     runs = [run(engine, prompts, args, share) for _ in range(args.repeats) for share in (True, False)]
