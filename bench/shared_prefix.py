@@ -10,7 +10,7 @@ is added when one finishes. Per run: wall time, output tok/s, TTFT mean and medi
 clock: ``add_request`` to the output with the first token), prompt tokens computed
 (``LLMEngine.step_totals[1]``) and tokens taken from the prefix cache.
 
-One engine; the modes alternate (on, off, on, off, ...) for ``--repeats`` rounds, its prefix cache
+One engine; the modes alternate (on, off, off, on, on, off, ...) for ``--repeats`` rounds, its prefix cache
 reset before every run, after one untimed warm-up run of the whole load (a first run maps the KV
 cache's pages as it writes them, and was up to 10% slower). The table gives each mode's median run;
 the JSON keeps every run.
@@ -111,7 +111,10 @@ def main() -> None:
                  kv_cache_bytes=int(args.kv_gib * (1 << 30)), progress=False).engine
     prompts = make_prompts(args, engine.arch.vocab_size)
     run(engine, prompts, args, True)  # warm-up: every KV page the runs use is mapped (the first run paid for it)
-    runs = [run(engine, prompts, args, share) for _ in range(args.repeats) for share in (True, False)]
+    # The run right after another differs from the next (short loads show it most): the rounds
+    # alternate which mode goes first.
+    runs = [run(engine, prompts, args, share) for r in range(args.repeats)
+            for share in ((True, False) if r % 2 == 0 else (False, True))]
     keys = ("wall_s", "output_tok_s", "ttft_mean_ms", "ttft_median_ms", "prompt_tokens_computed", "cached_tokens",
             "prefix_holds", "steps")
     medians = {mode: {k: statistics.median(r[k] for r in runs if r["share_prefixes"] is share) for k in keys}
