@@ -9,8 +9,8 @@ it is recomputed later (its full blocks usually come back from the prefix cache)
 
 A prompt handed off by another worker (``add_prefilled``) has its KV pulled into blocks here
 whenever they fit, also with every seat taken: then it waits in ``waiting`` with its KV held
-(``parked``) and takes a seat in its turn with a decode, no prefill. Only with no room for its KV
-is it recomputed here. A parked request gives its blocks back (and will recompute) before a running
+(``kv_waiting``) and takes a seat in its turn with a decode, no prefill. Only with no room for its KV
+is it recomputed here. A KV-waiting request gives its blocks back (and will recompute) before a running
 request is preempted, and to a waiting request ahead of it; pulls without a seat leave a reserve
 of free blocks for the running requests' growth (``_kv_reserve``).
 
@@ -56,8 +56,8 @@ SHARED_PREFIX_MIN_TOKENS = 64
 class SchedulerStats:
     num_prompt_tokens: int = 0  # prompt tokens of requests admitted for the first time
     num_cached_tokens: int = 0  # of those, served from the prefix cache
-    num_preemptions: int = 0  # running requests preempted, and parked requests that gave their KV up
-    num_parked: int = 0  # prefilled requests whose KV landed with every seat taken (kept, not recomputed)
+    num_preemptions: int = 0  # running requests preempted, and KV-waiting requests that gave their KV up
+    num_kv_waiting: int = 0  # prefilled requests whose KV landed with every seat taken (kept, not recomputed)
     num_prefix_holds: int = 0  # a waiting prompt held back a step for a shared prefix being computed
 
 
@@ -81,7 +81,7 @@ class Scheduler:
         self.joining: set[str] = set()
         # Prefilled requests whose KV landed with every seat taken: in ``waiting`` with their blocks
         # held, computed up to their first token; a seat costs them a decode. In landing order.
-        self.parked: dict[str, Request] = {}
+        self.kv_waiting: dict[str, Request] = {}
 
     # ---- queue management ---------------------------------------------------------------
     @property
@@ -140,7 +140,7 @@ class Scheduler:
         be pulled into this request's table, or None when there is no room for its KV: the
         request was then queued to recompute its prompt locally. With every seat taken (by the
         running and the landing requests) its KV is pulled all the same when it fits beside
-        :meth:`_kv_reserve`; it then waits for a seat with its KV held (``parked``)."""
+        :meth:`_kv_reserve`; it then waits for a seat with its KV held (``kv_waiting``)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         bm = self.block_manager
@@ -162,8 +162,8 @@ class Scheduler:
 
     def _kv_reserve(self) -> int:
         """Free blocks a pull without a seat leaves: one for the next block of each request that
-        decodes here or will (running, landing, parked, this one), and 1% of the cache."""
-        return len(self.running) + len(self.pulling) + len(self.parked) + 1 + self.block_manager.num_blocks // 100
+        decodes here or will (running, landing, KV-waiting, this one), and 1% of the cache."""
+        return len(self.running) + len(self.pulling) + len(self.kv_waiting) + 1 + self.block_manager.num_blocks // 100
 
     def kv_ready(self, request_id: str, ok: bool, first_token: int | None = None) -> None:
         """The pull for ``add_prefilled`` ended. On success the request decodes from its first
@@ -183,12 +183,12 @@ class Scheduler:
         if ok:
             request.num_computed_tokens = request.num_prompt_tokens
             self.block_manager.commit(request_id, request.token_ids, request.num_computed_tokens)
-            if len(self.running) < self.config.max_num_seqs and not self.parked:
+            if len(self.running) < self.config.max_num_seqs and not self.kv_waiting:
                 self._seat(request)
             else:  # every seat taken: it waits for one in turn, its KV held
-                self.parked[request_id] = request
+                self.kv_waiting[request_id] = request
                 self.waiting.append(request)
-                self.stats.num_parked += 1
+                self.stats.num_kv_waiting += 1
         else:
             self.block_manager.free(request_id)
             request.num_computed_tokens = 0
@@ -221,7 +221,7 @@ class Scheduler:
     def _schedule_running(self, scheduled: list[ScheduledRequest], preempted: list[Request], budget: int,
                           prefill_budget: int) -> tuple[int, int]:
         """Plan the running requests in admission order (decodes, prompt chunks); a request without
-        a block takes a parked request's, else preempts the latest running one. Returns the
+        a block takes a KV-waiting request's, else preempts the latest running one. Returns the
         budgets left."""
         cfg = self.config
         bm = self.block_manager
@@ -242,8 +242,8 @@ class Scheduler:
                     continue
                 num_new = min(num_new, prefill_budget)
             while bm.allocate(request.request_id, request.num_computed_tokens + num_new) is None:
-                if self._unpark_latest():
-                    continue  # a parked request's KV goes before a running request's
+                if self._drop_latest_kv_waiting():
+                    continue  # a KV-waiting request's KV goes before a running request's
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
                     i -= 1
@@ -267,7 +267,7 @@ class Scheduler:
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int, prefill_budget: int) -> None:
         """Admit waiting requests in turn (FCFS or priority) while seats, the budget and blocks
-        last. A parked request takes its seat with a decode. A prompt whose next uncached blocks an
+        last. A KV-waiting request takes its seat with a decode. A prompt whose next uncached blocks an
         earlier request is computing is held back (keeping its seat); those behind it go on."""
         cfg, bm = self.config, self.block_manager
         inflight = _BlocksInFlight(self) if self.share_prefixes and bm.enable_prefix_caching else None
@@ -275,11 +275,11 @@ class Scheduler:
         for request in self._waiting_order(cfg.max_num_seqs - len(self.running)):
             if budget <= 0:
                 break
-            if request.request_id in self.parked:
+            if request.request_id in self.kv_waiting:
                 if not self._allocate_waiting(request, request.num_tokens):
                     break
                 self.waiting.remove(request)
-                del self.parked[request.request_id]
+                del self.kv_waiting[request.request_id]
                 self._seat(request)
                 scheduled.append(ScheduledRequest(request, 1, True))
                 budget -= 1
@@ -315,25 +315,25 @@ class Scheduler:
         return list(itertools.islice(self.waiting, limit))
 
     def _allocate_waiting(self, request: Request, num_tokens: int, cached: list[int] | None = None) -> bool:
-        """Blocks for a waiting request's next tokens; parked requests (all queued behind it: those
+        """Blocks for a waiting request's next tokens; KV-waiting requests (all queued behind it: those
         ahead took their seat) give theirs up for it, the latest first. Whether it got them."""
         while self.block_manager.allocate(request.request_id, num_tokens, cached or ()) is None:
-            if not self._unpark_latest(keep=request):
+            if not self._drop_latest_kv_waiting(keep=request):
                 return False
         return True
 
-    def _unpark_latest(self, keep: Request | None = None) -> bool:
-        """The last parked request in turn (but ``keep``) frees its blocks: it will recompute its
+    def _drop_latest_kv_waiting(self, keep: Request | None = None) -> bool:
+        """The last KV-waiting request in turn (but ``keep``) frees its blocks: it will recompute its
         prompt and first token in its turn, from the prefix cache while its blocks stay cached.
         Whether there was one."""
-        parked = [r for r in self.parked.values() if r is not keep]
-        if not parked:
+        kv_waiting = [r for r in self.kv_waiting.values() if r is not keep]
+        if not kv_waiting:
             return False
         if self.config.policy == "priority":
-            request = max(parked, key=lambda r: (r.priority, r.arrival_time))
+            request = max(kv_waiting, key=lambda r: (r.priority, r.arrival_time))
         else:
-            request = parked[-1]
-        del self.parked[request.request_id]
+            request = kv_waiting[-1]
+        del self.kv_waiting[request.request_id]
         self.block_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1  # its prompt was counted in the stats when it was pulled
@@ -473,7 +473,7 @@ class Scheduler:
         if request.is_finished:
             return
         self.joining.discard(request.request_id)
-        self.parked.pop(request.request_id, None)
+        self.kv_waiting.pop(request.request_id, None)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:

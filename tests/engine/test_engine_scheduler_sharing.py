@@ -1,6 +1,7 @@
 """The scheduler (block manager, no model) where requests share: seats with prefilled requests
-whose KV is pulled while every seat is taken (parked, not recomputed), and blocks with prompts that
-share a prefix an earlier prompt is still computing (held back a step, then taken from the cache)."""
+whose KV is pulled while every seat is taken (waiting for a seat with its KV, not recomputed),
+and blocks with prompts that share a prefix an earlier prompt is still computing (held back a
+step, then taken from the cache)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def drain(sched: Scheduler) -> None:
     for _ in range(100):
         if not sched.has_unfinished():
             bm = sched.block_manager
-            assert bm.num_free_blocks == bm.num_blocks and not sched.parked and not sched.waiting
+            assert bm.num_free_blocks == bm.num_blocks and not sched.kv_waiting and not sched.waiting
             return
         step(sched)
     raise AssertionError("the scheduler did not drain")
@@ -64,27 +65,27 @@ def test_a_handoff_with_every_seat_taken_is_pulled_and_waits_for_a_seat_in_turn(
     c = handed("c", 300, 10)
     assert sched.add_prefilled(c) == [0, 1, 2]  # pulled, not recomputed: every prompt block
     sched.kv_ready("c", True)
-    assert sched.parked == {"c": c} and c.status is RequestStatus.WAITING and sched.stats.num_parked == 1
+    assert sched.kv_waiting == {"c": c} and c.status is RequestStatus.WAITING and sched.stats.num_kv_waiting == 1
     sched.add_request(req("late", prompt(400, 6)))  # a local prompt queued after c landed
     assert sched.num_queued_prefill_tokens == 6  # late's; c has nothing to prefill
-    while "c" in sched.parked:
+    while "c" in sched.kv_waiting:
         out = step(sched)
-        assert "c" not in sched.parked or "late" not in [rid for rid, _ in plan(out)]  # c first
+        assert "c" not in sched.kv_waiting or "late" not in [rid for rid, _ in plan(out)]  # c first
     assert plan(out) == [("c", 1), ("late", 6)] and out.joined == ["c"]  # its first decode, no prefill
     assert c.num_cached_tokens == 0 and c.output_token_ids[:2] == [5, 7]
     drain(sched)
     assert sched.stats.num_preemptions == 0
 
 
-def test_a_parked_or_landing_request_aborted_frees_its_blocks() -> None:
+def test_a_kv_waiting_or_landing_request_aborted_frees_its_blocks() -> None:
     sched = make(max_num_seqs=2)
     seat_two(sched)
-    sched.add_prefilled(handed("parked", 300, 10))
-    sched.kv_ready("parked", True)
+    sched.add_prefilled(handed("held", 300, 10))
+    sched.kv_ready("held", True)
     sched.add_prefilled(handed("landing", 500, 10))
     used = sched.block_manager.num_used_blocks
-    sched.abort("parked")
-    assert not sched.parked and sched.block_manager.num_used_blocks == used - 3
+    sched.abort("held")
+    assert not sched.kv_waiting and sched.block_manager.num_used_blocks == used - 3
     sched.abort("landing")  # its pull may still write: its blocks wait for its kv_ready
     assert sched.block_manager.num_used_blocks == used - 3
     sched.kv_ready("landing", True)
@@ -94,7 +95,7 @@ def test_a_parked_or_landing_request_aborted_frees_its_blocks() -> None:
 
 def test_a_seatless_pull_leaves_the_running_requests_a_reserve() -> None:
     """20 blocks: a, b hold 2 each; a pull of 3 blocks without a seat must leave one per request
-    decoding (a, b, parked c, d itself) and 1% (0): c fits, then d of 10 blocks does not (the seated
+    decoding (a, b, KV-waiting c, d itself) and 1% (0): c fits, then d of 10 blocks does not (the seated
     pull of the same size would)."""
     sched = make(num_blocks=20, max_num_seqs=2)
     seat_two(sched)
@@ -106,14 +107,14 @@ def test_a_seatless_pull_leaves_the_running_requests_a_reserve() -> None:
     drain(sched)
 
 
-def test_a_running_request_takes_a_parked_requests_blocks_before_preempting() -> None:
+def test_a_running_request_takes_a_kv_waiting_requests_blocks_before_preempting() -> None:
     sched = make(num_blocks=7, max_num_seqs=1)
     sched.add_request(req("a", prompt(100, 7), max_tokens=12))  # 2 blocks, grows to 5
     step(sched)
     c = handed("c", 300, 11)  # 3 blocks: 7 - 2 - 3 leaves the reserve (a, c)
     assert sched.add_prefilled(c) is not None
     sched.kv_ready("c", True)
-    while "c" in sched.parked:
+    while "c" in sched.kv_waiting:
         step(sched)
     assert sched.stats.num_preemptions == 1 and c.status is RequestStatus.WAITING  # gave its KV up
     assert not sched.block_manager.has_request("c") and c.num_computed_tokens == 0
@@ -122,8 +123,8 @@ def test_a_running_request_takes_a_parked_requests_blocks_before_preempting() ->
     assert sched.stats.num_preemptions == 1  # a was never preempted
 
 
-def test_a_waiting_prompt_ahead_takes_a_parked_requests_blocks() -> None:
-    """FCFS for blocks too: a local prompt queued before the parked request gets its blocks, even
+def test_a_waiting_prompt_ahead_takes_a_kv_waiting_requests_blocks() -> None:
+    """FCFS for blocks too: a local prompt queued before the KV-waiting request gets its blocks, even
     with nothing running that could free any (no deadlock)."""
     sched = make(num_blocks=10, max_num_seqs=1)
     sched.add_request(req("a", prompt(100, 3), max_tokens=2))
@@ -131,7 +132,7 @@ def test_a_waiting_prompt_ahead_takes_a_parked_requests_blocks() -> None:
     sched.add_request(req("big", prompt(200, 30)))  # 8 blocks: waits behind a's seat
     assert sched.add_prefilled(handed("c", 300, 10)) is not None
     sched.kv_ready("c", True)
-    assert list(sched.parked) == ["c"]
+    assert list(sched.kv_waiting) == ["c"]
     drain(sched)  # big takes c's blocks (7 free); c recomputes after it
     assert sched.stats.num_preemptions == 1
 

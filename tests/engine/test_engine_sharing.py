@@ -54,7 +54,7 @@ def test_a_handoff_at_the_seat_limit_is_pulled_not_recomputed(tiny_llama_path: s
             got[out.request_id] += out.new_token_ids
     assert got == want
     assert decode.step_totals[1] == 0  # no prompt token computed on the decode engine
-    assert decode.scheduler.stats.num_parked == 2
+    assert decode.scheduler.stats.num_kv_waiting == 2
     assert decode.block_manager.num_free_blocks == decode.block_manager.num_blocks
 
 
