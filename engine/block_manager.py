@@ -89,12 +89,13 @@ class BlockManager:
         return matched
 
     # ---- allocation ----------------------------------------------------------------------
-    def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> list[int] | None:
+    def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = (),
+                 reserve: int = 0) -> list[int] | None:
         """Grow the request's table so it covers ``num_tokens`` tokens.
 
         ``cached_blocks`` (from :meth:`match_prefix`, first call only) are shared, not copied.
         All or nothing: returns the newly allocated block ids, or None if there are not enough
-        free blocks (nothing changes then)."""
+        free blocks, or if fewer than ``reserve`` would be left free (nothing changes then)."""
         table = self._tables.get(request_id)
         if table is not None and cached_blocks:
             raise ValueError(f"request {request_id}: cached blocks can only be taken on first allocation")
@@ -102,7 +103,7 @@ class BlockManager:
         need = -(-num_tokens // self.block_size) - have
         # Cached blocks we are about to take may sit in the evictable pool: not available.
         reclaimed = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
-        if need > self.num_free_blocks - reclaimed:
+        if max(need, 0) + reserve > self.num_free_blocks - reclaimed:
             return None
         if table is None:
             table = self._tables[request_id] = []

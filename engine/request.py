@@ -42,8 +42,12 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: float | None = None
-    scheduled_time: float | None = None  # monotonic: its first scheduled step (or its KV landed)
+    # monotonic: its first scheduled step (a prefilled request: its KV landed and it had a seat)
+    scheduled_time: float | None = None
     children: list[Request] = field(default_factory=list)
+    # Chained hashes of the prompt's full blocks (the scheduler's block size), computed once when
+    # first needed: which prompts share blocks a step is computing (Scheduler, shared prefixes).
+    prompt_block_hashes: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -7,6 +7,20 @@ chunked to fit when chunked prefill is on. When a running request cannot get a b
 latest-admitted (or lowest-priority) running request is preempted: its blocks are freed and
 it is recomputed later (its full blocks usually come back from the prefix cache).
 
+A prompt handed off by another worker (``add_prefilled``) has its KV pulled into blocks here
+whenever they fit, also with every seat taken: then it waits in ``waiting`` with its KV held
+(``kv_waiting``) and takes a seat in its turn with a decode, no prefill. Only with no room for its KV
+is it recomputed here. A KV-waiting request gives its blocks back (and will recompute) before a running
+request is preempted, and to a waiting request ahead of it; pulls without a seat leave a reserve
+of free blocks for the running requests' growth (``_kv_reserve``).
+
+Prompts that share a prefix not cached yet: a waiting prompt whose next uncached blocks (at least
+``SHARED_PREFIX_MIN_TOKENS`` tokens of them) are being computed by an earlier request, in this step
+or a later chunk, is held back, keeping its seat, until those blocks are cached; it then takes them
+from the prefix cache instead of computing them a second time beside the first. The requests
+behind it go on meanwhile (SGLang's in-batch prefix caching deprioritizes such requests the same
+way).
+
 Asynchronous scheduling (``LLMEngine`` with ``async_scheduling``): step N+1 is planned and
 launched before step N's sampled tokens reach the host. ``on_launch(N)`` counts N's tokens as
 computed and its sampled tokens as in flight (``Request.num_inflight_tokens``); ``schedule()``
@@ -20,6 +34,8 @@ them on the device is queued after that row).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,20 +44,30 @@ from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.plan import SampledTokens, ScheduledRequest, SchedulerOutput
 from engine.request import Request, RequestStatus
+from protocol.hashing import hash_blocks
 from protocol.outputs import FinishReason
+
+# A waiting prompt is held back for blocks an earlier request is computing when at least this many
+# of its next tokens are in them: fewer (a chat template's first block) are not worth a step's wait.
+SHARED_PREFIX_MIN_TOKENS = 64
 
 
 @dataclass
 class SchedulerStats:
     num_prompt_tokens: int = 0  # prompt tokens of requests admitted for the first time
     num_cached_tokens: int = 0  # of those, served from the prefix cache
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # running requests preempted, and KV-waiting requests that gave their KV up
+    num_kv_waiting: int = 0  # prefilled requests whose KV landed with every seat taken (kept, not recomputed)
+    num_prefix_holds: int = 0  # a waiting prompt held back a step for a shared prefix being computed
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, share_prefixes: bool = True) -> None:
         self.config = config
         self.block_manager = block_manager
+        # Hold back prompts whose next blocks an earlier request is computing (False: compute them
+        # twice, as bench/shared_prefix.py's baseline does). Only with prefix caching.
+        self.share_prefixes = share_prefixes
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -53,6 +79,9 @@ class Scheduler:
         self.pulling: dict[str, Request] = {}
         # Prefilled requests landed (out of ``pulling``) whose first decode is not planned yet (SchedulerOutput.joined).
         self.joining: set[str] = set()
+        # Prefilled requests whose KV landed with every seat taken: in ``waiting`` with their blocks
+        # held, computed up to their first token; a seat costs them a decode. In landing order.
+        self.kv_waiting: dict[str, Request] = {}
 
     # ---- queue management ---------------------------------------------------------------
     @property
@@ -108,8 +137,10 @@ class Scheduler:
         """Admit a request whose prompt KV was computed elsewhere; ``request.token_ids`` is the
         prompt plus the first token sampled there. Reuses the local prefix cache and allocates
         blocks for the rest of the prompt. Returns the indices of the prompt blocks that must
-        be pulled into this request's table, or None when there is no room: the request was
-        then queued to recompute its prompt locally."""
+        be pulled into this request's table, or None when there is no room for its KV: the
+        request was then queued to recompute its prompt locally. With every seat taken (by the
+        running and the landing requests) its KV is pulled all the same when it fits beside
+        :meth:`_kv_reserve`; it then waits for a seat with its KV held (``kv_waiting``)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         bm = self.block_manager
@@ -118,7 +149,9 @@ class Scheduler:
         # one left uncovered; its value does not matter to the match).
         cached = bm.match_prefix([*request.prompt_token_ids, 0])
         num_prompt = request.num_prompt_tokens
-        if len(self.running) >= self.config.max_num_seqs or bm.allocate(request.request_id, num_prompt, cached) is None:
+        seatless = len(self.running) + len(self.pulling) >= self.config.max_num_seqs
+        reserve = self._kv_reserve() if seatless else 0
+        if bm.allocate(request.request_id, num_prompt, cached, reserve) is None:
             self.waiting.append(request)
             return None
         request.num_cached_tokens = len(cached) * bm.block_size
@@ -126,6 +159,11 @@ class Scheduler:
         self.stats.num_cached_tokens += request.num_cached_tokens
         self.pulling[request.request_id] = request
         return list(range(len(cached), -(-num_prompt // bm.block_size)))
+
+    def _kv_reserve(self) -> int:
+        """Free blocks a pull without a seat leaves: one for the next block of each request that
+        decodes here or will (running, landing, KV-waiting, this one), and 1% of the cache."""
+        return len(self.running) + len(self.pulling) + len(self.kv_waiting) + 1 + self.block_manager.num_blocks // 100
 
     def kv_ready(self, request_id: str, ok: bool, first_token: int | None = None) -> None:
         """The pull for ``add_prefilled`` ended. On success the request decodes from its first
@@ -145,11 +183,12 @@ class Scheduler:
         if ok:
             request.num_computed_tokens = request.num_prompt_tokens
             self.block_manager.commit(request_id, request.token_ids, request.num_computed_tokens)
-            if request.scheduled_time is None:
-                request.scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self.joining.add(request_id)
+            if len(self.running) < self.config.max_num_seqs and not self.kv_waiting:
+                self._seat(request)
+            else:  # every seat taken: it waits for one in turn, its KV held
+                self.kv_waiting[request_id] = request
+                self.waiting.append(request)
+                self.stats.num_kv_waiting += 1
         else:
             self.block_manager.free(request_id)
             request.num_computed_tokens = 0
@@ -158,14 +197,34 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        bm = self.block_manager
         budget = cfg.max_num_batched_tokens
         # Prompt tokens (chunks of running prompts, new prompts): capped while prefilled requests join.
         prefill_budget = cfg.joining_prefill_tokens if (
             cfg.joining_prefill_tokens and cfg.enable_chunked_prefill and (self.pulling or self.joining)) else budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        budget, prefill_budget = self._schedule_running(scheduled, preempted, budget, prefill_budget)
+        if not preempted:
+            self._schedule_waiting(scheduled, budget, prefill_budget)
 
+        joined = [s.request.request_id for s in scheduled if s.request.request_id in self.joining]
+        self.joining.difference_update(joined)
+        sample_rows: list[tuple[Request, int]] = []
+        for k, s in enumerate(scheduled):
+            if s.sample:
+                sample_rows.append((s.request, k))
+                if s.request.num_output_tokens + s.request.num_inflight_tokens == 0:
+                    sample_rows.extend((child, k) for child in s.request.children)
+        copies, self._pending_copies = self._pending_copies, []
+        return SchedulerOutput(scheduled, sample_rows, copies, preempted, joined=joined)
+
+    def _schedule_running(self, scheduled: list[ScheduledRequest], preempted: list[Request], budget: int,
+                          prefill_budget: int) -> tuple[int, int]:
+        """Plan the running requests in admission order (decodes, prompt chunks); a request without
+        a block takes a KV-waiting request's, else preempts the latest running one. Returns the
+        budgets left."""
+        cfg = self.config
+        bm = self.block_manager
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -183,6 +242,8 @@ class Scheduler:
                     continue
                 num_new = min(num_new, prefill_budget)
             while bm.allocate(request.request_id, request.num_computed_tokens + num_new) is None:
+                if self._drop_latest_kv_waiting():
+                    continue  # a KV-waiting request's KV goes before a running request's
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:
                     i -= 1
@@ -202,34 +263,96 @@ class Scheduler:
                 if num_new > 1:
                     prefill_budget -= num_new
                 i += 1
+        return budget, prefill_budget
 
-        if not preempted:
-            while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < cfg.max_num_seqs:
-                request = self._next_waiting()
-                cached = bm.match_prefix(request.token_ids)
-                num_cached = len(cached) * bm.block_size
-                num_new = request.num_tokens - num_cached
-                if num_new > min(budget, prefill_budget):
-                    if not cfg.enable_chunked_prefill:
-                        break
-                    num_new = min(budget, prefill_budget)
-                if bm.allocate(request.request_id, num_cached + num_new, cached) is None:
+    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int, prefill_budget: int) -> None:
+        """Admit waiting requests in turn (FCFS or priority) while seats, the budget and blocks
+        last. A KV-waiting request takes its seat with a decode. A prompt whose next uncached blocks an
+        earlier request is computing is held back (keeping its seat); those behind it go on."""
+        cfg, bm = self.config, self.block_manager
+        inflight = _BlocksInFlight(self) if self.share_prefixes and bm.enable_prefix_caching else None
+        # As many as there are free seats: each takes one, or keeps it while held back.
+        for request in self._waiting_order(cfg.max_num_seqs - len(self.running)):
+            if budget <= 0:
+                break
+            if request.request_id in self.kv_waiting:
+                if not self._allocate_waiting(request, request.num_tokens):
                     break
-                self._start(request, num_cached)
-                scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
-                budget -= num_new
-                prefill_budget -= num_new
+                self.waiting.remove(request)
+                del self.kv_waiting[request.request_id]
+                self._seat(request)
+                scheduled.append(ScheduledRequest(request, 1, True))
+                budget -= 1
+                continue
+            if prefill_budget <= 0:
+                break
+            cached = bm.match_prefix(request.token_ids)
+            if inflight is not None and inflight.num_shared(request, len(cached)) * bm.block_size >= \
+                    SHARED_PREFIX_MIN_TOKENS:
+                self.stats.num_prefix_holds += 1
+                continue
+            num_cached = len(cached) * bm.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > min(budget, prefill_budget):
+                if not cfg.enable_chunked_prefill:
+                    break
+                num_new = min(budget, prefill_budget)
+            if not self._allocate_waiting(request, num_cached + num_new, cached):
+                break
+            self._start(request, num_cached)
+            if inflight is not None:
+                inflight.add(request)
+            scheduled.append(ScheduledRequest(request, num_new, self._samples(request, num_new)))
+            budget -= num_new
+            prefill_budget -= num_new
 
-        joined = [s.request.request_id for s in scheduled if s.request.request_id in self.joining]
-        self.joining.difference_update(joined)
-        sample_rows: list[tuple[Request, int]] = []
-        for k, s in enumerate(scheduled):
-            if s.sample:
-                sample_rows.append((s.request, k))
-                if s.request.num_output_tokens + s.request.num_inflight_tokens == 0:
-                    sample_rows.extend((child, k) for child in s.request.children)
-        copies, self._pending_copies = self._pending_copies, []
-        return SchedulerOutput(scheduled, sample_rows, copies, preempted, joined=joined)
+    def _waiting_order(self, limit: int) -> list[Request]:
+        """The first ``limit`` waiting requests in the order they are admitted."""
+        if limit <= 0:
+            return []
+        if self.config.policy == "priority":
+            return heapq.nsmallest(limit, self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        return list(itertools.islice(self.waiting, limit))
+
+    def _allocate_waiting(self, request: Request, num_tokens: int, cached: list[int] | None = None) -> bool:
+        """Blocks for a waiting request's next tokens; KV-waiting requests (all queued behind it: those
+        ahead took their seat) give theirs up for it, the latest first. Whether it got them."""
+        while self.block_manager.allocate(request.request_id, num_tokens, cached or ()) is None:
+            if not self._drop_latest_kv_waiting(keep=request):
+                return False
+        return True
+
+    def _drop_latest_kv_waiting(self, keep: Request | None = None) -> bool:
+        """The last KV-waiting request in turn (but ``keep``) frees its blocks: it will recompute its
+        prompt and first token in its turn, from the prefix cache while its blocks stay cached.
+        Whether there was one."""
+        kv_waiting = [r for r in self.kv_waiting.values() if r is not keep]
+        if not kv_waiting:
+            return False
+        if self.config.policy == "priority":
+            request = max(kv_waiting, key=lambda r: (r.priority, r.arrival_time))
+        else:
+            request = kv_waiting[-1]
+        del self.kv_waiting[request.request_id]
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1  # its prompt was counted in the stats when it was pulled
+        self.stats.num_preemptions += 1
+        return True
+
+    def _seat(self, request: Request) -> None:
+        """A prefilled request whose KV is here takes a seat: its next step decodes its first token."""
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.joining.add(request.request_id)
+
+    def prompt_hashes(self, request: Request) -> list[int]:
+        """Chained hashes of the request's full prompt blocks (computed once)."""
+        if request.prompt_block_hashes is None:
+            request.prompt_block_hashes = hash_blocks(request.prompt_token_ids, self.block_manager.block_size)
+        return request.prompt_block_hashes
 
     def _start(self, request: Request, num_cached: int) -> None:
         """A waiting request runs from its ``num_cached`` cached prompt tokens (blocks allocated)."""
@@ -310,11 +433,6 @@ class Scheduler:
         """Whether the request's in-flight token is certainly its last (EOS and stops aside)."""
         return request.prefill_only or request.num_tokens + request.num_inflight_tokens >= request.max_total_tokens
 
-    def _next_waiting(self) -> Request:
-        if self.config.policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
-
     def _pick_victim(self) -> Request:
         # Never a request whose in-flight token finishes it: its blocks are freed on that token
         # anyway (and a prefill-only request's stay pinned for its KV handle).
@@ -355,6 +473,7 @@ class Scheduler:
         if request.is_finished:
             return
         self.joining.discard(request.request_id)
+        self.kv_waiting.pop(request.request_id, None)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:
@@ -376,3 +495,39 @@ class Scheduler:
                 child.parent = None
                 self.waiting.append(child)
         request.children = []
+
+
+class _BlocksInFlight:
+    """The prompt blocks that running requests have yet to compute (and commit), as hashes: built
+    when a waiting prompt first asks in a step (a lone prompt is never hashed), then kept up to
+    date with the prompts the step admits."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.hashes: set[int] | None = None
+        self.admitted: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        """A prompt admitted this step (in ``running`` now), computing from its cached blocks on."""
+        if self.hashes is not None:
+            self.admitted.append(request)
+
+    def num_shared(self, request: Request, num_cached_blocks: int) -> int:
+        """How many of the request's prompt blocks after its cached ones are being computed (a
+        chain: they stop at the first that is not)."""
+        sched = self.scheduler
+        bs = sched.block_manager.block_size
+        if self.hashes is None:
+            self.hashes = set()
+            self.admitted = [r for r in sched.running if r.num_computed_tokens + bs <= r.num_prompt_tokens]
+        for r in self.admitted:
+            self.hashes.update(sched.prompt_hashes(r)[r.num_computed_tokens // bs:])
+        self.admitted = []
+        if not self.hashes:
+            return 0
+        hashes = sched.prompt_hashes(request)
+        limit = min(len(hashes), (request.num_tokens - 1) // bs)  # match_prefix's
+        k = num_cached_blocks
+        while k < limit and hashes[k] in self.hashes:
+            k += 1
+        return k - num_cached_blocks
