@@ -11,6 +11,8 @@ reversals. Writes JSON and a PNG timeline (load, replicas per tier, attainment) 
     python bench/planner.py --shape sinusoid --shape burst      # built-in shapes (default: all)
     python bench/planner.py --shape flat --duration-s 1800 --modes both
     python bench/planner.py --trace T.jsonl --first-token-hold off --seed 1   # the router's hold; tie-breaks
+    python bench/planner.py --shape burst --warm-pool 14 --wake-s 5   # each mode without, then with parked workers
+    python bench/planner.py --shape burst --seats-full wait   # add_prefilled waits for a seat, not recompute
 
 What the replay models and what it leaves out: ``bench/planner_sim.py``'s docstring.
 """
