@@ -12,7 +12,7 @@ reversals. Writes JSON and a PNG timeline (load, replicas per tier, attainment) 
     python bench/planner.py --shape flat --duration-s 1800 --modes both
     python bench/planner.py --trace T.jsonl --first-token-hold off --seed 1   # the router's hold; tie-breaks
     python bench/planner.py --shape burst --warm-pool 14 --wake-s 5   # each mode without, then with parked workers
-    python bench/planner.py --shape burst --seats-full wait   # add_prefilled waits for a seat, not recompute
+    python bench/planner.py --shape burst --seats-full recompute   # add_prefilled as before: recompute, no seat
 
 What the replay models and what it leaves out: ``bench/planner_sim.py``'s docstring.
 """
@@ -507,9 +507,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--planner-ignores-pool", action="store_true",
                     help="the planner is not told of the parked workers (its forecast horizon stays a start-up)")
     ap.add_argument("--park-s", type=float, default=1.0, help="a drained worker's park, on its GPU (weights out)")
-    ap.add_argument("--seats-full", default="recompute", choices=("recompute", "wait"),
-                    help="a handoff to a decode worker with every seat taken but KV room: recompute its prompt "
-                         "there (add_prefilled before sched8's change) or pull its KV and wait for a seat")
+    ap.add_argument("--seats-full", default="wait", choices=("recompute", "wait"),
+                    help="a handoff to a decode worker with every seat taken but KV room: pull its KV and wait for "
+                         "a seat (the engine's Scheduler.add_prefilled) or recompute its prompt there (before)")
     ap.add_argument("--kv-gbps", type=float, default=50.0, help="bandwidth of one KV pull, GB/s")
     ap.add_argument("--prefill-queue-limit-tokens", type=int, default=0,
                     help="the router's spill rule: prefill on the decode worker when every prefill worker has more "

@@ -28,9 +28,9 @@ What is modelled, after the real code:
   loaded and parked before the replay: their load, ``startup_s`` each, is counted in GPU-hours);
   parked workers hold no GPU, count no GPU-hours and no place in the GPU budget;
 - a handoff to a decode worker whose seats are all taken (``max_num_seqs`` running) but with KV
-  room: ``seats_full="recompute"`` queues it to recompute its prompt there (``add_prefilled``
-  before sched8's change), ``"wait"`` pulls its KV and waits for a seat, its KV held, then
-  decodes from its first token (after it).
+  room: ``seats_full="wait"`` (the engine's ``Scheduler.add_prefilled``) pulls its KV and waits
+  for a seat, its KV held, then decodes from its first token; ``"recompute"`` (the engine before
+  it) queues it to recompute its prompt there.
 
 Pure-decode stretches are advanced in closed form (every step emits one token per running
 request and the step time grows linearly with the KV read), so an hour of traffic takes minutes.
@@ -75,7 +75,7 @@ class SimConfig:
     warm_pool: int = 0  # parked workers the launcher keeps (0: a drained worker exits)
     wake_s: float = 5.0  # a parked worker's start: weights host->GPU, KV re-allocated, registered
     park_s: float = 1.0  # a drained worker's park: weights GPU->host, on its GPU still
-    seats_full: str = "recompute"  # a handoff when every decode seat is taken, with KV room: or "wait"
+    seats_full: str = "wait"  # a handoff when every decode seat is taken, with KV room: or "wait"
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
 

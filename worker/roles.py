@@ -148,11 +148,25 @@ class SwitchableServicer(WorkerServicer):
         if self.accepting() or not self._idle():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "only a drained worker with nothing in flight parks: Drain it first")
+        refused = self._cannot_park()
+        if refused:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
         if not self.parked:
             await self.engine.call(lambda e: e.park())
             self.parked = True
         return pb.SwitchRoleResponse(previous_role=ROLE_TO_PB[self.identity.role], role=pb.WORKER_ROLE_UNSPECIFIED,
                                      switch_ms=(time.perf_counter() - start) * 1000)
+
+    def _cannot_park(self) -> str:
+        """Why this worker cannot park, or "": a transport that registered a GPU KV cache by its
+        address (NIXL, CUDA IPC, NCCL) would move blocks at the old address once unparking gives the
+        cache a new one (re-registration is not built); TCP copies through the tensor, and on the
+        CPU the address stays (``ModelRunner.park``)."""
+        transport = self.transport
+        if transport is None or transport.transport_name == "tcp" or transport.kv.device.type != "cuda":
+            return ""
+        return (f"the {transport.transport_name} transport registered this worker's GPU KV cache by address; "
+                "a parked worker's cache comes back at a new one: stop it instead")
 
     async def _unpark(self, role: str, context: grpc.aio.ServicerContext) -> pb.SwitchRoleResponse:
         """Take the device back and register in ``role``: the tier's routers send it requests again."""
