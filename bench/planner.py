@@ -11,6 +11,8 @@ reversals. Writes JSON and a PNG timeline (load, replicas per tier, attainment) 
     python bench/planner.py --shape sinusoid --shape burst      # built-in shapes (default: all)
     python bench/planner.py --shape flat --duration-s 1800 --modes both
     python bench/planner.py --trace T.jsonl --first-token-hold off --seed 1   # the router's hold; tie-breaks
+    python bench/planner.py --shape burst --warm-pool 14 --wake-s 5   # each mode without, then with parked workers
+    python bench/planner.py --shape burst --seats-full recompute   # add_prefilled as before: recompute, no seat
 
 What the replay models and what it leaves out: ``bench/planner_sim.py``'s docstring.
 """
@@ -50,6 +52,8 @@ class Run:
     wall_s: float = 0.0
     to_minimums_intervals: float | None = None
     stopped: bool = False  # given up early: its attainment was certain to end below a bound
+    num_woken: int = 0  # starts a parked worker served (the warm pool)
+    num_parked: int = 0  # drained workers that parked
 
     def summary(self, ttft_s: float) -> dict:
         n = len(self.requests)
@@ -68,7 +72,8 @@ class Run:
                 "gpu_hours": self.gpu_hours, "goodput_per_gpu_hour": good / self.gpu_hours if self.gpu_hours else 0.0,
                 "decisions": self.decisions, "reversals": self.reversals, "intervals": self.intervals,
                 "reversals_per_10_intervals": 10 * self.reversals / max(self.intervals, 1),
-                "to_minimums_intervals": self.to_minimums_intervals, "wall_s": round(self.wall_s, 1)}
+                "to_minimums_intervals": self.to_minimums_intervals, "num_woken": self.num_woken,
+                "num_parked": self.num_parked, "wall_s": round(self.wall_s, 1)}
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,8 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
         if planner is not None and t <= w.duration_s + bench.drain_s:
             window = live_window(requests[first:arrived_upto], [r for r in done if not r.rejected], interval,
                                  sim.num_inflight, bench.max_tokens_exact)
-            decision = planner.tick(Observation(t, workers, (window,)))
+            parked = sum(1 for ready_at in sim.parked if ready_at <= t)
+            decision = planner.tick(Observation(t, workers, (window,), num_parked=parked))
             counts = {r: sum(1 for x in workers if x.role == r and x.state in (WorkerState.READY, WorkerState.STARTING))
                       for r in ("prefill", "decode")}
             changes = [a for a in decision.actions if a.kind is not ActionKind.ABANDON]
@@ -248,6 +254,7 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
         if t <= w.duration_s:
             run.intervals += 1
     run.gpu_hours = sim.gpu_seconds(t) / 3600
+    run.num_woken, run.num_parked = sim.num_woken, sim.num_parked
     run.wall_s = time.perf_counter() - t_wall
     attain_timeline(run, bench.sim.ttft_s, interval)
     if w.stop_s is not None:
@@ -331,6 +338,8 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
             f"gap to spare, and the first-token hold ({bench.sim.first_token_hold}) cannot absorb it: only a "
             f"prefill on the decode worker serves them): the ceiling of a path that hands every prompt off "
             f"{1 - (n_ttft + n_handoff) / len(why):.4f}")
+    pool = bench.sim.warm_pool
+    bench = replace(bench, sim=replace(bench.sim, warm_pool=0))  # fixed deployments never start a worker
     per_interval = [sized(bench, *x, hit, within_budget=False) for x in loads if x[0] > 0]
     peak = max(p for p, _ in per_interval), max(d for _, d in per_interval)
     static = clamp(bench, *peak)
@@ -347,11 +356,13 @@ def run_all(bench: Bench, w: Workload, modes: list[str], sweep: bool, log=print)
     first = loads[0] if loads[0][0] > 0 else next((x for x in loads if x[0] > 0), loads[0])
     start = sized(bench, *first, hit)
     for mode in modes:
-        cfg = replace(bench.planner, mode=mode) if mode != "oracle" else bench.planner
-        planner = Oracle(bench, w) if mode == "oracle" else Planner(cfg, bench.profile)
-        runs.append(replay(bench, w, f"planner-{mode}" if mode != "oracle" else "oracle-at-the-step", start,
-                           planner, lost=lost))
-        log(line(runs[-1], bench))
+        for n in dict.fromkeys((0, pool)):  # with a warm pool: each mode without it, then with it
+            run_bench = replace(bench, sim=replace(bench.sim, warm_pool=n))
+            cfg = replace(bench.planner, mode=mode) if mode != "oracle" else bench.planner
+            planner = Oracle(run_bench, w) if mode == "oracle" else Planner(cfg, bench.profile)
+            name = (f"planner-{mode}" if mode != "oracle" else "oracle-at-the-step") + (f"+pool{n}" if n else "")
+            runs.append(replay(run_bench, w, name, start, planner, lost=lost))
+            log(line(runs[-1], run_bench))
     return runs
 
 
@@ -417,6 +428,8 @@ def best_split(bench: Bench, w: Workload, first: int, lost: list[bool] | None = 
 def line(run: Run, bench: Bench) -> str:
     s = run.summary(bench.sim.ttft_s)
     extra = f" back-to-min={s['to_minimums_intervals']}" if s["to_minimums_intervals"] is not None else ""
+    if s["num_woken"] or s["num_parked"]:
+        extra += f" woken {s['num_woken']} parked {s['num_parked']}"
     if s["infeasible"]:
         extra += f" of-feasible {s['attainment_of_feasible']:.4f}"
     return (f"attainment {s['attainment']:.4f}  {s['deployment']:<26} goodput/GPU-h {s['goodput_per_gpu_hour']:9.1f}"
@@ -463,11 +476,13 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     kv_capacity_tokens=profile.kv_capacity_tokens, kv_gbps=args.kv_gbps,
                     prefill_queue_limit_tokens=args.prefill_queue_limit_tokens,
                     startup_s=args.startup_s, switch_s=args.switch_s, first_token_hold=args.first_token_hold,
-                    seed=args.seed)
+                    seed=args.seed, warm_pool=args.warm_pool, wake_s=args.wake_s, park_s=args.park_s,
+                    seats_full=args.seats_full)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
-                            horizon_s=args.startup_s + args.interval_s)
+                            horizon_s=args.startup_s + args.interval_s,
+                            wake_s=0.0 if args.planner_ignores_pool else args.wake_s)
     return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner,
                  max_tokens_exact=args.max_tokens_exact)
 
@@ -484,6 +499,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--interval-s", type=float, default=20.0, help="planner adjustment interval")
     ap.add_argument("--startup-s", type=float, default=60.0, help="a new worker's start-up delay")
     ap.add_argument("--switch-s", type=float, default=2.0, help="a tier switch's delay after its drain")
+    ap.add_argument("--warm-pool", type=int, default=0,
+                    help="parked workers the launcher keeps (full at the start): a start takes one, ready after "
+                         "--wake-s; each planner mode then runs without the pool and with it (name +poolN)")
+    ap.add_argument("--wake-s", type=float, default=5.0, help="a parked worker's start (weights host->GPU, KV, "
+                    "registration)")
+    ap.add_argument("--planner-ignores-pool", action="store_true",
+                    help="the planner is not told of the parked workers (its forecast horizon stays a start-up)")
+    ap.add_argument("--park-s", type=float, default=1.0, help="a drained worker's park, on its GPU (weights out)")
+    ap.add_argument("--seats-full", default="wait", choices=("recompute", "wait"),
+                    help="a handoff to a decode worker with every seat taken but KV room: pull its KV and wait for "
+                         "a seat (the engine's Scheduler.add_prefilled) or recompute its prompt there (before)")
     ap.add_argument("--kv-gbps", type=float, default=50.0, help="bandwidth of one KV pull, GB/s")
     ap.add_argument("--prefill-queue-limit-tokens", type=int, default=0,
                     help="the router's spill rule: prefill on the decode worker when every prefill worker has more "

@@ -20,7 +20,17 @@ What is modelled, after the real code:
   worker's first, or until the TTFT target if that comes first;
 - the launcher: a new worker serves ``startup_s`` after it is started; a drained worker takes no
   new request and frees its GPU when it has finished what it holds; a switching worker does the
-  same and serves the other tier ``switch_s`` later.
+  same and serves the other tier ``switch_s`` later;
+- the warm pool (``warm_pool`` > 0): a drained worker does not exit while fewer than ``warm_pool``
+  are parked: it parks (its weights to host memory, ``park_s`` more on its GPU, then none) and a
+  later start takes the parked worker that has waited longest, serving ``wake_s`` after it is
+  started instead of ``startup_s``; the pool is full at the start (``warm_pool`` workers that
+  loaded and parked before the replay: their load, ``startup_s`` each, is counted in GPU-hours);
+  parked workers hold no GPU, count no GPU-hours and no place in the GPU budget;
+- a handoff to a decode worker whose seats are all taken (``max_num_seqs`` running) but with KV
+  room: ``seats_full="wait"`` (the engine's ``Scheduler.add_prefilled``) pulls its KV and waits
+  for a seat, its KV held, then decodes from its first token; ``"recompute"`` (the engine before
+  it) queues it to recompute its prompt there.
 
 Pure-decode stretches are advanced in closed form (every step emits one token per running
 request and the step time grows linearly with the KV read), so an hour of traffic takes minutes.
@@ -62,6 +72,10 @@ class SimConfig:
     prefill_queue_limit_tokens: int = 0
     startup_s: float = 60.0
     switch_s: float = 2.0
+    warm_pool: int = 0  # parked workers the launcher keeps (0: a drained worker exits)
+    wake_s: float = 5.0  # a parked worker's start: weights host->GPU, KV re-allocated, registered
+    park_s: float = 1.0  # a drained worker's park: weights GPU->host, on its GPU still
+    seats_full: str = "wait"  # a handoff when every decode seat is taken, with KV room: or "wait"
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
 
@@ -163,9 +177,17 @@ class Simulation:
     rng_turn: itertools.count = field(default_factory=itertools.count)
     rng: random.Random = field(init=False)
     handoff_gap: policy.HandoffGap = field(default_factory=policy.HandoffGap)  # the router's, learned
+    parked: list[float] = field(default_factory=list)  # when each parked worker can be woken, oldest first
+    num_woken: int = 0
+    num_parked: int = 0
 
     def __post_init__(self) -> None:
+        if self.cfg.seats_full not in ("recompute", "wait"):
+            raise ValueError(f"seats_full must be recompute or wait, got {self.cfg.seats_full!r}")
         self.rng = random.Random(self.cfg.seed)  # (the process-wide one made two runs of a replay differ)
+        self.parked = [0.0] * self.cfg.warm_pool
+        # the pool's workers loaded on a GPU (a start-up each) before they parked
+        self.released += [(0.0, self.cfg.startup_s)] * self.cfg.warm_pool
 
     def push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -174,7 +196,12 @@ class Simulation:
         w = Worker(self, role, now, ready)
         self.workers[w.id] = w
         if not ready:
-            self.push(now + self.cfg.startup_s, "ready", w)
+            delay = self.cfg.startup_s
+            if self.parked and self.parked[0] <= now:  # a parked worker takes its GPU back
+                self.parked.pop(0)
+                self.num_woken += 1
+                delay = self.cfg.wake_s
+            self.push(now + delay, "ready", w)
         return w
 
     def tier(self, role: str) -> list[Worker]:
@@ -270,6 +297,10 @@ class Simulation:
             return
         if w.state is WorkerState.DRAINING:
             del self.workers[w.id]
+            if len(self.parked) < self.cfg.warm_pool:  # it parks: its GPU is free once its weights are off it
+                self.parked.append(now + self.cfg.park_s)
+                self.num_parked += 1
+                now += self.cfg.park_s
             self.released.append((w.gpu_since, now))
         elif not w.releasing:
             w.releasing = True

@@ -250,10 +250,12 @@ class Worker:
     # ---- decode role -----------------------------------------------------------------------------
     def handoff(self, req: Req, now: float) -> float | None:
         """``add_prefilled``: reserve KV for the pull and return when it lands; None: no room, the
-        request was queued to recompute its prompt here."""
+        request was queued to recompute its prompt here. Every seat taken but KV room: recomputed
+        too (``seats_full="recompute"``), or pulled to wait for a seat (``"wait"``)."""
         cfg = self.sim.cfg
         isl = req.arrival.isl
-        if len(self.running) >= cfg.max_num_seqs or self.kv_now(now) + isl > cfg.kv_capacity_tokens:
+        seats_full = len(self.running) >= cfg.max_num_seqs and cfg.seats_full == "recompute"
+        if seats_full or self.kv_now(now) + isl > cfg.kv_capacity_tokens:
             self.waiting.append(Seq(req, prefill_left=isl + req.emitted, left=req.arrival.osl - req.emitted))
             self.interrupt(now)
             return None
@@ -264,6 +266,12 @@ class Worker:
     def pulled(self, req: Req, now: float) -> None:
         self.pulling -= 1
         seq = Seq(req, ctx=req.arrival.isl, left=req.arrival.osl - req.emitted)
+        cfg = self.sim.cfg
+        # "wait": its KV held, it waits for a seat ("recompute": it joins, as kv_ready does, seats or not)
+        if cfg.seats_full == "wait" and len(self.running) >= cfg.max_num_seqs:
+            self.waiting.append(seq)
+            self.interrupt(now)
+            return
         self.running.append(seq)
         self.sum_ctx += seq.ctx
         if seq.left <= 0:
@@ -342,7 +350,7 @@ class Worker:
         if not self.waiting or len(self.running) >= self.sim.cfg.max_num_seqs:
             return False
         head = self.waiting[0]
-        return self.kv_used + min(head.prefill_left, self.sim.cfg.max_num_batched_tokens) \
+        return self.kv_used + max(1, min(head.prefill_left, self.sim.cfg.max_num_batched_tokens)) \
             <= self.sim.cfg.kv_capacity_tokens
 
     def _close_stint(self, s: Seq, end_step: int) -> None:
@@ -415,11 +423,13 @@ class Worker:
         budget = cfg.max_num_batched_tokens - sum(t for _, t in plan)
         while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             s = self.waiting[0]
-            take = min(s.prefill_left, budget)
+            take = min(s.prefill_left, budget) if s.prefill_left else 1  # 1: pulled, decodes (its KV held)
             if self.kv_used + take > cfg.kv_capacity_tokens:
                 break
             self.waiting.popleft()
             self.running.append(s)
+            if not s.prefill_left:
+                self.sum_ctx += s.ctx
             self.kv_used += take
             plan.append((s, take))
             budget -= take

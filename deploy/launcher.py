@@ -12,6 +12,11 @@ starts new workers and drains the ones it removes. Draining a worker (:func:`dra
 the worker's ``Drain`` RPC) stops its admitting, deregisters it from etcd so that every router
 drops it at once, and waits for its in-flight requests; only then is the process stopped.
 Which workers go is decided by :func:`plan_scale`, a pure function.
+
+The warm pool (``LocalLauncher(warm_pool=N)``): a drained worker is parked instead of stopped
+while fewer than N are (:func:`park_worker`: its process and model stay, its device is given
+back, it serves no tier); a start takes a parked worker first (:func:`switch_worker` to the
+tier: the device back, registered; seconds, no weights loaded).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class ServiceState(enum.StrEnum):
     DRAINING = "draining"
     RESTARTING = "restarting"  # died; the launcher is bringing it back
     STOPPED = "stopped"  # stopped on purpose
+    PARKED = "parked"  # a drained worker kept for a fast start (the warm pool): no tier, no GPU
     DEAD = "dead"  # died and stays down
 
 
@@ -203,7 +209,8 @@ class Launcher(abc.ABC):
     def workers(self, role: str) -> list[ServiceInfo]:
         """The live (not stopped, not dead) workers of ``role``, oldest first."""
         live = [s for s in self.services() if s.role == role and s.state not in (ServiceState.STOPPED,
-                                                                                 ServiceState.DEAD)]
+                                                                                 ServiceState.DEAD,
+                                                                                 ServiceState.PARKED)]
         return sorted(live, key=lambda s: s.index)
 
     def scale(self, num_prefill: int, num_decode: int, timeout_s: float = 600.0) -> ScaleResult:
@@ -248,8 +255,8 @@ def drain_worker(endpoint: str, wait_s: float, internal: InternalGrpc) -> DrainR
 
 
 def switch_worker(endpoint: str, role: str, internal: InternalGrpc, timeout_s: float = 30.0) -> SwitchResult:
-    """Ask the worker at ``endpoint`` to serve ``role`` from now on (``SwitchRole``); DeployError
-    when it cannot (a single-tier worker, draining, gone)."""
+    """Ask the worker at ``endpoint`` to serve ``role`` from now on (``SwitchRole``; a parked worker
+    takes its device back first); DeployError when it cannot (a single-tier worker, draining, gone)."""
     t0 = time.perf_counter()
     with internal.blocking_channel(endpoint) as channel:
         stub = pb_grpc.WorkerServiceStub(channel)
@@ -258,9 +265,22 @@ def switch_worker(endpoint: str, role: str, internal: InternalGrpc, timeout_s: f
         except grpc.RpcError as e:
             raise DeployError(f"the worker at {endpoint} cannot switch to {role}: {e.code().name} {e.details()}"
                               ) from None
-    names = {v: k for k, v in _ROLE_TO_PB.items()}
+    names = {v: k for k, v in _ROLE_TO_PB.items()} | {pb.WORKER_ROLE_UNSPECIFIED: ""}  # "": it was parked
     return SwitchResult(names[reply.previous_role], names[reply.role], reply.num_inflight, reply.switch_ms,
                         (time.perf_counter() - t0) * 1000)
+
+
+def park_worker(endpoint: str, internal: InternalGrpc, timeout_s: float = 60.0) -> float:
+    """Park the drained worker at ``endpoint`` (``SwitchRole`` to no tier): it gives its device
+    back and keeps its process and model. The worker's milliseconds; DeployError when it cannot
+    (not drained, requests left, a single-tier worker, gone)."""
+    with internal.blocking_channel(endpoint) as channel:
+        stub = pb_grpc.WorkerServiceStub(channel)
+        try:
+            reply = stub.SwitchRole(pb.SwitchRoleRequest(role=pb.WORKER_ROLE_UNSPECIFIED), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise DeployError(f"the worker at {endpoint} cannot park: {e.code().name} {e.details()}") from None
+    return reply.switch_ms
 
 
 def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from deploy.launcher import (
     WORKER_ROLES,
+    DeployError,
     DrainResult,
     Launcher,
     ServiceInfo,
     ServiceState,
     SwitchResult,
     drain_worker,
+    park_worker,
     stop_process,
     switch_worker,
 )
@@ -26,18 +28,30 @@ class LocalLauncher(Launcher):
     """The embedded cluster (:class:`deploy.local_cluster.LocalCluster`) behind the launcher
     interface: services are subprocesses of this one, etcd is embedded unless configured."""
 
-    def __init__(self, cfg: ClusterConfig, log_dir: str | Path | None = None, quiet: bool = False) -> None:
+    def __init__(self, cfg: ClusterConfig, log_dir: str | Path | None = None, quiet: bool = False,
+                 warm_pool: int = 0) -> None:
         self.cluster = LocalCluster(cfg, num_prefill=cfg.num_prefill, num_decode=cfg.num_decode, log_dir=log_dir,
                                     quiet=quiet)
         self.cfg = self.cluster.cfg
         self._stopped: set[str] = set()
+        self._init_pool(warm_pool)
 
     @classmethod
-    def around(cls, cluster: LocalCluster) -> LocalLauncher:
+    def around(cls, cluster: LocalCluster, warm_pool: int = 0) -> LocalLauncher:
         """The launcher of a cluster started elsewhere (``tandem serve``'s, for its planner)."""
         launcher = cls.__new__(cls)
         launcher.cluster, launcher.cfg, launcher._stopped = cluster, cluster.cfg, set()
+        launcher._init_pool(warm_pool)
         return launcher
+
+    def _init_pool(self, warm_pool: int) -> None:
+        """``warm_pool``: at most this many drained workers are parked, not stopped (a later start
+        takes one back in seconds); 0: a drained worker stops."""
+        if warm_pool < 0:
+            raise ValueError(f"warm_pool must be >= 0, got {warm_pool}")
+        self.warm_pool = warm_pool
+        self._parked: list[str] = []  # parked workers' names, the longest parked first
+        self.wake_ms: list[float] = []  # per start a parked worker served: the worker's milliseconds
 
     def start(self, timeout_s: float = 600.0) -> LocalLauncher:
         self.cluster.start(timeout_s)
@@ -56,7 +70,9 @@ class LocalLauncher(Launcher):
     def start_services(self, roles: Sequence[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
         started = []
         for role in roles:
-            if role == "router":
+            if role in WORKER_ROLES and self._parked:
+                child = self._unpark(role)
+            elif role == "router":
                 child = self.cluster.add_router(timeout_s)
             elif role in WORKER_ROLES:
                 child = self.cluster.add_worker(role, timeout_s)
@@ -74,10 +90,40 @@ class LocalLauncher(Launcher):
             drained = DrainResult(0, True)
             if child.ready and "endpoint" in child.ready and child.proc.poll() is None:
                 drained = drain_worker(child.ready["endpoint"], wait_s, InternalGrpc.from_config(self.cfg))
+            if self._park(child, drained):
+                result[name] = drained
+                continue
             self._stopped.add(name)
             stop_process(child.proc)
             result[name] = drained
         return result
+
+    def _park(self, child: Child, drained: DrainResult) -> bool:
+        """Park a drained worker if the pool has room (its process stays); whether it did."""
+        role = child.role or child.name.split("-")[0]
+        if len(self._parked) >= self.warm_pool or not drained.drained or child.proc.poll() is not None \
+                or role not in WORKER_ROLES or not (child.ready or {}).get("endpoint"):
+            return False
+        try:
+            park_worker(child.ready["endpoint"], InternalGrpc.from_config(self.cfg))
+        except DeployError:
+            return False
+        self._parked.append(child.name)
+        return True
+
+    def _unpark(self, role: str) -> Child:
+        """A start served by the longest-parked worker: its device back, registered in ``role``."""
+        name = self._parked.pop(0)
+        child = next(c for c in self.cluster.children if c.name == name)
+        try:
+            result = switch_worker(child.ready["endpoint"], role, InternalGrpc.from_config(self.cfg))
+        except DeployError:  # it died parked, or cannot come back: a new worker instead
+            self._stopped.add(name)
+            stop_process(child.proc)
+            return self.cluster.add_worker(role)
+        self.wake_ms.append(result.switch_ms)
+        child.role = role
+        return child
 
     def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
         child = next(c for c in self.cluster.children if c.name == name)
@@ -99,6 +145,8 @@ class LocalLauncher(Launcher):
                 state = ServiceState.RESTARTING
             else:
                 state = ServiceState.DEAD
+        elif child.name in self._parked:
+            state = ServiceState.PARKED
         else:
             state = ServiceState.SERVING if child.ready else ServiceState.STARTING
         return ServiceInfo(name=child.name, role=child.role or child.name.split("-")[0], state=state,

@@ -88,6 +88,7 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._groups: dict[str, list[str]] = {}
         self.num_steps = 0
+        self.num_parks = self.num_unparks = 0  # park() and unpark() calls that did something
         # the step totals of ``load()`` (see protocol.load.EngineLoad)
         self.step_totals = [0.0, 0, 0, 0]  # wall s, prefill tokens, decode rows, their KV tokens
         # May be switched between steps (a benchmark compares both in one process).
@@ -241,6 +242,8 @@ class LLMEngine:
             self._launched[-1][1].wait()
 
     def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> list[int]:
+        if self.parked:
+            raise RuntimeError("the engine is parked: unpark() it before adding requests")
         if request_id in self._groups or request_id in self.scheduler.pinned:
             raise ValueError(f"duplicate request id {request_id!r}")
         if isinstance(prompt_ids, str):
@@ -329,6 +332,41 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
+
+    # ---- parking (the launcher's warm pool) ------------------------------------------------
+    @property
+    def parked(self) -> bool:
+        return self.num_parks > self.num_unparks
+
+    def park(self) -> float:
+        """Give the device back and keep the model, while nothing is held (no request queued,
+        running, pulling or pinned; nothing launched): the runner's weights go to pinned host
+        memory, its KV cache and CUDA graphs are freed (``ModelRunner.park``; on the CPU the cache's
+        pages go back); the prefix cache is forgotten (its blocks' contents are gone: the routers'
+        indexes hear ``AllBlocksCleared``). The sim runner holds no device: only the prefix cache
+        goes. Requests are refused until :meth:`unpark`. Returns the seconds it took."""
+        if self.parked:
+            return 0.0
+        if self.has_unfinished() or self._launched or self.scheduler.pulling or self.scheduler.pinned:
+            raise RuntimeError("only an idle engine parks: requests are queued, running, pulling or pinned")
+        start = time.perf_counter()
+        self.reset_prefix_cache()
+        if isinstance(self.runner, ModelRunner):
+            self.runner.park()
+        self.num_parks += 1
+        return time.perf_counter() - start
+
+    def unpark(self) -> float:
+        """Take the device back (``ModelRunner.unpark``: the weights from pinned host memory, the
+        KV cache re-allocated, the decode graphs captured again); requests are admitted again.
+        Returns the seconds it took."""
+        if not self.parked:
+            return 0.0
+        start = time.perf_counter()
+        if isinstance(self.runner, ModelRunner):
+            self.runner.unpark()
+        self.num_unparks += 1
+        return time.perf_counter() - start
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

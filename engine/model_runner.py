@@ -10,8 +10,10 @@ in-flight decodes (rows whose token the host does not know yet) from that step's
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import time
 from collections.abc import Callable
 
 import torch
@@ -65,6 +67,25 @@ class StepHandle:
         return {r.request_id: [t] for r, t in zip(self.requests, self._host.tolist())}
 
 
+def release_pages(kv: torch.Tensor) -> int:
+    """Give a CPU cache's pages back to the system (``madvise(MADV_DONTNEED)`` on its anonymous
+    mapping, :func:`kv_cache_zeros`): the tensor and its address stay (a KV transport registered
+    them), its contents read zero and take pages again as blocks are written. Bytes released."""
+    nbytes = kv.numel() * kv.element_size()
+    if nbytes == 0:
+        return 0
+    ptr = kv.data_ptr()
+    page = mmap.PAGESIZE
+    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    if end <= start:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(start, end - start, mmap.MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) on the KV cache failed")
+    return end - start
+
+
 def kv_cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed cache. On the CPU, anonymous memory the kernel zeroes page by page as blocks are
     first written: ``torch.zeros`` would touch every page up front (seconds per GiB at a worker's
@@ -107,8 +128,77 @@ class ModelRunner:
         # Set by the engine where the workers of this machine share its cores (engine.cpu_share).
         self.cpu_share: CpuShare | None = None
         self._layer_gate: Callable[[int], None] | None = None  # a step on the idle workers' cores (CpuShare.gate)
+        self.max_model_len = max_model_len
+        self._host_weights: dict[int, torch.Tensor] | None = None  # parked: the weights' pinned copies
+        self.unpark_s: dict[str, float] = {}  # the last unpark's parts: weights, kv, graphs (seconds)
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
+
+    # ---- parking (the launcher's warm pool) --------------------------------------------------
+    @property
+    def parked(self) -> bool:
+        return self._host_weights is not None
+
+    def park(self) -> None:
+        """Give the device back, keeping the model: on a GPU the weights (every parameter and
+        buffer) move to pinned host memory, the KV cache's storage and the CUDA graphs are freed
+        and the allocator's cache emptied (the KV tensor object stays, empty); on the CPU the KV
+        cache's pages go back to the system (:func:`release_pages`). The cache's contents are
+        lost. Between steps only, with nothing launched."""
+        if self.parked:
+            return
+        if self.device.type != "cuda":
+            release_pages(self.kv)
+            self._host_weights = {}
+            return
+        host: dict[int, torch.Tensor] = {}  # device data_ptr -> its pinned copy (tied weights: one)
+        tensors = list(self._device_tensors())
+        for _, _, t in tensors:
+            if t.data_ptr() not in host:
+                host[t.data_ptr()] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        for module, name, t in tensors:
+            _set_tensor(module, name, host[t.data_ptr()])
+        self._host_weights = host
+        self.graphs = None
+        self.kv.untyped_storage().resize_(0)
+        torch.cuda.empty_cache()
+
+    def unpark(self) -> None:
+        """Take the device back: the KV cache re-allocated (zeroed), the weights copied back from
+        pinned host memory, the decode CUDA graphs captured again. The KV tensor is the same
+        object; on a GPU its address is new (a transport that registered device memory registers
+        it again)."""
+        if not self.parked:
+            return
+        self._host_weights = None
+        if self.device.type != "cuda":
+            return
+        t0 = time.perf_counter()
+        device: dict[int, torch.Tensor] = {}
+        for module, name, t in list(self._device_tensors()):
+            if t.data_ptr() not in device:
+                device[t.data_ptr()] = t.to(self.device, non_blocking=True)
+            _set_tensor(module, name, device[t.data_ptr()])
+        torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        self.kv.untyped_storage().resize_(self.kv.numel() * self.kv.element_size())
+        self.kv.zero_()
+        torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        sched = self.config.scheduler
+        self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
+                                            self.max_model_len, self.block_size, self.config.enforce_eager, False)
+        self.unpark_s = {"weights": t1 - t0, "kv": t2 - t1, "graphs": time.perf_counter() - t2}
+
+    def _device_tensors(self) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+        """(module, name, tensor) of every parameter and buffer of the model."""
+        out = []
+        for module in self.model.modules():
+            for name, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is not None:
+                    out.append((module, name, t))
+        return out
 
     @property
     def bytes_per_block(self) -> int:
@@ -207,3 +297,11 @@ class ModelRunner:
         hidden = self.model(step.input_ids, step.positions, self.kv, step.meta, self.attn, rows=step.sample_index,
                             before_layer=gate)
         return self.model.compute_logits(hidden)
+
+
+def _set_tensor(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Point a module's parameter or buffer ``name`` at ``t`` (the Parameter object stays)."""
+    if name in module._parameters:
+        module._parameters[name].data = t
+    else:
+        module._buffers[name] = t

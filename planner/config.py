@@ -35,6 +35,10 @@ class PlannerConfig:
     # forecast this far ahead: a worker started now serves only after its start-up, so size for
     # the load then (0: the next interval)
     horizon_s: float = 0.0
+    # a start that takes a parked worker (the launcher's warm pool, ``Observation.num_parked``)
+    # serves after this instead: while one is parked, the forecast looks this plus an interval
+    # ahead, if nearer than ``horizon_s`` (0: starts are never faster than ``horizon_s`` says)
+    wake_s: float = 0.0
     predictor_window: int = 10  # moving average: intervals; autoreg: fits on up to 8x this history
     length_window: int = 6  # ISL and OSL: mean of the last this many intervals
     max_step_up: int = 0  # throughput mode: most replicas added per tier per tick (0: no limit)
@@ -61,8 +65,8 @@ class PlannerConfig:
             raise ValueError("max_utilization and scale_down_band must be in (0, 1]")
         if not 0 < self.scale_down_margin <= 1:
             raise ValueError(f"scale_down_margin must be in (0, 1], got {self.scale_down_margin}")
-        if self.horizon_s < 0:
-            raise ValueError(f"horizon_s must be >= 0, got {self.horizon_s}")
+        if self.horizon_s < 0 or self.wake_s < 0:
+            raise ValueError(f"horizon_s and wake_s must be >= 0, got {self.horizon_s}, {self.wake_s}")
         if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.length_window < 1 or self.max_step_up < 0:
             raise ValueError("scale_down_ticks, predictor_window and length_window must be >= 1, max_step_up >= 0")
 
@@ -78,6 +82,13 @@ class PlannerConfig:
     def horizon_intervals(self) -> int:
         """Intervals ahead the throughput mode forecasts (at least the next one)."""
         return max(1, math.ceil(self.horizon_s / self.adjustment_interval_s - 1e-9))
+
+    def horizon_with(self, num_parked: int) -> float:
+        """The forecast's horizon when ``num_parked`` workers are parked: a start takes one and
+        serves after ``wake_s``; none parked, after the start-up ``horizon_s`` is sized for."""
+        if num_parked <= 0 or self.wake_s <= 0:
+            return self.horizon_s
+        return min(self.horizon_s, self.wake_s + self.adjustment_interval_s)
 
     @property
     def max_workers(self) -> int:

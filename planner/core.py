@@ -90,6 +90,7 @@ class Planner:
         traffic = Traffic.merge(obs.windows)
         self.load.observe(ready)
         if self.throughput is not None:
+            self.throughput.horizon_s = cfg.horizon_with(obs.num_parked)
             self.throughput.observe(traffic, ready)
 
         def hold(*why: Reason) -> Decision:
@@ -212,11 +213,11 @@ class Planner:
     def _lead_rate(self, traffic: Traffic) -> float:
         """The arrival rate the load mode sizes its ups for: the routers' now, or the forecast's
         ``horizon_s`` ahead if higher (on a ramp, a worker started now serves only after its
-        start-up; the load then is what it must meet). Downs do not read it."""
+        start-up, or its wake from the warm pool; the load then is what it must meet). Downs do not read it."""
         rate = traffic.request_rate
         if self.throughput is None:
             return rate
-        ahead = self.throughput.rate.predict(self.config.horizon_intervals)
+        ahead = self.throughput.rate.predict(self.throughput.horizon_intervals)
         return max(rate, ahead) if math.isfinite(ahead) else rate
 
     def _new_isl(self, traffic: Traffic) -> float:

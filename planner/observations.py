@@ -106,12 +106,15 @@ class RouterWindow:
 @dataclass(frozen=True)
 class Observation:
     """Everything one tick decides from. ``num_gpus_free``: GPUs the launcher could give a new
-    worker now (None: unknown, the core assumes the budget is the only limit)."""
+    worker now (None: unknown, the core assumes the budget is the only limit). ``num_parked``:
+    workers the launcher keeps parked (its warm pool: no GPU held, not in ``workers``); a start
+    takes one first and serves after ``PlannerConfig.wake_s``."""
 
     now_s: float
     workers: tuple[WorkerStep, ...] = ()
     windows: tuple[RouterWindow, ...] = ()
     num_gpus_free: int | None = None
+    num_parked: int = 0
 
     def tier(self, role: str, states: tuple[WorkerState, ...] = (WorkerState.READY,)) -> list[WorkerStep]:
         return [w for w in self.workers if w.role == role and w.state in states]

@@ -86,6 +86,9 @@ class ThroughputModel:
         self.isl_p95 = MovingAverage(1)
         self.osl = MovingAverage(config.length_window)
         self.hit_rate = MovingAverage(window)
+        # how far ahead new workers serve: ``horizon_s``, or nearer while the launcher has parked
+        # workers (``PlannerConfig.horizon_with``; the planner sets it each tick)
+        self.horizon_s = config.horizon_s
         self._low_ticks = {"prefill": 0, "decode": 0}
         self.need = {"prefill": 0, "decode": 0}  # the last forecast's replicas, before the down band
         self.backlog = Backlog()
@@ -104,10 +107,10 @@ class ThroughputModel:
         self.backlog = Backlog.of(workers, self.profile, self.config.aggregated)
 
     def forecast(self) -> Forecast:
-        """The request rate ``horizon_intervals`` ahead, or the next interval's if larger (a worker
+        """The request rate ``horizon_s`` ahead, or the next interval's if larger (a worker
         that is not needed yet still serves now); lengths for the next interval (a trend in them,
         extrapolated far, overshoots after a shift of the mix)."""
-        ahead = self.config.horizon_intervals
+        ahead = self.horizon_intervals
         hit = self.hit_rate.predict()
         rate = max(self.rate.predict(1), self.rate.predict(ahead))
         return Forecast(rate, self.isl.predict(1), self.isl_p95.predict(1), self.osl.predict(1),
@@ -141,10 +144,15 @@ class ThroughputModel:
         return prefill, decode, Reason("forecast", "", values)
 
     @property
+    def horizon_intervals(self) -> int:
+        """Intervals ahead the forecast looks (at least the next one)."""
+        return max(1, math.ceil(self.horizon_s / self.config.adjustment_interval_s - 1e-9))
+
+    @property
     def drain_s(self) -> float:
         """The time the backlog is sized to be worked off in: a new worker serves after its
         start-up (``horizon_s``), and the next tick comes after one interval."""
-        return max(self.config.adjustment_interval_s, self.config.horizon_s)
+        return max(self.config.adjustment_interval_s, self.horizon_s)
 
     def wanted(self) -> tuple[dict[str, int], Reason] | None:
         """Replicas per tier the forecast and the backlog need now, at least the minimums (the

@@ -7,6 +7,12 @@ from the old tier and registers in the new one. The weights, the KV cache and it
 stay; requests in flight in the old tier finish on the same engine, and a prefill worker's held
 KV handles can still be pushed or unpinned after it became a decode worker (``PushKV``,
 ``Unpin`` and ``Abort`` always reach the prefill servicer, which owns the holds).
+
+Parking (the launcher's warm pool): ``SwitchRole`` to no tier (``WORKER_ROLE_UNSPECIFIED``) on a
+drained, idle worker gives its device back and keeps the process and the model
+(``LLMEngine.park``: the weights in pinned host memory, the KV cache freed); it serves no tier
+and holds no GPU. ``SwitchRole`` to a tier then takes the device back (``LLMEngine.unpark``) and
+registers it there: a start in seconds, without loading the weights again.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from runtime.discovery import register
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import ROLE_SWITCH, WorkerIdentity, WorkerServicer
 
@@ -38,6 +45,7 @@ class SwitchableServicer(WorkerServicer):
         self.num_inflight = {"prefill": 0, "decode": 0}  # rpcs in flight per tier
         self.previous_role = ""
         self.num_switches = 0
+        self.parked = False  # parked: drained, deregistered, its device given back (SwitchRole to no tier)
 
     @classmethod
     def build(cls, identity: WorkerIdentity, engine: Any, transport: Any,
@@ -54,7 +62,8 @@ class SwitchableServicer(WorkerServicer):
         await asyncio.gather(*(tier.run_background() for tier in self.tiers.values()))
 
     def state(self) -> str:
-        """serving, draining, or switching (serving its tier; the previous tier's requests still finishing)."""
+        """serving, draining (parked too: deregistered, it serves nothing), or switching (serving
+        its tier; the previous tier's requests still finishing)."""
         if not self.accepting():
             return "draining"
         if self.previous_role and (self.num_inflight[self.previous_role] or
@@ -108,9 +117,13 @@ class SwitchableServicer(WorkerServicer):
     async def SwitchRole(self, request: pb.SwitchRoleRequest, context: grpc.aio.ServicerContext
                          ) -> pb.SwitchRoleResponse:
         start = time.perf_counter()
+        if request.role == pb.WORKER_ROLE_UNSPECIFIED:
+            return await self._park(context)
         role = ROLE_FROM_PB.get(request.role)
         if role is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be prefill or decode")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be prefill, decode or none (park)")
+        if self.parked:
+            return await self._unpark(role, context)
         if not self.accepting() or self.membership is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is draining or not registered yet")
         previous = self.identity.role
@@ -126,4 +139,52 @@ class SwitchableServicer(WorkerServicer):
             ROLE_SWITCH.observe(time.perf_counter() - start)
         return pb.SwitchRoleResponse(previous_role=ROLE_TO_PB[previous], role=ROLE_TO_PB[role],
                                      num_inflight=self.num_inflight[previous] if role != previous else 0,
+                                     switch_ms=(time.perf_counter() - start) * 1000)
+
+    # ---- parking -------------------------------------------------------------------------------------
+    async def _park(self, context: grpc.aio.ServicerContext) -> pb.SwitchRoleResponse:
+        """A drained worker with nothing left gives its device back; it stays deregistered."""
+        start = time.perf_counter()
+        if self.accepting() or not self._idle():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "only a drained worker with nothing in flight parks: Drain it first")
+        refused = self._cannot_park()
+        if refused:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
+        if not self.parked:
+            await self.engine.call(lambda e: e.park())
+            self.parked = True
+        return pb.SwitchRoleResponse(previous_role=ROLE_TO_PB[self.identity.role], role=pb.WORKER_ROLE_UNSPECIFIED,
+                                     switch_ms=(time.perf_counter() - start) * 1000)
+
+    def _cannot_park(self) -> str:
+        """Why this worker cannot park, or "": a transport that registered a GPU KV cache by its
+        address (NIXL, CUDA IPC, NCCL) would move blocks at the old address once unparking gives the
+        cache a new one (re-registration is not built); TCP copies through the tensor, and on the
+        CPU the address stays (``ModelRunner.park``)."""
+        transport = self.transport
+        if transport is None or transport.transport_name == "tcp" or transport.kv.device.type != "cuda":
+            return ""
+        return (f"the {transport.transport_name} transport registered this worker's GPU KV cache by address; "
+                "a parked worker's cache comes back at a new one: stop it instead")
+
+    async def _unpark(self, role: str, context: grpc.aio.ServicerContext) -> pb.SwitchRoleResponse:
+        """Take the device back and register in ``role``: the tier's routers send it requests again."""
+        start = time.perf_counter()
+        if self.membership is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is not registered yet")
+        await self.engine.call(lambda e: e.unpark())
+        self.identity = dataclasses.replace(self.identity, role=role)
+        share = getattr(getattr(self.engine, "engine", None), "gpu_share", None)
+        if share is not None:
+            share.role = role
+        self.previous_role = ""
+        for tier in (self, *self.tiers.values()):
+            tier.status = pb.WORKER_STATUS_SERVING
+        self.parked = False
+        if self.membership.info.role == role:
+            await register(self.membership.plane, self.membership.info)  # its load key was kept
+        else:
+            await self.membership.move(role)
+        return pb.SwitchRoleResponse(previous_role=pb.WORKER_ROLE_UNSPECIFIED, role=ROLE_TO_PB[role],
                                      switch_ms=(time.perf_counter() - start) * 1000)
