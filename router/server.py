@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 
 import grpc
@@ -30,6 +29,7 @@ from router.request_flow import RequestFlow
 from router.request_window import WINDOW
 from runtime import keys, settings
 from runtime.etcd import ControlPlane
+from runtime.signals import stop_on_signals
 
 log = logging.getLogger("tandem.router")
 
@@ -91,8 +91,7 @@ async def serve_router(argv: list[str] | None = None) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(loop, stop)
     await asyncio.wait({asyncio.create_task(stop.wait()), http_task}, return_when=asyncio.FIRST_COMPLETED)
     http.should_exit = True
     health_task.cancel()

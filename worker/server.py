@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -41,6 +40,7 @@ from runtime.internal_grpc import InternalGrpc
 from runtime.metrics import serve_metrics
 from runtime.pb import tandem_worker_pb2 as pb
 from runtime.pb import tandem_worker_pb2_grpc as pb_grpc
+from runtime.signals import stop_on_signals
 from worker.membership import Membership
 from worker.step_stats import StepWindow
 from worker.wire_guard import MalformedRequests
@@ -229,8 +229,7 @@ async def serve_worker(role: str, servicer_cls: ServicerFactory, argv: list[str]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(loop, stop)
     background = [asyncio.create_task(servicer.run_background())]
 
     async def watch_engine() -> None:
