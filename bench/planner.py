@@ -503,10 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="parked workers the launcher keeps (full at the start): a start takes one, ready after "
                          "--wake-s; each planner mode then runs without the pool and with it (name +poolN)")
     ap.add_argument("--wake-s", type=float, default=5.0, help="a parked worker's start (weights host->GPU, KV, "
-                    "registration)")
+                    "graphs, registration; 3.4-4.9 s measured on an H200)")
     ap.add_argument("--planner-ignores-pool", action="store_true",
                     help="the planner is not told of the parked workers (its forecast horizon stays a start-up)")
-    ap.add_argument("--park-s", type=float, default=1.0, help="a drained worker's park, on its GPU (weights out)")
+    ap.add_argument("--park-s", type=float, default=10.0,
+                    help="a drained worker's park, on its GPU (weights out; 7.3-12.5 s measured on an H200)")
     ap.add_argument("--seats-full", default="wait", choices=("recompute", "wait"),
                     help="a handoff to a decode worker with every seat taken but KV room: pull its KV and wait for "
                          "a seat (the engine's Scheduler.add_prefilled) or recompute its prompt there (before)")

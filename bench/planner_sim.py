@@ -73,8 +73,10 @@ class SimConfig:
     startup_s: float = 60.0
     switch_s: float = 2.0
     warm_pool: int = 0  # parked workers the launcher keeps (0: a drained worker exits)
-    wake_s: float = 5.0  # a parked worker's start: weights host->GPU, KV re-allocated, registered
-    park_s: float = 1.0  # a drained worker's park: weights GPU->host, on its GPU still
+    # measured on an H200 with Llama-3.1-8B's shapes (bench/planner_park.py): unpark 3.4-4.9 s (weights
+    # 0.56 s at 29 GB/s, KV 0.08 s, decode graphs 2.8-4.3 s), park 7.3-12.5 s (pinned host copies)
+    wake_s: float = 5.0  # a parked worker's start: weights host->GPU, KV re-allocated, graphs, registered
+    park_s: float = 10.0  # a drained worker's park: weights GPU->host, on its GPU still
     seats_full: str = "wait"  # a handoff when every decode seat is taken, with KV room: or "wait"
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
