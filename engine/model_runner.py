@@ -10,6 +10,7 @@ in-flight decodes (rows whose token the host does not know yet) from that step's
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -95,7 +96,14 @@ def kv_cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     numel = math.prod(shape)
     if numel == 0:
         return torch.zeros(shape, dtype=dtype)
-    buffer = mmap.mmap(-1, numel * dtype.itemsize)  # the tensor keeps it alive
+    # Private: Python's default (MAP_SHARED) is shmem, which MADV_DONTNEED only unmaps (a parked
+    # worker's pages came back with their old bytes, and its memory stayed claimed). 4 KiB pages:
+    # where transparent huge pages are "always", a first write would map 2 MiB (several blocks) at
+    # once, past the prefaulter's window (engine.kv_prefault).
+    nbytes = numel * dtype.itemsize
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it alive
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_NOHUGEPAGE: no huge pages either
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 

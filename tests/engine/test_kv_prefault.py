@@ -14,7 +14,7 @@ from engine_testlib import TinyModel
 
 from engine.kv_prefault import KVPrefaulter
 from engine.llm import LLM
-from engine.model_runner import kv_cache_zeros
+from engine.model_runner import kv_cache_zeros, release_pages
 from protocol.sampling import SamplingParams
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -55,6 +55,17 @@ def test_prefaulter_maps_a_window_past_the_frontier_and_keeps_the_bytes() -> Non
         assert not pf._thread.is_alive() and all(resident_blocks(kv))
     finally:
         pf.stop()
+
+
+def test_released_pages_leave_the_process_and_read_zero() -> None:
+    """A parked CPU worker's cache (``ModelRunner.park``): its memory goes back to the system and
+    its blocks read zero (a shared mapping only unmapped them: the bytes came back)."""
+    kv = kv_cache_zeros((16, 2, 4 * PAGE), torch.bfloat16, torch.device("cpu"))
+    kv.fill_(1.0)
+    assert all(resident_blocks(kv))
+    assert release_pages(kv) == kv.numel() * kv.element_size()
+    assert not any(resident_blocks(kv))
+    assert not kv.any()
 
 
 def test_the_cpu_engine_prefaults_its_cache(tiny_model: Callable[[str], TinyModel]) -> None:
