@@ -5,12 +5,9 @@ real processes, etcd and router, no model weights) with a drain that lets a requ
 from __future__ import annotations
 
 import os
-import threading
-import time
-import urllib.request
 
-import openai
 import pytest
+from launcherlib import drain_one_decode_worker_under_load
 
 from deploy.launcher import ScalePlan, ServiceInfo, ServiceState, gpu_shortfall, plan_scale
 from deploy.local_cluster import child_env, engine_threads, prefill_threads
@@ -22,13 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def worker(name: str, num_requests: int = 0) -> ServiceInfo:
     return ServiceInfo(name=name, role=name.partition("-")[0], state=ServiceState.SERVING, num_requests=num_requests)
-
-
-def num_running(metrics_url: str) -> float:
-    """A worker's running requests, from its Prometheus page."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    return next(float(line.split()[-1]) for line in lines if line.startswith("tandem_worker_num_running "))
 
 
 def test_engine_threads_leave_a_core_to_the_router() -> None:
@@ -105,34 +95,9 @@ def test_local_launcher_scales_and_drains_without_failing_a_request() -> None:
         assert result.plan.start == ("decode",) and not result.drained
         assert [s.name for s in launcher.workers("decode")] == ["decode-0", "decode-1"]
 
-        # A long request on each decode worker, then drain one: both requests finish.
-        client = openai.OpenAI(base_url=f"{launcher.cluster.http_url}/v1", api_key="unused", max_retries=0,
-                               timeout=120)
-        model = launcher.cluster.router["model"]
-        outcomes: list[object] = []
-
-        def ask(i: int) -> None:
-            try:
-                stream = client.completions.create(model=model, prompt=f"{i} " * 8, max_tokens=1500, stream=True,
-                                                   temperature=0, extra_body={"ignore_eos": True})
-                outcomes.append([c.choices[0].finish_reason for c in stream if c.choices][-1])
-            except Exception as e:
-                outcomes.append(e)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        # The requests run on both decode workers (1500 tokens take the sim engine about 9 s).
-        deadline = time.monotonic() + 60
-        while not all(num_running(c.ready["metrics"]) >= 1 for c in launcher.cluster.workers("decode")):
-            assert time.monotonic() < deadline, "the requests never ran on both decode workers"
-            time.sleep(0.05)
-        result = launcher.scale(1, 1)
-        for t in threads:
-            t.join(120)
-        (name, drain), = result.drained.items()
-        assert drain.num_inflight >= 1 and drain.drained, drain
-        assert outcomes == ["length"] * 4, outcomes  # all 1500 tokens each
+        # Long requests on both decode workers (1500 tokens take the sim engine about 9 s), then
+        # drain one: they all finish.
+        name, _ = drain_one_decode_worker_under_load(launcher, 1500)
         states = {s.name: s.state for s in launcher.services()}
         assert states[name] is ServiceState.STOPPED
         assert len(launcher.workers("decode")) == 1
