@@ -29,7 +29,7 @@ class LocalLauncher(Launcher):
     interface: services are subprocesses of this one, etcd is embedded unless configured."""
 
     def __init__(self, cfg: ClusterConfig, log_dir: str | Path | None = None, quiet: bool = False,
-                 warm_pool: int = 0) -> None:
+                 warm_pool: int | None = None) -> None:
         self.cluster = LocalCluster(cfg, num_prefill=cfg.num_prefill, num_decode=cfg.num_decode, log_dir=log_dir,
                                     quiet=quiet)
         self.cfg = self.cluster.cfg
@@ -37,16 +37,17 @@ class LocalLauncher(Launcher):
         self._init_pool(warm_pool)
 
     @classmethod
-    def around(cls, cluster: LocalCluster, warm_pool: int = 0) -> LocalLauncher:
+    def around(cls, cluster: LocalCluster, warm_pool: int | None = None) -> LocalLauncher:
         """The launcher of a cluster started elsewhere (``tandem serve``'s, for its planner)."""
         launcher = cls.__new__(cls)
         launcher.cluster, launcher.cfg, launcher._stopped = cluster, cluster.cfg, set()
         launcher._init_pool(warm_pool)
         return launcher
 
-    def _init_pool(self, warm_pool: int) -> None:
-        """``warm_pool``: at most this many drained workers are parked, not stopped (a later start
-        takes one back in seconds); 0: a drained worker stops."""
+    def _init_pool(self, warm_pool: int | None) -> None:
+        """``warm_pool`` (None: the config's ``warm_pool``): at most this many drained workers are
+        parked, not stopped (a later start takes one back in seconds); 0: a drained worker stops."""
+        warm_pool = self.cfg.warm_pool if warm_pool is None else warm_pool
         if warm_pool < 0:
             raise ValueError(f"warm_pool must be >= 0, got {warm_pool}")
         self.warm_pool = warm_pool

@@ -290,6 +290,9 @@ class RayLauncher(Launcher):
             raise RuntimeError("connect to the Ray cluster first (ray.init)")
         self.cfg = cfg
         self.ns = cfg.namespace
+        if cfg.warm_pool:
+            log.warning("warm_pool=%d: the Ray launcher keeps no parked workers yet; drained workers exit",
+                        cfg.warm_pool)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout_s: float = 600.0) -> RayLauncher:

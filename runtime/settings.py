@@ -199,6 +199,8 @@ class ClusterConfig:
     num_cpus_per_worker: float = _field(1.0, "deploy: CPUs a worker reserves")
     worker_restarts: int = _field(3, "deploy: how often a dead worker is restarted before it stays down")
     drain_timeout_s: float = _field(30.0, "how long a drained worker may take to finish its in-flight requests")
+    warm_pool: int = _field(0, "deploy: drained workers kept parked (model loaded, device given back) for a start "
+                               "in seconds (tandem serve's local launcher; 0: drained workers exit)")
     placement_timeout_s: float = _field(60.0, "deploy: how long to wait for the cluster to place a service")
     ray_address: str = _field("", "deploy: Ray cluster address (empty: start a local Ray head)")
     worker_env: tuple[str, ...] = _field((), "deploy: KEY=VALUE environment of every service (NCCL_*, UCX_*, NIXL_*)")
@@ -341,6 +343,8 @@ class ClusterConfig:
             fail("num_gpus_per_worker", "num_gpus_per_worker (-1: auto) and num_cpus_per_worker must be >= 0")
         if self.worker_restarts < 0:
             fail("worker_restarts", "must be >= 0")
+        if self.warm_pool < 0:
+            fail("warm_pool", "must be >= 0")
         if self.drain_timeout_s < 0 or self.placement_timeout_s <= 0:
             fail("drain_timeout_s", "drain_timeout_s must be >= 0 and placement_timeout_s positive")
         if self.planner_mode not in ("load", "throughput", "both"):

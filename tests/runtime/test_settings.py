@@ -110,6 +110,7 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
         ({"TANDEM_HOST": ""}, "host='': must not be empty"),
         ({"TANDEM_ASYNC_SCHEDULING": "yes"}, "async_scheduling='yes': must be auto, on or off"),
         ({"TANDEM_ASYNC_SCHEDULING": "on", "TANDEM_ENGINE": "sim"}, "async_scheduling='on': needs the torch engine"),
+        ({"TANDEM_WARM_POOL": "-1"}, "warm_pool=-1: must be >= 0"),
     ],
 )
 def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
