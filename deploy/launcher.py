@@ -13,10 +13,12 @@ the worker's ``Drain`` RPC) stops its admitting, deregisters it from etcd so tha
 drops it at once, and waits for its in-flight requests; only then is the process stopped.
 Which workers go is decided by :func:`plan_scale`, a pure function.
 
-The warm pool (``LocalLauncher(warm_pool=N)``): a drained worker is parked instead of stopped
-while fewer than N are (:func:`park_worker`: its process and model stay, its device is given
-back, it serves no tier); a start takes a parked worker first (:func:`switch_worker` to the
-tier: the device back, registered; seconds, no weights loaded).
+The warm pool (the ``warm_pool`` setting, N; both launchers): a drained worker is parked instead
+of stopped while fewer than N are (:func:`park_drained`: its process and model stay, its device
+memory is given back, it serves no tier, reported PARKED); a start takes the longest-parked worker
+first (:func:`wake_parked`: ``SwitchRole`` to the tier, the device back, registered; seconds, no
+weights loaded) and starts a new worker only when none is parked or the parked one cannot come
+back. Draining a parked worker stops it (the way to shrink the pool).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class ServiceInfo:
     registered: bool | None = None  # a worker's key in etcd (None: not checked)
     num_requests: int = 0  # a worker's running + waiting requests, as last published
     actor_id: str = ""  # its Ray actor (the same across the actor's restarts); "" off Ray
+    parked_since: float = 0.0  # a parked worker: when it parked (time.time()); the pool's order
 
     @property
     def index(self) -> int:
@@ -206,6 +209,11 @@ class Launcher(abc.ABC):
         (once the services named in ``released`` are gone). Here: anything fits."""
         return None
 
+    def parked(self) -> list[ServiceInfo]:
+        """The warm pool: parked workers, the longest parked first (the next start takes it)."""
+        return sorted((s for s in self.services() if s.state is ServiceState.PARKED),
+                      key=lambda s: (s.parked_since, s.name))
+
     def workers(self, role: str) -> list[ServiceInfo]:
         """The live (not stopped, not dead) workers of ``role``, oldest first."""
         live = [s for s in self.services() if s.role == role and s.state not in (ServiceState.STOPPED,
@@ -281,6 +289,37 @@ def park_worker(endpoint: str, internal: InternalGrpc, timeout_s: float = 60.0) 
         except grpc.RpcError as e:
             raise DeployError(f"the worker at {endpoint} cannot park: {e.code().name} {e.details()}") from None
     return reply.switch_ms
+
+
+def warm_pool_size(cfg: ClusterConfig, warm_pool: int | None) -> int:
+    """The pool's size: ``warm_pool``, else the config's ``warm_pool`` setting; 0: no pool."""
+    size = cfg.warm_pool if warm_pool is None else warm_pool
+    if size < 0:
+        raise ValueError(f"warm_pool must be >= 0, got {size}")
+    return size
+
+
+def park_drained(endpoint: str, role: str, drained: DrainResult, internal: InternalGrpc) -> bool:
+    """Park a worker that :func:`drain_worker` drained (:func:`park_worker`); whether it parked. Only
+    a worker of a tier whose in-flight requests all finished parks; one that refuses (a transport
+    that registered device memory by address, gone) is for the caller to stop."""
+    if role not in WORKER_ROLES or not endpoint or not drained.drained:
+        return False
+    try:
+        park_worker(endpoint, internal)
+    except DeployError:
+        return False
+    return True
+
+
+def wake_parked(endpoint: str, role: str, internal: InternalGrpc, timeout_s: float = 30.0) -> SwitchResult | None:
+    """Take a parked worker back into ``role`` (:func:`switch_worker`: its device back, registered);
+    None when it cannot come back (it died parked, it refuses): the caller stops it and starts a
+    new worker instead."""
+    try:
+        return switch_worker(endpoint, role, internal, timeout_s)
+    except DeployError:
+        return None
 
 
 def router_health(http_url: str, timeout_s: float = 5.0) -> dict[str, Any]:

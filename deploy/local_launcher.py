@@ -3,21 +3,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from deploy.launcher import (
     WORKER_ROLES,
-    DeployError,
     DrainResult,
     Launcher,
     ServiceInfo,
     ServiceState,
     SwitchResult,
     drain_worker,
-    park_worker,
+    park_drained,
     stop_process,
     switch_worker,
+    wake_parked,
+    warm_pool_size,
 )
 from deploy.local_cluster import Child, LocalCluster
 from runtime.internal_grpc import InternalGrpc
@@ -47,11 +49,8 @@ class LocalLauncher(Launcher):
     def _init_pool(self, warm_pool: int | None) -> None:
         """``warm_pool`` (None: the config's ``warm_pool``): at most this many drained workers are
         parked, not stopped (a later start takes one back in seconds); 0: a drained worker stops."""
-        warm_pool = self.cfg.warm_pool if warm_pool is None else warm_pool
-        if warm_pool < 0:
-            raise ValueError(f"warm_pool must be >= 0, got {warm_pool}")
-        self.warm_pool = warm_pool
-        self._parked: list[str] = []  # parked workers' names, the longest parked first
+        self.warm_pool = warm_pool_size(self.cfg, warm_pool)
+        self._parked: dict[str, float] = {}  # parked workers' names -> when they parked, the longest parked first
         self.wake_ms: list[float] = []  # per start a parked worker served: the worker's milliseconds
 
     def start(self, timeout_s: float = 600.0) -> LocalLauncher:
@@ -89,9 +88,10 @@ class LocalLauncher(Launcher):
         for name in names:
             child = children[name]
             drained = DrainResult(0, True)
-            if child.ready and "endpoint" in child.ready and child.proc.poll() is None:
+            was_parked = self._parked.pop(name, None) is not None  # draining a parked worker stops it
+            if child.ready and "endpoint" in child.ready and child.proc.poll() is None and not was_parked:
                 drained = drain_worker(child.ready["endpoint"], wait_s, InternalGrpc.from_config(self.cfg))
-            if self._park(child, drained):
+            if not was_parked and self._park(child, drained):
                 result[name] = drained
                 continue
             self._stopped.add(name)
@@ -102,23 +102,20 @@ class LocalLauncher(Launcher):
     def _park(self, child: Child, drained: DrainResult) -> bool:
         """Park a drained worker if the pool has room (its process stays); whether it did."""
         role = child.role or child.name.split("-")[0]
-        if len(self._parked) >= self.warm_pool or not drained.drained or child.proc.poll() is not None \
-                or role not in WORKER_ROLES or not (child.ready or {}).get("endpoint"):
+        if len(self._parked) >= self.warm_pool or child.proc.poll() is not None or \
+                not park_drained((child.ready or {}).get("endpoint", ""), role, drained,
+                                 InternalGrpc.from_config(self.cfg)):
             return False
-        try:
-            park_worker(child.ready["endpoint"], InternalGrpc.from_config(self.cfg))
-        except DeployError:
-            return False
-        self._parked.append(child.name)
+        self._parked[child.name] = time.time()
         return True
 
     def _unpark(self, role: str) -> Child:
         """A start served by the longest-parked worker: its device back, registered in ``role``."""
-        name = self._parked.pop(0)
+        name = next(iter(self._parked))
+        del self._parked[name]
         child = next(c for c in self.cluster.children if c.name == name)
-        try:
-            result = switch_worker(child.ready["endpoint"], role, InternalGrpc.from_config(self.cfg))
-        except DeployError:  # it died parked, or cannot come back: a new worker instead
+        result = wake_parked(child.ready["endpoint"], role, InternalGrpc.from_config(self.cfg))
+        if result is None:  # it died parked, or cannot come back: a new worker instead
             self._stopped.add(name)
             stop_process(child.proc)
             return self.cluster.add_worker(role)
@@ -153,4 +150,4 @@ class LocalLauncher(Launcher):
         return ServiceInfo(name=child.name, role=child.role or child.name.split("-")[0], state=state,
                            node=self.cfg.host, pid=child.proc.pid,
                            endpoint=ready.get("endpoint") or ready.get("http", ""),
-                           worker_id=ready.get("worker_id", ""))
+                           worker_id=ready.get("worker_id", ""), parked_since=self._parked.get(child.name, 0.0))
