@@ -1,11 +1,12 @@
 """The deployment controller: a detached Ray actor named ``{namespace}.controller`` (Ray namespace
 ``tandem``) on the head node, holding the deployment's config and running its
-:class:`RayLauncher`. ``tandem deploy status|scale|down`` and the planner reach it by name from
-any later process; it serialises changes (one scale or down at a time) and answers status
-meanwhile. Its one state besides the config is the tier each switched worker actor is in
-(:meth:`DeploymentController.recorded_role`: a restarted worker actor asks it, and comes back
-in the tier it was switched to); the rest is the deployment's named actors, so a restarted
-controller adopts what runs and reads the switched tiers back from the live actors.
+:class:`RayLauncher` (its warm pool from the config's ``warm_pool``). ``tandem deploy
+status|scale|down`` and the planner reach it by name from any later process; it serialises changes
+(one scale or down at a time) and answers status meanwhile. Its one state besides the config is
+what each worker actor is: the tier it was switched or woken into, or parked
+(:meth:`DeploymentController.recorded_role`: a restarted worker actor asks it, and comes back in
+that tier, or, parked, starts nothing); the rest is the deployment's named actors, so a restarted
+controller adopts what runs and reads the tiers and the pool back from the live actors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import ray
 
 from deploy.launcher import WORKER_ROLES, DrainResult, ScaleResult, ServiceInfo, ServiceState, SwitchResult
-from deploy.ray_launcher import CONTROLLER, HEAD_NODE, RAY_NAMESPACE, RayLauncher, actor_name
+from deploy.ray_launcher import CONTROLLER, HEAD_NODE, PARKED, RAY_NAMESPACE, RayLauncher, actor_name
 from runtime.settings import ClusterConfig
 
 
@@ -50,12 +51,12 @@ class DeploymentController:
         self.launcher = RayLauncher(cfg)
         self._lock = threading.Lock()
         self._timings: dict[str, float] = {}
-        # worker name -> (its actor id, the tier a switch put it in). Keyed by the actor too: a
-        # name is reused by a later start once its worker is drained, and the new one starts afresh.
+        # worker name -> (its actor id, the tier a switch or a wake put it in, or PARKED). Keyed by
+        # the actor too: a name is reused by a later start once its worker is gone, and the new one
+        # starts afresh.
         self._switched: dict[str, tuple[str, str]] = {}
         with contextlib.suppress(Exception):  # a restarted controller: the live actors know their tiers
-            self._switched = {s.name: (s.actor_id, s.role) for s in self.launcher.services(with_etcd=False)
-                              if s.role in WORKER_ROLES and s.role != s.name.rpartition("-")[0]}
+            self._remember()
 
     def deploy(self, timeout_s: float = 600.0) -> DeploymentStatus:
         with self._lock, self._timed("deploy"):
@@ -63,17 +64,17 @@ class DeploymentController:
         return self.status()
 
     def scale(self, num_prefill: int, num_decode: int, timeout_s: float = 600.0) -> ScaleResult:
-        with self._lock, self._timed("scale"):
+        with self._lock, self._timed("scale"), self._remembering():
             return self.launcher.scale(num_prefill, num_decode, timeout_s)
 
     # The planner's actuator acts through these (deploy.planner_actuator.ControllerLauncher).
     def start_services(self, roles: list[str], timeout_s: float = 600.0) -> list[ServiceInfo]:
-        with self._lock, self._timed("start"):
+        with self._lock, self._timed("start"), self._remembering():
             self.launcher.check_capacity(roles)
             return self.launcher.start_services(roles, timeout_s)
 
     def drain_services(self, names: list[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
-        with self._lock, self._timed("drain"):
+        with self._lock, self._timed("drain"), self._remembering():
             return self.launcher.drain_services(names, timeout_s)
 
     def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
@@ -86,7 +87,8 @@ class DeploymentController:
         return result
 
     def recorded_role(self, name: str, actor_id: str) -> str | None:
-        """The tier worker ``name`` (the actor ``actor_id``) was last switched to; None if never."""
+        """The tier worker ``name`` (the actor ``actor_id``) was last switched or woken into, ``parked``
+        (:data:`deploy.ray_launcher.PARKED`) if it was parked; None if neither."""
         actor, role = self._switched.get(name, ("", ""))
         return role if actor == actor_id and role else None
 
@@ -107,6 +109,27 @@ class DeploymentController:
 
     def config(self) -> ClusterConfig:
         return self.cfg
+
+    def _remember(self) -> None:
+        """Record what each live worker actor is now: parked, or serving a tier (a wake may have put
+        it in another tier than its name's). Actors in between (restarting, draining) keep theirs."""
+        for s in self.launcher.services(with_etcd=False):
+            if s.role not in WORKER_ROLES:
+                continue
+            if s.state is ServiceState.PARKED:
+                self._switched[s.name] = (s.actor_id, PARKED)
+            elif s.state is ServiceState.SERVING and (s.name in self._switched or
+                                                      s.role != s.name.rpartition("-")[0]):
+                self._switched[s.name] = (s.actor_id, s.role)
+
+    @contextlib.contextmanager
+    def _remembering(self):
+        """Around a change: afterwards, even when it failed, :meth:`_remember`."""
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self._remember()
 
     @contextlib.contextmanager
     def _timed(self, what: str):

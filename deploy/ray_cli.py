@@ -283,6 +283,10 @@ def _print_status(status: Any) -> None:
         tier = status.tier(role)
         if tier:
             print(f"  {role:<8} {len(status.serving(role))} of {len(tier)} serving")
+    parked = [s for s in status.services if s.state == "parked"]
+    if parked:
+        print(f"  warm pool: {len(parked)} parked ({', '.join(s.name for s in parked)}), holding their Ray "
+              "reservations for the next starts")
     for url in status.router_urls:
         print(f"  OpenAI API {url}/v1")
     rows = [("SERVICE", "STATE", "NODE", "GPUS", "PID", "RESTARTS", "ETCD", "REQS", "ENDPOINT")]

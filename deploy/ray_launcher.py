@@ -25,6 +25,28 @@ Draining a worker (:meth:`ServiceActor.drain`) calls its Drain RPC (stop admitti
 deregister, wait for in-flight requests), then stops the process; only then is the actor
 killed and its GPUs released. The launcher keeps no state of its own: the deployment is the
 set of named actors, so any process connected to the cluster can attach to it.
+
+The warm pool (``warm_pool``, as the local launcher's; see :mod:`deploy.launcher`). A drained
+worker whose pool has room parks instead (:meth:`ServiceActor.drain` with ``park``): its process
+stays, its engine gives its device memory back, the actor reports PARKED with the time it parked
+(the pool is the set of PARKED actors, so any launcher attached sees it). A start takes the
+longest-parked actor first (:meth:`ServiceActor.unpark`: ``SwitchRole`` to the tier, same process
+and actor), and creates a new actor only when none is parked or the parked one cannot come back
+(then that actor is killed and its placement group removed). Ray's reservation: a live actor
+cannot give back its ``num_gpus`` nor its placement group's bundle, so **a parked worker keeps its
+GPUs and CPUs reserved in Ray**. That reservation is never idle while a start wants one: every
+start that needs a worker takes a parked one before Ray is asked for a new bundle, and
+:meth:`RayLauncher.free_gpus` and :meth:`RayLauncher.check_capacity` count the pool's GPUs as
+free for this deployment's starts. To other Ray jobs and deployments they are taken: a job that
+needs them waits in Ray's queue (or fails its own placement timeout) until the pool shrinks;
+draining a parked worker (``drain_services([name])``) stops it and frees its GPUs, ``warm_pool:
+0`` keeps none, and ``tandem deploy down`` stops the parked with the rest. A parked worker whose
+service process dies does not come back (the actor stays, reports DEAD, and the next start
+removes it); if Ray restarts a parked actor, the new incarnation asks the controller, which
+records the pool (:meth:`deploy.controller.DeploymentController.recorded_role` answers
+``parked``), and starts no service either: a pool member that died is replaced by a fresh start,
+never by a worker that registers in a tier nobody asked for. (A launcher used without a
+controller has no record: such a restarted actor comes back in its spec's tier.)
 """
 
 from __future__ import annotations
@@ -61,10 +83,13 @@ from deploy.launcher import (
     SwitchResult,
     drain_worker,
     gpu_shortfall,
+    park_drained,
     stop_process,
     switch_worker,
     wait_router_serves,
     wait_routers_list,
+    wake_parked,
+    warm_pool_size,
 )
 from runtime import spawn
 from runtime.etcd_server import free_port as _free_port
@@ -84,6 +109,7 @@ _ROUTER_CPUS = 1.0
 _MODULES = {"router": "router", "prefill": "deploy.switchable_worker", "decode": "deploy.switchable_worker",
             "planner": "deploy.planner_service", "etcd": "runtime.etcd_server"}
 CONTROLLER = "controller"  # the deployment controller's service name (deploy.controller)
+PARKED = str(ServiceState.PARKED)  # what the controller records for a parked worker actor (not a tier)
 
 
 def actor_name(namespace: str, service: str) -> str:
@@ -117,7 +143,9 @@ class ServiceActor:
         self.restarted = ctx.was_current_actor_reconstructed
         # A worker's tier now: a switch changes it, and a restart comes back in the tier the
         # controller recorded for this actor (the last switch), else in spec.role.
-        self.role = (self.restarted and _recorded_role(spec, self.actor_id)) or spec.role
+        recorded = self.restarted and _recorded_role(spec, self.actor_id)
+        self.role = recorded if recorded in WORKER_ROLES else spec.role
+        self.parked_since = 0.0  # parked (the warm pool): when; kept if its service dies parked
         self.node = ray.util.get_node_ip_address()
         self.gpus = tuple(str(g) for g in ray.get_gpu_ids())
         self.incarnation = uuid.uuid4().hex[:6]
@@ -130,6 +158,15 @@ class ServiceActor:
         self._spawned = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix=f"tandem-{actor_name(spec.namespace, spec.name)}-"))
+        if recorded == PARKED:
+            # Ray restarted a parked actor: a pool member lost, not a worker to bring back into a tier.
+            # It starts nothing and says so; the next start removes it and starts a fresh worker.
+            self.state, self.parked_since = ServiceState.DEAD, time.time()
+            self.tail.append(f"tandem: {spec.name} was parked when its actor died; it does not start again")
+            print(self.tail[-1], flush=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._ready.set()
+            return
         self._argv = self._command()
         # The supervisor thread spawns the child and lives until it exits: PDEATHSIG is tied to it.
         threading.Thread(target=self._supervise, name=f"supervise-{spec.name}", daemon=True).start()
@@ -151,7 +188,7 @@ class ServiceActor:
         return {"name": self.spec.name, "role": self.role, "state": str(self.state), "node": self.node,
                 "gpus": self.gpus, "pid": self._proc.pid if self._proc else 0,
                 "endpoint": ready.get("endpoint") or ready.get("http", ""), "worker_id": ready.get("worker_id", ""),
-                "ready": ready, "restarted": self.restarted}
+                "ready": ready, "restarted": self.restarted, "parked_since": self.parked_since}
 
     def log_tail(self) -> list[str]:
         return list(self.tail)
@@ -169,15 +206,34 @@ class ServiceActor:
         self.role = role
         return result
 
-    def drain(self, wait_s: float) -> DrainResult:
-        """Drain a worker (see :func:`deploy.launcher.drain_worker`), then stop the process."""
+    def drain(self, wait_s: float, park: bool = False) -> DrainResult:
+        """Drain a worker (see :func:`deploy.launcher.drain_worker`), then stop the process; with
+        ``park``, park it instead if it drained whole and can park (state PARKED, the process stays).
+        A parked worker drained is stopped."""
+        endpoint = (self.ready_info or {}).get("endpoint") or ""
+        alive = self._proc is not None and self._proc.poll() is None
+        if self.state is ServiceState.PARKED or not alive or self.spec.role not in WORKER_ROLES or not endpoint:
+            self.stop()
+            return DrainResult(0, True)
         self.state = ServiceState.DRAINING
-        drained = DrainResult(0, True)
-        endpoint = (self.ready_info or {}).get("endpoint")
-        if self.spec.role in WORKER_ROLES and endpoint and self._proc and self._proc.poll() is None:
-            drained = drain_worker(endpoint, wait_s, self._internal())
+        drained = drain_worker(endpoint, wait_s, self._internal())
+        if park and park_drained(endpoint, self.role, drained, self._internal()):
+            self.parked_since = time.time()
+            self.state = ServiceState.PARKED
+            return drained
         self.stop()
         return drained
+
+    def unpark(self, role: str, timeout_s: float = 30.0) -> SwitchResult | None:
+        """Take the parked worker back into ``role`` (see :func:`deploy.launcher.wake_parked`); None
+        when it cannot come back (not parked, its service gone, it refuses)."""
+        endpoint = (self.ready_info or {}).get("endpoint")
+        if self.state is not ServiceState.PARKED or not endpoint:
+            return None
+        result = wake_parked(endpoint, role, self._internal(), timeout_s)
+        if result is not None:
+            self.role, self.state, self.parked_since = role, ServiceState.SERVING, 0.0
+        return result
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM the service (its graceful shutdown), SIGKILL after ``timeout_s``."""
@@ -233,7 +289,10 @@ class ServiceActor:
         self._ready.set()
         if self._stopping:
             return
-        self.state = ServiceState.DEAD
+        parked, self.state = self.state is ServiceState.PARKED, ServiceState.DEAD
+        if parked:  # a pool member lost: the actor stays (no restart), the next start replaces it
+            print(f"tandem: {self.spec.name} exited with code {self.exit_code} while parked", flush=True)
+            return
         if self.ready_info is not None or self.restarted:
             # It died on its own: so does the actor, and Ray restarts it (up to max_restarts). A first
             # start that fails stays dead, for wait_ready to report the reason instead of a restart loop.
@@ -243,7 +302,8 @@ class ServiceActor:
 
 
 def _recorded_role(spec: ServiceSpec, actor_id: str) -> str | None:
-    """The tier the deployment's controller recorded for this worker actor (its last switch), if any."""
+    """The tier the deployment's controller recorded for this worker actor (its last switch or
+    wake), ``parked`` (:data:`PARKED`) for a parked one, or None."""
     if spec.role not in WORKER_ROLES:
         return None
     try:
@@ -285,14 +345,15 @@ def _node_resources() -> dict[str, dict[str, float]]:
 class RayLauncher(Launcher):
     """A deployment on the Ray cluster this process is connected to (``ray.init`` first)."""
 
-    def __init__(self, cfg: ClusterConfig) -> None:
+    def __init__(self, cfg: ClusterConfig, warm_pool: int | None = None) -> None:
+        """``warm_pool`` (None: the config's): at most this many drained workers are parked, not
+        stopped; see the module docstring."""
         if not ray.is_initialized():
             raise RuntimeError("connect to the Ray cluster first (ray.init)")
         self.cfg = cfg
         self.ns = cfg.namespace
-        if cfg.warm_pool:
-            log.warning("warm_pool=%d: the Ray launcher keeps no parked workers yet; drained workers exit",
-                        cfg.warm_pool)
+        self.warm_pool = warm_pool_size(cfg, warm_pool)
+        self.wake_ms: list[float] = []  # per start a parked worker served (by this launcher): the worker's ms
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout_s: float = 600.0) -> RayLauncher:
@@ -302,7 +363,7 @@ class RayLauncher(Launcher):
         num_prefill = cfg.num_prefill if cfg.mode == "disaggregated" else 0
         want = {"router": cfg.num_routers, "prefill": num_prefill, "decode": cfg.num_decode,
                 "planner": int(cfg.planner)}
-        have = collections.Counter(s.role for s in self._live())
+        have = collections.Counter(s.role for s in self._live() if s.state is not ServiceState.PARKED)
         roles = [role for role, n in want.items() for _ in range(n - have[role])]
         self.check_capacity(roles)
         try:
@@ -333,15 +394,21 @@ class RayLauncher(Launcher):
     def start_services(self, roles: Sequence[str], timeout_s: float = 600.0, *,
                        cleanup_all: bool = False) -> list[ServiceInfo]:
         """Start one service per role, all at once; wait until they serve and every router lists
-        every worker. On failure the ones started here are stopped (or, with ``cleanup_all``,
+        every worker. A worker is a parked one taken back where the pool has one (:meth:`_wake`),
+        else a new actor. On failure the ones started here are stopped (or, with ``cleanup_all``,
         the caller cleans up) and a DeployError says why."""
         t0 = time.monotonic()
         deadline = t0 + timeout_s
+        roles = list(roles)
+        woken = self._wake([r for r in roles if r in WORKER_ROLES])
+        for role in woken.values():
+            roles.remove(role)
         specs = self._specs(roles)
         started: dict[str, Any] = {}
         try:
             groups = self._reserve([s for s in specs if s.role in WORKER_ROLES])
-            log.info("%s: placed %d worker(s) in %.1f s", self.ns, len(groups), time.monotonic() - t0)
+            if groups:
+                log.info("%s: placed %d worker(s) in %.1f s", self.ns, len(groups), time.monotonic() - t0)
             for spec in specs:
                 started[spec.name] = self._create(spec, groups.get(spec.name))
             self._wait_ready(started, deadline)
@@ -360,20 +427,62 @@ class RayLauncher(Launcher):
                 for spec in specs:
                     self._remove_placement_group(spec.name)
             raise
-        return [s for s in self.services() if s.name in started]
+        return [s for s in self.services() if s.name in started or s.name in woken]
 
-    def drain_services(self, names: Sequence[str], timeout_s: float | None = None) -> dict[str, DrainResult]:
+    def _wake(self, roles: Sequence[str], timeout_s: float = 30.0) -> dict[str, str]:
+        """Serve what starts of ``roles`` the warm pool can: each from the longest-parked worker
+        (:meth:`ServiceActor.unpark`); one that cannot come back is killed, and its placement group
+        removed, as are pool members that died. The woken workers' names -> their new tier."""
+        if not roles:
+            return {}
+        handles = self._handles()
+        pool = [s for s in self.services(with_etcd=False) if s.role in WORKER_ROLES and s.parked_since]
+        for s in pool:
+            if s.state is not ServiceState.PARKED and s.name in handles:  # died parked: its GPUs back to Ray
+                log.info("%s: %s died parked (%s); removing it", self.ns, s.name, s.state)
+                self._release(s.name, handles[s.name])
+        parked = sorted((s for s in pool if s.state is ServiceState.PARKED), key=lambda s: (s.parked_since, s.name))
+        woken: dict[str, str] = {}
+        for role in roles:
+            while parked:
+                s = parked.pop(0)
+                result, handle = None, handles.get(s.name)
+                with contextlib.suppress(Exception):  # the actor is gone: as a worker that cannot come back
+                    result = ray.get(handle.unpark.remote(role, timeout_s), timeout=timeout_s + 30)
+                if result is not None:
+                    log.info("%s: %s back from the warm pool as %s in %.0f ms", self.ns, s.name, role,
+                             result.switch_ms)
+                    self.wake_ms.append(result.switch_ms)
+                    woken[s.name] = role
+                    break
+                log.warning("%s: parked %s cannot come back; a new worker instead", self.ns, s.name)
+                if handle is not None:
+                    self._release(s.name, handle)
+            else:
+                break
+        return woken
+
+    def drain_services(self, names: Sequence[str], timeout_s: float | None = None, *,
+                       park: bool = True) -> dict[str, DrainResult]:
+        """Drain the named workers (at once) and stop them, or, while the warm pool has room, park
+        them (the first names first; ``park=False``: none); a parked worker named here is stopped."""
         wait_s = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
         handles = self._handles()
-        remaining = collections.Counter(s.role for s in self._live() if s.role in WORKER_ROLES and s.name not in names)
-        refs = {handles[name].drain.remote(wait_s): name for name in names if name in handles}
+        live = self._live()
+        remaining = collections.Counter(s.role for s in live if s.role in WORKER_ROLES and s.name not in names
+                                        and s.state is not ServiceState.PARKED)
+        room = self.warm_pool - sum(s.state is ServiceState.PARKED and s.name not in names for s in live) if park else 0
+        parkable = {s.name for s in live if s.role in WORKER_ROLES and s.state is not ServiceState.PARKED}
+        to_park = [name for name in names if name in parkable][:max(room, 0)]
+        refs = {handles[name].drain.remote(wait_s, name in to_park): name for name in names if name in handles}
         result = {name: DrainResult(0, False) for name in names}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s + 30)
         for ref in done:
             with contextlib.suppress(Exception):  # an actor that died meanwhile drained nothing
                 result[refs[ref]] = ray.get(ref)
+        parked = {s.name for s in self.services(with_etcd=False) if s.state is ServiceState.PARKED and to_park}
         for name in names:
-            if name in handles:
+            if name in handles and name not in parked:
                 self._release(name, handles[name])
         if any(name.partition("-")[0] in WORKER_ROLES for name in names):
             wait_routers_list(self.router_urls(), 30.0, at_most={role: remaining[role] for role in WORKER_ROLES})
@@ -381,9 +490,9 @@ class RayLauncher(Launcher):
 
     def down(self) -> dict[str, DrainResult]:
         """Drain every worker, then stop the routers, the planner and etcd; nothing is left."""
-        workers = [s.name for s in self._live() if s.role in WORKER_ROLES]
-        drained = self.drain_services(workers) if workers else {}
-        self.stop()
+        workers = [s.name for s in self._live() if s.role in WORKER_ROLES and s.state is not ServiceState.PARKED]
+        drained = self.drain_services(workers, park=False) if workers else {}
+        self.stop()  # the parked too
         return drained
 
     # ---- queries ----------------------------------------------------------------------------------
@@ -415,7 +524,7 @@ class RayLauncher(Launcher):
                 pid=info.get("pid", 0), gpus=tuple(info.get("gpus", ())), endpoint=info.get("endpoint", ""),
                 worker_id=worker_id, num_restarts=int(gcs.get("NumRestarts", 0)), actor_id=handle._actor_id.hex(),
                 registered=(worker_id in registered) if role in WORKER_ROLES and registered is not None else None,
-                num_requests=(registered or {}).get(worker_id, 0)))
+                num_requests=(registered or {}).get(worker_id, 0), parked_since=float(info.get("parked_since", 0.0))))
         return sorted(out, key=lambda s: (list(_MODULES).index(s.role), s.index))
 
     def switch_worker(self, name: str, role: str, timeout_s: float = 30.0) -> SwitchResult:
@@ -423,7 +532,8 @@ class RayLauncher(Launcher):
         if handle is None:
             raise DeployError(f"no service {name!r} in namespace {self.ns!r}")
         result = ray.get(handle.switch.remote(role, timeout_s), timeout=timeout_s + 10)
-        remaining = collections.Counter(s.role for s in self._live() if s.role in WORKER_ROLES)
+        remaining = collections.Counter(s.role for s in self._live() if s.role in WORKER_ROLES
+                                        and s.state is not ServiceState.PARKED)
         wait_routers_list(self.router_urls(), 30.0, at_least={r: remaining[r] for r in WORKER_ROLES})
         return result
 
@@ -441,15 +551,26 @@ class RayLauncher(Launcher):
         return ()
 
     def free_gpus(self) -> float:
-        return float(ray.available_resources().get("GPU", 0.0))
+        """GPUs free for this deployment's new workers: Ray's free ones and the warm pool's (a start
+        takes a parked worker, whose reservation it holds, before it asks Ray for one)."""
+        pool = [s for s in self.services(with_etcd=False) if s.role in WORKER_ROLES and s.parked_since
+                and s.state in (ServiceState.PARKED, ServiceState.DEAD)]
+        return float(ray.available_resources().get("GPU", 0.0)) + len(pool) * max(self.cfg.gpus_per_worker, 0.0)
 
     def check_capacity(self, roles: Sequence[str], released: Sequence[str] = ()) -> None:
         """Fail at once, saying why, when the cluster cannot hold these new services at all (GPUs
-        that other jobs hold are found later: placement waits ``placement_timeout_s`` for them)."""
+        that other jobs hold are found later: placement waits ``placement_timeout_s`` for them).
+        The first new workers are parked ones taken back: they need nothing more."""
         nodes = _node_resources()
+        live = [s for s in self._live() if s.name not in released]
+        woken = {s.name for s in sorted((s for s in live if s.state is ServiceState.PARKED),
+                                        key=lambda s: s.parked_since)[:sum(1 for r in roles if r in WORKER_ROLES)]}
+        roles = list(roles)
+        for _ in woken:
+            roles.remove(next(r for r in roles if r in WORKER_ROLES))
         num_workers = sum(1 for r in roles if r in WORKER_ROLES)
         free = {node: res.get("GPU", 0.0) for node, res in nodes.items()}
-        staying = [s for s in self._live() if s.name not in released]
+        staying = [s for s in live if s.name not in woken]
         for s in staying:  # what our other running workers hold is not free for new ones
             if s.role in WORKER_ROLES:
                 for node in free:

@@ -200,7 +200,8 @@ class ClusterConfig:
     worker_restarts: int = _field(3, "deploy: how often a dead worker is restarted before it stays down")
     drain_timeout_s: float = _field(30.0, "how long a drained worker may take to finish its in-flight requests")
     warm_pool: int = _field(0, "deploy: drained workers kept parked (model loaded, device given back) for a start "
-                               "in seconds (tandem serve's local launcher; 0: drained workers exit)")
+                               "in seconds (tandem serve and tandem deploy; on Ray a parked worker keeps its GPU "
+                               "reservation; 0: drained workers exit)")
     placement_timeout_s: float = _field(60.0, "deploy: how long to wait for the cluster to place a service")
     ray_address: str = _field("", "deploy: Ray cluster address (empty: start a local Ray head)")
     worker_env: tuple[str, ...] = _field((), "deploy: KEY=VALUE environment of every service (NCCL_*, UCX_*, NIXL_*)")

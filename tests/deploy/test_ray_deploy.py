@@ -12,7 +12,14 @@ restart of the switched worker's actor brings it back in its new tier; down leav
 placement group or process. Apart from it, a config that needs more GPUs than the cluster has
 fails fast, saying so.
 
-Then a second deployment, of sim-engine workers (the engine is not the point there), has its
+Then a deployment of sim-engine workers with a warm pool of one (``warm_pool: 1``), scaled
+through its controller as the planner does: a drained worker parks (same actor and process, its
+requests finished, its Ray GPU still reserved and counted free for this deployment's next start),
+a scale-up takes it back without a restart, a full pool stops the next drained worker, a parked
+actor that Ray restarts starts nothing and the next start replaces it with a fresh actor, and down
+stops the parked too.
+
+Then a third deployment, of sim-engine workers (the engine is not the point there), has its
 planner act: a load that shifts from long answers to long prompts makes it start a decode worker
 (a new actor), then switch one to prefill in place (same process), then drain back to the
 minimums once traffic stops, with no request failing and its decisions in etcd.
@@ -444,14 +451,117 @@ def test_down_leaves_nothing_behind(deployment: Deployment) -> None:
     wait_until(lambda: ray.available_resources().get("GPU") == 4, 20, "the GPUs to be free")
 
 
+# ---- the warm pool on Ray: a sim-engine deployment of its own -------------------------------------
+SIM: dict[str, Any] = dict(engine="sim", sim_profile="cpu-smollm2-135m", model="dummy:smollm2-135m")
+POOLED: dict[str, Any] = dict(SIM, namespace=NAMESPACE + "w", mode="aggregated", num_prefill=0, num_decode=2,
+                              warm_pool=1, planner=False)
+
+
+def test_warm_pool_on_ray(ray_head: RayHead, tmp_path: Path) -> None:
+    from deploy.controller import find_controller
+
+    with deployed(ray_head, tmp_path / "pooled.yaml", **POOLED) as d:
+        controller = find_controller(d.namespace)
+        launcher = RayLauncher(ClusterConfig(namespace=d.namespace, num_gpus_per_worker=1))
+
+        def scale(num_decode: int) -> Any:
+            return ray.get(controller.scale.remote(0, num_decode, 120.0), timeout=180)
+
+        def workers() -> dict[str, ServiceInfo]:
+            return {n: s for n, s in d.services().items() if s.role in ("prefill", "decode")}
+
+        def ray_free_gpus() -> float:
+            return ray.available_resources().get("GPU", 0.0)
+
+        before, free0 = workers(), ray_free_gpus()
+        assert len(before) == 2 and free0 == 2, (before, free0)
+
+        # Scale down under load: the drained worker parks, its requests finished.
+        with Load(d, num_clients=4, max_tokens=40, prompt=short_prompt) as load:
+            t0 = time.monotonic()
+            result = scale(1)
+            down_s = time.monotonic() - t0
+            load.wait_answers_since(time.monotonic(), load.num_clients, "answers after the scale-down")
+        (name, drain), = result.drained.items()
+        assert drain.drained and drain.num_inflight >= 1, drain
+        assert load.errors == [], load.errors[:3]
+        assert all((o.num_tokens, o.finish_reason) == (40, "length") for o in load.outcomes)
+        parked = workers().get(name)
+        assert parked and parked.state is ServiceState.PARKED and parked.parked_since > 0, (name, workers())
+        assert (parked.pid, parked.actor_id) == (before[name].pid, before[name].actor_id) and not parked.registered
+        os.kill(parked.pid, 0)  # the service process stays
+        assert d.health().get("decode_workers") == 1  # deregistered: it serves no tier
+        assert ray_free_gpus() == free0  # a live actor keeps its Ray reservation...
+        assert launcher.free_gpus() == free0 + 1  # ...which this deployment's next start takes first
+        assert "warm pool: 1 parked" in tandem("status", "--namespace", d.namespace, "--address", d.address,
+                                               timeout_s=60).stdout
+
+        # Scale up: the same actor and process serve again (the sim engine's warm start: no restart, no load).
+        t0 = time.monotonic()
+        result = scale(2)
+        up_s = time.monotonic() - t0
+        assert result.plan.start == ("decode",)
+        back = workers()
+        assert set(back) == set(before)  # no new actor
+        assert back[name].state is ServiceState.SERVING and back[name].registered, back[name]
+        assert (back[name].pid, back[name].actor_id, back[name].num_restarts) == (parked.pid, parked.actor_id, 0)
+        assert ray_free_gpus() == free0 and d.health().get("decode_workers") == 2
+        with Load(d, num_clients=4, max_tokens=8, prompt=short_prompt) as load:
+            load.wait_answers_since(time.monotonic(), 8, "answers from both workers")
+        assert load.errors == [], load.errors[:3]
+        print(f"\nwarm pool on Ray: scale-down (drain + park) {down_s:.1f} s, scale-up from the pool {up_s:.1f} s")
+
+        # A full pool stops the next drained worker: from 3 workers (a new actor: the pool is empty) to 1.
+        scale(3)
+        three = workers()
+        assert len(three) == 3 and all(s.state is ServiceState.SERVING for s in three.values()), three
+        result = scale(1)
+        assert len(result.drained) == 2 and all(r.drained for r in result.drained.values()), result.drained
+        after = workers()
+        assert sorted(s.state for s in after.values()) == sorted([ServiceState.PARKED, ServiceState.SERVING]), after
+        (stopped,) = set(three) - set(after)  # its actor killed, its placement group removed
+        wait_until(lambda: three[stopped].pid not in deployment_pids(d.namespace), 20, "the stopped worker to exit")
+        wait_until(lambda: ray_free_gpus() == free0, 20, "its reservation back to Ray (1 serving + 1 parked hold 2)",
+                   lambda: [(g["name"], g["state"]) for g in ray.util.placement_group_table().values()])
+
+        # A parked actor killed and restarted by Ray starts nothing; the next start replaces it with a fresh actor.
+        (pname,) = [n for n, s in after.items() if s.state is ServiceState.PARKED]
+        ray.kill(ray.get_actor(f"{d.namespace}.{pname}", namespace=RAY_NAMESPACE), no_restart=False)
+        dead = wait_until(lambda: (s := workers().get(pname)) and s.state is ServiceState.DEAD and s.num_restarts == 1
+                          and s, 60, f"{pname} to come back empty", lambda: workers())
+        assert dead.pid == 0 and not dead.registered, dead
+        with pytest.raises(ProcessLookupError):
+            os.kill(after[pname].pid, 0)
+        assert d.health().get("decode_workers") == 1
+        scale(2)
+        now = workers()
+        seen = {s.actor_id for s in [*before.values(), *three.values()]}
+        (fresh,) = [s for s in now.values() if s.actor_id not in seen]
+        assert fresh.state is ServiceState.SERVING and fresh.registered and fresh.num_restarts == 0, fresh
+        assert len(now) == 2 and after[pname].actor_id not in {s.actor_id for s in now.values()}, now
+        assert d.health().get("decode_workers") == 2
+        wait_until(lambda: ray_free_gpus() == free0, 20, "the dead pool member's reservation back to Ray")
+
+        # Down stops the parked worker too: nothing left.
+        scale(1)
+        assert sum(s.state is ServiceState.PARKED for s in workers().values()) == 1
+        r = tandem("down", "--namespace", d.namespace, "--address", d.address, timeout_s=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert named_actors(d.namespace) == []
+        assert [g for g in ray.util.placement_group_table().values()
+                if g.get("name", "").startswith(f"{d.namespace}.") and g.get("state") != "REMOVED"] == []
+        wait_until(lambda: not deployment_pids(d.namespace), 20, "the deployment's processes to exit")
+        wait_until(lambda: ray_free_gpus() == 4, 20, "the GPUs to be free")
+
+
 # ---- the planner acting on Ray: a sim-engine deployment of its own -------------------------------
 # As tests/planner/test_planner_live.py: the CPU sim profile's decode step is ~50 ms alone and ~80 ms
 # with 8 sequences, so an ITL target of 60 ms is met by one request and missed by eight; it prefills
 # 256 tokens in ~0.3 s, so 8 users' ~320-token prompts queue on one prefill worker past a 500 ms TTFT
 # target. From 1 prefill + 1 decode, one start fills the budget of 3: the next need is a switch.
 PLANNED: dict[str, Any] = dict(
-    namespace=NAMESPACE + "p", engine="sim", sim_profile="cpu-smollm2-135m", model="dummy:smollm2-135m",
-    metrics_interval_s=0.5, max_local_prefill_tokens=64, num_prefill=1, num_decode=1, drain_timeout_s=60,
+    SIM, namespace=NAMESPACE + "p", metrics_interval_s=0.5, max_local_prefill_tokens=64, num_prefill=1, num_decode=1,
+    drain_timeout_s=60,
     min_prefill=1, min_decode=1, gpu_budget=3, itl_slo_ms=60, ttft_slo_ms=500, adjustment_interval_s=1,
     planner_window_s=3)
 
