@@ -558,12 +558,13 @@ def test_warm_pool_on_ray(ray_head: RayHead, tmp_path: Path) -> None:
 # As tests/planner/test_planner_live.py: the CPU sim profile's decode step is ~50 ms alone and ~80 ms
 # with 8 sequences, so an ITL target of 60 ms is met by one request and missed by eight; it prefills
 # 256 tokens in ~0.3 s, so 8 users' ~320-token prompts queue on one prefill worker past a 500 ms TTFT
-# target. From 1 prefill + 1 decode, one start fills the budget of 3: the next need is a switch.
+# target. From 1 prefill + 1 decode, one start fills the budget of 3: the next need is a switch. With a
+# warm pool of one, the worker the planner drains at the end parks (the planner, acting through the
+# controller, gets the pool).
 PLANNED: dict[str, Any] = dict(
     SIM, namespace=NAMESPACE + "p", metrics_interval_s=0.5, max_local_prefill_tokens=64, num_prefill=1, num_decode=1,
-    drain_timeout_s=60,
-    min_prefill=1, min_decode=1, gpu_budget=3, itl_slo_ms=60, ttft_slo_ms=500, adjustment_interval_s=1,
-    planner_window_s=3)
+    drain_timeout_s=60, min_prefill=1, min_decode=1, gpu_budget=3, itl_slo_ms=60, ttft_slo_ms=500,
+    adjustment_interval_s=1, planner_window_s=3, warm_pool=1)
 
 
 def short_prompt(i: int, n: int) -> str:
@@ -607,7 +608,7 @@ def test_planner_on_ray_moves_capacity_and_back(planned: Deployment) -> None:
     """The deployment's own planner (actor planner-0, acting through the controller) under a load
     that shifts: decode-heavy load starts a decode worker (a new actor); prefill-heavy load, the
     budget full, switches a decode worker to prefill in place (same process); no traffic drains
-    back to the minimums (the drained actor and its process gone). No request fails or comes
+    back to the minimums (the drained worker parks: warm_pool 1). No request fails or comes
     short, and the decisions are in etcd."""
     from runtime.pb import tandem_control_pb2 as cpb
 
@@ -648,11 +649,12 @@ def test_planner_on_ray_moves_capacity_and_back(planned: Deployment) -> None:
     wait_until(lambda: counts() == (1, 1), 60, "no traffic: the planner drains back to 1 prefill + 1 decode",
                lambda: acted(d))
     down_s = time.monotonic() - t2
-    # the drained worker deregistered first; its process stops once its requests are done, then its actor goes
-    left = wait_until(lambda: len(w := {n for n, s in d.services().items() if s.role in ("prefill", "decode")}) == 2
-                      and w, 30, "the drained worker's actor to go")
-    (drained,) = [s for n, s in workers.items() if n not in left]
-    assert drained.role == "prefill" and drained.pid not in deployment_pids(d.namespace), (drained, left)
+    # the drained worker deregistered first; it parks once its requests are done: same actor and process
+    (drained,) = wait_until(lambda: [s for s in d.services().values() if s.state is ServiceState.PARKED], 30,
+                            "the drained worker to park", lambda: d.services())
+    assert drained.role == "prefill" and drained.name in workers, (drained, workers)
+    assert (drained.pid, drained.actor_id) == (workers[drained.name].pid, workers[drained.name].actor_id), drained
+    assert drained.pid in deployment_pids(d.namespace)
     print(f"\nplanner on Ray: decode started in {up_s:.1f} s, switch in {switch_s:.1f} s, drained back in "
           f"{down_s:.1f} s ({len(decode_heavy.outcomes) + len(prefill_heavy.outcomes)} requests)")
 
