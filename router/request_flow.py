@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -152,6 +152,7 @@ class RequestFlow:
         self.pools = {"decode": self.decode, "prefill": self.prefill}
         self.rng = random.Random()
         self.prefill_queue_limit_tokens = 8 * max(cfg.max_num_batched_tokens, 1)
+        self._suffix_remote = cfg.suffix_prefill_remote()  # policy.suffix_goes_remote
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
         self.tiers = {role: TierIndex(role, cfg.block_size, cfg.kv_events, cfg.kv_index_ttl_s, internal)
                       for role in self.pools}
@@ -261,7 +262,8 @@ class RequestFlow:
     def _plan(self, prompt_ids: list[int], n: int, in_flight: bool = True) -> RoutePlan:
         """The prompt's block hashes; the decode worker D by cost; then a remote prefill only if
         the tokens D would still compute exceed max_local_prefill_tokens and the prefill tier is not
-        saturated (n > 1 prefills where it decodes); P by cost. ``in_flight``: blocks on their way
+        saturated (n > 1 prefills where it decodes), or it would compute them beside decodes that a
+        prefill worker spares (:meth:`_suffix_plan`); P by cost. ``in_flight``: blocks on their way
         to a worker count as held there."""
         decode_ids = self.decode.ids()
         if not decode_ids:
@@ -273,10 +275,33 @@ class RequestFlow:
         decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local, in_flight)
         assert decode is not None
         if decode.local_prefill:
-            return RoutePlan(hashes, decode, None)
+            return self._suffix_plan(prompt_ids, hashes, decode, prefill_ids, max_local, in_flight)
         prefill_hashes = self._prefill_hashes(prompt_ids, hashes)
         prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None, in_flight)
         return RoutePlan(hashes, decode, prefill, prefill_hashes)
+
+    def _suffix_plan(self, prompt_ids: list[int], hashes: list[int], decode: policy.Decision,
+                     prefill_ids: list[str], max_local: int | None, in_flight: bool) -> RoutePlan:
+        """A prompt the decode worker would finish itself: prefilled remotely instead where
+        ``policy.suffix_goes_remote`` says so (``suffix_prefill``), else locally."""
+        local_plan = RoutePlan(hashes, decode, None)
+        if max_local is None or not self._suffix_remote:
+            return local_plan  # no usable prefill tier (or every prompt stays local)
+        decode_tier, prefill_tier = self.tiers["decode"], self.tiers["prefill"]
+        d = decode.worker_id
+        d_load = self.decode.loads([d], decode_tier.block_size)
+        local = policy.kv_costs(len(prompt_ids), {d: decode.overlap_blocks}, d_load, decode_tier.block_size,
+                                self.cfg.prefill_load_scale)[0]
+        prefill_hashes = self._prefill_hashes(prompt_ids, hashes)
+        prefill = self._choose(self.prefill, prompt_ids, prefill_hashes, prefill_ids, None, in_flight)
+        if prefill is None:
+            return local_plan
+        remote = policy.kv_costs(len(prompt_ids), prefill_tier.overlaps(prefill_hashes, in_flight),
+                                 self.prefill.loads([prefill.worker_id], prefill_tier.block_size),
+                                 prefill_tier.block_size, self.cfg.prefill_load_scale)[0]
+        if not policy.suffix_goes_remote(local, remote, d_load[0].num_inflight > 0):
+            return local_plan
+        return RoutePlan(hashes, replace(decode, local_prefill=False), prefill, prefill_hashes)
 
     def _max_local(self, prefill_ids: list[str]) -> int | None:
         """The most prompt tokens a decode worker computes itself: None (all) without a usable prefill tier."""

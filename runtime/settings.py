@@ -141,6 +141,11 @@ class ClusterConfig:
     max_local_prefill_tokens: int = _field(
         64, "prompts needing more new tokens than this are prefilled on the prefill tier"
     )
+    suffix_prefill: str = _field(
+        "auto", "disaggregated: a prompt its decode worker would finish itself (max_local_prefill_tokens) goes to a "
+        "prefill worker that gets to it as soon (holding as much of its prefix, no more queued) while the decode "
+        "worker has requests decoding, so that no decode step carries the suffix; only its blocks move: auto (on "
+        "with the CPU torch engine, where such a step took 3-4 decode steps), on, off (router/policy.py)")
     first_token_hold: str = _field(
         "auto", "router: a handed-off request's first token (the prefill worker's) waits for the decode worker's first "
         "and goes out with it: auto (when the predicted KV handoff and decode step exceed itl_slo_ms and the wait "
@@ -296,6 +301,13 @@ class ClusterConfig:
             return min(CPU_PREFILL_STEP_TOKENS, self.max_num_batched_tokens)
         return self.max_num_batched_tokens
 
+    def suffix_prefill_remote(self) -> bool:
+        """Whether the router sends a suffix its decode worker would compute beside decodes to a prefill
+        worker that gets to it as soon (``suffix_prefill``; auto: the CPU torch engine)."""
+        if self.suffix_prefill != "auto":
+            return self.suffix_prefill == "on"
+        return self.device == "cpu" and self.engine == "torch"
+
     def _validate_serving(self) -> None:
         """The KV transfer, router and deployment settings."""
         fail = self._fail
@@ -326,6 +338,8 @@ class ClusterConfig:
             fail("async_scheduling", "must be auto, on or off")
         if self.async_scheduling == "on" and self.engine == "sim":
             fail("async_scheduling", "needs the torch engine (the sim samples on the host)")
+        if self.suffix_prefill not in ("auto", "on", "off"):
+            fail("suffix_prefill", "must be auto, on or off")
         if self.first_token_hold not in ("auto", "on", "off"):
             fail("first_token_hold", "must be auto, on or off")
         if self.routing_policy not in ("kv", "round_robin", "random", "least_loaded"):
