@@ -12,6 +12,14 @@ process: a few runs of blocks as one ``copy_`` each, many as ONE gather kernel (
   answered: one round trip per push), on which the destination's inbox completes the ``expect``ed
   transfer; when ``push`` returns the owner may free its blocks.
 
+Re-registration (a parked worker's cache comes back at a new address): ``release`` sends
+``unmap`` to every peer that said it ``mapped`` our handle (a peer says so once per registration,
+on its first transfer with us), so the old allocation is really freed (torch keeps an exported
+allocation alive while another process has it open); ``register`` exports the new handle under
+the next ``epoch``. A peer that sees a newer epoch maps the new handle and drops the old mapping;
+an older epoch than it knows is stale metadata, refused (``TransferError``: the caller recomputes).
+A push's ``claim`` names the epoch it saw: the destination refuses any other, before a byte moves.
+
 The caller makes sure the source blocks are final (the step that wrote them has finished). Only
 processes on the same machine (``host_id``) whose GPUs can map each other's memory can use it; the
 metadata carries the GPU's uuid, mapped to a local device index on open.
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _SPIN_S = 2e-3  # poll a copy's event without sleeping this long, then sleep between polls
 _POLL_SLEEP_S = 5e-5
+_UNMAP_TIMEOUT_S = 2.0  # a peer's answer to ``unmap`` at release
 
 
 def export_handle(kv: torch.Tensor) -> dict[str, Any]:
@@ -86,6 +95,7 @@ def open_handle(fields: dict[str, Any], layout: KVLayout) -> torch.Tensor:
 @dataclass
 class _Mapped:
     kv: torch.Tensor  # the peer's KV tensor, mapped here
+    epoch: int = 0  # of the peer's registration it maps
     users: int = 0
     dropped: bool = False
 
@@ -98,6 +108,7 @@ class CudaIpcTransport(KVTransport):
     """
 
     transport_name = "cuda_ipc"
+    reregister_refusal = ""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, server_timeout_s: float = 30.0, model: str = ""):
         super().__init__(model=model)
@@ -107,6 +118,7 @@ class CudaIpcTransport(KVTransport):
         self._client = ChannelClient()
         self._handle: dict[str, Any] = {}
         self._mapped: dict[str, _Mapped] = {}
+        self._mappers: dict[str, tuple[str, int]] = {}  # peers that mapped our handle: name -> channel address
         self._streams = threading.local()  # a copy stream per transfer thread
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
@@ -115,33 +127,75 @@ class CudaIpcTransport(KVTransport):
         self._handle = export_handle(kv)
         self._server = ChannelServer(self.name, self._host, self._port, self._handle_message, self._server_timeout_s)
 
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        self._handle = export_handle(kv)
+
+    def _release(self) -> None:
+        """Have every peer that mapped our handle drop it (answered once dropped), then forget the handle."""
+        with self._lock:
+            mappers, self._mappers = dict(self._mappers), {}
+        deadline = time.perf_counter() + _UNMAP_TIMEOUT_S
+        for name, (host, port) in mappers.items():
+            peer = PeerMetadata(self.transport_name, name, self.layout, {"host": host, "port": port})
+            try:
+                self._notify(peer, {"op": "unmap", "name": name, "peer": self.name, "epoch": self._epoch}, deadline)
+            except TransferError as e:  # gone, or slow: its mapping keeps the old allocation until it drops it
+                logger.warning("%s: %s did not drop its mapping of our KV cache: %s", self.name, name, e)
+        self._handle = {}
+
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         assert self._server is not None
         return {"host": self._host, "port": self._server.port, "ipc": self._handle}, b""
 
     # Peers' mapped tensors.
 
-    def _acquire(self, peer: PeerMetadata) -> _Mapped:
+    def _acquire(self, peer: PeerMetadata, deadline: float | None = None) -> _Mapped:
+        """The peer's tensor, mapped on first use (and again when it re-registered), counted as used
+        until ``_release_mapping``."""
         if peer.host != host_id():
             raise TransferError(f"cuda_ipc peer {peer.name!r} runs on another machine ({peer.host})")
         with self._lock:
             mapped = self._mapped.get(peer.name)
+            if mapped is not None and mapped.epoch != peer.epoch:
+                if peer.epoch < mapped.epoch:
+                    raise TransferError(f"stale metadata of cuda_ipc peer {peer.name!r}: its registration "
+                                        f"{peer.epoch}, we mapped its newer {mapped.epoch}")
+                del self._mapped[peer.name]  # it re-registered: the old mapping closes once unused
+                mapped = None
+            fresh = mapped is None
             if mapped is None:
                 try:
                     tensor = open_handle(peer.address["ipc"], peer.layout)
                 except (RuntimeError, KeyError, ValueError) as e:  # TransferError is a RuntimeError too
                     raise TransferError(f"cannot open the CUDA IPC handle of {peer.name!r}: {e}") from e
-                mapped = self._mapped[peer.name] = _Mapped(tensor)
+                mapped = self._mapped[peer.name] = _Mapped(tensor, peer.epoch)
                 metrics.record_connect(self.transport_name)
             mapped.users += 1
-            return mapped
+        if fresh:
+            self._say_mapped(peer, mapped, deadline)
+        return mapped
 
-    def _release(self, mapped: _Mapped) -> None:
+    def _say_mapped(self, peer: PeerMetadata, mapped: _Mapped, deadline: float | None) -> None:
+        """Tell the peer we mapped its handle, so its ``release`` can have us drop it. A peer that
+        released (parked) meanwhile refuses: the mapping goes and the transfer fails."""
+        assert self._server is not None
+        message = {"op": "mapped", "name": peer.name, "epoch": peer.epoch,
+                   "by": {"name": self.name, "host": self._host, "port": self._server.port}}
+        try:
+            self._notify(peer, message, deadline if deadline is not None else time.perf_counter() + 5.0)
+        except TransferError:
+            self._release_mapping(mapped)
+            with self._lock:
+                if self._mapped.get(peer.name) is mapped:
+                    del self._mapped[peer.name]
+            raise
+
+    def _release_mapping(self, mapped: _Mapped) -> None:
         with self._lock:
             mapped.users -= 1
 
     def _connect(self, peer: PeerMetadata) -> None:
-        self._release(self._acquire(peer))
+        self._release_mapping(self._acquire(peer))
 
     def _disconnect(self, peer_name: str) -> None:
         with self._lock:
@@ -150,23 +204,23 @@ class CudaIpcTransport(KVTransport):
     # Transfers.
 
     def _pull(self, peer: PeerMetadata, runs: list[BlockRun], deadline: float) -> int:
-        mapped = self._acquire(peer)
+        mapped = self._acquire(peer, deadline)
         try:
             return self._copy(
                 mapped.kv, self.kv, [(r.remote_start, r.local_start, r.num_blocks) for r in runs], deadline
             )
         finally:
-            self._release(mapped)
+            self._release_mapping(mapped)
 
     def _push(self, peer: PeerMetadata, transfer_id: str, digest: str, runs: list[BlockRun], deadline: float) -> int:
         """Claim (the destination still awaits these blocks, and is alive), copy, then ``done``."""
         message = {"name": peer.name, "transfer_id": transfer_id, "digest": digest}
-        self._notify(peer, {**message, "op": "claim"}, deadline)
-        mapped = self._acquire(peer)
+        self._notify(peer, {**message, "op": "claim", "epoch": peer.epoch}, deadline)
+        mapped = self._acquire(peer, deadline)
         try:
             n = self._copy(self.kv, mapped.kv, [(r.local_start, r.remote_start, r.num_blocks) for r in runs], deadline)
         finally:
-            self._release(mapped)
+            self._release_mapping(mapped)
         self._notify(peer, {**message, "op": "done", "num_copies": n}, deadline, answered=False)
         return n
 
@@ -212,9 +266,28 @@ class CudaIpcTransport(KVTransport):
 
     def _handle_message(self, stream: Stream, request: dict[str, Any]) -> None:
         op = request.get("op")
-        if op not in ("claim", "done") or request.get("name") != self.name:
+        if op not in ("claim", "done", "mapped", "unmap") or request.get("name") != self.name:
             error = f"unexpected message for {self.name!r}: op {op!r} for {request.get('name')!r}"
             stream.send_message({"ok": False, "error": error})
+            return
+        if op in ("mapped", "claim") and (self._released or request.get("epoch") != self._epoch):
+            error = f"{op} names registration {request.get('epoch')} of {self.name!r}, which is at {self._epoch}" \
+                + (" and released (parked)" if self._released else "")
+            stream.send_message({"ok": False, "error": error})
+            return
+        if op == "mapped":
+            by = request["by"]
+            with self._lock:
+                self._mappers[str(by["name"])] = (str(by["host"]), int(by["port"]))
+            stream.send_message({"ok": True})
+            return
+        if op == "unmap":  # the peer releases its cache: drop our mapping of it (transfers using it finish on it)
+            with self._lock:
+                mapped = self._mapped.get(str(request["peer"]))
+                if mapped is not None and mapped.epoch <= int(request["epoch"]):
+                    del self._mapped[str(request["peer"])]
+            del mapped
+            stream.send_message({"ok": True})
             return
         transfer_id, digest = str(request["transfer_id"]), str(request["digest"])
         if op == "claim":
