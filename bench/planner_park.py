@@ -102,6 +102,7 @@ def main() -> None:
                "first_request_s": first_step_s(llm), "first_batch16_s": batch_s(llm), "second_batch16_s": batch_s(llm),
                "lazy_captures": graphs.num_lazy if graphs else 0, "serving": memory(),
                "weights_gbps_to_gpu": weights / 1e9 / runner.unpark_s["weights"] if runner.unpark_s else None}
+        del graphs  # (else the next park keeps these graphs' memory)
         report["rounds"].append(row)
         print(f"round {i} ({kind}): park {park_s:.2f} s (GPU allocated {parked['allocated_gib']:.2f} GiB, reserved "
               f"{parked['reserved_gib']:.2f}, free {parked['free_gib']:.1f} of {parked['total_gib']:.1f}); unpark "
