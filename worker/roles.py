@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -35,6 +36,8 @@ import grpc
 from runtime.discovery import register
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import ROLE_SWITCH, WorkerIdentity, WorkerServicer
+
+log = logging.getLogger("tandem.worker")
 
 ROLE_FROM_PB = {pb.WORKER_ROLE_PREFILL: "prefill", pb.WORKER_ROLE_DECODE: "decode"}
 ROLE_TO_PB = {v: k for k, v in ROLE_FROM_PB.items()}
@@ -200,9 +203,13 @@ class SwitchableServicer(WorkerServicer):
         start = time.perf_counter()
         if self.membership is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is not registered yet")
-        await self.engine.call(lambda e: e.unpark())
+        engine_s = await self.engine.call(lambda e: e.unpark())
+        t0 = time.perf_counter()
         if self._transport_follows_cache():
             await self._register_cache()
+        parts = getattr(getattr(getattr(self.engine, "engine", None), "runner", None), "unpark_s", {})
+        log.info("unparked: engine %.2f s (%s), KV transport registered again %.2f s", engine_s,
+                 ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), time.perf_counter() - t0)
         self.identity = dataclasses.replace(self.identity, role=role)
         share = getattr(getattr(self.engine, "engine", None), "gpu_share", None)
         if share is not None:
