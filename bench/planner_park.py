@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=0.0, help="0: sized from the GPU (0.9 of it)")
     ap.add_argument("--repeat", type=int, default=2, help="pairs of rounds (base, new) after the first")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--only", choices=("base", "new"), help="every round (after the first) of this kind")
     ap.add_argument("--out", default="planner-park.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -81,7 +82,8 @@ def main() -> None:
           f"{startup_s:.2f} s (weights, KV, graphs), first request {report['first_request_s']:.3f} s")
     report["batch16_s"] = batch_s(llm)
     all_sizes = set(graph_sizes(engine.config.scheduler.max_num_seqs))
-    for i, kind in enumerate(["new"] + ["base", "new"] * args.repeat):
+    kinds = ["new"] + (["base", "new"] * args.repeat if not args.only else [args.only] * (2 * args.repeat))
+    for i, kind in enumerate(kinds):
         if runner.graphs is not None:  # what the park keeps of the graphs used: one request's size only
             runner.graphs.used = {1}
         kept = runner._pinned
@@ -110,16 +112,22 @@ def main() -> None:
               f"{row['graphs_at_unpark']} graphs; weights at {row['weights_gbps_to_gpu'] or 0:.1f} GB/s); first "
               f"request {row['first_request_s']:.3f} s, 16 requests {row['first_batch16_s']:.3f} s then "
               f"{row['second_batch16_s']:.3f} s")
-    summary = {}
+    summary: dict[str, dict[str, float]] = {}
     for kind in ("base", "new"):
         rows = [r for r in report["rounds"][1:] if r["kind"] == kind]
+        if not rows:
+            continue
         summary[kind] = {k: sum(r[k] for r in rows) / len(rows) for k in
                          ("park_s", "unpark_s", "first_request_s", "first_batch16_s", "second_batch16_s")}
-    summary["ratio_new_to_base"] = {k: summary["new"][k] / summary["base"][k] for k in summary["new"]}
     report["summary"] = summary
-    print("mean over the paired rounds: " + "; ".join(
-        f"{k} base {summary['base'][k]:.3f} s, new {summary['new'][k]:.3f} s ({summary['ratio_new_to_base'][k]:.2f}x)"
-        for k in summary["new"]))
+    if len(summary) == 2:
+        summary["ratio_new_to_base"] = {k: summary["new"][k] / summary["base"][k] for k in summary["new"]}
+        print("mean over the paired rounds: " + "; ".join(
+            f"{k} base {summary['base'][k]:.3f} s, new {summary['new'][k]:.3f} s "
+            f"({summary['ratio_new_to_base'][k]:.2f}x)" for k in summary["new"]))
+    else:
+        print("mean over the rounds after the first: " + "; ".join(
+            f"{kind}: " + ", ".join(f"{k} {v:.3f} s" for k, v in row.items()) for kind, row in summary.items()))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 
