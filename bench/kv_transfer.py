@@ -280,7 +280,7 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
     local memory and the peer's memory mapped through CUDA IPC, by memcpy (``copy_``), an elementwise
     kernel, and the gather kernel in several configurations."""
     from kv_transfer import PeerMetadata, gather
-    from kv_transfer.cuda_ipc import open_handle
+    from kv_transfer.cuda_ipc import CudaIpcTransport
 
     num = 2**30 // bench_layout(1, "cuda").bytes_per_block
     mpctx = mp.get_context("spawn")
@@ -291,8 +291,10 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not parent.poll(START_TIMEOUT_S):
             raise SystemExit("probe: peer process did not start")
         peer = PeerMetadata.decode(parent.recv())
-        mapped = open_handle(peer.address["ipc"], peer.layout)
         src = filled_kv(bench_layout(num, "cuda"), "cuda", side=1)
+        opener = CudaIpcTransport()  # asks the peer for its handle (it exports one per peer that maps it)
+        opener.register(src)
+        mapped = opener._acquire(peer).kv
         dst = torch.empty_like(src)
         words = {"local": gather._words(src), "dst": gather._words(dst), "mapped": gather._words(mapped)}
         ids = torch.arange(num, dtype=torch.int32, device="cuda")

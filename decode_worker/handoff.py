@@ -63,7 +63,6 @@ class KVHandoff:
         self.block_size = block_size
         self.timeout_s = timeout_s
         self.mode = mode
-        self._metadata = transport.metadata() if transport is not None else b""
         self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
         self._background: set[asyncio.Task] = set()
 
@@ -158,7 +157,7 @@ class KVHandoff:
         expect_s = _AHEAD_EXPECT_S if wait_for_prefill else self.timeout_s
         # Sent ahead, nothing lands before the owner answers: the transport need not look until then.
         transfer_id = self.transport.expect(local, timeout_s=expect_s, ahead=wait_for_prefill) if local else ""
-        request = pb.PushKVRequest(request_id=handle.request_id, transport_metadata=self._metadata,
+        request = pb.PushKVRequest(request_id=handle.request_id, transport_metadata=self.transport.metadata(),
                                    transfer_id=transfer_id, block_indices=indices, dst_block_ids=local,
                                    timeout_ms=max(self.timeout_s - _OWNER_MARGIN_S, 0.01) * 1000,
                                    wait_for_prefill=wait_for_prefill)

@@ -61,6 +61,8 @@ class KVPrefaulter:
             if kv is None:
                 return
             target = min(self.num_blocks, self._frontier() + self.window_blocks)
+            if self._stop.is_set():  # stopped while it read the frontier (a park releases the pages next)
+                return
             if self.num_mapped_blocks >= target:
                 del kv
                 self._stop.wait(_POLL_S)

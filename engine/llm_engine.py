@@ -76,9 +76,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.kv_prefaulter: KVPrefaulter | None = None
-        if isinstance(self.runner, ModelRunner) and self.runner.device.type == "cpu":
-            manager = weakref.ref(self.block_manager)
-            self.kv_prefaulter = KVPrefaulter(self.runner.kv, lambda: getattr(manager(), "frontier", 0)).start()
+        self._start_prefaulter()
         # A lone request must always fit in the cache, so the context is capped by it too.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.cache.block_size)
         if not config.scheduler.enable_chunked_prefill:
@@ -125,6 +123,12 @@ class LLMEngine:
         if config.cpu_share_dir and isinstance(self.runner, ModelRunner) and self.runner.device.type == "cpu":
             self.cpu_share = self.runner.cpu_share = CpuShare(config.cpu_share_dir)
             atexit.register(self.cpu_share.close)
+
+    def _start_prefaulter(self) -> None:
+        """On the CPU: fault the cache's next blocks in on idle time (engine.kv_prefault)."""
+        if isinstance(self.runner, ModelRunner) and self.runner.device.type == "cpu":
+            manager = weakref.ref(self.block_manager)
+            self.kv_prefaulter = KVPrefaulter(self.runner.kv, lambda: getattr(manager(), "frontier", 0)).start()
 
     def use_gpu_share(self, share: GpuShare | None) -> None:
         """Play ``share.role`` towards the other worker on this GPU (None: none). Between steps."""
@@ -355,6 +359,10 @@ class LLMEngine:
             raise RuntimeError("only an idle engine parks: requests are queued, running, pulling or pinned")
         start = time.perf_counter()
         self.reset_prefix_cache()
+        if self.kv_prefaulter is not None:  # else it may map its window again once the pages went back
+            self.kv_prefaulter.stop()
+            self.kv_prefaulter.join()
+            self.kv_prefaulter = None
         if isinstance(self.runner, ModelRunner):
             self.runner.park()
         self.num_parks += 1
@@ -369,6 +377,7 @@ class LLMEngine:
         start = time.perf_counter()
         if isinstance(self.runner, ModelRunner):
             self.runner.unpark()
+        self._start_prefaulter()
         self.num_unparks += 1
         return time.perf_counter() - start
 

@@ -138,6 +138,10 @@ class ModelRunner:
         self._layer_gate: Callable[[int], None] | None = None  # a step on the idle workers' cores (CpuShare.gate)
         self.max_model_len = max_model_len
         self._host_weights: dict[int, torch.Tensor] | None = None  # parked: the weights' pinned copies
+        # The pinned host buffers of the first park, kept for the next ones (pinning 15 GiB took
+        # 7-12 s of a park; the copy itself 0.6 s): the weights' tensors in ``_device_tensors`` order.
+        self._pinned: list[torch.Tensor] = []
+        self._graph_sizes_used: set[int] = set()  # the decode graphs replayed before the last park
         self.unpark_s: dict[str, float] = {}  # the last unpark's parts: weights, kv, graphs (seconds)
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
                                             max_model_len, self.block_size, config.enforce_eager, progress)
@@ -163,18 +167,27 @@ class ModelRunner:
         tensors = list(self._device_tensors())
         for _, _, t in tensors:
             if t.data_ptr() not in host:
-                host[t.data_ptr()] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                k = len(host)
+                buf = self._pinned[k] if k < len(self._pinned) else None
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    self._pinned[k:k + 1] = [buf]
+                host[t.data_ptr()] = buf.copy_(t, non_blocking=True)
         torch.cuda.synchronize(self.device)
         for module, name, t in tensors:
             _set_tensor(module, name, host[t.data_ptr()])
         self._host_weights = host
+        if self.graphs is not None:
+            self._graph_sizes_used = set(self.graphs.used)
         self.graphs = None
         self.kv.untyped_storage().resize_(0)
+        torch.cuda.ipc_collect()  # an exported cache (CUDA IPC) whose peers let go of it is freed now
         torch.cuda.empty_cache()
 
     def unpark(self) -> None:
         """Take the device back: the KV cache re-allocated (zeroed), the weights copied back from
-        pinned host memory, the decode CUDA graphs captured again. The KV tensor is the same
+        pinned host memory (the buffers stay for the next park), the decode CUDA graphs of the sizes
+        replayed before the park captured again (the others on their first use). The KV tensor is the same
         object; on a GPU its address is new (a transport that registered device memory registers
         it again)."""
         if not self.parked:
@@ -195,8 +208,10 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         sched = self.config.scheduler
+        # Only the sizes it replayed before the park now; the others on their first step.
         self.graphs = capture_decode_graphs(self.model, self.kv, self.attn, self.inputs, sched.max_num_seqs,
-                                            self.max_model_len, self.block_size, self.config.enforce_eager, False)
+                                            self.max_model_len, self.block_size, self.config.enforce_eager, False,
+                                            capture=self._graph_sizes_used)
         self.unpark_s = {"weights": t1 - t0, "kv": t2 - t1, "graphs": time.perf_counter() - t2}
 
     def _device_tensors(self) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:

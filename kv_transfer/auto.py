@@ -1,5 +1,8 @@
 """``auto``: one transport per peer, chosen by measured bandwidth for where the peer is.
 
+``release`` releases every child that can re-register its cache and drops the others (nccl);
+``register`` after it registers the remaining children again.
+
 At ``register`` it builds every transport that can run here for this tensor (CPU: tcp, nixl, and
 nccl over gloo when given a store; CUDA: cuda_ipc, nixl, tcp, and nccl when given a store),
 sharing one inbox, and publishes all their metadata at once. For each peer it computes the
@@ -56,6 +59,7 @@ class AutoTransport(KVTransport):
     """
 
     transport_name = "auto"
+    reregister_refusal = ""  # its children that cannot are dropped at ``release`` (tcp always can)
 
     def __init__(
         self,
@@ -114,6 +118,21 @@ class AutoTransport(KVTransport):
             self._children[name] = child
         if not self._children:
             raise RuntimeError(f"auto transport: none of {names} can run here")
+
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        for child in self._children.values():
+            child.register(kv)
+
+    def _release(self) -> None:
+        """Release the children; close and drop those that cannot re-register (nccl): after the cache
+        comes back, peers pick among the others (the metadata no longer offers them)."""
+        for name, child in list(self._children.items()):
+            if child.can_reregister:
+                child.release()
+            else:
+                logger.warning("auto transport: dropping %s at release: %s", name, child.reregister_refusal)
+                child.close()
+                del self._children[name]
 
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         return {"children": list(self._children)}, _pack([c.metadata() for c in self._children.values()])

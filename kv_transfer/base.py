@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 10.0
+RELEASE_MARGIN_S = 1.0  # past the last awaited push's deadline before ``release`` lets the memory go
 MAX_CONCURRENT_TRANSFERS = 64  # threads of a transport's pull_async/push_async pool
 Mode = Literal["push", "pull"]
 T = TypeVar("T")
@@ -99,6 +100,7 @@ class PeerMetadata:
     blob: bytes = b""  # backend-specific bytes (NIXL agent metadata, a CUDA IPC handle)
     host: str = ""  # host_id() of the peer's machine
     device: str = ""  # device_id() of the peer's KV tensor
+    epoch: int = 0  # the peer's registration: 1 at ``register``, one more at each re-registration
 
     def encode(self) -> bytes:
         header = json.dumps(
@@ -109,6 +111,7 @@ class PeerMetadata:
                 "address": self.address,
                 "host": self.host,
                 "device": self.device,
+                "epoch": self.epoch,
             },
             separators=(",", ":"),
         ).encode()
@@ -132,6 +135,7 @@ class PeerMetadata:
                 blob=bytes(data[_HEADER.size + n :]),
                 host=header.get("host", ""),
                 device=header.get("device", ""),
+                epoch=int(header.get("epoch", 0)),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed KV transport metadata: {e}") from e
@@ -147,6 +151,9 @@ class KVTransport(ABC):
     """
 
     transport_name: ClassVar[str]
+    # Why this transport cannot register the cache again after it moved (``release``, then
+    # ``register`` at the new address: a parked worker), or "" when it can (``_reregister``).
+    reregister_refusal: ClassVar[str] = "it does not implement re-registration"
 
     def __init__(self, *, model: str = "") -> None:
         self._model = model
@@ -160,6 +167,9 @@ class KVTransport(ABC):
         self._ops_changed = threading.Condition()
         self._inbox = Inbox()  # pushes we expect (shared with the children of an ``auto`` transport)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._epoch = 0  # registrations so far (PeerMetadata.epoch)
+        self._released = False  # ``release``d: no cache registered until ``register`` again
+        self._metadata: bytes | None = None  # ``metadata()`` of this registration
 
     @property
     def name(self) -> str:
@@ -183,23 +193,82 @@ class KVTransport(ABC):
 
     def register(self, kv: torch.Tensor) -> None:
         """Prepare ``kv`` (the engine's whole KV tensor) once: memory registration, block descriptors.
+        After ``release``, register it again at its new address (same layout): a new ``metadata()``
+        (one ``epoch`` more), which the peers must get before their next transfer with us.
 
-        Raises ``ValueError`` when ``kv`` breaks the layout contract, ``RuntimeError`` if called twice.
+        Raises ``ValueError`` when ``kv`` breaks the layout contract (or changed it), ``RuntimeError``
+        if called twice without a ``release`` between.
         """
-        if self._layout is not None:
-            raise RuntimeError(f"{self.transport_name} transport: register() called twice")
         layout = KVLayout.from_tensor(kv, self._model)
-        self._register(kv, layout)
+        if self._layout is not None:
+            if not self._released:
+                raise RuntimeError(f"{self.transport_name} transport: register() called twice")
+            if layout != self._layout:
+                raise ValueError(f"{self.transport_name} transport: the cache came back with another layout "
+                                 f"({layout}, registered: {self._layout})")
+            self._reregister(kv, layout)
+        else:
+            self._register(kv, layout)
         self._kv, self._layout = kv, layout
         self._inbox.bytes_per_block = layout.bytes_per_block
+        with self._lock:
+            self._epoch += 1
+            self._metadata = None
+            self._released = False
+        self._inbox.reopen()
+
+    @property
+    def can_reregister(self) -> bool:
+        """Whether the cache may move (``release``, then ``register`` at its new address)."""
+        return not self.reregister_refusal
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, grace_s: float = 5.0) -> None:
+        """Stop serving the registered cache before its memory goes away (a parked worker): awaited
+        pushes fail, new transfers are refused (``TransferError``), transfers in flight are waited for
+        (up to ``grace_s``), and so is the deadline of every push we ever awaited (a one-sided write
+        started before it may still land), then the backend deregisters the memory and, where it
+        can, has the peers that mapped it let go. ``register`` the cache again once it is back.
+        ``RuntimeError`` where ``reregister_refusal`` says why this transport cannot."""
+        if self.reregister_refusal:
+            raise RuntimeError(f"the {self.transport_name} transport cannot release its cache: "
+                               f"{self.reregister_refusal}")
+        with self._lock:
+            if self._released or self._layout is None:
+                return
+            self._released = True
+            self._metadata = None
+        self._inbox.close(TransferError(f"{self.transport_name} transport released its KV cache (parked)"))
+        deadline = time.monotonic() + grace_s
+        with self._ops_changed:
+            while self._ops and time.monotonic() < deadline:
+                self._ops_changed.wait(deadline - time.monotonic())
+        late = self._inbox.last_deadline + RELEASE_MARGIN_S - time.perf_counter()
+        if late > 0:
+            time.sleep(min(late, max(0.0, deadline - time.monotonic())))
+        self._release()
 
     def metadata(self) -> bytes:
-        """What a peer passes to ``pull``/``push``/``connect`` to reach our blocks (after ``register``)."""
+        """What a peer passes to ``pull``/``push``/``connect`` to reach our blocks (after ``register``;
+        new after each re-registration)."""
         layout = self.layout
+        if self._released:
+            raise RuntimeError(f"{self.transport_name} transport released its cache: register(kv) again")
+        cached = self._metadata
+        if cached is not None:
+            return cached
         address, blob = self._describe()
-        return PeerMetadata(
-            self.transport_name, self._name, layout, address, blob, host=host_id(), device=device_id(self.kv)
+        cached = PeerMetadata(
+            self.transport_name, self._name, layout, address, blob, host=host_id(), device=device_id(self.kv),
+            epoch=self._epoch,
         ).encode()
+        with self._lock:
+            if not self._released:
+                self._metadata = cached
+        return cached
 
     def connect(self, peer_metadata: bytes) -> PeerMetadata:
         """Validate the peer (layout, transport) and set up what transfers with it need; a transfer does
@@ -391,6 +460,8 @@ class KVTransport(ABC):
         with self._ops_changed:
             if self._closing.is_set():
                 raise TransportClosedError(f"{self.transport_name} transport is closed")
+            if self._released:
+                raise TransferError(f"{self.transport_name} transport released its KV cache (parked)")
             self._ops += 1
         try:
             yield
@@ -428,6 +499,14 @@ class KVTransport(ABC):
     @abstractmethod
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         """(address, blob) of ``PeerMetadata`` for this instance."""
+
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        """Register ``kv`` again at its new address after ``_release`` (only where ``reregister_refusal``
+        is empty)."""
+        raise NotImplementedError
+
+    def _release(self) -> None:  # noqa: B027  (optional hook)
+        """Deregister the cache's memory; have peers that mapped it drop their mappings where possible."""
 
     def _connect(self, peer: PeerMetadata) -> None:  # noqa: B027  (optional hook)
         """Prepare per-peer state ahead of a transfer (NIXL: add the remote agent, prep its descriptors)."""

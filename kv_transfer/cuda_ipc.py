@@ -1,9 +1,13 @@
 """CUDA IPC transport: processes on one node copy straight between each other's KV tensors.
 
-At ``register`` the KV tensor's CUDA IPC handle is exported once (``UntypedStorage._share_cuda_``,
-what ``torch.multiprocessing`` uses); a peer opens it once, on its first transfer with us, and keeps
-the mapping until ``disconnect``/``close``. A transfer is then a device-to-device copy inside one
-process: a few runs of blocks as one ``copy_`` each, many as ONE gather kernel (``gather.copy_runs``).
+A peer asks for our KV tensor's CUDA IPC handle once, on its first transfer with us (``open`` over
+our channel server), and keeps the mapping until ``disconnect``/``close`` or our ``unmap``. Each
+``open`` exports the handle anew (``UntypedStorage._share_cuda_``, what ``torch.multiprocessing``
+uses): torch keeps an exported allocation alive until the process that opened that export lets go
+of it, so one export per peer that maps it lets the memory go once every such peer did (an export
+made at registration that nobody opened would keep the cache allocated for ever: a parked worker's
+memory would not go back). A transfer is then a device-to-device copy inside one process: a few
+runs of blocks as one ``copy_`` each, many as ONE gather kernel (``gather.copy_runs``).
 
 - pull: the destination copies from the owner's mapped tensor into its blocks, then synchronizes.
 - push: the owner ``claim``s the transfer on the destination's channel server (it still awaits
@@ -11,6 +15,13 @@ process: a few runs of blocks as one ``copy_`` each, many as ONE gather kernel (
   the destination's mapped tensor, synchronizes, then sends ``done`` (transfer id, digest; not
   answered: one round trip per push), on which the destination's inbox completes the ``expect``ed
   transfer; when ``push`` returns the owner may free its blocks.
+
+Re-registration (a parked worker's cache comes back at a new address): ``release`` sends
+``unmap`` to every peer that opened our handle and waits for its answer (it dropped the mapping),
+so the old allocation is really freed; ``register`` starts the next ``epoch``. A peer that sees a
+newer epoch opens the new handle and drops the old mapping; an older epoch than it knows is stale
+metadata, refused (``TransferError``: the caller recomputes); ``open`` and a push's ``claim`` name
+the epoch the peer saw, and we refuse any other (and everything while released).
 
 The caller makes sure the source blocks are final (the step that wrote them has finished). Only
 processes on the same machine (``host_id``) whose GPUs can map each other's memory can use it; the
@@ -38,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 _SPIN_S = 2e-3  # poll a copy's event without sleeping this long, then sleep between polls
 _POLL_SLEEP_S = 5e-5
+_UNMAP_TIMEOUT_S = 2.0  # a peer's answer to ``unmap`` at release
 
 
 def export_handle(kv: torch.Tensor) -> dict[str, Any]:
@@ -86,6 +98,7 @@ def open_handle(fields: dict[str, Any], layout: KVLayout) -> torch.Tensor:
 @dataclass
 class _Mapped:
     kv: torch.Tensor  # the peer's KV tensor, mapped here
+    epoch: int = 0  # of the peer's registration it maps
     users: int = 0
     dropped: bool = False
 
@@ -98,6 +111,7 @@ class CudaIpcTransport(KVTransport):
     """
 
     transport_name = "cuda_ipc"
+    reregister_refusal = ""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, server_timeout_s: float = 30.0, model: str = ""):
         super().__init__(model=model)
@@ -105,43 +119,84 @@ class CudaIpcTransport(KVTransport):
         self._server_timeout_s = server_timeout_s
         self._server: ChannelServer | None = None
         self._client = ChannelClient()
-        self._handle: dict[str, Any] = {}
         self._mapped: dict[str, _Mapped] = {}
+        self._mappers: dict[str, tuple[str, int]] = {}  # peers that mapped our handle: name -> channel address
         self._streams = threading.local()  # a copy stream per transfer thread
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
         if not kv.is_cuda:
             raise ValueError("the cuda_ipc transport moves CUDA tensors only")
-        self._handle = export_handle(kv)
         self._server = ChannelServer(self.name, self._host, self._port, self._handle_message, self._server_timeout_s)
+
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        pass  # peers open the new tensor's handle on their next transfer (``open`` names the epoch)
+
+    def _release(self) -> None:
+        """Have every peer that opened our handle drop it (answered once dropped)."""
+        with self._lock:
+            mappers, self._mappers = dict(self._mappers), {}
+        deadline = time.perf_counter() + _UNMAP_TIMEOUT_S
+        for name, (host, port) in mappers.items():
+            peer = PeerMetadata(self.transport_name, name, self.layout, {"host": host, "port": port})
+            try:
+                self._notify(peer, {"op": "unmap", "name": name, "peer": self.name, "epoch": self._epoch}, deadline)
+            except TransferError as e:  # gone, or slow: its mapping keeps the old allocation until it drops it
+                logger.warning("%s: %s did not drop its mapping of our KV cache: %s", self.name, name, e)
 
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         assert self._server is not None
-        return {"host": self._host, "port": self._server.port, "ipc": self._handle}, b""
+        return {"host": self._host, "port": self._server.port}, b""
 
     # Peers' mapped tensors.
 
-    def _acquire(self, peer: PeerMetadata) -> _Mapped:
+    def _acquire(self, peer: PeerMetadata, deadline: float | None = None) -> _Mapped:
+        """The peer's tensor, mapped on first use (and again when it re-registered), counted as used
+        until ``_release_mapping``."""
         if peer.host != host_id():
             raise TransferError(f"cuda_ipc peer {peer.name!r} runs on another machine ({peer.host})")
         with self._lock:
-            mapped = self._mapped.get(peer.name)
-            if mapped is None:
-                try:
-                    tensor = open_handle(peer.address["ipc"], peer.layout)
-                except (RuntimeError, KeyError, ValueError) as e:  # TransferError is a RuntimeError too
-                    raise TransferError(f"cannot open the CUDA IPC handle of {peer.name!r}: {e}") from e
-                mapped = self._mapped[peer.name] = _Mapped(tensor)
+            mapped = self._lookup(peer)
+            if mapped is not None:
+                mapped.users += 1
+                return mapped
+        tensor = self._open(peer, deadline if deadline is not None else time.perf_counter() + 5.0)
+        with self._lock:
+            mapped = self._lookup(peer)
+            if mapped is None:  # (else another transfer mapped it meanwhile: ours closes unused)
+                mapped = self._mapped[peer.name] = _Mapped(tensor, peer.epoch)
                 metrics.record_connect(self.transport_name)
             mapped.users += 1
             return mapped
 
-    def _release(self, mapped: _Mapped) -> None:
+    def _lookup(self, peer: PeerMetadata) -> _Mapped | None:
+        """Our mapping of the peer's current registration (under the lock), or None."""
+        mapped = self._mapped.get(peer.name)
+        if mapped is not None and mapped.epoch != peer.epoch:
+            if peer.epoch < mapped.epoch:
+                raise TransferError(f"stale metadata of cuda_ipc peer {peer.name!r}: its registration "
+                                    f"{peer.epoch}, we mapped its newer {mapped.epoch}")
+            del self._mapped[peer.name]  # it re-registered: the old mapping closes once unused
+            mapped = None
+        return mapped
+
+    def _open(self, peer: PeerMetadata, deadline: float) -> torch.Tensor:
+        """Ask the peer for its handle (it exports it for us and remembers us, to ``unmap`` us when it
+        releases its cache) and map it. A peer at another registration, or released, refuses."""
+        assert self._server is not None
+        message = {"op": "open", "name": peer.name, "epoch": peer.epoch,
+                   "by": {"name": self.name, "host": self._host, "port": self._server.port}}
+        reply = self._notify(peer, message, deadline)
+        try:
+            return open_handle(reply["ipc"], peer.layout)
+        except (RuntimeError, KeyError, ValueError) as e:  # TransferError is a RuntimeError too
+            raise TransferError(f"cannot open the CUDA IPC handle of {peer.name!r}: {e}") from e
+
+    def _release_mapping(self, mapped: _Mapped) -> None:
         with self._lock:
             mapped.users -= 1
 
     def _connect(self, peer: PeerMetadata) -> None:
-        self._release(self._acquire(peer))
+        self._release_mapping(self._acquire(peer))
 
     def _disconnect(self, peer_name: str) -> None:
         with self._lock:
@@ -150,27 +205,28 @@ class CudaIpcTransport(KVTransport):
     # Transfers.
 
     def _pull(self, peer: PeerMetadata, runs: list[BlockRun], deadline: float) -> int:
-        mapped = self._acquire(peer)
+        mapped = self._acquire(peer, deadline)
         try:
             return self._copy(
                 mapped.kv, self.kv, [(r.remote_start, r.local_start, r.num_blocks) for r in runs], deadline
             )
         finally:
-            self._release(mapped)
+            self._release_mapping(mapped)
 
     def _push(self, peer: PeerMetadata, transfer_id: str, digest: str, runs: list[BlockRun], deadline: float) -> int:
         """Claim (the destination still awaits these blocks, and is alive), copy, then ``done``."""
         message = {"name": peer.name, "transfer_id": transfer_id, "digest": digest}
-        self._notify(peer, {**message, "op": "claim"}, deadline)
-        mapped = self._acquire(peer)
+        self._notify(peer, {**message, "op": "claim", "epoch": peer.epoch}, deadline)
+        mapped = self._acquire(peer, deadline)
         try:
             n = self._copy(self.kv, mapped.kv, [(r.local_start, r.remote_start, r.num_blocks) for r in runs], deadline)
         finally:
-            self._release(mapped)
+            self._release_mapping(mapped)
         self._notify(peer, {**message, "op": "done", "num_copies": n}, deadline, answered=False)
         return n
 
-    def _notify(self, peer: PeerMetadata, message: dict[str, Any], deadline: float, answered: bool = True) -> None:
+    def _notify(self, peer: PeerMetadata, message: dict[str, Any], deadline: float,
+                answered: bool = True) -> dict[str, Any]:
         """Send ``message``; wait for the answer unless ``answered`` is False (``done``: the destination
         completes the transfer on receipt, sparing the owner a round trip)."""
         try:
@@ -183,6 +239,7 @@ class CudaIpcTransport(KVTransport):
             raise TransferError(f"cuda_ipc {message['op']} to {peer.name!r} failed: {e}") from e
         if not reply.get("ok"):
             raise TransferError(f"cuda_ipc peer {peer.name!r} refused {message['op']}: {reply.get('error')}")
+        return reply
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], deadline: float) -> int:
         """Copy on this thread's stream and wait for it (polling, so the deadline holds). A copy starts
@@ -212,9 +269,33 @@ class CudaIpcTransport(KVTransport):
 
     def _handle_message(self, stream: Stream, request: dict[str, Any]) -> None:
         op = request.get("op")
-        if op not in ("claim", "done") or request.get("name") != self.name:
+        if op not in ("claim", "done", "open", "unmap") or request.get("name") != self.name:
             error = f"unexpected message for {self.name!r}: op {op!r} for {request.get('name')!r}"
             stream.send_message({"ok": False, "error": error})
+            return
+        if op in ("open", "claim") and (self._released or request.get("epoch") != self._epoch):
+            error = f"{op} names registration {request.get('epoch')} of {self.name!r}, which is at {self._epoch}" \
+                + (" and released (parked)" if self._released else "")
+            stream.send_message({"ok": False, "error": error})
+            return
+        if op == "open":  # one export per peer that maps it (see the module's docstring)
+            by = request["by"]
+            with self._lock:
+                self._mappers[str(by["name"])] = (str(by["host"]), int(by["port"]))
+            try:
+                ipc = export_handle(self.kv)
+            except RuntimeError as e:
+                stream.send_message({"ok": False, "error": f"cannot export the KV cache's handle: {e}"})
+                return
+            stream.send_message({"ok": True, "ipc": ipc})
+            return
+        if op == "unmap":  # the peer releases its cache: drop our mapping of it (transfers using it finish on it)
+            with self._lock:
+                mapped = self._mapped.get(str(request["peer"]))
+                if mapped is not None and mapped.epoch <= int(request["epoch"]):
+                    del self._mapped[str(request["peer"])]
+            del mapped
+            stream.send_message({"ok": True})
             return
         transfer_id, digest = str(request["transfer_id"]), str(request["digest"])
         if op == "claim":

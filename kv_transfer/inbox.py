@@ -58,6 +58,7 @@ class Inbox:
         self._closed: TransferError | None = None
         self._changed = threading.Condition(self._lock)
         self.bytes_per_block = 0
+        self.last_deadline = 0.0  # the latest deadline (time.perf_counter) of any transfer ever expected
 
     def expect(self, block_ids: Sequence[int], timeout_s: float, num_blocks: int, ahead: bool = False) -> str:
         """Register a transfer into ``block_ids`` (distinct, in range, not awaited by another transfer).
@@ -80,6 +81,7 @@ class Inbox:
             if taken:
                 raise ValueError(f"local blocks {taken[:8]} already await transfer {self._busy_blocks[taken[0]]}")
             self._entries[entry.transfer_id] = entry
+            self.last_deadline = max(self.last_deadline, entry.deadline)
             for b in block_ids:
                 self._busy_blocks[b] = entry.transfer_id
             self._changed.notify_all()
@@ -156,6 +158,11 @@ class Inbox:
             self._changed.notify_all()
         for transfer_id in ids:
             self.fail(transfer_id, error)
+
+    def reopen(self) -> None:
+        """Accept expected transfers again after ``close`` (the transport re-registered its cache)."""
+        with self._lock:
+            self._closed = None
 
     def wait(self, transfer_id: str) -> TransferResult:
         """Block until ``transfer_id`` completes; ``TransferError`` if it failed, timed out or is unknown."""

@@ -21,10 +21,14 @@ class LoopbackTransport(KVTransport):
     """Copies blocks with ``Tensor.copy_`` from a peer registered in the same process."""
 
     transport_name = "loopback"
+    reregister_refusal = ""
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
         with _REGISTRY_LOCK:
             _REGISTRY[self.name] = self
+
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        pass  # still in the registry: peers find the tensor by name
 
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         return {"pid": os.getpid()}, b""
@@ -34,7 +38,7 @@ class LoopbackTransport(KVTransport):
             raise TransferError(f"loopback peer {peer.name!r} lives in process {peer.address.get('pid')}, not this one")
         with _REGISTRY_LOCK:
             owner = _REGISTRY.get(peer.name)
-        if owner is None or owner._kv is None or owner._closing.is_set():
+        if owner is None or owner._kv is None or owner._closing.is_set() or owner._released:
             raise TransferError(f"loopback peer {peer.name!r} is closed")
         return owner
 

@@ -54,6 +54,10 @@ class NcclTransport(KVTransport):
     nccl for CUDA tensors and gloo for CPU ones. ``host``/``port``: the channel server for headers."""
 
     transport_name = "nccl"
+    # Its transfers name no address (send/recv of the blocks at call time), but a pair's communicator
+    # and what NCCL cached of the old buffers were never tried across a park: NCCL puts one rank per
+    # GPU, and our GPU machine has one.
+    reregister_refusal = "re-registration after a park is untested (NCCL needs two GPUs to test it)"
 
     def __init__(
         self,

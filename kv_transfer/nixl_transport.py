@@ -16,6 +16,14 @@ WRITEs into the other process's VRAM run at copy speed while READs fall back to 
 Failures stay with their transfer: a timeout cancels that transfer's handle only. A failed endpoint
 (state ERR) drops the peer's cached state for the next transfer; transfers still using it finish first.
 
+Re-registration (a parked worker's cache comes back at a new address): ``release`` releases the
+local descriptor list and deregisters the memory; ``register`` registers the new tensor under the
+next ``epoch``, whose agent metadata carries the new registration. A peer that sees a newer epoch
+drops the agent it loaded (once no transfer uses it; until then the transfer fails, and the caller
+recomputes) and loads the new metadata; an older epoch than it knows is stale, refused. A peer
+learns of the new registration on its next transfer with us (a push: the destination's metadata
+comes with the request; a pull: with the KV handle); until then it keeps the old agent loaded.
+
 UCX picks its devices from the environment: ``UCX_NET_DEVICES=lo`` keeps a test on loopback.
 """
 
@@ -125,6 +133,7 @@ def _make_agent(
 class _Peer:
     agent_name: str
     dlist: Any  # nixl_prepped_dlist_handle over all the peer's blocks
+    epoch: int = 0  # of the peer's registration it describes
     users: int = 0  # transfers using it now
     dropped: bool = False  # no longer cached: released when the last user is done
 
@@ -136,6 +145,7 @@ class NixlTransport(KVTransport):
     """Pulls with NIXL READs, pushes with NIXL WRITEs. Requires the ``nixl`` package."""
 
     transport_name = "nixl"
+    reregister_refusal = ""
 
     def __init__(
         self,
@@ -186,23 +196,52 @@ class NixlTransport(KVTransport):
         self._notif_thread = threading.Thread(target=self._notif_loop, name=f"{self.name}-notifs", daemon=True)
         self._notif_thread.start()
 
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        self._reg_descs = self._agent.register_memory(kv)
+        descs = _block_descs(kv.data_ptr(), layout.num_blocks, layout.bytes_per_block, self._device_id)
+        self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, descs, self._mem_type)
+
+    def _release(self) -> None:
+        try:
+            if self._local_dlist is not None:
+                self._local_dlist.release()
+            if self._reg_descs is not None:
+                self._agent.deregister_memory(self._reg_descs)
+        except self._errors as e:
+            logger.warning("%s: releasing NIXL registrations: %s", self.name, e)
+        self._local_dlist = self._reg_descs = None
+
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         address = {"base_addr": self.kv.data_ptr(), "device_id": self._device_id, "mem_type": self._mem_type}
         return address, self._agent.get_agent_metadata()
 
     def _connect(self, peer: PeerMetadata) -> None:
-        self._release(self._acquire(peer))
+        self._release_peer(self._acquire(peer))
 
     def _acquire(self, peer: PeerMetadata) -> _Peer:
-        """The peer's cached state (set up on first use), counted as used until ``_release``."""
+        """The peer's cached state (set up on first use), counted as used until ``_release_peer``."""
+        stale: _Peer | None = None
         with self._lock:
             known = self._peers.get(peer.name)
+            if known is not None and known.epoch != peer.epoch:
+                if peer.epoch < known.epoch:
+                    raise TransferError(f"stale metadata of NIXL peer {peer.name!r}: its registration {peer.epoch}, "
+                                        f"we loaded its newer {known.epoch}")
+                if known.users:
+                    raise TransferError(f"NIXL peer {peer.name!r} registered its cache again while transfers with "
+                                        "its old registration are in flight")
+                stale = self._peers.pop(peer.name)  # it re-registered: load its new metadata
+                stale.dropped = True
+                known = None
+            if stale is not None:
+                self._free(stale)
             if known is None:
                 known = self._peers[peer.name] = self._add_peer(peer)
+                known.epoch = peer.epoch
             known.users += 1
             return known
 
-    def _release(self, peer: _Peer) -> None:
+    def _release_peer(self, peer: _Peer) -> None:
         with self._lock:
             peer.users -= 1
             free = peer.dropped and peer.users == 0
@@ -269,7 +308,7 @@ class NixlTransport(KVTransport):
         except self._errors as e:
             raise TransferError(f"NIXL notification to {peer.name!r} failed: {e}") from e
         finally:
-            self._release(remote)
+            self._release_peer(remote)
         return 0
 
     def _xfer(self, op: str, peer: PeerMetadata, runs: list[BlockRun], deadline: float, notif: bytes) -> int:
@@ -279,7 +318,7 @@ class NixlTransport(KVTransport):
         try:
             return self._xfer_with(op, peer, remote, runs, deadline, notif)
         finally:
-            self._release(remote)
+            self._release_peer(remote)
 
     def _xfer_with(
         self, op: str, peer: PeerMetadata, remote: _Peer, runs: list[BlockRun], deadline: float, notif: bytes

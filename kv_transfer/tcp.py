@@ -55,6 +55,7 @@ class TcpTransport(KVTransport):
     """
 
     transport_name = "tcp"
+    reregister_refusal = ""  # it copies through the tensor, wherever its memory is: nothing to register
 
     def __init__(
         self,
@@ -89,6 +90,10 @@ class TcpTransport(KVTransport):
         self._served_layout = layout
         self._server = ChannelServer(self.name, self._host, self._port, self._handle, self._server_timeout_s)
 
+    def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        self._bytes = kv.reshape(-1).view(torch.uint8)
+        self._host_view = _byte_view(kv) if kv.device.type == "cpu" else None
+
     def _describe(self) -> tuple[dict[str, Any], bytes]:
         return {"host": self._advertise_host, "port": self.port}, b""
 
@@ -98,6 +103,8 @@ class TcpTransport(KVTransport):
         layout = self._served_layout
         assert layout is not None
         runs, error = self._check_request(layout, request)
+        if error is None and self._released:
+            error = {"reason": "peer", "error": f"{self.name!r} released its KV cache (parked)"}
         op = request.get("op", "read")
         if error is None and op not in ("read", "write"):
             error = {"reason": "peer", "error": f"unknown operation {op!r}"}

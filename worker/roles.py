@@ -13,12 +13,20 @@ drained, idle worker gives its device back and keeps the process and the model
 (``LLMEngine.park``: the weights in pinned host memory, the KV cache freed); it serves no tier
 and holds no GPU. ``SwitchRole`` to a tier then takes the device back (``LLMEngine.unpark``) and
 registers it there: a start in seconds, without loading the weights again.
+
+A KV transport that registered the GPU cache by address (NIXL, CUDA IPC) follows it: parking
+``release``s it first (awaited pushes fail, peers that mapped the cache let go, the memory is
+deregistered), unparking ``register``s the cache at its new address and publishes the new
+``transport_metadata`` (one ``epoch`` more) in etcd before the routers see the worker again; peers
+load it on their next transfer with it and refuse older metadata (``kv_transfer``). A transport that
+cannot re-register (``reregister_refusal``: nccl) keeps the worker from parking.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -28,6 +36,8 @@ import grpc
 from runtime.discovery import register
 from runtime.pb import tandem_worker_pb2 as pb
 from worker.server import ROLE_SWITCH, WorkerIdentity, WorkerServicer
+
+log = logging.getLogger("tandem.worker")
 
 ROLE_FROM_PB = {pb.WORKER_ROLE_PREFILL: "prefill", pb.WORKER_ROLE_DECODE: "decode"}
 ROLE_TO_PB = {v: k for k, v in ROLE_FROM_PB.items()}
@@ -152,28 +162,54 @@ class SwitchableServicer(WorkerServicer):
         if refused:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refused)
         if not self.parked:
-            await self.engine.call(lambda e: e.park())
+            follows = self._transport_follows_cache()
+            if follows:
+                await asyncio.to_thread(self.transport.release)
+            try:
+                await self.engine.call(lambda e: e.park())
+            except BaseException:
+                if follows:
+                    await self._register_cache()
+                raise
             self.parked = True
         return pb.SwitchRoleResponse(previous_role=ROLE_TO_PB[self.identity.role], role=pb.WORKER_ROLE_UNSPECIFIED,
                                      switch_ms=(time.perf_counter() - start) * 1000)
 
     def _cannot_park(self) -> str:
-        """Why this worker cannot park, or "": a transport that registered a GPU KV cache by its
-        address (NIXL, CUDA IPC, NCCL) would move blocks at the old address once unparking gives the
-        cache a new one (re-registration is not built); TCP copies through the tensor, and on the
-        CPU the address stays (``ModelRunner.park``)."""
-        transport = self.transport
-        if transport is None or transport.transport_name == "tcp" or transport.kv.device.type != "cuda":
+        """Why this worker cannot park, or "": unparked, a GPU KV cache comes back at a new address,
+        which its transport must register again (``KVTransport.reregister_refusal``: nccl cannot). On
+        the CPU the address stays (``ModelRunner.park``)."""
+        if not self._transport_follows_cache() or self.transport.can_reregister:
             return ""
-        return (f"the {transport.transport_name} transport registered this worker's GPU KV cache by address; "
-                "a parked worker's cache comes back at a new one: stop it instead")
+        return (f"the {self.transport.transport_name} transport registered this worker's GPU KV cache and cannot "
+                f"register it again at the new address it gets unparked ({self.transport.reregister_refusal}): "
+                "stop it instead")
+
+    def _transport_follows_cache(self) -> bool:
+        """Whether parking moves the cache under the transport: a GPU cache (its address changes)."""
+        return self.transport is not None and self.transport.kv.device.type == "cuda"
+
+    async def _register_cache(self) -> None:
+        """Register the (moved) cache with the transport again and publish its new metadata in the
+        registration the routers and peers read (``WorkerInfo.transport_metadata``)."""
+        kv = await self.engine.call(lambda e: e.kv_cache)
+        await asyncio.to_thread(self.transport.register, kv)
+        if self.membership is not None:
+            self.membership.info = dataclasses.replace(self.membership.info,
+                                                       transport_metadata=self.transport.metadata())
 
     async def _unpark(self, role: str, context: grpc.aio.ServicerContext) -> pb.SwitchRoleResponse:
         """Take the device back and register in ``role``: the tier's routers send it requests again."""
         start = time.perf_counter()
         if self.membership is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is not registered yet")
-        await self.engine.call(lambda e: e.unpark())
+        engine_s = await self.engine.call(lambda e: e.unpark())
+        t0 = time.perf_counter()
+        if self._transport_follows_cache():
+            await self._register_cache()
+        parts = getattr(getattr(getattr(self.engine, "engine", None), "runner", None), "unpark_s", {})
+        log.info("unparked: engine %.2f s (%s), KV transport registered again %.2f s", engine_s,
+                 ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), time.perf_counter() - t0)
         self.identity = dataclasses.replace(self.identity, role=role)
         share = getattr(getattr(self.engine, "engine", None), "gpu_share", None)
         if share is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -78,3 +79,34 @@ def test_the_cpu_engine_prefaults_its_cache(tiny_model: Callable[[str], TinyMode
     # The tiny model's blocks are small: its 64 MiB window is the whole cache.
     wait_for(lambda: pf.num_mapped_blocks == 512)
     assert all(resident_blocks(engine.runner.kv))
+
+
+def test_a_parked_engine_stops_prefaulting_and_starts_again_unparked(tiny_model: Callable[[str], TinyModel]) -> None:
+    """Park releases the cache's pages; a prefaulter still running would map its window again
+    (here: it is inside its frontier read when the park begins, and goes on 0.3 s later)."""
+    llm = LLM(str(tiny_model("llama").path), dtype="bfloat16", num_blocks=512, progress=False)
+    engine, kv = llm.engine, llm.engine.runner.kv
+    assert engine.kv_prefaulter is not None
+    engine.kv_prefaulter.stop()
+    engine.kv_prefaulter.join()
+    inside, go_on = threading.Event(), threading.Event()
+
+    def frontier() -> int:
+        inside.set()
+        go_on.wait()
+        return 0
+
+    engine.kv_prefaulter = KVPrefaulter(kv, frontier).start()
+    assert inside.wait(10)
+    threading.Timer(0.3, go_on.set).start()
+    engine.park()
+    go_on.wait()
+    time.sleep(0.3)  # time for a prefaulter left running to map its window (the whole tiny cache)
+    assert not any(resident_blocks(kv))
+
+    engine.unpark()
+    pf = engine.kv_prefaulter
+    assert pf is not None and pf._thread.is_alive()
+    wait_for(lambda: pf.num_mapped_blocks == 512)
+    assert all(resident_blocks(kv))
+    assert llm.generate([[5] * 40], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids

@@ -67,7 +67,7 @@ def test_a_parked_engine_gives_its_gpu_memory_back_and_decodes_the_same_unparked
         assert x.token_ids == y.token_ids
         for lx, ly in zip(x.logprobs, y.logprobs):
             assert abs(lx.logprob - ly.logprob) < 1e-3, (lx, ly)
-    # and again: a second park and unpark (the pinned copies are made anew each time)
+    # and again: a second park and unpark (into the pinned buffers of the first park)
     engine.park()
     engine.unpark()
     assert [o.token_ids for o in _greedy(llm, prompts)] == [o.token_ids for o in before]
