@@ -247,6 +247,7 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
                 changes = account(decision, workers)
                 if changes:
                     fast_actions += [f"{tf:g}:{a.kind.value}:{a.role}" for a in changes]
+                    fast_actions += [f"{tf:g}:{x}" for x in decision.reasons]
                     apply(sim, decision.actions, tf)
                 k += 1
         t += interval

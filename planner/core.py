@@ -24,14 +24,15 @@ Order of a tick:
 
 Between ticks, :meth:`Planner.react` is the fast check (every ``PlannerConfig.fast_interval_s``,
 Dynamo's load-mode cadence): starts only, for a tier whose workers' own observations show an SLO
-breach coming (the load mode's verdict on the workers' counters, not on the routers' arrivals:
-a new prompt's predicted TTFT over the target behind the tier's queue, or the tier saturated;
-every decode seat or 90% of the KV taken, the predicted ITL over the target, or the decode rate
-over 0.9 of the tier's capacity at the target). It sizes the tier to the load's need (the
-latest arrival rate included), counts the tier's starting workers and the starts issued and not
-seen yet (repeated fast starts do not overshoot), keeps to the budget, and ignores the grace
-period and changes in progress (a breach after a scale-down does not wait them out). It learns
-nothing and never drains or switches; its starts open a grace period like any change.
+breach (the load mode's verdict on the workers' counters, not on the routers' arrivals: a new
+prompt's predicted TTFT over the target behind the tier's queue, or the tier saturated; every
+decode seat or 90% of the KV taken, or the predicted ITL over the target: ``BREACHES``). It
+sizes the tier to the load's need (the latest arrival rate included), counts the tier's starting
+workers and the starts issued and not seen yet (repeated fast starts do not overshoot), keeps to
+the budget, and ignores the grace period and changes in progress (a breach after a scale-down
+does not wait them out). It learns nothing and never drains or switches; its starts open a grace
+period like any change. Load and both modes only: in throughput mode the tick sizes from the
+forecast alone and drains what the load model's breach started (a flap).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from planner.profile import Profile
 from planner.throughput import ThroughputModel
 
 TRANSITIONS = (WorkerState.STARTING, WorkerState.DRAINING, WorkerState.SWITCHING)
+# The load mode's verdicts the fast check acts on: the target missed or the tier saturated, as the
+# workers show it (prefill: a new prompt's TTFT behind the queue, or busy past 0.9; decode: the ITL,
+# seats or KV). Not ``itl-rising`` (a rate near the capacity: the tick's business).
+BREACHES = ("ttft-over-slo", "itl-over-slo")
 
 
 @dataclass
@@ -156,11 +161,13 @@ class Planner:
         ready = [w for w in workers if w.state is WorkerState.READY]
         now_traffic = Traffic.merge(obs.windows)
         last = self.traffic
-        if cfg.aggregated or math.isnan(last.request_rate):  # one tier: the tick's; no tick with windows yet
+        # one tier: the tick's; throughput mode: its tick sizes from the forecast alone and drains what
+        # the load model started (burst, no pool: 14 reversals in 90 intervals); no tick with windows yet
+        if cfg.aggregated or cfg.mode == "throughput" or math.isnan(last.request_rate):
             return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"], (), tuple(reasons))
         isl = self._new_isl(now_traffic if now_traffic.isl_mean > 0 else last)
         osl = now_traffic.osl_mean if now_traffic.osl_mean > 0 else last.osl_mean
-        rate = self._lead_rate(last)
+        rate = last.request_rate  # measured, not a forecast: the breach is now
         if now_traffic.request_rate > rate:
             rate = now_traffic.request_rate
         issued = self._issued_starts(workers)
@@ -169,7 +176,7 @@ class Planner:
         for r in ROLES:
             tier = [w for w in ready if w.role == r]
             verdict = self.load.judge(r, tier, isl, 0.0, osl)  # the workers' own counters: a breach, not a forecast
-            if verdict.delta <= 0:
+            if verdict.delta <= 0 or verdict.reason.code not in BREACHES:
                 continue
             if r == "prefill":
                 need = self.load.prefill_need(tier, isl, rate)

@@ -77,9 +77,12 @@ def test_decode_requests_waiting_for_a_seat_start_a_decode_worker() -> None:
         next(r for r in d.reasons if r.code == "fast-up").values
 
 
-def test_no_fast_start_before_a_tick_has_seen_traffic_or_in_an_aggregated_cluster() -> None:
+def test_no_fast_start_before_a_tick_has_seen_traffic_in_throughput_mode_or_aggregated() -> None:
     queued = tier("prefill", 2, num_queued_prefill_tokens=30000) + tier("decode", 1)
     assert not Planner(config(mode="load"), profile()).react(observe(5.0, queued)).actions
+    forecast = Planner(config(mode="throughput"), profile())  # its ticks would drain what the fast path starts
+    forecast.tick(observe(10.0, tier("prefill", 2) + tier("decode", 1), window(5.0, isl=1000)))
+    assert not forecast.react(observe(15.0, queued)).actions
     agg = Planner(replace(config(mode="load", min_prefill=0), aggregated=True), profile())
     agg.tick(observe(10.0, tier("decode", 1, num_queued_prefill_tokens=30000), window(5.0)))
     assert not agg.react(observe(15.0, tier("decode", 1, num_queued_prefill_tokens=30000))).actions
