@@ -31,7 +31,8 @@ sizes the tier to the load's need (the latest arrival rate included), counts the
 workers and the starts issued and not seen yet (repeated fast starts do not overshoot), keeps to
 the budget, and ignores the grace period and changes in progress (a breach after a scale-down
 does not wait them out). It learns nothing and never drains or switches; its starts open a grace
-period like any change. Load and both modes only: in throughput mode the tick sizes from the
+period like any change. It acts on a breach two checks in a row saw (one catching a queue of
+long prompts at its peak is not one). Load and both modes only: in throughput mode the tick sizes from the
 forecast alone and drains what the load model's breach started (a flap).
 """
 
@@ -93,6 +94,7 @@ class Planner:
         self.pending: list[_Pending] = []
         self.abandoned: dict[str, float] = {}  # worker id -> when
         self.traffic = Traffic()  # the last tick's routers' windows, merged (the fast check sizes with it)
+        self.breached: dict[str, float] = {}  # tier -> when the fast check last saw it breach (the check before)
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self, obs: Observation) -> Decision:
@@ -177,6 +179,13 @@ class Planner:
             tier = [w for w in ready if w.role == r]
             verdict = self.load.judge(r, tier, isl, 0.0, osl)  # the workers' own counters: a breach, not a forecast
             if verdict.delta <= 0 or verdict.reason.code not in BREACHES:
+                self.breached.pop(r, None)
+                continue
+            # seen on two checks in a row: a queue of long prompts that one check catches at its peak is
+            # not a breach (mix_shift: starts drained again, 2 -> 8 reversals); a step in the load stays
+            before, self.breached[r] = self.breached.get(r), obs.now_s
+            if before is None or obs.now_s - before > 2 * max(cfg.fast_interval_s, 1e-9):
+                reasons.append(Reason("fast-breach-once", r, verdict.reason.values))
                 continue
             if r == "prefill":
                 need = self.load.prefill_need(tier, isl, rate)

@@ -219,11 +219,13 @@ def test_the_services_fast_check_starts_on_a_breach_and_leaves_the_steps_to_the_
     service.view.steps_put("d0", steps(10, 0.01 + 1e-4 * 4 + 1e-8 * 400, 4, 400))  # the profile's step
     assert not asyncio.run(service.tick(registered)).actions
     # Between ticks every seat of d0 (the profile's 100) is taken and 20 wait: asked 2000 x 120 / 100 = 2400
-    # tok/s of 1000-token contexts, 3810 tok/s a worker at 0.8 of its capacity; seats 120 > 90 -> 2: one start.
+    # tok/s of 1000-token contexts, 3810 tok/s a worker at 0.8 of its capacity; seats 120 > 90 -> 2: one start
+    # (on the second check that sees it).
     full = steps(20, 0.03, 100, 100_000, running=100)
     full.num_waiting, full.num_active_kv_tokens, full.decode_tokens_per_s = 20, 100_000, 2000.0
     service.view.steps_put("d0", full)
-    d = asyncio.run(service.react(registered))
+    assert asyncio.run(service.react(registered)).codes() == ["fast-breach-once"]  # not published
+    d = asyncio.run(service.react(registered))  # seen by two checks in a row: a breach
     assert [(a.kind.value, a.role) for a in d.actions] == [("start", "decode")] and "fast-up" in d.codes()
     assert service.last is d and service.seq == 2  # published like a tick's decision
     # the fast check consumed nothing: the next tick's observation still holds that summary's 20 steps
