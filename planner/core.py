@@ -156,17 +156,18 @@ class Planner:
         windows (their arrival rate sizes the start when higher than the last tick's); lengths
         come from the last tick's windows where these have none."""
         cfg = self.config
-        reasons = self._resolve_pending(obs)
         workers = [w for w in obs.workers if w.worker_id not in self.abandoned]
         counts = {r: sum(1 for w in workers if w.role == r and w.state in (WorkerState.READY, WorkerState.STARTING))
                   for r in ROLES}
+        # one tier: the tick's; throughput mode: its tick sizes from the forecast alone and drains what
+        # the load model started (burst, no pool: 14 reversals in 90 intervals); no tick with windows
+        # yet. Nothing is touched then (not even the issued actions' bookkeeping).
+        if cfg.aggregated or cfg.mode == "throughput" or math.isnan(self.traffic.request_rate):
+            return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"])
+        reasons = self._resolve_pending(obs)
         ready = [w for w in workers if w.state is WorkerState.READY]
         now_traffic = Traffic.merge(obs.windows)
         last = self.traffic
-        # one tier: the tick's; throughput mode: its tick sizes from the forecast alone and drains what
-        # the load model started (burst, no pool: 14 reversals in 90 intervals); no tick with windows yet
-        if cfg.aggregated or cfg.mode == "throughput" or math.isnan(last.request_rate):
-            return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"], (), tuple(reasons))
         isl = self._new_isl(now_traffic if now_traffic.isl_mean > 0 else last)
         osl = now_traffic.osl_mean if now_traffic.osl_mean > 0 else last.osl_mean
         rate = last.request_rate  # measured, not a forecast: the breach is now
