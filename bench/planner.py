@@ -210,7 +210,46 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
     no_first_token: list[Req] = []
     t = 0.0
     end = w.duration_s + bench.drain_s
+    fast = bench.planner.fast_interval_s if planner is not None and hasattr(planner, "react") else 0.0
+    fast_actions: list[str] = []
+
+    def account(decision: Decision, workers: tuple) -> list[Action]:
+        counts = {r: sum(1 for x in workers if x.role == r and x.state in (WorkerState.READY, WorkerState.STARTING))
+                  for r in ("prefill", "decode")}
+        changes = [a for a in decision.actions if a.kind is not ActionKind.ABANDON]
+        if changes:
+            run.decisions += 1
+            moved = after(counts, changes)
+            for r in ("prefill", "decode"):
+                sign = (moved[r] > counts[r]) - (moved[r] < counts[r])
+                if sign and last_sign[r] and sign != last_sign[r]:
+                    run.reversals += 1
+                last_sign[r] = sign or last_sign[r]
+        return changes
+
     while t < end and (t < w.duration_s or sim.num_inflight > 0 or sim.events):
+        if fast > 0:  # the fast checks between the ticks: the workers' windows keep running
+            seen_arrivals, seen_done, tick_t = arrived_upto, len(sim.done_window), t
+            k = 1
+            while k * fast < interval - 1e-9:
+                tf = tick_t + k * fast
+                sim.run_until(tf)
+                n_seen = seen_arrivals
+                while n_seen < len(requests) and requests[n_seen].arrival.t <= tf:
+                    n_seen += 1
+                window = live_window(requests[seen_arrivals:n_seen],
+                                     [r for r in sim.done_window[seen_done:] if not r.rejected], fast,
+                                     sim.num_inflight, bench.max_tokens_exact)
+                seen_arrivals, seen_done = n_seen, len(sim.done_window)
+                workers = tuple(x.observe(tf, tf - tick_t, reset=False) for x in sim.workers.values())
+                parked = sum(1 for ready_at in sim.parked if ready_at <= tf)
+                decision = planner.react(Observation(tf, workers, (window,), num_parked=parked))
+                changes = account(decision, workers)
+                if changes:
+                    fast_actions += [f"{tf:g}:{a.kind.value}:{a.role}" for a in changes]
+                    fast_actions += [f"{tf:g}:{x}" for x in decision.reasons]
+                    apply(sim, decision.actions, tf)
+                k += 1
         t += interval
         sim.run_until(t)
         n_arr, first = 0, arrived_upto
@@ -236,17 +275,10 @@ def replay(bench: Bench, w: Workload, name: str, initial: tuple[int, int], plann
                                  sim.num_inflight, bench.max_tokens_exact)
             parked = sum(1 for ready_at in sim.parked if ready_at <= t)
             decision = planner.tick(Observation(t, workers, (window,), num_parked=parked))
-            counts = {r: sum(1 for x in workers if x.role == r and x.state in (WorkerState.READY, WorkerState.STARTING))
-                      for r in ("prefill", "decode")}
-            changes = [a for a in decision.actions if a.kind is not ActionKind.ABANDON]
+            changes = account(decision, workers)
+            if fast_actions:
+                row["fast_actions"], fast_actions = fast_actions, []
             if changes:
-                run.decisions += 1
-                moved = after(counts, changes)
-                for r in ("prefill", "decode"):
-                    sign = (moved[r] > counts[r]) - (moved[r] < counts[r])
-                    if sign and last_sign[r] and sign != last_sign[r]:
-                        run.reversals += 1
-                    last_sign[r] = sign or last_sign[r]
                 row["actions"] = [f"{a.kind.value}:{a.role}:{a.worker_id}" for a in changes]
                 row["reasons"] = [str(x) for x in decision.reasons]
             apply(sim, decision.actions, t)
@@ -481,7 +513,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
-                            horizon_s=args.startup_s + args.interval_s,
+                            horizon_s=args.startup_s + args.interval_s, fast_interval_s=args.fast_s,
                             wake_s=0.0 if args.planner_ignores_pool else args.wake_s)
     return Bench(sim, StepModel(SimProfile.load(args.profile)), profile, planner,
                  max_tokens_exact=args.max_tokens_exact)
@@ -497,6 +529,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--itl-ms", type=float, default=50.0)
     ap.add_argument("--budget", type=int, default=16, help="GPU budget")
     ap.add_argument("--interval-s", type=float, default=20.0, help="planner adjustment interval")
+    ap.add_argument("--fast-s", type=float, default=5.0,
+                    help="the planner's fast check between ticks (Planner.react: starts on a breach coming), this "
+                         "often; 0: none (the oracle has none)")
     ap.add_argument("--startup-s", type=float, default=60.0, help="a new worker's start-up delay")
     ap.add_argument("--switch-s", type=float, default=2.0, help="a tier switch's delay after its drain")
     ap.add_argument("--warm-pool", type=int, default=0,

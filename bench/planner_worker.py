@@ -485,8 +485,12 @@ class Worker:
         self.plan = ()
 
     # ---- observation -------------------------------------------------------------------------------
-    def observe(self, now: float, interval_s: float) -> WorkerStep:
-        w, self.window = self.window, Window()
+    def observe(self, now: float, interval_s: float, reset: bool = True) -> WorkerStep:
+        """The step summary of the window since the last reset (``interval_s`` long); ``reset``
+        False: a look that leaves the window running (the planner's fast check between ticks)."""
+        w = self.window
+        if reset:
+            self.window = Window()
         n = w.steps
         tokens = w.prefill_tokens + w.decode_rows
         decoding = [s for s in self.running if s.prefill_left == 0]

@@ -94,6 +94,14 @@ class LaunchActuator:
     def num_gpus_free(self) -> int | None:
         return None  # the budget is the limit (the launcher says so at start when it is not)
 
+    def num_parked(self) -> int:
+        """Workers the launcher keeps parked (its warm pool, ``ServiceState.PARKED``): a start takes one."""
+        try:
+            return sum(1 for s in self.launcher.services() if s.state is ServiceState.PARKED)
+        except Exception as e:  # a remote launcher out of reach: the start-up's horizon, as with no pool
+            log.warning("planner: counting parked workers failed: %s", e)
+            return 0
+
     def act(self, actions: tuple[Action, ...]) -> None:
         services = {s.worker_id: s for s in self.launcher.services() if s.worker_id}
         for a in actions:

@@ -23,6 +23,9 @@ class PlannerConfig:
     min_decode: int = 1
     adjustment_interval_s: float = 30.0  # one tick; the throughput mode predicts the next interval
     grace_s: float = 30.0  # no new scaling for this long after a change was issued
+    # the fast check between ticks (``Planner.react``: starts on a breach coming, nothing else), this
+    # often; the adapters keep the cadence (0: none)
+    fast_interval_s: float = 0.0
     start_timeout_s: float = 300.0  # a start not ready after this is abandoned (no GPU came free)
     action_timeout_s: float = 600.0  # an issued action the observations never reflect is forgotten
     # load mode
@@ -65,6 +68,8 @@ class PlannerConfig:
             raise ValueError("max_utilization and scale_down_band must be in (0, 1]")
         if not 0 < self.scale_down_margin <= 1:
             raise ValueError(f"scale_down_margin must be in (0, 1], got {self.scale_down_margin}")
+        if self.fast_interval_s < 0:
+            raise ValueError(f"fast_interval_s must be >= 0 (0: no fast check), got {self.fast_interval_s}")
         if self.horizon_s < 0 or self.wake_s < 0:
             raise ValueError(f"horizon_s and wake_s must be >= 0, got {self.horizon_s}, {self.wake_s}")
         if self.scale_down_ticks < 1 or self.predictor_window < 1 or self.length_window < 1 or self.max_step_up < 0:

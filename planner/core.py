@@ -21,6 +21,19 @@ Order of a tick:
    on both targets, and no prefill tier;
 6. the targets become actions: switches from a tier with surplus first (fast, no cold start),
    then starts while GPUs are free, then drains; the least-loaded workers go first.
+
+Between ticks, :meth:`Planner.react` is the fast check (every ``PlannerConfig.fast_interval_s``,
+Dynamo's load-mode cadence): starts only, for a tier whose workers' own observations show an SLO
+breach (the load mode's verdict on the workers' counters, not on the routers' arrivals: a new
+prompt's predicted TTFT over the target behind the tier's queue, or the tier saturated; every
+decode seat or 90% of the KV taken, or the predicted ITL over the target: ``BREACHES``). It
+sizes the tier to the load's need (the latest arrival rate included), counts the tier's starting
+workers and the starts issued and not seen yet (repeated fast starts do not overshoot), keeps to
+the budget, and ignores the grace period and changes in progress (a breach after a scale-down
+does not wait them out). It learns nothing and never drains or switches; its starts open a grace
+period like any change. It acts on a breach two checks in a row saw (one catching a queue of
+long prompts at its peak is not one). Load and both modes only: in throughput mode the tick sizes from the
+forecast alone and drains what the load model's breach started (a flap).
 """
 
 from __future__ import annotations
@@ -37,6 +50,10 @@ from planner.profile import Profile
 from planner.throughput import ThroughputModel
 
 TRANSITIONS = (WorkerState.STARTING, WorkerState.DRAINING, WorkerState.SWITCHING)
+# The load mode's verdicts the fast check acts on: the target missed or the tier saturated, as the
+# workers show it (prefill: a new prompt's TTFT behind the queue, or busy past 0.9; decode: the ITL,
+# seats or KV). Not ``itl-rising`` (a rate near the capacity: the tick's business).
+BREACHES = ("ttft-over-slo", "itl-over-slo")
 
 
 @dataclass
@@ -76,6 +93,8 @@ class Planner:
         self.last_change_s = -math.inf
         self.pending: list[_Pending] = []
         self.abandoned: dict[str, float] = {}  # worker id -> when
+        self.traffic = Traffic()  # the last tick's routers' windows, merged (the fast check sizes with it)
+        self.breached: dict[str, float] = {}  # tier -> when the fast check last saw it breach (the check before)
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self, obs: Observation) -> Decision:
@@ -88,6 +107,8 @@ class Planner:
                   for r in ROLES}
         ready = [w for w in workers if w.state is WorkerState.READY]
         traffic = Traffic.merge(obs.windows)
+        if obs.windows and not math.isnan(traffic.request_rate):
+            self.traffic = traffic
         self.load.observe(ready)
         if self.throughput is not None:
             self.throughput.horizon_s = cfg.horizon_with(obs.num_parked)
@@ -127,6 +148,68 @@ class Planner:
         self._issued(obs, workers, new_actions)
         done = after(counts, new_actions)
         return Decision(obs.now_s, cfg.mode, done["prefill"], done["decode"], tuple(actions), tuple(reasons))
+
+    # ---- the fast check ------------------------------------------------------------------------
+    def react(self, obs: Observation) -> Decision:
+        """The fast check between ticks (module docstring): starts for a tier whose workers show
+        an SLO breach coming, nothing else. ``obs.windows`` may hold the routers' latest short
+        windows (their arrival rate sizes the start when higher than the last tick's); lengths
+        come from the last tick's windows where these have none."""
+        cfg = self.config
+        workers = [w for w in obs.workers if w.worker_id not in self.abandoned]
+        counts = {r: sum(1 for w in workers if w.role == r and w.state in (WorkerState.READY, WorkerState.STARTING))
+                  for r in ROLES}
+        # one tier: the tick's; throughput mode: its tick sizes from the forecast alone and drains what
+        # the load model started (burst, no pool: 14 reversals in 90 intervals); no tick with windows
+        # yet. Nothing is touched then (not even the issued actions' bookkeeping).
+        if cfg.aggregated or cfg.mode == "throughput" or math.isnan(self.traffic.request_rate):
+            return Decision(obs.now_s, cfg.mode, counts["prefill"], counts["decode"])
+        reasons = self._resolve_pending(obs)
+        ready = [w for w in workers if w.state is WorkerState.READY]
+        now_traffic = Traffic.merge(obs.windows)
+        last = self.traffic
+        isl = self._new_isl(now_traffic if now_traffic.isl_mean > 0 else last)
+        osl = now_traffic.osl_mean if now_traffic.osl_mean > 0 else last.osl_mean
+        rate = last.request_rate  # measured, not a forecast: the breach is now
+        if now_traffic.request_rate > rate:
+            rate = now_traffic.request_rate
+        issued = self._issued_starts(workers)
+        free_slots = self._free_slots(obs, workers) - sum(issued.values())
+        actions = []
+        for r in ROLES:
+            tier = [w for w in ready if w.role == r]
+            verdict = self.load.judge(r, tier, isl, 0.0, osl)  # the workers' own counters: a breach, not a forecast
+            if verdict.delta <= 0 or verdict.reason.code not in BREACHES:
+                self.breached.pop(r, None)
+                continue
+            # seen on two checks in a row: a queue of long prompts that one check catches at its peak is
+            # not a breach (mix_shift: starts drained again, 2 -> 8 reversals); a step in the load stays
+            before, self.breached[r] = self.breached.get(r), obs.now_s
+            if before is None or obs.now_s - before > 2 * max(cfg.fast_interval_s, 1e-9):
+                reasons.append(Reason("fast-breach-once", r, verdict.reason.values))
+                continue
+            if r == "prefill":
+                need = self.load.prefill_need(tier, isl, rate)
+            else:
+                need = self.load.decode_need(tier, rate * osl if math.isfinite(osl) else 0.0)
+            short = max(len(tier) + verdict.delta, need) - counts[r] - issued[r]
+            starts = max(0, min(short, free_slots))
+            values = {**verdict.reason.values, "need": float(max(len(tier) + verdict.delta, need)),
+                      "starting": float(counts[r] - len(tier) + issued[r]), "starts": float(starts)}
+            if starts:
+                free_slots -= starts
+                actions += [Action(ActionKind.START, r) for _ in range(starts)]
+                reasons += [Reason("fast-up", r, values), verdict.reason]  # the breach seen: the verdict's code
+            elif short > 0:
+                reasons += [Reason("fast-no-gpu", r, values), verdict.reason]
+        self._issued(obs, workers, actions)
+        done = after(counts, actions)
+        return Decision(obs.now_s, cfg.mode, done["prefill"], done["decode"], tuple(actions), tuple(reasons))
+
+    def _issued_starts(self, workers: list[WorkerStep]) -> dict[str, int]:
+        """Starts issued per tier that the workers do not show yet."""
+        return {r: sum(1 for p in self.pending if p.action.kind is ActionKind.START and p.action.role == r
+                       and sum(1 for w in workers if w.role == r) <= p.baseline) for r in ROLES}
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _abandon_stuck(self, obs: Observation) -> list[Action]:
@@ -185,8 +268,7 @@ class Planner:
         if cfg.aggregated:
             return [], []
         isl = self._new_isl(traffic)
-        issued = {r: sum(1 for p in self.pending if p.action.kind is ActionKind.START and p.action.role == r
-                         and sum(1 for w in workers if w.role == r) <= p.baseline) for r in ROLES}
+        issued = self._issued_starts(workers)
         free_slots = self._free_slots(obs, workers) - sum(issued.values())
         forecast = self.throughput.wanted() if self.throughput is not None and cfg.mode != "load" else None
         actions, reasons = [], []

@@ -2,7 +2,9 @@
 
 Every ``adjustment_interval_s`` it builds an observation from what its etcd watches hold
 (:class:`planner.view.ClusterView`: the workers' registrations and step summaries, the routers'
-request windows) and the launcher's transitions, runs one tick of the core, and then:
+request windows) and the launcher's transitions and parked workers, runs one tick of the core, and
+then (and every ``fast_interval_s`` between ticks, the core's fast check on the same watches'
+state, when it starts something):
 
 - writes the decision to ``/tandem/{ns}/planner/decision`` (every tick) and, when it changes
   something, to ``/tandem/{ns}/planner/history/{seq}`` (the last :data:`HISTORY` kept);
@@ -21,6 +23,7 @@ launcher: the actuator is given to it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +63,10 @@ class Actuator(Protocol):
     def num_gpus_free(self) -> int | None:
         """Worker slots it could start now (None: only the budget limits)."""
 
+    def num_parked(self) -> int:
+        """Workers the launcher keeps parked (its warm pool): a start takes one first (optional: an
+        actuator without it is taken to have none)."""
+
     def act(self, actions: tuple[Action, ...]) -> None:
         """Carry the actions out without blocking the caller (starts take seconds to minutes)."""
 
@@ -74,7 +81,9 @@ def planner_config(cfg: ClusterConfig, num_workers: int) -> PlannerConfig:
         itl_slo_ms=cfg.itl_slo_ms,
         gpu_budget=max(budget, min_prefill + cfg.min_decode), min_prefill=min_prefill, min_decode=cfg.min_decode,
         adjustment_interval_s=interval, grace_s=2 * interval, start_timeout_s=max(120.0, 6 * interval),
-        action_timeout_s=max(300.0, 12 * interval), scale_down_ticks=3)
+        action_timeout_s=max(300.0, 12 * interval), scale_down_ticks=3,
+        fast_interval_s=cfg.planner_fast_interval_s if cfg.planner_fast_interval_s < interval else 0.0,
+        horizon_s=cfg.planner_startup_s + interval if cfg.planner_startup_s > 0 else 0.0, wake_s=cfg.planner_wake_s)
 
 
 def decision_to_pb(d: Decision, planner_id: str, obs: Observation, seq: int, dry_run: bool) -> cpb.PlannerDecision:
@@ -179,13 +188,22 @@ class PlannerService:
                 pid=os.getpid(), started_at_unix_ms=int(time.time() * 1000)))  # lease-bound: gone when it stops
             log.info("planner %s: %s mode, every %.1f s, budget %d%s", self.planner_id, self.config.mode,
                      self.config.adjustment_interval_s, self.config.gpu_budget, " (dry run)" if self.dry_run else "")
+            interval, fast = self.config.adjustment_interval_s, self.config.fast_interval_s
+            next_tick = now()
             while not stop.is_set():
+                is_tick = now() >= next_tick
+                if is_tick:
+                    next_tick = now() + interval
                 try:
-                    await self.tick({r: registered[r].items for r in ROLES})
+                    if is_tick:
+                        await self.tick({r: registered[r].items for r in ROLES})
+                    else:
+                        await self.react({r: registered[r].items for r in ROLES})
                 except Exception:
-                    log.exception("planner tick failed")
+                    log.exception("planner %s failed", "tick" if is_tick else "fast check")
+                wait = next_tick - now() if fast <= 0 else min(next_tick - now(), fast)
                 try:
-                    async with asyncio.timeout(self.config.adjustment_interval_s):
+                    async with asyncio.timeout(max(0.0, wait)):
                         await stop.wait()
                 except TimeoutError:
                     pass
@@ -194,15 +212,33 @@ class PlannerService:
                 await v.stop()
             await plane.close()
 
-    async def tick(self, registered: Mapping[str, Mapping[str, object]]) -> Decision:
+    def _observe(self, registered: Mapping[str, Mapping[str, object]], fast: bool = False) -> Observation:
         now = time.monotonic()
         for role in ROLES:
             for wid in registered.get(role, {}):
                 self.first_seen.setdefault(wid, now)
         transitions = self.actuator.transitions() if self.actuator is not None else {}
         free = self.actuator.num_gpus_free() if self.actuator is not None else None
-        obs = self.view.observe(now, registered, transitions, free, self.first_seen)
-        decision = self.core.tick(obs)
+        obs = self.view.observe(now, registered, transitions, free, self.first_seen, consume=not fast)
+        parked = getattr(self.actuator, "num_parked", None)  # read only where it would change the horizon
+        if parked is None or self.config.wake_s <= 0 or self.config.horizon_s <= 0:
+            return obs
+        return dataclasses.replace(obs, num_parked=parked())
+
+    async def react(self, registered: Mapping[str, Mapping[str, object]]) -> Decision:
+        """The fast check between ticks (``Planner.react``): acted on and published like a tick's
+        decision only when it starts something (the last tick's decision stays the current one)."""
+        obs = self._observe(registered, fast=True)
+        decision = self.core.react(obs)
+        if not decision.actions:
+            return decision
+        return await self._carry_out(decision, obs)
+
+    async def tick(self, registered: Mapping[str, Mapping[str, object]]) -> Decision:
+        obs = self._observe(registered)
+        return await self._carry_out(self.core.tick(obs), obs)
+
+    async def _carry_out(self, decision: Decision, obs: Observation) -> Decision:
         self.seq += 1
         self.last = decision
         msg = decision_to_pb(decision, self.planner_id, obs, self.seq, self.dry_run)

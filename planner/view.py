@@ -155,10 +155,11 @@ class ClusterView:
 
     def observe(self, now_s: float, registered: Mapping[str, Mapping[str, object]],
                 transitions: Mapping[str, Transition] = (), num_gpus_free: int | None = None,
-                since_s: Mapping[str, float] | None = None) -> Observation:
+                since_s: Mapping[str, float] | None = None, consume: bool = True) -> Observation:
         """The tick's observation. ``registered``: per tier, the registered worker ids; a worker in
         ``transitions`` is taken in the launcher's state instead. ``since_s``: when each registered
-        worker was first seen (the core's grace for new workers)."""
+        worker was first seen (the core's grace for new workers). ``consume`` False (the fast check
+        between ticks): the step summaries since the last tick stay for the next tick's."""
         workers: list[WorkerStep] = []
         seen: set[str] = set()
         for role in ("prefill", "decode"):
@@ -186,7 +187,8 @@ class ClusterView:
                     del new[t.role][match]
                     continue
             workers.append(WorkerStep(t.worker_id, t.role, t.state, t.since_s))
-        self._fresh.clear()
+        if consume:
+            self._fresh.clear()
         return Observation(now_s, tuple(workers), self.traffic(now_s), num_gpus_free)
 
     def _step(self, worker_id: str, role: str, state: WorkerState, since_s: float) -> WorkerStep:

@@ -219,6 +219,15 @@ class ClusterConfig:
     adjustment_interval_s: float = _field(10.0, "planner: seconds between decisions")
     planner_window_s: float = _field(
         0.0, "planner: arrivals counted over this window (0: three intervals); no arrival in it is zero traffic")
+    planner_fast_interval_s: float = _field(
+        0.0, "planner: a fast check between decisions, this often (e.g. 5): starts only, for a tier whose workers "
+             "show an SLO breach coming (0: none; used only when shorter than adjustment_interval_s)")
+    planner_startup_s: float = _field(
+        0.0, "planner: a new worker's start-up, s: the throughput mode sizes for the load this plus one interval "
+             "ahead (0: the next interval)")
+    planner_wake_s: float = _field(
+        0.0, "planner: a parked worker's start, s (warm_pool): while one is parked the forecast looks this plus "
+             "one interval ahead, if nearer (0: as planner_startup_s says)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -366,6 +375,9 @@ class ClusterConfig:
             fail("planner_mode", "must be load, throughput or both")
         if self.ttft_slo_ms <= 0 or self.itl_slo_ms <= 0 or self.adjustment_interval_s <= 0:
             fail("ttft_slo_ms", "ttft_slo_ms, itl_slo_ms and adjustment_interval_s must be positive")
+        if min(self.planner_fast_interval_s, self.planner_startup_s, self.planner_wake_s) < 0:
+            fail("planner_fast_interval_s", "planner_fast_interval_s, planner_startup_s and planner_wake_s must be "
+                                            ">= 0")
         if self.gpu_budget < 0 or self.min_prefill < 0 or self.min_decode < 1 or self.planner_window_s < 0:
             fail("gpu_budget", "gpu_budget, min_prefill and planner_window_s must be >= 0, min_decode >= 1")
         for item in self.worker_env:

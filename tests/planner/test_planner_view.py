@@ -193,3 +193,41 @@ def test_a_decision_round_trips_as_its_message() -> None:
     assert (msg.num_prefill, msg.num_decode, msg.seq, msg.dry_run, msg.request_rate) == (1, 2, 3, True, 1.5)
     assert msg.actions[0].kind == cpb.PlannerAction.KIND_START and msg.actions[0].role == "decode"
     assert msg.reasons[0].code == "itl-over-slo" and msg.reasons[0].values["itl_s"] == pytest.approx(0.08)
+
+
+def test_the_services_fast_check_starts_on_a_breach_and_leaves_the_steps_to_the_tick() -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from plannerlib import profile
+
+    from planner.service import PlannerService
+
+    cfg = ClusterConfig(adjustment_interval_s=10.0, planner_fast_interval_s=2.0, planner_startup_s=60.0,
+                        planner_wake_s=5.0)
+    config = planner_config(cfg, num_workers=4)
+    assert (config.fast_interval_s, config.horizon_s, config.wake_s) == (2.0, 70.0, 5.0)
+    assert planner_config(replace(cfg, planner_fast_interval_s=10.0), 4).fast_interval_s == 0  # not within a tick
+    with pytest.raises(ConfigError):
+        ClusterConfig(planner_fast_interval_s=-1)
+    service = PlannerService(cfg, config, dry_run=True, profile=profile())  # profile: the load mode's priors
+    registered = {"prefill": {"p0": None}, "decode": {"d0": None}}
+    for t, total in ((0.0, 0), (10.0, 50)):  # 5 req/s of 1000-token prompts, 100-token answers
+        service.view.router_put("r0", cpb.RouterWindowStats(
+            window_s=60, num_arrivals=total, num_arrivals_total=total, num_finished_total=total, isl_mean=1000.0,
+            osl_mean=100.0), t)
+    service.view.steps_put("d0", steps(10, 0.01 + 1e-4 * 4 + 1e-8 * 400, 4, 400))  # the profile's step
+    assert not asyncio.run(service.tick(registered)).actions
+    # Between ticks every seat of d0 (the profile's 100) is taken and 20 wait: asked 2000 x 120 / 100 = 2400
+    # tok/s of 1000-token contexts, 3810 tok/s a worker at 0.8 of its capacity; seats 120 > 90 -> 2: one start
+    # (on the second check that sees it).
+    full = steps(20, 0.03, 100, 100_000, running=100)
+    full.num_waiting, full.num_active_kv_tokens, full.decode_tokens_per_s = 20, 100_000, 2000.0
+    service.view.steps_put("d0", full)
+    assert asyncio.run(service.react(registered)).codes() == ["fast-breach-once"]  # not published
+    d = asyncio.run(service.react(registered))  # seen by two checks in a row: a breach
+    assert [(a.kind.value, a.role) for a in d.actions] == [("start", "decode")] and "fast-up" in d.codes()
+    assert service.last is d and service.seq == 2  # published like a tick's decision
+    # the fast check consumed nothing: the next tick's observation still holds that summary's 20 steps
+    (d0,) = [w for w in service.view.observe(20.0, registered).workers if w.role == "decode"]
+    assert d0.num_steps == 20 and d0.num_waiting == 20

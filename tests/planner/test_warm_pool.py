@@ -5,6 +5,7 @@ loaded again) and it serves again; with the pool full, a drained worker stops.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -13,6 +14,8 @@ from launcherlib import drain_one_decode_worker_under_load, metric, stream_all
 
 from deploy.launcher import ServiceState, router_health, wait_routers_list
 from deploy.local_launcher import LocalLauncher
+from deploy.planner_actuator import LaunchActuator
+from planner.service import PlannerService, planner_config
 from runtime.settings import ClusterConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +37,16 @@ def test_a_drained_worker_parks_and_a_start_takes_it_back() -> None:
         assert parked.proc.poll() is None  # the process stays
         assert [s.name for s in launcher.workers("decode")] == [n for n in decode if n != name]
         assert router_health(url)["decode_workers"] == 1  # deregistered: it serves no tier
+        # the planner's actuator counts it: the live planner's forecast looks a wake ahead (tick9)
+        actuator = LaunchActuator(launcher, 3)
+        try:
+            assert actuator.num_parked() == 1
+            planner_cfg = planner_config(dataclasses.replace(cfg, planner_startup_s=60, planner_wake_s=5), 3)
+            service = PlannerService(cfg, planner_cfg, actuator)
+            obs = service._observe({})
+            assert obs.num_parked == 1 and planner_cfg.horizon_with(obs.num_parked) == 5 + cfg.adjustment_interval_s
+        finally:
+            actuator.close()
         steps = metric(parked.ready["metrics"], "tandem_worker_engine_steps_total")
 
         # Scale up: the start takes the parked worker back (same process), and it serves.
