@@ -418,12 +418,5 @@ class NixlTransport(KVTransport):
             peer.dropped = True
             if peer.users == 0:  # else a transfer outlived close's grace: leave its state alone
                 self._free(peer)
-        try:
-            if self._local_dlist is not None:
-                self._local_dlist.release()
-            if self._reg_descs is not None:
-                self._agent.deregister_memory(self._reg_descs)
-        except self._errors as e:
-            logger.warning("%s: releasing NIXL registrations: %s", self.name, e)
-        self._local_dlist = self._reg_descs = None
+        self._release()
         self._agent = None  # destroys the agent: its UCX workers and progress thread
