@@ -457,101 +457,117 @@ POOLED: dict[str, Any] = dict(SIM, namespace=NAMESPACE + "w", mode="aggregated",
                               warm_pool=1, planner=False)
 
 
+@dataclass
+class _Pooled:
+    """The pooled deployment, as the planner drives it: through its controller."""
+    d: Any
+    controller: Any
+    launcher: RayLauncher
+
+    def scale(self, num_decode: int) -> Any:
+        return ray.get(self.controller.scale.remote(0, num_decode, 120.0), timeout=180)
+
+    def workers(self) -> dict[str, ServiceInfo]:
+        return {n: s for n, s in self.d.services().items() if s.role in ("prefill", "decode")}
+
+
+def _ray_free_gpus() -> float:
+    return ray.available_resources().get("GPU", 0.0)
+
+
+def _parks_under_load_and_comes_back(p: _Pooled, before: dict[str, ServiceInfo], free0: float) -> None:
+    d = p.d
+    # Scale down under load: the drained worker parks, its requests finished.
+    with Load(d, num_clients=4, max_tokens=40, prompt=short_prompt) as load:
+        t0 = time.monotonic()
+        result = p.scale(1)
+        down_s = time.monotonic() - t0
+        load.wait_answers_since(time.monotonic(), load.num_clients, "answers after the scale-down")
+    (name, drain), = result.drained.items()
+    assert drain.drained and drain.num_inflight >= 1, drain
+    assert load.errors == [], load.errors[:3]
+    assert all((o.num_tokens, o.finish_reason) == (40, "length") for o in load.outcomes)
+    parked = p.workers().get(name)
+    assert parked and parked.state is ServiceState.PARKED and parked.parked_since > 0, (name, p.workers())
+    assert (parked.pid, parked.actor_id) == (before[name].pid, before[name].actor_id) and not parked.registered
+    os.kill(parked.pid, 0)  # the service process stays
+    assert d.health().get("decode_workers") == 1  # deregistered: it serves no tier
+    assert _ray_free_gpus() == free0  # a live actor keeps its Ray reservation...
+    assert p.launcher.free_gpus() == free0 + 1  # ...which this deployment's next start takes first
+    assert "warm pool: 1 parked" in tandem("status", "--namespace", d.namespace, "--address", d.address,
+                                           timeout_s=60).stdout
+
+    # Scale up: the same actor and process serve again (the sim engine's warm start: no restart, no load).
+    t0 = time.monotonic()
+    result = p.scale(2)
+    up_s = time.monotonic() - t0
+    assert result.plan.start == ("decode",)
+    back = p.workers()
+    assert set(back) == set(before)  # no new actor
+    assert back[name].state is ServiceState.SERVING and back[name].registered, back[name]
+    assert (back[name].pid, back[name].actor_id, back[name].num_restarts) == (parked.pid, parked.actor_id, 0)
+    assert _ray_free_gpus() == free0 and d.health().get("decode_workers") == 2
+    with Load(d, num_clients=4, max_tokens=8, prompt=short_prompt) as load:
+        load.wait_answers_since(time.monotonic(), 8, "answers from both workers")
+    assert load.errors == [], load.errors[:3]
+    print(f"\nwarm pool on Ray: scale-down (drain + park) {down_s:.1f} s, scale-up from the pool {up_s:.1f} s")
+
+
+def _a_dead_pool_member_is_replaced(p: _Pooled, seen: set[str], after: dict[str, ServiceInfo], free0: float) -> None:
+    """A parked actor killed and restarted by Ray starts nothing; the next start replaces it with a fresh actor."""
+    d = p.d
+    (pname,) = [n for n, s in after.items() if s.state is ServiceState.PARKED]
+    ray.kill(ray.get_actor(f"{d.namespace}.{pname}", namespace=RAY_NAMESPACE), no_restart=False)
+    dead = wait_until(lambda: (s := p.workers().get(pname)) and s.state is ServiceState.DEAD and s.num_restarts == 1
+                      and s, 60, f"{pname} to come back empty", lambda: p.workers())
+    assert dead.pid == 0 and not dead.registered, dead
+    with pytest.raises(ProcessLookupError):
+        os.kill(after[pname].pid, 0)
+    assert d.health().get("decode_workers") == 1
+    p.scale(2)
+    now = p.workers()
+    (fresh,) = [s for s in now.values() if s.actor_id not in seen]
+    assert fresh.state is ServiceState.SERVING and fresh.registered and fresh.num_restarts == 0, fresh
+    assert len(now) == 2 and after[pname].actor_id not in {s.actor_id for s in now.values()}, now
+    assert d.health().get("decode_workers") == 2
+    wait_until(lambda: _ray_free_gpus() == free0, 20, "the dead pool member's reservation back to Ray")
+
+
 def test_warm_pool_on_ray(ray_head: RayHead, tmp_path: Path) -> None:
     from deploy.controller import find_controller
 
     with deployed(ray_head, tmp_path / "pooled.yaml", **POOLED) as d:
-        controller = find_controller(d.namespace)
-        launcher = RayLauncher(ClusterConfig(namespace=d.namespace, num_gpus_per_worker=1))
-
-        def scale(num_decode: int) -> Any:
-            return ray.get(controller.scale.remote(0, num_decode, 120.0), timeout=180)
-
-        def workers() -> dict[str, ServiceInfo]:
-            return {n: s for n, s in d.services().items() if s.role in ("prefill", "decode")}
-
-        def ray_free_gpus() -> float:
-            return ray.available_resources().get("GPU", 0.0)
-
-        before, free0 = workers(), ray_free_gpus()
+        p = _Pooled(d, find_controller(d.namespace), RayLauncher(ClusterConfig(namespace=d.namespace,
+                                                                               num_gpus_per_worker=1)))
+        before, free0 = p.workers(), _ray_free_gpus()
         assert len(before) == 2 and free0 == 2, (before, free0)
-
-        # Scale down under load: the drained worker parks, its requests finished.
-        with Load(d, num_clients=4, max_tokens=40, prompt=short_prompt) as load:
-            t0 = time.monotonic()
-            result = scale(1)
-            down_s = time.monotonic() - t0
-            load.wait_answers_since(time.monotonic(), load.num_clients, "answers after the scale-down")
-        (name, drain), = result.drained.items()
-        assert drain.drained and drain.num_inflight >= 1, drain
-        assert load.errors == [], load.errors[:3]
-        assert all((o.num_tokens, o.finish_reason) == (40, "length") for o in load.outcomes)
-        parked = workers().get(name)
-        assert parked and parked.state is ServiceState.PARKED and parked.parked_since > 0, (name, workers())
-        assert (parked.pid, parked.actor_id) == (before[name].pid, before[name].actor_id) and not parked.registered
-        os.kill(parked.pid, 0)  # the service process stays
-        assert d.health().get("decode_workers") == 1  # deregistered: it serves no tier
-        assert ray_free_gpus() == free0  # a live actor keeps its Ray reservation...
-        assert launcher.free_gpus() == free0 + 1  # ...which this deployment's next start takes first
-        assert "warm pool: 1 parked" in tandem("status", "--namespace", d.namespace, "--address", d.address,
-                                               timeout_s=60).stdout
-
-        # Scale up: the same actor and process serve again (the sim engine's warm start: no restart, no load).
-        t0 = time.monotonic()
-        result = scale(2)
-        up_s = time.monotonic() - t0
-        assert result.plan.start == ("decode",)
-        back = workers()
-        assert set(back) == set(before)  # no new actor
-        assert back[name].state is ServiceState.SERVING and back[name].registered, back[name]
-        assert (back[name].pid, back[name].actor_id, back[name].num_restarts) == (parked.pid, parked.actor_id, 0)
-        assert ray_free_gpus() == free0 and d.health().get("decode_workers") == 2
-        with Load(d, num_clients=4, max_tokens=8, prompt=short_prompt) as load:
-            load.wait_answers_since(time.monotonic(), 8, "answers from both workers")
-        assert load.errors == [], load.errors[:3]
-        print(f"\nwarm pool on Ray: scale-down (drain + park) {down_s:.1f} s, scale-up from the pool {up_s:.1f} s")
+        _parks_under_load_and_comes_back(p, before, free0)
 
         # A full pool stops the next drained worker: from 3 workers (a new actor: the pool is empty) to 1.
-        scale(3)
-        three = workers()
+        p.scale(3)
+        three = p.workers()
         assert len(three) == 3 and all(s.state is ServiceState.SERVING for s in three.values()), three
-        result = scale(1)
+        result = p.scale(1)
         assert len(result.drained) == 2 and all(r.drained for r in result.drained.values()), result.drained
-        after = workers()
+        after = p.workers()
         assert sorted(s.state for s in after.values()) == sorted([ServiceState.PARKED, ServiceState.SERVING]), after
         (stopped,) = set(three) - set(after)  # its actor killed, its placement group removed
         wait_until(lambda: three[stopped].pid not in deployment_pids(d.namespace), 20, "the stopped worker to exit")
-        wait_until(lambda: ray_free_gpus() == free0, 20, "its reservation back to Ray (1 serving + 1 parked hold 2)",
+        wait_until(lambda: _ray_free_gpus() == free0, 20, "its reservation back to Ray (1 serving + 1 parked hold 2)",
                    lambda: [(g["name"], g["state"]) for g in ray.util.placement_group_table().values()])
 
-        # A parked actor killed and restarted by Ray starts nothing; the next start replaces it with a fresh actor.
-        (pname,) = [n for n, s in after.items() if s.state is ServiceState.PARKED]
-        ray.kill(ray.get_actor(f"{d.namespace}.{pname}", namespace=RAY_NAMESPACE), no_restart=False)
-        dead = wait_until(lambda: (s := workers().get(pname)) and s.state is ServiceState.DEAD and s.num_restarts == 1
-                          and s, 60, f"{pname} to come back empty", lambda: workers())
-        assert dead.pid == 0 and not dead.registered, dead
-        with pytest.raises(ProcessLookupError):
-            os.kill(after[pname].pid, 0)
-        assert d.health().get("decode_workers") == 1
-        scale(2)
-        now = workers()
-        seen = {s.actor_id for s in [*before.values(), *three.values()]}
-        (fresh,) = [s for s in now.values() if s.actor_id not in seen]
-        assert fresh.state is ServiceState.SERVING and fresh.registered and fresh.num_restarts == 0, fresh
-        assert len(now) == 2 and after[pname].actor_id not in {s.actor_id for s in now.values()}, now
-        assert d.health().get("decode_workers") == 2
-        wait_until(lambda: ray_free_gpus() == free0, 20, "the dead pool member's reservation back to Ray")
+        _a_dead_pool_member_is_replaced(p, {s.actor_id for s in [*before.values(), *three.values()]}, after, free0)
 
         # Down stops the parked worker too: nothing left.
-        scale(1)
-        assert sum(s.state is ServiceState.PARKED for s in workers().values()) == 1
+        p.scale(1)
+        assert sum(s.state is ServiceState.PARKED for s in p.workers().values()) == 1
         r = tandem("down", "--namespace", d.namespace, "--address", d.address, timeout_s=120)
         assert r.returncode == 0, r.stderr + r.stdout
         assert named_actors(d.namespace) == []
         assert [g for g in ray.util.placement_group_table().values()
                 if g.get("name", "").startswith(f"{d.namespace}.") and g.get("state") != "REMOVED"] == []
         wait_until(lambda: not deployment_pids(d.namespace), 20, "the deployment's processes to exit")
-        wait_until(lambda: ray_free_gpus() == 4, 20, "the GPUs to be free")
+        wait_until(lambda: _ray_free_gpus() == 4, 20, "the GPUs to be free")
 
 
 # ---- the planner acting on Ray: a sim-engine deployment of its own -------------------------------
