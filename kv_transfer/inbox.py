@@ -102,12 +102,13 @@ class Inbox:
             return sum(1 for e in self._entries.values() if ahead or not e.ahead)
 
     def wait_for_pending(self, timeout_s: float) -> bool:
-        """Block until ``pending`` (or ``timeout_s``): receivers that poll sleep here. True when
-        something is pending (or the inbox closed)."""
+        """Block until ``pending`` (or ``timeout_s``, or ``close``): receivers that poll sleep here,
+        also while the inbox is closed (a released transport: nothing can be expected until it
+        registers again). True when something is pending."""
         with self._lock:
-            if self._closed is None and not any(not e.ahead for e in self._entries.values()):
+            if not any(not e.ahead for e in self._entries.values()):
                 self._changed.wait(timeout_s)
-            return self._closed is not None or any(not e.ahead for e in self._entries.values())
+            return any(not e.ahead for e in self._entries.values())
 
     def claim(self, transfer_id: str, digest: str) -> tuple[tuple[int, ...], float]:
         """A message-based receiver is about to write ``transfer_id``: its block ids and deadline.

@@ -17,12 +17,23 @@ Failures stay with their transfer: a timeout cancels that transfer's handle only
 (state ERR) drops the peer's cached state for the next transfer; transfers still using it finish first.
 
 Re-registration (a parked worker's cache comes back at a new address): ``release`` releases the
-local descriptor list and deregisters the memory; ``register`` registers the new tensor under the
-next ``epoch``, whose agent metadata carries the new registration. A peer that sees a newer epoch
-drops the agent it loaded (once no transfer uses it; until then the transfer fails, and the caller
-recomputes) and loads the new metadata; an older epoch than it knows is stale, refused. A peer
-learns of the new registration on its next transfer with us (a push: the destination's metadata
-comes with the request; a pull: with the KV handle); until then it keeps the old agent loaded.
+local descriptor list, deregisters the memory and has every peer on this machine that loaded our
+agent drop it, answered once dropped, so the old allocation is really freed; ``register`` registers
+the new tensor under the next ``epoch``, whose agent metadata carries the new registration. A peer
+that sees a newer epoch drops the agent it loaded (once no transfer uses it; until then the
+transfer fails, and the caller recomputes) and loads the new metadata; an older epoch than it knows
+is stale, refused.
+
+Why the peers must be told: on one machine UCX moves VRAM through CUDA IPC, and the importer's
+mapping of our allocation keeps its memory allocated after we free it. A peer on this machine that
+loads our agent says so (``loaded`` over our channel server, naming the epoch it loaded: one at
+another registration, or released, is refused and the transfer fails); ``release`` sends each such
+peer ``unload``. UCX keeps what it mapped in a per-process cache until the process exits (the rkey
+of the first agent loaded from a GPU holds its mapping until the agent is removed), so agents are
+created with that cache off (``UCX_CUDA_IPC_CACHE=n`` unless the environment sets it): a transfer
+maps the destination's allocation and unmaps it when done, and removing an agent leaves nothing
+mapped. Peers on other machines reach us through the network (registered memory, nothing mapped):
+they are not told.
 
 UCX picks its devices from the environment: ``UCX_NET_DEVICES=lo`` keeps a test on loopback.
 """
@@ -41,7 +52,8 @@ import numpy as np
 import torch
 
 from kv_transfer import metrics
-from kv_transfer.base import KVTransport, PeerMetadata
+from kv_transfer.base import KVTransport, PeerMetadata, host_id
+from kv_transfer.channel import ChannelClient, ChannelServer, Stream
 from kv_transfer.errors import TransferError, TransferTimeoutError, TransportClosedError
 from kv_transfer.layout import BlockRun, KVLayout
 
@@ -74,6 +86,8 @@ def _make_agent(
     - UCX's network devices. UCX reads ``UCX_NET_DEVICES`` when a backend is created; the UCX plugin's
       own ``ucx_devices`` parameter still left a listener on every interface (seen with 1.5.1), so
       the variable is set for the duration of the backend's creation and then restored.
+    - UCX's CUDA IPC mapping cache (``UCX_CUDA_IPC_CACHE``): off where CUDA is, unless the environment
+      sets it (see the module's docstring: a cached mapping of a peer's cache outlives its release).
     - The progress thread's delay. ``nixl_agent`` hardcodes it to 0, and the UCX backend then polls
       its workers with a zero timeout: a core busy per agent even when nothing moves (measured here:
       ~2 s of CPU per 3 idle seconds; with 1000 us, ~0.06 s). The delay is only the poll() timeout
@@ -108,8 +122,10 @@ def _make_agent(
         patched.nixlAgentConfig = _AgentConfig  # type: ignore[attr-defined]
 
     with _AGENT_LOCK:
-        saved_devices = os.environ.get("UCX_NET_DEVICES")
+        saved = {k: os.environ.get(k) for k in ("UCX_NET_DEVICES", "UCX_CUDA_IPC_CACHE")}
         os.environ["UCX_NET_DEVICES"] = ucx_devices
+        if torch.cuda.is_available():  # (elsewhere nothing reads it, and UCX warns of an unused variable)
+            os.environ.setdefault("UCX_CUDA_IPC_CACHE", "n")
         try:
             if patched is not None:
                 api.nixlBind = patched
@@ -122,10 +138,11 @@ def _make_agent(
                     raise RuntimeError(f"NIXL backend {backend} unavailable; plugins: {agent.plugin_list}")
                 agent.create_backend(backend)
         finally:
-            if saved_devices is None:
-                del os.environ["UCX_NET_DEVICES"]
-            else:
-                os.environ["UCX_NET_DEVICES"] = saved_devices
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     return agent
 
 
@@ -139,6 +156,7 @@ class _Peer:
 
 
 _NOTIF_PREFIX = b"tandem-kv|"
+_CONTROL_TIMEOUT_S = 5.0  # a peer's answer to ``loaded`` (first transfer with it) or ``unload`` (release)
 
 
 class NixlTransport(KVTransport):
@@ -154,12 +172,16 @@ class NixlTransport(KVTransport):
         ucx_devices: str | None = None,
         progress_delay_us: int = 1000,
         capture_telemetry: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
         model: str = "",
     ) -> None:
         """``ucx_devices``: UCX network devices, e.g. "mlx5_0:1,lo" or "all"; by default ``UCX_NET_DEVICES``
         when set, else "lo" (one machine, like the tcp transport's 127.0.0.1 default).
         ``progress_delay_us``: the progress thread's idle wait (0 = busy-poll a core; see ``_make_agent``).
         ``capture_telemetry``: report NIXL's own descriptor count in ``TransferResult``.
+        ``host``/``port``: the channel server where peers on this machine say they loaded our agent
+        (and are told to drop it at ``release``).
         """
         super().__init__(model=model)
         try:
@@ -185,6 +207,11 @@ class NixlTransport(KVTransport):
         self._mem_type = "DRAM"
         self._device_id = 0
         self._notif_thread: threading.Thread | None = None
+        self._host, self._port = host, port
+        self._server: ChannelServer | None = None
+        self._client = ChannelClient()
+        self._loaders_lock = threading.Lock()  # not ``_lock``: ``_add_peer`` holds that while it asks a peer
+        self._loaders: dict[str, tuple[str, int]] = {}  # peers that loaded our agent: name -> channel address
         self.num_notif_polls = 0  # reads of the agent's notifications (what the notifications thread costs)
 
     def _register(self, kv: torch.Tensor, layout: KVLayout) -> None:
@@ -195,13 +222,14 @@ class NixlTransport(KVTransport):
         self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, descs, self._mem_type)
         self._notif_thread = threading.Thread(target=self._notif_loop, name=f"{self.name}-notifs", daemon=True)
         self._notif_thread.start()
+        self._server = ChannelServer(self.name, self._host, self._port, self._handle_message, _CONTROL_TIMEOUT_S)
 
     def _reregister(self, kv: torch.Tensor, layout: KVLayout) -> None:
         self._reg_descs = self._agent.register_memory(kv)
         descs = _block_descs(kv.data_ptr(), layout.num_blocks, layout.bytes_per_block, self._device_id)
         self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, descs, self._mem_type)
 
-    def _release(self) -> None:
+    def _deregister(self) -> None:
         try:
             if self._local_dlist is not None:
                 self._local_dlist.release()
@@ -211,9 +239,83 @@ class NixlTransport(KVTransport):
             logger.warning("%s: releasing NIXL registrations: %s", self.name, e)
         self._local_dlist = self._reg_descs = None
 
+    def _release(self) -> None:
+        """Deregister the cache; every peer on this machine that loaded our agent drops it (answered)."""
+        self._deregister()
+        with self._loaders_lock:
+            loaders, self._loaders = dict(self._loaders), {}
+        deadline = time.perf_counter() + _CONTROL_TIMEOUT_S
+        for name, (host, port) in loaders.items():
+            message = {"op": "unload", "name": name, "peer": self.name, "epoch": self._epoch}
+            try:
+                self._ask(name, host, port, message, deadline)
+            except TransferError as e:  # gone, or slow: its mapping keeps the old allocation until it drops it
+                logger.warning("%s: %s did not drop our NIXL agent: %s", self.name, name, e)
+
     def _describe(self) -> tuple[dict[str, Any], bytes]:
-        address = {"base_addr": self.kv.data_ptr(), "device_id": self._device_id, "mem_type": self._mem_type}
+        assert self._server is not None
+        address = {"base_addr": self.kv.data_ptr(), "device_id": self._device_id, "mem_type": self._mem_type,
+                   "control_host": self._host, "control_port": self._server.port}
         return address, self._agent.get_agent_metadata()
+
+    # The control channel: peers on this machine that loaded our agent, told to drop it at release.
+
+    def _ask(self, peer: str, host: str, port: int, message: dict[str, Any], deadline: float) -> None:
+        """Send ``message`` to ``peer``'s channel server and wait for its answer; ``TransferError``
+        when it refuses, is unreachable, or does not answer before ``deadline``."""
+        try:
+            with self._client.connection(host, port, peer, deadline) as stream:
+                stream.send_message(message)
+                reply = stream.recv_message()
+        except TimeoutError as e:
+            raise TransferTimeoutError(f"NIXL {message['op']} to {peer!r} timed out") from e
+        except (OSError, ValueError) as e:
+            raise TransferError(f"NIXL {message['op']} to {peer!r} failed: {e}") from e
+        if not reply.get("ok"):
+            raise TransferError(f"NIXL peer {peer!r} refused {message['op']}: {reply.get('error')}")
+
+    def _tell_loaded(self, peer: PeerMetadata) -> None:
+        """We loaded ``peer``'s agent: a peer on this machine records us (to have us drop it at its
+        release) and refuses when its registration is not the one we loaded (stale metadata)."""
+        if peer.host != host_id() or "control_port" not in peer.address or self._server is None:
+            return
+        message = {"op": "loaded", "name": peer.name, "epoch": peer.epoch,
+                   "by": {"name": self.name, "host": self._host, "port": self._server.port}}
+        self._ask(peer.name, str(peer.address["control_host"]), int(peer.address["control_port"]), message,
+                  time.perf_counter() + _CONTROL_TIMEOUT_S)
+
+    def _refusal(self, epoch: Any) -> str:
+        """Why a peer that loaded our registration ``epoch`` is refused, or "". Read without ``_lock``
+        (a peer's ``_add_peer`` may hold its own while it asks us, and ours while we ask it)."""
+        released, current = self._released, self._epoch
+        if released or epoch != current:
+            return (f"loaded registration {epoch} of {self.name!r}, which is at {current}"
+                    + (" and released (parked)" if released else ""))
+        return ""
+
+    def _handle_message(self, stream: Stream, request: dict[str, Any]) -> None:
+        op = request.get("op")
+        if op not in ("loaded", "unload") or request.get("name") != self.name:
+            stream.send_message({"ok": False, "error": f"unexpected message for {self.name!r}: op {op!r} "
+                                                       f"for {request.get('name')!r}"})
+            return
+        if op == "unload":  # the peer released its cache: drop its agent (transfers using it finish first)
+            self._drop_peer(str(request["peer"]), int(request["epoch"]))
+            stream.send_message({"ok": True})
+            return
+        by, epoch = request["by"], request.get("epoch")
+        refused = self._refusal(epoch)
+        if not refused:
+            with self._loaders_lock:
+                self._loaders[str(by["name"])] = (str(by["host"]), int(by["port"]))
+            refused = self._refusal(epoch)  # released meanwhile: ``_release`` may have missed it
+            if refused:
+                with self._loaders_lock:
+                    self._loaders.pop(str(by["name"]), None)
+        if refused:
+            stream.send_message({"ok": False, "error": refused})
+            return
+        stream.send_message({"ok": True})
 
     def _connect(self, peer: PeerMetadata) -> None:
         self._release_peer(self._acquire(peer))
@@ -275,14 +377,25 @@ class NixlTransport(KVTransport):
             dlist.release()
             self._agent.remove_remote_agent(agent_name)
             raise TransferError(f"cannot connect to NIXL peer {peer.name!r}: {e}") from e
+        try:
+            self._tell_loaded(peer)
+        except TransferError:
+            self._free(_Peer(agent_name, dlist))
+            raise
         metrics.record_connect(self.transport_name)
         return _Peer(agent_name, dlist)
 
     def _disconnect(self, peer_name: str) -> None:
+        self._drop_peer(peer_name)
+
+    def _drop_peer(self, peer_name: str, up_to_epoch: int | None = None) -> None:
+        """Forget the peer's agent (of a registration up to ``up_to_epoch``, when given); it is removed
+        once no transfer uses it."""
         with self._lock:
-            peer = self._peers.pop(peer_name, None)
-            if peer is None:
+            peer = self._peers.get(peer_name)
+            if peer is None or (up_to_epoch is not None and peer.epoch > up_to_epoch):
                 return
+            del self._peers[peer_name]
             peer.dropped = True
             free = peer.users == 0
         if free:
@@ -409,6 +522,11 @@ class NixlTransport(KVTransport):
         except ValueError:
             logger.warning("%s: malformed NIXL notification %r", self.name, message[:64])
 
+    def _interrupt(self) -> None:
+        self._client.close()
+        if self._server is not None:
+            self._server.close()
+
     def _close(self) -> None:
         if self._notif_thread is not None:
             self._notif_thread.join(timeout=2.0)
@@ -418,5 +536,5 @@ class NixlTransport(KVTransport):
             peer.dropped = True
             if peer.users == 0:  # else a transfer outlived close's grace: leave its state alone
                 self._free(peer)
-        self._release()
+        self._deregister()
         self._agent = None  # destroys the agent: its UCX workers and progress thread
