@@ -13,6 +13,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -117,14 +118,15 @@ def generate_direct(child: Child, request_id: str, prompt_ids: list[int], max_to
     return tokens, stats
 
 
-@pytest.fixture(scope="module")
-def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
-    root = tmp_path_factory.mktemp("gpu_clusters")
+def launch_clusters(root: Path, common: dict[str, Any], specs: dict[str, dict[str, Any]]
+                    ) -> Iterator[dict[str, LocalCluster]]:
+    """A module's clusters by name, launched side by side (each loads while the others do): one
+    decode worker, and one prefill worker unless aggregated; stopped when the module ends."""
     out = {}
     try:
-        for name, spec in SPECS.items():  # all load side by side
-            cfg = ClusterConfig(**COMMON, **spec)
-            out[name] = LocalCluster(cfg, num_prefill=0 if name == "agg" else 1, num_decode=1, quiet=True,
+        for name, spec in specs.items():
+            cfg = ClusterConfig(**common, **spec)
+            out[name] = LocalCluster(cfg, num_prefill=0 if cfg.mode == "aggregated" else 1, num_decode=1, quiet=True,
                                      log_dir=root / name).launch()
         for cluster in out.values():
             cluster.wait_ready(480)
@@ -132,6 +134,11 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Loc
     finally:
         for cluster in out.values():
             cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
+    yield from launch_clusters(tmp_path_factory.mktemp("gpu_clusters"), COMMON, SPECS)
 
 
 @pytest.mark.parametrize("name, transport, mode", [("nixl_push", "nixl", "push"), ("cuda_ipc", "cuda_ipc", "pull")])
