@@ -35,10 +35,12 @@ with 2k-token prompts it hands a cached prompt to a worker with one request fewe
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
+from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.load import EngineLoad
 from router.inflight import Inflight
@@ -229,27 +231,56 @@ class HandoffGap:
     its hands) and its second (D's first message): the transfer of the prompt tokens D lacks, at a
     rate learned from the transfers D reports (``PullStats``: tokens moved, seconds), plus the rest
     (D's step, the calls), learned as the gap seen less the transfer. Both exponentially weighted:
-    each observation counts ``decay`` times the one before."""
+    each observation counts ``decay`` times the one before. That is the gap's mean (``predict``);
+    its spread (``high``) is learned from the last ``window`` residuals (the gap seen less the gap
+    predicted just before it): the ``quantile`` residual over the mean. The gap is a wait for D's
+    next step boundary plus a step, so it is spread over up to a step around its mean, and a mean
+    a little under the ITL target (H200 mix shift: 42-50 ms against 50) misses the target on many
+    handoffs; an order statistic of the residuals follows that spread, and a few outliers (a
+    handoff that waited for a decode seat for seconds) move it only when they are more than
+    ``1 - quantile`` of the window."""
 
     decay: float = 0.9
+    quantile: float = 0.99  # the high estimate: this quantile of the recent residuals over the mean
+    window: int = 256  # residuals kept
     num_tokens: float = 0.0  # weighted sums over the observations
     transfer_s: float = 0.0
     rest_s: float = 0.0
     weight: float = 0.0
+    _residuals: deque[float] = field(default_factory=deque, repr=False)  # the last ``window``, in arrival order
+    _sorted: list[float] = field(default_factory=list, repr=False)  # the same, sorted
 
     def observe(self, num_tokens: int, transfer_s: float, gap_s: float) -> None:
+        predicted = self.predict(num_tokens)
+        if predicted is not None:
+            self._residual(gap_s - predicted)
         d = self.decay
         self.num_tokens = d * self.num_tokens + num_tokens
         self.transfer_s = d * self.transfer_s + transfer_s
         self.rest_s = d * self.rest_s + max(0.0, gap_s - transfer_s)
         self.weight = d * self.weight + 1.0
 
+    def _residual(self, r: float) -> None:
+        if len(self._residuals) >= self.window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._residuals.popleft())]
+        self._residuals.append(r)
+        bisect.insort(self._sorted, r)
+
     def predict(self, num_tokens: int) -> float | None:
-        """The gap for a handoff of ``num_tokens`` tokens; None before any observation."""
+        """The gap's mean for a handoff of ``num_tokens`` tokens; None before any observation."""
         if self.weight <= 0:
             return None
         per_token_s = self.transfer_s / self.num_tokens if self.num_tokens > 0 else 0.0
         return num_tokens * per_token_s + self.rest_s / self.weight
+
+    def high(self, num_tokens: int) -> float | None:
+        """The gap's high estimate for a handoff of ``num_tokens`` tokens: the mean plus the
+        ``quantile`` residual (the largest while fewer than ``1 / (1 - quantile)`` are known; never
+        under the mean); None before any observation."""
+        mean = self.predict(num_tokens)
+        if mean is None or not self._sorted:
+            return mean
+        return mean + max(0.0, self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))])
 
 
 @dataclass
@@ -276,6 +307,8 @@ def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: floa
     """How long the router may hold a handed-off request's first token for the decode worker's
     first (then both go out; past it the first goes out alone); 0: send it at once.
 
+    ``predicted_gap_s``: the gap's high estimate (``HandoffGap.high``: its mean plus its learned
+    spread, so a mean a little under the target whose gaps often go over it counts as over).
     ``ttft_headroom_s``: the TTFT target less the time the request has taken so far, the most it
     may be held. ``auto`` holds when the predicted gap exceeds the ITL target and fits in that
     headroom, unless the request's answer (``num_tokens``, its max_tokens) is long enough for its

@@ -515,7 +515,7 @@ class RequestFlow:
         try:
             missing = len(call.prompt_ids) - call.plan.decode.overlap_blocks * self.tiers["decode"].block_size
             hold_s = policy.first_token_hold_s(
-                self.cfg.first_token_hold, self.handoff_gap.predict(missing), self.cfg.itl_slo_ms / 1000,
+                self.cfg.first_token_hold, self.handoff_gap.high(missing), self.cfg.itl_slo_ms / 1000,
                 self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0), call.sampling.max_tokens,
                 self.token_interval.predict())
             if hold_s > 0:

@@ -220,7 +220,7 @@ class ClusterConfig:
     planner_window_s: float = _field(
         0.0, "planner: arrivals counted over this window (0: three intervals); no arrival in it is zero traffic")
     planner_fast_interval_s: float = _field(
-        0.0, "planner: a fast check between decisions, this often (e.g. 5): starts only, for a tier whose workers "
+        5.0, "planner: a fast check between decisions, this often: starts only, for a tier whose workers "
              "show an SLO breach coming (0: none; used only when shorter than adjustment_interval_s)")
     planner_startup_s: float = _field(
         0.0, "planner: a new worker's start-up, s: the throughput mode sizes for the load this plus one interval "

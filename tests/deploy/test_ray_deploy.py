@@ -62,7 +62,7 @@ CONFIG: dict[str, Any] = dict(
     namespace=NAMESPACE, host="127.0.0.1", port=0, grpc_port=0, dtype="float32", threads=1, kv_cache_gib=0.25,
     transport="tcp", lease_ttl_s=2, max_local_prefill_tokens=16, num_routers=1, num_prefill=1, num_decode=2,
     num_gpus_per_worker=1, num_cpus_per_worker=1, worker_restarts=2, drain_timeout_s=30, placement_timeout_s=20,
-    planner=True, min_prefill=1, min_decode=2, adjustment_interval_s=3600)
+    planner=True, min_prefill=1, min_decode=2, adjustment_interval_s=3600, planner_fast_interval_s=0)  # no decision
 SHORT_PROMPT = "The capital of France is"  # prefilled on the decode worker
 LONG_PROMPT = ("Once upon a time, in a land far away, there lived a king who had three daughters. The youngest "
                "daughter was")  # over max_local_prefill_tokens: prefilled on the prefill worker

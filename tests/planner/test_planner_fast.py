@@ -103,3 +103,13 @@ def test_a_breach_one_check_catches_at_its_peak_starts_nothing() -> None:
         assert not planner.react(observe(t, workers)).actions
     assert not planner.react(observe(40.0, queued)).actions  # not the check before: 15 s ago
     assert len(planner.react(observe(45.0, queued)).actions) == 2
+
+
+def test_the_live_planner_runs_the_fast_check_every_5_s_by_default() -> None:
+    from planner.service import planner_config
+    from runtime.settings import ClusterConfig
+
+    # the defaults: a tick every 10 s, a fast check every 5 s between; not where the tick is as frequent
+    assert planner_config(ClusterConfig(), num_workers=4).fast_interval_s == 5.0
+    assert planner_config(ClusterConfig(adjustment_interval_s=5.0), num_workers=4).fast_interval_s == 0.0
+    assert planner_config(ClusterConfig(planner_fast_interval_s=0.0), num_workers=4).fast_interval_s == 0.0

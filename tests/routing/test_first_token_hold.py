@@ -68,3 +68,64 @@ def test_the_gap_is_learned_as_a_transfer_rate_plus_the_rest() -> None:
     cached = HandoffGap()
     cached.observe(0, 0.0, 0.012)
     assert cached.predict(5000) == pytest.approx(0.012)
+
+
+def test_the_gaps_spread_is_learned_as_a_quantile_of_the_recent_residuals() -> None:
+    # decay 0: the mean is the last gap seen, so each residual is the gap less the gap before it
+    gap = HandoffGap(decay=0.0, quantile=0.99, window=3)
+    gap.observe(0, 0.0, 0.040)
+    assert gap.high(0) == pytest.approx(0.040)  # no residual yet: the mean
+    gap.observe(0, 0.0, 0.060)  # residual +20 ms
+    gap.observe(0, 0.0, 0.040)  # -20 ms
+    gap.observe(0, 0.0, 0.042)  # +2 ms
+    # residuals [+20, -20, +2] ms: fewer than 100, so the 0.99 quantile is the largest
+    assert gap.predict(0) == pytest.approx(0.042)
+    assert gap.high(0) == pytest.approx(0.042 + 0.020)
+    median = HandoffGap(decay=0.0, quantile=0.5, window=3)
+    for seen in (0.040, 0.060, 0.040, 0.042):
+        median.observe(0, 0.0, seen)
+    assert median.high(0) == pytest.approx(0.042 + 0.002)  # sorted [-20, +2, +20]: index int(1.5) = 1
+    gap.observe(0, 0.0, 0.042)  # residual 0: the window of 3 lets the +20 go: [-20, +2, 0]
+    assert gap.high(0) == pytest.approx(0.042 + 0.002)
+    # a gap that comes in under its mean does not bring the high estimate under the mean
+    low = HandoffGap(decay=0.0)
+    low.observe(0, 0.0, 0.050)
+    low.observe(0, 0.0, 0.030)
+    assert low.high(0) == pytest.approx(0.030)
+    # the transfer part scales with the tokens as in predict; the spread is added as seconds
+    moved = HandoffGap(decay=0.0)
+    moved.observe(1000, 0.020, 0.030)  # 20 us/token, 10 ms of the rest
+    moved.observe(1000, 0.020, 0.036)  # predicted 30 ms: residual +6 ms; mean now 20 us/token + 16 ms
+    assert moved.high(2000) == pytest.approx(2000 * 20e-6 + 0.016 + 0.006)
+
+
+def test_a_few_outliers_do_not_move_the_high_estimate() -> None:
+    # 200 handoffs alternating 40 / 44 ms (residuals +-4 ms), then one that waited 5 s for a decode seat
+    # and two back at 40 / 44 ms: the 0.99 quantile of 202 residuals (the first
+    # handoff has none) is the third largest, 4 ms
+    gap = HandoffGap(decay=0.0)
+    for i in range(200):
+        gap.observe(0, 0.0, 0.040 if i % 2 == 0 else 0.044)
+    for seen in (5.0, 0.040, 0.044):
+        gap.observe(0, 0.0, seen)
+    assert gap.high(0) == pytest.approx(0.044 + 0.004)
+
+
+def test_auto_holds_when_the_spread_puts_the_high_estimate_over_the_target_though_the_mean_is_under() -> None:
+    # the mix shift on the H200 replay: gaps of 36-52 ms around a 44 ms mean, a wait for the decode
+    # worker's next step plus a step; a short answer (under 101 tokens) fails its p99 ITL on one gap
+    spread = HandoffGap(decay=0.0)
+    for seen in (0.036, 0.052, 0.036, 0.052, 0.044):
+        spread.observe(0, 0.0, seen)
+    # residuals +16, -16, +16, -8 ms: the mean (44 ms) is under 50 ms, the high estimate 60 ms over it
+    assert spread.predict(0) == pytest.approx(0.044) and spread.high(0) == pytest.approx(0.060)
+    assert first_token_hold_s("auto", spread.predict(0), ITL_S, 1.5) == 0.0
+    assert first_token_hold_s("auto", spread.high(0), ITL_S, 1.5) == 1.5
+    # a tight gap under the target: nothing held (residuals +-2 ms around 44 ms: high 46 ms)
+    tight = HandoffGap(decay=0.0)
+    for seen in (0.043, 0.045, 0.043, 0.045, 0.044):
+        tight.observe(0, 0.0, seen)
+    assert tight.high(0) == pytest.approx(0.046)
+    assert first_token_hold_s("auto", tight.high(0), ITL_S, 1.5) == 0.0
+    # a long answer is still spared by its mean ITL (64 tokens at 30 ms: (60 + 62 * 30) / 63 = 30.5 ms)
+    assert first_token_hold_s("auto", spread.high(0), ITL_S, 1.5, num_tokens=64, itl_s=0.030) == 0.0
