@@ -247,17 +247,15 @@ class ModelRunner:
             return None
         step = self.prepare(output, block_tables, prev)
         threads = self.step_threads(output)
+        decode_threads = torch.get_num_threads()
         if threads:
-            decode_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
-            shared = self.config.num_prefill_threads or decode_threads
-            if self.cpu_share is not None and threads > shared:  # the other workers' cores: until they have work
-                self._layer_gate = self.cpu_share.gate(shared)
+        self._layer_gate = self._share_gate(output, threads or decode_threads, decode_threads)
         try:
             logits = self.compute_logits(step, bool(output.sample_rows))
         finally:
             self._layer_gate = None
-            if threads:
+            if torch.get_num_threads() != decode_threads:
                 torch.set_num_threads(decode_threads)
         requests: list[Request] = [r for r, _ in output.sample_rows]
         batch = self.sampler.sample(logits, requests) if logits is not None else None
@@ -278,6 +276,21 @@ class ModelRunner:
                 and self.cpu_share.room_for(config.num_idle_prefill_threads):
             threads = config.num_idle_prefill_threads
         return threads if threads and threads != config.num_threads else None
+
+    def _share_gate(self, output: SchedulerOutput, threads: int, decode_threads: int) -> Callable[[int], None] | None:
+        """Called before each layer of a step that prefills on the kernels where the workers share the
+        cores (``CpuShare.gate``): one on the idle workers' cores gives them back once another has
+        work; one that found no room at its start takes them at a later layer once there is."""
+        idle = self.config.num_idle_prefill_threads
+        if self.cpu_share is None or not idle or self.model.lm_head_cpu is None:
+            return None
+        shared = self.config.num_prefill_threads or decode_threads
+        if threads > shared:
+            return self.cpu_share.gate(shared)
+        if idle > threads and sum(s.num_new_tokens for s in output.scheduled if s.num_new_tokens > 1) \
+                >= PREFILL_STEP_TOKENS:
+            return self.cpu_share.gate(threads, take=idle)
+        return None
 
     def prepare(self, output: SchedulerOutput, block_tables: dict[str, list[int]],
                 prev: StepHandle | None = None) -> StepInputs:
