@@ -126,6 +126,25 @@ def interval_loads(w: Workload, interval_s: float) -> list[tuple[float, float, f
     return out
 
 
+def whole_worker_bound(bench: Bench, w: Workload) -> dict:
+    """The goodput per GPU-hour a deployment could reach against the static peak with whole workers:
+    each interval it holds exactly the workers the static's own rule (:func:`sized`, in the budget)
+    gives that interval's load, from the interval's first instant (no start-up, no drain, no idle
+    spare), and serves as many requests well as the static peak does. Its ratio to the static peak's
+    goodput per GPU-hour is then the static's GPU-hours over its own: the most a planner that scales
+    whole workers by that rule can gain (fractional workers would gain more)."""
+    interval = bench.planner.adjustment_interval_s
+    loads = interval_loads(w, interval)
+    per_interval = [sized(bench, *x, 0.0) if x[0] > 0 else (0, 0) for x in loads]
+    n_static = sum(clamp(bench, max(p for p, _ in per_interval), max(d for _, d in per_interval)))
+    floor = bench.planner.min_prefill + bench.planner.min_decode
+    worker_intervals = sum(max(p + d, floor) for p, d in per_interval)
+    static_s, bound_s = n_static * len(loads) * interval, worker_intervals * interval
+    return {"intervals": len(loads), "interval_s": interval, "static_workers": n_static,
+            "mean_workers": worker_intervals / len(loads), "static_gpu_hours": static_s / 3600,
+            "bound_gpu_hours": bound_s / 3600, "goodput_per_gpu_hour_x_static": static_s / bound_s}
+
+
 def prefix_hit_rate(w: Workload) -> float:
     """Prompt tokens in blocks an earlier request already had (a cache that forgets nothing)."""
     seen: set[int] = set()
@@ -562,6 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "arrivals' answer length at arrival (the live view's early OSL at its best; default: "
                          "answer lengths known only once requests finish)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the fixed-split sweep")
+    ap.add_argument("--bound", action="store_true",
+                    help="print only the whole-worker bound of goodput per GPU-hour against the static peak "
+                         "(whole_worker_bound) and run nothing")
     ap.add_argument("--first-token-hold", default="auto", choices=("auto", "on", "off"),
                     help="the router's first-token hold in the replay (runtime setting first_token_hold)")
     ap.add_argument("--seed", type=int, default=0,
@@ -582,6 +604,12 @@ def main(argv: list[str] | None = None) -> None:
     for w in workloads:
         print(f"== {w.name}: {len(w.arrivals)} requests over {w.duration_s / 60:.1f} min, budget {args.budget} GPUs, "
               f"TTFT <= {args.ttft_ms:g} ms, ITL <= {args.itl_ms:g} ms, profile {args.profile}")
+        if args.bound:
+            b = whole_worker_bound(bench, w)
+            print(f"whole-worker bound: {b['mean_workers']:.2f} workers on average vs the static peak's "
+                  f"{b['static_workers']} over {b['intervals']} intervals of {b['interval_s']:g} s: goodput per "
+                  f"GPU-hour at most {b['goodput_per_gpu_hour_x_static']:.2f}x the static peak's")
+            continue
         runs = run_all(bench, w, [m for m in args.modes.split(",") if m], not args.no_sweep)
         report = {"workload": w.name, "requests": len(w.arrivals), "duration_s": w.duration_s,
                   "args": vars(args), "sim": asdict(bench.sim),

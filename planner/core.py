@@ -343,6 +343,15 @@ class Planner:
                 if self._low(verdicts[r]):
                     tier = [w for w in ready if w.role == r]
                     need[r] = max(need[r], self.load.least(r, tier, isl, rate, traffic.osl_mean))
+        if verdicts and not cfg.aggregated and traffic.ttft_ms_p95 > cfg.ttft_slo_ms:
+            # Load and both modes: the routers' TTFT p95 over the target, the prefill tier keeps every
+            # worker (no drain, no switch away) whatever its queues say. Its misses are not all queueing: a prompt whose
+            # prefix no worker caches any more takes seconds alone (Mooncake: the prefixes come back
+            # minutes later), and a drained worker's cache is gone with it. p95: the 95% target.
+            want["prefill"] = max(want["prefill"], counts["prefill"])
+            need["prefill"] = max(need["prefill"], counts["prefill"])
+            reasons.append(Reason("ttft-p95-hold", "prefill", {"ttft_ms_p95": traffic.ttft_ms_p95,
+                                                               "ttft_slo_ms": cfg.ttft_slo_ms}))
         return self._clamp(want, need, counts, verdicts, reasons), reasons
 
     def _clamp(self, want: dict[str, int], floor: dict[str, int], counts: dict[str, int],

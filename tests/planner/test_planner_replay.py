@@ -192,3 +192,18 @@ def test_the_live_window_and_the_oracle_know_what_they_may() -> None:
         d = oracle.tick(Observation(now))
         assert (d.num_prefill, d.num_decode) == expected
         assert len(d.actions) == sum(expected)  # no worker yet: each one a start
+
+
+def test_the_whole_worker_bound_counts_the_workers_each_interval_needs() -> None:
+    from bench.planner import make_bench, parse_args, whole_worker_bound
+    bench = make_bench(parse_args([]))  # 20 s intervals, minimums 1 prefill + 1 decode
+    steady = [Arrival(0.05 * i, 4000, 200, ()) for i in range(800)]  # 20 req/s over 40 s: 2 equal intervals
+    flat = whole_worker_bound(bench, Workload("flat", steady, 40.0))
+    n = flat["static_workers"]
+    assert n > 2 and flat["mean_workers"] == n and flat["goodput_per_gpu_hour_x_static"] == 1.0
+    # the same load in the first interval only: the second holds the minimums (2 workers), the static
+    # peak n in both: 2n GPU-intervals against n + 2
+    half = whole_worker_bound(bench, Workload("half", steady[:400], 40.0))
+    assert half["static_workers"] == n and half["intervals"] == 2
+    assert math.isclose(half["goodput_per_gpu_hour_x_static"], 2 * n / (n + 2))
+    assert math.isclose(half["bound_gpu_hours"], (n + 2) * 20 / 3600)
