@@ -1,5 +1,5 @@
 """A small request/answer channel over TCP: the tcp transport's data path, and the control path of
-the cuda_ipc and nccl transports (push notifications, transfer headers, pair set-up).
+the cuda_ipc, nixl and nccl transports (push notifications, transfer headers, pair set-up, releases).
 
 Every message is a 4-byte big-endian length and that many bytes of JSON; raw bytes may follow a
 message when it says so. A connection carries any number of exchanges, one at a time; a client
@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from kv_transfer.errors import TransferError, TransferTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,25 @@ class ChannelClient:
                     self._idle.setdefault(key, []).append(sock)
             if not keep:
                 sock.close()
+
+    def ask(self, host: str, port: int, peer: str, message: dict[str, Any], deadline: float, label: str,
+            answered: bool = True) -> dict[str, Any]:
+        """Send ``message`` (its ``op`` names it in errors) to ``peer``'s server and return its answer,
+        or ``{"ok": True}`` at once when ``answered`` is False (the peer acts on receipt and sends
+        none). ``TransferTimeoutError`` past ``deadline``; ``TransferError`` (``label``: the transport,
+        for the message) when the peer is unreachable, breaks the exchange or refuses."""
+        op = message.get("op")
+        try:
+            with self.connection(host, port, peer, deadline) as stream:
+                stream.send_message(message)
+                reply = stream.recv_message() if answered else {"ok": True}
+        except TimeoutError as e:
+            raise TransferTimeoutError(f"{label} {op} to {peer!r} timed out") from e
+        except (OSError, ValueError) as e:
+            raise TransferError(f"{label} {op} to {peer!r} failed: {e}") from e
+        if not reply.get("ok"):
+            raise TransferError(f"{label} peer {peer!r} refused {op}: {reply.get('error')}")
+        return reply
 
     def _take(self, key: tuple[str, int, str]) -> socket.socket | None:
         while True:

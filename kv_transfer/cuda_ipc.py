@@ -229,17 +229,8 @@ class CudaIpcTransport(KVTransport):
                 answered: bool = True) -> dict[str, Any]:
         """Send ``message``; wait for the answer unless ``answered`` is False (``done``: the destination
         completes the transfer on receipt, sparing the owner a round trip)."""
-        try:
-            with self._client.connection(peer.address["host"], int(peer.address["port"]), peer.name, deadline) as s:
-                s.send_message(message)
-                reply = s.recv_message() if answered else {"ok": True}
-        except TimeoutError as e:
-            raise TransferTimeoutError(f"cuda_ipc {message['op']} to {peer.name!r} timed out") from e
-        except (OSError, ValueError) as e:
-            raise TransferError(f"cuda_ipc {message['op']} to {peer.name!r} failed: {e}") from e
-        if not reply.get("ok"):
-            raise TransferError(f"cuda_ipc peer {peer.name!r} refused {message['op']}: {reply.get('error')}")
-        return reply
+        return self._client.ask(peer.address["host"], int(peer.address["port"]), peer.name, message, deadline,
+                                "cuda_ipc", answered)
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], deadline: float) -> int:
         """Copy on this thread's stream and wait for it (polling, so the deadline holds). A copy starts

@@ -263,16 +263,7 @@ class NixlTransport(KVTransport):
     def _ask(self, peer: str, host: str, port: int, message: dict[str, Any], deadline: float) -> None:
         """Send ``message`` to ``peer``'s channel server and wait for its answer; ``TransferError``
         when it refuses, is unreachable, or does not answer before ``deadline``."""
-        try:
-            with self._client.connection(host, port, peer, deadline) as stream:
-                stream.send_message(message)
-                reply = stream.recv_message()
-        except TimeoutError as e:
-            raise TransferTimeoutError(f"NIXL {message['op']} to {peer!r} timed out") from e
-        except (OSError, ValueError) as e:
-            raise TransferError(f"NIXL {message['op']} to {peer!r} failed: {e}") from e
-        if not reply.get("ok"):
-            raise TransferError(f"NIXL peer {peer!r} refused {message['op']}: {reply.get('error')}")
+        self._client.ask(host, port, peer, message, deadline, "NIXL")
 
     def _tell_loaded(self, peer: PeerMetadata) -> None:
         """We loaded ``peer``'s agent: a peer on this machine records us (to have us drop it at its
