@@ -5,8 +5,9 @@ back into which device block on a prefix hit).
 The storage is laid out as the device cache (``ModelRunner.kv``) less its first dimension:
 ``[num_slots, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]``, so a block is one
 contiguous byte range on both sides and a copy is one ``copy_`` of ``bytes_per_block`` (a run of
-consecutive blocks into consecutive slots: one copy of the run). On CUDA it is pinned host memory
-and the copies are queued on the current stream without waiting (``non_blocking``): they run
+consecutive blocks into consecutive slots: one copy of the run). On CUDA it is page-locked host
+memory (:func:`host_buffer`) and the copies are queued on the current stream without waiting
+(``non_blocking``): they run
 after every step launched before them and before every step launched after, which is the
 order the block manager's decisions assume (an offload reads a block after the last step that
 wrote it; a load lands before the first step that reads it; a device block reused after its
@@ -16,12 +17,37 @@ written) and the copies are plain memcpys, done when ``run`` returns.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import mmap
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from engine.block_manager import HostCopy
-from engine.model_runner import kv_cache_zeros
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Zeroed host memory of exactly ``shape``: anonymous memory, whose pages the kernel maps as slots
+    are first written; with ``pin``, page-locked for the GPU's DMA by ``cudaHostRegister`` (all of it,
+    at once: seconds per 10 GiB). Not ``torch.empty(pin_memory=True)``: torch's pinned allocator
+    rounds a request up to a power of two (a 100 GiB tier would pin 128 GiB)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it alive
+    host = torch.frombuffer(buffer, dtype=dtype).view(shape)
+    if pin:
+        err = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0))
+        if err:
+            raise RuntimeError(f"cudaHostRegister of the {nbytes / (1 << 30):.1f} GiB host KV tier failed "
+                               f"(cudaError {err}): lower host_kv_cache_gib, or raise the locked-memory limit")
+        weakref.finalize(host, _unregister, host.data_ptr())
+    return host
+
+
+def _unregister(ptr: int) -> None:
+    with contextlib.suppress(Exception):  # at exit CUDA may be gone already: nothing to do then
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class HostKVTier:
@@ -31,10 +57,7 @@ class HostKVTier:
         self.kv = kv  # the device cache: read at every copy (a parked GPU runner gets new storage)
         self.num_slots = num_slots
         shape = (num_slots, *kv.shape[1:])
-        if kv.device.type == "cuda":
-            self.host = torch.empty(shape, dtype=kv.dtype, pin_memory=True)
-        else:
-            self.host = kv_cache_zeros(shape, kv.dtype, torch.device("cpu"))
+        self.host = host_buffer(shape, kv.dtype, pin=kv.device.type == "cuda")
         self.num_offloaded = self.num_loaded = 0  # blocks copied each way
 
     @property
