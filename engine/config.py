@@ -182,8 +182,16 @@ class CacheConfig:
     memory_bytes: int = 2 << 30
     enable_prefix_caching: bool = True
     gpu_memory_fraction: float = 0.9  # memory_bytes 0 on a GPU: the share of its memory this process may use
+    # The host tier (engine.kv_host_tier): host memory that keeps the blocks the cache evicts, for
+    # prefix hits. 0: off. ``host_num_blocks`` wins over ``host_memory_bytes`` when set.
+    host_memory_bytes: int = 0
+    host_num_blocks: int | None = None
 
     def __post_init__(self) -> None:
+        if self.host_memory_bytes < 0:
+            raise ValueError(f"host_memory_bytes must be >= 0 (0: no host tier), got {self.host_memory_bytes}")
+        if self.host_num_blocks is not None and self.host_num_blocks < 0:
+            raise ValueError(f"host_num_blocks must be >= 0, got {self.host_num_blocks}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -204,6 +212,14 @@ class CacheConfig:
             raise ValueError(f"KV cache budget {budget} B is smaller than one block "
                              f"({bytes_per_block} B)")
         return int(n)
+
+    def resolve_num_host_blocks(self, bytes_per_block: int) -> int:
+        """The host tier's blocks: ``host_num_blocks``, else ``host_memory_bytes``' worth (0: off)."""
+        if not self.enable_prefix_caching:
+            return 0
+        if self.host_num_blocks is not None:
+            return self.host_num_blocks
+        return self.host_memory_bytes // bytes_per_block
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,14 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
-                 progress: bool = True, gpu_memory_fraction: float = 0.9, **engine_kwargs: Any) -> None:
+                 progress: bool = True, gpu_memory_fraction: float = 0.9, host_kv_cache_bytes: int = 0,
+                 host_num_blocks: int | None = None, **engine_kwargs: Any) -> None:
         config = EngineConfig(
             model=model, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
             num_threads=num_threads or (default_num_threads() if device == "cpu" else None),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_bytes=kv_cache_bytes,
-                              enable_prefix_caching=enable_prefix_caching, gpu_memory_fraction=gpu_memory_fraction),
+                              enable_prefix_caching=enable_prefix_caching, gpu_memory_fraction=gpu_memory_fraction,
+                              host_memory_bytes=host_kv_cache_bytes, host_num_blocks=host_num_blocks),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill),
             **engine_kwargs,

@@ -33,6 +33,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cpu_share import CpuShare
 from engine.gpu_share import GpuShare
+from engine.kv_host_tier import HostKVTier
 from engine.kv_prefault import KVPrefaulter
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
@@ -73,8 +74,18 @@ class LLMEngine:
             self.runner = SimRunner(config, self.arch, max_len, eos_token_ids=self.eos_token_ids)
         else:
             self.runner = ModelRunner(config, self.arch, max_len, progress=progress)
+        # The host tier (CacheConfig.host_memory_bytes): the block manager decides, the tier copies
+        # (_run_host_copies). Only where a model runs (the sim holds no KV).
+        self.host_tier: HostKVTier | None = None
+        if isinstance(self.runner, ModelRunner) and config.cache.resolve_num_host_blocks(self.runner.bytes_per_block):
+            self.host_tier = HostKVTier(self.runner.kv,
+                                        config.cache.resolve_num_host_blocks(self.runner.bytes_per_block))
+        # What a KV transfer into blocks just offloaded waits for (CUDA: the copies are queued): the
+        # blocks offloaded by copies not known to have run, and an event behind them.
+        self._offloading: tuple[set[int], torch.cuda.Event] | None = None
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching,
+                                          self.host_tier.num_slots if self.host_tier is not None else 0)
         self.kv_prefaulter: KVPrefaulter | None = None
         self._start_prefaulter()
         # A lone request must always fit in the cache, so the context is capped by it too.
@@ -194,7 +205,10 @@ class LLMEngine:
         self._groups[request_id] = [request_id]
         tracked = self._tracked[request_id] = _Tracked(request, request_id, 0)
         tracked.num_sent = 1  # the first token already went out from the prefill tier
-        return self.scheduler.add_prefilled(request)
+        blocks = self.scheduler.add_prefilled(request)
+        # Blocks evicted for this request are offloaded now: the transfer then overwrites them.
+        self._run_host_copies()
+        return blocks
 
     def kv_ready(self, request_id: str, ok: bool, first_token: int | None = None) -> None:
         """The transfer for :meth:`add_prefilled` ended (``first_token``: the prefill worker's, for
@@ -216,6 +230,12 @@ class LLMEngine:
         nothing is to be waited for: no step is launched or, given ``block_ids``, no launched
         step touches any of them (the usual case: the blocks its requests free go to the back
         of the free queue)."""
+        if self._offloading is not None:
+            offloaded, event = self._offloading
+            if event.query():
+                self._offloading = None
+            elif block_ids is None or not offloaded.isdisjoint(block_ids):
+                return event.synchronize  # queued after every launched step: waits for them too
         if not self._launched or (block_ids is not None and not self._launched_touch(block_ids)):
             return None
         return self._launched[-1][1].wait  # the device runs the steps in order
@@ -335,6 +355,11 @@ class LLMEngine:
         """Every cached block as ``(hash, parent hash)`` and the id of the next KV event."""
         return self.block_manager.snapshot()
 
+    def kv_host_snapshot(self) -> list[tuple[int, int]]:
+        """Every block the host tier holds as ``(hash, parent hash)`` (with :meth:`kv_snapshot`, in
+        the same engine call, the whole cache as of its next event id)."""
+        return self.block_manager.host_snapshot()
+
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()
 
@@ -410,6 +435,7 @@ class LLMEngine:
             outputs += self._apply_oldest()
         t0 = time.perf_counter()
         output = self.scheduler.schedule()
+        self._run_host_copies()  # the step reads the blocks loaded for it
         self._count_step(output)
         tables = {s.request.request_id: self.block_manager.block_table(s.request.request_id)
                   for s in output.scheduled}
@@ -438,6 +464,22 @@ class LLMEngine:
         if not self.async_scheduling:
             outputs += self._apply_oldest()
         return outputs
+
+    def _run_host_copies(self) -> None:
+        """Queue the host tier's copies the block manager decided (before anything else touches
+        those blocks: they run in order on the device's stream). Offloads keep a wait for a KV
+        transfer into their blocks (``launched_step_waiter``) until they have run."""
+        copies = self.block_manager.take_host_copies()
+        if not copies:
+            return
+        assert self.host_tier is not None, "host copies without a host tier"
+        event = self.host_tier.run(copies)
+        if event is None:
+            return  # done (the CPU)
+        offloaded = {c.block_id for c in copies if c.offload}
+        if self._offloading is not None and not self._offloading[1].query():
+            offloaded |= self._offloading[0]  # the new event is behind those copies too
+        self._offloading = (offloaded, event) if offloaded else None
 
     def _apply_oldest(self) -> list[RequestOutput]:
         """Wait for the oldest launched step (through ``device_wait``: it counts as launched

@@ -51,8 +51,8 @@ class EventCursor:
         self.next_event_id: int | None = None  # None: take a snapshot first
         self.stats = SubscriptionStats()
 
-    def load_snapshot(self, hashes: Sequence[int], next_event_id: int) -> None:
-        self.index.load_snapshot(self.worker_id, hashes)
+    def load_snapshot(self, hashes: Sequence[int], next_event_id: int, host_hashes: Sequence[int] = ()) -> None:
+        self.index.load_snapshot(self.worker_id, hashes, host_hashes)
         self.next_event_id = next_event_id
         self.stats.num_snapshots += 1
 
@@ -70,9 +70,9 @@ class EventCursor:
                 self.stats.num_gaps += 1
                 return False
             if isinstance(ev, BlockStored):
-                index.store(worker_id, ev.block_hash)
+                index.store(worker_id, ev.block_hash, ev.medium)
             elif isinstance(ev, BlockRemoved):
-                index.remove(worker_id, ev.block_hash)
+                index.remove(worker_id, ev.block_hash, ev.medium)
             elif isinstance(ev, AllBlocksCleared):
                 index.clear(worker_id)
             self.next_event_id += 1
@@ -105,7 +105,9 @@ class WorkerSubscription:
                     log.error("worker %s uses block size %d, the index %d: its KV events are ignored",
                               cursor.worker_id, snap.block_size, cursor.index.block_size)
                     return
-                cursor.load_snapshot([b.block_hash for b in snap.blocks], snap.next_event_id)
+                host = [b.block_hash for b in snap.blocks if b.medium != pb.KV_MEDIUM_DEVICE]
+                cursor.load_snapshot([b.block_hash for b in snap.blocks if b.medium == pb.KV_MEDIUM_DEVICE],
+                                     snap.next_event_id, host)
                 self.synced.set()
                 stream = self.stub.KVEvents(pb.KVEventsRequest(from_event_id=snap.next_event_id))
                 gap = False

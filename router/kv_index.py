@@ -24,18 +24,36 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+from protocol.kv_events import Medium
+
+
+class Overlap(int):
+    """How many leading blocks of a prompt a worker holds (an ``int``: it reads as one everywhere),
+    and how many of those it holds only in its host tier (``num_host``): a hit there is copied back to
+    the device instead of recomputed, so it saves less than a device hit (``router.policy.kv_costs``)."""
+
+    num_host: int
+
+    def __new__(cls, num_blocks: int, num_host: int = 0) -> Overlap:
+        self = super().__new__(cls, num_blocks)
+        self.num_host = num_host
+        return self
+
 
 class KVIndex:
-    """Exact: ``store``/``remove``/``clear`` mirror each worker's KV events."""
+    """Exact: ``store``/``remove``/``clear`` mirror each worker's KV events. A block is held on the
+    device or in the host tier (``protocol.kv_events.Medium``), or both; each medium has its own map."""
 
     def __init__(self, block_size: int) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.block_size = block_size
-        self._holders: dict[int, int] = {}  # block hash -> bitmask of worker slots
+        self._holders: dict[int, int] = {}  # block hash -> bitmask of worker slots holding it on the device
+        self._host_holders: dict[int, int] = {}  # the same, in the host tier
         self._slot: dict[str, int] = {}  # worker id -> slot
         self._worker: dict[int, str] = {}  # slot -> worker id
-        self._blocks: dict[str, set[int]] = {}  # worker id -> hashes it holds
+        self._blocks: dict[str, set[int]] = {}  # worker id -> hashes it holds on the device
+        self._host_blocks: dict[str, set[int]] = {}  # worker id -> hashes it holds in the host tier
         self._free_slots: list[int] = []
 
     # ---- queries ---------------------------------------------------------------------------
@@ -45,32 +63,44 @@ class KVIndex:
 
     @property
     def num_blocks(self) -> int:
-        """Indexed (worker, block) pairs."""
-        return sum(len(b) for b in self._blocks.values())
+        """Indexed (worker, block, medium) triples."""
+        return sum(len(b) for b in self._blocks.values()) + sum(len(b) for b in self._host_blocks.values())
 
-    def blocks_of(self, worker_id: str) -> frozenset[int]:
-        return frozenset(self._blocks.get(worker_id, ()))
+    def blocks_of(self, worker_id: str, medium: Medium = Medium.DEVICE) -> frozenset[int]:
+        return frozenset((self._blocks if medium is Medium.DEVICE else self._host_blocks).get(worker_id, ()))
 
     def holds(self, worker_id: str, block_hash: int) -> bool:
+        """Whether the worker holds the block, on either medium."""
         slot = self._slot.get(worker_id)
-        return slot is not None and bool(self._holders.get(block_hash, 0) >> slot & 1)
+        return slot is not None and bool(
+            (self._holders.get(block_hash, 0) | self._host_holders.get(block_hash, 0)) >> slot & 1)
 
-    def overlaps(self, hashes: Sequence[int]) -> dict[str, int]:
+    def overlaps(self, hashes: Sequence[int]) -> dict[str, Overlap]:
         """For each worker holding the first block: how many leading blocks of ``hashes`` it
-        holds. Workers holding none are absent."""
+        holds, on either medium (an :class:`Overlap`, with those held only in its host tier).
+        Workers holding none are absent."""
         if not hashes:
             return {}
-        holders = self._holders
-        active = holders.get(hashes[0], 0)
-        out: dict[str, int] = {}
-        i = 1
-        while active and i < len(hashes):
-            kept = active & holders.get(hashes[i], 0)
-            if kept != active:
-                self._credit(out, active & ~kept, i)
-                active = kept
-            i += 1
-        self._credit(out, active, len(hashes))
+        device, host = self._holders, self._host_holders
+        num_host: dict[int, int] = {}  # slot -> leading blocks so far held only in its host tier
+        out: dict[str, Overlap] = {}
+        active = -1  # every slot, until the first block
+        for i, block_hash in enumerate(hashes):
+            on_device = device.get(block_hash, 0)
+            on_host = host.get(block_hash, 0) if host else 0
+            kept = active & (on_device | on_host)
+            if kept != active and i > 0:
+                self._credit(out, active & ~kept, i, num_host)
+            active = kept
+            if not active:
+                return out
+            host_only = active & on_host & ~on_device
+            while host_only:
+                low = host_only & -host_only
+                slot = low.bit_length() - 1
+                num_host[slot] = num_host.get(slot, 0) + 1
+                host_only ^= low
+        self._credit(out, active, len(hashes), num_host)
         return out
 
     # ---- changes ---------------------------------------------------------------------------
@@ -81,6 +111,7 @@ class KVIndex:
         self._slot[worker_id] = slot
         self._worker[slot] = worker_id
         self._blocks[worker_id] = set()
+        self._host_blocks[worker_id] = set()
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget the worker and every block it held."""
@@ -90,47 +121,59 @@ class KVIndex:
         slot = self._slot.pop(worker_id)
         del self._worker[slot]
         del self._blocks[worker_id]
+        del self._host_blocks[worker_id]
         self._free_slots.append(slot)
 
-    def store(self, worker_id: str, block_hash: int) -> None:
+    def store(self, worker_id: str, block_hash: int, medium: Medium = Medium.DEVICE) -> None:
         self.add_worker(worker_id)
-        blocks = self._blocks[worker_id]
+        blocks, holders = self._media(worker_id, medium)
         if block_hash in blocks:
             return
         blocks.add(block_hash)
-        self._holders[block_hash] = self._holders.get(block_hash, 0) | (1 << self._slot[worker_id])
+        holders[block_hash] = holders.get(block_hash, 0) | (1 << self._slot[worker_id])
 
-    def remove(self, worker_id: str, block_hash: int) -> None:
-        blocks = self._blocks.get(worker_id)
-        if blocks is None or block_hash not in blocks:
+    def remove(self, worker_id: str, block_hash: int, medium: Medium = Medium.DEVICE) -> None:
+        if worker_id not in self._slot:
+            return
+        blocks, holders = self._media(worker_id, medium)
+        if block_hash not in blocks:
             return
         blocks.discard(block_hash)
-        mask = self._holders[block_hash] & ~(1 << self._slot[worker_id])
+        mask = holders[block_hash] & ~(1 << self._slot[worker_id])
         if mask:
-            self._holders[block_hash] = mask
+            holders[block_hash] = mask
         else:
-            del self._holders[block_hash]
+            del holders[block_hash]
 
     def clear(self, worker_id: str) -> None:
-        """Drop every block of the worker (it stays known, with an empty cache)."""
-        for block_hash in list(self._blocks.get(worker_id, ())):
-            self.remove(worker_id, block_hash)
+        """Drop every block of the worker, on both media (it stays known, with an empty cache)."""
+        for medium in Medium:
+            for block_hash in list(self.blocks_of(worker_id, medium)):
+                self.remove(worker_id, block_hash, medium)
 
-    def load_snapshot(self, worker_id: str, hashes: Iterable[int]) -> None:
-        """Replace what the index knows of the worker with ``hashes``."""
+    def load_snapshot(self, worker_id: str, hashes: Iterable[int], host_hashes: Iterable[int] = ()) -> None:
+        """Replace what the index knows of the worker with ``hashes`` on the device and
+        ``host_hashes`` in its host tier."""
         self.add_worker(worker_id)
-        new = set(hashes)
-        old = self._blocks[worker_id]
-        for block_hash in old - new:
-            self.remove(worker_id, block_hash)
-        for block_hash in new - old:
-            self.store(worker_id, block_hash)
+        for medium, wanted in ((Medium.DEVICE, hashes), (Medium.HOST, host_hashes)):
+            new = set(wanted)
+            old = set(self.blocks_of(worker_id, medium))
+            for block_hash in old - new:
+                self.remove(worker_id, block_hash, medium)
+            for block_hash in new - old:
+                self.store(worker_id, block_hash, medium)
 
     # ---- internals -------------------------------------------------------------------------
-    def _credit(self, out: dict[str, int], mask: int, num_blocks: int) -> None:
+    def _media(self, worker_id: str, medium: Medium) -> tuple[set[int], dict[int, int]]:
+        if medium is Medium.DEVICE:
+            return self._blocks[worker_id], self._holders
+        return self._host_blocks[worker_id], self._host_holders
+
+    def _credit(self, out: dict[str, Overlap], mask: int, num_blocks: int, num_host: dict[int, int]) -> None:
         while mask:
             low = mask & -mask
-            out[self._worker[low.bit_length() - 1]] = num_blocks
+            slot = low.bit_length() - 1
+            out[self._worker[slot]] = Overlap(num_blocks, num_host.get(slot, 0))
             mask ^= low
 
 
@@ -223,7 +266,8 @@ class InFlightKVIndex(_OverKVIndex):
 
 
 def merge_overlaps(*overlaps: dict[str, int]) -> dict[str, int]:
-    """Per worker, the longest of several indexes' overlaps."""
+    """Per worker, the longest of several indexes' overlaps (the first of equals: its
+    ``Overlap.num_host`` with it)."""
     out: dict[str, int] = {}
     for one in overlaps:
         for worker_id, n in one.items():

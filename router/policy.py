@@ -9,7 +9,9 @@ that has just finished look busy. The cost is DESIGN.md's "Routing cost" (after 
            + its active decode blocks
 
 lowest wins; ``temperature > 0`` samples softmax(-cost / temperature) instead; ties are broken
-at random. The same function serves both tiers. For the decode tier in disaggregated mode a
+at random. A leading block the worker holds only in its host tier (``router.kv_index.Overlap``) is
+not new work, but it is copied back to the device: it counts :data:`HOST_BLOCK_WEIGHT` of a
+new block in the prefill term. The same function serves both tiers. For the decode tier in disaggregated mode a
 worker's overlap counts only where it would prefill locally (the tokens it would still compute
 are at most ``max_local_prefill_tokens``): elsewhere the whole prompt is computed anew (on the
 prefill tier) and moved, so a decode worker that can finish the prompt from its own cache wins
@@ -44,9 +46,15 @@ from dataclasses import dataclass, field
 
 from protocol.load import EngineLoad
 from router.inflight import Inflight
+from router.kv_index import Overlap
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 PREFILL_LOAD_SCALE = 32.0  # the kv cost's weight of a prefill block against an active decode block: above
+# A prompt block held in the worker's host tier, against one it must compute: the copy back over
+# PCIe against the forward pass. Llama-3.1-8B in bfloat16, 16-token blocks: 2 MiB a block, 42 us at
+# ~50 GB/s (pinned, PCIe Gen5) against ~0.4 ms of an H200's prefill compute (256 GFLOP): about 0.1.
+# On the CPU (SmolLM2-135M) a memcpy against tens of ms of compute: far less; 0.1 errs toward the device.
+HOST_BLOCK_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,13 @@ class Candidate:
     """One worker's cost, broken down (blocks)."""
 
     worker_id: str
-    overlap_blocks: int  # leading prompt blocks in its prefix cache
+    overlap_blocks: int  # leading prompt blocks in its prefix cache (device or host tier: an Overlap)
     new_blocks: int  # prompt blocks not served by its cache (all of them where it does not prefill)
     queued_blocks: int  # prompt blocks it still has to compute for earlier requests
     active_blocks: int
     local_prefill: bool  # it computes the prompt itself
     cost: float
+    host_blocks: int = 0  # of the overlap, blocks it holds only in its host tier (counted where it prefills)
 
 
 @dataclass(frozen=True)
@@ -89,19 +98,24 @@ def kv_costs(num_prompt_tokens: int, overlaps: Mapping[str, int], loads: Sequenc
              prefill_load_scale: float = PREFILL_LOAD_SCALE,
              max_local_prefill_tokens: int | None = None) -> list[Candidate]:
     """Every worker's cost for a prompt of ``num_prompt_tokens`` whose leading blocks each worker
-    holds per ``overlaps``. ``max_local_prefill_tokens`` (decode tier, disaggregated, prefill tier
-    available): a worker that would compute more than this leaves the prompt to the prefill tier,
-    and its overlap does not count (every prompt block is new work); -1: no worker prefills."""
+    holds per ``overlaps`` (those of them held only in its host tier: ``Overlap.num_host``, each
+    :data:`HOST_BLOCK_WEIGHT` of a new block). ``max_local_prefill_tokens`` (decode tier,
+    disaggregated, prefill tier available): a worker that would compute more than this leaves the
+    prompt to the prefill tier, and its overlap does not count (every prompt block is new work);
+    -1: no worker prefills."""
     num_blocks = blocks(num_prompt_tokens, block_size)
     out = []
     for w in loads:
-        overlap = min(overlaps.get(w.worker_id, 0), num_blocks)
+        held = overlaps.get(w.worker_id, 0)
+        overlap = min(held, num_blocks)
         to_compute = num_prompt_tokens - overlap * block_size
         local = max_local_prefill_tokens is None or to_compute <= max_local_prefill_tokens
         new = num_blocks - overlap if local else num_blocks
+        host = min(getattr(held, "num_host", 0), overlap) if local else 0
         queued = blocks(w.num_inflight_prefill_tokens, block_size)
-        cost = prefill_load_scale * (new + queued) + w.num_active_blocks
-        out.append(Candidate(w.worker_id, overlap, new, queued, w.num_active_blocks, local, cost))
+        cost = prefill_load_scale * (new + queued + HOST_BLOCK_WEIGHT * host) + w.num_active_blocks
+        out.append(Candidate(w.worker_id, Overlap(overlap, host), new, queued, w.num_active_blocks, local, cost,
+                             host))
     return out
 
 

@@ -4,7 +4,7 @@ Torch-free: the router converts with it too."""
 
 from __future__ import annotations
 
-from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Medium
 from protocol.load import EngineLoad
 from protocol.outputs import FinishReason, RequestOutput
 from protocol.sampling import SamplingParams
@@ -90,20 +90,27 @@ def load_from_pb(m: pb.Load) -> EngineLoad:
 def event_to_pb(ev: KVEvent) -> pb.KVEvent:
     if isinstance(ev, BlockStored):
         return pb.KVEvent(event_id=ev.event_id, block_stored=pb.BlockStored(
-            block_hash=ev.block_hash, parent_hash=ev.parent_hash, token_ids=list(ev.token_ids)))
+            block_hash=ev.block_hash, parent_hash=ev.parent_hash, token_ids=list(ev.token_ids), medium=ev.medium))
     if isinstance(ev, BlockRemoved):
-        return pb.KVEvent(event_id=ev.event_id, block_removed=pb.BlockRemoved(block_hash=ev.block_hash))
+        return pb.KVEvent(event_id=ev.event_id, block_removed=pb.BlockRemoved(block_hash=ev.block_hash,
+                                                                              medium=ev.medium))
     assert isinstance(ev, AllBlocksCleared)
     return pb.KVEvent(event_id=ev.event_id, all_blocks_cleared=pb.AllBlocksCleared())
+
+
+def medium_from_pb(value: int) -> Medium:
+    """A ``KVMedium``; a value this build does not know (a newer worker's) reads as the host: held,
+    not a device hit."""
+    return Medium(value) if value in Medium._value2member_map_ else Medium.HOST
 
 
 def event_from_pb(msg: pb.KVEvent) -> KVEvent:
     which = msg.WhichOneof("event")
     if which == "block_stored":
         s = msg.block_stored
-        return BlockStored(msg.event_id, s.block_hash, s.parent_hash, tuple(s.token_ids))
+        return BlockStored(msg.event_id, s.block_hash, s.parent_hash, tuple(s.token_ids), medium_from_pb(s.medium))
     if which == "block_removed":
-        return BlockRemoved(msg.event_id, msg.block_removed.block_hash)
+        return BlockRemoved(msg.event_id, msg.block_removed.block_hash, medium_from_pb(msg.block_removed.medium))
     if which == "all_blocks_cleared":
         return AllBlocksCleared(msg.event_id)
     raise ValueError(f"KV event {msg.event_id} carries no event")

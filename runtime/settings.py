@@ -106,6 +106,12 @@ class ClusterConfig:
         "its memory (gpu_memory_fraction; else 0.9 of the GPU, or of its part with a fractional num_gpus_per_worker) "
         "less the weights and a step's working memory)")
     prefill_kv_cache_gib: float = _field(0.0, "KV cache of a prefill worker, GiB (0: kv_cache_gib)")
+    host_kv_cache_gib: float = _field(
+        0.0, "host memory per worker for the KV cache's host tier, GiB (0: off): blocks the KV cache evicts "
+        "are kept there and copied back on a prefix hit instead of recomputed (pinned on a GPU, ~50 GB/s "
+        "over PCIe Gen5). Set it where long shared prefixes come back after the cache evicted them "
+        "(multi-turn chat, agents, the Mooncake trace): the host RAM you can spare over the workers of the "
+        "machine, several times kv_cache_gib to matter; pinning it takes seconds per 10 GiB at the start")
     gpu_memory_fraction: float = _field(
         0.0, "most of its GPU's memory one worker may allocate (0: no cap, and the KV cache sizes itself to 0.9 "
         "of it); tandem serve splits 0.9 of one GPU between its workers when they share it")
@@ -326,6 +332,8 @@ class ClusterConfig:
             fail("kv_transfer_mode", "must be auto, push or pull")
         if self.prefill_kv_cache_gib < 0:
             fail("prefill_kv_cache_gib", "must be >= 0")
+        if self.host_kv_cache_gib < 0:
+            fail("host_kv_cache_gib", "must be >= 0 (0: no host tier)")
         if self.prefill_max_num_batched_tokens < 0:
             fail("prefill_max_num_batched_tokens", "must be >= 0 (0: the device's default)")
         if not 0 <= self.gpu_memory_fraction <= 1:

@@ -117,10 +117,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     async def KVSnapshot(self, request: pb.KVSnapshotRequest, context: grpc.aio.ServicerContext
                          ) -> pb.KVSnapshotResponse:
-        blocks, next_id = await self.engine.call(lambda e: e.kv_snapshot())
+        (blocks, next_id), host = await self.engine.call(lambda e: (e.kv_snapshot(), e.kv_host_snapshot()))
         return pb.KVSnapshotResponse(
-            blocks=[pb.CachedBlock(block_hash=h, parent_hash=p) for h, p in blocks], next_event_id=next_id,
-            worker_id=self.identity.worker_id, block_size=self.identity.block_size)
+            blocks=[pb.CachedBlock(block_hash=h, parent_hash=p) for h, p in blocks]
+            + [pb.CachedBlock(block_hash=h, parent_hash=p, medium=pb.KV_MEDIUM_HOST) for h, p in host],
+            next_event_id=next_id, worker_id=self.identity.worker_id, block_size=self.identity.block_size)
 
     # ---- hooks for the tiers ---------------------------------------------------------------------
     def configure(self, cfg: settings.ClusterConfig) -> None:
@@ -164,7 +165,8 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         num_idle_prefill_threads=cfg.idle_prefill_threads or None, cpu_share_dir=cfg.cpu_share_dir,
         cache=CacheConfig(block_size=cfg.block_size, memory_bytes=int(kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=cfg.enable_prefix_caching,
-                          gpu_memory_fraction=kv_gpu_share(cfg)),
+                          gpu_memory_fraction=kv_gpu_share(cfg),
+                          host_memory_bytes=int(cfg.host_kv_cache_gib * (1 << 30))),
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.step_tokens(role),
                                   joining_prefill_tokens=cfg.joining_prefill_tokens if role == "decode" else 0),
         gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",

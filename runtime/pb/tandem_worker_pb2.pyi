@@ -26,6 +26,11 @@ class WorkerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATUS_STARTING: _ClassVar[WorkerStatus]
     WORKER_STATUS_SERVING: _ClassVar[WorkerStatus]
     WORKER_STATUS_DRAINING: _ClassVar[WorkerStatus]
+
+class KVMedium(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_MEDIUM_DEVICE: _ClassVar[KVMedium]
+    KV_MEDIUM_HOST: _ClassVar[KVMedium]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -37,6 +42,8 @@ WORKER_STATUS_UNSPECIFIED: WorkerStatus
 WORKER_STATUS_STARTING: WorkerStatus
 WORKER_STATUS_SERVING: WorkerStatus
 WORKER_STATUS_DRAINING: WorkerStatus
+KV_MEDIUM_DEVICE: KVMedium
+KV_MEDIUM_HOST: KVMedium
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_token_ids", "ignore_eos", "logprobs")
@@ -323,20 +330,24 @@ class HealthResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[WorkerStatus, str]] = ..., worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class BlockStored(_message.Message):
-    __slots__ = ("block_hash", "parent_hash", "token_ids")
+    __slots__ = ("block_hash", "parent_hash", "token_ids", "medium")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MEDIUM_FIELD_NUMBER: _ClassVar[int]
     block_hash: int
     parent_hash: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, block_hash: _Optional[int] = ..., parent_hash: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    medium: KVMedium
+    def __init__(self, block_hash: _Optional[int] = ..., parent_hash: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., medium: _Optional[_Union[KVMedium, str]] = ...) -> None: ...
 
 class BlockRemoved(_message.Message):
-    __slots__ = ("block_hash",)
+    __slots__ = ("block_hash", "medium")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    MEDIUM_FIELD_NUMBER: _ClassVar[int]
     block_hash: int
-    def __init__(self, block_hash: _Optional[int] = ...) -> None: ...
+    medium: KVMedium
+    def __init__(self, block_hash: _Optional[int] = ..., medium: _Optional[_Union[KVMedium, str]] = ...) -> None: ...
 
 class AllBlocksCleared(_message.Message):
     __slots__ = ()
@@ -371,12 +382,14 @@ class KVSnapshotRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CachedBlock(_message.Message):
-    __slots__ = ("block_hash", "parent_hash")
+    __slots__ = ("block_hash", "parent_hash", "medium")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    MEDIUM_FIELD_NUMBER: _ClassVar[int]
     block_hash: int
     parent_hash: int
-    def __init__(self, block_hash: _Optional[int] = ..., parent_hash: _Optional[int] = ...) -> None: ...
+    medium: KVMedium
+    def __init__(self, block_hash: _Optional[int] = ..., parent_hash: _Optional[int] = ..., medium: _Optional[_Union[KVMedium, str]] = ...) -> None: ...
 
 class KVSnapshotResponse(_message.Message):
     __slots__ = ("blocks", "next_event_id", "worker_id", "block_size")
