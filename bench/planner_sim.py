@@ -30,7 +30,21 @@ What is modelled, after the real code:
 - a handoff to a decode worker whose seats are all taken (``max_num_seqs`` running) but with KV
   room: ``seats_full="wait"`` (the engine's ``Scheduler.add_prefilled``) pulls its KV and waits
   for a seat, its KV held, then decodes from its first token; ``"recompute"`` (the engine before
-  it) queues it to recompute its prompt there.
+  it) queues it to recompute its prompt there;
+- the host KV tier (``host_kv_gb`` > 0; issue 13, after the engine's): each prefill worker has an
+  LRU of the trace's 512-token blocks in host DRAM, ``host_kv_gb`` GB (1e9 bytes) of it, in blocks
+  of ``kv_bytes_per_token`` x 512. Assumed: a block evicted from the worker's device prefix cache is
+  copied there as it is evicted, the copy overlapping the compute (not charged); a prompt's prefix
+  is its leading blocks each found on the device or in the host tier (either, in any mix); the
+  host ones are copied back when its prefill starts, ``host_gbps`` (50 GB/s: pinned memory over
+  PCIe Gen5 x16, of 64 nominal) charged inside that step (the worker computes nothing meanwhile,
+  as a synchronous load would: the conservative end), and are not computed; the host copy stays
+  (a use, LRU). Decode workers have no prefix cache here, so no tier either. The tier is the
+  process's host memory: a tier switch keeps it, a park keeps it (the worker that wakes gets it
+  back), an exit loses it; the device cache is lost in all three (nothing is offloaded on a park).
+  The router's KV-aware cost (``router.policy``) counts a host-held block as ``host_overlap_weight``
+  of a device-cached one in the overlap: the replay's own parameter (0.9: a block's copy, 1.3 ms,
+  is 3-12% of its compute on the H200 profile, 11-44 ms by context), not yet the router's.
 
 Pure-decode stretches are advanced in closed form (every step emits one token per running
 request and the step time grows linearly with the KV read), so an hour of traffic takes minutes.
@@ -44,10 +58,11 @@ import heapq
 import itertools
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from bench.planner_worker import Worker
-from bench.planner_workload import Arrival
+from bench.planner_workload import TRACE_BLOCK_TOKENS, Arrival
 from planner.observations import RouterWindow, WorkerState
 from router import policy
 
@@ -80,6 +95,13 @@ class SimConfig:
     seats_full: str = "wait"  # a handoff when every decode seat is taken, with KV room: or "wait"
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
+    # the host KV tier of a prefill worker (module docstring): its capacity, GB (1e9 bytes) of host DRAM
+    # per worker (0: off); an H200 node has ~2 TB for 8 GPUs, so up to ~200 GB each
+    host_kv_gb: float = 0.0
+    host_gbps: float = 50.0  # its host->GPU copy, GB/s (pinned memory over PCIe Gen5 x16: ~50 of 64 nominal)
+    # the router's KV-aware cost counts a host-held prompt block as this fraction of a device hit's
+    # overlap (1: as cached on the GPU, 0: as a recompute); the replay's own weight, not router.policy's
+    host_overlap_weight: float = 0.9
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
@@ -182,14 +204,24 @@ class Simulation:
     parked: list[float] = field(default_factory=list)  # when each parked worker can be woken, oldest first
     num_woken: int = 0
     num_parked: int = 0
+    parked_host: list = field(default_factory=list)  # each parked worker's host KV tier (as ``parked``)
+    hit_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt tokens found: in a device cache, host tier
 
     def __post_init__(self) -> None:
         if self.cfg.seats_full not in ("recompute", "wait"):
             raise ValueError(f"seats_full must be recompute or wait, got {self.cfg.seats_full!r}")
         self.rng = random.Random(self.cfg.seed)  # (the process-wide one made two runs of a replay differ)
         self.parked = [0.0] * self.cfg.warm_pool
+        self.parked_host = [OrderedDict() for _ in range(self.cfg.warm_pool)]
+        if self.cfg.host_kv_gb < 0 or self.cfg.host_gbps <= 0 or not 0 <= self.cfg.host_overlap_weight <= 1:
+            raise ValueError("host_kv_gb must be >= 0, host_gbps > 0, host_overlap_weight in [0, 1]")
+        self.host_blocks = int(self.cfg.host_kv_gb * 1e9 // (self.cfg.kv_bytes_per_token * TRACE_BLOCK_TOKENS))
         # the pool's workers loaded on a GPU (a start-up each) before they parked
         self.released += [(0.0, self.cfg.startup_s)] * self.cfg.warm_pool
+
+    def host_copy_s(self, tokens: int) -> float:
+        """The host tier's copy of ``tokens`` of KV back to the GPU."""
+        return tokens * self.cfg.kv_bytes_per_token / (self.cfg.host_gbps * 1e9)
 
     def push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -201,6 +233,7 @@ class Simulation:
             delay = self.cfg.startup_s
             if self.parked and self.parked[0] <= now:  # a parked worker takes its GPU back
                 self.parked.pop(0)
+                w.host = self.parked_host.pop(0)  # and its host tier, kept while it was parked
                 self.num_woken += 1
                 delay = self.cfg.wake_s
             self.push(now + delay, "ready", w)
@@ -228,9 +261,17 @@ class Simulation:
         if choice.local_prefill:
             self.workers[choice.worker_id].add_local(req, now)
             return
-        overlaps = {w.id: w.cached_tokens(req.arrival.hashes, req.arrival.isl) // BLOCK for w in prefill}
+        overlaps = {w.id: self._overlap(w, req.arrival) for w in prefill}
         pick = policy.choose("kv", req.arrival.isl, overlaps, prefill_loads, BLOCK, rng=self.rng)
         self.workers[pick.worker_id].add_job(req, now)
+
+    def _overlap(self, w: Worker, a: Arrival) -> float:
+        """The router's overlap for ``w`` (its 16-token blocks): device-cached blocks count whole,
+        host-held ones ``host_overlap_weight`` each (their copy costs less than their compute)."""
+        dev, host = w.prefix_tokens(a.hashes, a.isl)
+        if not host:
+            return dev // BLOCK
+        return dev // BLOCK + self.cfg.host_overlap_weight * host / BLOCK
 
     def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
         loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
@@ -301,6 +342,7 @@ class Simulation:
             del self.workers[w.id]
             if len(self.parked) < self.cfg.warm_pool:  # it parks: its GPU is free once its weights are off it
                 self.parked.append(now + self.cfg.park_s)
+                self.parked_host.append(w.host)  # its device cache is gone, its host tier stays
                 self.num_parked += 1
                 now += self.cfg.park_s
             self.released.append((w.gpu_since, now))
