@@ -530,7 +530,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     seed=args.seed, warm_pool=args.warm_pool, wake_s=args.wake_s, park_s=args.park_s,
                     seats_full=args.seats_full)
     sim = replace(sim, host_kv_gb=args.host_kv_gb, host_gbps=args.host_gbps,
-                  host_overlap_weight=args.host_overlap_weight)
+                  host_overlap_weight=args.host_overlap_weight, cache_evicts_tail_first=args.cache_evicts_tail_first)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
@@ -599,6 +599,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host-overlap-weight", type=float, default=0.9,
                     help="the replay router's KV-aware cost counts a host-held block as this fraction of a "
                          "device-cached one")
+    ap.add_argument("--cache-evicts-tail-first", action="store_true",
+                    help="a full prefix cache evicts a prompt's tail blocks first, as the engine's block manager does "
+                         "(default: its head first, the replay as it was)")
     return ap.parse_args(argv)
 
 

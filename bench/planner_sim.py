@@ -102,6 +102,10 @@ class SimConfig:
     # the router's KV-aware cost counts a host-held prompt block as this fraction of a device hit's
     # overlap (1: as cached on the GPU, 0: as a recompute); the replay's own weight, not router.policy's
     host_overlap_weight: float = 0.9
+    # a prompt's blocks in the device prefix cache's LRU: False, its head the least recent (the replay
+    # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
+    # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
+    cache_evicts_tail_first: bool = False
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
@@ -206,6 +210,7 @@ class Simulation:
     num_parked: int = 0
     parked_host: list = field(default_factory=list)  # each parked worker's host KV tier (as ``parked``)
     hit_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt tokens found: in a device cache, host tier
+    num_local_prefill: int = 0  # requests the router sent to prefill on their decode worker
 
     def __post_init__(self) -> None:
         if self.cfg.seats_full not in ("recompute", "wait"):
@@ -259,6 +264,7 @@ class Simulation:
         choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:
+            self.num_local_prefill += 1
             self.workers[choice.worker_id].add_local(req, now)
             return
         overlaps = {w.id: self._overlap(w, req.arrival) for w in prefill}

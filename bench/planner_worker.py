@@ -208,7 +208,7 @@ class Worker:
         a = req.arrival
         dev, host = self.prefix_tokens(a.hashes, a.isl)
         cached = dev + host
-        for h in a.hashes[:cached // TRACE_BLOCK_TOKENS]:
+        for h in self._lru_order(a.hashes[:cached // TRACE_BLOCK_TOKENS]):
             if h in self.cache:
                 self.cache.move_to_end(h)
             else:  # copied back when the job starts; the host copy stays (an LRU hit)
@@ -260,8 +260,12 @@ class Worker:
             self.sim.prefilled(job.req, self, now)
         self.plan = ()
 
+    def _lru_order(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        """A prompt's blocks in the order they become the most recent (the last, the last evicted)."""
+        return hashes[::-1] if self.sim.cfg.cache_evicts_tail_first else hashes
+
     def _insert_cache(self, hashes: tuple[int, ...]) -> None:
-        for h in hashes:
+        for h in self._lru_order(hashes):
             self.cache[h] = None
             self.cache.move_to_end(h)
         room = max(0, self._kv_free_prefill()) // TRACE_BLOCK_TOKENS

@@ -150,3 +150,20 @@ def test_the_tier_changes_nothing_where_no_prefix_comes_back() -> None:
     assert sim.host_blocks == 745 and len(base) > 300
     assert sum(len(x.host) for x in sim.workers.values()) > 100  # evictions did fill it
     assert same == base
+
+
+@pytest.mark.parametrize("tail_first", [False, True])
+def test_which_end_of_a_prompt_the_device_cache_evicts_first(tail_first: bool) -> None:
+    cfg = SimConfig(kv_capacity_tokens=2 * TRACE_BLOCK_TOKENS, host_kv_gb=host_gb(4),
+                    cache_evicts_tail_first=tail_first)
+    w = Simulation(cfg, StepModel(SIM)).add_worker("prefill", 0.0)
+    w._insert_cache((1, 2, 3))
+    isl = 3 * TRACE_BLOCK_TOKENS + 1
+    if tail_first:  # the engine's order: the tail goes, the head (what a later prompt can use) stays
+        assert set(w.cache) == {1, 2} and list(w.host) == [3]
+        assert w.prefix_tokens((1, 2, 3), isl) == (2 * TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS)
+    else:  # the replay as it was: the head goes first, the tail left on the GPU is of no use alone
+        assert set(w.cache) == {2, 3} and list(w.host) == [1]
+        assert w.prefix_tokens((1, 2, 3), isl) == (2 * TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS)
+        w.host.clear()
+        assert w.prefix_tokens((1, 2, 3), isl) == (0, 0)
