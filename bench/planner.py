@@ -596,9 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "prefix cache land there, a later prompt copies them back instead of computing them")
     ap.add_argument("--host-gbps", type=float, default=50.0,
                     help="the host tier's host->GPU copy bandwidth, GB/s (pinned, PCIe Gen5 x16)")
-    ap.add_argument("--host-overlap-weight", type=float, default=0.9,
+    ap.add_argument("--host-overlap-weight", type=float, default=None,
                     help="the replay router's KV-aware cost counts a host-held block as this fraction of a "
-                         "device-cached one")
+                         "device-cached one (default: as the router does, router.policy.HOST_BLOCK_WEIGHT, where "
+                         "it has one; else 0.9)")
     ap.add_argument("--cache-evicts-tail-first", action="store_true",
                     help="a full prefix cache evicts a prompt's tail blocks first, as the engine's block manager does "
                          "(default: its head first, the replay as it was)")

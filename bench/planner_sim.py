@@ -42,9 +42,12 @@ What is modelled, after the real code:
   (a use, LRU). Decode workers have no prefix cache here, so no tier either. The tier is the
   process's host memory: a tier switch keeps it, a park keeps it (the worker that wakes gets it
   back), an exit loses it; the device cache is lost in all three (nothing is offloaded on a park).
-  The router's KV-aware cost (``router.policy``) counts a host-held block as ``host_overlap_weight``
-  of a device-cached one in the overlap: the replay's own parameter (0.9: a block's copy, 1.3 ms,
-  is 3-12% of its compute on the H200 profile, 11-44 ms by context), not yet the router's.
+  The router's KV-aware cost (``router.policy.kv_costs``) sees the host-held blocks as the router
+  does where this build's router knows the host tier (tier11's ``router.kv_index.Overlap`` with its
+  ``num_host``, each costing ``router.policy.HOST_BLOCK_WEIGHT``, 0.1, of a new block); without it,
+  or with ``host_overlap_weight`` set, a host block counts that fraction of a device hit in the
+  overlap (unset: 0.9, the same cost). Either agrees with the tier here: a 512-token block's copy,
+  1.3 ms at 50 GB/s, is 3-12% of its compute on the H200 profile (11-44 ms by context).
 
 Pure-decode stretches are advanced in closed form (every step emits one token per running
 request and the step time grows linearly with the KV read), so an hour of traffic takes minutes.
@@ -64,9 +67,11 @@ from dataclasses import dataclass, field
 from bench.planner_worker import Worker
 from bench.planner_workload import TRACE_BLOCK_TOKENS, Arrival
 from planner.observations import RouterWindow, WorkerState
-from router import policy
+from router import kv_index, policy
 
 BLOCK = 16  # the router's KV block size (tokens)
+# the router's overlap with its host-tier blocks (tier11's router.kv_index.Overlap), where this build has it
+ROUTER_OVERLAP = getattr(kv_index, "Overlap", None)
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,9 @@ class SimConfig:
     host_kv_gb: float = 0.0
     host_gbps: float = 50.0  # its host->GPU copy, GB/s (pinned memory over PCIe Gen5 x16: ~50 of 64 nominal)
     # the router's KV-aware cost counts a host-held prompt block as this fraction of a device hit's
-    # overlap (1: as cached on the GPU, 0: as a recompute); the replay's own weight, not router.policy's
-    host_overlap_weight: float = 0.9
+    # overlap (1: as cached on the GPU, 0: as a recompute); None: the router's own (router.policy's
+    # HOST_BLOCK_WEIGHT through router.kv_index.Overlap) where this build's router has one, else 0.9
+    host_overlap_weight: float | None = None
     # a prompt's blocks in the device prefix cache's LRU: False, its head the least recent (the replay
     # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
     # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
@@ -218,8 +224,9 @@ class Simulation:
         self.rng = random.Random(self.cfg.seed)  # (the process-wide one made two runs of a replay differ)
         self.parked = [0.0] * self.cfg.warm_pool
         self.parked_host = [OrderedDict() for _ in range(self.cfg.warm_pool)]
-        if self.cfg.host_kv_gb < 0 or self.cfg.host_gbps <= 0 or not 0 <= self.cfg.host_overlap_weight <= 1:
-            raise ValueError("host_kv_gb must be >= 0, host_gbps > 0, host_overlap_weight in [0, 1]")
+        weight = self.cfg.host_overlap_weight
+        if self.cfg.host_kv_gb < 0 or self.cfg.host_gbps <= 0 or not (weight is None or 0 <= weight <= 1):
+            raise ValueError("host_kv_gb must be >= 0, host_gbps > 0, host_overlap_weight in [0, 1] or None")
         self.host_blocks = int(self.cfg.host_kv_gb * 1e9 // (self.cfg.kv_bytes_per_token * TRACE_BLOCK_TOKENS))
         # the pool's workers loaded on a GPU (a start-up each) before they parked
         self.released += [(0.0, self.cfg.startup_s)] * self.cfg.warm_pool
@@ -273,11 +280,18 @@ class Simulation:
 
     def _overlap(self, w: Worker, a: Arrival) -> float:
         """The router's overlap for ``w`` (its 16-token blocks): device-cached blocks count whole,
-        host-held ones ``host_overlap_weight`` each (their copy costs less than their compute)."""
+        host-held ones less (their copy costs less than their compute): as the router counts them
+        (an ``Overlap`` with its host blocks, for ``router.policy.kv_costs``) where this build's
+        router knows the host tier and no ``host_overlap_weight`` is set, else that weight each
+        (0.9 unset: the same cost as a ``HOST_BLOCK_WEIGHT`` of 0.1 of a new block)."""
         dev, host = w.prefix_tokens(a.hashes, a.isl)
         if not host:
             return dev // BLOCK
-        return dev // BLOCK + self.cfg.host_overlap_weight * host / BLOCK
+        weight = self.cfg.host_overlap_weight
+        if weight is None and ROUTER_OVERLAP is not None:
+            total = (dev + host) // BLOCK
+            return ROUTER_OVERLAP(total, total - dev // BLOCK)
+        return dev // BLOCK + (0.9 if weight is None else weight) * host / BLOCK
 
     def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
         loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,

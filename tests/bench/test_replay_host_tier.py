@@ -18,6 +18,7 @@ from bench.planner_sim import Req, SimConfig, Simulation, StepModel
 from bench.planner_workload import TRACE_BLOCK_TOKENS, Arrival, shape
 from engine.sim import SimProfile
 from planner.observations import WorkerState
+from router import policy
 
 SIM = SimProfile.load("h200-llama-3.1-8b")
 KV = SimConfig().kv_bytes_per_token
@@ -90,19 +91,25 @@ def test_a_host_hit_pays_its_copy_less_than_a_recompute_more_than_a_device_hit()
     assert slow == pytest.approx(device + 10 * copy)
 
 
-def test_the_router_counts_a_host_block_between_a_device_hit_and_none() -> None:
-    cfg = SimConfig(host_kv_gb=host_gb(8), host_overlap_weight=0.9)
-    sim = Simulation(cfg, StepModel(SIM))
+@pytest.mark.parametrize("weight", [None, 0.5])
+def test_the_router_counts_a_host_block_between_a_device_hit_and_none(weight: float | None) -> None:
+    sim = Simulation(SimConfig(host_kv_gb=host_gb(8), host_overlap_weight=weight), StepModel(SIM))
     device, host, empty = (sim.add_worker("prefill", 0.0) for _ in range(3))
     sim.add_worker("decode", 0.0)
     hashes = (11, 12, 13, 14, 15)
-    a = Arrival(0.0, 2050, 2, hashes)
+    a = Arrival(0.0, 2050, 2, hashes)  # 129 router blocks, the first 128 held (4 trace blocks)
     for h in hashes[:4]:
         device.cache[h] = None
         host.host[h] = None
-    assert sim._overlap(device, a) == 128  # 4 blocks of 512 tokens, 32 router blocks each
-    assert sim._overlap(host, a) == pytest.approx(0.9 * 128)
-    assert sim._overlap(empty, a) == 0
+    workers = (device, host, empty)
+    overlaps = {w.id: sim._overlap(w, a) for w in workers}
+    loads = [policy.WorkerLoad(w.id) for w in workers]
+    costs = {c.worker_id: c.cost for c in policy.kv_costs(a.isl, overlaps, loads, 16)}
+    scale = policy.PREFILL_LOAD_SCALE
+    # unset: the router's weight (tier11's router.policy.HOST_BLOCK_WEIGHT where the build has it: a
+    # host block costs 0.1 of a new one), else the replay's 0.9 of a device hit: the same cost
+    host_cost = 1 + (getattr(policy, "HOST_BLOCK_WEIGHT", 0.1) * 128 if weight is None else 0.5 * 128)
+    assert costs == pytest.approx({device.id: scale * 1, host.id: scale * host_cost, empty.id: scale * 129})
     sim.arrive(Req(0, a), 0.0)
     assert [len(w.jobs) for w in (device, host, empty)] == [1, 0, 0]
     device.state = WorkerState.DRAINING  # the device holder gone: the host holder beats the empty one
