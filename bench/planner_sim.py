@@ -31,16 +31,19 @@ What is modelled, after the real code:
   room: ``seats_full="wait"`` (the engine's ``Scheduler.add_prefilled``) pulls its KV and waits
   for a seat, its KV held, then decodes from its first token; ``"recompute"`` (the engine before
   it) queues it to recompute its prompt there;
-- the host KV tier (``host_kv_gb`` > 0; issue 13, after the engine's): each prefill worker has an
-  LRU of the trace's 512-token blocks in host DRAM, ``host_kv_gb`` GB (1e9 bytes) of it, in blocks
-  of ``kv_bytes_per_token`` x 512. Assumed: a block evicted from the worker's device prefix cache is
-  copied there as it is evicted, the copy overlapping the compute (not charged); a prompt's prefix
-  is its leading blocks each found on the device or in the host tier (either, in any mix); the
-  host ones are copied back when its prefill starts, ``host_gbps`` (50 GB/s: pinned memory over
-  PCIe Gen5 x16, of 64 nominal) charged inside that step (the worker computes nothing meanwhile,
-  as a synchronous load would: the conservative end), and are not computed; the host copy stays
-  (a use, LRU). Decode workers have no prefix cache here, so no tier either. The tier is the
-  process's host memory: a tier switch keeps it, a park keeps it (the worker that wakes gets it
+- the host KV tier (``host_kv_gb`` > 0; issue 13, after tier11's engine tier): each prefill worker
+  has an LRU of the trace's 512-token blocks in host DRAM, ``host_kv_gb`` GB (1e9 bytes) of it, in
+  blocks of ``kv_bytes_per_token`` x 512 (the engine's setting, ``host_kv_cache_gib``, is in GiB).
+  Assumed, as the engine does: a block evicted from the worker's device prefix cache is copied there
+  unless the tier holds it already (inclusive); a prompt's prefix is its leading blocks each found
+  on the device or in the host tier (in any mix); the host ones are copied back, not computed, and
+  count as cached tokens in the worker's step summary; the host copy stays (a use, LRU). Copies take
+  ``host_gbps`` (50 GB/s: pinned memory over PCIe Gen5 x16, of 64 nominal; not measured here) on
+  the worker's step: a prompt's loads in the step its prefill starts, the evictions' offloads in
+  the worker's next step (the engine runs both on the compute stream between steps;
+  ``host_offload_charged`` False: offloads free, as if overlapped). Decode workers have no prefix
+  cache here, so no tier either (the engine's decode workers have one: not modelled). The tier is
+  the process's host memory: a tier switch keeps it, a park keeps it (the worker that wakes gets it
   back), an exit loses it; the device cache is lost in all three (nothing is offloaded on a park).
   The router's KV-aware cost (``router.policy.kv_costs``) sees the host-held blocks as the router
   does where this build's router knows the host tier (tier11's ``router.kv_index.Overlap`` with its
@@ -103,7 +106,10 @@ class SimConfig:
     # the host KV tier of a prefill worker (module docstring): its capacity, GB (1e9 bytes) of host DRAM
     # per worker (0: off); an H200 node has ~2 TB for 8 GPUs, so up to ~200 GB each
     host_kv_gb: float = 0.0
-    host_gbps: float = 50.0  # its host->GPU copy, GB/s (pinned memory over PCIe Gen5 x16: ~50 of 64 nominal)
+    host_gbps: float = 50.0  # its copies host<->GPU, GB/s (pinned memory over PCIe Gen5 x16: ~50 of 64 nominal)
+    # an eviction's copy to the host tier takes its time before the worker's next step (the engine
+    # runs its tier copies on the compute stream between steps); False: free (overlapped)
+    host_offload_charged: bool = True
     # the router's KV-aware cost counts a host-held prompt block as this fraction of a device hit's
     # overlap (1: as cached on the GPU, 0: as a recompute); None: the router's own (router.policy's
     # HOST_BLOCK_WEIGHT through router.kv_index.Overlap) where this build's router has one, else 0.9
@@ -232,7 +238,7 @@ class Simulation:
         self.released += [(0.0, self.cfg.startup_s)] * self.cfg.warm_pool
 
     def host_copy_s(self, tokens: int) -> float:
-        """The host tier's copy of ``tokens`` of KV back to the GPU."""
+        """A copy of ``tokens`` of KV between the host tier and the GPU (either way)."""
         return tokens * self.cfg.kv_bytes_per_token / (self.cfg.host_gbps * 1e9)
 
     def push(self, t: float, kind: str, payload: object) -> None:

@@ -128,6 +128,7 @@ class Worker:
         self.jobs: deque[Job] = deque()
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.pinned = 0
+        self.offload_tokens = 0  # evicted to the host tier since the last step: copied before the next
         # decode
         self.running: list[Seq] = []
         self.waiting: deque[Seq] = deque()
@@ -244,6 +245,8 @@ class Worker:
             budget -= take
         if not plan:
             return
+        copy_tokens += self.offload_tokens
+        self.offload_tokens = 0
         dt = self.sim.model.time(chunks, 0, 0) + (self.sim.host_copy_s(copy_tokens) if copy_tokens else 0.0)
         self.plan = tuple(plan)
         self._record(dt, sum(t for _, t in plan), 0, 0.0)
@@ -274,11 +277,14 @@ class Worker:
             self._to_host(h)
 
     def _to_host(self, h: int) -> None:
-        """A block evicted from the device cache is copied to the host tier (its LRU end; the
-        copy overlaps the compute: not charged), which evicts its own least recently used."""
+        """A block evicted from the device cache goes to the host tier (its LRU end), which evicts
+        its own least recently used: copied before the worker's next step (``host_offload_charged``)
+        unless the host tier holds it already (a block loaded from there: the tier is inclusive)."""
         cap = self.sim.host_blocks
         if cap <= 0:
             return
+        if h not in self.host and self.sim.cfg.host_offload_charged:
+            self.offload_tokens += TRACE_BLOCK_TOKENS
         self.host[h] = None
         self.host.move_to_end(h)
         while len(self.host) > cap:

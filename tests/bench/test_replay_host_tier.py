@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_a_host_hit_pays_its_copy_less_than_a_recompute_more_than_a_device_hit()
     device = SIM.step_time_s([(2, 2048)], [])  # 4 blocks cached on the GPU: 2 tokens to compute
     copy = 2 * TRACE_BLOCK_TOKENS * KV / (50.0 * 1e9)  # blocks 1-2 back from the host at 50 GB/s: 2.7 ms
     off, sim_off = repeat_ttft(SimConfig(**small))
-    on, sim_on = repeat_ttft(SimConfig(**small, host_kv_gb=host_gb(8)))
+    on, sim_on = repeat_ttft(SimConfig(**small, host_kv_gb=host_gb(8), host_offload_charged=False))
     big, sim_big = repeat_ttft(SimConfig(first_token_hold="off"))  # 100 GiB: nothing evicted
     assert off == pytest.approx(recompute)  # block 1 gone: the whole prompt computed again
     assert on == pytest.approx(device + copy)
@@ -87,8 +88,12 @@ def test_a_host_hit_pays_its_copy_less_than_a_recompute_more_than_a_device_hit()
     assert sim_off.hit_tokens == [0, 0]
     assert sim_on.hit_tokens == [2 * TRACE_BLOCK_TOKENS, 2 * TRACE_BLOCK_TOKENS]
     assert sim_big.hit_tokens == [4 * TRACE_BLOCK_TOKENS, 0]
+    # the evictions' offloads (blocks 1-2, at the second prompt's end) go before the worker's next
+    # step: the third prompt's, which pays them with its own loads
+    charged, _ = repeat_ttft(SimConfig(**small, host_kv_gb=host_gb(8)))
+    assert charged == pytest.approx(device + 2 * copy) and charged < off
     slow, _ = repeat_ttft(SimConfig(**small, host_kv_gb=host_gb(8), host_gbps=5.0))
-    assert slow == pytest.approx(device + 10 * copy)
+    assert slow == pytest.approx(device + 20 * copy)
 
 
 @pytest.mark.parametrize("weight", [None, 0.5])
@@ -149,14 +154,17 @@ def test_the_tier_changes_nothing_where_no_prefix_comes_back() -> None:
     # a built-in shape's prompts share nothing: a tier that evictions fill and nothing reads must
     # leave every request's times as they are with the tier off (a small device cache, 20000 tokens:
     # it evicts, and its room binds, so a tier that took any of it would show)
+    # (the offloads' copies left out: they cost time where nothing comes back, checked after)
     w = shape("flat", duration_s=20.0, scale=0.5)
     cfg = SimConfig(kv_capacity_tokens=20_000)
-    on = SimConfig(kv_capacity_tokens=20_000, host_kv_gb=50.0)
+    on = SimConfig(kv_capacity_tokens=20_000, host_kv_gb=50.0, host_offload_charged=False)
     base, _ = replay(cfg, w.arrivals)
     same, sim = replay(on, w.arrivals)
     assert sim.host_blocks == 745 and len(base) > 300
     assert sum(len(x.host) for x in sim.workers.values()) > 100  # evictions did fill it
     assert same == base
+    charged, _ = replay(replace(on, host_offload_charged=True), w.arrivals)
+    assert charged != base  # (timed by hand in the repeat test above)
 
 
 @pytest.mark.parametrize("tail_first", [False, True])
