@@ -530,7 +530,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     seed=args.seed, warm_pool=args.warm_pool, wake_s=args.wake_s, park_s=args.park_s,
                     seats_full=args.seats_full)
     sim = replace(sim, host_kv_gb=args.host_kv_gb, host_gbps=args.host_gbps,
-                  host_overlap_weight=args.host_overlap_weight, cache_evicts_tail_first=args.cache_evicts_tail_first)
+                  host_overlap_weight=args.host_overlap_weight, cache_evicts_tail_first=args.cache_evicts_tail_first,
+                  host_offload_charged=not args.host_offload_free)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
@@ -603,6 +604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache-evicts-tail-first", action="store_true",
                     help="a full prefix cache evicts a prompt's tail blocks first, as the engine's block manager does "
                          "(default: its head first, the replay as it was)")
+    ap.add_argument("--host-offload-free", action="store_true",
+                    help="the host tier's offloads (device evictions copied to it) cost no step time, as if on a "
+                         "side stream (default: charged to the worker's next step, as the engine runs them)")
     return ap.parse_args(argv)
 
 
