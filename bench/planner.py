@@ -529,6 +529,9 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     startup_s=args.startup_s, switch_s=args.switch_s, first_token_hold=args.first_token_hold,
                     seed=args.seed, warm_pool=args.warm_pool, wake_s=args.wake_s, park_s=args.park_s,
                     seats_full=args.seats_full)
+    sim = replace(sim, host_kv_gb=args.host_kv_gb, host_gbps=args.host_gbps,
+                  host_overlap_weight=args.host_overlap_weight, cache_evicts_tail_first=args.cache_evicts_tail_first,
+                  host_offload_charged=not args.host_offload_free)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
@@ -589,6 +592,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="the built-in shapes' random draw and the replay router's tie-breaks between equal workers")
     ap.add_argument("--out-dir", default=str(DEFAULT_OUT))
+    ap.add_argument("--host-kv-gb", type=float, default=0.0,
+                    help="host KV tier per prefill worker, GB of host DRAM (0: none): blocks evicted from its GPU's "
+                         "prefix cache land there, a later prompt copies them back instead of computing them")
+    ap.add_argument("--host-gbps", type=float, default=50.0,
+                    help="the host tier's host->GPU copy bandwidth, GB/s (pinned, PCIe Gen5 x16)")
+    ap.add_argument("--host-overlap-weight", type=float, default=None,
+                    help="the replay router's KV-aware cost counts a host-held block as this fraction of a "
+                         "device-cached one (default: as the router does, router.policy.HOST_BLOCK_WEIGHT, where "
+                         "it has one; else 0.9)")
+    ap.add_argument("--cache-evicts-tail-first", action="store_true",
+                    help="a full prefix cache evicts a prompt's tail blocks first, as the engine's block manager does "
+                         "(default: its head first, the replay as it was)")
+    ap.add_argument("--host-offload-free", action="store_true",
+                    help="the host tier's offloads (device evictions copied to it) cost no step time, as if on a "
+                         "side stream (default: charged to the worker's next step, as the engine runs them)")
     return ap.parse_args(argv)
 
 

@@ -30,7 +30,27 @@ What is modelled, after the real code:
 - a handoff to a decode worker whose seats are all taken (``max_num_seqs`` running) but with KV
   room: ``seats_full="wait"`` (the engine's ``Scheduler.add_prefilled``) pulls its KV and waits
   for a seat, its KV held, then decodes from its first token; ``"recompute"`` (the engine before
-  it) queues it to recompute its prompt there.
+  it) queues it to recompute its prompt there;
+- the host KV tier (``host_kv_gb`` > 0; issue 13, after tier11's engine tier): each prefill worker
+  has an LRU of the trace's 512-token blocks in host DRAM, ``host_kv_gb`` GB (1e9 bytes) of it, in
+  blocks of ``kv_bytes_per_token`` x 512 (the engine's setting, ``host_kv_cache_gib``, is in GiB).
+  Assumed, as the engine does: a block evicted from the worker's device prefix cache is copied there
+  unless the tier holds it already (inclusive); a prompt's prefix is its leading blocks each found
+  on the device or in the host tier (in any mix); the host ones are copied back, not computed, and
+  count as cached tokens in the worker's step summary; the host copy stays (a use, LRU). Copies take
+  ``host_gbps`` (50 GB/s: pinned memory over PCIe Gen5 x16, of 64 nominal; not measured here) on
+  the worker's step: a prompt's loads in the step its prefill starts, the evictions' offloads in
+  the worker's next step (the engine runs both on the compute stream between steps;
+  ``host_offload_charged`` False: offloads free, as if overlapped). Decode workers have no prefix
+  cache here, so no tier either (the engine's decode workers have one: not modelled). The tier is
+  the process's host memory: a tier switch keeps it, a park keeps it (the worker that wakes gets it
+  back), an exit loses it; the device cache is lost in all three (nothing is offloaded on a park).
+  The router's KV-aware cost (``router.policy.kv_costs``) sees the host-held blocks as the router
+  does where this build's router knows the host tier (tier11's ``router.kv_index.Overlap`` with its
+  ``num_host``, each costing ``router.policy.HOST_BLOCK_WEIGHT``, 0.1, of a new block); without it,
+  or with ``host_overlap_weight`` set, a host block counts that fraction of a device hit in the
+  overlap (unset: 0.9, the same cost). Either agrees with the tier here: a 512-token block's copy,
+  1.3 ms at 50 GB/s, is 3-12% of its compute on the H200 profile (11-44 ms by context).
 
 Pure-decode stretches are advanced in closed form (every step emits one token per running
 request and the step time grows linearly with the KV read), so an hour of traffic takes minutes.
@@ -44,14 +64,17 @@ import heapq
 import itertools
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from bench.planner_worker import Worker
-from bench.planner_workload import Arrival
+from bench.planner_workload import TRACE_BLOCK_TOKENS, Arrival
 from planner.observations import RouterWindow, WorkerState
-from router import policy
+from router import kv_index, policy
 
 BLOCK = 16  # the router's KV block size (tokens)
+# the router's overlap with its host-tier blocks (tier11's router.kv_index.Overlap), where this build has it
+ROUTER_OVERLAP = getattr(kv_index, "Overlap", None)
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,21 @@ class SimConfig:
     seats_full: str = "wait"  # a handoff when every decode seat is taken, with KV room: or "wait"
     max_segment_steps: int = 256
     fast_forward: bool = True  # False: every step one at a time (the closed form's reference)
+    # the host KV tier of a prefill worker (module docstring): its capacity, GB (1e9 bytes) of host DRAM
+    # per worker (0: off); an H200 node has ~2 TB for 8 GPUs, so up to ~200 GB each
+    host_kv_gb: float = 0.0
+    host_gbps: float = 50.0  # its copies host<->GPU, GB/s (pinned memory over PCIe Gen5 x16: ~50 of 64 nominal)
+    # an eviction's copy to the host tier takes its time before the worker's next step (the engine
+    # runs its tier copies on the compute stream between steps); False: free (overlapped)
+    host_offload_charged: bool = True
+    # the router's KV-aware cost counts a host-held prompt block as this fraction of a device hit's
+    # overlap (1: as cached on the GPU, 0: as a recompute); None: the router's own (router.policy's
+    # HOST_BLOCK_WEIGHT through router.kv_index.Overlap) where this build's router has one, else 0.9
+    host_overlap_weight: float | None = None
+    # a prompt's blocks in the device prefix cache's LRU: False, its head the least recent (the replay
+    # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
+    # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
+    cache_evicts_tail_first: bool = False
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
@@ -182,14 +220,26 @@ class Simulation:
     parked: list[float] = field(default_factory=list)  # when each parked worker can be woken, oldest first
     num_woken: int = 0
     num_parked: int = 0
+    parked_host: list = field(default_factory=list)  # each parked worker's host KV tier (as ``parked``)
+    hit_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt tokens found: in a device cache, host tier
+    num_local_prefill: int = 0  # requests the router sent to prefill on their decode worker
 
     def __post_init__(self) -> None:
         if self.cfg.seats_full not in ("recompute", "wait"):
             raise ValueError(f"seats_full must be recompute or wait, got {self.cfg.seats_full!r}")
         self.rng = random.Random(self.cfg.seed)  # (the process-wide one made two runs of a replay differ)
         self.parked = [0.0] * self.cfg.warm_pool
+        self.parked_host = [OrderedDict() for _ in range(self.cfg.warm_pool)]
+        weight = self.cfg.host_overlap_weight
+        if self.cfg.host_kv_gb < 0 or self.cfg.host_gbps <= 0 or not (weight is None or 0 <= weight <= 1):
+            raise ValueError("host_kv_gb must be >= 0, host_gbps > 0, host_overlap_weight in [0, 1] or None")
+        self.host_blocks = int(self.cfg.host_kv_gb * 1e9 // (self.cfg.kv_bytes_per_token * TRACE_BLOCK_TOKENS))
         # the pool's workers loaded on a GPU (a start-up each) before they parked
         self.released += [(0.0, self.cfg.startup_s)] * self.cfg.warm_pool
+
+    def host_copy_s(self, tokens: int) -> float:
+        """A copy of ``tokens`` of KV between the host tier and the GPU (either way)."""
+        return tokens * self.cfg.kv_bytes_per_token / (self.cfg.host_gbps * 1e9)
 
     def push(self, t: float, kind: str, payload: object) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -201,6 +251,7 @@ class Simulation:
             delay = self.cfg.startup_s
             if self.parked and self.parked[0] <= now:  # a parked worker takes its GPU back
                 self.parked.pop(0)
+                w.host = self.parked_host.pop(0)  # and its host tier, kept while it was parked
                 self.num_woken += 1
                 delay = self.cfg.wake_s
             self.push(now + delay, "ready", w)
@@ -226,11 +277,27 @@ class Simulation:
         choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:
+            self.num_local_prefill += 1
             self.workers[choice.worker_id].add_local(req, now)
             return
-        overlaps = {w.id: w.cached_tokens(req.arrival.hashes, req.arrival.isl) // BLOCK for w in prefill}
+        overlaps = {w.id: self._overlap(w, req.arrival) for w in prefill}
         pick = policy.choose("kv", req.arrival.isl, overlaps, prefill_loads, BLOCK, rng=self.rng)
         self.workers[pick.worker_id].add_job(req, now)
+
+    def _overlap(self, w: Worker, a: Arrival) -> float:
+        """The router's overlap for ``w`` (its 16-token blocks): device-cached blocks count whole,
+        host-held ones less (their copy costs less than their compute): as the router counts them
+        (an ``Overlap`` with its host blocks, for ``router.policy.kv_costs``) where this build's
+        router knows the host tier and no ``host_overlap_weight`` is set, else that weight each
+        (0.9 unset: the same cost as a ``HOST_BLOCK_WEIGHT`` of 0.1 of a new block)."""
+        dev, host = w.prefix_tokens(a.hashes, a.isl)
+        if not host:
+            return dev // BLOCK
+        weight = self.cfg.host_overlap_weight
+        if weight is None and ROUTER_OVERLAP is not None:
+            total = (dev + host) // BLOCK
+            return ROUTER_OVERLAP(total, total - dev // BLOCK)
+        return dev // BLOCK + (0.9 if weight is None else weight) * host / BLOCK
 
     def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
         loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
@@ -301,6 +368,7 @@ class Simulation:
             del self.workers[w.id]
             if len(self.parked) < self.cfg.warm_pool:  # it parks: its GPU is free once its weights are off it
                 self.parked.append(now + self.cfg.park_s)
+                self.parked_host.append(w.host)  # its device cache is gone, its host tier stays
                 self.num_parked += 1
                 now += self.cfg.park_s
             self.released.append((w.gpu_since, now))

@@ -55,9 +55,10 @@ class Job:
 
     req: Req
     new: int
-    cached: int
+    cached: int  # prompt tokens not computed: its prefix found in the device cache or the host tier
     done: int = 0
     started: bool = False
+    host: int = 0  # of ``cached``, the tokens copied back from the host tier when it starts
 
 
 class SegmentLog:
@@ -116,6 +117,9 @@ class Worker:
         self.busy = False
         self.version = 0
         self.window = Window()
+        # the host KV tier (SimConfig.host_kv_gb): the process's pinned host memory, so a tier switch
+        # keeps it (and a park: Simulation hands it to the worker that wakes); device evictions land here
+        self.host: OrderedDict[int, None] = OrderedDict()
         self._reset_role()
 
     def _reset_role(self) -> None:
@@ -124,6 +128,7 @@ class Worker:
         self.jobs: deque[Job] = deque()
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.pinned = 0
+        self.offload_tokens = 0  # evicted to the host tier since the last step: copied before the next
         # decode
         self.running: list[Seq] = []
         self.waiting: deque[Seq] = deque()
@@ -179,21 +184,41 @@ class Worker:
 
     # ---- prefill role ----------------------------------------------------------------------------
     def cached_tokens(self, hashes: tuple[int, ...], isl: int) -> int:
-        n = 0
+        return sum(self.prefix_tokens(hashes, isl))
+
+    def prefix_tokens(self, hashes: tuple[int, ...], isl: int) -> tuple[int, int]:
+        """The prompt's leading tokens found here, as (in the device cache, only in the host tier):
+        whole blocks, each in either, the last prompt token always computed (as the engine does)."""
+        dev = host = 0
         for h in hashes:
-            if h not in self.cache or (n + 1) * TRACE_BLOCK_TOKENS > isl:
+            if (dev + host + 1) * TRACE_BLOCK_TOKENS > isl:
                 break
-            n += 1
-        return min(n * TRACE_BLOCK_TOKENS, isl - 1)
+            if h in self.cache:
+                dev += 1
+            elif h in self.host:
+                host += 1
+            else:
+                break
+        dev_t, host_t = dev * TRACE_BLOCK_TOKENS, host * TRACE_BLOCK_TOKENS
+        cut = max(0, dev_t + host_t - (isl - 1))  # (at most a token, from the last block: it is a host one?)
+        if cut and host and hashes[dev + host - 1] not in self.cache:
+            return dev_t, host_t - cut
+        return dev_t - cut, host_t
 
     def add_job(self, req: Req, now: float) -> None:
         a = req.arrival
-        cached = self.cached_tokens(a.hashes, a.isl)
-        for h in a.hashes[:cached // TRACE_BLOCK_TOKENS]:
-            self.cache.move_to_end(h)
-        self.jobs.append(Job(req, a.isl - cached, cached))
+        dev, host = self.prefix_tokens(a.hashes, a.isl)
+        cached = dev + host
+        for h in self._lru_order(a.hashes[:cached // TRACE_BLOCK_TOKENS]):
+            if h in self.cache:
+                self.cache.move_to_end(h)
+            else:  # copied back when the job starts; the host copy stays (an LRU hit)
+                self.host.move_to_end(h)
+        self.jobs.append(Job(req, a.isl - cached, cached, host=host))
         self.window.prompt_tokens += a.isl
         self.window.cached_tokens += cached
+        self.sim.hit_tokens[0] += dev
+        self.sim.hit_tokens[1] += host
         self.kick(now)
 
     def _kv_free_prefill(self) -> int:
@@ -204,6 +229,7 @@ class Worker:
         cfg = self.sim.cfg
         budget, chunks, plan = cfg.max_num_batched_tokens, [], []
         free = self._kv_free_prefill()
+        copy_tokens = 0
         for job in self.jobs:
             if budget <= 0:
                 break
@@ -212,13 +238,16 @@ class Worker:
                     break  # no KV room: it waits (FCFS)
                 job.started = True
                 free -= job.new + job.cached
+                copy_tokens += job.host
             take = min(job.new - job.done, budget)
             chunks.append((take, job.cached + job.done))
             plan.append((job, take))
             budget -= take
         if not plan:
             return
-        dt = self.sim.model.time(chunks, 0, 0)
+        copy_tokens += self.offload_tokens
+        self.offload_tokens = 0
+        dt = self.sim.model.time(chunks, 0, 0) + (self.sim.host_copy_s(copy_tokens) if copy_tokens else 0.0)
         self.plan = tuple(plan)
         self._record(dt, sum(t for _, t in plan), 0, 0.0)
         self._schedule(now + dt)
@@ -234,13 +263,32 @@ class Worker:
             self.sim.prefilled(job.req, self, now)
         self.plan = ()
 
+    def _lru_order(self, hashes: tuple[int, ...]) -> tuple[int, ...]:
+        """A prompt's blocks in the order they become the most recent (the last, the last evicted)."""
+        return hashes[::-1] if self.sim.cfg.cache_evicts_tail_first else hashes
+
     def _insert_cache(self, hashes: tuple[int, ...]) -> None:
-        for h in hashes:
+        for h in self._lru_order(hashes):
             self.cache[h] = None
             self.cache.move_to_end(h)
         room = max(0, self._kv_free_prefill()) // TRACE_BLOCK_TOKENS
         while len(self.cache) > room:
-            self.cache.popitem(last=False)
+            h, _ = self.cache.popitem(last=False)
+            self._to_host(h)
+
+    def _to_host(self, h: int) -> None:
+        """A block evicted from the device cache goes to the host tier (its LRU end), which evicts
+        its own least recently used: copied before the worker's next step (``host_offload_charged``)
+        unless the host tier holds it already (a block loaded from there: the tier is inclusive)."""
+        cap = self.sim.host_blocks
+        if cap <= 0:
+            return
+        if h not in self.host and self.sim.cfg.host_offload_charged:
+            self.offload_tokens += TRACE_BLOCK_TOKENS
+        self.host[h] = None
+        self.host.move_to_end(h)
+        while len(self.host) > cap:
+            self.host.popitem(last=False)
 
     def unpin(self, tokens: int, now: float) -> None:
         self.pinned -= tokens
