@@ -334,7 +334,8 @@ class Simulation:
         req.handoff_t = now
         req.transfer_s = math.nan if landed is None else landed - now
         hold_s = policy.first_token_hold_s(self.cfg.first_token_hold, self.handoff_gap.high(req.arrival.isl),
-                                           self.cfg.itl_s, self.cfg.ttft_s - req.ttft)
+                                           self.cfg.itl_s, self.cfg.ttft_s - req.ttft,
+                                           mean_gap_s=self.handoff_gap.predict(req.arrival.isl))
         if hold_s > 0:  # the TTFT is known at the decode worker's first token; until then, its bound
             req.hold_until = now + hold_s
             req.ttft = req.hold_until - req.arrival.t

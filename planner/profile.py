@@ -36,6 +36,12 @@ MIN_PREFILL_UTILIZATION = 0.3  # a prefill worker is never planned idler, even w
 # (router/core.py: 8 x max_num_batched_tokens): the prefill tier's waits are kept under it too
 SPILL_STEPS = 8
 PREFILL_TTFT_QUANTILE = 0.99  # the share of prompts whose queueing the prefill tier is sized to keep in the slack
+# the share kept short of the router's spill point: a spilled prompt is computed on a decode worker in chunks of
+# max_num_batched_tokens beside its decodes, and each chunk's step puts every request decoding there over the ITL
+# target once (a p99 ITL over an answer of < 100 tokens: a miss). On the mix shift's start (8 prefill workers at
+# 6000-token prompts, 2 decode workers) nine spills in two seconds broke 43 requests' ITL: a spill costs some
+# five requests, so it is kept five times rarer than a TTFT miss
+PREFILL_SPILL_QUANTILE = 0.998
 
 
 def interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -106,26 +112,29 @@ class Profile:
 
     # ---- capacity at the targets --------------------------------------------------------------
     def prefill_workers(self, rate: float, isl_mean: float, isl_p95: float, ttft_s: float,
-                        quantile: float = PREFILL_TTFT_QUANTILE) -> float:
+                        quantile: float = PREFILL_TTFT_QUANTILE,
+                        spill_quantile: float = PREFILL_SPILL_QUANTILE) -> float:
         """Prefill workers (fractional) for ``rate`` prompts per second of this length distribution
-        (new tokens) to keep ``quantile`` of their TTFTs under ``ttft_s``. The router sends each
-        prompt to the least loaded worker, so the tier is one queue served by N workers (M/M/c, not
-        N separate M/M/1 queues): :func:`pooled_workers` of the busy load (``rate`` x
-        :meth:`prefill_work_s`) with the slack the 95th percentile prompt leaves after its own
-        latency, or the router's spill point if sooner (a queue of ``SPILL_STEPS`` full steps on
-        every worker sends prompts to the decode workers, whose steps then break the ITL target).
-        A target that prompt's latency alone misses plans each worker at 0.3."""
+        (new tokens) to keep ``quantile`` of their TTFTs under ``ttft_s`` and ``spill_quantile`` of
+        them short of the router's spill point. The router sends each prompt to the least loaded
+        worker, so the tier is one queue served by N workers (M/M/c, not N separate M/M/1 queues):
+        :func:`pooled_workers` of the busy load (``rate`` x :meth:`prefill_work_s`), the more of two:
+        ``quantile`` of the waits within the slack the 95th percentile prompt leaves after its own
+        latency, and ``spill_quantile`` within the spill point (a queue of ``SPILL_STEPS`` full steps
+        on every worker sends prompts to the decode workers, whose steps then break the ITL target of
+        every request decoding there: a spill costs several requests, a TTFT miss one). A target
+        that prompt's latency alone misses plans each worker at 0.3."""
         load = rate * self.prefill_work_s(isl_mean, isl_p95)
         if load <= 0:
             return 0.0
         longest = isl_p95 if math.isfinite(isl_p95) and isl_p95 > isl_mean else isl_mean
         service_s = self.prefill_work_s(isl_mean, isl_p95)
         slack = ttft_s - self.prefill_latency_s(longest)
-        if slack > 0:  # a wait past the router's spill point sends prompts to the decode tier: its ITL
-            slack = min(slack, SPILL_STEPS * self.max_num_batched_tokens / self.prefill_tokens_per_s(isl_mean))
         if slack <= 0:
             return load / MIN_PREFILL_UTILIZATION
-        return pooled_workers(load, service_s, slack, quantile)
+        spill_s = SPILL_STEPS * self.max_num_batched_tokens / self.prefill_tokens_per_s(isl_mean)
+        return max(pooled_workers(load, service_s, min(slack, spill_s), quantile),
+                   pooled_workers(load, service_s, spill_s, max(quantile, spill_quantile)))
 
     def prefill_capacity(self, isl: float, ttft_s: float, workers: int = 8) -> float:
         """Prompt tokens per second each worker of a ``workers``-worker tier takes at ``isl``-token

@@ -317,15 +317,20 @@ class TokenInterval:
 
 
 def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: float, ttft_headroom_s: float,
-                       num_tokens: int | None = None, itl_s: float | None = None) -> float:
+                       num_tokens: int | None = None, itl_s: float | None = None,
+                       mean_gap_s: float | None = None) -> float:
     """How long the router may hold a handed-off request's first token for the decode worker's
     first (then both go out; past it the first goes out alone); 0: send it at once.
 
     ``predicted_gap_s``: the gap's high estimate (``HandoffGap.high``: its mean plus its learned
     spread, so a mean a little under the target whose gaps often go over it counts as over).
+    ``mean_gap_s``: the gap's mean (``HandoffGap.predict``; None: ``predicted_gap_s``), what must
+    fit in the headroom: a few handoffs that waited seconds for a decode seat put the high estimate
+    itself over the headroom until they leave its window, and then no handoff was held (Mooncake,
+    planner-load with a warm pool: 128 gaps over the target not held in one minute).
     ``ttft_headroom_s``: the TTFT target less the time the request has taken so far, the most it
-    may be held. ``auto`` holds when the predicted gap exceeds the ITL target and fits in that
-    headroom, unless the request's answer (``num_tokens``, its max_tokens) is long enough for its
+    may be held. ``auto`` holds when the predicted gap exceeds the ITL target and the mean fits in
+    that headroom, unless the request's answer (``num_tokens``, its max_tokens) is long enough for its
     mean inter-token latency to meet the target with the gap among its intervals, the others at
     ``itl_s`` (the decode tier's time per token as seen); ``on`` holds whenever there is headroom;
     ``off`` never."""
@@ -333,7 +338,8 @@ def first_token_hold_s(mode: str, predicted_gap_s: float | None, itl_slo_s: floa
         raise ValueError(f"unknown first_token_hold {mode!r}; expected one of {HOLD_MODES}")
     if mode == "off" or ttft_headroom_s <= 0:
         return 0.0
-    if mode == "auto" and (predicted_gap_s is None or not itl_slo_s < predicted_gap_s <= ttft_headroom_s):
+    fit_s = predicted_gap_s if mean_gap_s is None else mean_gap_s
+    if mode == "auto" and (predicted_gap_s is None or not itl_slo_s < predicted_gap_s or not fit_s <= ttft_headroom_s):
         return 0.0
     if mode == "auto" and num_tokens is not None and num_tokens > 2 and itl_s is not None and \
             predicted_gap_s + (num_tokens - 2) * itl_s <= (num_tokens - 1) * itl_slo_s:

@@ -517,7 +517,7 @@ class RequestFlow:
             hold_s = policy.first_token_hold_s(
                 self.cfg.first_token_hold, self.handoff_gap.high(missing), self.cfg.itl_slo_ms / 1000,
                 self.cfg.ttft_slo_ms / 1000 - (time.perf_counter() - t0), call.sampling.max_tokens,
-                self.token_interval.predict())
+                self.token_interval.predict(), self.handoff_gap.predict(missing))
             if hold_s > 0:
                 trace.mark(call.request_id, "r.hold")
                 pending = asyncio.ensure_future(anext(decoded, None))  # D's first message, read meanwhile

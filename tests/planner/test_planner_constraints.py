@@ -25,13 +25,15 @@ def test_budget_clamps_both_tiers_in_proportion() -> None:
 
 
 def test_full_budget_switches_the_least_loaded_workers_of_the_tier_with_surplus() -> None:
-    # budget 4 held by 3 prefill + 1 decode; the forecast wants 1 prefill (need 0.55 at 4 req/s) and 3
-    # decode (need 2.66 at 20 req/s x 500 would be too many prefill tokens, so: few long answers) ->
+    # budget 4 held by 3 prefill + 1 decode; the forecast wants 1 prefill (4 req/s of 800 tokens: a load of
+    # 0.352 that one worker holds within the spill point, 10 services of 0.088 s: ln 0.352 - 0.648 x 10 =
+    # -7.524 <= ln 0.002, need 0.352 + 0.648 x 6.2146 / 7.524 = 0.887; at 1000 tokens it would be 1.094: two)
+    # and 3 decode (need 2.66 at 20 req/s x 500 would be too many prefill tokens, so: few long answers) ->
     # two SWITCHes to decode, the least loaded prefill workers first (p2 holds nothing, p1 less than p0).
     planner = Planner(config(gpu_budget=4), profile())
     prefill = [worker("p0", "prefill", num_running=2, num_queued_prefill_tokens=500),
                worker("p1", "prefill", num_running=1), worker("p2", "prefill")]
-    d = planner.tick(observe(10.0, prefill + tier("decode", 1), window(4.0, 1000, 2500)))
+    d = planner.tick(observe(10.0, prefill + tier("decode", 1), window(4.0, 800, 2500)))
     assert kinds(d) == [("switch", "decode", "p1"), ("switch", "decode", "p2")]
     assert (d.num_prefill, d.num_decode) == (1, 3)
 

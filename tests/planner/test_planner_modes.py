@@ -17,10 +17,10 @@ def drains(decision, role):
 
 def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
     # prefill at 1000-token prompts: 0.11 s busy each, 20 req/s -> a load of 2.2 workers, one pooled queue
-    # (M/M/c) whose waits must stay, for 99% of the prompts, within 2 - 0.11 = 1.89 s and the router's spill
-    # point, 8 steps of 1000 tokens = 0.88 s: 2 workers cannot hold it; 3: Erlang C(3, 2.2) = 0.5422, tail
-    # ln(0.5422) - 0.8 x 0.88 / 0.11 = -7.012 <= ln 0.01 = -4.605; the part of the third worker needed:
-    # 2.2 + 0.8 x 4.605 / 7.012 = 2.7254 -> 3 workers.
+    # (M/M/c) whose waits must stay, for 99% of the prompts, within 2 - 0.11 = 1.89 s and, for 99.8%, within
+    # the router's spill point, 8 steps of 1000 tokens = 0.88 s (binding): 2 workers cannot hold it; 3: Erlang
+    # C(3, 2.2) = 0.5422, tail ln(0.5422) - 0.8 x 0.88 / 0.11 = -7.012 <= ln 0.002 = -6.2146; the part of the
+    # third worker needed: 2.2 + 0.8 x 6.2146 / 7.012 = 2.9090 -> 3 workers.
     # decode: context 1000 + 500/2 = 1250; the largest batch under 50 ms: 0.01 + 1e-4 n + 1.25e-5 n <= 0.05
     # -> n = 355, capped at max_num_seqs 100: step 0.01 + 0.01 + 0.00125 = 0.02125 s, 4705.9 tok/s x 0.8 = 3764.7;
     # 20 req/s x 500 tokens = 10000 tok/s -> 2.66 -> 3 workers.
@@ -29,29 +29,30 @@ def test_throughput_mode_sizes_each_tier_from_the_profile() -> None:
     assert (d.num_prefill, d.num_decode) == (3, 3)
     assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
     forecast = next(r for r in d.reasons if r.code == "forecast")
-    assert math.isclose(forecast.values["prefill_need"], 2.7254, rel_tol=1e-3)
+    assert math.isclose(forecast.values["prefill_need"], 2.9090, rel_tol=1e-3)
     assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8), rel_tol=1e-3)
 
 
 def test_throughput_mode_scales_down_only_past_the_band() -> None:
-    # need 2.725 prefill workers with 3 serving (test above): ceil(2.725 / 0.9) = 4 > 3 -> stay at 3. At 11
-    # req/s (a load of 1.21): 2 workers hold the tail (C(2, 1.21) = 0.4561, ln 0.4561 - 0.79 x 8 = -7.105), the
-    # need is 1.21 + 0.79 x 4.605 / 7.105 = 1.722: ceil(1.722 / 0.9) = 2 -> drain one.
+    # need 2.909 prefill workers with 3 serving (test above): ceil(2.909 / 0.9) = 4 > 3 -> stay at 3. At 10
+    # req/s (a load of 1.1): 2 workers hold the tail (C(2, 1.1) = 0.39032, ln 0.39032 - 0.9 x 8 = -8.1408), the
+    # need is 1.1 + 0.9 x 6.2146 / 8.1408 = 1.787: ceil(1.787 / 0.9) = 2 -> drain one. (At 11 req/s, 1.901:
+    # ceil(2.11) = 3, stay.)
     planner = Planner(config(), profile())
     workers = tier("prefill", 3) + tier("decode", 3)
     d = planner.tick(observe(10.0, workers, window(20.0, 1000, 500)))
     assert (d.num_prefill, d.num_decode) == (3, 3) and not d.actions
     busy = [w if w.worker_id != "p0" else type(w)(**{**vars(w), "num_running": 3}) for w in workers]
     # 14.2 req/s (a load of 1.562): 2 workers miss the tail (C(2, 1.562) = 0.685, ln 0.685 - 0.438 x 8 =
-    # -3.882 > -4.605), 3 hold it (C = 0.2595: -1.349 - 1.438 x 8 = -12.853): need 2 + 0.723 / 8.971 = 2.081,
-    # ceil(2.081 / 0.9) = 3: stay
+    # -3.882 > -6.215), 3 hold it (C = 0.2595: -1.349 - 1.438 x 8 = -12.853): need 2 + 2.333 / 8.971 = 2.260,
+    # ceil(2.260 / 0.9) = 3: stay
     d = planner.tick(observe(30.0, busy, window(14.2, 1000, 500)))
     assert d.num_prefill == 3 and not drains(d, "prefill")
-    # 11 req/s: need 1.722 -> 2: one worker fewer, on the second such tick (the least loaded: p1, nothing
+    # 10 req/s: need 1.787 -> 2: one worker fewer, on the second such tick (the least loaded: p1, nothing
     # running)
-    d = planner.tick(observe(50.0, busy, window(11.0, 1000, 500)))
+    d = planner.tick(observe(50.0, busy, window(10.0, 1000, 500)))
     assert d.num_prefill == 3 and not d.actions
-    d = planner.tick(observe(70.0, busy, window(11.0, 1000, 500)))
+    d = planner.tick(observe(70.0, busy, window(10.0, 1000, 500)))
     assert d.num_prefill == 2
     assert drains(d, "prefill") == ["p1"]
 
@@ -295,14 +296,14 @@ def test_load_mode_sizes_a_ramp_for_the_rate_a_start_up_ahead() -> None:
 def test_throughput_mode_follows_a_shift_of_prompt_lengths_within_a_tick() -> None:
     # 10000-token prompts, then 100-token ones: the next forecast is the last window's arrivals' 100 tokens
     # (not 5050, the mean of both), so the prefill need drops at once: 20 x 100 / 9090.9 = a load of 0.22
-    # that one worker holds (slack 0.88 s, the spill point, over 0.011 s: need 0.22 + 0.78 x 4.605 / 63.9 =
-    # 0.276), not the 12+ workers of 5050 tokens.
+    # that one worker holds (slack 0.88 s, the spill point, over 0.011 s: C(1, 0.22) = 0.22, ln 0.22 - 0.78 x
+    # 80 = -63.914; need 0.22 + 0.78 x 6.2146 / 63.914 = 0.2958), not the 12+ workers of 5050 tokens.
     planner = Planner(config(), profile())
     workers = tier("prefill", 1) + tier("decode", 1)
     planner.tick(observe(10.0, workers, window(20.0, 10000, 100)))
     planner.tick(observe(20.0, workers, window(20.0, 100, 100)))
     assert planner.throughput.forecast().isl == 100.0
-    assert math.isclose(planner.throughput.needs()[0], 0.276, rel_tol=0.01)
+    assert math.isclose(planner.throughput.needs()[0], 0.2958, rel_tol=0.01)
 
 
 def test_throughput_mode_works_off_the_backlog() -> None:
@@ -310,8 +311,8 @@ def test_throughput_mode_works_off_the_backlog() -> None:
     # prefill (one pooled queue): 2 x 20000 queued prompt tokens worked off within max(interval 10 s,
     # horizon 0) = 10 s: 40000 / 1000 / 10 = 4 prompts/s more, a load of 24 x 0.11 = 2.64; c = 3: Erlang
     # C(3, 2.64) = 0.78198 (B: 0.725275, 0.489108, 0.300902), tail ln 0.78198 - 0.36 x 0.88 / 0.11 = -3.12596 >
-    # ln 0.01 = -4.60517; c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 = -11.8777: need 3 +
-    # (-3.12596 + 4.60517) / (-3.12596 + 11.8777) = 3.1690 -> 4 (3 without the queue).
+    # ln 0.002 = -6.21461 (the spill point's 99.8%); c = 4: C = 0.368728 (B4 = 0.165690), -0.997722 - 1.36 x 8 =
+    # -11.8777: need 3 + (-3.12596 + 6.21461) / (-3.12596 + 11.8777) = 3.3529 -> 4 (3 without the queue).
     # decode: d0, d1 have every seat taken (100) and requests waiting: they serve no arrival until their
     # queues are gone, so the forecast's 2.656 workers are needed besides them: 4.656 -> 5. d2 has requests
     # waiting with seats free (prompts it computes itself), d3 a full KV and nobody waiting: not saturated.
@@ -325,7 +326,7 @@ def test_throughput_mode_works_off_the_backlog() -> None:
 
     d = decide(backlog=True)
     forecast = next(r for r in d.reasons if r.code == "forecast")
-    assert math.isclose(forecast.values["prefill_need"], 3.1690, rel_tol=1e-4)
+    assert math.isclose(forecast.values["prefill_need"], 3.3529, rel_tol=1e-4)
     assert math.isclose(forecast.values["decode_need"], 10000 / (100 / 0.02125 * 0.8) + 2, rel_tol=1e-6)
     assert forecast.values["saturated_decode_workers"] == 2 and forecast.values["drain_s"] == 10.0
     assert (d.num_prefill, d.num_decode) == (4, 5) and starts(d, "prefill") == 2 and starts(d, "decode") == 1
@@ -342,8 +343,9 @@ def test_throughput_mode_works_off_the_backlog() -> None:
 def test_throughput_mode_adds_workers_while_a_start_is_in_progress() -> None:
     # Tick 1: 20 req/s -> 3 + 3 from 1 + 1 (the first test): 2 + 2 starts. Tick 2, those 4 still starting (a
     # change in progress), 40 req/s: decode 40 x 500 / 3764.7 = 5.31 -> 6: 3 more; prefill: a load of 4.4,
-    # c = 5: C(5, 4.4) = 0.718389, ln 0.718389 - 0.6 x 8 = -5.13079 <= -4.60517 (c = 4 is under the load):
-    # need 4.4 + 0.6 x 4.60517 / 5.13079 = 4.9385 -> 5: 2 more. Starts only, now, not after the start-up.
+    # c = 5: C(5, 4.4) = 0.718389, ln 0.718389 - 0.6 x 8 = -5.13079 > ln 0.002 = -6.21461 (c = 4 is under the
+    # load); c = 6: C(6, 4.4) = 0.391922 (B6 = 0.146666), -0.936680 - 1.6 x 8 = -13.73668: need 5 + (-5.13079 +
+    # 6.21461) / (-5.13079 + 13.73668) = 5.1259 -> 6: 3 more. Starts only, now, not after the start-up.
     planner = Planner(config(), profile())
     d = planner.tick(observe(10.0, tier("prefill", 1) + tier("decode", 1), window(20.0, 1000, 500)))
     assert starts(d, "prefill") == 2 and starts(d, "decode") == 2
@@ -352,8 +354,8 @@ def test_throughput_mode_adds_workers_while_a_start_is_in_progress() -> None:
     workers = tier("prefill", 1) + tier("decode", 1) + starting
     d = planner.tick(observe(20.0, workers, window(40.0, 1000, 500)))
     assert "in-progress" in d.codes() and "forecast-up-meanwhile" in d.codes()
-    assert starts(d, "prefill") == 2 and starts(d, "decode") == 3 and len(d.actions) == 5
-    assert (d.num_prefill, d.num_decode) == (5, 6)
-    # the same a tick later, those 5 issued and not seen yet: nothing more
+    assert starts(d, "prefill") == 3 and starts(d, "decode") == 3 and len(d.actions) == 6
+    assert (d.num_prefill, d.num_decode) == (6, 6)
+    # the same a tick later, those 6 issued and not seen yet: nothing more
     d = planner.tick(observe(30.0, workers, window(40.0, 1000, 500)))
     assert not d.actions and "in-progress" in d.codes()
