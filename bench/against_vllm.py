@@ -142,6 +142,8 @@ def table(results: dict[str, dict], loads: list[str]) -> str:
     for load in loads:
         ref = results.get("vllm", {}).get("loads", {}).get(load)
         for server, res in results.items():
+            if load not in res["loads"]:  # merged rows of another load only
+                continue
             row = res["loads"][load]
             ratio = ""
             if ref is not None and server != "vllm":
@@ -176,8 +178,8 @@ def plot(results: dict[str, dict], loads: list[str], path: Path) -> None:
     for ax, (key, title) in zip(axes, (FIELDS[0], FIELDS[1], FIELDS[2])):
         width = 0.8 / len(servers)
         for i, server in enumerate(servers):
-            ax.bar([j + i * width for j in range(len(loads))], [results[server]["loads"][ld][key] for ld in loads],
-                   width, label=server)
+            ax.bar([j + i * width for j in range(len(loads))],
+                   [results[server]["loads"].get(ld, {}).get(key, 0.0) for ld in loads], width, label=server)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(loads))], loads)
         ax.set_title(title)
     axes[0].legend()
@@ -214,7 +216,7 @@ def main() -> None:
                                measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     order = [s for s in ("aggregated", "disaggregated", "vllm") if s in results]
     results = {s: results[s] for s in order + [s for s in results if s not in order]}
-    loads = [ld for ld in LOADS if all(ld in r["loads"] for r in results.values())]
+    loads = [ld for ld in LOADS if any(ld in r["loads"] for r in results.values())]
     report = table(results, loads)
     print(f"vllm bench serve, same seed and tokenizer, servers one at a time on {os.cpu_count()} CPUs; "
           f"raw results of this call in {out_dir}\n")

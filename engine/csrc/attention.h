@@ -371,6 +371,253 @@ static void attend_item_few(const bf16* q, bf16* out, int64_t num_heads, int64_t
   }
 }
 
+// ---- the fast case of few rows: head_dim 64 or 128 ---------------------------------------------
+// The same arithmetic as above, with the work laid out for a decode step's 3-8 rows: the tile's
+// K pairs transposed once into keys-along-lanes (in-lane unpacks and 128-bit shuffles, cheaper
+// than the butterflies' two-source permutes) and shared by the item's rows; the softmax per row
+// on whole vectors (the max is the same whatever the order; the sum still goes key by key in
+// order); P V with the V pairs made in registers (two V rows interleaved word by word within
+// 128-bit lanes: each output lane still gets one dim's products over the key pairs in order, only
+// the dims' order along the lanes is permuted, and put back when O is written out). The K/V of
+// the tile after next are prefetched while this one is computed: the rows of one KV head are 1 in
+// 3 of the cache's lines (heads interleave per token), which the hardware prefetchers do not
+// follow, so without it a decode step waits on DRAM latency tile after tile.
+
+typedef uint16_t v32h __attribute__((vector_size(64)));
+
+// 16 x 16 words transposed (r[i][l] -> r[l][i]) with unpacks within 128-bit lanes, then 128-bit
+// lane shuffles: the butterflies' result, in cheaper instructions.
+static inline void transpose16_unpack(v16u* r) {
+  v16u t[16], u[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], v16u{0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29});
+    t[2 * i + 1] =
+        __builtin_shuffle(r[2 * i], r[2 * i + 1], v16u{2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31});
+  }
+  // u[4i + j]: in 128-bit lane k, element 4k + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; i++) {
+    const v16u lo64 = v16u{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16u hi64 = v16u{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    u[4 * i + 0] = __builtin_shuffle(t[4 * i], t[4 * i + 2], lo64);
+    u[4 * i + 1] = __builtin_shuffle(t[4 * i], t[4 * i + 2], hi64);
+    u[4 * i + 2] = __builtin_shuffle(t[4 * i + 1], t[4 * i + 3], lo64);
+    u[4 * i + 3] = __builtin_shuffle(t[4 * i + 1], t[4 * i + 3], hi64);
+  }
+  const v16u even = v16u{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};  // lanes 0, 2 of each
+  const v16u odd = v16u{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};  // lanes 1, 3
+  for (int j = 0; j < 4; j++) {
+    const v16u x0 = __builtin_shuffle(u[j], u[4 + j], even), x1 = __builtin_shuffle(u[j], u[4 + j], odd);
+    const v16u y0 = __builtin_shuffle(u[8 + j], u[12 + j], even), y1 = __builtin_shuffle(u[8 + j], u[12 + j], odd);
+    r[j] = __builtin_shuffle(x0, y0, even);        // element j
+    r[4 + j] = __builtin_shuffle(x1, y1, even);    // element 4 + j
+    r[8 + j] = __builtin_shuffle(x0, y0, odd);     // element 8 + j
+    r[12 + j] = __builtin_shuffle(x1, y1, odd);    // element 12 + j
+  }
+}
+
+// kt[p][j]: pair p of the tile's key j (pairs: a multiple of 16).
+static NOINLINE void transpose_keys(const bf16* const* keys, int64_t pairs, uint32_t* kt) {
+  for (int64_t g = 0; g < KT / 16; g++) {
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      v16u r[16];
+      for (int k = 0; k < 16; k++) r[k] = vloadu(keys[g * 16 + k] + 2 * p0);
+      transpose16_unpack(r);
+      for (int i = 0; i < 16; i++) memcpy(kt + (p0 + i) * KT + g * 16, &r[i], 64);
+    }
+  }
+}
+
+// s[r][j] = scale * (q_r . key_j) for NR rows (score_rows' arithmetic), from the transposed tile.
+template <int NR>
+static inline void score_rows_kt(const bf16* const* qrows, const uint32_t* kt, int64_t pairs, float scale, float* s) {
+  static_assert(KT == 32, "two vectors of keys");
+  v16f acc[NR][2];
+  for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = vset1(0.0f);
+  for (int64_t p = 0; p < pairs; p++) {
+    const v16u k0 = vloadu(kt + p * KT), k1 = vloadu(kt + p * KT + 16);
+    for (int r = 0; r < NR; r++) {
+      const uint32_t x = load_pair(qrows[r] + 2 * p);
+      acc[r][0] = dot2(acc[r][0], x, k0);
+      acc[r][1] = dot2(acc[r][1], x, k1);
+    }
+  }
+  for (int r = 0; r < NR; r++) {
+    vstore(s + r * KT, acc[r][0] * scale);
+    vstore(s + r * KT + 16, acc[r][1] * scale);
+  }
+}
+
+static NOINLINE void score_tile_kt(const bf16* const* qrows, int64_t rows, const uint32_t* kt, int64_t pairs,
+                                   float scale, float* s) {
+  for (int64_t r = 0; r < rows; r += 4) {
+    switch (rows - r < 4 ? rows - r : 4) {
+      case 1: score_rows_kt<1>(qrows + r, kt, pairs, scale, s + r * KT); break;
+      case 2: score_rows_kt<2>(qrows + r, kt, pairs, scale, s + r * KT); break;
+      case 3: score_rows_kt<3>(qrows + r, kt, pairs, scale, s + r * KT); break;
+      default: score_rows_kt<4>(qrows + r, kt, pairs, scale, s + r * KT); break;
+    }
+  }
+}
+
+static inline float hmax(v16f x) {  // the largest lane (the same whatever the order: no NaN here)
+  float m = x[0];
+  for (int i = 1; i < 16; i++) m = m > x[i] ? m : x[i];
+  return m;
+}
+
+// softmax_tile_few's arithmetic on whole vectors of keys (the sum key by key in order).
+static NOINLINE void softmax_tile_vec(float* s, int64_t rows, const int32_t* qpos, int64_t t0, float* m, float* l,
+                                      float* alpha, uint32_t* pp) {
+  float p[FEW_ROWS][KT];
+  const v16i iota = v16i{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t r = 0; r < rows; r++) {
+    float* sr = s + r * KT;
+    v16f x[2] = {vload(sr), vload(sr + 16)};
+    if (t0 + KT - 1 > qpos[r]) {
+      const v16i pos = v16i{} + qpos[r];
+      for (int g = 0; g < 2; g++) x[g] = (iota + (int32_t)(t0 + 16 * g)) > pos ? vset1(-INFINITY) : x[g];
+    }
+    const float tile_max = hmax(vmax(x[0], x[1]));
+    const float m_old = m[r], m_new = m_old > tile_max ? m_old : tile_max;
+    const bool none = m_new == -INFINITY;
+    const float m_sub = none ? 0.0f : m_new;
+    alpha[r] = none ? 1.0f : vexp2(vset1(m_old - m_new))[0];
+    m[r] = m_new;
+    x[0] = x[0] - m_sub, x[1] = x[1] - m_sub;
+    vexp2_n<2>(x);
+    vstore(p[r], x[0]);
+    vstore(p[r] + 16, x[1]);
+    const v16h h0 = to_bf16(x[0]), h1 = to_bf16(x[1]);
+    memcpy(pp + r * (KT / 2), &h0, 32);
+    memcpy(pp + r * (KT / 2) + 8, &h1, 32);
+  }
+  float sum[FEW_ROWS];
+  for (int64_t r = 0; r < rows; r++) sum[r] = p[r][0] + p[r][1];
+  for (int64_t j = 2; j < KT; j++)
+    for (int64_t r = 0; r < rows; r++) sum[r] = sum[r] + p[r][j];
+  for (int64_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
+}
+
+// o[r][:] = o[r][:] * alpha[r] + P V for NR rows and NV vectors of dims (o in the permuted dim
+// order: per 32 dims, the pairs of V rows' words interleaved within 128-bit lanes, lo then hi).
+template <int NR, int NV>
+static inline void pv_rows_vec(const uint32_t* pp, const bf16* const* vals, const float* alpha, float* o) {
+  v16f acc[NR][NV];
+  for (int r = 0; r < NR; r++) {
+    const v16f a = vset1(alpha[r]);
+    for (int i = 0; i < NV; i++) acc[r][i] = vload(o + (r * NV + i) * 16) * a;
+  }
+  const v32h lo = v32h{0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43,
+                       16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59};
+  const v32h hi = lo + 4;
+  for (int64_t kp = 0; kp < KT / 2; kp++) {
+    const bf16 *v0 = vals[2 * kp], *v1 = vals[2 * kp + 1];
+    for (int c = 0; c < NV / 2; c++) {
+      v32h a, b;
+      memcpy(&a, v0 + 32 * c, 64);
+      memcpy(&b, v1 + 32 * c, 64);
+      const v16u vlo = (v16u)__builtin_shuffle(a, b, lo), vhi = (v16u)__builtin_shuffle(a, b, hi);
+      for (int r = 0; r < NR; r++) {
+        const uint32_t x = pp[r * (KT / 2) + kp];
+        acc[r][2 * c] = dot2(acc[r][2 * c], x, vlo);
+        acc[r][2 * c + 1] = dot2(acc[r][2 * c + 1], x, vhi);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < NV; i++) vstore(o + (r * NV + i) * 16, acc[r][i]);
+}
+
+template <int NV>
+static NOINLINE void pv_tile_vec(const uint32_t* pp, const bf16* const* vals, int64_t rows, const float* alpha,
+                                 float* o) {
+  constexpr int MAXR = 16 / NV;  // accumulators in registers
+  for (int64_t r = 0; r < rows; r += MAXR) {
+    const int64_t n = rows - r < MAXR ? rows - r : MAXR;
+    const uint32_t* p = pp + r * (KT / 2);
+    float* og = o + r * NV * 16;
+    if (n == 1) pv_rows_vec<1, NV>(p, vals, alpha + r, og);
+    else if (n == 2) pv_rows_vec<2, NV>(p, vals, alpha + r, og);
+    else if (MAXR >= 3 && n == 3) pv_rows_vec<(MAXR >= 3 ? 3 : 1), NV>(p, vals, alpha + r, og);
+    else pv_rows_vec<(MAXR >= 4 ? 4 : 1), NV>(p, vals, alpha + r, og);
+  }
+}
+
+// Into L2 (prefetcht1): measured against L1 (t0) and L3 (t2), 1, 2, 4 and 8 tiles ahead, t1 two
+// tiles ahead was the fastest from DRAM (batch-4 decode at 600 context: 2.2x less time than none).
+static inline void prefetch_rows(const bf16* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)row + b, 0, 2);
+}
+
+static void attend_item_vec(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd,
+                            const CacheLayout& cache, const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0,
+                            int64_t first, int64_t last, float scale, AttnScratch& sc) {
+  const int64_t rows = (last - first) * group, pairs = hd / 2, nv = hd / 16;
+  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
+  const bf16* qrows[FEW_ROWS];
+  int32_t qpos[FEW_ROWS];
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    qrows[r] = q + ((row0 + tok) * num_heads + head) * hd;
+    qpos[r] = (int32_t)(ctx + tok);
+  }
+  sc.s.resize(rows * KT);
+  sc.pp.resize(rows * KT / 2);
+  sc.qp.resize(pairs * KT);  // the tile's K, transposed
+  sc.o.assign(rows * hd, 0.0f);
+  sc.state.resize(3 * rows);  // m, l, alpha
+  float *m = sc.state.data(), *l = m + rows, *alpha = l + rows;
+  for (int64_t i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
+  const int64_t kv_end = ctx + last, koff = kv_head * hd;
+  const float scale2 = scale * 1.44269504088896341f;
+  // The prefetch cursor runs AHEAD tiles before the tile being computed.
+  constexpr int64_t AHEAD = 2;  // tiles
+  int64_t pf = 0, pf_block = 0, pf_offset = 0;
+  auto prefetch_to = [&](int64_t end) {
+    for (end = end < kv_end ? end : kv_end; pf < end; pf++) {
+      const bf16* row = cache.base + table[pf_block] * cache.block_stride + pf_offset * cache.token_stride + koff;
+      prefetch_rows(row, 2 * hd), prefetch_rows(row + cache.v_offset, 2 * hd);
+      if (++pf_offset == cache.block_size) pf_offset = 0, pf_block++;
+    }
+  };
+  prefetch_to(AHEAD * KT);
+  for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
+    const bf16* keys[KT];
+    const bf16* vals[KT];
+    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
+    for (int64_t j = 0; j < KT; j++) {
+      if (t0 + j < kv_end) {
+        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
+        keys[j] = row, vals[j] = row + cache.v_offset;
+      } else {
+        keys[j] = vals[j] = sc.zeros.data();
+      }
+      if (++offset == cache.block_size) offset = 0, block++;
+    }
+    prefetch_to(t0 + (AHEAD + 1) * KT);
+    transpose_keys(keys, pairs, sc.qp.data());
+    score_tile_kt(qrows, rows, sc.qp.data(), pairs, scale2, sc.s.data());
+    softmax_tile_vec(sc.s.data(), rows, qpos, t0, m, l, alpha, sc.pp.data());
+    if (nv == 4) pv_tile_vec<4>(sc.pp.data(), vals, rows, alpha, sc.o.data());
+    else pv_tile_vec<8>(sc.pp.data(), vals, rows, alpha, sc.o.data());
+  }
+  // O's dims back in order: per 32 dims, dim 8k + i (i < 4) in lane 4k + i of the lo vector, dim
+  // 8k + 4 + i in lane 4k + i of the hi vector.
+  const v16u back0 = v16u{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  const v16u back1 = back0 + 8;
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    bf16* dst = out + ((row0 + tok) * num_heads + head) * hd;
+    const v16f inv = vset1(l[r]);
+    const float* orow = sc.o.data() + r * hd;
+    for (int64_t c = 0; c < hd / 32; c++) {
+      const v16f a = vload(orow + 32 * c), b = vload(orow + 32 * c + 16);
+      store_bf16(dst + 32 * c, __builtin_shuffle(a, b, back0) / inv);
+      store_bf16(dst + 32 * c + 16, __builtin_shuffle(a, b, back1) / inv);
+    }
+  }
+}
+
 static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd, const CacheLayout& cache,
                         const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0, int64_t first, int64_t last,
                         float scale, AttnScratch& sc) {
@@ -476,7 +723,7 @@ static void attention(const bf16* q, bf16* out, int64_t num_heads, int64_t num_k
       const AttnItem& it = items[i];
       const int64_t len = query_start[it.seq + 1] - query_start[it.seq];
       const bool few = (it.last - it.first) * group <= FEW_ROWS;
-      (few ? attend_item_few : attend_item)(q, out, num_heads, group, hd, cache, block_tables + it.seq * table_stride,
+      (few ? (hd == 64 || hd == 128 ? attend_item_vec : attend_item_few) : attend_item)(q, out, num_heads, group, hd, cache, block_tables + it.seq * table_stride,
                                             it.kv_head, seq_lens[it.seq] - len, query_start[it.seq], it.first,
                                             it.last, scale, sc);
     }

@@ -202,6 +202,26 @@ def test_attention_prefill_equals_decodes_on_a_long_prompt() -> None:
     assert torch.equal(_attend(kv_layer, q, [(1, p + 1, table) for p in range(n)]), whole)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 128), (9, 3, 64), (8, 1, 64)])
+def test_attention_decodes_equal_the_prompt_for_each_head_dim(tier: str, heads: int, kv_heads: int,
+                                                              head_dim: int) -> None:
+    """Decode items (few rows: the keys along the lanes, a head dim of 64 or 128 in registers) give
+    the prompt's bits: one token per step, two per step, and groups of 8 and 4 query heads (an
+    item of 8 rows goes in two passes of 4 through P V)."""
+    n = 200
+    kv_layer = rand(n // BS + 2, 2, BS, kv_heads, head_dim, seed=40)
+    table = torch.randperm(n // BS + 2, generator=torch.Generator().manual_seed(41))[:-(-n // BS)].tolist()
+    q = rand(n, heads, head_dim, seed=42, scale=0.5).contiguous()
+
+    def attend(seqs: Seqs) -> torch.Tensor:
+        starts, lens, tables = _tables(seqs)
+        return cpu_kernels.attention(q, kv_layer, starts, lens, tables, head_dim ** -0.5)
+
+    whole = attend([(n, n, table)])
+    assert torch.equal(attend([(1, p + 1, table) for p in range(n)]), whole)
+    assert torch.equal(attend([(2, p + 2, table) for p in range(0, n, 2)]), whole)
+
+
 def test_attention_tables_are_checked(cache) -> None:
     kv_layer, table, _ = cache
 
