@@ -323,40 +323,57 @@ static NOINLINE void pv_tile_few(const uint32_t* pp, const uint32_t* vp, int64_t
   }
 }
 
+// A few-row work item's query rows (sc.src: its tokens first..first + rows / group, each token's
+// group of heads on kv_head) and their absolute positions (sc.qpos); its scratch sized and its
+// softmax state (sc.state: m, l, alpha) started.
+static inline void item_queries(const bf16* q, int64_t num_heads, int64_t group, int64_t hd, int64_t kv_head,
+                                int64_t ctx, int64_t row0, int64_t first, int64_t rows, AttnScratch& sc) {
+  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
+  sc.src.resize(rows);
+  sc.qpos.resize(rows);
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t tok = first + r / group, head = kv_head * group + r % group;
+    sc.src[r] = q + ((row0 + tok) * num_heads + head) * hd;
+    sc.qpos[r] = (int32_t)(ctx + tok);
+  }
+  sc.s.resize(rows * KT);
+  sc.pp.resize(rows * KT / 2);
+  sc.state.resize(3 * rows);
+  for (int64_t i = 0; i < rows; i++) sc.state[i] = -INFINITY, sc.state[rows + i] = 0.0f;
+}
+
+// The K and V rows of tile t0 (keys t0 .. t0 + KT - 1 of one KV head, at koff in a token's row);
+// keys at or past kv_end read zeros.
+static inline void tile_rows(const CacheLayout& cache, const int32_t* table, int64_t koff, int64_t t0,
+                             int64_t kv_end, const bf16* zeros, const bf16** keys, const bf16** vals) {
+  int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
+  for (int64_t j = 0; j < KT; j++) {
+    if (t0 + j < kv_end) {
+      const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
+      keys[j] = row, vals[j] = row + cache.v_offset;
+    } else {
+      keys[j] = vals[j] = zeros;
+    }
+    if (++offset == cache.block_size) offset = 0, block++;
+  }
+}
+
 static void attend_item_few(const bf16* q, bf16* out, int64_t num_heads, int64_t group, int64_t hd,
                             const CacheLayout& cache, const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0,
                             int64_t first, int64_t last, float scale, AttnScratch& sc) {
   const int64_t rows = (last - first) * group, pairs = hd / 2, ldo = (hd + 63) / 64 * 64;
-  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
-  const bf16* qrows[FEW_ROWS];
-  int32_t qpos[FEW_ROWS];
-  for (int64_t r = 0; r < rows; r++) {
-    const int64_t tok = first + r / group, head = kv_head * group + r % group;
-    qrows[r] = q + ((row0 + tok) * num_heads + head) * hd;
-    qpos[r] = (int32_t)(ctx + tok);
-  }
-  sc.s.resize(rows * KT);
-  sc.pp.resize(rows * KT / 2);
+  item_queries(q, num_heads, group, hd, kv_head, ctx, row0, first, rows, sc);
+  const bf16* const* qrows = sc.src.data();
+  const int32_t* qpos = sc.qpos.data();
   sc.vp.assign(KT / 2 * hd + 64, 0);  // padded: P V reads whole 64s of dims
   sc.o.assign(rows * ldo, 0.0f);
-  sc.state.resize(3 * rows);  // m, l, alpha
   float *m = sc.state.data(), *l = m + rows, *alpha = l + rows;
-  for (int64_t i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
   const int64_t kv_end = ctx + last, koff = kv_head * hd;
   const float scale2 = scale * 1.44269504088896341f;
   for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
     const bf16* keys[KT];
     const bf16* vals[KT];
-    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
-    for (int64_t j = 0; j < KT; j++) {
-      if (t0 + j < kv_end) {
-        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
-        keys[j] = row, vals[j] = row + cache.v_offset;
-      } else {
-        keys[j] = vals[j] = sc.zeros.data();
-      }
-      if (++offset == cache.block_size) offset = 0, block++;
-    }
+    tile_rows(cache, table, koff, t0, kv_end, sc.zeros.data(), keys, vals);
     score_tile_few(qrows, rows, keys, pairs, scale2, sc.s.data());
     softmax_tile_few(sc.s.data(), rows, qpos, t0, m, l, alpha, sc.pp.data());
     pack_values(vals, hd, sc.vp.data());
@@ -553,21 +570,12 @@ static void attend_item_vec(const bf16* q, bf16* out, int64_t num_heads, int64_t
                             const CacheLayout& cache, const int32_t* table, int64_t kv_head, int64_t ctx, int64_t row0,
                             int64_t first, int64_t last, float scale, AttnScratch& sc) {
   const int64_t rows = (last - first) * group, pairs = hd / 2, nv = hd / 16;
-  if ((int64_t)sc.zeros.size() < hd) sc.zeros.assign(hd, 0);
-  const bf16* qrows[FEW_ROWS];
-  int32_t qpos[FEW_ROWS];
-  for (int64_t r = 0; r < rows; r++) {
-    const int64_t tok = first + r / group, head = kv_head * group + r % group;
-    qrows[r] = q + ((row0 + tok) * num_heads + head) * hd;
-    qpos[r] = (int32_t)(ctx + tok);
-  }
-  sc.s.resize(rows * KT);
-  sc.pp.resize(rows * KT / 2);
+  item_queries(q, num_heads, group, hd, kv_head, ctx, row0, first, rows, sc);
+  const bf16* const* qrows = sc.src.data();
+  const int32_t* qpos = sc.qpos.data();
   sc.qp.resize(pairs * KT);  // the tile's K, transposed
   sc.o.assign(rows * hd, 0.0f);
-  sc.state.resize(3 * rows);  // m, l, alpha
   float *m = sc.state.data(), *l = m + rows, *alpha = l + rows;
-  for (int64_t i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
   const int64_t kv_end = ctx + last, koff = kv_head * hd;
   const float scale2 = scale * 1.44269504088896341f;
   // The prefetch cursor runs AHEAD tiles before the tile being computed.
@@ -584,16 +592,7 @@ static void attend_item_vec(const bf16* q, bf16* out, int64_t num_heads, int64_t
   for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
     const bf16* keys[KT];
     const bf16* vals[KT];
-    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
-    for (int64_t j = 0; j < KT; j++) {
-      if (t0 + j < kv_end) {
-        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
-        keys[j] = row, vals[j] = row + cache.v_offset;
-      } else {
-        keys[j] = vals[j] = sc.zeros.data();
-      }
-      if (++offset == cache.block_size) offset = 0, block++;
-    }
+    tile_rows(cache, table, koff, t0, kv_end, sc.zeros.data(), keys, vals);
     prefetch_to(t0 + (AHEAD + 1) * KT);
     transpose_keys(keys, pairs, sc.qp.data());
     score_tile_kt(qrows, rows, sc.qp.data(), pairs, scale2, sc.s.data());
@@ -656,16 +655,7 @@ static void attend_item(const bf16* q, bf16* out, int64_t num_heads, int64_t gro
   for (int64_t t0 = 0; t0 < kv_end; t0 += KT) {
     const bf16* keys[KT];
     const bf16* vals[KT];
-    int64_t block = t0 / cache.block_size, offset = t0 % cache.block_size;
-    for (int64_t j = 0; j < KT; j++) {
-      if (t0 + j < kv_end) {
-        const bf16* row = cache.base + table[block] * cache.block_stride + offset * cache.token_stride + koff;
-        keys[j] = row, vals[j] = row + cache.v_offset;
-      } else {
-        keys[j] = vals[j] = sc.zeros.data();  // past the last query: masked, and V exactly 0
-      }
-      if (++offset == cache.block_size) offset = 0, block++;
-    }
+    tile_rows(cache, table, koff, t0, kv_end, sc.zeros.data(), keys, vals);  // past kv_end: masked, V exactly 0
     score_tile(sc.qp.data(), rgs, keys, pairs, scale2, sc.s.data());
     softmax_tile(sc.s.data(), rgs, sc.qpos.data(), t0, t0 + KT - 1 > first_pos || rows % 16, m, l, alpha,
                  sc.pp.data());
