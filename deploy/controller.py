@@ -1,7 +1,7 @@
 """The deployment controller: a detached Ray actor named ``{namespace}.controller`` (Ray namespace
 ``tandem``) on the head node, holding the deployment's config and running its
 :class:`RayLauncher` (its warm pool from the config's ``warm_pool``). ``tandem deploy
-status|scale|down`` and the planner reach it by name from any later process; it serialises changes
+status|scale|pool|down`` and the planner reach it by name from any later process; it serialises changes
 (one scale or down at a time) and answers status meanwhile. Its one state besides the config is
 what each worker actor is: the tier it was switched or woken into, or parked
 (:meth:`DeploymentController.recorded_role`: a restarted worker actor asks it, and comes back in
@@ -33,6 +33,7 @@ class DeploymentStatus:
     num_gpus: float  # in the Ray cluster
     num_free_gpus: float
     timings_s: dict[str, float] = field(default_factory=dict)  # of the last deploy / scale / down
+    warm_pool: int = 0  # at most this many drained workers park (the config's, or the last resize)
 
     def tier(self, role: str) -> list[ServiceInfo]:
         return [s for s in self.services if s.role == role]
@@ -86,6 +87,12 @@ class DeploymentController:
         self._switched[name] = (actor_id, result.role)
         return result
 
+    def resize_warm_pool(self, size: int) -> list[str]:
+        """Park at most ``size`` drained workers from now on (the planner's drains too: it acts through
+        this launcher); stop the parked beyond it. A restarted controller goes back to the config's."""
+        with self._lock, self._timed("pool"), self._remembering():
+            return self.launcher.resize_warm_pool(size)
+
     def recorded_role(self, name: str, actor_id: str) -> str | None:
         """The tier worker ``name`` (the actor ``actor_id``) was last switched or woken into, ``parked``
         (:data:`deploy.ray_launcher.PARKED`) if it was parked; None if neither."""
@@ -105,7 +112,7 @@ class DeploymentController:
         resources, free = ray.cluster_resources(), ray.available_resources()
         return DeploymentStatus(self.cfg.namespace, ray.get_runtime_context().gcs_address,
                                 self.launcher.etcd_endpoints(), tuple(services), resources.get("GPU", 0.0),
-                                free.get("GPU", 0.0), dict(self._timings))
+                                free.get("GPU", 0.0), dict(self._timings), self.launcher.warm_pool)
 
     def config(self) -> ClusterConfig:
         return self.cfg

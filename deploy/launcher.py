@@ -173,6 +173,7 @@ class Launcher(abc.ABC):
     """Starts, drains and stops one cluster's routers, workers and planner."""
 
     cfg: ClusterConfig
+    warm_pool: int  # at most this many drained workers are parked (see :func:`warm_pool_size`)
 
     @abc.abstractmethod
     def start(self, timeout_s: float = 600.0) -> Launcher:
@@ -213,6 +214,16 @@ class Launcher(abc.ABC):
         """The warm pool: parked workers, the longest parked first (the next start takes it)."""
         return sorted((s for s in self.services() if s.state is ServiceState.PARKED),
                       key=lambda s: (s.parked_since, s.name))
+
+    def resize_warm_pool(self, size: int) -> list[str]:
+        """From now on park at most ``size`` drained workers, and stop the parked ones beyond it (the
+        most recently parked: the next starts take the longest parked), which frees what they hold
+        (on Ray their GPU reservations); the names of those stopped."""
+        self.warm_pool = warm_pool_size(self.cfg, size)
+        extra = [s.name for s in self.parked()[self.warm_pool:]]
+        if extra:
+            self.drain_services(extra)
+        return extra
 
     def workers(self, role: str) -> list[ServiceInfo]:
         """The live (not stopped, not dead) workers of ``role``, oldest first."""

@@ -166,6 +166,23 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    _, controller = _attach(args)
+    if controller is None:
+        return 1
+    import ray
+
+    try:
+        stopped = ray.get(controller.resize_warm_pool.remote(args.size), timeout=args.timeout)
+    except Exception as e:
+        _say(f"resizing the warm pool failed: {_error(e)}")
+        return 2
+    _print_status(ray.get(controller.status.remote(), timeout=60))
+    print(f"warm pool: at most {args.size} parked from now on; stopped {len(stopped)} "
+          f"({', '.join(stopped) or '-'})")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from deploy.ray_head import RayHead, stop_head
 
@@ -284,9 +301,9 @@ def _print_status(status: Any) -> None:
         if tier:
             print(f"  {role:<8} {len(status.serving(role))} of {len(tier)} serving")
     parked = [s for s in status.services if s.state == "parked"]
-    if parked:
-        print(f"  warm pool: {len(parked)} parked ({', '.join(s.name for s in parked)}), holding their Ray "
-              "reservations for the next starts")
+    if parked or status.warm_pool:
+        names = f" ({', '.join(s.name for s in parked)}), holding their Ray reservations for the next starts"
+        print(f"  warm pool: {len(parked)} parked of at most {status.warm_pool}{names if parked else ''}")
     for url in status.router_urls:
         print(f"  OpenAI API {url}/v1")
     rows = [("SERVICE", "STATE", "NODE", "GPUS", "PID", "RESTARTS", "ETCD", "REQS", "ENDPOINT")]
@@ -303,7 +320,7 @@ def _print_status(status: Any) -> None:
 def add_parser(sub: Any) -> None:
     from runtime import settings
 
-    d = sub.add_parser("deploy", help="run tandem on a Ray cluster: ray, status, scale, down, targets")
+    d = sub.add_parser("deploy", help="run tandem on a Ray cluster: ray, status, scale, pool, down, targets")
     dsub = d.add_subparsers(dest="deploy_command", required=True)
 
     r = dsub.add_parser("ray", help="deploy on a Ray cluster (--address) or on a Ray head started here")
@@ -331,6 +348,19 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--decode", type=int, required=True)
     c.add_argument("--timeout", type=float, default=900.0)
     c.set_defaults(func=cmd_scale)
+
+    def pool_size(text: str) -> int:
+        size = int(text)
+        if size < 0:
+            raise argparse.ArgumentTypeError(f"the warm pool's size must be >= 0, got {size}")
+        return size
+
+    o = dsub.add_parser("pool", help="resize the warm pool: park at most SIZE drained workers from now on, "
+                                     "stop the parked beyond it (their GPUs back to Ray)")
+    common(o)
+    o.add_argument("size", type=pool_size, help="parked workers at most (0: none; a drained worker stops)")
+    o.add_argument("--timeout", type=float, default=300.0)
+    o.set_defaults(func=cmd_pool)
 
     w = dsub.add_parser("down", help="drain every worker, stop everything (and a Ray head deploy started)")
     common(w)

@@ -558,7 +558,13 @@ def test_warm_pool_on_ray(ray_head: RayHead, tmp_path: Path) -> None:
 
         _a_dead_pool_member_is_replaced(p, {s.actor_id for s in [*before.values(), *three.values()]}, after, free0)
 
+        p.scale(1)
+        (pname,) = [n for n, s in p.workers().items() if s.state is ServiceState.PARKED]
+        _shrinking_the_pool_stops_the_parked(p, pname, free0)
+
         # Down stops the parked worker too: nothing left.
+        assert ray.get(p.controller.resize_warm_pool.remote(1), timeout=60) == []
+        p.scale(2)
         p.scale(1)
         assert sum(s.state is ServiceState.PARKED for s in p.workers().values()) == 1
         r = tandem("down", "--namespace", d.namespace, "--address", d.address, timeout_s=120)
@@ -568,6 +574,23 @@ def test_warm_pool_on_ray(ray_head: RayHead, tmp_path: Path) -> None:
                 if g.get("name", "").startswith(f"{d.namespace}.") and g.get("state") != "REMOVED"] == []
         wait_until(lambda: not deployment_pids(d.namespace), 20, "the deployment's processes to exit")
         wait_until(lambda: _ray_free_gpus() == 4, 20, "the GPUs to be free")
+
+
+def _shrinking_the_pool_stops_the_parked(p: _Pooled, pname: str, free0: float) -> None:
+    """``tandem deploy pool 0``: the parked worker stops, its GPU back to Ray; later drains stop."""
+    d = p.d
+    r = tandem("pool", "0", "--namespace", d.namespace, "--address", d.address, timeout_s=120)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert f"stopped 1 ({pname})" in r.stdout, r.stdout
+    assert pname not in p.workers() or p.workers()[pname].state is not ServiceState.PARKED, p.workers()
+    wait_until(lambda: _ray_free_gpus() == free0 + 1, 20, "the parked worker's reservation back to Ray")
+    p.scale(2)
+    result = p.scale(1)
+    (drained,) = result.drained
+    assert drained not in p.workers() and not any(s.state is ServiceState.PARKED for s in p.workers().values())
+    wait_until(lambda: _ray_free_gpus() == free0 + 1, 20, "the drained worker's reservation back to Ray")
+    bad = tandem("pool", "-1", "--namespace", d.namespace, "--address", d.address, timeout_s=60)
+    assert bad.returncode == 2 and "must be >= 0" in bad.stderr, bad.stderr
 
 
 # ---- the planner acting on Ray: a sim-engine deployment of its own -------------------------------
