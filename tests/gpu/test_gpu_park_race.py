@@ -1,0 +1,112 @@
+"""Parking under load on one GPU: a disaggregated cluster (2 prefill + 2 decode workers, NIXL push or
+CUDA IPC pull) serves greedy requests from several clients without pause while the launcher drains
+and parks one decode worker, then one prefill worker, and takes each back from the warm pool, twice.
+KV handoffs race the parks: a prefill worker may be pushing into (or a decode worker pulling from)
+a cache that is being released. Every request must answer with the aggregated cluster's tokens
+(a refused or failed transfer recomputes, it does not fail or corrupt), and no worker logs a
+traceback. Real etcd, router and worker processes (a dummy SmolLM2-135M, bf16)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from test_gpu_disagg import greedy_tokens, live, sample
+
+from deploy.local_cluster import LocalCluster
+from deploy.local_launcher import LocalLauncher
+from kv_transfer import nixl_available
+from runtime.settings import ClusterConfig
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(not nixl_available(), reason="nixl is not installed")]
+
+COMMON = dict(port=0, grpc_port=0, model="dummy:smollm2-135m", device="cuda", dtype="bfloat16", kv_cache_gib=0.25,
+              gpu_memory_fraction=0.06, max_local_prefill_tokens=16, lease_ttl_s=2, max_num_seqs=16,
+              drain_timeout_s=30, warm_pool=1)
+SPECS = {
+    "agg": (dict(mode="aggregated", transport="nixl"), 0, 1),
+    "nixl": (dict(mode="disaggregated", transport="nixl", kv_transfer_mode="push"), 2, 2),
+    "cuda_ipc": (dict(mode="disaggregated", transport="cuda_ipc", kv_transfer_mode="pull"), 2, 2),
+}
+RNG = random.Random(17)
+PROMPTS = [[RNG.randrange(300, 40000) for _ in range(n)] for n in (40, 100, 333, 700, 40, 100, 333, 700)]
+MAX_TOKENS = 16
+CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
+    root, out = tmp_path_factory.mktemp("gpu_park_race"), {}
+    try:
+        for name, (spec, num_prefill, num_decode) in SPECS.items():
+            out[name] = LocalCluster(ClusterConfig(**COMMON, **spec), num_prefill=num_prefill, num_decode=num_decode,
+                                     quiet=True, log_dir=root / name).launch()
+        for cluster in out.values():
+            cluster.wait_ready(480)
+        yield out
+    finally:
+        for cluster in out.values():
+            cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(clusters: dict[str, LocalCluster]) -> list[list[str]]:
+    return [greedy_tokens(clusters["agg"], p, MAX_TOKENS) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("name", ["nixl", "cuda_ipc"])
+def test_parks_racing_handoffs_lose_and_corrupt_nothing(clusters: dict[str, LocalCluster], reference: list[list[str]],
+                                                        name: str) -> None:
+    cluster = clusters[name]
+    launcher = LocalLauncher.around(cluster, warm_pool=1)
+    answers: list[tuple[int, list[str]]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            i = rng.randrange(len(PROMPTS))
+            try:
+                answers.append((i, greedy_tokens(cluster, PROMPTS[i], MAX_TOKENS)))
+            except Exception as e:  # every failure is the test's finding
+                errors.append(f"prompt {i}: {type(e).__name__}: {e}")
+
+    moved0 = sum(sample(w.ready["metrics"], "tandem_kv_transfer_blocks_total", transport=name)
+                 for role in ("prefill", "decode") for w in live(cluster, role))
+    threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    parks = []
+    try:
+        time.sleep(2.0)  # the load is on before the first park
+        for _ in range(2):
+            for role in ("decode", "prefill"):
+                victim = live(cluster, role)[-1].name
+                n0 = len(answers)
+                t0 = time.monotonic()
+                launcher.drain_services([victim])
+                assert [s.name for s in launcher.parked()] == [victim], launcher.parked()
+                launcher.start_services([role])  # the warm pool's worker comes back
+                parks.append((role, time.monotonic() - t0, len(answers) - n0))
+                time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(180)
+    assert errors == [], errors[:5]
+    wrong = [(i, got) for i, got in answers if got != reference[i]]
+    assert wrong == [], f"{len(wrong)} of {len(answers)} answers differ from aggregated: {wrong[:2]}"
+    moved = sum(sample(w.ready["metrics"], "tandem_kv_transfer_blocks_total", transport=name)
+                for role in ("prefill", "decode") for w in live(cluster, role)) - moved0
+    assert moved > 0, "no handoff moved blocks: the load did not race the parks"
+    print(f"\n{name}: {len(answers)} answers, all equal to aggregated, across {len(parks)} parks "
+          f"(role, seconds from drain to back, answers meanwhile): {[(r, round(s, 1), n) for r, s, n in parks]}; "
+          f"{moved:.0f} blocks handed off")
+    for role in ("prefill", "decode"):
+        for w in live(cluster, role):
+            log = (cluster._log_dir / f"{w.name}.log").read_text()
+            assert "Traceback" not in log, log[-3000:]
