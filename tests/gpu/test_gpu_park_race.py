@@ -62,7 +62,7 @@ def test_parks_racing_handoffs_lose_and_corrupt_nothing(clusters: dict[str, Loca
                                                         name: str) -> None:
     cluster = clusters[name]
     launcher = LocalLauncher.around(cluster, warm_pool=1)
-    answers: list[tuple[int, list[str]]] = []
+    answers: list[tuple[int, list[str], float, float]] = []  # prompt, tokens, sent, answered (monotonic)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -71,7 +71,8 @@ def test_parks_racing_handoffs_lose_and_corrupt_nothing(clusters: dict[str, Loca
         while not stop.is_set():
             i = rng.randrange(len(PROMPTS))
             try:
-                answers.append((i, greedy_tokens(cluster, PROMPTS[i], MAX_TOKENS)))
+                t = time.monotonic()
+                answers.append((i, greedy_tokens(cluster, PROMPTS[i], MAX_TOKENS), t, time.monotonic()))
             except Exception as e:  # every failure is the test's finding
                 errors.append(f"prompt {i}: {type(e).__name__}: {e}")
 
@@ -80,25 +81,34 @@ def test_parks_racing_handoffs_lose_and_corrupt_nothing(clusters: dict[str, Loca
     threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(CLIENTS)]
     for t in threads:
         t.start()
-    parks = []
+    parks, windows = [], []
     try:
-        time.sleep(2.0)  # the load is on before the first park
+        time.sleep(8.0)  # the load alone first: the control
+        control = len(answers)
         for _ in range(2):
             for role in ("decode", "prefill"):
                 victim = live(cluster, role)[-1].name
                 n0 = len(answers)
                 t0 = time.monotonic()
+                windows.append(t0)
                 launcher.drain_services([victim])
                 assert [s.name for s in launcher.parked()] == [victim], launcher.parked()
                 launcher.start_services([role])  # the warm pool's worker comes back
                 parks.append((role, time.monotonic() - t0, len(answers) - n0))
+                windows[-1] = (t0, time.monotonic())
                 time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:
             t.join(180)
     assert errors == [], errors[:5]
-    wrong = [(i, got) for i, got in answers if got != reference[i]]
+    wrong = [(i, got, t0, t1) for i, got, t0, t1 in answers if got != reference[i]]
+    racing = [w for w in wrong if any(w[2] < b and w[3] > a for a, b in windows)]
+    fallbacks = sum(sample(w.ready["metrics"], "tandem_kv_pull_fallbacks_total") for w in live(cluster, "decode"))
+    control_wrong = sum(got != reference[i] for i, got, *_ in answers[:control])
+    print(f"\n{name}: control {control_wrong} wrong of {control}; {len(wrong)} wrong of {len(answers)}, "
+          f"{len(racing)} overlapping a park; "
+          f"fallbacks {fallbacks}; wrong prompts {sorted({w[0] for w in wrong})}")
     assert wrong == [], f"{len(wrong)} of {len(answers)} answers differ from aggregated: {wrong[:2]}"
     moved = sum(sample(w.ready["metrics"], "tandem_kv_transfer_blocks_total", transport=name)
                 for role in ("prefill", "decode") for w in live(cluster, role)) - moved0
