@@ -118,16 +118,18 @@ def generate_direct(child: Child, request_id: str, prompt_ids: list[int], max_to
     return tokens, stats
 
 
-def launch_clusters(root: Path, common: dict[str, Any], specs: dict[str, dict[str, Any]]
+def launch_clusters(root: Path, common: dict[str, Any], specs: dict[str, dict[str, Any]], workers: int = 1
                     ) -> Iterator[dict[str, LocalCluster]]:
-    """A module's clusters by name, launched side by side (each loads while the others do): one
-    decode worker, and one prefill worker unless aggregated; stopped when the module ends."""
+    """A module's clusters by name, launched side by side (each loads while the others do):
+    ``workers`` decode workers, and as many prefill workers unless aggregated (then one worker);
+    stopped when the module ends."""
     out = {}
     try:
         for name, spec in specs.items():
             cfg = ClusterConfig(**common, **spec)
-            out[name] = LocalCluster(cfg, num_prefill=0 if cfg.mode == "aggregated" else 1, num_decode=1, quiet=True,
-                                     log_dir=root / name).launch()
+            agg = cfg.mode == "aggregated"
+            out[name] = LocalCluster(cfg, num_prefill=0 if agg else workers, num_decode=1 if agg else workers,
+                                     quiet=True, log_dir=root / name).launch()
         for cluster in out.values():
             cluster.wait_ready(480)
         yield out

@@ -14,22 +14,21 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_gpu_disagg import greedy_tokens, httpx, live, sample
+from test_gpu_disagg import greedy_tokens, httpx, launch_clusters, live, sample
 
 from deploy.local_cluster import LocalCluster
 from deploy.local_launcher import LocalLauncher
 from kv_transfer import nixl_available
-from runtime.settings import ClusterConfig
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(not nixl_available(), reason="nixl is not installed")]
 
 COMMON = dict(port=0, grpc_port=0, model="dummy:smollm2-135m", device="cuda", dtype="bfloat16", kv_cache_gib=0.25,
               gpu_memory_fraction=0.06, max_local_prefill_tokens=16, lease_ttl_s=2, max_num_seqs=16,
               drain_timeout_s=30, warm_pool=1)
-SPECS = {
-    "agg": (dict(mode="aggregated", transport="nixl"), 0, 1),
-    "nixl": (dict(mode="disaggregated", transport="nixl", kv_transfer_mode="push"), 2, 2),
-    "cuda_ipc": (dict(mode="disaggregated", transport="cuda_ipc", kv_transfer_mode="pull"), 2, 2),
+SPECS = {  # 2 prefill + 2 decode workers each (aggregated: 1)
+    "agg": dict(mode="aggregated", transport="nixl"),
+    "nixl": dict(mode="disaggregated", transport="nixl", kv_transfer_mode="push"),
+    "cuda_ipc": dict(mode="disaggregated", transport="cuda_ipc", kv_transfer_mode="pull"),
 }
 RNG = random.Random(17)
 LENGTHS = (40, 100, 333, 700)
@@ -44,17 +43,7 @@ MIN_MARGIN = 0.25  # logprob, top-1 over top-2, at every position of the aggrega
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalCluster]]:
-    root, out = tmp_path_factory.mktemp("gpu_park_race"), {}
-    try:
-        for name, (spec, num_prefill, num_decode) in SPECS.items():
-            out[name] = LocalCluster(ClusterConfig(**COMMON, **spec), num_prefill=num_prefill, num_decode=num_decode,
-                                     quiet=True, log_dir=root / name).launch()
-        for cluster in out.values():
-            cluster.wait_ready(480)
-        yield out
-    finally:
-        for cluster in out.values():
-            cluster.stop()
+    yield from launch_clusters(tmp_path_factory.mktemp("gpu_park_race"), COMMON, SPECS, workers=2)
 
 
 def greedy_margin(cluster: LocalCluster, prompt: list[int]) -> tuple[list[str], float]:
