@@ -364,6 +364,8 @@ class LLMEngine:
         return self.block_manager.take_events()
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block, on the device and in the host tier (``AllBlocksCleared``):
+        what anything that changes what a block's hash stands for (new weights) must call."""
         self.block_manager.reset_prefix_cache()
 
     # ---- parking (the launcher's warm pool) ------------------------------------------------
@@ -375,15 +377,22 @@ class LLMEngine:
         """Give the device back and keep the model, while nothing is held (no request queued,
         running, pulling or pinned; nothing launched): the runner's weights go to pinned host
         memory, its KV cache and CUDA graphs are freed (``ModelRunner.park``; on the CPU the cache's
-        pages go back); the prefix cache is forgotten (its blocks' contents are gone: the routers'
-        indexes hear ``AllBlocksCleared``). The sim runner holds no device: only the prefix cache
-        goes. Requests are refused until :meth:`unpark`. Returns the seconds it took."""
+        pages go back); the device's prefix cache is forgotten (its blocks' contents are gone: the
+        routers' indexes hear ``BlockRemoved(device)`` for each, or ``AllBlocksCleared`` when the host
+        tier holds nothing). The host tier stays, contents and index (``BlockManager.forget_device``):
+        host memory is not what parking frees, and the weights that made its blocks come back
+        unchanged, so a woken worker loads them back on a hit. The sim runner holds no device: only
+        the prefix cache goes. Requests are refused until :meth:`unpark`. Returns the seconds it took."""
         if self.parked:
             return 0.0
         if self.has_unfinished() or self._launched or self.scheduler.pulling or self.scheduler.pinned:
             raise RuntimeError("only an idle engine parks: requests are queued, running, pulling or pinned")
         start = time.perf_counter()
-        self.reset_prefix_cache()
+        self._run_host_copies()  # anything decided (none when idle) runs before the cache goes
+        if self.host_tier is not None:
+            self.host_tier.synchronize()  # the copy stream reads and writes the cache being freed
+        self._offloading = None
+        self.block_manager.forget_device()
         if self.kv_prefaulter is not None:  # else it may map its window again once the pages went back
             self.kv_prefaulter.stop()
             self.kv_prefaulter.join()
