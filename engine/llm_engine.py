@@ -230,15 +230,22 @@ class LLMEngine:
         nothing is to be waited for: no step is launched or, given ``block_ids``, no launched
         step touches any of them (the usual case: the blocks its requests free go to the back
         of the free queue)."""
+        waits: list[Callable[[], None]] = []
         if self._offloading is not None:
             offloaded, event = self._offloading
             if event.query():
                 self._offloading = None
             elif block_ids is None or not offloaded.isdisjoint(block_ids):
-                return event.synchronize  # queued after every launched step: waits for them too
-        if not self._launched or (block_ids is not None and not self._launched_touch(block_ids)):
-            return None
-        return self._launched[-1][1].wait  # the device runs the steps in order
+                waits.append(event.synchronize)  # on the copy stream: not behind the launched steps
+        if self._launched and (block_ids is None or self._launched_touch(block_ids)):
+            waits.append(self._launched[-1][1].wait)  # the device runs the steps in order
+        if len(waits) < 2:
+            return waits[0] if waits else None
+
+        def wait_both() -> None:
+            for wait in waits:
+                wait()
+        return wait_both
 
     def _launched_touch(self, block_ids: Sequence[int]) -> bool:
         wanted = set(block_ids)
@@ -476,13 +483,16 @@ class LLMEngine:
 
     def _run_host_copies(self) -> None:
         """Queue the host tier's copies the block manager decided (before anything else touches
-        those blocks: they run in order on the device's stream). Offloads keep a wait for a KV
-        transfer into their blocks (``launched_step_waiter``) until they have run."""
+        those blocks). On CUDA they run on the tier's copy stream, overlapping the step running now
+        unless it (or another launched step) touches one of their blocks; the next step waits for
+        them (``HostKVTier.run``). Offloads keep a wait for a KV transfer into their blocks
+        (``launched_step_waiter``) until they have run."""
         copies = self.block_manager.take_host_copies()
         if not copies:
             return
         assert self.host_tier is not None, "host copies without a host tier"
-        event = self.host_tier.run(copies)
+        after = bool(self._launched) and self._launched_touch([c.block_id for c in copies])
+        event = self.host_tier.run(copies, after_compute=after)
         if event is None:
             return  # done (the CPU)
         offloaded = {c.block_id for c in copies if c.offload}
