@@ -18,10 +18,11 @@ tier's copies on the compute stream, and with them on their own copy stream (CUD
 there), A/B/C in one process, alternating over ``--ab-rounds``. ``--conversations`` prefixes of
 ``--prefix-len`` tokens are asked in turn, ``--concurrency`` requests in flight, each decoding
 ``--decode-tokens``; the device cache holds the requests in flight and a few prefixes more (so
-each prefix comes back from the host tier, or is computed again with the tier off). Per mode: the loop's wall time, tokens/s,
-and ``engine.step()``'s wall time (median, p90) over all steps and over the steps that queued
-copies. ``--random-model`` makes a random Llama whose KV block is Llama-3.1-8B's (32 layers, 8 KV
-heads of 128: 2 MiB a bfloat16 block) with a small hidden size, for a GPU without weights.
+each prefix comes back from the host tier, or is computed again with the tier off). Per mode: the
+loop's wall time, tokens/s, and ``engine.step()``'s wall time (median, p90) over all steps and
+over the steps that queued copies. ``--random-model`` makes a random Llama whose KV block is
+Llama-3.1-8B's (32 layers, 8 KV heads of 128: 2 MiB a bfloat16 block) with a small hidden size,
+for a GPU without weights.
 
     python bench/host_tier.py --json /work/wt/notes/tier11/host_tier.json
     python bench/host_tier.py --device cuda --dtype bfloat16 --model PATH --prefix-len 8192
@@ -163,19 +164,20 @@ def step_ab(llm: LLM, off: LLM, args: argparse.Namespace, rand) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in STEP_MODES}
     cuda = llm.engine.host_tier.stream is not None
     modes = STEP_MODES if cuda else ("off", "compute")
-    for r in range(args.ab_rounds + 1):  # round 0: untimed warm-up
+    for r in range(args.ab_warmup + args.ab_rounds):  # the first ab_warmup rounds: untimed warm-up
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
             which = off if mode == "off" else llm
             which.engine.reset_prefix_cache()
             if which.engine.host_tier is not None:
                 which.engine.host_tier.side_stream = mode == "side"
             row = churn(which, prefixes, rand, args, f"{mode}{r}")
-            print(f"steps round {r}{' (warm-up)' if not r else ''} {mode:7s}: " + ", ".join(
+            print(f"steps round {r}{' (warm-up)' if r < args.ab_warmup else ''} {mode:7s}: " + ", ".join(
                 f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-            if r:
+            if r >= args.ab_warmup:
                 runs[mode].append(row)
     summary = {m: {k: statistics.median(row[k] for row in rows) for k in rows[0]} for m, rows in runs.items() if rows}
     return {"conversations": args.conversations, "concurrency": args.concurrency, "requests": args.requests,
+            "prefix_len": args.prefix_len, "ab_rounds": args.ab_rounds, "ab_warmup": args.ab_warmup,
             "decode_tokens": args.decode_tokens, "summary": summary, "runs": runs}
 
 
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-model", action="store_true", help="a random Llama with 8B's KV shape (see above)")
     parser.add_argument("--steps", action="store_true", help="also the step-time A/B (see above)")
     parser.add_argument("--ab-rounds", type=int, default=3)
+    parser.add_argument("--ab-warmup", type=int, default=1, help="untimed rounds of the step A/B first")
     parser.add_argument("--conversations", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48)
