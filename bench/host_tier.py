@@ -128,6 +128,7 @@ def churn(llm: LLM, prefixes: list[list[int]], rand, args: argparse.Namespace, t
     issued = inflight = 0
     steps: list[tuple[float, int]] = []
     cached = prompt = 0
+    batches = (tier.num_batches, tier.num_waited) if tier is not None else (0, 0)
     _sync(llm)
     start = time.perf_counter()
     while issued < args.requests or engine.has_unfinished():
@@ -155,7 +156,9 @@ def churn(llm: LLM, prefixes: list[list[int]], rand, args: argparse.Namespace, t
     return {"wall_s": wall, "tokens_per_s": args.requests * args.decode_tokens / wall, "steps": len(steps),
             "step_ms_p50": pct(all_ms, 0.5), "step_ms_p90": pct(all_ms, 0.9), "step_ms_mean": statistics.fmean(all_ms),
             "copy_steps": len(copy_ms), "copy_step_ms_p50": pct(copy_ms, 0.5), "copy_step_ms_p90": pct(copy_ms, 0.9),
-            "blocks_copied": sum(n for _, n in steps), "cached_ratio": cached / max(1, prompt)}
+            "blocks_copied": sum(n for _, n in steps), "cached_ratio": cached / max(1, prompt),
+            "copy_batches": tier.num_batches - batches[0] if tier else 0,
+            "copy_batches_after_compute": tier.num_waited - batches[1] if tier else 0}
 
 
 def step_ab(llm: LLM, off: LLM, args: argparse.Namespace, rand) -> dict:

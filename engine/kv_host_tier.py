@@ -65,6 +65,7 @@ class HostKVTier:
         shape = (num_slots, *kv.shape[1:])
         self.host = host_buffer(shape, kv.dtype, pin=kv.device.type == "cuda")
         self.num_offloaded = self.num_loaded = 0  # blocks copied each way
+        self.num_batches = self.num_waited = 0  # batches queued; those that waited for the compute stream
         self.bytes_per_block = self.host[0].numel() * self.host.element_size()
         # CUDA: the copies' own stream (see the module's doc); False: the compute stream.
         self.stream = torch.cuda.Stream(kv.device) if kv.device.type == "cuda" else None
@@ -82,6 +83,8 @@ class HostKVTier:
         A KV transfer (outside the streams) into a block just offloaded must wait for it first."""
         if not copies:
             return None
+        self.num_batches += 1
+        self.num_waited += after_compute
         if self.stream is None:
             self._copy(copies)
             return None
