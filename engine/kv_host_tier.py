@@ -28,6 +28,7 @@ import math
 import mmap
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +55,18 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.
 def _unregister(ptr: int) -> None:
     with contextlib.suppress(Exception):  # at exit CUDA may be gone already: nothing to do then
         torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+@dataclass(frozen=True)
+class HostTierCounts:
+    """What a worker publishes of its host tier (``runtime.metric_catalog``'s ``tandem_worker_host_kv_*``;
+    all 0 where it is off)."""
+
+    num_slots: int = 0
+    num_used: int = 0
+    num_loaded: int = 0  # blocks copied back into the device cache (prefix hits)
+    num_offloaded: int = 0  # evicted device blocks copied in
+    bytes_per_block: int = 0
 
 
 class HostKVTier:

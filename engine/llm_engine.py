@@ -33,7 +33,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cpu_share import CpuShare
 from engine.gpu_share import GpuShare
-from engine.kv_host_tier import HostKVTier
+from engine.kv_host_tier import HostKVTier, HostTierCounts
 from engine.kv_prefault import KVPrefaulter
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
@@ -366,6 +366,14 @@ class LLMEngine:
         """Every block the host tier holds as ``(hash, parent hash)`` (with :meth:`kv_snapshot`, in
         the same engine call, the whole cache as of its next event id)."""
         return self.block_manager.host_snapshot()
+
+    def host_tier_counts(self) -> HostTierCounts:
+        """The host tier's size, fill and copies so far (all 0 without one). Any thread may read it."""
+        tier = self.host_tier
+        if tier is None:
+            return HostTierCounts()
+        return HostTierCounts(tier.num_slots, self.block_manager.num_host_cached_blocks, tier.num_loaded,
+                              tier.num_offloaded, tier.bytes_per_block)
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()
