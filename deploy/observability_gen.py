@@ -13,7 +13,7 @@ Files:
   writes from etcd (a Ray deployment, or a Prometheus that cannot reach a router);
 - ``grafana/tandem-overview.json`` (SLO attainment, TTFT/ITL percentiles against the SLO, traffic),
   ``grafana/tandem-tiers.json`` (per tier: workers, queue, queue wait, prefill time, KV usage, prefix
-  hits), ``grafana/tandem-kv.json`` (KV transfers and handoffs), ``grafana/tandem-planner.json``
+  hits), ``grafana/tandem-kv.json`` (KV transfers and handoffs, the host KV tier), ``grafana/tandem-planner.json``
   (desired vs actual workers, predicted vs observed load, reasons, tier switches).
 
 The dashboards take their data source from a ``datasource`` variable (any Prometheus).
@@ -133,6 +133,16 @@ def dashboards() -> dict[str, tuple[str, list[Panel]]]:
                                                                "{{reason}}")]),
             Panel("Pinned KV blocks", [(f"sum by (worker) ({m('tandem_worker_num_pinned_blocks')})", "{{worker}}")]),
             Panel("Blocks in the router's KV index", [(m("tandem_router_kv_indexed_blocks"), "{{role}}")]),
+            Panel("Host KV tier: blocks held", [
+                (f"sum by (worker) ({m('tandem_worker_host_kv_used_blocks')})", "{{worker}} used"),
+                (f"sum by (worker) ({m('tandem_worker_host_kv_blocks')})", "{{worker}} capacity")],
+                  description="host_kv_cache_gib; 0 where the tier is off"),
+            Panel("Host KV tier: blocks copied", [
+                (rate("tandem_worker_host_kv_loaded_blocks_total", "role"), "{{role}} loaded back (hits)"),
+                (rate("tandem_worker_host_kv_offloaded_blocks_total", "role"), "{{role}} offloaded")]),
+            Panel("Host KV tier: copy bandwidth", [
+                (rate("tandem_worker_host_kv_loaded_bytes_total", "role"), "{{role}} to the device"),
+                (rate("tandem_worker_host_kv_offloaded_bytes_total", "role"), "{{role}} to the host")], "Bps"),
             Panel("Routing decision time", _pct("tandem_router_decision_seconds"), "s"),
         ]),
         "tandem-planner.json": ("tandem: planner", [

@@ -260,6 +260,26 @@ class BlockManager:
             chain.clear()
         self._emit(AllBlocksCleared)
 
+    def forget_device(self) -> None:
+        """Forget every hash cached on the device and keep the host tier (a park: the device
+        cache's contents go, host memory stays). Each device hash gets ``BlockRemoved(device)``, so
+        the routers' indexes keep the host entries; with nothing in the host tier, one
+        ``AllBlocksCleared`` (:meth:`reset_prefix_cache`). Copies decided already still run; the
+        blocks are reused first, in id order."""
+        if not self._host:
+            self.reset_prefix_cache()
+            return
+        for block_hash in self._cached:
+            self._emit(BlockRemoved, block_hash=block_hash)
+        self._free.extendleft(sorted(self._evictable, reverse=True))
+        self._evictable.clear()
+        self._cached.clear()
+        self._parents.clear()
+        self._tokens.clear()
+        self.block_hashes = [None] * self.num_blocks
+        for chain in self._chain.values():
+            chain.clear()
+
     def snapshot(self) -> tuple[list[tuple[int, int]], int]:
         """Every block cached on the device as ``(hash, parent hash)``, and the id the next event
         will get: applying events from that id on to the snapshot (and :meth:`host_snapshot`'s,

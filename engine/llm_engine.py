@@ -33,7 +33,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cpu_share import CpuShare
 from engine.gpu_share import GpuShare
-from engine.kv_host_tier import HostKVTier
+from engine.kv_host_tier import HostKVTier, HostTierCounts
 from engine.kv_prefault import KVPrefaulter
 from engine.loader import load_tokenizer, model_name, read_arch, tokenizer_source
 from engine.model_runner import ModelRunner, StepHandle
@@ -230,15 +230,22 @@ class LLMEngine:
         nothing is to be waited for: no step is launched or, given ``block_ids``, no launched
         step touches any of them (the usual case: the blocks its requests free go to the back
         of the free queue)."""
+        waits: list[Callable[[], None]] = []
         if self._offloading is not None:
             offloaded, event = self._offloading
             if event.query():
                 self._offloading = None
             elif block_ids is None or not offloaded.isdisjoint(block_ids):
-                return event.synchronize  # queued after every launched step: waits for them too
-        if not self._launched or (block_ids is not None and not self._launched_touch(block_ids)):
-            return None
-        return self._launched[-1][1].wait  # the device runs the steps in order
+                waits.append(event.synchronize)  # on the copy stream: not behind the launched steps
+        if self._launched and (block_ids is None or self._launched_touch(block_ids)):
+            waits.append(self._launched[-1][1].wait)  # the device runs the steps in order
+        if len(waits) < 2:
+            return waits[0] if waits else None
+
+        def wait_both() -> None:
+            for wait in waits:
+                wait()
+        return wait_both
 
     def _launched_touch(self, block_ids: Sequence[int]) -> bool:
         wanted = set(block_ids)
@@ -360,10 +367,20 @@ class LLMEngine:
         the same engine call, the whole cache as of its next event id)."""
         return self.block_manager.host_snapshot()
 
+    def host_tier_counts(self) -> HostTierCounts:
+        """The host tier's size, fill and copies so far (all 0 without one). Any thread may read it."""
+        tier = self.host_tier
+        if tier is None:
+            return HostTierCounts()
+        return HostTierCounts(tier.num_slots, self.block_manager.num_host_cached_blocks, tier.num_loaded,
+                              tier.num_offloaded, tier.bytes_per_block)
+
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block, on the device and in the host tier (``AllBlocksCleared``):
+        what anything that changes what a block's hash stands for (new weights) must call."""
         self.block_manager.reset_prefix_cache()
 
     # ---- parking (the launcher's warm pool) ------------------------------------------------
@@ -375,15 +392,22 @@ class LLMEngine:
         """Give the device back and keep the model, while nothing is held (no request queued,
         running, pulling or pinned; nothing launched): the runner's weights go to pinned host
         memory, its KV cache and CUDA graphs are freed (``ModelRunner.park``; on the CPU the cache's
-        pages go back); the prefix cache is forgotten (its blocks' contents are gone: the routers'
-        indexes hear ``AllBlocksCleared``). The sim runner holds no device: only the prefix cache
-        goes. Requests are refused until :meth:`unpark`. Returns the seconds it took."""
+        pages go back); the device's prefix cache is forgotten (its blocks' contents are gone: the
+        routers' indexes hear ``BlockRemoved(device)`` for each, or ``AllBlocksCleared`` when the host
+        tier holds nothing). The host tier stays, contents and index (``BlockManager.forget_device``):
+        host memory is not what parking frees, and the weights that made its blocks come back
+        unchanged, so a woken worker loads them back on a hit. The sim runner holds no device: only
+        the prefix cache goes. Requests are refused until :meth:`unpark`. Returns the seconds it took."""
         if self.parked:
             return 0.0
         if self.has_unfinished() or self._launched or self.scheduler.pulling or self.scheduler.pinned:
             raise RuntimeError("only an idle engine parks: requests are queued, running, pulling or pinned")
         start = time.perf_counter()
-        self.reset_prefix_cache()
+        self._run_host_copies()  # anything decided (none when idle) runs before the cache goes
+        if self.host_tier is not None:
+            self.host_tier.synchronize()  # the copy stream reads and writes the cache being freed
+        self._offloading = None
+        self.block_manager.forget_device()
         if self.kv_prefaulter is not None:  # else it may map its window again once the pages went back
             self.kv_prefaulter.stop()
             self.kv_prefaulter.join()
@@ -467,13 +491,16 @@ class LLMEngine:
 
     def _run_host_copies(self) -> None:
         """Queue the host tier's copies the block manager decided (before anything else touches
-        those blocks: they run in order on the device's stream). Offloads keep a wait for a KV
-        transfer into their blocks (``launched_step_waiter``) until they have run."""
+        those blocks). On CUDA they run on the tier's copy stream, overlapping the step running now
+        unless it (or another launched step) touches one of their blocks; the next step waits for
+        them (``HostKVTier.run``). Offloads keep a wait for a KV transfer into their blocks
+        (``launched_step_waiter``) until they have run."""
         copies = self.block_manager.take_host_copies()
         if not copies:
             return
         assert self.host_tier is not None, "host copies without a host tier"
-        event = self.host_tier.run(copies)
+        after = bool(self._launched) and self._launched_touch([c.block_id for c in copies])
+        event = self.host_tier.run(copies, after_compute=after)
         if event is None:
             return  # done (the CPU)
         offloaded = {c.block_id for c in copies if c.offload}

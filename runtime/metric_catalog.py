@@ -256,6 +256,21 @@ WORKER_PREFILL = _define("tandem_worker_prefill_seconds", "histogram",
 WORKER_ROLE_SWITCH = _define("tandem_worker_role_switch_seconds", "histogram",
                              "A tier switch: drained in one role to registered in the other", "worker",
                              unit="seconds", buckets=LATENCY_BUCKETS)
+# ---- the host KV tier (engine.kv_host_tier): served by every worker, 0 where it is off -----------------
+WORKER_HOST_KV_BLOCKS = _define("tandem_worker_host_kv_blocks", "gauge", "Host KV tier capacity in blocks (0: off)",
+                                "worker")
+WORKER_HOST_KV_USED = _define("tandem_worker_host_kv_used_blocks", "gauge", "Blocks the host KV tier holds", "worker")
+WORKER_HOST_KV_LOADED = _define("tandem_worker_host_kv_loaded_blocks_total", "counter",
+                                "Blocks copied back from the host KV tier into the device cache (prefix hits)",
+                                "worker")
+WORKER_HOST_KV_OFFLOADED = _define("tandem_worker_host_kv_offloaded_blocks_total", "counter",
+                                   "Evicted device blocks copied into the host KV tier", "worker")
+WORKER_HOST_KV_LOADED_BYTES = _define("tandem_worker_host_kv_loaded_bytes_total", "counter",
+                                      "Bytes copied from the host KV tier into the device cache", "worker",
+                                      unit="bytes")
+WORKER_HOST_KV_OFFLOADED_BYTES = _define("tandem_worker_host_kv_offloaded_bytes_total", "counter",
+                                         "Bytes copied from the device cache into the host KV tier", "worker",
+                                         unit="bytes")
 # ---- KV plane: kv_transfer (the side that starts a transfer counts it) -------------------------------
 KV_TRANSFER_BYTES = _define("tandem_kv_transfer_bytes_total", "counter",
                             "KV cache bytes moved to or from peers (counted by the initiating side)", "worker",

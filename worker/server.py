@@ -311,6 +311,15 @@ class LoadCollector(Collector):
         for metric, field in self._COUNTERS:
             yield CounterMetricFamily(metric.name.removesuffix("_total"), metric.help,
                                       value=float(getattr(load, field)))
+        # The host KV tier, read from the engine itself (a few ints; 0 where it is off).
+        host = self.engine.engine.host_tier_counts()
+        for metric, value in ((mc.WORKER_HOST_KV_BLOCKS, host.num_slots), (mc.WORKER_HOST_KV_USED, host.num_used)):
+            yield GaugeMetricFamily(metric.name, metric.help, value=float(value))
+        for metric, value in ((mc.WORKER_HOST_KV_LOADED, host.num_loaded),
+                              (mc.WORKER_HOST_KV_OFFLOADED, host.num_offloaded),
+                              (mc.WORKER_HOST_KV_LOADED_BYTES, host.num_loaded * host.bytes_per_block),
+                              (mc.WORKER_HOST_KV_OFFLOADED_BYTES, host.num_offloaded * host.bytes_per_block)):
+            yield CounterMetricFamily(metric.name.removesuffix("_total"), metric.help, value=float(value))
 
 
 QUEUE_WAIT = mc.WORKER_QUEUE_WAIT.create()

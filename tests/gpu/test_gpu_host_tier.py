@@ -1,9 +1,12 @@
-"""The host tier on the GPU, bfloat16 (pinned host memory, copies queued on the stream, asynchronous
-scheduling and CUDA graphs on): a shared prefix that other prompts evicted from a small device cache
-comes back from the host tier, and the greedy tokens are those of an engine whose cache never
-evicted it (the same KV, bit for bit, read back); the prompts' cached tokens count the reload.
-(Equality with an engine without the tier, which recomputes the prefix in other batches, is
-checked in float32 on the CPU: tests/engine/test_host_tier.py.)"""
+"""The host tier on the GPU, bfloat16 (pinned host memory, copies on the tier's own copy stream,
+asynchronous scheduling and CUDA graphs on): a shared prefix that other prompts evicted from a small
+device cache comes back from the host tier, and the greedy tokens are those of an engine whose cache
+never evicted it (the same KV, bit for bit, read back); the prompts' cached tokens count the reload.
+With every batch of copies held back on the copy stream (a ~10 ms sleep queued there first), the
+tokens are still right: the step after the copies waits for them (a step that read a load before
+it landed, or wrote a block before its offload read it, changes them). A park keeps the tier: the
+woken engine loads the prefix back. (Equality with an engine without the tier, which recomputes the
+prefix in other batches, is checked in float32 on the CPU: tests/engine/test_host_tier.py.)"""
 
 from __future__ import annotations
 
@@ -58,18 +61,69 @@ def _serve(llm: LLM, prompts: dict[str, list]) -> tuple[list[list[int]], list[in
     return tokens, cached
 
 
-def test_evicted_prefix_comes_back_from_pinned_host_memory(model_dir: Path) -> None:
-    prompts = _prompts()
-    kwargs = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=512, progress=False)
-    reference = LLM(str(model_dir), num_blocks=128, **kwargs)
-    expected, cached = _serve(reference, prompts)
-    assert cached == [0, 0, 0, 0, PREFIX, PREFIX]
-    del reference
+KWARGS = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=512, progress=False)
 
-    llm = LLM(str(model_dir), num_blocks=DEVICE_BLOCKS, host_num_blocks=96, **kwargs)
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> list[list[int]]:
+    expected, cached = _serve(LLM(str(model_dir), num_blocks=128, **KWARGS), _prompts())
+    assert cached == [0, 0, 0, 0, PREFIX, PREFIX]
+    return expected
+
+
+def _tiered(model_dir: Path) -> LLM:
+    llm = LLM(str(model_dir), num_blocks=DEVICE_BLOCKS, host_num_blocks=96, **KWARGS)
     tier = llm.engine.host_tier
     assert tier is not None and tier.host.is_pinned() and llm.engine.async_scheduling
-    tokens, cached = _serve(llm, prompts)
+    assert tier.stream is not None and tier.side_stream
+    return llm
+
+
+def test_evicted_prefix_comes_back_from_pinned_host_memory(model_dir: Path, reference: list[list[int]]) -> None:
+    llm = _tiered(model_dir)
+    tokens, cached = _serve(llm, _prompts())
     assert cached == [0, 0, 0, 0, PREFIX, PREFIX]  # B loads the prefix back, C shares it
-    assert llm.engine.block_manager.host_stats.num_loaded == PREFIX // BS == tier.num_loaded
-    assert tokens == expected
+    assert llm.engine.block_manager.host_stats.num_loaded == PREFIX // BS == llm.engine.host_tier.num_loaded
+    assert tokens == reference
+
+
+def test_the_next_step_waits_for_copies_held_back_on_the_copy_stream(model_dir: Path,
+                                                                     reference: list[list[int]]) -> None:
+    llm = _tiered(model_dir)
+    tier = llm.engine.host_tier
+    run, held = tier.run, []
+
+    def late(copies, after_compute=False):  # every batch of copies starts ~10 ms late on its stream
+        if copies:
+            with torch.cuda.stream(tier.stream):
+                torch.cuda._sleep(20_000_000)
+            held.append(len(copies))
+        return run(copies, after_compute)
+
+    tier.run = late
+    tokens, cached = _serve(llm, _prompts())
+    assert held and cached == [0, 0, 0, 0, PREFIX, PREFIX]
+    assert tokens == reference
+
+
+def test_a_parked_engine_keeps_its_host_tier(model_dir: Path, reference: list[list[int]]) -> None:
+    """Park (the device cache and graphs freed, the weights to pinned memory) and wake: the prefix
+    evicted to the host tier before the park comes back from it, bit for bit."""
+    from protocol.kv_events import BlockRemoved, Medium
+
+    llm = _tiered(model_dir)
+    prompts = _prompts()
+    for batch in [[prompts["a"]], *[[f] for f in prompts["fill"]]]:
+        llm.generate(batch, GREEDY)
+    engine = llm.engine
+    host_before = engine.kv_host_snapshot()
+    engine.take_kv_events()
+    engine.park()
+    assert engine.runner.kv.untyped_storage().size() == 0  # the device cache is freed
+    events = engine.take_kv_events()
+    assert events and all(isinstance(e, BlockRemoved) and e.medium is Medium.DEVICE for e in events)
+    engine.unpark()
+    assert engine.kv_host_snapshot() == host_before and engine.host_tier.host.is_pinned()
+    results = llm.generate([prompts["b"], prompts["c"]], GREEDY)
+    assert [r.num_cached_tokens for r in results] == [PREFIX, PREFIX]
+    assert [r.outputs[0].token_ids for r in results] == reference[-2:]
