@@ -78,8 +78,18 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has VDPBF16PS (Linux's flags)."""
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def peak_library() -> ctypes.CDLL:
     """The peak loop, compiled once into tandem's cache directory."""
+    if not has_avx512_bf16():
+        raise SystemExit("this CPU has no AVX512-BF16: the peak loop is VDPBF16PS")
     digest = hashlib.sha256(_PEAK_C.encode()).hexdigest()[:16]
     target = kernel_build.cache_root() / "cpu_peak" / digest / "peak.so"
     if not target.exists():

@@ -5,8 +5,6 @@ rate)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bench import cpu_peak
@@ -44,14 +42,7 @@ def test_floor_table_parts_and_rest() -> None:
             assert r["fraction_of_peak"] == pytest.approx(r["gflop"] / r["time_s"] / 100.0)
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512_bf16(), reason="the peak loop is VDPBF16PS (AVX512-BF16)")
+@pytest.mark.skipif(not cpu_peak.has_avx512_bf16(), reason="the peak loop is VDPBF16PS (AVX512-BF16)")
 def test_peak_loop_runs_on_every_thread() -> None:
     peak = cpu_peak.measure_peak(1, 0.02, 2)
     assert len(peak["runs"]) == 2 and len(peak["per_thread_gflops"]) == 1
