@@ -209,6 +209,17 @@ def suffix_goes_remote(local: Candidate, remote: Candidate, decoding: bool) -> b
     return decoding and remote.queued_blocks + remote.new_blocks <= local.queued_blocks + local.new_blocks
 
 
+def spill_breaks_itl(num_tokens_to_compute: int, max_local_prefill_tokens: int, decoding: bool) -> bool:
+    """Whether spilling a prompt onto decode worker D (the prefill tier saturated: :func:`prefill_saturated`)
+    would break the ITL of D's decoding requests: D has requests decoding and would compute more of the prompt
+    than ``max_local_prefill_tokens`` (what D prefills in any case). The prompt's chunks then ride in steps every
+    decoding request waits for (H200 profile: a 2048-token chunk at a 25k-token context takes several times the
+    50 ms ITL target), so one spilled prompt costs many requests their ITL where queueing it on the prefill tier
+    costs at most its own TTFT (Mooncake replay, planner-load at 200 GB: 46 long prompts spilled onto the one
+    decode worker in 960-1020 s, 162 ITL misses there). An idle D breaks nothing (as in :func:`suffix_goes_remote`)."""
+    return decoding and num_tokens_to_compute > max_local_prefill_tokens
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
