@@ -531,7 +531,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
                     seats_full=args.seats_full)
     sim = replace(sim, host_kv_gb=args.host_kv_gb, host_gbps=args.host_gbps,
                   host_overlap_weight=args.host_overlap_weight, cache_evicts_tail_first=args.cache_evicts_tail_first,
-                  host_offload_charged=not args.host_offload_free)
+                  host_offload_charged=not args.host_offload_free, spill_idle_only=args.spill_idle_only)
     planner = PlannerConfig(ttft_slo_ms=args.ttft_ms, itl_slo_ms=args.itl_ms, gpu_budget=args.budget,
                             adjustment_interval_s=args.interval_s, grace_s=args.interval_s,
                             predictor=args.predictor, start_timeout_s=max(300.0, 3 * args.startup_s),
@@ -607,6 +607,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host-offload-free", action="store_true",
                     help="the host tier's offloads (device evictions copied to it) cost no step time, as if on a "
                          "side stream (default: charged to the worker's next step, as the engine runs them)")
+    ap.add_argument("--spill-idle-only", action="store_true",
+                    help="the replay router spills a prompt (prefill tier saturated) only onto a decode worker with "
+                         "no request decoding (router.policy.spill_breaks_itl), else queues it on the prefill tier "
+                         "(an experiment: the real router spills onto any)")
     return ap.parse_args(argv)
 
 

@@ -118,6 +118,11 @@ class SimConfig:
     # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
     # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
     cache_evicts_tail_first: bool = False
+    # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_breaks_itl``:
+    # none decoding, or the prompt within ``max_local_prefill_tokens``); none: the prompt queues on the prefill
+    # tier. False: the router as it is (every decode worker a spill target). An experiment: the real router
+    # (router/request_flow.py) does not have it.
+    spill_idle_only: bool = False
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
@@ -274,6 +279,10 @@ class Simulation:
                                                                            BLOCK)) for w in prefill]
         limit = self.cfg.prefill_queue_limit_tokens or 8 * self.cfg.max_num_batched_tokens
         remote = bool(prefill) and not policy.prefill_saturated(prefill_loads, limit)
+        if not remote and prefill and self.cfg.spill_idle_only:
+            targets = [w for w in decode if not policy.spill_breaks_itl(
+                req.arrival.isl, self.cfg.max_local_prefill_tokens, bool(w.running or w.waiting or w.pulling))]
+            decode, remote = (targets, False) if targets else (decode, True)
         choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:

@@ -112,6 +112,10 @@ class LoadModel:
             verdict = TierLoad(role, 0, verdict.can_spare, Reason("load-low-waiting", role, verdict.reason.values))
         return verdict
 
+    def reset_down_streak(self, role: str) -> None:
+        """A tick that was not low after all (the tick's own rules said so): the down streak starts over."""
+        self._down_streak[role] = 0
+
     def judge(self, role: str, workers: list[WorkerStep], isl: float, rate: float = 0.0, osl: float = 0.0
               ) -> TierLoad:
         """:meth:`assess` without the down streak: what the tier's load says now (it learns nothing)."""

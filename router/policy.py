@@ -209,6 +209,17 @@ def suffix_goes_remote(local: Candidate, remote: Candidate, decoding: bool) -> b
     return decoding and remote.queued_blocks + remote.new_blocks <= local.queued_blocks + local.new_blocks
 
 
+def spill_breaks_itl(num_tokens_to_compute: int, max_local_prefill_tokens: int, decoding: bool) -> bool:
+    """Whether spilling a prompt onto decode worker D (the prefill tier saturated: :func:`prefill_saturated`)
+    would break the ITL of D's decoding requests: D has requests decoding and would compute more of the prompt
+    than ``max_local_prefill_tokens`` (what D prefills in any case). The prompt's chunks then ride in steps every
+    decoding request waits for (H200 profile: a 2048-token chunk at a 25k-token context takes several times the
+    50 ms ITL target), so one spilled prompt costs many requests their ITL where queueing it on the prefill tier
+    costs at most its own TTFT (Mooncake replay, planner-load at 200 GB: 46 long prompts spilled onto the one
+    decode worker in 960-1020 s, 162 ITL misses there). An idle D breaks nothing (as in :func:`suffix_goes_remote`)."""
+    return decoding and num_tokens_to_compute > max_local_prefill_tokens
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
@@ -250,12 +261,17 @@ class HandoffGap:
     predicted just before it): the ``quantile`` residual over the mean. The gap is a wait for D's
     next step boundary plus a step, so it is spread over up to a step around its mean, and a mean
     a little under the ITL target (H200 mix shift: 42-50 ms against 50) misses the target on many
-    handoffs; an order statistic of the residuals follows that spread, and a few outliers (a
-    handoff that waited for a decode seat for seconds) move it only when they are more than
-    ``1 - quantile`` of the window."""
+    handoffs; an order statistic of the residuals follows that spread. The default is the largest
+    residual of the window: a gap over the target that is not held costs a short answer its p99
+    ITL (under 101 gaps, its largest gap is its p99), a hold costs no target (it ends at the TTFT
+    left at the latest, and :func:`first_token_hold_s` holds only when the gap's *mean* fits in
+    that), so the estimate errs toward holding. A few outliers (a handoff that waited for a decode
+    seat for seconds) then raise it for a window, and the hold only holds more (H200 mix shift,
+    planner-both: 31 ITL misses with the 0.99 quantile, 7 with the largest; 8P+8D: 18 -> 13).
+    ``quantile`` < 1 leaves the top ``1 - quantile`` of the window out."""
 
     decay: float = 0.9
-    quantile: float = 0.99  # the high estimate: this quantile of the recent residuals over the mean
+    quantile: float = 1.0  # the high estimate: this quantile of the recent residuals over the mean (1: the largest)
     window: int = 256  # residuals kept
     num_tokens: float = 0.0  # weighted sums over the observations
     transfer_s: float = 0.0
