@@ -279,6 +279,11 @@ class EngineConfig:
     # "decode" holds the GPU for a handed-off request's first decode step, "prefill" yields to it.
     # "": neither.
     gpu_share: str = ""
+    # On CUDA: every reduction whose order could follow the batch is fixed per row (the projections
+    # and LM head on engine.triton_matmul, no one-row GEMV, every attention row on the prefill
+    # kernel), so a request's tokens and logprobs do not depend on the requests sharing its steps. Costs speed
+    # (docs/architecture.md, "Batch-invariant mode"). The CPU kernels are batch-invariant already.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -293,6 +298,9 @@ class EngineConfig:
             raise ValueError(f"engine backend must be 'torch' or 'sim', got {self.backend!r}")
         if self.gpu_share not in ("", "prefill", "decode"):
             raise ValueError(f"gpu_share must be '', 'prefill' or 'decode', got {self.gpu_share!r}")
+        if self.batch_invariant and self.attention_backend not in ("auto", "triton", "cpu"):
+            raise ValueError(f"batch_invariant needs the triton attention backend on CUDA (or the cpu kernels), "
+                             f"got {self.attention_backend!r}")
         if self.async_scheduling and self.backend == "sim":
             raise ValueError("async_scheduling needs the torch backend (the sim samples on the host)")
 

@@ -95,26 +95,47 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _gemv_for(x: torch.Tensor, weight: torch.Tensor, prologue: str = "none") -> ModuleType | None:
+def _gemv_for(x: torch.Tensor, layer: nn.Linear, prologue: str = "none") -> ModuleType | None:
     """The one-row fused linear kernels (``triton_gemv``) where they take ``x``: a batch-1 decode
-    step on the GPU. None elsewhere (the CPU, larger steps)."""
-    if not x.is_cuda:
+    step on the GPU. None elsewhere (the CPU, larger steps, the batch-invariant mode)."""
+    if not x.is_cuda or getattr(layer, "batch_invariant", False):
         return None
     from engine import triton_gemv
 
-    return triton_gemv if triton_gemv.supports(x, weight, prologue) else None
+    return triton_gemv if triton_gemv.supports(x, layer.weight, prologue) else None
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch-invariant mode's linear (:mod:`engine.triton_matmul`); imported on first use."""
+    from engine import triton_matmul
+
+    return triton_matmul.matmul(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that runs on the CPU kernels' GEMM once :func:`use_cpu_kernels` packed its
-    weight (``cpu``; the plain weight is then freed)."""
+    weight (``cpu``; the plain weight is then freed), or on the batch-invariant matmul once
+    :func:`use_batch_invariant` set ``batch_invariant``."""
 
     cpu: cpu_kernels.PackedWeight | None = None
+    batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu is not None:
             return self.cpu(x)
+        if self.batch_invariant:
+            return _matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def use_batch_invariant(model: LlamaModel) -> None:
+    """Put a CUDA model's projections and LM head on the batch-invariant matmul (no one-row
+    GEMV, no cuBLAS): each row's result then has the same bits whatever rows share its step
+    (``EngineConfig.batch_invariant``; the attention backend's part is ``TritonAttention``'s)."""
+    for layer in model.layers:
+        for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            lin.batch_invariant = True
+    model.batch_invariant = True
 
 
 def use_cpu_kernels(model: LlamaModel) -> bool:
@@ -143,7 +164,7 @@ def use_cpu_kernels(model: LlamaModel) -> bool:
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; a batch-1 decode step takes one Triton kernel on the GPU."""
-    if (g := _gemv_for(x, layer.weight)) is not None:
+    if (g := _gemv_for(x, layer)) is not None:
         return g.gemv(x, layer.weight, layer.bias)
     return layer.forward(x)
 
@@ -153,7 +174,7 @@ def norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer(norm(x + residual)), x + residual)``, or ``(layer(norm(x)), x)`` without a residual;
     a batch-1 decode step takes one kernel on the GPU where it can (the norm fused into the matmul)."""
-    if (g := _gemv_for(x, layer.weight, "rms_norm")) is not None:
+    if (g := _gemv_for(x, layer, "rms_norm")) is not None:
         if residual is None:
             return g.gemv(x, layer.weight, layer.bias, g.RMS_NORM, norm.weight, norm.eps), x
         return g.gemv(x, layer.weight, layer.bias, g.RMS_NORM, norm.weight, norm.eps, residual)
@@ -165,7 +186,7 @@ def norm_linear(
 
 def act_linear(layer: nn.Linear, gate_up: torch.Tensor) -> torch.Tensor:
     """``layer(silu_and_mul(gate_up))``; one kernel on the GPU for a batch-1 decode step where it can."""
-    if (g := _gemv_for(gate_up, layer.weight, "silu_mul")) is not None:
+    if (g := _gemv_for(gate_up, layer, "silu_mul")) is not None:
         return g.gemv(gate_up, layer.weight, layer.bias, g.SILU_MUL)
     return layer.forward(silu_and_mul(gate_up))
 
@@ -274,6 +295,7 @@ class LlamaModel(nn.Module):
         else:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.lm_head_cpu: cpu_kernels.PackedWeight | None = None  # set by use_cpu_kernels
+        self.batch_invariant = False  # set by use_batch_invariant: the LM head on the batch-invariant matmul
 
     @torch.inference_mode()
     def forward(
@@ -304,6 +326,8 @@ class LlamaModel(nn.Module):
         if self.lm_head_cpu is not None:
             return self.lm_head_cpu(self.norm(hidden))
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.batch_invariant:
+            return _matmul(self.norm(hidden), weight).float()
         return F.linear(self.norm(hidden), weight).float()
 
     # ---- weights ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from engine.cuda_graphs import capture_decode_graphs
 from engine.gpu_share import GpuShare
 from engine.loader import TORCH_DTYPES, build_model
 from engine.memory import auto_kv_bytes
+from engine.model import use_batch_invariant
 from engine.plan import SampledTokens, SchedulerOutput
 from engine.request import Request
 from engine.sampler import SampleBatch, Sampler
@@ -117,6 +118,9 @@ class ModelRunner:
         self.model = build_model(config, arch, max_model_len, progress=progress)
         self.attn = make_backend(config.attention_backend, self.device,
                                  cpu_kernels=self.model.lm_head_cpu is not None)
+        if config.batch_invariant and self.device.type == "cuda":
+            use_batch_invariant(self.model)
+            self.attn.batch_invariant = True
         self.num_blocks = config.cache.resolve_num_blocks(self.bytes_per_block, lambda: auto_kv_bytes(
             self.device, config.cache, arch, config.scheduler, self.dtype.itemsize))
         # [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]: one block of

@@ -133,6 +133,12 @@ class ClusterConfig:
         False, "a prefill and a decode worker on one GPU (CUDA): the prefill worker's forwards yield to the decode "
         "step that carries a handed-off request's first decode (a shared-memory flag per GPU: engine/gpu_share.py; "
         "off: on one H200 it cut that gap by a third at concurrency 16 and raised TTFT by more than a third)")
+    batch_invariant: bool = _field(
+        False, "CUDA: batch-invariant (deterministic) mode: a request's greedy tokens and logprobs have the same bits "
+        "whatever requests share its engine steps (alone or under load, aggregated or disaggregated): the "
+        "projections and LM head on one fixed Triton matmul per weight, fixed decode-attention splits; costs "
+        "decode and prefill speed (docs/architecture.md, \"Batch-invariant mode\"). The CPU kernels are "
+        "batch-invariant already")
     # -- KV transfer (prefill -> decode) --
     transport: str = _field(
         "auto", "KV transport: auto (per peer, the fastest measured: kv_transfer/default_table.json), "

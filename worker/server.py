@@ -170,6 +170,7 @@ def engine_config(cfg: settings.ClusterConfig, role: str = "decode") -> EngineCo
         scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.step_tokens(role),
                                   joining_prefill_tokens=cfg.joining_prefill_tokens if role == "decode" else 0),
         gpu_share=role if cfg.gpu_share and cfg.mode == "disaggregated" else "",
+        batch_invariant=cfg.batch_invariant,
     )
 
 

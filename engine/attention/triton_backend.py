@@ -28,10 +28,19 @@ FUSED_ROTARY_MAX_SEQS = 16
 
 
 class TritonAttention:
+    """``batch_invariant`` (``EngineConfig.batch_invariant``): every row, decodes included, attends
+    through the prefill kernel, after the separate rotary + cache write. A program of that kernel
+    holds rows of one sequence and one head and walks its keys in tiles at fixed absolute
+    positions, so a row's output depends on neither the other sequences of the step (the decode
+    kernel's split count follows the batch) nor on how its sequence was cut into steps (a decode
+    is a chunk of one token; a prompt prefilled whole, in chunks, recomputed after a preemption or
+    on top of a cached prefix gives the same K/V and outputs)."""
+
     supports_cuda_graphs = True  # launches are sized from host metadata only
 
-    def __init__(self) -> None:
+    def __init__(self, batch_invariant: bool = False) -> None:
         self._num_sms: int | None = None
+        self.batch_invariant = batch_invariant
 
     def num_sms(self, device: torch.device) -> int:
         if self._num_sms is None:
@@ -55,7 +64,8 @@ class TritonAttention:
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         nd = meta.num_decodes
-        if 0 < nd == meta.num_seqs <= FUSED_ROTARY_MAX_SEQS:  # one launch rotates, writes the cache, attends
+        if 0 < nd == meta.num_seqs <= FUSED_ROTARY_MAX_SEQS and not self.batch_invariant:
+            # one launch rotates, writes the cache, attends
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             return decode_attention(q, kv_layer, meta.seq_lens, meta.block_tables, scale,
                                     self._splits(meta, kv_layer, q.device), out=out,
@@ -82,6 +92,9 @@ class TritonAttention:
     def _attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if self.batch_invariant:
+            return prefill_attention(q, kv_layer, meta.query_start_loc, meta.seq_lens, meta.block_tables, 0,
+                                     meta.num_seqs, max(meta.query_lens_host), scale, out)
         nd = meta.num_decodes
         if nd:
             decode_attention(q[:nd], kv_layer, meta.seq_lens, meta.block_tables, scale,
