@@ -64,8 +64,9 @@ def config_for(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, batch-invariant: ``x`` ``[..., K]``, ``weight`` ``[N, K]``;
-    the output in ``x``'s dtype (float32 models multiply in exact float32, 16-bit ones on the
-    tensor cores with float32 accumulators)."""
+    the output in ``x``'s dtype (16-bit inputs on the tensor cores with float32 accumulators;
+    float32 ones in exact float32 products, which the engine's mode does not use: see
+    ``EngineConfig.batch_invariant``)."""
     n, k = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

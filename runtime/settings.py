@@ -137,8 +137,8 @@ class ClusterConfig:
         False, "CUDA: batch-invariant (deterministic) mode: a request's greedy tokens and logprobs have the same bits "
         "whatever requests share its engine steps (alone or under load, aggregated or disaggregated): the "
         "projections and LM head on one fixed Triton matmul per weight, fixed decode-attention splits; costs "
-        "decode and prefill speed (docs/architecture.md, \"Batch-invariant mode\"). The CPU kernels are "
-        "batch-invariant already")
+        "decode and prefill speed (docs/architecture.md, \"Batch-invariant mode\"); 16-bit dtypes only. The CPU "
+        "kernels are batch-invariant already")
     # -- KV transfer (prefill -> decode) --
     transport: str = _field(
         "auto", "KV transport: auto (per peer, the fastest measured: kv_transfer/default_table.json), "
@@ -342,6 +342,9 @@ class ClusterConfig:
             fail("host_kv_cache_gib", "must be >= 0 (0: no host tier)")
         if self.prefill_max_num_batched_tokens < 0:
             fail("prefill_max_num_batched_tokens", "must be >= 0 (0: the device's default)")
+        if self.batch_invariant and self.dtype == "float32":
+            fail("batch_invariant", "is for 16-bit models (bfloat16 tested): float32 is not batch-invariant "
+                 "in the mode")
         if not 0 <= self.gpu_memory_fraction <= 1:
             fail("gpu_memory_fraction", "must be in [0, 1]")
         if self.kv_lease_s <= 0 or self.kv_pull_timeout_s <= 0:

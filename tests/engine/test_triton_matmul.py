@@ -50,12 +50,17 @@ def test_the_setting_reaches_the_engine_config() -> None:
     assert engine_config(settings.ClusterConfig(batch_invariant=True)).batch_invariant
     assert engine_config(settings.ClusterConfig(batch_invariant=True), role="prefill").batch_invariant
     assert not engine_config(settings.ClusterConfig()).batch_invariant
+    with pytest.raises(ValueError, match="batch_invariant"):
+        settings.ClusterConfig(batch_invariant=True, dtype="float32")
 
 
-def test_the_mode_needs_the_triton_attention() -> None:
+def test_the_mode_needs_the_triton_attention_and_16_bits() -> None:
     EngineConfig(batch_invariant=True, attention_backend="triton")
+    EngineConfig(batch_invariant=True, dtype="float16")
     with pytest.raises(ValueError, match="batch_invariant needs the triton attention"):
         EngineConfig(batch_invariant=True, attention_backend="torch")
+    with pytest.raises(ValueError, match="float32 is not batch-invariant"):
+        EngineConfig(batch_invariant=True, dtype="float32")
 
 
 def test_matmul_matches_linear_under_the_interpreter() -> None:
