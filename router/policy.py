@@ -220,6 +220,22 @@ def spill_breaks_itl(num_tokens_to_compute: int, max_local_prefill_tokens: int, 
     return decoding and num_tokens_to_compute > max_local_prefill_tokens
 
 
+def spill_plan(loads: Sequence[WorkerLoad], tokens_to_compute: Mapping[str, int],
+               max_local_prefill_tokens: int) -> tuple[list[WorkerLoad], int | None]:
+    """Where a prompt goes when the prefill tier is saturated (:func:`prefill_saturated`) and the router spills only
+    onto decode workers it does not slow (``spill_only_to_idle_decode``): the decode workers to choose among and the
+    ``max_local_prefill_tokens`` to choose them with (as in :func:`choose`). The spill targets are the workers where
+    :func:`spill_breaks_itl` is false (``tokens_to_compute``: what each would compute of the prompt, its cached
+    prefix off; a worker decodes when the routers have a request in flight there, ``num_inflight``: bound to it
+    from the routing decision on). Some: the cheapest of them prefills the prompt itself (None: any length). None:
+    every worker, as when the tier is not saturated: the prompt queues on the prefill tier unless a decode worker
+    finishes it within ``max_local_prefill_tokens``. The real router (``router.request_flow``) and the replay
+    (``bench/planner_sim.py``) both decide here."""
+    targets = [w for w in loads if not spill_breaks_itl(tokens_to_compute[w.worker_id], max_local_prefill_tokens,
+                                                        w.num_inflight > 0)]
+    return (targets, None) if targets else (list(loads), max_local_prefill_tokens)
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""
