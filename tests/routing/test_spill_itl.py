@@ -32,9 +32,9 @@ from runtime.settings import ClusterConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.planner_sim import Req, SimConfig, Simulation, StepModel  # noqa: E402
-from bench.planner_workload import Arrival  # noqa: E402
-from engine.sim import SimProfile  # noqa: E402
+from bench.planner_sim import Req, SimConfig, Simulation, StepModel
+from bench.planner_workload import Arrival
+from engine.sim import SimProfile
 
 BS = 16
 
