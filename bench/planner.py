@@ -609,8 +609,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "side stream (default: charged to the worker's next step, as the engine runs them)")
     ap.add_argument("--spill-idle-only", action="store_true",
                     help="the replay router spills a prompt (prefill tier saturated) only onto a decode worker with "
-                         "no request decoding (router.policy.spill_breaks_itl), else queues it on the prefill tier "
-                         "(an experiment: the real router spills onto any)")
+                         "no request decoding or within max_local_prefill_tokens (router.policy.spill_plan), else "
+                         "queues it on the prefill tier: the router's setting spill_only_to_idle_decode (off by "
+                         "default: the burst shape loses attainment with it, docs/architecture.md)")
     return ap.parse_args(argv)
 
 

@@ -118,10 +118,9 @@ class SimConfig:
     # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
     # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
     cache_evicts_tail_first: bool = False
-    # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_breaks_itl``:
+    # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_plan``:
     # none decoding, or the prompt within ``max_local_prefill_tokens``); none: the prompt queues on the prefill
-    # tier. False: the router as it is (every decode worker a spill target). An experiment: the real router
-    # (router/request_flow.py) does not have it.
+    # tier. The router's setting ``spill_only_to_idle_decode``; False, its default: every decode worker a spill target.
     spill_idle_only: bool = False
 
 
