@@ -238,9 +238,9 @@ class ClusterConfig:
         False, "router, disaggregated: with every prefill worker's queue full (8 x max_num_batched_tokens prompt "
         "tokens), spill a prompt onto a decode worker (prefill it there) only where no request is decoding or it "
         "computes at most max_local_prefill_tokens of it, else queue it on the prefill tier: a long prefill in a "
-        "decode worker's steps stalls its running answers past itl_slo_ms (router/policy.py spill_plan). Off by default: "
-        "in the replay's burst the planner then sees no decode-tier breach and gives the prefill tier the whole "
-        "budget (docs/architecture.md, the router's planning)")
+        "decode worker's steps stalls its running answers past itl_slo_ms (router/policy.py spill_plan). Off by "
+        "default: in the replay's burst the planner then sees no decode-tier breach and gives the prefill tier the "
+        "whole budget (docs/architecture.md, the router's planning)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
