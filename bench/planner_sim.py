@@ -283,7 +283,7 @@ class Simulation:
         if not remote and prefill and self.cfg.spill_idle_only:  # the router's rule (spill_only_to_idle_decode)
             # no decode worker holds a prefix here (the decode tier's overlaps are {}): each computes the whole prompt
             loads, max_local = policy.spill_plan(loads, {w.worker_id: req.arrival.isl for w in loads},
-                                                 self.cfg.max_local_prefill_tokens)
+                                                 self.cfg.max_local_prefill_tokens, prefill_loads, limit)
         choice = self._choose_decode(req, loads, max_local)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:

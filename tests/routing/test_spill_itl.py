@@ -7,7 +7,8 @@ decoding request, else it queues on the prefill tier.
   ``spill_idle_only``) take the same decision in the same situations;
 - a real router's request flow on the sim cluster (real etcd and worker processes): a long prompt is not spilled
   onto a decode worker with an answer decoding there but onto an idle one, and queues on the prefill tier when
-  every decode worker decodes; with the setting off it is spilled onto the decoding worker.
+  every decode worker decodes, unless that is over 4 times its saturation point behind; with the setting off it is
+  spilled onto the decoding worker.
 """
 
 from __future__ import annotations
@@ -49,29 +50,37 @@ def test_a_long_prompt_breaks_the_itl_of_a_decoding_worker_only() -> None:
 
 
 def test_the_spill_plan_keeps_the_workers_it_does_not_slow_or_queues_on_the_prefill_tier() -> None:
-    busy, idle = WorkerLoad("busy", num_inflight=1), WorkerLoad("idle")
+    busy, idle, busy2 = WorkerLoad("busy", num_inflight=1), WorkerLoad("idle"), WorkerLoad("busy2", num_inflight=3)
+    limit = 16_384  # the router's queue limit: 8 x 2048
+    saturated = [WorkerLoad("p0", 1, 20_000), WorkerLoad("p1", 1, 17_000)]  # both over it
     # the idle one only, any length prefilled there (None)
-    assert spill_plan([busy, idle], {"busy": 5000, "idle": 5000}, 64) == ([idle], None)
+    assert spill_plan([busy, idle], {"busy": 5000, "idle": 5000}, 64, saturated, limit) == ([idle], None)
     # the busy one holds all but 64 tokens of the prompt: it slows nothing more than any local prefill
-    assert spill_plan([busy, idle], {"busy": 64, "idle": 5000}, 64) == ([busy, idle], None)
+    assert spill_plan([busy, idle], {"busy": 64, "idle": 5000}, 64, saturated, limit) == ([busy, idle], None)
     # every worker decoding: all of them, and the prompt goes to the prefill tier (64: only a local finish)
-    assert spill_plan([busy, WorkerLoad("busy2", num_inflight=3)], {"busy": 5000, "busy2": 5000}, 64) == \
-        ([busy, WorkerLoad("busy2", num_inflight=3)], 64)
+    assert spill_plan([busy, busy2], {"busy": 5000, "busy2": 5000}, 64, saturated, limit) == ([busy, busy2], 64)
+    # every prefill worker over SPILL_GIVES_WAY (4) x the limit: the rule gives way, a spill onto any
+    far = [WorkerLoad("p0", 1, 4 * limit + 1), WorkerLoad("p1", 1, 70_000)]
+    assert spill_plan([busy, busy2], {"busy": 5000, "busy2": 5000}, 64, far, limit) == ([busy, busy2], None)
+    # one of them at 4 x the limit exactly: not yet
+    at = [WorkerLoad("p0", 1, 4 * limit), WorkerLoad("p1", 1, 70_000)]
+    assert spill_plan([busy, busy2], {"busy": 5000, "busy2": 5000}, 64, at, limit) == ([busy, busy2], 64)
 
 
 # ---- the router's routing core and the replay's router, the same situations ----------------------------------
-SITUATIONS = [  # (prompt tokens, decode workers decoding, the setting) -> where the prompt is computed
-    (5000, (True, False), True),
-    (5000, (True, True), True),
-    (5000, (False, False), True),
-    (40, (True, True), True),
-    (5000, (True, True), False),
-    (5000, (True, False), False),
+SITUATIONS = [  # (prompt tokens, decode workers decoding, the setting, the prefill worker's backlog) -> expected
+    (5000, (True, False), True, 20_000, ("local", {"d1"})),
+    (5000, (True, True), True, 20_000, ("remote", {"d0", "d1"})),
+    (5000, (False, False), True, 20_000, ("local", None)),
+    (40, (True, True), True, 20_000, ("local", None)),  # within max_local_prefill_tokens: a local prefill anyway
+    (5000, (True, True), True, 70_000, ("local", None)),  # over 4 x 16,384 behind: the rule gives way
+    (5000, (True, True), False, 20_000, ("local", None)),
+    (5000, (True, False), False, 20_000, ("local", {"d1"})),  # the cost picks the idle one
 ]
 
 
-def router_places(isl: int, decoding: tuple[bool, ...], on: bool) -> tuple[str, set[str]]:
-    """The router's routing core (no I/O): one prefill worker with 20,000 prompt tokens in flight (saturated:
+def router_places(isl: int, decoding: tuple[bool, ...], on: bool, backlog: int) -> tuple[str, set[str]]:
+    """The router's routing core (no I/O): one prefill worker with ``backlog`` prompt tokens in flight (saturated:
     over 8 x 2048), decode workers d0, d1 with an answer of 100 tokens each where ``decoding``. (prefill, decode
     workers it may go to): "remote" (queued on the prefill tier) or "local" (prefilled on the decode worker)."""
     cfg = ClusterConfig(mode="disaggregated", routing_policy="kv", kv_events=False, max_local_prefill_tokens=64,
@@ -80,7 +89,7 @@ def router_places(isl: int, decoding: tuple[bool, ...], on: bool) -> tuple[str, 
     for pool, ids in ((flow.prefill, ["p0"]), (flow.decode, ["d0", "d1"])):
         pool.workers._workers = {w: WorkerInfo(w, pool.role, f"127.0.0.1:{9000 + i}", ModelCard("m", 65536), BS)
                                  for i, w in enumerate(ids)}
-    flow.prefill.open("p0", 20_000, 20_000)
+    flow.prefill.open("p0", backlog, backlog)
     for w, busy in zip(("d0", "d1"), decoding):
         if busy:
             flow.decode.open(w, 0, 100)
@@ -91,34 +100,27 @@ def router_places(isl: int, decoding: tuple[bool, ...], on: bool) -> tuple[str, 
     return "local", {plan.decode.worker_id}
 
 
-def replay_places(isl: int, decoding: tuple[bool, ...], on: bool) -> tuple[str, set[str]]:
-    """The same in the replay: its one prefill worker with 20,000 prompt tokens queued, d0/d1 running an answer."""
+def replay_places(isl: int, decoding: tuple[bool, ...], on: bool, backlog: int) -> tuple[str, set[str]]:
+    """The same in the replay: its one prefill worker with ``backlog`` prompt tokens queued, d0/d1 running an answer."""
     sim = Simulation(SimConfig(spill_idle_only=on, max_num_batched_tokens=2048, max_local_prefill_tokens=64),
                      StepModel(SimProfile.load("h200-llama-3.1-8b")))
     p = sim.add_worker("prefill", 0.0)
     d = [sim.add_worker("decode", 0.0) for _ in decoding]
-    p.add_job(Req(0, Arrival(0.0, 20_000, 10, ())), 0.0)
+    p.add_job(Req(0, Arrival(0.0, backlog, 10, ())), 0.0)
     for i, (w, busy) in enumerate(zip(d, decoding)):
         if busy:
             w.add_local(Req(1 + i, Arrival(0.0, 10, 100, ())), 0.0)
     sim.arrive(Req(9, Arrival(0.0, isl, 10, ())), 0.0)
     if sim.num_local_prefill == 0:  # the router's local prefills (the answers above were placed directly)
-        assert p.queued_prefill_tokens == 20_000 + isl
+        assert p.queued_prefill_tokens == backlog + isl
         return "remote", {"d0", "d1"}
     return "local", {f"d{i}" for i, w in enumerate(d) if any(s.req.rid == 9 for s in [*w.waiting, *w.running])}
 
 
-@pytest.mark.parametrize("isl,decoding,on", SITUATIONS)
-def test_the_router_and_the_replay_place_a_prompt_alike(isl: int, decoding: tuple[bool, ...], on: bool) -> None:
-    expected = {  # by the rule: spill only onto an idle worker, else queue on the prefill tier; off: spill anywhere
-        (5000, (True, False), True): ("local", {"d1"}),
-        (5000, (True, True), True): ("remote", {"d0", "d1"}),
-        (40, (True, True), True): ("local", None),  # within max_local_prefill_tokens: a local prefill anyway
-        (5000, (True, True), False): ("local", None),
-        (5000, (True, False), False): ("local", {"d1"}),  # the cost picks the idle one
-        (5000, (False, False), True): ("local", None),
-    }[(isl, decoding, on)]
-    router, replay = router_places(isl, decoding, on), replay_places(isl, decoding, on)
+@pytest.mark.parametrize("isl,decoding,on,backlog,expected", SITUATIONS)
+def test_the_router_and_the_replay_place_a_prompt_alike(isl: int, decoding: tuple[bool, ...], on: bool, backlog: int,
+                                                        expected: tuple[str, set[str] | None]) -> None:
+    router, replay = router_places(isl, decoding, on, backlog), replay_places(isl, decoding, on, backlog)
     assert router[0] == replay[0] == expected[0], (router, replay)
     if expected[1] is not None:
         assert router[1] == replay[1] == expected[1], (router, replay)
@@ -189,6 +191,11 @@ def test_a_real_router_spills_a_long_prompt_only_onto_an_idle_decode_worker(sim_
                 assert queued.prefill_worker in flow.prefill.ids()  # every decode worker decodes: the prefill tier
                 spilled = await place(prefix + tokens(25, 200), on=False)
                 assert spilled.prefill_worker == ""
+                far = [flow.prefill.open(w, 50_000, 50_000) for w in flow.prefill.ids()]  # 70,000: over 4 x 16,384
+                assert flow.prefill_queue_limit_tokens == 16_384
+                gave_way = await place(prefix + tokens(26, 200), on=True)
+                assert gave_way.prefill_worker == ""  # so far behind the rule gives way: spilled
+                full += far
                 assert all(not a.done() for a in answers)  # both still decoding throughout
                 for ticket in full:
                     ticket.close()
