@@ -120,8 +120,9 @@ class SimConfig:
     cache_evicts_tail_first: bool = False
     # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_plan``:
     # none decoding, or the prompt within ``max_local_prefill_tokens``); none: the prompt queues on the prefill
-    # tier. The router's setting ``spill_only_to_idle_decode``; False, its default: every decode worker a spill target.
-    spill_idle_only: bool = False
+    # tier unless that is far behind. The router's setting ``spill_only_to_idle_decode`` (on by default); False:
+    # every decode worker a spill target (the router before it).
+    spill_idle_only: bool = True
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
