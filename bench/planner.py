@@ -607,10 +607,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host-offload-free", action="store_true",
                     help="the host tier's offloads (device evictions copied to it) cost no step time, as if on a "
                          "side stream (default: charged to the worker's next step, as the engine runs them)")
-    ap.add_argument("--spill-idle-only", action="store_true",
+    ap.add_argument("--spill-idle-only", action=argparse.BooleanOptionalAction, default=True,
                     help="the replay router spills a prompt (prefill tier saturated) only onto a decode worker with "
-                         "no request decoding (router.policy.spill_breaks_itl), else queues it on the prefill tier "
-                         "(an experiment: the real router spills onto any)")
+                         "no request decoding or within max_local_prefill_tokens, else queues it on the prefill tier "
+                         "unless that is 4 x past saturation (router.policy.spill_plan): the router's setting "
+                         "spill_only_to_idle_decode, on by default; --no-spill-idle-only: onto any (before)")
     return ap.parse_args(argv)
 
 

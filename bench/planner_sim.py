@@ -118,11 +118,11 @@ class SimConfig:
     # as it was: a full cache evicts a prefix's head first, leaving its tail unusable); True, its tail
     # (as the engine's BlockManager.free does, so the head, the part a later prompt can use, stays)
     cache_evicts_tail_first: bool = False
-    # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_breaks_itl``:
+    # the router's saturation spill only onto decode workers it does not slow (``router.policy.spill_plan``:
     # none decoding, or the prompt within ``max_local_prefill_tokens``); none: the prompt queues on the prefill
-    # tier. False: the router as it is (every decode worker a spill target). An experiment: the real router
-    # (router/request_flow.py) does not have it.
-    spill_idle_only: bool = False
+    # tier unless that is far behind. The router's setting ``spill_only_to_idle_decode`` (on by default); False:
+    # every decode worker a spill target (the router before it).
+    spill_idle_only: bool = True
 
 
 def handoff_bound(cfg: SimConfig, gap_s: float, num_gaps: int, prefill_s: float) -> bool:
@@ -279,11 +279,13 @@ class Simulation:
                                                                            BLOCK)) for w in prefill]
         limit = self.cfg.prefill_queue_limit_tokens or 8 * self.cfg.max_num_batched_tokens
         remote = bool(prefill) and not policy.prefill_saturated(prefill_loads, limit)
-        if not remote and prefill and self.cfg.spill_idle_only:
-            targets = [w for w in decode if not policy.spill_breaks_itl(
-                req.arrival.isl, self.cfg.max_local_prefill_tokens, bool(w.running or w.waiting or w.pulling))]
-            decode, remote = (targets, False) if targets else (decode, True)
-        choice = self._choose_decode(req, decode, self.cfg.max_local_prefill_tokens if remote else None, now)
+        loads = self._decode_loads(decode, now)
+        max_local = self.cfg.max_local_prefill_tokens if remote else None
+        if not remote and prefill and self.cfg.spill_idle_only:  # the router's rule (spill_only_to_idle_decode)
+            # no decode worker holds a prefix here (the decode tier's overlaps are {}): each computes the whole prompt
+            loads, max_local = policy.spill_plan(loads, {w.worker_id: req.arrival.isl for w in loads},
+                                                 self.cfg.max_local_prefill_tokens, prefill_loads, limit)
+        choice = self._choose_decode(req, loads, max_local)
         req.decode_worker = choice.worker_id
         if choice.local_prefill:
             self.num_local_prefill += 1
@@ -308,9 +310,14 @@ class Simulation:
             return ROUTER_OVERLAP(total, total - dev // BLOCK)
         return dev // BLOCK + (0.9 if weight is None else weight) * host / BLOCK
 
-    def _choose_decode(self, req: Req, decode: list[Worker], max_local: int | None, now: float) -> policy.Decision:
-        loads = [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
-                                   num_active_blocks=policy.blocks(w.kv_now(now), BLOCK)) for w in decode]
+    @staticmethod
+    def _decode_loads(decode: list[Worker], now: float) -> list[policy.WorkerLoad]:
+        """What the router knows of the decode workers: its requests in flight there (running, waiting for a seat,
+        pulling their KV), their prompt tokens to prefill, their KV."""
+        return [policy.WorkerLoad(w.id, len(w.running) + len(w.waiting) + w.pulling, w.queued_prefill_tokens,
+                                  num_active_blocks=policy.blocks(w.kv_now(now), BLOCK)) for w in decode]
+
+    def _choose_decode(self, req: Req, loads: list[policy.WorkerLoad], max_local: int | None) -> policy.Decision:
         decision = policy.choose("kv", req.arrival.isl, {}, loads, BLOCK, max_local_prefill_tokens=max_local,
                                  rng=self.rng)
         assert decision is not None
@@ -333,7 +340,7 @@ class Simulation:
                 req.rejected = True
                 self.finished(req, now)
                 return
-            target = self.workers[self._choose_decode(req, decode, -1, now).worker_id]
+            target = self.workers[self._choose_decode(req, self._decode_loads(decode, now), -1).worker_id]
             req.decode_worker = target.id
         landed = target.handoff(req, now)
         if landed is None:

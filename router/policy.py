@@ -220,6 +220,34 @@ def spill_breaks_itl(num_tokens_to_compute: int, max_local_prefill_tokens: int, 
     return decoding and num_tokens_to_compute > max_local_prefill_tokens
 
 
+# Past this many times the saturation point (every prefill worker this many times the router's queue limit behind)
+# the spill rule gives way and a prompt spills onto any decode worker, as without it: see :func:`spill_plan`.
+SPILL_GIVES_WAY = 4
+
+
+def spill_plan(loads: Sequence[WorkerLoad], tokens_to_compute: Mapping[str, int], max_local_prefill_tokens: int,
+               prefill_loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> tuple[list[WorkerLoad], int | None]:
+    """Where a prompt goes when the prefill tier is saturated (:func:`prefill_saturated` over ``prefill_loads`` and
+    ``queue_limit_tokens``) and the router spills only onto decode workers it does not slow
+    (``spill_only_to_idle_decode``): the decode workers to choose among and the ``max_local_prefill_tokens`` to
+    choose them with (as in :func:`choose`). The spill targets are the workers where :func:`spill_breaks_itl` is
+    false (``tokens_to_compute``: what each would compute of the prompt, its cached prefix off; a worker decodes
+    when the routers have a request in flight there, ``num_inflight``: bound to it from the routing decision on).
+    Some: the cheapest of them prefills the prompt itself (None: any length). None: every worker, as when the tier
+    is not saturated: the prompt queues on the prefill tier unless a decode worker finishes it within
+    ``max_local_prefill_tokens``. Past :data:`SPILL_GIVES_WAY` times the saturation point every worker, any length
+    (the spill as without the rule): a prompt queued that far behind misses its TTFT whatever comes, the backlog
+    only grows, and the stalls the spills put on the decode tier are what make the planner start decode workers
+    for the handoffs to come (the replay's burst, 8 -> 80 requests/s: queued there, planner-load+pool14 0.9719 ->
+    0.6896, the planner gives the prefill tier the whole budget, 15P+1D, and the one decode worker drowns).
+    The real router (``router.request_flow``) and the replay (``bench/planner_sim.py``) both decide here."""
+    if prefill_saturated(prefill_loads, SPILL_GIVES_WAY * queue_limit_tokens):
+        return list(loads), None
+    targets = [w for w in loads if not spill_breaks_itl(tokens_to_compute[w.worker_id], max_local_prefill_tokens,
+                                                        w.num_inflight > 0)]
+    return (targets, None) if targets else (list(loads), max_local_prefill_tokens)
+
+
 def prefill_saturated(loads: Sequence[WorkerLoad], queue_limit_tokens: int) -> bool:
     """The prefill tier is saturated when every worker has more than ``queue_limit_tokens``
     prompt tokens queued: a remote prefill would wait longer than a local one."""

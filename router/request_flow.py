@@ -263,8 +263,9 @@ class RequestFlow:
         """The prompt's block hashes; the decode worker D by cost; then a remote prefill only if
         the tokens D would still compute exceed max_local_prefill_tokens and the prefill tier is not
         saturated (n > 1 prefills where it decodes), or it would compute them beside decodes that a
-        prefill worker spares (:meth:`_suffix_plan`); P by cost. ``in_flight``: blocks on their way
-        to a worker count as held there."""
+        prefill worker spares (:meth:`_suffix_plan`); P by cost. A saturated tier spills the prompt onto
+        D, with ``spill_only_to_idle_decode`` only onto a D it does not slow (:meth:`_spill_targets`).
+        ``in_flight``: blocks on their way to a worker count as held there."""
         decode_ids = self.decode.ids()
         if not decode_ids:
             raise NoWorkersError("no decode worker is available")
@@ -272,6 +273,8 @@ class RequestFlow:
         hashes = decode_tier.hashes(prompt_ids)
         prefill_ids = self.prefill.ids() if self.cfg.mode == "disaggregated" and n == 1 else []
         max_local = self._max_local(prefill_ids)
+        if max_local is None and prefill_ids and self.cfg.spill_only_to_idle_decode:
+            decode_ids, max_local = self._spill_targets(prompt_ids, hashes, decode_ids, prefill_ids, in_flight)
         decode = self._choose(self.decode, prompt_ids, hashes, decode_ids, max_local, in_flight)
         assert decode is not None
         if decode.local_prefill:
@@ -309,6 +312,21 @@ class RequestFlow:
                                                         self.prefill_queue_limit_tokens):
             return self.cfg.max_local_prefill_tokens
         return None
+
+    def _spill_targets(self, prompt_ids: list[int], hashes: list[int], decode_ids: list[str], prefill_ids: list[str],
+                       in_flight: bool) -> tuple[list[str], int | None]:
+        """The prefill tier is saturated (``spill_only_to_idle_decode``): the decode workers to choose among and
+        the max_local_prefill_tokens to choose them with (``policy.spill_plan``): those the prompt may spill
+        onto, prefilling it whatever its length, or, where each would stall requests decoding there, all of
+        them, the prompt then queued on the prefill tier (unless that is far behind: any, whatever its length)."""
+        tier = self.tiers["decode"]
+        overlaps = tier.overlaps(hashes, in_flight)
+        num_blocks = policy.blocks(len(prompt_ids), tier.block_size)
+        to_compute = {w: len(prompt_ids) - min(overlaps.get(w, 0), num_blocks) * tier.block_size for w in decode_ids}
+        loads, max_local = policy.spill_plan(self.decode.loads(decode_ids, tier.block_size), to_compute,
+                                             self.cfg.max_local_prefill_tokens, self.prefill.loads(prefill_ids),
+                                             self.prefill_queue_limit_tokens)
+        return [w.worker_id for w in loads], max_local
 
     def _prefill_hashes(self, prompt_ids: list[int], hashes: list[int]) -> list[int]:
         prefill_tier = self.tiers["prefill"]

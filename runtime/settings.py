@@ -240,6 +240,12 @@ class ClusterConfig:
     planner_wake_s: float = _field(
         0.0, "planner: a parked worker's start, s (warm_pool): while one is parked the forecast looks this plus "
              "one interval ahead, if nearer (0: as planner_startup_s says)")
+    spill_only_to_idle_decode: bool = _field(
+        True, "router, disaggregated: with every prefill worker's queue full (8 x max_num_batched_tokens prompt "
+        "tokens), spill a prompt onto a decode worker (prefill it there) only where no request is decoding or it "
+        "computes at most max_local_prefill_tokens of it, else queue it on the prefill tier, unless that is over 4 "
+        "times as far behind (then onto any): a long prefill in a decode worker's steps stalls its running answers "
+        "past itl_slo_ms (router/policy.py spill_plan); --no-spill-only-to-idle-decode: onto any, as before")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

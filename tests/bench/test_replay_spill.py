@@ -1,6 +1,8 @@
 """``bench/planner_sim.py``'s ``spill_idle_only`` (``bench/planner.py --spill-idle-only``): with the prefill tier
 saturated, the replay's router spills a long prompt only onto a decode worker with nothing decoding
-(``router.policy.spill_breaks_itl``), else queues it on the prefill tier; off, it spills onto any (the router now)."""
+(``router.policy.spill_plan``, the router's ``spill_only_to_idle_decode``, on by default), else queues it on the
+prefill tier; off (``--no-spill-idle-only``), it spills onto any. The router taking the same decisions:
+tests/routing/test_spill_itl.py."""
 
 from __future__ import annotations
 
