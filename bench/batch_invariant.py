@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
+from bench.gpu import cuda_time_ms
 from engine.config import PRESETS
 from engine.llm import LLM
 from protocol.sampling import SamplingParams
@@ -98,20 +99,6 @@ def engine_figures(args: argparse.Namespace) -> dict:
     return out
 
 
-def _event_ms(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def linear_figures(args: argparse.Namespace) -> list[dict]:
     from engine import triton_gemv, triton_matmul
 
@@ -126,10 +113,10 @@ def linear_figures(args: argparse.Namespace) -> list[dict]:
         for m in (1, 16, 64, 2048):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"layer": name, "n": n, "k": k, "m": m,
-                   "cublas_us": 1000 * _event_ms(lambda x=x, w=w: F.linear(x, w)),
-                   "invariant_us": 1000 * _event_ms(lambda x=x, w=w: triton_matmul.matmul(x, w))}
+                   "cublas_us": 1000 * cuda_time_ms(lambda x=x, w=w: F.linear(x, w), warmup=5, iters=50),
+                   "invariant_us": 1000 * cuda_time_ms(lambda x=x, w=w: triton_matmul.matmul(x, w), warmup=5, iters=50)}
             if triton_gemv.supports(x, w):
-                row["gemv_us"] = 1000 * _event_ms(lambda x=x, w=w: triton_gemv.gemv(x, w))
+                row["gemv_us"] = 1000 * cuda_time_ms(lambda x=x, w=w: triton_gemv.gemv(x, w), warmup=5, iters=50)
             row["ratio_invariant_over_cublas"] = row["invariant_us"] / row["cublas_us"]
             rows.append(row)
             log(f"linear {name} [{n}x{k}] m={m}: cuBLAS {row['cublas_us']:.1f} us, invariant "
