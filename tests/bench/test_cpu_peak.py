@@ -42,7 +42,7 @@ def test_floor_table_parts_and_rest() -> None:
             assert r["fraction_of_peak"] == pytest.approx(r["gflop"] / r["time_s"] / 100.0)
 
 
-@pytest.mark.skipif(not cpu_peak.has_avx512_bf16(), reason="the peak loop is VDPBF16PS (AVX512-BF16)")
+@pytest.mark.skipif(not cpu_peak.has_avx512_bf16(), reason="this CPU has no AVX512-BF16 (the peak loop is VDPBF16PS)")
 def test_peak_loop_runs_on_every_thread() -> None:
     peak = cpu_peak.measure_peak(1, 0.02, 2)
     assert len(peak["runs"]) == 2 and len(peak["per_thread_gflops"]) == 1
